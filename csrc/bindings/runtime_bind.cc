@@ -1,0 +1,44 @@
+#include "bindings/bindings.h"
+#include "common/cpu_features.h"
+#include "common/parallel.h"
+
+namespace lp {
+
+void bind_runtime(py::module_& m) {
+#ifdef LP_HAVE_OPENMP
+  m.attr("has_openmp") = true;
+#else
+  m.attr("has_openmp") = false;
+#endif
+  m.def("cpu_isa_detected", &cpu_isa_detected);
+  m.def("cpu_isa_compiled", &cpu_isa_compiled);
+  m.def("cpu_isa_active", &cpu_isa_active);
+  m.def("cpu_isa_set_active", &cpu_isa_set_active);
+  m.def("cpu_isa_name", [](int isa) { return std::string(cpu_isa_name(isa)); });
+  m.def("set_num_threads", &runtime_set_num_threads);
+  m.def("get_num_threads", &runtime_num_threads);
+  m.def("cpu_features", []() {
+    const CpuFeatures& f = cpu_features();
+    py::dict d;
+    d["vendor"] = f.vendor;
+    d["brand"] = f.brand;
+    d["avx2"] = f.avx2 && f.os_avx;
+    d["fma"] = f.fma;
+    d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f && f.os_avx512;
+    d["avx512bw"] = f.avx512bw && f.os_avx512;
+    d["avx512_bf16"] = f.avx512_bf16 && f.os_avx512;
+    d["avx512_vnni"] = f.avx512_vnni && f.os_avx512;
+    d["avx512_fp16"] = f.avx512_fp16 && f.os_avx512;
+    d["amx_tile"] = f.amx_tile && f.os_amx;
+    d["amx_bf16"] = f.amx_bf16 && f.os_amx;
+    d["amx_int8"] = f.amx_int8 && f.os_amx;
+    d["amx_fp16"] = f.amx_fp16 && f.os_amx;
+    d["l1d_bytes"] = f.l1d_bytes;
+    d["l2_bytes"] = f.l2_bytes;
+    d["l3_bytes"] = f.l3_bytes;
+    return d;
+  });
+}
+
+}  // namespace lp

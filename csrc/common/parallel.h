@@ -1,0 +1,54 @@
+// Threading for the CPU kernels: OpenMP when the build found it, one thread otherwise.
+// The thread count is a process-wide setting (lc.set_num_threads), read at each call.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#ifdef LP_HAVE_OPENMP
+#include <omp.h>
+#endif
+
+namespace lp {
+
+int runtime_num_threads();            // the current lc.set_num_threads value (>= 1)
+void runtime_set_num_threads(int n);  // called from Python after validation
+
+// Threads worth using for `n_tasks` independent tasks of roughly `work_per_task` units (elements,
+// flops...) when one thread should get at least `min_work` units: small calls stay on one thread and
+// do not pay the fork/join cost.
+static inline int threads_for(int64_t n_tasks, double work_per_task, double min_work) {
+  int nt = runtime_num_threads();
+  double total = double(n_tasks) * work_per_task;
+  int64_t by_work = int64_t(total / min_work);
+  int64_t cap = std::min<int64_t>(n_tasks, std::max<int64_t>(1, by_work));
+  return int(std::max<int64_t>(1, std::min<int64_t>(nt, cap)));
+}
+
+// Runs body(task) for task in [0, n_tasks) on `n_threads` threads, statically partitioned so each
+// thread gets one contiguous range (results must never depend on the partition).
+template <class Body>
+static inline void parallel_for(int64_t n_tasks, int n_threads, const Body& body) {
+#ifdef LP_HAVE_OPENMP
+  if (n_threads > 1 && n_tasks > 1) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t t = 0; t < n_tasks; ++t) body(t);
+    return;
+  }
+#endif
+  (void)n_threads;
+  for (int64_t t = 0; t < n_tasks; ++t) body(t);
+}
+
+// Runs body(thread_index, n_threads) once per thread (for kernels that split work themselves).
+template <class Body>
+static inline void parallel_region(int n_threads, const Body& body) {
+#ifdef LP_HAVE_OPENMP
+  if (n_threads > 1) {
+#pragma omp parallel num_threads(n_threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+}  // namespace lp

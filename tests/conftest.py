@@ -1,0 +1,50 @@
+"""Shared fixtures: every CPU ISA path this machine offers, thread counts, fresh random data."""
+import os
+import secrets
+
+import numpy as np
+import pytest
+import torch
+
+import lepton_core as lc
+from lepton_core import _runtime
+
+ISAS = _runtime.available_isas()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Runs the test once per CPU ISA path this machine can execute (scalar .. best)."""
+    before = _runtime.cpu_isa()
+    _runtime._set_cpu_isa(request.param)
+    assert lc.info()["cpu_isa"] == request.param
+    yield request.param
+    _runtime._set_cpu_isa(before)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = lc.get_num_threads()
+    lc.set_num_threads(request.param)
+    yield request.param
+    lc.set_num_threads(before)
+
+
+@pytest.fixture
+def rng(request):
+    """Fresh random data every run; the seed is printed so a failure can be replayed
+    (LEPTON_TEST_SEED=<seed> pytest ...)."""
+    seed = int(os.environ.get("LEPTON_TEST_SEED", secrets.randbits(32)))
+    print(f"[{request.node.nodeid}] LEPTON_TEST_SEED={seed}")
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Every op output starts as NaN / a sentinel, so an unwritten element fails its test."""
+    from lepton_core import _tensors
+
+    _tensors.POISON_OUTPUTS = True
+    yield
+    _tensors.POISON_OUTPUTS = False
