@@ -1,0 +1,83 @@
+"""Timing helpers for benchmarks on a shared, noisy machine.
+
+Rules (bench/RESULTS.md relies on them): the baseline and our kernel are timed interleaved in one
+process (A B A B ...), each sample long enough to dwarf timer resolution, and we report medians and
+their ratio, never a single absolute time.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Sequence
+
+
+def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
+    """Calls per sample so that one sample takes at least min_sample_s."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        dt = time.perf_counter() - t0
+        if dt >= min_sample_s or n >= 1 << 20:
+            return n
+        n = max(n * 2, int(n * min_sample_s / max(dt, 1e-9) * 1.2))
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], *, rounds: int = 7, min_sample_s: float = 0.02,
+                warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call of each function, sampled round-robin (A B A B ...)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    inner = {name: _calibrate(fn, min_sample_s) for name, fn in fns.items()}
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = inner[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+_copy_gbps = None
+
+
+def copy_bandwidth_gbps(n_bytes: int = 256 << 20) -> float:
+    """This machine's memory copy bandwidth, counting bytes read plus written (GB/s, 1e9), measured
+    once per process with a large torch copy (well beyond the last-level cache)."""
+    global _copy_gbps
+    if _copy_gbps is None:
+        import torch
+
+        src = torch.ones(n_bytes // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        t = interleaved({"copy": lambda: dst.copy_(src)}, rounds=5, min_sample_s=0.05)["copy"]
+        _copy_gbps = 2 * n_bytes / t / 1e9
+    return _copy_gbps
+
+
+def fmt(v, digits: int = 3) -> str:
+    if isinstance(v, float):
+        if v == 0 or 1e-3 <= abs(v) < 1e5:
+            return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{max(digits - 1, 1)}f}".rstrip("0").rstrip(".")
+        return f"{v:.2e}"
+    return str(v)
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -> str:
+    """Prints rows as an aligned Markdown table (also pasteable into bench/RESULTS.md); returns it."""
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = []
+    if title:
+        lines.append(f"### {title}")
+    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        lines.append("| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
