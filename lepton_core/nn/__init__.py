@@ -1,0 +1,8 @@
+"""lc.nn: layers whose matmuls run through lc.gemm (float32 master weights, low-precision compute).
+
+    model = lc.nn.convert(model, dtype=torch.bfloat16)   # every nn.Linear -> lc.nn.Linear, in place
+    layer = lc.nn.Linear(784, 256)                        # or build with it directly
+"""
+from .linear import Linear, convert
+
+__all__ = ["Linear", "convert"]
