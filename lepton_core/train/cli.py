@@ -1,0 +1,276 @@
+"""`lepton train`: the default data-parallel job (digits + lc.nn MLP), started on --nproc local workers.
+
+    lepton train                                   # 2 workers, bf16, int8 gradient compression
+    lepton train --precision fp32 --compression none --epochs 20
+    lepton train --resume                          # continue from lepton-train/checkpoint.pt
+    torchrun --nnodes 2 --nproc-per-node 4 ... -m lepton_core.train [same options]   # several hosts
+
+lepton_core/cli.py calls add_arguments(parser) and main(args). `python -m lepton_core.train` is the
+same command; under torchrun (RANK/WORLD_SIZE set) it runs as one worker of the job instead.
+Exit codes: 0 done, 1 a worker failed, 2 bad options, 130 interrupted (Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, Dict, Optional
+
+from .config import BACKENDS, COMPRESSIONS, PRECISIONS, TrainConfig
+
+PROG = "lepton train"
+DEFAULT_CHECKPOINT_DIR = "lepton-train"
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Adds the `lepton train` options to `parser` (a subcommand parser or a fresh one)."""
+    d = TrainConfig()
+    g = parser.add_argument_group("job")
+    g.add_argument("--nproc", type=_int_at_least(1), default=2,
+                   help="local worker processes to start (default: %(default)s)")
+    g.add_argument("--threads", type=_int_at_least(1), default=None,
+                   help="CPU threads per worker (default: cores / local workers)")
+    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="compute precision; fp16 uses dynamic loss scaling (default: %(default)s)")
+    g.add_argument("--compression", choices=COMPRESSIONS, default=d.compression,
+                   help="gradient all-reduce compression, int8 with error feedback (default: %(default)s)")
+    g.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help="(default: %(default)s)")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size,
+                   help="samples per worker per micro-batch (default: %(default)s)")
+    g.add_argument("--grad-accum", type=_int_at_least(1), default=d.grad_accum,
+                   help="micro-batches per optimizer step (default: %(default)s)")
+    g.add_argument("--lr", type=_positive_float, default=d.lr,
+                   help="peak learning rate of AdamW, cosine decay (default: %(default)s)")
+    g.add_argument("--hidden", type=_int_at_least(1), default=256,
+                   help="width of the MLP's two hidden layers (default: %(default)s)")
+    g.add_argument("--seed", type=_int_at_least(0), default=d.seed, help="(default: %(default)s)")
+    g.add_argument("--block-size", type=_int_at_least(32), default=d.block_size,
+                   help="int8 compression block size, a power of two (default: %(default)s)")
+    c = parser.add_argument_group("checkpoints and output")
+    c.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
+                   help="where checkpoint.pt and metrics.jsonl go (default: ./%(default)s)")
+    c.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/checkpoint.pt")
+    c.add_argument("--checkpoint-every", type=_int_at_least(1), default=d.checkpoint_every,
+                   help="epochs between checkpoints (default: %(default)s)")
+    c.add_argument("--max-steps", type=_int_at_least(1), default=None,
+                   help="stop (with a checkpoint) after this many optimizer steps; --resume continues")
+    c.add_argument("--metrics", default=None, help="JSONL metrics file (default: <checkpoint-dir>/metrics.jsonl)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    n = parser.add_argument_group("distributed")
+    n.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                   help="torch.distributed backend; auto: nccl with a usable GPU, else gloo (default: %(default)s)")
+    n.add_argument("--timeout", type=_positive_float, default=d.timeout_s,
+                   help="seconds before a dead or stuck worker is reported as an error (default: %(default)s)")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
+        compression=args.compression, block_size=args.block_size, grad_accum=args.grad_accum, seed=args.seed,
+        checkpoint_dir=args.checkpoint_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        metrics_path=args.metrics, max_steps=args.max_steps, backend=args.backend, timeout_s=args.timeout,
+        progress=not args.no_progress,
+    ).validate()
+
+
+def _error(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _job(args: argparse.Namespace, cfg: TrainConfig) -> Dict[str, Any]:
+    return {"config": dataclasses.asdict(cfg), "hidden": args.hidden, "threads": args.threads}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One worker (a process started by the launcher, or by torchrun)
+# ---------------------------------------------------------------------------------------------------
+def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Trains the digits job as one worker of the process group described by the environment.
+    Returns the summary on rank 0 (None elsewhere)."""
+    import torch
+
+    import lepton_core as lc
+
+    from . import digits
+    from .trainer import Trainer
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = job["threads"] or max(1, (os.cpu_count() or 1) // local_world)
+    torch.set_num_threads(threads)
+    lc.set_num_threads(threads)
+    cfg = TrainConfig(**job["config"]).validate()
+
+    # The launcher loads the data once and hands it over (scikit-learn is slow to import); under
+    # torchrun each worker loads it itself.
+    train, test = job.get("data") or digits.load()
+    torch.manual_seed(cfg.seed)  # the same initial model on every worker
+    model = digits.build_model(train, hidden=job["hidden"])
+    trainer = Trainer(model, train, test, cfg, augment=digits.shift_augment)
+    try:
+        if trainer.is_main:
+            print(f"{PROG}: digits ({len(train)} train / {len(test)} test images), MLP 64-{job['hidden']}-"
+                  f"{job['hidden']}-10 of lc.nn.Linear; {trainer.world_size} workers x {threads} threads, "
+                  f"{cfg.precision}, compression {cfg.compression}, {cfg.epochs} epochs, batch {cfg.batch_size}"
+                  f"/worker, lr {cfg.lr:g}, seed {cfg.seed}", flush=True)
+        summary = trainer.fit()
+        if trainer.is_main:
+            _print_summary(summary, cfg)
+            return summary
+        return None
+    finally:
+        trainer.close()
+
+
+def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
+    if not s["history"]:
+        print(f"{PROG}: nothing to do (the checkpoint had finished {cfg.epochs} epochs)", flush=True)
+        return
+    acc = s.get("eval_accuracy")
+    acc_txt = "n/a" if acc is None else f"{100 * acc:.2f}%"
+    state = "stopped early (max_steps)" if s["stopped_early"] else "done"
+    print(f"{PROG}: {state}: {s['epochs_completed']} epochs, {s['steps']} steps in {s['time_s']:.1f} s; "
+          f"test accuracy {acc_txt} (loss {s['eval_loss']:.4f}); train loss {s['train_loss']:.4f}; "
+          f"{(s.get('samples_per_s') or 0):,.0f} samples/s; gradients sent {s['comm_bytes'] / 1e6:.1f} MB "
+          f"per worker ({cfg.compression})", flush=True)
+    if cfg.checkpoint_path:
+        print(f"{PROG}: checkpoint {cfg.checkpoint_path}, metrics {cfg.resolved_metrics_path}", flush=True)
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Entry of one worker under torchrun (python -m lepton_core.train)."""
+    try:
+        cfg = _config_from_args(args)
+    except (TypeError, ValueError) as exc:
+        return _error(str(exc))
+    try:
+        run_worker(_job(args, cfg))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The launcher (lepton train)
+# ---------------------------------------------------------------------------------------------------
+def _quiet_elastic_logs() -> None:
+    # The agent logs every worker failure with a long report; we print one clear line instead.
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _describe_failures(exc) -> str:
+    lines = []
+    for rank, failure in sorted(exc.failures.items()):
+        code = failure.exitcode
+        if code is not None and code < 0:
+            import signal
+
+            try:
+                why = f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                why = f"killed by signal {-code}"
+        else:
+            why = f"exit code {code}"
+        msg = failure.message if isinstance(failure.message, str) else ""
+        if isinstance(failure.message, dict):
+            msg = failure.message.get("message", "")
+        msg = msg.strip().splitlines()[0] if msg and msg.strip() else ""
+        if msg.startswith("Signal ") or msg.startswith("To enable traceback"):
+            msg = ""
+        lines.append(f"worker rank {rank} failed ({why})" + (f": {msg}" if msg else ""))
+    return "; ".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs `lepton train` with parsed `args`; returns the exit code."""
+    try:
+        cfg = _config_from_args(args)
+    except (TypeError, ValueError) as exc:
+        return _error(str(exc))
+    if cfg.resume and not os.path.isfile(cfg.checkpoint_path):
+        return _error(f"--resume: no checkpoint at {cfg.checkpoint_path}")
+    from . import digits
+
+    try:
+        data = digits.load()
+    except RuntimeError as exc:  # scikit-learn missing
+        return _error(str(exc).replace(f"{PROG}: ", ""))
+    job = _job(args, cfg)
+    job["data"] = data
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    _quiet_elastic_logs()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lepton-train-") as log_dir:
+        launch = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=args.nproc,
+            run_id=f"lepton-train-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # a free port, like torchrun --standalone
+            max_restarts=0,            # a failed worker ends the job
+            monitor_interval=0.1,      # notice a dead worker within 0.1 s
+            start_method="spawn",
+            logs_specs=DefaultLogsSpecs(log_dir=log_dir),
+        )
+        try:
+            elastic_launch(launch, run_worker)(job)
+        except ChildFailedError as exc:
+            print(f"{PROG}: error: {_describe_failures(exc)}; the other workers were stopped. "
+                  f"Resume from the last checkpoint with --resume.", file=sys.stderr, flush=True)
+            return 1
+        except (SignalException, KeyboardInterrupt) as exc:
+            sig = getattr(exc, "sigval", None)
+            what = "interrupted" if sig is None or getattr(sig, "name", "") == "SIGINT" else f"stopped by {sig.name}"
+            print(f"\n{PROG}: {what}; workers stopped. Resume from the last checkpoint with --resume.",
+                  file=sys.stderr, flush=True)
+            return 130
+    print(f"{PROG}: finished in {time.perf_counter() - start:.1f} s wall time (start-up included)", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Data-parallel training with lepton_core (the "
+                                     "default job: scikit-learn's digits with an lc.nn MLP).")
+    return add_arguments(parser)
+
+
+def in_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def cli(argv=None) -> int:
+    """`python -m lepton_core.train`: a worker under torchrun, else the launcher."""
+    args = build_parser().parse_args(argv)
+    return worker_main(args) if in_torchrun() else main(args)
