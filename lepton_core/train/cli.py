@@ -101,6 +101,20 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
     ).validate()
 
 
+_OPTION_OF_FIELD = {"timeout_s": "--timeout", "metrics_path": "--metrics", "progress": "--no-progress"}
+
+
+def _config_error(exc: Exception) -> str:
+    """A TrainConfig message ("TrainConfig: block_size must be ...") in terms of the option."""
+    msg = str(exc)
+    prefix = "TrainConfig: "
+    if msg.startswith(prefix):
+        field = msg[len(prefix):].split(" ", 1)[0]
+        option = _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+        msg = option + msg[len(prefix) + len(field):]
+    return msg
+
+
 def _error(msg: str) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
     return 2
@@ -123,6 +137,7 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     from . import digits
     from .trainer import Trainer
 
+    _interrupt_once()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = job["threads"] or max(1, (os.cpu_count() or 1) // local_world)
     torch.set_num_threads(threads)
@@ -141,13 +156,29 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
                   f"{job['hidden']}-10 of lc.nn.Linear; {trainer.world_size} workers x {threads} threads, "
                   f"{cfg.precision}, compression {cfg.compression}, {cfg.epochs} epochs, batch {cfg.batch_size}"
                   f"/worker, lr {cfg.lr:g}, seed {cfg.seed}", flush=True)
-        summary = trainer.fit()
+        try:
+            summary = trainer.fit()
+        except KeyboardInterrupt:
+            # Ctrl-C: the launcher reports it; leave quietly with the conventional status.
+            raise SystemExit(130) from None
         if trainer.is_main:
             _print_summary(summary, cfg)
             return summary
         return None
     finally:
         trainer.close()
+
+
+def _interrupt_once() -> None:
+    """Ctrl-C reaches a worker twice (from the terminal, then forwarded by the launcher): the first
+    one interrupts training, later ones are ignored so the worker's clean-up is not interrupted too."""
+    import signal
+
+    def on_sigint(signum, frame):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
 
 
 def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
@@ -170,7 +201,7 @@ def worker_main(args: argparse.Namespace) -> int:
     try:
         cfg = _config_from_args(args)
     except (TypeError, ValueError) as exc:
-        return _error(str(exc))
+        return _error(_config_error(exc))
     try:
         run_worker(_job(args, cfg))
     except KeyboardInterrupt:
@@ -182,8 +213,13 @@ def worker_main(args: argparse.Namespace) -> int:
 # The launcher (lepton train)
 # ---------------------------------------------------------------------------------------------------
 def _quiet_elastic_logs() -> None:
-    # The agent logs every worker failure with a long report; we print one clear line instead.
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+    """The agent logs every worker failure and signal with a long report; we print one clear line
+    instead. Its loggers set their own levels, so each one is silenced, not just the parent."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith(prefixes):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    for name in prefixes:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
@@ -215,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         cfg = _config_from_args(args)
     except (TypeError, ValueError) as exc:
-        return _error(str(exc))
+        return _error(_config_error(exc))
     if cfg.resume and not os.path.isfile(cfg.checkpoint_path):
         return _error(f"--resume: no checkpoint at {cfg.checkpoint_path}")
     from . import digits

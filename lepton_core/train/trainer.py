@@ -265,7 +265,7 @@ class Trainer:
         return self.config.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.total_steps))
 
     def _zero_sums(self) -> Dict[str, float]:
-        return {"loss": 0.0, "correct": 0.0, "count": 0.0, "samples": 0.0, "time_s": 0.0}
+        return {"loss": 0.0, "correct": 0.0, "count": 0.0, "samples": 0.0, "time_s": 0.0, "comm_bytes": 0.0}
 
     def _loss_and_correct(self, out: torch.Tensor, target: torch.Tensor):
         if out.is_floating_point():
@@ -475,6 +475,7 @@ class Trainer:
                 if cfg.max_steps is not None and self.global_step >= cfg.max_steps and \
                         self.step_in_epoch < len(groups):
                     self._sums["time_s"] += time.perf_counter() - t0
+                    self._sums["comm_bytes"] += self.comm.wire_bytes - wire0
                     self.save_checkpoint()
                     self._log(f"stopped after step {self.global_step} (max_steps); checkpoint: "
                               f"{cfg.checkpoint_path or 'none (no checkpoint_dir)'}")
@@ -482,7 +483,8 @@ class Trainer:
         finally:
             bar.close()
         self._sums["time_s"] += time.perf_counter() - t0
-        self._end_epoch(self.comm.wire_bytes - wire0)
+        self._sums["comm_bytes"] += self.comm.wire_bytes - wire0
+        self._end_epoch()
         if cfg.max_steps is not None and self.global_step >= cfg.max_steps and self.epoch < cfg.epochs:
             self._log(f"stopped after step {self.global_step} (max_steps)")
             return True
@@ -517,9 +519,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss
 
-    def _end_epoch(self, wire_bytes: int) -> None:
+    def _end_epoch(self) -> None:
         cfg = self.config
         s = self._sums
+        wire_bytes = int(s["comm_bytes"])
         loss_sum, correct, count, samples, secs = self._all_sum(
             [s["loss"], s["correct"], s["count"], s["samples"], s["time_s"]])
         secs /= self.world_size  # workers run in lockstep; their mean wall time is the epoch's
@@ -533,7 +536,7 @@ class Trainer:
             "eval_accuracy": ev["accuracy"],
             "samples_per_s": samples / secs if secs > 0 else None,
             "epoch_s": secs,
-            "comm_bytes": wire_bytes,  # what this worker sent for gradients in this (part of the) epoch
+            "comm_bytes": wire_bytes,  # what this worker (rank 0) sent for gradients in this epoch
             "lr": self._lr_at(self.global_step - 1),
         }
         if cfg.precision == "fp16":

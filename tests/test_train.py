@@ -1,0 +1,390 @@
+"""lepton_core.train: the 2-worker `lepton train` job end to end, exact resume, failure and Ctrl-C
+handling, CLI errors, and the Trainer's pieces in one process.
+
+Multi-process runs go through `python -m lepton_core.train` (the same launcher as `lepton train`) in
+a subprocess with a hard timeout, on a small model so each run is mostly process start-up.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import lepton_core
+import lepton_core.distributed as ld
+import lepton_core.nn as lnn
+from lepton_core.train import TrainConfig, Trainer, cli
+from lepton_core.train import checkpoint as ckpt
+from lepton_core.train.trainer import CommState, comm_hook
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(lepton_core.__file__)))
+RUN_TIMEOUT_S = 240  # generous: start-up of 3 Python processes on a busy 2-core machine
+FAILURE_BOUND_S = 60  # a failed or interrupted job must end within this (it takes ~1-5 s)
+
+# A small, quick job: 12 steps per epoch, a 64-32-32-10 MLP.
+SMALL = ["--hidden", "32", "--batch-size", "64", "--lr", "0.01", "--no-progress"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _train(*args, cwd, timeout=RUN_TIMEOUT_S):
+    return subprocess.run([sys.executable, "-m", "lepton_core.train", *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same_state(a, b):
+    """Bitwise equality of nested state (tensors compared exactly)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+_TIMING_KEYS = ("samples_per_s", "epoch_s")
+
+
+def _metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in _TIMING_KEYS} for r in records]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-process: a full run, stop + resume, a killed worker, Ctrl-C
+# ---------------------------------------------------------------------------------------------------
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """2 workers, bf16, int8 compression, gradient accumulation 2, run straight through."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    r = _train("--epochs", str(EPOCHS), "--grad-accum", "2", "--checkpoint-dir", "ck", *SMALL, cwd=d)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return d, r
+
+
+@pytest.mark.distributed
+def test_two_worker_run(uninterrupted):
+    d, r = uninterrupted
+    out = r.stdout
+    assert "2 workers" in out and "bf16" in out and "compression int8" in out
+    for e in range(1, EPOCHS + 1):
+        assert f"epoch {e:>3}/{EPOCHS}" in out
+    assert "done: 3 epochs" in out and "test accuracy" in out
+    assert "Traceback" not in r.stderr
+    recs = _metrics(d / "ck" / "metrics.jsonl")
+    assert [rec["epoch"] for rec in recs] == [1, 2, 3]
+    for rec in recs:
+        for key in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "samples_per_s", "comm_bytes"):
+            assert rec[key] is not None and rec[key] >= 0, key
+    assert recs[-1]["eval_accuracy"] > 0.5  # far above chance (0.1) after 3 epochs
+    assert recs[-1]["train_loss"] < recs[0]["train_loss"]
+    # Bytes: one bucket of all 3,466 parameters per optimizer step, ring traffic 2 (W-1)/W of it,
+    # int8 costing 1 + 4/256 bytes per element: per epoch ceil(ceil(719/64)/2) = 6 steps.
+    n_params = (64 * 32 + 32) + (32 * 32 + 32) + (32 * 10 + 10)
+    per_step = round(2 * (2 - 1) / 2 * n_params * (1 + 4 / 256))
+    assert all(rec["comm_bytes"] == 6 * per_step for rec in recs)
+    state = _load(d / "ck" / "checkpoint.pt")
+    assert state["epoch"] == EPOCHS and state["step_in_epoch"] == 0 and state["global_step"] == 3 * 6
+    assert len(state["ranks"]) == 2
+    assert not [p for p in os.listdir(d / "ck") if p.startswith(".tmp")]
+
+
+@pytest.mark.distributed
+def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
+    """Stopped in the middle of epoch 2 (step 8 of 18) and resumed: the same final parameters,
+    optimizer state, loss scaler and error-feedback residuals, bit for bit, and the same metrics."""
+    ref_dir, _ = uninterrupted
+    common = ["--epochs", str(EPOCHS), "--grad-accum", "2", "--checkpoint-dir", "ck", *SMALL]
+    r1 = _train(*common, "--max-steps", "8", cwd=tmp_path)
+    assert r1.returncode == 0, r1.stdout + r1.stderr
+    assert "stopped after step 8" in r1.stdout
+    mid = _load(tmp_path / "ck" / "checkpoint.pt")
+    assert (mid["epoch"], mid["step_in_epoch"], mid["global_step"]) == (1, 2, 8)
+    r2 = _train(*common, "--resume", cwd=tmp_path)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    assert "resumed from" in r2.stdout and "done: 3 epochs" in r2.stdout
+    ref = _load(ref_dir / "ck" / "checkpoint.pt")
+    got = _load(tmp_path / "ck" / "checkpoint.pt")
+    for key in ("model", "optimizer", "scaler"):
+        assert _same_state(got[key], ref[key]), key
+    for rank in range(2):
+        assert _same_state(got["ranks"][rank]["hook"], ref["ranks"][rank]["hook"])
+    assert _strip_timing(_metrics(tmp_path / "ck" / "metrics.jsonl")) == \
+        _strip_timing(_metrics(ref_dir / "ck" / "metrics.jsonl"))
+
+
+def _children(pid):
+    """(pid, command line) of the direct children of `pid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline") as f:
+                cmd = f.read().replace("\0", " ")
+        except OSError:
+            continue
+        if ppid == pid:
+            out.append((int(entry), cmd))
+    return out
+
+
+def _start_long_job(tmp_path):
+    """A job that would run for minutes; returns it once its first checkpoint is written."""
+    p = subprocess.Popen([sys.executable, "-m", "lepton_core.train", "--epochs", "1000", "--checkpoint-dir", "ck",
+                          *SMALL], cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if line.startswith("epoch"):  # the checkpoint follows the epoch's line
+            while time.monotonic() < deadline and not (tmp_path / "ck" / "checkpoint.pt").exists():
+                time.sleep(0.05)
+            return p
+        if not line and p.poll() is not None:
+            break
+    os.killpg(p.pid, signal.SIGKILL)
+    pytest.fail(f"the job did not start: {p.stderr.read()}")
+
+
+@pytest.mark.distributed
+def test_killed_worker_ends_the_job_with_an_error(tmp_path):
+    p = _start_long_job(tmp_path)
+    try:
+        workers = [pid for pid, cmd in _children(p.pid) if "spawn_main" in cmd]
+        assert len(workers) == 2, _children(p.pid)
+        os.kill(workers[1], signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = p.communicate(timeout=FAILURE_BOUND_S)
+        elapsed = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 1, out + err
+    assert elapsed < FAILURE_BOUND_S
+    assert "error: worker rank" in err and "killed by SIGKILL" in err and "--resume" in err
+    assert "Traceback" not in err
+    for pid in workers:  # the surviving worker was stopped too
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+@pytest.mark.distributed
+def test_ctrl_c_shuts_down_cleanly(tmp_path):
+    p = _start_long_job(tmp_path)
+    try:
+        os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the launcher and its workers all get it
+        t0 = time.monotonic()
+        out, err = p.communicate(timeout=FAILURE_BOUND_S)
+        elapsed = time.monotonic() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 130, out + err
+    assert elapsed < FAILURE_BOUND_S
+    assert "interrupted" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
+    # the last checkpoint is intact and loadable
+    assert _load(tmp_path / "ck" / "checkpoint.pt")["epoch"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command-line errors: a clear message and exit status 2, never a traceback
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["--nproc", "two"], "argument --nproc: expected an integer, got 'two'"),
+    (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["--compression", "int4"], "argument --compression: invalid choice: 'int4'"),
+    (["--lr", "-1"], "argument --lr: must be a positive number, got -1"),
+    (["--lr", "nan"], "argument --lr: must be a positive number, got nan"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_cli_parse_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "lepton train: error:" in err and message in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--block-size", "100"], "--block-size must be a power of two in 32..4096, got 100"),
+    (["--resume", "--checkpoint-dir", "{tmp}/none"], "--resume: no checkpoint at {tmp}/none/checkpoint.pt"),
+])
+def test_cli_option_errors(capsys, tmp_path, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert cli.main(cli.build_parser().parse_args(argv)) == 2
+    err = capsys.readouterr().err
+    assert f"lepton train: error: {message.format(tmp=tmp_path)}" in err
+
+
+def test_cli_error_in_a_subprocess_has_no_traceback(tmp_path):
+    r = _train("--batch-size", "0", cwd=tmp_path, timeout=120)
+    assert r.returncode == 2
+    assert "lepton train: error: argument --batch-size: must be >= 1, got 0" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_add_arguments_on_a_subcommand_parser():
+    """lepton_core/cli.py mounts the options on its `train` subcommand and calls main(args)."""
+    import argparse
+
+    top = argparse.ArgumentParser(prog="lepton")
+    sub = top.add_subparsers(dest="command")
+    cli.add_arguments(sub.add_parser("train"))
+    args = top.parse_args(["train", "--precision", "fp16", "--compression", "none", "--epochs", "5", "--seed", "3"])
+    cfg = cli._config_from_args(args)
+    assert (cfg.precision, cfg.compression, cfg.epochs, cfg.seed) == ("fp16", "none", 5, 3)
+    assert cfg.checkpoint_dir == cli.DEFAULT_CHECKPOINT_DIR and args.nproc == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Trainer in this process (a world of one worker)
+# ---------------------------------------------------------------------------------------------------
+def _blobs(n, seed):
+    centers = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)) * 3  # the same classes
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = centers[y] + torch.randn(n, 16, generator=g)
+    return TensorDataset(x, y)
+
+
+def _model():
+    torch.manual_seed(0)
+    return lnn.convert(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4)), dtype=None)
+
+
+def _fit(cfg, augment=None):
+    with Trainer(_model(), _blobs(200, 1), _blobs(100, 2), cfg, augment=augment) as t:
+        summary = t.fit()
+        return summary, {k: v.detach().clone() for k, v in t.model.state_dict().items()}
+
+
+def _noise(x, generator):
+    return x + 0.1 * torch.randn(x.shape, generator=generator)
+
+
+@pytest.mark.parametrize("precision,compression", [("fp32", "none"), ("bf16", "int8"), ("fp16", "int8")])
+def test_trainer_single_worker_resume_is_exact(tmp_path, capsys, precision, compression):
+    common = dict(epochs=3, batch_size=16, grad_accum=2, lr=0.01, precision=precision, compression=compression,
+                  progress=False)
+    full, w_full = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "a"), **common), augment=_noise)
+    assert full["eval_accuracy"] > 0.9 and full["steps"] == 3 * 7 and not full["stopped_early"]
+    part, _ = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "b"), max_steps=10, **common), augment=_noise)
+    assert part["stopped_early"] and part["steps"] == 10
+    rest, w_rest = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "b"), resume=True, **common), augment=_noise)
+    assert rest["steps"] == 21
+    assert _same_state(w_rest, w_full)
+    a, b = _load(tmp_path / "a" / "checkpoint.pt"), _load(tmp_path / "b" / "checkpoint.pt")
+    assert _same_state(a["optimizer"], b["optimizer"]) and _same_state(a["scaler"], b["scaler"])
+    if precision == "fp16":
+        assert a["scaler"]["scale"] > 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "epoch   3/3" in out
+
+
+def test_resuming_a_finished_run_trains_no_further(tmp_path):
+    cfg = dict(epochs=1, batch_size=50, precision="fp32", compression="none", progress=False,
+               checkpoint_dir=str(tmp_path))
+    _, w1 = _fit(TrainConfig(**cfg))
+    summary, w2 = _fit(TrainConfig(resume=True, **cfg))
+    assert summary["steps"] == 4 and _same_state(w1, w2)
+
+
+def test_resume_refuses_a_different_batch_size(tmp_path):
+    cfg = dict(epochs=1, precision="fp32", compression="none", progress=False, checkpoint_dir=str(tmp_path))
+    _fit(TrainConfig(batch_size=50, **cfg))
+    with pytest.raises(ValueError, match="cannot resume: the checkpoint was made with batch_size=50, this run "
+                                         "has batch_size=25"):
+        _fit(TrainConfig(batch_size=25, resume=True, **cfg))
+
+
+class _Bucket:
+    """The two GradBucket methods the hook's overflow path uses."""
+
+    def __init__(self, buf):
+        self._buf = buf
+
+    def buffer(self):
+        return self._buf
+
+    def index(self):
+        return 0
+
+
+def test_fp16_overflow_skips_compression(tmp_path):
+    """An inf in an fp16-scaled gradient must not reach the int8 quantizer: the hook hands back an
+    all-inf bucket (so the scaler skips the step) without touching the error-feedback state."""
+    with Trainer(_model(), _blobs(20, 1), None, TrainConfig(precision="fp16", compression="int8", progress=False)) \
+            as t:
+        before = t.comm.hook_state.state_dict()
+        buf = torch.ones(1000)
+        buf[7] = float("inf")
+        out = comm_hook(t.comm, _Bucket(buf)).wait()
+        assert torch.isinf(out).all()
+        assert _same_state(t.comm.hook_state.state_dict(), before)
+        assert t.comm.payload_bytes == 4000 and t.comm.wire_bytes == 0  # world of 1: nothing sent
+
+
+def test_comm_byte_accounting():
+    s = CommState(ld.HookState(compression="int8"), world_size=4, compression="int8", block_size=256,
+                  guard_nonfinite=False)
+    s.count(torch.zeros(1024))
+    assert s.payload_bytes == 4096 and s.wire_bytes == round(2 * 3 / 4 * 1024 * (1 + 4 / 256))
+    s = CommState(ld.HookState(compression=None), world_size=2, compression="none", block_size=256,
+                  guard_nonfinite=False)
+    s.count(torch.zeros(1000))
+    assert s.wire_bytes == 4000
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="TrainConfig: precision must be one of fp32, bf16, fp16, got 'fp8'"):
+        TrainConfig(precision="fp8").validate()
+    with pytest.raises(ValueError, match="TrainConfig: resume=True needs a checkpoint_dir"):
+        TrainConfig(resume=True).validate()
+    with pytest.raises(TypeError, match="TrainConfig: epochs must be an int, got 2.5"):
+        TrainConfig(epochs=2.5).validate()
+    with pytest.raises(ValueError, match="TrainConfig: grad_accum must be >= 1, got 0"):
+        TrainConfig(grad_accum=0).validate()
+    with pytest.raises(TypeError, match="Trainer: model must be a torch.nn.Module, got str"):
+        Trainer("model", _blobs(4, 0))
+
+
+def test_checkpoint_write_is_atomic(tmp_path):
+    path = str(tmp_path / "c.pt")
+    ckpt.save_atomic({"format": ckpt.FORMAT, "x": torch.arange(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "x": Unpicklable()}, path)
+    assert torch.equal(ckpt.load(path)["x"], torch.arange(3))  # the old checkpoint survives intact
+    assert os.listdir(tmp_path) == ["c.pt"]  # and no temporary file is left behind
+    with pytest.raises(ValueError, match="is not a lepton_core.train checkpoint"):
+        torch.save({"a": 1}, str(tmp_path / "other.pt"))
+        ckpt.load(str(tmp_path / "other.pt"))
