@@ -1,0 +1,115 @@
+"""The `lepton` command line: `lepton info`, `lepton train ...`, `lepton bench [family ...]`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import List, Optional
+
+
+def _cmd_info(args) -> int:
+    import lepton_core as lc
+
+    info = lc.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"lepton_core {info['version']}")
+    print(f"  backends      : {', '.join(info['backends'])}")
+    print(f"  cpu           : {info['cpu']}")
+    print(f"  cpu isa       : {info['cpu_isa']} (detected {info['cpu_isa_detected']}, "
+          f"compiled up to {info['cpu_isa_compiled']}; cap with LEPTON_CPU_ISA)")
+    print(f"  cpu features  : {', '.join(sorted(info['cpu_features'])) or 'none beyond x86-64'}")
+    caches = info["cache_bytes"]
+    print(f"  caches        : L1d {caches['l1d'] >> 10} KiB, L2 {caches['l2'] >> 10} KiB, L3 {caches['l3'] >> 20} MiB")
+    print(f"  threads       : {info['num_threads']} (OpenMP {'on' if info['openmp'] else 'off'})")
+    if info["cuda_device"]:
+        print(f"  cuda device   : {info['cuda_device']}")
+    else:
+        print(f"  cuda          : unavailable: {info['cuda_unavailable_reason']}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from lepton_core.benchmarks import FAMILIES
+    from lepton_core.benchmarks.common import print_table
+
+    import lepton_core as lc
+
+    if args.threads is not None:
+        lc.set_num_threads(args.threads)
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)  # the baseline gets the same threads
+        except ImportError:
+            pass
+    families = args.family or ["gemm", "quant"]
+    if "all" in families:
+        families = list(FAMILIES)
+    info = lc.info()
+    print(f"lepton bench: {info['cpu']} ({info['cpu_isa']}), {lc.get_num_threads()} threads; "
+          f"ratio = baseline time / our time (> 1: we are faster)", flush=True)
+    texts = []
+    for fam in families:
+        mod = importlib.import_module(f"lepton_core.benchmarks.{fam}")
+        rows = mod.run(quick=args.quick)
+        if rows:
+            texts.append(print_table(rows, mod.COLUMNS, title=fam))
+        if fam == "gemm":  # the CUDA rows join the gemm table's run when a GPU is usable
+            cuda = importlib.import_module("lepton_core.benchmarks.cuda") if "cuda" in info["backends"] else None
+            if cuda is not None:
+                rows = cuda.run(quick=args.quick)
+                if rows:
+                    texts.append(print_table(rows, cuda.COLUMNS, title="gemm and quant on CUDA"))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n\n".join(texts) + "\n")
+    return 0
+
+
+def _train_module():
+    return importlib.import_module("lepton_core.train.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lepton_core.benchmarks import FAMILIES
+
+    p = argparse.ArgumentParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training")
+    sub = p.add_subparsers(dest="command", metavar="{info,train,bench}")
+    sub.required = True
+
+    pi = sub.add_parser("info", help="what this build and machine offer (lc.info())")
+    pi.add_argument("--json", action="store_true", help="print the raw dict as JSON")
+    pi.set_defaults(func=_cmd_info)
+
+    pt = sub.add_parser("train", help="data-parallel training (default: digits MLP, 2 local workers)")
+    train_cli = _train_module()
+    train_cli.add_arguments(pt)
+    pt.set_defaults(func=train_cli.main)
+
+    pb = sub.add_parser("bench", help="side-by-side benchmarks against the usual baselines")
+    pb.add_argument("family", nargs="*", choices=list(FAMILIES) + ["all"],
+                    help="what to measure (default: gemm quant)")
+    pb.add_argument("--quick", action="store_true", help="fewer, smaller cases")
+    pb.add_argument("--threads", type=int, default=None, help="threads for us and for torch")
+    pb.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
+    pb.set_defaults(func=_cmd_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("lepton: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

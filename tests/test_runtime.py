@@ -1,0 +1,129 @@
+"""API.md §0: lc.info, threads, CPU ISA selection, import without a GPU, the `lepton info` CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import lepton_core as lc
+from lepton_core import _runtime
+
+ISA_NAMES = ["scalar", "avx2", "avx512", "amx"]
+
+
+def _py(code: str, **env):
+    e = dict(os.environ)
+    e.update(env)
+    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
+                          env=e, timeout=120)
+
+
+def test_info_keys_and_types():
+    info = lc.info()
+    assert isinstance(info["version"], str) and info["version"] == lc.__version__
+    assert isinstance(info["backends"], list) and "cpu" in info["backends"]
+    assert info["cpu_isa"] in ISA_NAMES
+    assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
+    if "cuda" in info["backends"]:
+        assert isinstance(info["cuda_device"], str) and info["cuda_unavailable_reason"] is None
+    else:
+        assert info["cuda_device"] is None
+        assert isinstance(info["cuda_unavailable_reason"], str) and len(info["cuda_unavailable_reason"]) > 10
+
+
+def test_info_reports_detected_isa_consistently():
+    info = lc.info()
+    order = ISA_NAMES.index
+    assert order(info["cpu_isa"]) <= order(info["cpu_isa_detected"])
+    feats = info["cpu_features"]
+    if info["cpu_isa_detected"] in ("avx2", "avx512", "amx"):
+        assert feats.get("avx2") and feats.get("fma") and feats.get("f16c")
+    if info["cpu_isa_detected"] in ("avx512", "amx"):
+        assert feats.get("avx512f") and feats.get("avx512_bf16") and feats.get("avx512_vnni")
+    if info["cpu_isa_detected"] == "amx":
+        assert feats.get("amx_tile") and feats.get("amx_bf16") and feats.get("amx_int8")
+
+
+@pytest.fixture
+def restore_threads():
+    before = lc.get_num_threads()
+    yield
+    lc.set_num_threads(before)
+
+
+def test_set_num_threads_roundtrip(restore_threads):
+    for n in (1, 2, 3, 1000):  # above the core count is stored as given, as torch does
+        lc.set_num_threads(n)
+        assert lc.get_num_threads() == n
+        assert lc.info()["num_threads"] == n
+    lc.set_num_threads(np.int64(2))
+    assert lc.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, -100])
+def test_set_num_threads_rejects_small(restore_threads, bad):
+    lc.set_num_threads(3)
+    with pytest.raises(ValueError, match=r"set_num_threads.*>= 1.*" + str(bad)):
+        lc.set_num_threads(bad)
+    assert lc.get_num_threads() == 3  # a rejected call leaves the setting unchanged
+
+
+@pytest.mark.parametrize("bad", [2.0, "2", None, True, [2]])
+def test_set_num_threads_rejects_non_int(restore_threads, bad):
+    lc.set_num_threads(3)
+    with pytest.raises(TypeError, match="set_num_threads"):
+        lc.set_num_threads(bad)
+    assert lc.get_num_threads() == 3
+
+
+def test_isa_switch_hook_covers_every_available_level():
+    before = _runtime.cpu_isa()
+    try:
+        for name in _runtime.available_isas():
+            _runtime._set_cpu_isa(name)
+            assert lc.info()["cpu_isa"] == name
+    finally:
+        _runtime._set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("cap", ISA_NAMES)
+def test_env_cap(cap):
+    r = _py("import lepton_core as lc; print(lc.info()['cpu_isa'])", LEPTON_CPU_ISA=cap)
+    assert r.returncode == 0, r.stderr
+    best = _runtime.available_isas()[-1]
+    expect = cap if ISA_NAMES.index(cap) <= ISA_NAMES.index(best) else best  # a cap above: the best
+    assert r.stdout.strip() == expect
+    assert "RuntimeWarning" not in r.stderr
+
+
+def test_env_cap_unknown_warns_and_uses_automatic_choice():
+    r = _py("import lepton_core as lc; print(lc.info()['cpu_isa'])", LEPTON_CPU_ISA="avx9000")
+    assert r.returncode == 0, r.stderr
+    assert "RuntimeWarning" in r.stderr and "avx9000" in r.stderr
+    assert r.stdout.strip() == _runtime.available_isas()[-1]
+
+
+def test_import_without_gpu():
+    # Hiding every GPU must never break the import; info() then says why CUDA is unavailable.
+    r = _py("import lepton_core as lc, json; print(json.dumps(lc.info()))", CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["backends"] == ["cpu"] and info["cuda_unavailable_reason"]
+
+
+def test_cli_info():
+    r = subprocess.run([sys.executable, "-m", "lepton_core.cli", "info", "--json"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["cpu_isa"] == lc.info()["cpu_isa"]
+    r = subprocess.run([sys.executable, "-m", "lepton_core.cli", "info"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "cpu isa" in r.stdout
+
+
+def test_cli_bad_command_exits_nonzero_without_traceback():
+    r = subprocess.run([sys.executable, "-m", "lepton_core.cli", "frobnicate"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "invalid choice" in r.stderr
