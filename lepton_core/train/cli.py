@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
-import tempfile
 import time
-import uuid
 from typing import Any, Dict, Optional
 
 from .config import BACKENDS, COMPRESSIONS, PRECISIONS, TrainConfig
@@ -212,17 +209,6 @@ def worker_main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------
 # The launcher (lepton train)
 # ---------------------------------------------------------------------------------------------------
-def _quiet_elastic_logs() -> None:
-    """The agent logs every worker failure and signal with a long report; we print one clear line
-    instead. Its loggers set their own levels, so each one is silenced, not just the parent."""
-    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith(prefixes):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    for name in prefixes:
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-
-
 def _describe_failures(exc) -> str:
     lines = []
     for rank, failure in sorted(exc.failures.items()):
@@ -263,35 +249,24 @@ def main(args: argparse.Namespace) -> int:
     job = _job(args, cfg)
     job["data"] = data
 
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    _quiet_elastic_logs()
+    from .launch import launch_local
+
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="lepton-train-") as log_dir:
-        launch = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=args.nproc,
-            run_id=f"lepton-train-{uuid.uuid4().hex[:12]}",
-            rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # a free port, like torchrun --standalone
-            max_restarts=0,            # a failed worker ends the job
-            monitor_interval=0.1,      # notice a dead worker within 0.1 s
-            start_method="spawn",
-            logs_specs=DefaultLogsSpecs(log_dir=log_dir),
-        )
-        try:
-            elastic_launch(launch, run_worker)(job)
-        except ChildFailedError as exc:
-            print(f"{PROG}: error: {_describe_failures(exc)}; the other workers were stopped. "
-                  f"Resume from the last checkpoint with --resume.", file=sys.stderr, flush=True)
-            return 1
-        except (SignalException, KeyboardInterrupt) as exc:
-            sig = getattr(exc, "sigval", None)
-            what = "interrupted" if sig is None or getattr(sig, "name", "") == "SIGINT" else f"stopped by {sig.name}"
-            print(f"\n{PROG}: {what}; workers stopped. Resume from the last checkpoint with --resume.",
-                  file=sys.stderr, flush=True)
-            return 130
+    try:
+        launch_local(run_worker, job, args.nproc, name="lepton-train")
+    except ChildFailedError as exc:
+        print(f"{PROG}: error: {_describe_failures(exc)}; the other workers were stopped. "
+              f"Resume from the last checkpoint with --resume.", file=sys.stderr, flush=True)
+        return 1
+    except (SignalException, KeyboardInterrupt) as exc:
+        sig = getattr(exc, "sigval", None)
+        what = "interrupted" if sig is None or getattr(sig, "name", "") == "SIGINT" else f"stopped by {sig.name}"
+        print(f"\n{PROG}: {what}; workers stopped. Resume from the last checkpoint with --resume.",
+              file=sys.stderr, flush=True)
+        return 130
     print(f"{PROG}: finished in {time.perf_counter() - start:.1f} s wall time (start-up included)", flush=True)
     return 0
 
