@@ -241,6 +241,21 @@ def test_cli_option_errors(capsys, tmp_path, argv, message):
     assert f"lepton train: error: {message.format(tmp=tmp_path)}" in err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--nproc", "3"], "was written by 2 workers; use --nproc 2"),
+    (["--batch-size", "16"], "was made with --batch-size 32, not 16"),
+    (["--seed", "4"], "was made with --seed 0, not 4"),
+    (["--hidden", "64"], "was made with --hidden 256, not 64"),
+])
+def test_cli_resume_mismatch_is_refused_before_starting(capsys, tmp_path, argv, message):
+    ckpt.save_atomic({"format": ckpt.FORMAT, "world_size": 2,
+                      "run": {"batch_size": 32, "grad_accum": 1, "seed": 0},
+                      "model": {"1.weight": torch.zeros(256, 64)}}, str(tmp_path / "checkpoint.pt"))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path), *argv])
+    assert cli.main(args) == 2
+    assert f"lepton train: error: --resume: {tmp_path}/checkpoint.pt {message}" in capsys.readouterr().err
+
+
 def test_cli_error_in_a_subprocess_has_no_traceback(tmp_path):
     r = _train("--batch-size", "0", cwd=tmp_path, timeout=120)
     assert r.returncode == 2

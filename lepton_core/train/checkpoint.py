@@ -48,8 +48,9 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
         os.close(dir_fd)
 
 
-def load(path: str) -> Dict[str, Any]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+def load(path: str, mmap: bool = False) -> Dict[str, Any]:
+    """The checkpoint at `path` (tensors on the CPU; mmap: tensors read lazily, for a quick look)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise ValueError(f"lepton train: {path} is not a lepton_core.train checkpoint")
     return obj

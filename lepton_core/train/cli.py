@@ -232,14 +232,47 @@ def _describe_failures(exc) -> str:
     return "; ".join(lines)
 
 
+def _resume_hint(cfg: TrainConfig) -> str:
+    path = cfg.checkpoint_path
+    if path and os.path.isfile(path):
+        return f" The last checkpoint is {path}: continue with --resume."
+    return ""
+
+
+def _resume_problem(cfg: TrainConfig, nproc: int, hidden: int) -> Optional[str]:
+    """Why --resume cannot work with this checkpoint and these options (None when it can), checked
+    before any worker starts. The workers check again (under torchrun they are on their own)."""
+    path = cfg.checkpoint_path
+    if not os.path.isfile(path):
+        return f"--resume: no checkpoint at {path}"
+    from . import checkpoint as ckpt
+
+    try:
+        state = ckpt.load(path, mmap=True)
+    except Exception as exc:
+        return f"--resume: cannot read {path}: {exc}"
+    if state["world_size"] != nproc:
+        return f"--resume: {path} was written by {state['world_size']} workers; use --nproc {state['world_size']}"
+    for field in ("batch_size", "grad_accum", "seed"):
+        if state["run"][field] != getattr(cfg, field):
+            return (f"--resume: {path} was made with --{field.replace('_', '-')} {state['run'][field]}, "
+                    f"not {getattr(cfg, field)}")
+    first = state["model"].get("1.weight")  # the digits MLP's first lc.nn.Linear: (hidden, 64)
+    if first is not None and first.shape[0] != hidden:
+        return f"--resume: {path} was made with --hidden {first.shape[0]}, not {hidden}"
+    return None
+
+
 def main(args: argparse.Namespace) -> int:
     """Runs `lepton train` with parsed `args`; returns the exit code."""
     try:
         cfg = _config_from_args(args)
     except (TypeError, ValueError) as exc:
         return _error(_config_error(exc))
-    if cfg.resume and not os.path.isfile(cfg.checkpoint_path):
-        return _error(f"--resume: no checkpoint at {cfg.checkpoint_path}")
+    if cfg.resume:
+        problem = _resume_problem(cfg, args.nproc, args.hidden)
+        if problem:
+            return _error(problem)
     from . import digits
 
     try:
@@ -258,14 +291,13 @@ def main(args: argparse.Namespace) -> int:
     try:
         launch_local(run_worker, job, args.nproc, name="lepton-train")
     except ChildFailedError as exc:
-        print(f"{PROG}: error: {_describe_failures(exc)}; the other workers were stopped. "
-              f"Resume from the last checkpoint with --resume.", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {_describe_failures(exc)}; the other workers were stopped.{_resume_hint(cfg)}",
+              file=sys.stderr, flush=True)
         return 1
     except (SignalException, KeyboardInterrupt) as exc:
         sig = getattr(exc, "sigval", None)
         what = "interrupted" if sig is None or getattr(sig, "name", "") == "SIGINT" else f"stopped by {sig.name}"
-        print(f"\n{PROG}: {what}; workers stopped. Resume from the last checkpoint with --resume.",
-              file=sys.stderr, flush=True)
+        print(f"\n{PROG}: {what}; workers stopped.{_resume_hint(cfg)}", file=sys.stderr, flush=True)
         return 130
     print(f"{PROG}: finished in {time.perf_counter() - start:.1f} s wall time (start-up included)", flush=True)
     return 0
