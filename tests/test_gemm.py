@@ -71,6 +71,33 @@ def test_float_dtypes(isa, threads, rng, in_dtype, out_dtype):
         assert_close(lc.gemm(a, b, out_dtype=out_dtype), a, b, out_dtype=out_dtype)
 
 
+def rounding_probes(rng, n):
+    """float32 values that stress rounding to 16 bits: exact ties (round half to even) for bfloat16
+    and float16, float16 subnormals and overflow, infinities and NaN."""
+    ties_bf16 = (rng.integers(0, 2**15, size=n, dtype=np.uint32) << 16) | 0x8000   # exactly halfway
+    ties_f16 = ((rng.integers(113, 142, size=n, dtype=np.uint32) << 23) |
+                (rng.integers(0, 2**10, size=n, dtype=np.uint32) << 13) | 0x1000)    # halfway in float16
+    vals = np.concatenate([ties_bf16.view(np.float32), ties_f16.view(np.float32),
+                           rng.uniform(-6e-5, 6e-5, size=n).astype(np.float32),        # float16 subnormals
+                           np.array([65519.0, 65520.0, -7e4, 3e38, np.inf, -np.inf, np.nan, 1.0], np.float32)])
+    return torch.from_numpy(vals)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=NAME.get)
+def test_output_rounding_bitwise(isa, rng, out_dtype):
+    """Rounding to the output dtype is round-half-to-even, once, exactly like torch's conversion:
+    with a = ones (K = 1) the result is b itself, with b = 0 it is the bias."""
+    vals = rounding_probes(rng, 45)
+    n = vals.numel()
+    ones = torch.ones(13, 1)                      # two full row tiles and an edge
+    want = vals.to(out_dtype).expand(13, n)
+    for got in (lc.gemm(ones, vals.reshape(1, n), out_dtype=out_dtype),
+                lc.gemm(ones, torch.zeros(1, n), bias=vals, out_dtype=out_dtype)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        keep = ~torch.isnan(want)
+        assert torch.equal(got[keep], want[keep])
+
+
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=lambda d: "none" if d is None else str(d).replace("torch.", ""))
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=NAME.get)
