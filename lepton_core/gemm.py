@@ -42,23 +42,38 @@ def _cpu_gemm_into(a3: torch.Tensor, b3: torch.Tensor, bias: Optional[torch.Tens
     of one dtype, or both int8 (then out3 is int32 and bias None). bias: None or float32 contiguous
     (N,). out3: contiguous (B, M, N).
     """
-    n_batch, m, k = a3.shape
-    n = b3.shape[2]
-    sa_batch, sa_row, sa_col = a3.stride()
-    sb_batch, sb_row, sb_col = b3.stride()
+    _cpu_gemm(a3, b3, bias, out3)
+
+
+def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """_cpu_gemm_into for 2-D or 3-D a / b (2-D b with 3-D a broadcasts): no views are built, the
+    strides go straight to the kernel (this path sets the fixed cost of small calls)."""
+    if a.ndim == 2:
+        n_batch, sa_batch = 1, 0
+        m, k = a.shape
+        sa_row, sa_col = a.stride()
+    else:
+        n_batch, m, k = a.shape
+        sa_batch, sa_row, sa_col = a.stride()
+    if b.ndim == 2:
+        sb_batch = 0
+        sb_row, sb_col = b.stride()
+    else:
+        sb_batch, sb_row, sb_col = b.stride()
+    n = b.shape[-1]
     if n_batch > 1 and sb_batch == 0 and (m == 1 or sa_batch == m * sa_row):
         # b is shared by every batch and a's batches stack as rows: one (B*M, K) @ (K, N) GEMM
         # packs b once and cuts the work into bigger tiles.
         if m == 1:
             sa_row = sa_batch
         m, n_batch, sa_batch = n_batch * m, 1, 0
-    if a3.dtype == torch.int8:
-        _C.gemm_int8(n_batch, m, n, k, a3.data_ptr(), sa_batch, sa_row, sa_col,
-                     b3.data_ptr(), sb_batch, sb_row, sb_col, out3.data_ptr())
+    if a.dtype == torch.int8:
+        _C.gemm_int8(n_batch, m, n, k, a.data_ptr(), sa_batch, sa_row, sa_col,
+                     b.data_ptr(), sb_batch, sb_row, sb_col, out.data_ptr())
     else:
-        _C.gemm_float(n_batch, m, n, k, a3.data_ptr(), LP_DTYPE[a3.dtype], sa_batch, sa_row, sa_col,
-                      b3.data_ptr(), sb_batch, sb_row, sb_col, 0 if bias is None else bias.data_ptr(),
-                      out3.data_ptr(), LP_DTYPE[out3.dtype])
+        _C.gemm_float(n_batch, m, n, k, a.data_ptr(), LP_DTYPE[a.dtype], sa_batch, sa_row, sa_col,
+                      b.data_ptr(), sb_batch, sb_row, sb_col, 0 if bias is None else bias.data_ptr(),
+                      out.data_ptr(), LP_DTYPE[out.dtype])
 
 
 def _cpu_scaled_gemm_into(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
@@ -76,29 +91,33 @@ def _cpu_scaled_gemm_into(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tenso
 
 
 def _gemm_impl(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    m, k = a.shape[-2], a.shape[-1]
+    a_shape = a.shape
     n = b.shape[-1]
-    batched = a.dim() == 3
-    shape = (a.shape[0], m, n) if batched else (m, n)
+    if a.ndim == 2:
+        m, k = a_shape
+        shape = (m, n)
+    else:
+        _, m, k = a_shape
+        shape = (a_shape[0], m, n)
     out = _tensors.new_output(shape, out_dtype, a.device)
-    if out.numel() == 0:
+    if m == 0 or n == 0 or (len(shape) == 3 and shape[0] == 0):
         return out
-    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    if bias is not None:
+        bias = bias.to(torch.float32).contiguous()
     if k == 0:  # an empty sum: zeros plus bias, rounded once
-        if bias32 is None:
+        if bias is None:
             out.zero_()
         else:
-            out.copy_(bias32.expand(shape))
+            out.copy_(bias.expand(shape))
         return out
-    a3 = a if batched else a.unsqueeze(0)
-    b3 = b if b.dim() == 3 else b.unsqueeze(0).expand(a3.shape[0], k, n)
-    out3 = out if batched else out.unsqueeze(0)
-    if a.device.type == "cuda":
+    if a.is_cpu:
+        _cpu_gemm(a, b, bias, out)
+    else:
         from . import _cuda_backend
 
-        _cuda_backend.gemm_into(a3, b3, bias32, out3)
-    else:
-        _cpu_gemm_into(a3, b3, bias32, out3)
+        a3 = a if a.ndim == 3 else a.unsqueeze(0)
+        b3 = b if b.ndim == 3 else b.unsqueeze(0).expand(a3.shape[0], k, n)
+        _cuda_backend.gemm_into(a3, b3, bias, out if out.ndim == 3 else out.unsqueeze(0))
     return out
 
 
@@ -189,20 +208,18 @@ def _scaled_gemm_fake(a, b, scale_a, scale_b, bias, out_dtype):
 # Public API
 # ---------------------------------------------------------------------------------------------
 
-def _needs_dispatcher(*ts: Optional[torch.Tensor]) -> bool:
-    """True when the call must go through torch.ops.lepton.* (tracing, autograd recording,
-    tensor subclasses or an active dispatch mode); plain eager calls skip the dispatcher."""
-    if torch.compiler.is_compiling():
+def _needs_dispatcher(a: torch.Tensor, b: torch.Tensor, *more: Optional[torch.Tensor]) -> bool:
+    """True when the call must go through torch.ops.lepton.* (tracing, autograd recording, tensor
+    subclasses, meta tensors or an active dispatch mode); plain eager calls skip the dispatcher."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # FakeTensorMode, make_fx...
         return True
     grad_on = torch.is_grad_enabled()
-    for t in ts:
+    for t in (a, b) + more:
         if t is None:
             continue
-        if type(t) not in _PLAIN_TENSOR_TYPES or t.device.type == "meta":
+        if type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or (grad_on and t.requires_grad):
             return True
-        if grad_on and t.requires_grad:
-            return True
-    return torch._C._len_torch_dispatch_stack() > 0  # FakeTensorMode, make_fx, user modes
+    return False
 
 
 def _shape(t: torch.Tensor) -> tuple:
@@ -226,37 +243,50 @@ def _resolve_out_dtype(op: str, out_dtype, default: torch.dtype, allowed: tuple,
     return od
 
 
+_GEMM_IN_DTYPES = frozenset(_FLOAT_DTYPES + (torch.int8,))
+
+
 def _check_gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype, kind: str) -> torch.dtype:
-    """Checks lc.gemm's contract; returns the resolved output dtype."""
+    """Checks lc.gemm's contract; returns the resolved output dtype. Straight-line on purpose: this
+    runs on every call and is most of a small GEMM's fixed cost."""
     op = _GEMM
-    _tensors.check_device(op, a=a, b=b, bias=bias)
-    for name, t in (("a", a), ("b", b)):
-        if t.dtype not in _FLOAT_DTYPES and t.dtype != torch.int8:
-            raise fail(TypeError, op, f"{name} must be float32, float16, bfloat16 or int8, got {dtype_name(t.dtype)}")
-    if a.dtype != b.dtype:
-        raise fail(TypeError, op, f"a and b must share one dtype, got a {dtype_name(a.dtype)} and b {dtype_name(b.dtype)}")
-    for name, t, dims in (("a", a, "(M, K) or (B, M, K)"), ("b", b, "(K, N) or (B, K, N)")):
-        if t.dim() not in (2, 3):
-            raise fail(ValueError, op, f"{name} must be 2-D or 3-D {dims}, got shape {_shape(t)}")
-    if a.dim() == 2 and b.dim() == 3:
+    if not (a.is_cpu and b.is_cpu and (bias is None or bias.is_cpu)):
+        _tensors.check_device(op, a=a, b=b, bias=bias)
+    a_dtype, b_dtype = a.dtype, b.dtype
+    if a_dtype not in _GEMM_IN_DTYPES or b_dtype not in _GEMM_IN_DTYPES:
+        name, t = ("a", a) if a_dtype not in _GEMM_IN_DTYPES else ("b", b)
+        raise fail(TypeError, op, f"{name} must be float32, float16, bfloat16 or int8, got {dtype_name(t.dtype)}")
+    if a_dtype != b_dtype:
+        raise fail(TypeError, op, f"a and b must share one dtype, got a {dtype_name(a_dtype)} and b {dtype_name(b_dtype)}")
+    a_nd, b_nd = a.ndim, b.ndim
+    if a_nd != 2 and a_nd != 3:
+        raise fail(ValueError, op, f"a must be 2-D or 3-D (M, K) or (B, M, K), got shape {_shape(a)}")
+    if b_nd != 2 and b_nd != 3:
+        raise fail(ValueError, op, f"b must be 2-D or 3-D (K, N) or (B, K, N), got shape {_shape(b)}")
+    a_shape, b_shape = a.shape, b.shape
+    if a_nd == 2 and b_nd == 3:
         raise fail(ValueError, op, f"a 2-D a with a 3-D b is not supported, got a {_shape(a)} and b {_shape(b)}")
-    if a.shape[-1] != b.shape[-2]:
-        raise fail(ValueError, op, f"inner dimensions differ: a {_shape(a)} has K={a.shape[-1]} but b "
-                                   f"{_shape(b)} has K={b.shape[-2]}")
-    if a.dim() == 3 and b.dim() == 3 and a.shape[0] != b.shape[0]:
+    k = a_shape[-1]
+    if k != b_shape[-2]:
+        raise fail(ValueError, op, f"inner dimensions differ: a {_shape(a)} has K={k} but b "
+                                   f"{_shape(b)} has K={b_shape[-2]}")
+    if a_nd == 3 and b_nd == 3 and a_shape[0] != b_shape[0]:
         raise fail(ValueError, op, f"batch sizes differ: a {_shape(a)} and b {_shape(b)}")
-    n = b.shape[-1]
-    if a.dtype == torch.int8:
+    if a_dtype == torch.int8:
         if bias is not None:
             raise fail(ValueError, op, f"bias is not supported for int8 inputs (exact int32 result), got bias "
                                        f"of shape {_shape(bias)}")
-        if a.shape[-1] > INT8_MAX_K:
-            raise fail(ValueError, op, f"K={a.shape[-1]} exceeds {INT8_MAX_K} for int8 inputs (the int32 sum "
+        if k > INT8_MAX_K:
+            raise fail(ValueError, op, f"K={k} exceeds {INT8_MAX_K} for int8 inputs (the int32 sum "
                                        f"could overflow); a {_shape(a)}, b {_shape(b)}")
+        if out_dtype is None:
+            return torch.int32
         return _resolve_out_dtype(op, out_dtype, torch.int32, (torch.int32,), kind)
     if bias is not None:
-        _check_bias(op, bias, n)
-    return _resolve_out_dtype(op, out_dtype, a.dtype, _FLOAT_DTYPES, kind)
+        _check_bias(op, bias, b_shape[-1])
+    if out_dtype is None:
+        return a_dtype
+    return _resolve_out_dtype(op, out_dtype, a_dtype, _FLOAT_DTYPES, kind)
 
 
 def gemm(a, b, *, bias=None, out_dtype=None):

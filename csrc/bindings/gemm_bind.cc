@@ -68,6 +68,16 @@ void bind_gemm(py::module_& m) {
         gemm_int8(g);
       },
       "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation");
+#ifdef LP_BUILD_AVX2
+  m.def(
+      "gemm_fma_probe",
+      [](int64_t n_iters, int n_threads) {
+        py::gil_scoped_release release;
+        return gemm_fma_probe_avx2(n_iters, n_threads);
+      },
+      "Runs n_iters steps of 12 independent 8-lane float32 FMA chains on n_threads threads and returns "
+      "the flops executed (time it to get the FMA peak)");
+#endif
   m.def(
       "gemm_blocking",
       [](bool is_int8) {

@@ -72,6 +72,9 @@ void gemm_int8_scalar(const GemmInt8Args& args);
 #ifdef LP_BUILD_AVX2
 void gemm_float_avx2(const GemmFloatArgs& args);
 void gemm_int8_avx2(const GemmInt8Args& args);
+// Runs independent 8-lane FMA chains on n_threads threads; returns the float32 flops executed (for
+// measuring the FMA peak of this machine in benchmarks).
+double gemm_fma_probe_avx2(int64_t n_iters, int n_threads);
 #endif
 
 }  // namespace lp

@@ -731,6 +731,33 @@ struct Int8Traits {
 
 }  // namespace
 
+// Peak probe: 12 independent FMA chains of 8 lanes per thread (the microkernel's shape, without its
+// loads) for n_iters iterations; returns the flops executed. Timed from Python for % of peak.
+double gemm_fma_probe_avx2(int64_t n_iters, int n_threads) {
+  const float a_val = 0.999999f, b_val = 1e-7f;  // runtime values: nothing folds away
+  parallel_region(n_threads, [&](int t, int) {
+    const __m256 a = _mm256_set1_ps(a_val), b = _mm256_set1_ps(b_val);
+    // distinct starting values, or the compiler merges identical chains
+    const float f = float(t);
+    __m256 c0 = _mm256_set1_ps(f), c1 = _mm256_set1_ps(f + 1), c2 = _mm256_set1_ps(f + 2);
+    __m256 c3 = _mm256_set1_ps(f + 3), c4 = _mm256_set1_ps(f + 4), c5 = _mm256_set1_ps(f + 5);
+    __m256 c6 = _mm256_set1_ps(f + 6), c7 = _mm256_set1_ps(f + 7), c8 = _mm256_set1_ps(f + 8);
+    __m256 c9 = _mm256_set1_ps(f + 9), c10 = _mm256_set1_ps(f + 10), c11 = _mm256_set1_ps(f + 11);
+    for (int64_t it = 0; it < n_iters; ++it) {
+      c0 = _mm256_fmadd_ps(c0, a, b), c1 = _mm256_fmadd_ps(c1, a, b), c2 = _mm256_fmadd_ps(c2, a, b);
+      c3 = _mm256_fmadd_ps(c3, a, b), c4 = _mm256_fmadd_ps(c4, a, b), c5 = _mm256_fmadd_ps(c5, a, b);
+      c6 = _mm256_fmadd_ps(c6, a, b), c7 = _mm256_fmadd_ps(c7, a, b), c8 = _mm256_fmadd_ps(c8, a, b);
+      c9 = _mm256_fmadd_ps(c9, a, b), c10 = _mm256_fmadd_ps(c10, a, b), c11 = _mm256_fmadd_ps(c11, a, b);
+    }
+    __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+                             _mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)));
+    s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)));
+    volatile float sink = _mm256_cvtss_f32(s);
+    (void)sink;
+  });
+  return double(n_iters) * 12 * 8 * 2 * n_threads;
+}
+
 void gemm_float_avx2(const GemmFloatArgs& g) {
   if (g.m <= 0 || g.n <= 0 || g.n_batch <= 0 || g.k <= 0) {
     if (g.k <= 0) gemm_float_scalar(g);  // empty sum: zeros plus bias
