@@ -402,6 +402,11 @@ static inline __m256 no_contract(__m256 v) {
   return v;
 }
 
+// Broadcast of one int16 pair (32 bits) through the float broadcast, a plain load on AMD cores.
+static inline __m256i bcast32(const int32_t* p) {
+  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+}
+
 // acc(MR x NR) = prev + A_panel * B_panel; ap: [kc_even/2][MR][2] int16, bp: [kc_even/2][NR][2].
 void ukernel_int8(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp, const Int8Tile& t) {
   __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
@@ -423,28 +428,26 @@ void ukernel_int8(int64_t kc_even, const int16_t* __restrict ap, const int16_t* 
 #define LP_MADD_STEP(P)                                                                         \
   {                                                                                             \
     const __m256i b0 = _mm256_load_si256(b256 + 2 * (P)), b1 = _mm256_load_si256(b256 + 2 * (P) + 1); \
-    __m256i a = _mm256_set1_epi32(a32[(P) * MR + 0]);                                           \
+    __m256i a = bcast32(a32 + (P) * MR + 0);                                                     \
     c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, b0)), c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, b1)); \
-    a = _mm256_set1_epi32(a32[(P) * MR + 1]);                                                   \
+    a = bcast32(a32 + (P) * MR + 1);                                                           \
     c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, b0)), c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, b1)); \
-    a = _mm256_set1_epi32(a32[(P) * MR + 2]);                                                   \
+    a = bcast32(a32 + (P) * MR + 2);                                                           \
     c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, b0)), c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, b1)); \
-    a = _mm256_set1_epi32(a32[(P) * MR + 3]);                                                   \
+    a = bcast32(a32 + (P) * MR + 3);                                                           \
     c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(a, b0)), c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(a, b1)); \
-    a = _mm256_set1_epi32(a32[(P) * MR + 4]);                                                   \
+    a = bcast32(a32 + (P) * MR + 4);                                                           \
     c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(a, b0)), c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(a, b1)); \
-    a = _mm256_set1_epi32(a32[(P) * MR + 5]);                                                   \
+    a = bcast32(a32 + (P) * MR + 5);                                                           \
     c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(a, b0)), c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(a, b1)); \
   }
+  // One k-pair per iteration, the accumulators pinned to registers after each: integer adds are
+  // associative, and left alone the compiler regroups them across steps and spills accumulators.
   const int64_t n_pairs = kc_even / 2;
-  int64_t p = 0;
-  for (; p + 2 <= n_pairs; p += 2) {
-    LP_MADD_STEP(0) LP_MADD_STEP(1)
-    a32 += 2 * MR;
-    b256 += 4;
-  }
-  for (; p < n_pairs; ++p) {
+  for (int64_t p = 0; p < n_pairs; ++p) {
     LP_MADD_STEP(0)
+    __asm__("" : "+x"(c00), "+x"(c01), "+x"(c10), "+x"(c11), "+x"(c20), "+x"(c21));
+    __asm__("" : "+x"(c30), "+x"(c31), "+x"(c40), "+x"(c41), "+x"(c50), "+x"(c51));
     a32 += MR;
     b256 += 2;
   }
