@@ -70,13 +70,14 @@ void bind_gemm(py::module_& m) {
       "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation");
 #ifdef LP_BUILD_AVX2
   m.def(
-      "gemm_fma_probe",
-      [](int64_t n_iters, int n_threads) {
+      "gemm_peak_probe",
+      [](int64_t n_iters, int n_threads, bool int8) {
         py::gil_scoped_release release;
-        return gemm_fma_probe_avx2(n_iters, n_threads);
+        return gemm_peak_probe_avx2(n_iters, n_threads, int8);
       },
-      "Runs n_iters steps of 12 independent 8-lane float32 FMA chains on n_threads threads and returns "
-      "the flops executed (time it to get the FMA peak)");
+      py::arg("n_iters"), py::arg("n_threads"), py::arg("int8") = false,
+      "Runs the AVX2 microkernels' arithmetic without loads (float FMA, or int8 madd + add) for n_iters "
+      "steps on n_threads threads; returns the operations executed (time it to get the peak)");
 #endif
   m.def(
       "gemm_blocking",

@@ -72,9 +72,9 @@ void gemm_int8_scalar(const GemmInt8Args& args);
 #ifdef LP_BUILD_AVX2
 void gemm_float_avx2(const GemmFloatArgs& args);
 void gemm_int8_avx2(const GemmInt8Args& args);
-// Runs independent 8-lane FMA chains on n_threads threads; returns the float32 flops executed (for
-// measuring the FMA peak of this machine in benchmarks).
-double gemm_fma_probe_avx2(int64_t n_iters, int n_threads);
+// Runs the microkernels' arithmetic without their loads (float FMA chains, or int8 madd + add) for
+// n_iters steps on n_threads threads; returns the operations executed (to time for "% of peak").
+double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, bool int8);
 #endif
 
 }  // namespace lp
