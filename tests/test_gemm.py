@@ -135,19 +135,25 @@ def test_float_shapes(isa, threads, rng, shape, in_dtype, out_dtype):
     assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
 
 
-def test_thread_count_bitwise(isa, rng):
+@pytest.mark.parametrize("shape", [(2 * BLK["mc"] + 5, BLK["kc"] + 9, 3 * BLK["nr"] + 7),   # tall: rows split
+                                   (7, BLK["kc"] + 9, 9 * BLK["nr"] + 3)],                 # wide: columns split
+                         ids=["tall", "wide"])
+def test_thread_count_bitwise(isa, rng, shape):
     """Tiles and K blocks do not depend on the thread count, so neither do the bits."""
-    m, k, n = 2 * BLK["mc"] + 5, BLK["kc"] + 9, 3 * BLK["nr"] + 7
+    m, k, n = shape
     a, b = rand(rng, (m, k), torch.float32), rand(rng, (k, n), torch.float32)
     ai, bi = rand_i8(rng, (m, 2 * k)), rand_i8(rng, (2 * k, n))
     bias = rand(rng, (n,), torch.float32)
+    sa = torch.from_numpy(rng.uniform(0.01, 0.1, size=m).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(0.01, 0.1, size=n).astype(np.float32))
     before = lc.get_num_threads()
     try:
         outs = []
         for nt in (1, 2, 3):
             lc.set_num_threads(nt)
             outs.append((lc.gemm(a, b, bias=bias), lc.gemm(a.bfloat16(), b.bfloat16(), out_dtype=torch.bfloat16),
-                         lc.gemm(ai, bi)))
+                         lc.gemm(ai, bi), lc.scaled_gemm(qt(ai, sa, 0), qt(bi, sb, 1), bias=bias,
+                                                         out_dtype=torch.float16)))
     finally:
         lc.set_num_threads(before)
     for other in outs[1:]:
