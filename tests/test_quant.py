@@ -255,9 +255,8 @@ def test_quantize_matches_reference(fmt, rounding, xdtype, gran, isa, threads, r
 
 
 # Inputs large enough for two threads and many chunks (threads and ISA must not change a byte).
-BIG = [("tensor", (67, 3001), {}), ("ch0", (67, 3001), {"axis": 0}), ("ch1", (67, 3001), {"axis": 1}),
-       ("ch_mid", (5, 41, 1003), {"axis": 1}), ("b256", (67, 3001), {"block_size": 256}),
-       ("b4096", (201071,), {"block_size": 4096})]
+BIG = [("tensor", (67, 2003), {}), ("ch0", (67, 2003), {"axis": 0}), ("ch1", (67, 2003), {"axis": 1}),
+       ("ch_mid", (5, 41, 677), {"axis": 1}), ("b256", (134227,), {"block_size": 256})]
 
 
 @pytest.mark.parametrize("case", BIG, ids=[c[0] for c in BIG])
@@ -269,12 +268,13 @@ def test_quantize_large_matches_reference(fmt, rounding, case, isa, threads, rng
     seed = int(rng.integers(0, 2**64, dtype=np.uint64))
     q = lc.quantize(x, fmt, rounding=rounding, seed=seed, **kw)
     check_against_ref(x, q, fmt, stochastic=rounding == "stochastic", seed=seed, **kw)
+    check_dequantize(q, shape, kw, OUT_DTYPES)
 
 
 def test_isa_and_threads_bitwise_identical(rng):
     """Every ISA path and thread count gives the scalar single-thread bytes (quantize and
     dequantize, NaN payloads of fp8 codes included)."""
-    x = make_x(rng, (3, 70001), "normal", torch.bfloat16)
+    x = make_x(rng, (3, 45001), "normal", torch.bfloat16)
     before_isa, before_threads = _runtime.cpu_isa(), lc.get_num_threads()
     results = {}
     try:
@@ -335,23 +335,29 @@ def test_rng_reference_is_sane():
 # =============================================================================================
 # Dequantize
 # =============================================================================================
+def check_dequantize(q, x_shape, kw, out_dtypes):
+    """lc.dequantize(q, dt) against the reference, bit for bit, for each dt in out_dtypes."""
+    want32 = ref_dequantize(as_bytes(q.data), to_np(q.scale), None if q.zero_point is None else to_np(q.zero_point),
+                            q.dtype, x_shape, **_norm_axis(kw, len(x_shape)))
+    for out_dtype in out_dtypes:
+        want = torch.from_numpy(want32).reshape(x_shape).to(out_dtype)  # one RNE rounding from float32
+        got = lc.dequantize(q, out_dtype)
+        assert got.dtype == out_dtype and tuple(got.shape) == tuple(x_shape)
+        bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+        assert torch.equal(got.reshape(-1).view(bits), want.reshape(-1).view(bits)), out_dtype
+
+
+# Thread counts only matter for large inputs: test_quantize_large_matches_reference covers them.
 @pytest.mark.parametrize("gran", ["tensor", "ch_first", "ch_mid", "ch_last", "b32", "b4096"])
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("fmt", FMTS)
-def test_dequantize_matches_reference(fmt, out_dtype, gran, isa, threads, rng):
+def test_dequantize_matches_reference(fmt, out_dtype, gran, isa, rng):
     kw_of, shapes = GRANS[gran]
-    for shape in shapes + [(3, 70001) if gran != "ch_mid" else (3, 70001, 1)]:
+    for shape in shapes:
         kw = kw_of(len(shape))
-        x = make_x(rng, shape, "normal")
-        q = lc.quantize(x, fmt, **kw)
-        want = ref_dequantize(as_bytes(q.data), to_np(q.scale), None if q.zero_point is None else to_np(q.zero_point),
-                              fmt, shape, **_norm_axis(kw, len(shape)))
-        want = torch.from_numpy(want).reshape(shape).to(out_dtype)  # one RNE rounding from float32
-        got = lc.dequantize(q, out_dtype)
-        assert got.dtype == out_dtype and got.shape == shape
-        assert torch.equal(got.view(-1).view(torch.uint8) if got.numel() else got, want.view(-1).view(torch.uint8)
-                           if want.numel() else want)
-        assert torch.equal(q.dequantize(out_dtype), got)
+        q = lc.quantize(make_x(rng, shape, "normal"), fmt, **kw)
+        check_dequantize(q, shape, kw, [out_dtype])
+        assert torch.equal(q.dequantize(out_dtype), lc.dequantize(q, out_dtype))
 
 
 @pytest.mark.parametrize("fmt", FMTS)
@@ -604,8 +610,8 @@ def test_requires_grad_input(rng):
 @pytest.mark.parametrize("fmt", ["int8", "uint8", "fp8_e4m3"])
 def test_non_finite_reports_first_index(fmt, kw, isa, threads, rng):
     for bad in (float("nan"), float("inf"), float("-inf")):
-        for shape, pos in [((5,), (0,)), ((5,), (4,)), ((300, 1001), (0, 0)), ((300, 1001), (299, 1000)),
-                           ((300, 1001), (150, 3))]:
+        for shape, pos in [((5,), (0,)), ((5,), (4,)), ((130, 1031), (0, 0)), ((130, 1031), (129, 1030)),
+                           ((130, 1031), (64, 3))]:
             x = make_x(rng, shape, "normal")
             x[pos] = bad
             if len(shape) == 2:
@@ -745,14 +751,14 @@ def test_torch_save_load_weights_only(fmt, rng):
 @pytest.mark.parametrize("fmt", FMTS)
 def test_opcheck(fmt, rng):
     x = make_x(rng, (4, 300), "normal")
-    for axis, bs in ((None, None), (1, None), (None, 256)):
-        stoch = fmt in INT_FMTS and axis is not None
-        torch.library.opcheck(torch.ops.lepton.quantize.default, (x, fmt, axis, bs, stoch, -3))
-        q = lc.quantize(x, fmt, axis=axis, block_size=bs)
-        zp = q.zero_point if q.zero_point is not None else torch.empty(0, dtype=torch.int32)
-        data = q.data.view(torch.uint8) if fmt.startswith("fp8") else q.data
-        for dt in (torch.float32, torch.bfloat16):
-            torch.library.opcheck(torch.ops.lepton.dequantize.default, (data, q.scale, zp, fmt, [4, 300], axis, bs, dt))
+    # one granularity and output dtype per format (each opcheck call traces several times)
+    axis, bs, dt = [(None, None, torch.float32), (1, None, torch.bfloat16), (None, 256, torch.float16)][FMTS.index(fmt) % 3]
+    stoch = fmt in INT_FMTS
+    torch.library.opcheck(torch.ops.lepton.quantize.default, (x, fmt, axis, bs, stoch, -3))
+    q = lc.quantize(x, fmt, axis=axis, block_size=bs)
+    zp = q.zero_point if q.zero_point is not None else torch.empty(0, dtype=torch.int32)
+    data = q.data.view(torch.uint8) if fmt.startswith("fp8") else q.data
+    torch.library.opcheck(torch.ops.lepton.dequantize.default, (data, q.scale, zp, fmt, [4, 300], axis, bs, dt))
 
 
 def test_ops_match_eager(rng):
