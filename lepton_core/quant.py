@@ -128,10 +128,14 @@ def _quantize_impl(x: torch.Tensor, fmt: str, axis: Optional[int], block_size: O
     if stochastic and seed is None:
         seed = _draw_seed()
     n_outer, n_channels, n_inner, bs = _geometry(shape, axis, block_size)
-    xc = x.detach().contiguous()
-    data_u8 = data.view(torch.uint8) if data.dtype != torch.uint8 else data
-    first_bad = _backend(dev, "quantize_into")(xc, fmt, n_outer, n_channels, n_inner, bs, stochastic,
-                                               seed if stochastic else 0, data_u8, scale, zero_point)
+    xc = (x.detach() if x.requires_grad else x).contiguous()
+    if dev.type == "cpu":  # the kernel only takes data's address: no uint8 view needed
+        first_bad = _cpu_quantize_into(xc, fmt, n_outer, n_channels, n_inner, bs, stochastic,
+                                       seed if stochastic else 0, data, scale, zero_point)
+    else:
+        data_u8 = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+        first_bad = _backend(dev, "quantize_into")(xc, fmt, n_outer, n_channels, n_inner, bs, stochastic,
+                                                   seed if stochastic else 0, data_u8, scale, zero_point)
     if first_bad >= 0:
         raise _non_finite_error(xc, first_bad)
     return data, scale, zero_point
@@ -205,7 +209,21 @@ def _dequantize_fake(data, scale, zero_point, fmt, shape, axis, block_size, dtyp
 
 
 def _tracing(*ts) -> bool:
-    return torch.compiler.is_compiling() or is_fake(*ts)
+    """True while torch.compile traces, or for fake / meta tensors: then the torch.library ops run."""
+    if torch.compiler.is_compiling():
+        return True
+    for t in ts:  # plain CPU tensors first: the common eager case costs two attribute reads
+        if type(t) is not torch.Tensor or t.device.type != "cpu":
+            return is_fake(*ts)
+    return False
+
+
+def _check_devices(op: str, **tensors) -> None:
+    """check_device, skipped when every tensor is on the CPU (the common case, and always valid)."""
+    for t in tensors.values():
+        if t is not None and t.device.type != "cpu":
+            check_device(op, **tensors)
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,10 +257,10 @@ def quantize(x, dtype="int8", *, axis=None, block_size=None, rounding="nearest",
     kind = kind_of(x)
     if not kind:
         raise fail(TypeError, op, f"x must be a torch.Tensor or numpy.ndarray, got {type_desc(x)}")
-    xt = as_torch(x, op, "x")
+    xt = x if kind == "torch" else as_torch(x, op, "x")
     if xt.dtype not in _X_DTYPES:
         raise fail(TypeError, op, f"x must be float32, float16 or bfloat16, got {type_desc(x)}")
-    fmt = _check_format(dtype)
+    fmt = dtype if type(dtype) is str and dtype in FORMATS else _check_format(dtype)
     shape = tuple(xt.shape)
     if axis is not None:
         axis = _as_int(axis, op, "axis")
@@ -266,7 +284,7 @@ def quantize(x, dtype="int8", *, axis=None, block_size=None, rounding="nearest",
         seed = _as_int(seed, op, "seed")
         if not 0 <= seed < _U64:
             raise fail(ValueError, op, f"seed must be in [0, 2**64), got {seed}")
-    check_device(op, x=xt)
+    _check_devices(op, x=xt)
 
     if _tracing(xt):
         data, scale, zero_point = torch.ops.lepton.quantize(xt, fmt, axis, block_size, stochastic,
@@ -330,7 +348,7 @@ def _check_qtensor(q: QTensor, op: str):
                                        f"got {type_desc(q.zero_point) if q.zero_point is not None else None}")
     elif zero_point is not None:
         raise fail(ValueError, op, f"q.zero_point must be None for the symmetric format {fmt!r}")
-    check_device(op, data=data, scale=scale, zero_point=zero_point)
+    _check_devices(op, data=data, scale=scale, zero_point=zero_point)
     return data, scale, zero_point, kind, shape
 
 

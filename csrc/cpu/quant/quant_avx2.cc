@@ -6,13 +6,14 @@
 //   * fp8 encoding mirrors f32_to_fp8_e4m3 / _e5m2 of dtypes.h with integer ops (normal path by
 //     adding the rounding bias, subnormals via a round of |t| * 2^k, saturation and NaN by blends);
 //   * stochastic u is rng.h's generator, 8 lanes at a time with 32-bit multiplies;
-//   * fp8 decoding is a gather from a table built by the scalar decoders; f16 output uses F16C
+//   * fp8 decoding mirrors fp8_*_to_f32 with integer ops and blends; f16 output uses F16C
 //     (RNE, identical to f32_to_f16 except NaN payloads, fixed up per vector); bf16 output is the
 //     integer rounding of f32_to_bf16.
 // Main loops take 32 elements (one 32-byte store of codes, or 16 bytes of int4); the leftovers, and
 // an int4 span's first element when it starts mid-byte, go through the scalar element helpers.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "cpu/quant/quant.h"
@@ -63,6 +64,26 @@ inline void store8(void* base, int64_t i, __m256 v) {
 }
 
 // ---- statistics ----
+// Horizontal reductions (exact: max / min pick one of the inputs).
+inline uint32_t hmax_u31(__m256i v) {  // lanes hold non-negative int32
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4e));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xb1));
+  return uint32_t(_mm_cvtsi128_si32(m));
+}
+inline float hmin_ps(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_shuffle_ps(m, m, 0x4e));
+  m = _mm_min_ps(m, _mm_shuffle_ps(m, m, 0xb1));
+  return _mm_cvtss_f32(m);
+}
+inline float hmax_ps(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 0x4e));
+  m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 0xb1));
+  return _mm_cvtss_f32(m);
+}
+
 template <int XDT, bool MINMAX>
 void stats_avx2(const void* x, int64_t index0, int64_t n, SpanStats* st) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
@@ -79,18 +100,11 @@ void stats_avx2(const void* x, int64_t index0, int64_t n, SpanStats* st) {
       mn1 = _mm256_min_ps(mn1, v1), mx1 = _mm256_max_ps(mx1, v1);
     }
   }
-  alignas(32) uint32_t ab[8];
-  alignas(32) float mn[8], mx[8];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(ab), _mm256_max_epi32(a0, a1));
-  _mm256_store_ps(mn, _mm256_min_ps(mn0, mn1));
-  _mm256_store_ps(mx, _mm256_max_ps(mx0, mx1));
   SpanStats s = *st;
-  for (int k = 0; k < 8; ++k) {
-    if (ab[k] > s.abs_bits) s.abs_bits = ab[k];
-    if (MINMAX) {  // the vector lanes started at 0, which the scale ignores (lo <= 0 <= hi)
-      if (mn[k] < s.min) s.min = mn[k];
-      if (mx[k] > s.max) s.max = mx[k];
-    }
+  s.abs_bits = std::max(s.abs_bits, hmax_u31(_mm256_max_epi32(a0, a1)));
+  if (MINMAX) {  // the vector lanes started at 0, which the scale ignores (lo <= 0 <= hi)
+    s.min = std::min(s.min, hmin_ps(_mm256_min_ps(mn0, mn1)));
+    s.max = std::max(s.max, hmax_ps(_mm256_max_ps(mx0, mx1)));
   }
   for (; j < n; ++j) {
     float v = load_elem(XDT, x, index0 + j);
@@ -270,31 +284,44 @@ void quantize_avx2(const QuantSpan& s) {
 }
 
 // ---- dequantize ----
-struct Fp8Tables {
-  float e4m3[256], e5m2[256];
-  Fp8Tables() {
-    for (int c = 0; c < 256; ++c) e4m3[c] = fp8_e4m3_to_f32(uint8_t(c)), e5m2[c] = fp8_e5m2_to_f32(uint8_t(c));
+// fp8_e4m3_to_f32 / fp8_e5m2_to_f32 of dtypes.h on 8 codes (int32 lanes 0..255): normal codes by
+// placing exponent and mantissa bits and rebiasing, subnormals as mant * 2^-9 (2^-16) converted
+// exactly, the special codes by blends, then the sign bit.
+template <int FMT>
+inline __m256 fp8_values(__m256i b) {
+  constexpr bool E4 = FMT == LP_QFMT_FP8_E4M3;
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(mag, E4 ? 20 : 21), _mm256_set1_epi32((E4 ? 120 : 112) << 23));
+  const __m256i mant = _mm256_and_si256(b, _mm256_set1_epi32(E4 ? 7 : 3));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mant), _mm256_set1_ps(E4 ? 0.001953125f : 1.52587890625e-05f));
+  const __m256i is_sub = _mm256_cmpgt_epi32(_mm256_set1_epi32(E4 ? 8 : 4), mag);  // exponent field 0
+  __m256i v = _mm256_blendv_epi8(normal, _mm256_castps_si256(sub), is_sub);
+  const __m256i nan = _mm256_castps_si256(_mm256_set1_ps(std::nanf("")));
+  if (E4) {  // S.1111.111 is NaN; there is no infinity
+    v = _mm256_blendv_epi8(v, nan, _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f)));
+  } else {  // exponent field 31: infinity (mantissa 0) or NaN
+    const __m256i is_special = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7b));
+    const __m256i special = _mm256_blendv_epi8(nan, _mm256_castps_si256(_mm256_set1_ps(INFINITY)),
+                                               _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7c)));
+    v = _mm256_blendv_epi8(v, special, is_special);
   }
-};
-const Fp8Tables& fp8_tables() {
-  static const Fp8Tables t;
-  return t;
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_castsi256_ps(_mm256_or_si256(v, sign));
 }
 
 // The float values (code - zero_point, or the fp8 value) of 8 byte codes at data + i.
 template <int FMT>
-inline __m256 values8(const uint8_t* data, int64_t i, __m256i zp, const float* lut) {
+inline __m256 values8(const uint8_t* data, int64_t i, __m256i zp) {
   const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(data + i));
   if (FMT == LP_QFMT_INT8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
   const __m256i u = _mm256_cvtepu8_epi32(b);
   if (FMT == LP_QFMT_UINT8) return _mm256_cvtepi32_ps(_mm256_sub_epi32(u, zp));
-  return _mm256_i32gather_ps(lut, u, 4);
+  return fp8_values<FMT>(u);
 }
 
 template <int FMT, int ODT, bool PER_ELEM>
 void dequantize_avx2(const DequantSpan& s) {
   const int64_t n = s.n_elems;
-  const float* lut = FMT == LP_QFMT_FP8_E4M3 ? fp8_tables().e4m3 : FMT == LP_QFMT_FP8_E5M2 ? fp8_tables().e5m2 : nullptr;
   auto scalar_elem = [&](int64_t j) {
     int64_t i = s.index0 + j, g = PER_ELEM ? j : 0;
     int32_t zp = FMT == LP_QFMT_UINT8 ? s.zero_point[g] : 0;
@@ -324,7 +351,7 @@ void dequantize_avx2(const DequantSpan& s) {
       }
     } else {
       for (int q = 0; q < 4; ++q) {
-        __m256 v = values8<FMT>(s.data, i + 8 * q, zp8(j + 8 * q), lut);
+        __m256 v = values8<FMT>(s.data, i + 8 * q, zp8(j + 8 * q));
         store8<ODT>(s.out_base, i + 8 * q, _mm256_mul_ps(v, scale8(j + 8 * q)));
       }
     }
