@@ -37,6 +37,9 @@ _OP_DATA_DTYPE = {**_DATA_DTYPE, "fp8_e4m3": torch.uint8, "fp8_e5m2": torch.uint
 # torch dtypes accepted in place of the format name.
 _FORMAT_ALIASES = {torch.int8: "int8", torch.uint8: "uint8", torch.float8_e4m3fn: "fp8_e4m3",
                    torch.float8_e5m2: "fp8_e5m2"}
+# dtypes a QTensor's data may have, by format (NumPy fp8 data is uint8 bit patterns).
+_QT_DATA_DTYPES = {"int8": (torch.int8,), "uint8": (torch.uint8,), "int4": (torch.uint8,),
+                   "fp8_e4m3": (torch.float8_e4m3fn, torch.uint8), "fp8_e5m2": (torch.float8_e5m2, torch.uint8)}
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ROUNDINGS = ("nearest", "stochastic")
@@ -121,7 +124,7 @@ def _quantize_impl(x: torch.Tensor, fmt: str, axis: Optional[int], block_size: O
     """(data, scale, zero_point or None) as torch tensors on x's device; raises on NaN / Inf."""
     shape = tuple(x.shape)
     dev = x.device
-    data = new_output(_data_shape(shape, fmt), _DATA_DTYPE[fmt], dev)
+    data = new_output(shape if fmt != "int4" else ((x.numel() + 1) // 2,), _DATA_DTYPE[fmt], dev)
     scale_shape = _scale_shape(shape, axis, block_size)
     scale = new_output(scale_shape, torch.float32, dev)
     zero_point = new_output(scale_shape, torch.int32, dev) if fmt == "uint8" else None
@@ -129,7 +132,7 @@ def _quantize_impl(x: torch.Tensor, fmt: str, axis: Optional[int], block_size: O
         seed = _draw_seed()
     n_outer, n_channels, n_inner, bs = _geometry(shape, axis, block_size)
     xc = (x.detach() if x.requires_grad else x).contiguous()
-    if dev.type == "cpu":  # the kernel only takes data's address: no uint8 view needed
+    if x.is_cpu:  # the kernel only takes data's address: no uint8 view needed
         first_bad = _cpu_quantize_into(xc, fmt, n_outer, n_channels, n_inner, bs, stochastic,
                                        seed if stochastic else 0, data, scale, zero_point)
     else:
@@ -147,12 +150,15 @@ def _dequantize_impl(data: torch.Tensor, scale: torch.Tensor, zero_point: Option
     kernel_dtype = torch.float32 if dtype == torch.float64 else dtype
     out = new_output(shape, kernel_dtype, data.device)
     if out.numel():
-        data_u8 = data.contiguous()
-        data_u8 = data_u8.view(torch.uint8) if data_u8.dtype != torch.uint8 else data_u8
+        data = data.contiguous()
         zp = None if zero_point is None else zero_point.contiguous()
         n_outer, n_channels, n_inner, bs = _geometry(shape, axis, block_size)
-        _backend(data.device, "dequantize_into")(data_u8, scale.contiguous(), zp, fmt, n_outer, n_channels,
-                                                 n_inner, bs, out)
+        if data.is_cpu:  # the kernel only takes data's address: no uint8 view needed
+            _cpu_dequantize_into(data, scale.contiguous(), zp, fmt, n_outer, n_channels, n_inner, bs, out)
+        else:
+            data_u8 = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+            _backend(data.device, "dequantize_into")(data_u8, scale.contiguous(), zp, fmt, n_outer, n_channels,
+                                                     n_inner, bs, out)
     return out.to(torch.float64) if dtype == torch.float64 else out
 
 
@@ -208,22 +214,18 @@ def _dequantize_fake(data, scale, zero_point, fmt, shape, axis, block_size, dtyp
     return data.new_empty(tuple(shape), dtype=dtype)
 
 
+def _eager_cpu(*ts) -> bool:
+    """The common case, checked cheaply: plain CPU tensors and no torch.compile tracing. Then the
+    device check cannot fail and the kernel runs directly (no dispatcher)."""
+    for t in ts:
+        if t is not None and (type(t) is not torch.Tensor or not t.is_cpu):
+            return False
+    return not torch.compiler.is_compiling()
+
+
 def _tracing(*ts) -> bool:
     """True while torch.compile traces, or for fake / meta tensors: then the torch.library ops run."""
-    if torch.compiler.is_compiling():
-        return True
-    for t in ts:  # plain CPU tensors first: the common eager case costs two attribute reads
-        if type(t) is not torch.Tensor or t.device.type != "cpu":
-            return is_fake(*ts)
-    return False
-
-
-def _check_devices(op: str, **tensors) -> None:
-    """check_device, skipped when every tensor is on the CPU (the common case, and always valid)."""
-    for t in tensors.values():
-        if t is not None and t.device.type != "cpu":
-            check_device(op, **tensors)
-            return
+    return torch.compiler.is_compiling() or is_fake(*ts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,9 +286,10 @@ def quantize(x, dtype="int8", *, axis=None, block_size=None, rounding="nearest",
         seed = _as_int(seed, op, "seed")
         if not 0 <= seed < _U64:
             raise fail(ValueError, op, f"seed must be in [0, 2**64), got {seed}")
-    _check_devices(op, x=xt)
-
-    if _tracing(xt):
+    eager_cpu = _eager_cpu(xt)
+    if not eager_cpu:
+        check_device(op, x=xt)
+    if not eager_cpu and _tracing(xt):
         data, scale, zero_point = torch.ops.lepton.quantize(xt, fmt, axis, block_size, stochastic,
                                                             _seed_to_i64(seed))
         zero_point = zero_point if fmt == "uint8" else None
@@ -312,11 +315,14 @@ def _check_qtensor(q: QTensor, op: str):
         if (a is not None or name == "scale") and kind_of(a) != kind:
             raise fail(TypeError, op, f"q.{name} must be a {'torch.Tensor' if kind == 'torch' else 'numpy.ndarray'}"
                                       f" like q.data, got {type_desc(a)}")
-    data = as_torch(q.data, op, "q.data")
-    scale = as_torch(q.scale, op, "q.scale")
-    zero_point = None if q.zero_point is None else as_torch(q.zero_point, op, "q.zero_point")
+    if kind == "torch":
+        data, scale, zero_point = q.data, q.scale, q.zero_point
+    else:
+        data = as_torch(q.data, op, "q.data")
+        scale = as_torch(q.scale, op, "q.scale")
+        zero_point = None if q.zero_point is None else as_torch(q.zero_point, op, "q.zero_point")
     try:
-        shape = tuple(operator.index(s) for s in q.shape)
+        shape = tuple(map(operator.index, q.shape))
     except TypeError:
         raise fail(TypeError, op, f"q.shape must be a tuple of ints, got {q.shape!r}") from None
     if any(s < 0 for s in shape):
@@ -329,9 +335,7 @@ def _check_qtensor(q: QTensor, op: str):
     if block_size is not None and not (isinstance(block_size, int) and 32 <= block_size <= 4096 and
                                        block_size & (block_size - 1) == 0):
         raise fail(ValueError, op, f"q.block_size must be a power of two in 32..4096, got {block_size!r}")
-    want_data = {torch.int8} if fmt == "int8" else {torch.uint8}
-    if fmt.startswith("fp8"):
-        want_data = {_DATA_DTYPE[fmt], torch.uint8}
+    want_data = _QT_DATA_DTYPES[fmt]
     if data.dtype not in want_data:
         raise fail(TypeError, op, f"q.data for format {fmt!r} must be "
                                   f"{' or '.join(sorted(dtype_name(d) for d in want_data))}, got {type_desc(q.data)}")
@@ -348,7 +352,8 @@ def _check_qtensor(q: QTensor, op: str):
                                        f"got {type_desc(q.zero_point) if q.zero_point is not None else None}")
     elif zero_point is not None:
         raise fail(ValueError, op, f"q.zero_point must be None for the symmetric format {fmt!r}")
-    _check_devices(op, data=data, scale=scale, zero_point=zero_point)
+    if not _eager_cpu(data, scale, zero_point):
+        check_device(op, data=data, scale=scale, zero_point=zero_point)
     return data, scale, zero_point, kind, shape
 
 
@@ -364,7 +369,7 @@ def dequantize(q, dtype=None):
     data, scale, zero_point, kind, shape = _check_qtensor(q, op)
     if kind == "numpy" and out_dtype == torch.bfloat16:
         raise fail(TypeError, op, "dtype bfloat16 needs a torch QTensor (NumPy has no bfloat16)")
-    if _tracing(data, scale):
+    if not _eager_cpu(data, scale) and _tracing(data, scale):
         zp = zero_point if zero_point is not None else torch.empty(0, dtype=torch.int32, device=data.device)
         data = data.view(torch.uint8) if data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else data
         out = torch.ops.lepton.dequantize(data, scale, zp, q.dtype, list(shape), q.axis, q.block_size, out_dtype)
