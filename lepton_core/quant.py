@@ -290,7 +290,8 @@ def quantize(x, dtype="int8", *, axis=None, block_size=None, rounding="nearest",
     if not eager_cpu:
         check_device(op, x=xt)
     if not eager_cpu and _tracing(xt):
-        data, scale, zero_point = torch.ops.lepton.quantize(xt, fmt, axis, block_size, stochastic,
+        # not differentiable (as in eager mode): tracing must not look for a backward formula
+        data, scale, zero_point = torch.ops.lepton.quantize(xt.detach(), fmt, axis, block_size, stochastic,
                                                             _seed_to_i64(seed))
         zero_point = zero_point if fmt == "uint8" else None
         data = data.view(_DATA_DTYPE[fmt])
@@ -372,7 +373,8 @@ def dequantize(q, dtype=None):
     if not _eager_cpu(data, scale) and _tracing(data, scale):
         zp = zero_point if zero_point is not None else torch.empty(0, dtype=torch.int32, device=data.device)
         data = data.view(torch.uint8) if data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else data
-        out = torch.ops.lepton.dequantize(data, scale, zp, q.dtype, list(shape), q.axis, q.block_size, out_dtype)
+        out = torch.ops.lepton.dequantize(data.detach(), scale.detach(), zp.detach(), q.dtype, list(shape), q.axis,
+                                          q.block_size, out_dtype)
     else:
         out = _dequantize_impl(data, scale, zero_point, q.dtype, shape, q.axis, q.block_size, out_dtype)
     return to_kind(out, kind)

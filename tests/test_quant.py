@@ -787,3 +787,13 @@ def test_torch_compile_fullgraph(rng):
         assert torch.equal(g, w)
     with pytest.raises(Exception, match="NaN"):  # the non-finite check still runs inside the graph
         torch.compile(f, fullgraph=True)(torch.full((8, 512), float("nan")))
+
+    # inside a differentiable graph: quantization is not differentiable (no gradient flows through
+    # it, as in eager mode), the rest of the graph still is
+    def g(x):
+        return lc.dequantize(lc.quantize(x, "int4", axis=0)) * 0 + x * 2
+
+    xg = x.clone().requires_grad_()
+    torch.compile(g, fullgraph=True)(xg).sum().backward()
+    assert torch.equal(xg.grad, torch.full_like(x, 2.0))
+    assert not lc.quantize(xg, "int8").scale.requires_grad
