@@ -128,6 +128,11 @@ def _quantize_impl(x: torch.Tensor, fmt: str, axis: Optional[int], block_size: O
     scale_shape = _scale_shape(shape, axis, block_size)
     scale = new_output(scale_shape, torch.float32, dev)
     zero_point = new_output(scale_shape, torch.int32, dev) if fmt == "uint8" else None
+    if x.numel() == 0:  # empty x: every group is an all-zero group (same on every backend)
+        scale.zero_()
+        if zero_point is not None:
+            zero_point.zero_()
+        return data, scale, zero_point
     if stochastic and seed is None:
         seed = _draw_seed()
     n_outer, n_channels, n_inner, bs = _geometry(shape, axis, block_size)
