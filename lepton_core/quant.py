@@ -76,8 +76,9 @@ def _data_shape(shape, fmt) -> Tuple[int, ...]:
 def _cpu_quantize_into(x, fmt, n_outer, n_channels, n_inner, block_size, stochastic, seed, data, scale,
                        zero_point) -> int:
     """x contiguous f32/f16/bf16; data contiguous uint8 (n bytes, int4 ceil(n/2)); scale float32 and
-    zero_point int32 (or None) contiguous, one per group. Returns the first non-finite flat index or -1."""
-    return _C.quantize_into(x.data_ptr(), LP_DTYPE[x.dtype], n_outer, n_channels, n_inner, block_size,
+    zero_point int32 (or None) contiguous, one per group; block_size 0 or None when not blockwise.
+    Returns the first non-finite flat index of x or -1."""
+    return _C.quantize_into(x.data_ptr(), LP_DTYPE[x.dtype], n_outer, n_channels, n_inner, block_size or 0,
                             FORMATS[fmt], bool(stochastic), int(seed), data.data_ptr(), scale.data_ptr(),
                             0 if zero_point is None else zero_point.data_ptr())
 
@@ -85,7 +86,7 @@ def _cpu_quantize_into(x, fmt, n_outer, n_channels, n_inner, block_size, stochas
 def _cpu_dequantize_into(data, scale, zero_point, fmt, n_outer, n_channels, n_inner, block_size, out) -> None:
     """data contiguous uint8; out contiguous f32/f16/bf16 (computed in f32, rounded once)."""
     _C.dequantize_into(data.data_ptr(), scale.data_ptr(), 0 if zero_point is None else zero_point.data_ptr(),
-                       FORMATS[fmt], n_outer, n_channels, n_inner, block_size, out.data_ptr(),
+                       FORMATS[fmt], n_outer, n_channels, n_inner, block_size or 0, out.data_ptr(),
                        LP_DTYPE[out.dtype])
 
 
