@@ -1,5 +1,97 @@
+// GEMM bindings: marshalling only (pointers as integers, sizes and strides in elements, lp_dtype
+// codes). lepton_core/gemm.py checks the whole contract before calling; kernels run without the GIL.
 #include "bindings/bindings.h"
+#include "common/dtypes.h"
+#include "cpu/gemm/gemm.h"
 
 namespace lp {
-void bind_gemm(py::module_& m) { (void)m; }
+
+void bind_gemm(py::module_& m) {
+  m.def(
+      "gemm_float",
+      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int in_dtype,
+         int64_t a_stride_batch, int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr,
+         int64_t b_stride_batch, int64_t b_stride_row, int64_t b_stride_col, uintptr_t bias_ptr,
+         uintptr_t out_ptr, int out_dtype) {
+        GemmFloatArgs g;
+        g.n_batch = n_batch;
+        g.m = rows;
+        g.n = cols;
+        g.k = depth;
+        g.a = {as_ptr<const void>(a_ptr), in_dtype, a_stride_batch, a_stride_row, a_stride_col};
+        g.b = {as_ptr<const void>(b_ptr), in_dtype, b_stride_batch, b_stride_row, b_stride_col};
+        g.bias = as_ptr<const float>(bias_ptr);
+        g.out = as_ptr<void>(out_ptr);
+        g.out_dtype = out_dtype;
+        py::gil_scoped_release release;
+        gemm_float(g);
+      },
+      "out[b] = round_once(a[b] @ b[b] + bias): f32/f16/bf16 inputs, float32 accumulation");
+  m.def(
+      "gemm_int8",
+      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_batch,
+         int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr, int64_t b_stride_batch,
+         int64_t b_stride_row, int64_t b_stride_col, uintptr_t out_ptr) {
+        GemmInt8Args g;
+        g.n_batch = n_batch;
+        g.m = rows;
+        g.n = cols;
+        g.k = depth;
+        g.a = {as_ptr<const void>(a_ptr), LP_DTYPE_I8, a_stride_batch, a_stride_row, a_stride_col};
+        g.b = {as_ptr<const void>(b_ptr), LP_DTYPE_I8, b_stride_batch, b_stride_row, b_stride_col};
+        g.out = as_ptr<void>(out_ptr);
+        g.out_dtype = LP_DTYPE_I32;
+        py::gil_scoped_release release;
+        gemm_int8(g);
+      },
+      "out[b] = a[b] @ b[b], int8 x int8 -> int32, exact");
+  m.def(
+      "scaled_gemm_int8",
+      [](int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_row, int64_t a_stride_col,
+         uintptr_t b_ptr, int64_t b_stride_row, int64_t b_stride_col, uintptr_t scale_a_ptr,
+         int64_t scale_a_n_elems, uintptr_t scale_b_ptr, int64_t scale_b_n_elems, uintptr_t bias_ptr,
+         uintptr_t out_ptr, int out_dtype) {
+        GemmInt8Args g;
+        g.m = rows;
+        g.n = cols;
+        g.k = depth;
+        g.a = {as_ptr<const void>(a_ptr), LP_DTYPE_I8, 0, a_stride_row, a_stride_col};
+        g.b = {as_ptr<const void>(b_ptr), LP_DTYPE_I8, 0, b_stride_row, b_stride_col};
+        g.scale_a = as_ptr<const float>(scale_a_ptr);
+        g.scale_a_n_elems = scale_a_n_elems;
+        g.scale_b = as_ptr<const float>(scale_b_ptr);
+        g.scale_b_n_elems = scale_b_n_elems;
+        g.bias = as_ptr<const float>(bias_ptr);
+        g.out = as_ptr<void>(out_ptr);
+        g.out_dtype = out_dtype;
+        py::gil_scoped_release release;
+        gemm_int8(g);
+      },
+      "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation");
+#ifdef LP_BUILD_AVX2
+  m.def(
+      "gemm_peak_probe",
+      [](int64_t n_iters, int n_threads, bool int8) {
+        py::gil_scoped_release release;
+        return gemm_peak_probe_avx2(n_iters, n_threads, int8);
+      },
+      py::arg("n_iters"), py::arg("n_threads"), py::arg("int8") = false,
+      "Runs the AVX2 microkernels' arithmetic without loads (float FMA, or int8 madd + add) for n_iters "
+      "steps on n_threads threads; returns the operations executed (time it to get the peak)");
+#endif
+  m.def(
+      "gemm_blocking",
+      [](bool is_int8) {
+        GemmBlocking b = gemm_packed_blocking(is_int8);
+        py::dict d;
+        d["mr"] = b.mr;
+        d["nr"] = b.nr;
+        d["kc"] = b.kc;
+        d["mc"] = b.mc;
+        d["nc"] = b.nc;
+        return d;
+      },
+      py::arg("is_int8") = false, "Cache blocking of the packed kernels (for tests and benchmarks)");
+}
+
 }  // namespace lp

@@ -1,0 +1,80 @@
+// CPU GEMM family: mixed-precision float GEMM and exact int8 GEMM (plain and with a scaled epilogue).
+//
+// Contract (API.md §1), shared by every ISA version:
+//   float:  out[b, i, j] = round_once( sum_k float(A[b, i, k]) * float(B[b, k, j]) + bias[j] )
+//           A and B share one dtype (f32 / f16 / bf16); products and sums in float32 (16-bit inputs
+//           are widened to float32 when packed, so products are exact); bias is float32 or absent;
+//           out is f32 / f16 / bf16, rounded once (round to nearest even). Partial sums stay float32.
+//   int8:   acc[b, i, j] = sum_k int32(A[b, i, k]) * int32(B[b, k, j]), exact (K <= 131071).
+//           Without scales, out is int32 = acc. With scales (scaled_gemm):
+//           out[i, j] = round_once( (float(acc) * scale_a[i]) * scale_b[j] + bias[j] ) evaluated in
+//           float32 in exactly that order (no fused multiply-add); scale_a has m or 1 entries,
+//           scale_b n or 1 entries.
+// Layouts: A and B are read through arbitrary element strides (batch, row, column), so transposed,
+// sliced and broadcast (stride 0) views need no copy. out is contiguous (n_batch, m, n). Every
+// argument has been checked in Python; kernels do not validate.
+// Threads: the output is cut into tiles whose edges do not depend on the thread count, and K is
+// never split across threads, so results are bitwise identical for any thread count.
+#pragma once
+#include <cstdint>
+
+namespace lp {
+
+struct GemmOperand {
+  const void* ptr = nullptr;
+  int dtype = 0;  // lp_dtype
+  int64_t stride_batch_elems = 0, stride_row_elems = 0, stride_col_elems = 0;
+};
+
+struct GemmFloatArgs {
+  int64_t n_batch = 1, m = 0, n = 0, k = 0;
+  GemmOperand a, b;            // a: (m, k) per batch, b: (k, n) per batch; f32 / f16 / bf16
+  const float* bias = nullptr;  // (n,) contiguous or null
+  void* out = nullptr;         // contiguous (n_batch, m, n)
+  int out_dtype = 0;           // LP_DTYPE_F32 / F16 / BF16
+};
+
+struct GemmInt8Args {
+  int64_t n_batch = 1, m = 0, n = 0, k = 0;
+  GemmOperand a, b;                 // int8
+  const float* scale_a = nullptr;   // null: plain int8 GEMM, out is int32
+  int64_t scale_a_n_elems = 0;      // 1 or m
+  const float* scale_b = nullptr;
+  int64_t scale_b_n_elems = 0;      // 1 or n
+  const float* bias = nullptr;      // (n,) or null (scaled only)
+  void* out = nullptr;              // contiguous (n_batch, m, n)
+  int out_dtype = 0;                // int32 without scales; f32 / f16 / bf16 with scales
+};
+
+// Cache blocking of the packed (BLIS-style) kernels, derived from the detected cache sizes.
+struct GemmBlocking {
+  int64_t mr, nr;  // register tile
+  int64_t kc;      // depth of one packed block: a kc x nr B micro-panel fills about half of L1d
+  int64_t mc;      // rows of one packed A block: about half of L2
+  int64_t nc;      // columns of one packed B block (shared L3)
+};
+// elem_bytes: bytes of one packed element (4 for the float path, 2 for int8 packed as int16 pairs).
+GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes);
+
+// Register tiles of the AVX2 microkernels (12 of the 16 ymm registers hold accumulators).
+constexpr int64_t kGemmAvx2Mr = 6, kGemmAvx2Nr = 16;
+
+// Entry points: dispatch on cpu_isa_active() (avx512 and amx run the AVX2 kernels).
+void gemm_float(const GemmFloatArgs& args);
+void gemm_int8(const GemmInt8Args& args);
+// The blocking of the packed kernels (float path, or int8 when is_int8); the scalar kernels are
+// simpler and do not block.
+GemmBlocking gemm_packed_blocking(bool is_int8);
+
+// Per-ISA implementations.
+void gemm_float_scalar(const GemmFloatArgs& args);
+void gemm_int8_scalar(const GemmInt8Args& args);
+#ifdef LP_BUILD_AVX2
+void gemm_float_avx2(const GemmFloatArgs& args);
+void gemm_int8_avx2(const GemmInt8Args& args);
+// Runs the microkernels' arithmetic without their loads (float FMA chains, or int8 madd + add) for
+// n_iters steps on n_threads threads; returns the operations executed (to time for "% of peak").
+double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, bool int8);
+#endif
+
+}  // namespace lp

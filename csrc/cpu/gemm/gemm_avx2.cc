@@ -1,0 +1,821 @@
+// GEMM, AVX2 + FMA + F16C: BLIS/GotoBLAS-style packed kernels (contract in gemm.h).
+//
+// Structure (one "unit" = a batch index, a row range and a column range of the output; threads own
+// disjoint units and never split K):
+//   for each K block of depth kc:                    B block (kc x nu) packed into NR-column panels
+//     for each A block of mc rows:                   A block (mc x kc) packed into MR-row panels (L2)
+//       for each NR-column panel of B (in L1):
+//         for each MR-row panel of A:  microkernel -> one MR x NR tile of the output
+// Register tiles are MR x NR = 6 x 16: 12 ymm accumulators (6 rows x 2 vectors of 8 columns), two
+// for the B row and one for the broadcast A element.
+//   float: A and B are widened to float32 while packing (16-bit products are then exact in
+//          float32), accumulated with FMA. Partial sums across K blocks live in float32: in the
+//          output itself when it is float32, else in a per-thread float32 workspace; the last K block
+//          adds the bias and rounds once to the output dtype.
+//   int8:  A and B are packed as int16 k-pairs; _mm256_madd_epi16 multiplies and adds one pair per
+//          int32 lane (exact: |a0*b0 + a1*b1| <= 2^15), then a 32-bit add accumulates (exact for
+//          K <= 131071). Partial sums live in the int32 output, or a per-thread int32 workspace for
+//          scaled_gemm; the scaled epilogue runs in float32 without FMA contraction.
+// Leftovers: rows past m and columns past n are zero in the packed panels; such edge tiles are
+// computed into a local MR x NR tile and only their valid part is written (by scalar code doing the
+// same float32 operations). Unit edges are multiples of MR / NR, so whether an element sits in an
+// edge tile, and hence its bits, never depend on the thread count.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "common/dtypes.h"
+#include "common/parallel.h"
+#include "cpu/gemm/gemm.h"
+#include "cpu/gemm/gemm_common.h"
+
+namespace lp {
+namespace {
+
+constexpr int64_t MR = kGemmAvx2Mr;  // 6
+constexpr int64_t NR = kGemmAvx2Nr;  // 16
+static_assert(MR == 6 && NR == 16, "the microkernels below are written for 6 x 16 tiles");
+
+// A thread gets at least this many flops before we fork: a 64^3 GEMM (0.5 MFLOP, a few us) stays
+// on one thread; fork/join costs a few microseconds.
+constexpr double kMinFlopsPerThread = 3.0e6;
+// Largest partial-sum workspace per thread (elements) for 16-bit / scaled outputs spanning K blocks.
+constexpr int64_t kWorkspaceElems = int64_t(4) << 20;
+// Packing writes whole 8-lane vectors into 6-wide panels; the last one may spill this far past the end.
+constexpr int64_t kPackSlackElems = 16;
+
+// ---------------------------------------------------------------------------------------------
+// Element loads: one element or 8 contiguous elements of an input dtype, widened to float32.
+// ---------------------------------------------------------------------------------------------
+template <int DT>
+struct FloatIn;
+template <>
+struct FloatIn<LP_DTYPE_F32> {
+  using T = float;
+  static inline float one(const T* p) { return *p; }
+  static inline __m256 eight(const T* p) { return _mm256_loadu_ps(p); }
+};
+template <>
+struct FloatIn<LP_DTYPE_F16> {
+  using T = uint16_t;
+  static inline float one(const T* p) { return _cvtsh_ss(*p); }
+  static inline __m256 eight(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+template <>
+struct FloatIn<LP_DTYPE_BF16> {
+  using T = uint16_t;
+  static inline float one(const T* p) { return bf16_to_f32(*p); }
+  static inline __m256 eight(const T* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+
+// In-register transpose of 8 vectors of 8 lanes: r[i][j] -> r[j][i].
+static inline void transpose8(__m256 r[8]) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float packing
+// ---------------------------------------------------------------------------------------------
+
+// A rows [0, mc) x depth [0, kc) starting at `src` -> panels of MR rows, dst[panel][k][MR] (float32),
+// rows past mc zero. Strides in elements.
+template <int DT>
+void pack_a_float(const typename FloatIn<DT>::T* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, float* dst) {
+  using In = FloatIn<DT>;
+  for (int64_t ip = 0; ip < mc; ip += MR) {
+    const int64_t rows = std::min(MR, mc - ip);
+    float* d = dst + ip * kc;
+    const typename In::T* s = src + ip * rs;
+    int64_t k = 0;
+    if (rows == MR && cs == 1) {
+      // Rows contiguous along k: load 8 k of each row, transpose, store 8 columns of the panel (each
+      // store writes 8 lanes where the panel has 6; the next store overwrites the extra 2).
+      for (; k + 8 <= kc; k += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 6; ++i) r[i] = In::eight(s + i * rs + k);
+        r[6] = r[7] = _mm256_setzero_ps();
+        transpose8(r);
+        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(d + (k + kk) * MR, r[kk]);
+      }
+    }
+    if (rows == MR && rs == 1) {  // a transposed view: the 6 rows of one k are contiguous
+      for (; k < kc; ++k)
+        for (int64_t i = 0; i < MR; ++i) d[k * MR + i] = In::one(s + k * cs + i);
+    }
+    for (; k < kc; ++k) {
+      int64_t i = 0;
+      for (; i < rows; ++i) d[k * MR + i] = In::one(s + i * rs + k * cs);
+      for (; i < MR; ++i) d[k * MR + i] = 0.0f;
+    }
+  }
+}
+
+// B depth [0, kc) x columns [0, nc) starting at `src` -> panels of NR columns, dst[panel][k][NR]
+// (float32), columns past nc zero.
+template <int DT>
+void pack_b_float(const typename FloatIn<DT>::T* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, float* dst) {
+  using In = FloatIn<DT>;
+  for (int64_t jp = 0; jp < nc; jp += NR) {
+    const int64_t cols = std::min(NR, nc - jp);
+    float* d = dst + jp * kc;
+    const typename In::T* s = src + jp * cs;
+    int64_t k = 0;
+    if (cols == NR && cs == 1) {  // row-major B: each k row of the panel is 16 contiguous elements
+      for (; k < kc; ++k) {
+        _mm256_store_ps(d + k * NR, In::eight(s + k * rs));
+        _mm256_store_ps(d + k * NR + 8, In::eight(s + k * rs + 8));
+      }
+    } else if (cols == NR && rs == 1) {  // B = W^T with W row-major: columns contiguous along k
+      for (; k + 8 <= kc; k += 8) {
+        for (int h = 0; h < 2; ++h) {
+          __m256 r[8];
+          for (int j = 0; j < 8; ++j) r[j] = In::eight(s + (h * 8 + j) * cs + k);
+          transpose8(r);
+          for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(d + (k + kk) * NR + h * 8, r[kk]);
+        }
+      }
+    }
+    for (; k < kc; ++k) {
+      int64_t j = 0;
+      for (; j < cols; ++j) d[k * NR + j] = In::one(s + k * rs + j * cs);
+      for (; j < NR; ++j) d[k * NR + j] = 0.0f;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Float microkernel and epilogue
+// ---------------------------------------------------------------------------------------------
+
+// Where one MR x NR tile's results go.
+struct FloatTile {
+  const float* prev = nullptr;  // float32 partial sums of earlier K blocks (null: first block)
+  int64_t prev_ld = 0;
+  bool final = false;           // last K block: add bias, round, write `out`; else write c32
+  float* c32 = nullptr;         // float32 partial sums destination (not final)
+  int64_t c32_ld = 0;
+  void* out = nullptr;          // final destination at the tile's corner, dtype out_dtype
+  int64_t out_ld = 0;
+  int out_dtype = LP_DTYPE_F32;
+  const float* bias = nullptr;  // at the tile's first column, or null
+};
+
+// Round-to-nearest-even float32 -> bfloat16 of 16 lanes (two vectors), quiet NaNs kept.
+static inline __m256i f32x16_to_bf16(__m256 v0, __m256 v1) {
+  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x40);
+  __m256i r[2];
+  __m256 v[2] = {v0, v1};
+  for (int h = 0; h < 2; ++h) {
+    __m256i u = _mm256_castps_si256(v[h]);
+    __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(u, bias), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v[h], v[h], _CMP_UNORD_Q));
+    __m256i nan_bits = _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet);
+    r[h] = _mm256_blendv_epi8(rounded, nan_bits, nan);
+  }
+  // packus works per 128-bit lane: [a0..3 b0..3 | a4..7 b4..7]; reorder the 64-bit quarters.
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xD8);
+}
+
+static inline void store_row_float(void* out, int dtype, __m256 v0, __m256 v1) {
+  if (dtype == LP_DTYPE_F32) {
+    float* o = static_cast<float*>(out);
+    _mm256_storeu_ps(o, v0);
+    _mm256_storeu_ps(o + 8, v1);
+  } else if (dtype == LP_DTYPE_F16) {
+    __m128i* o = static_cast<__m128i*>(out);
+    _mm_storeu_si128(o, _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(o + 1, _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {
+    _mm256_storeu_si256(static_cast<__m256i*>(out), f32x16_to_bf16(v0, v1));
+  }
+}
+
+// acc(MR x NR) = prev + A_panel(MR x kc) * B_panel(kc x NR), then the tile's epilogue.
+// ap: [kc][MR] float32, bp: [kc][NR] float32 (32-byte aligned).
+void ukernel_float(int64_t kc, const float* __restrict ap, const float* __restrict bp, const FloatTile& t) {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (t.prev) {
+    const float* p = t.prev;
+    const int64_t ld = t.prev_ld;
+    c00 = _mm256_loadu_ps(p + 0 * ld), c01 = _mm256_loadu_ps(p + 0 * ld + 8);
+    c10 = _mm256_loadu_ps(p + 1 * ld), c11 = _mm256_loadu_ps(p + 1 * ld + 8);
+    c20 = _mm256_loadu_ps(p + 2 * ld), c21 = _mm256_loadu_ps(p + 2 * ld + 8);
+    c30 = _mm256_loadu_ps(p + 3 * ld), c31 = _mm256_loadu_ps(p + 3 * ld + 8);
+    c40 = _mm256_loadu_ps(p + 4 * ld), c41 = _mm256_loadu_ps(p + 4 * ld + 8);
+    c50 = _mm256_loadu_ps(p + 5 * ld), c51 = _mm256_loadu_ps(p + 5 * ld + 8);
+  } else {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  }
+#define LP_FMA_STEP(K)                                                          \
+  {                                                                             \
+    const __m256 b0 = _mm256_load_ps(bp + (K) * NR), b1 = _mm256_load_ps(bp + (K) * NR + 8); \
+    __m256 a = _mm256_broadcast_ss(ap + (K) * MR + 0);                          \
+    c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);      \
+    a = _mm256_broadcast_ss(ap + (K) * MR + 1);                                 \
+    c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);      \
+    a = _mm256_broadcast_ss(ap + (K) * MR + 2);                                 \
+    c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);      \
+    a = _mm256_broadcast_ss(ap + (K) * MR + 3);                                 \
+    c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);      \
+    a = _mm256_broadcast_ss(ap + (K) * MR + 4);                                 \
+    c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);      \
+    a = _mm256_broadcast_ss(ap + (K) * MR + 5);                                 \
+    c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);      \
+  }
+  int64_t k = 0;
+  for (; k + 4 <= kc; k += 4) {
+    LP_FMA_STEP(0) LP_FMA_STEP(1) LP_FMA_STEP(2) LP_FMA_STEP(3)
+    ap += 4 * MR;
+    bp += 4 * NR;
+  }
+  for (; k < kc; ++k) {
+    LP_FMA_STEP(0)
+    ap += MR;
+    bp += NR;
+  }
+#undef LP_FMA_STEP
+  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (!t.final) {
+    for (int i = 0; i < MR; ++i) {
+      _mm256_storeu_ps(t.c32 + i * t.c32_ld, acc[i][0]);
+      _mm256_storeu_ps(t.c32 + i * t.c32_ld + 8, acc[i][1]);
+    }
+    return;
+  }
+  __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+  if (t.bias) bias0 = _mm256_loadu_ps(t.bias), bias1 = _mm256_loadu_ps(t.bias + 8);
+  const int64_t row_bytes = t.out_ld * (t.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+  char* o = static_cast<char*>(t.out);
+  for (int i = 0; i < MR; ++i) {
+    __m256 v0 = acc[i][0], v1 = acc[i][1];
+    if (t.bias) v0 = _mm256_add_ps(v0, bias0), v1 = _mm256_add_ps(v1, bias1);
+    store_row_float(o + i * row_bytes, t.out_dtype, v0, v1);
+  }
+}
+
+// An edge tile (rows < MR or cols < NR valid): the microkernel runs on a local tile, then the valid
+// part is written by scalar code with the same float32 operations as the full-tile epilogue.
+void edge_tile_float(int64_t kc, const float* ap, const float* bp, const FloatTile& t, int64_t rows, int64_t cols) {
+  alignas(32) float local[MR * NR] = {};
+  FloatTile lt;
+  if (t.prev) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) local[i * NR + j] = t.prev[i * t.prev_ld + j];
+    lt.prev = local;
+    lt.prev_ld = NR;
+  }
+  lt.c32 = local;
+  lt.c32_ld = NR;
+  ukernel_float(kc, ap, bp, lt);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const float v = local[i * NR + j];
+      if (!t.final)
+        t.c32[i * t.c32_ld + j] = v;
+      else
+        gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, t.bias ? v + t.bias[j] : v);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 packing: int16 k-pairs
+// ---------------------------------------------------------------------------------------------
+
+// 16 int8 -> 16 int16 (8 k-pairs when the bytes run along k).
+static inline __m256i widen16(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// A rows [0, mc) x depth [0, kc) -> panels of MR rows, dst[panel][k/2][MR][2] int16 (kc rounded up
+// to even with a zero k; rows past mc zero). Panel size MR * kc_even.
+void pack_a_int8(const int8_t* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, int16_t* dst) {
+  const int64_t kc_even = (kc + 1) & ~int64_t(1);
+  for (int64_t ip = 0; ip < mc; ip += MR) {
+    const int64_t rows = std::min(MR, mc - ip);
+    int16_t* d = dst + ip * kc_even;
+    const int8_t* s = src + ip * rs;
+    int64_t k = 0;
+    if (rows == MR && cs == 1) {
+      // 16 k of each row = 8 pairs as 32-bit lanes; transpose 8 x 8 lanes (rows 6, 7 are padding)
+      // and store 8 pair-columns of 6 rows, each store spilling 2 lanes the next one overwrites.
+      for (; k + 16 <= kc; k += 16) {
+        __m256 r[8];
+        for (int i = 0; i < 6; ++i) r[i] = _mm256_castsi256_ps(widen16(s + i * rs + k));
+        r[6] = r[7] = _mm256_setzero_ps();
+        transpose8(r);
+        for (int kp = 0; kp < 8; ++kp) _mm256_storeu_ps(reinterpret_cast<float*>(d + (k / 2 + kp) * 2 * MR), r[kp]);
+      }
+    }
+    for (; k < kc_even; k += 2) {
+      int64_t i = 0;
+      for (; i < rows; ++i) {
+        d[k * MR + 2 * i] = s[i * rs + k * cs];
+        d[k * MR + 2 * i + 1] = k + 1 < kc ? s[i * rs + (k + 1) * cs] : 0;
+      }
+      for (; i < MR; ++i) d[k * MR + 2 * i] = d[k * MR + 2 * i + 1] = 0;
+    }
+  }
+}
+
+// B depth [0, kc) x columns [0, nc) -> panels of NR columns, dst[panel][k/2][NR][2] int16.
+void pack_b_int8(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, int16_t* dst) {
+  const int64_t kc_even = (kc + 1) & ~int64_t(1);
+  for (int64_t jp = 0; jp < nc; jp += NR) {
+    const int64_t cols = std::min(NR, nc - jp);
+    int16_t* d = dst + jp * kc_even;
+    const int8_t* s = src + jp * cs;
+    int64_t k = 0;
+    if (cols == NR && cs == 1) {  // row-major: interleave rows k and k+1 byte by byte, widen
+      for (; k + 2 <= kc; k += 2) {
+        __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k * rs));
+        __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + (k + 1) * rs));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1)));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR + 16), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(r0, r1)));
+      }
+    } else if (cols == NR && rs == 1) {  // B = W^T: a column's k-pairs are adjacent bytes
+      for (; k + 16 <= kc; k += 16) {
+        for (int h = 0; h < 2; ++h) {
+          __m256 r[8];
+          for (int j = 0; j < 8; ++j) r[j] = _mm256_castsi256_ps(widen16(s + (h * 8 + j) * cs + k));
+          transpose8(r);
+          for (int kp = 0; kp < 8; ++kp) _mm256_store_ps(reinterpret_cast<float*>(d + (k + 2 * kp) * NR + h * 16), r[kp]);
+        }
+      }
+    }
+    for (; k < kc_even; k += 2) {
+      int64_t j = 0;
+      for (; j < cols; ++j) {
+        d[k * NR + 2 * j] = s[k * rs + j * cs];
+        d[k * NR + 2 * j + 1] = k + 1 < kc ? s[(k + 1) * rs + j * cs] : 0;
+      }
+      for (; j < NR; ++j) d[k * NR + 2 * j] = d[k * NR + 2 * j + 1] = 0;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 microkernel and epilogues
+// ---------------------------------------------------------------------------------------------
+
+struct Int8Tile {
+  const int32_t* prev = nullptr;   // int32 partial sums of earlier K blocks (null: first block)
+  int64_t prev_ld = 0;
+  bool final = false;
+  int32_t* c32 = nullptr;          // int32 destination: partial sums, or the plain GEMM's output
+  int64_t c32_ld = 0;
+  // scaled epilogue (final tiles of scaled_gemm only)
+  bool scaled = false;
+  void* out = nullptr;             // at the tile's corner
+  int64_t out_ld = 0;
+  int out_dtype = LP_DTYPE_F32;
+  const float* scale_a = nullptr;  // at the tile's first row; stride 0 when per-tensor
+  int64_t scale_a_stride = 0;
+  const float* scale_b = nullptr;  // at the tile's first column; stride 0 when per-tensor
+  int64_t scale_b_stride = 0;
+  const float* bias = nullptr;     // at the tile's first column, or null
+};
+
+static inline __m256 no_contract(__m256 v) {
+  __asm__("" : "+x"(v));  // keeps mul and add separate roundings (no FMA contraction)
+  return v;
+}
+
+// Broadcast of one int16 pair (32 bits) through the float broadcast, a plain load on AMD cores.
+static inline __m256i bcast32(const int32_t* p) {
+  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+}
+
+// acc(MR x NR) = prev + A_panel * B_panel; ap: [kc_even/2][MR][2] int16, bp: [kc_even/2][NR][2].
+void ukernel_int8(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp, const Int8Tile& t) {
+  __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (t.prev) {
+    const int32_t* p = t.prev;
+    const int64_t ld = t.prev_ld;
+    auto ld8 = [](const int32_t* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); };
+    c00 = ld8(p + 0 * ld), c01 = ld8(p + 0 * ld + 8);
+    c10 = ld8(p + 1 * ld), c11 = ld8(p + 1 * ld + 8);
+    c20 = ld8(p + 2 * ld), c21 = ld8(p + 2 * ld + 8);
+    c30 = ld8(p + 3 * ld), c31 = ld8(p + 3 * ld + 8);
+    c40 = ld8(p + 4 * ld), c41 = ld8(p + 4 * ld + 8);
+    c50 = ld8(p + 5 * ld), c51 = ld8(p + 5 * ld + 8);
+  } else {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
+  }
+  const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
+  const __m256i* b256 = reinterpret_cast<const __m256i*>(bp);
+#define LP_MADD_STEP(P)                                                                         \
+  {                                                                                             \
+    const __m256i b0 = _mm256_load_si256(b256 + 2 * (P)), b1 = _mm256_load_si256(b256 + 2 * (P) + 1); \
+    __m256i a = bcast32(a32 + (P) * MR + 0);                                                     \
+    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, b0)), c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, b1)); \
+    a = bcast32(a32 + (P) * MR + 1);                                                           \
+    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, b0)), c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, b1)); \
+    a = bcast32(a32 + (P) * MR + 2);                                                           \
+    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, b0)), c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, b1)); \
+    a = bcast32(a32 + (P) * MR + 3);                                                           \
+    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(a, b0)), c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(a, b1)); \
+    a = bcast32(a32 + (P) * MR + 4);                                                           \
+    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(a, b0)), c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(a, b1)); \
+    a = bcast32(a32 + (P) * MR + 5);                                                           \
+    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(a, b0)), c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(a, b1)); \
+  }
+  // One k-pair per iteration, the accumulators pinned to registers after each: integer adds are
+  // associative, and left alone the compiler regroups them across steps and spills accumulators.
+  const int64_t n_pairs = kc_even / 2;
+  for (int64_t p = 0; p < n_pairs; ++p) {
+    LP_MADD_STEP(0)
+    __asm__("" : "+x"(c00), "+x"(c01), "+x"(c10), "+x"(c11), "+x"(c20), "+x"(c21));
+    __asm__("" : "+x"(c30), "+x"(c31), "+x"(c40), "+x"(c41), "+x"(c50), "+x"(c51));
+    a32 += MR;
+    b256 += 2;
+  }
+#undef LP_MADD_STEP
+  const __m256i acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  if (!t.final || !t.scaled) {
+    for (int i = 0; i < MR; ++i) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.c32 + i * t.c32_ld), acc[i][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(t.c32 + i * t.c32_ld + 8), acc[i][1]);
+    }
+    return;
+  }
+  __m256 sb0, sb1;
+  if (t.scale_b_stride == 0) {
+    sb0 = sb1 = _mm256_set1_ps(t.scale_b[0]);
+  } else {
+    sb0 = _mm256_loadu_ps(t.scale_b), sb1 = _mm256_loadu_ps(t.scale_b + 8);
+  }
+  __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
+  if (t.bias) bias0 = _mm256_loadu_ps(t.bias), bias1 = _mm256_loadu_ps(t.bias + 8);
+  const int64_t row_bytes = t.out_ld * (t.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+  char* o = static_cast<char*>(t.out);
+  for (int i = 0; i < MR; ++i) {
+    const __m256 sa = _mm256_set1_ps(t.scale_a[i * t.scale_a_stride]);
+    __m256 v0 = no_contract(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][0]), sa));
+    __m256 v1 = no_contract(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[i][1]), sa));
+    v0 = no_contract(_mm256_mul_ps(v0, sb0));
+    v1 = no_contract(_mm256_mul_ps(v1, sb1));
+    if (t.bias) v0 = _mm256_add_ps(v0, bias0), v1 = _mm256_add_ps(v1, bias1);
+    store_row_float(o + i * row_bytes, t.out_dtype, v0, v1);
+  }
+}
+
+void edge_tile_int8(int64_t kc_even, const int16_t* ap, const int16_t* bp, const Int8Tile& t, int64_t rows,
+                    int64_t cols) {
+  alignas(32) int32_t local[MR * NR] = {};
+  Int8Tile lt;
+  if (t.prev) {
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) local[i * NR + j] = t.prev[i * t.prev_ld + j];
+    lt.prev = local;
+    lt.prev_ld = NR;
+  }
+  lt.c32 = local;
+  lt.c32_ld = NR;
+  ukernel_int8(kc_even, ap, bp, lt);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      const int32_t v = local[i * NR + j];
+      if (!t.final || !t.scaled) {
+        t.c32[i * t.c32_ld + j] = v;
+      } else {
+        const float sa = t.scale_a[i * t.scale_a_stride], sb = t.scale_b[j * t.scale_b_stride];
+        gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, gemm_scaled_value(v, sa, sb, t.bias, j));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driver: units, threads, buffers
+// ---------------------------------------------------------------------------------------------
+
+// How the output is cut into units (batch x row range x column range) and spread over threads.
+struct Plan {
+  int64_t mu = 0, nu = 0;        // rows / columns of a unit (multiples of MR / NR except at the end)
+  int64_t units_m = 1, units_n = 1;
+  int64_t n_units = 0;
+  int n_threads = 1;
+};
+
+Plan make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk, bool need_ws) {
+  Plan p;
+  p.nu = std::min(gemm_round_up(n, NR), blk.nc);
+  p.mu = gemm_round_up(m, MR);
+  if (need_ws) p.mu = std::min(p.mu, std::max(blk.mc, kWorkspaceElems / p.nu / blk.mc * blk.mc));
+  p.units_n = gemm_ceil_div(n, p.nu);
+  p.units_m = gemm_ceil_div(m, p.mu);
+  const double flops = 2.0 * double(n_batch) * double(m) * double(n) * double(k);
+  int64_t nt = std::min<int64_t>(runtime_num_threads(), std::max<int64_t>(1, int64_t(flops / kMinFlopsPerThread)));
+  int64_t units = n_batch * p.units_m * p.units_n;
+  if (nt > 1 && units < 4 * nt && units % nt != 0) {
+    // Too few units to share evenly: cut each into nt pieces along the dimension whose other operand
+    // is cheaper to pack twice (splitting N re-packs A in every thread, splitting M re-packs B).
+    const bool split_n = m <= n ? n >= nt * NR : m < nt * MR;
+    if (split_n) {
+      p.nu = gemm_round_up(gemm_ceil_div(n, p.units_n * nt), NR);
+      p.units_n = gemm_ceil_div(n, p.nu);
+    } else {
+      p.mu = gemm_round_up(gemm_ceil_div(m, p.units_m * nt), MR);
+      p.units_m = gemm_ceil_div(m, p.mu);
+    }
+    units = n_batch * p.units_m * p.units_n;
+  }
+  p.n_units = units;
+  p.n_threads = int(std::max<int64_t>(1, std::min(nt, units)));
+  return p;
+}
+
+// One unit's output window and where its K-block partial sums live.
+struct Unit {
+  int64_t batch, m0, m1, n0, n1;
+};
+
+static inline Unit unit_at(const Plan& p, int64_t u, int64_t m, int64_t n) {
+  Unit w;
+  w.batch = u / (p.units_m * p.units_n);
+  const int64_t r = u % (p.units_m * p.units_n);
+  w.m0 = (r / p.units_n) * p.mu;
+  w.m1 = std::min(m, w.m0 + p.mu);
+  w.n0 = (r % p.units_n) * p.nu;
+  w.n1 = std::min(n, w.n0 + p.nu);
+  return w;
+}
+
+// Runs every unit: Traits supplies the element type, packing and the per-tile call.
+//   Traits::Packed            packed element type (float, or int16 for int8)
+//   traits.pack_a(batch, i0, mc, p0, kc, Packed* dst) / traits.pack_b(batch, p0, kc, j0, nc, dst)
+//   traits.tile(kc, ap, bp, unit, row, col, rows, cols, first, last, ws)   (row/col: global)
+template <class Traits>
+void run_units(const Traits& tr, const Plan& plan, const GemmBlocking& blk, int64_t m, int64_t n, int64_t k,
+               bool need_ws) {
+  using Packed = typename Traits::Packed;
+  const int64_t kc_alloc = gemm_round_up(std::min(blk.kc, k), 16);
+  const int64_t a_elems = gemm_round_up(std::min(blk.mc, plan.mu), MR) * kc_alloc + kPackSlackElems;
+  const int64_t b_elems = gemm_round_up(plan.nu, NR) * kc_alloc + kPackSlackElems;
+  const int64_t ws_elems = need_ws ? plan.mu * plan.nu : 0;
+  // One block per thread: [A panels | B panels | workspace], each part 64-byte aligned.
+  const int64_t a_bytes = gemm_round_up(a_elems * int64_t(sizeof(Packed)), 64);
+  const int64_t b_bytes = gemm_round_up(b_elems * int64_t(sizeof(Packed)), 64);
+  const int64_t ws_bytes = gemm_round_up(ws_elems * 4, 64);
+  const int64_t per_thread = a_bytes + b_bytes + ws_bytes;
+  char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
+
+  parallel_region(plan.n_threads, [&](int t, int n_threads) {
+    char* mine = scratch + int64_t(t) * per_thread;
+    Packed* a_pack = reinterpret_cast<Packed*>(mine);
+    Packed* b_pack = reinterpret_cast<Packed*>(mine + a_bytes);
+    void* ws = mine + a_bytes + b_bytes;
+    const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      const Unit w = unit_at(plan, u, m, n);
+      const int64_t ncur = w.n1 - w.n0;
+      for (int64_t p0 = 0; p0 < k; p0 += blk.kc) {
+        const int64_t kc = std::min(blk.kc, k - p0);
+        const int64_t kc_even = (kc + 1) & ~int64_t(1);
+        const int64_t kc_panel = Traits::kPairs ? kc_even : kc;
+        const bool first = p0 == 0, last = p0 + kc == k;
+        tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack);
+        for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
+          const int64_t mcur = std::min(blk.mc, w.m1 - i0);
+          tr.pack_a(w.batch, i0, mcur, p0, kc, a_pack);
+          for (int64_t jr = 0; jr < ncur; jr += NR) {
+            const Packed* bp = b_pack + jr * kc_panel;
+            for (int64_t ir = 0; ir < mcur; ir += MR) {
+              tr.tile(kc_panel, a_pack + ir * kc_panel, bp, w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir),
+                      std::min(NR, ncur - jr), first, last, ws);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---- float traits ----
+struct FloatTraits {
+  using Packed = float;
+  static constexpr bool kPairs = false;
+  const GemmFloatArgs& g;
+  bool c32_is_out;  // partial sums in the float32 output (else in the unit's workspace)
+  int64_t ws_ld;
+
+  void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, float* dst) const {
+    const GemmOperand& a = g.a;
+    const int64_t off = batch * a.stride_batch_elems + i0 * a.stride_row_elems + p0 * a.stride_col_elems;
+    switch (a.dtype) {
+      case LP_DTYPE_F16:
+        return pack_a_float<LP_DTYPE_F16>(static_cast<const uint16_t*>(a.ptr) + off, a.stride_row_elems,
+                                          a.stride_col_elems, mc, kc, dst);
+      case LP_DTYPE_BF16:
+        return pack_a_float<LP_DTYPE_BF16>(static_cast<const uint16_t*>(a.ptr) + off, a.stride_row_elems,
+                                           a.stride_col_elems, mc, kc, dst);
+      default:
+        return pack_a_float<LP_DTYPE_F32>(static_cast<const float*>(a.ptr) + off, a.stride_row_elems,
+                                          a.stride_col_elems, mc, kc, dst);
+    }
+  }
+  void pack_b(int64_t batch, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* dst) const {
+    const GemmOperand& b = g.b;
+    const int64_t off = batch * b.stride_batch_elems + p0 * b.stride_row_elems + j0 * b.stride_col_elems;
+    switch (b.dtype) {
+      case LP_DTYPE_F16:
+        return pack_b_float<LP_DTYPE_F16>(static_cast<const uint16_t*>(b.ptr) + off, b.stride_row_elems,
+                                          b.stride_col_elems, kc, nc, dst);
+      case LP_DTYPE_BF16:
+        return pack_b_float<LP_DTYPE_BF16>(static_cast<const uint16_t*>(b.ptr) + off, b.stride_row_elems,
+                                           b.stride_col_elems, kc, nc, dst);
+      default:
+        return pack_b_float<LP_DTYPE_F32>(static_cast<const float*>(b.ptr) + off, b.stride_row_elems,
+                                          b.stride_col_elems, kc, nc, dst);
+    }
+  }
+  void tile(int64_t kc, const float* ap, const float* bp, const Unit& w, int64_t row, int64_t col, int64_t rows,
+            int64_t cols, bool first, bool last, void* ws) const {
+    const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+    float* c32;
+    int64_t c32_ld;
+    if (c32_is_out) {
+      c32 = static_cast<float*>(g.out) + out_off;
+      c32_ld = g.n;
+    } else {
+      c32 = static_cast<float*>(ws) + (row - w.m0) * ws_ld + (col - w.n0);
+      c32_ld = ws_ld;
+    }
+    FloatTile t;
+    if (!first) t.prev = c32, t.prev_ld = c32_ld;
+    t.final = last;
+    t.c32 = c32;
+    t.c32_ld = c32_ld;
+    t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+    t.out_ld = g.n;
+    t.out_dtype = g.out_dtype;
+    t.bias = g.bias ? g.bias + col : nullptr;
+    if (rows == MR && cols == NR)
+      ukernel_float(kc, ap, bp, t);
+    else
+      edge_tile_float(kc, ap, bp, t, rows, cols);
+  }
+};
+
+// ---- int8 traits ----
+struct Int8Traits {
+  using Packed = int16_t;
+  static constexpr bool kPairs = true;
+  const GemmInt8Args& g;
+  bool c32_is_out;
+  int64_t ws_ld;
+
+  void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, int16_t* dst) const {
+    const GemmOperand& a = g.a;
+    const int64_t off = batch * a.stride_batch_elems + i0 * a.stride_row_elems + p0 * a.stride_col_elems;
+    pack_a_int8(static_cast<const int8_t*>(a.ptr) + off, a.stride_row_elems, a.stride_col_elems, mc, kc, dst);
+  }
+  void pack_b(int64_t batch, int64_t p0, int64_t kc, int64_t j0, int64_t nc, int16_t* dst) const {
+    const GemmOperand& b = g.b;
+    const int64_t off = batch * b.stride_batch_elems + p0 * b.stride_row_elems + j0 * b.stride_col_elems;
+    pack_b_int8(static_cast<const int8_t*>(b.ptr) + off, b.stride_row_elems, b.stride_col_elems, kc, nc, dst);
+  }
+  void tile(int64_t kc_even, const int16_t* ap, const int16_t* bp, const Unit& w, int64_t row, int64_t col,
+            int64_t rows, int64_t cols, bool first, bool last, void* ws) const {
+    const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+    int32_t* c32;
+    int64_t c32_ld;
+    if (c32_is_out) {
+      c32 = static_cast<int32_t*>(g.out) + out_off;
+      c32_ld = g.n;
+    } else {
+      c32 = static_cast<int32_t*>(ws) + (row - w.m0) * ws_ld + (col - w.n0);
+      c32_ld = ws_ld;
+    }
+    Int8Tile t;
+    if (!first) t.prev = c32, t.prev_ld = c32_ld;
+    t.final = last;
+    t.c32 = c32;
+    t.c32_ld = c32_ld;
+    if (g.scale_a) {
+      t.scaled = true;
+      t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+      t.out_ld = g.n;
+      t.out_dtype = g.out_dtype;
+      t.scale_a_stride = g.scale_a_n_elems == 1 ? 0 : 1;
+      t.scale_a = g.scale_a + row * t.scale_a_stride;
+      t.scale_b_stride = g.scale_b_n_elems == 1 ? 0 : 1;
+      t.scale_b = g.scale_b + col * t.scale_b_stride;
+      t.bias = g.bias ? g.bias + col : nullptr;
+    }
+    if (rows == MR && cols == NR)
+      ukernel_int8(kc_even, ap, bp, t);
+    else
+      edge_tile_int8(kc_even, ap, bp, t, rows, cols);
+  }
+};
+
+}  // namespace
+
+// Peak probes, timed from Python for "% of peak" in benchmarks. Each runs n_iters steps on every
+// thread and returns the operations executed (a multiply-add counts 2).
+//   float: 12 independent 8-lane FMA chains (the float microkernel's arithmetic without its loads).
+//   int8:  12 madd_epi16 + add_epi32 pairs per step (the int8 microkernel's arithmetic without its
+//          loads and broadcasts); one madd lane is 2 int8-equivalent multiply-adds.
+double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, bool int8) {
+  const float a_val = 0.999999f, b_val = 1e-7f;  // runtime values: nothing folds away
+  parallel_region(n_threads, [&](int t, int) {
+    if (!int8) {
+      const __m256 a = _mm256_set1_ps(a_val), b = _mm256_set1_ps(b_val);
+      // distinct starting values, or the compiler merges identical chains
+      const float f = float(t);
+      __m256 c0 = _mm256_set1_ps(f), c1 = _mm256_set1_ps(f + 1), c2 = _mm256_set1_ps(f + 2);
+      __m256 c3 = _mm256_set1_ps(f + 3), c4 = _mm256_set1_ps(f + 4), c5 = _mm256_set1_ps(f + 5);
+      __m256 c6 = _mm256_set1_ps(f + 6), c7 = _mm256_set1_ps(f + 7), c8 = _mm256_set1_ps(f + 8);
+      __m256 c9 = _mm256_set1_ps(f + 9), c10 = _mm256_set1_ps(f + 10), c11 = _mm256_set1_ps(f + 11);
+      for (int64_t it = 0; it < n_iters; ++it) {
+        c0 = _mm256_fmadd_ps(c0, a, b), c1 = _mm256_fmadd_ps(c1, a, b), c2 = _mm256_fmadd_ps(c2, a, b);
+        c3 = _mm256_fmadd_ps(c3, a, b), c4 = _mm256_fmadd_ps(c4, a, b), c5 = _mm256_fmadd_ps(c5, a, b);
+        c6 = _mm256_fmadd_ps(c6, a, b), c7 = _mm256_fmadd_ps(c7, a, b), c8 = _mm256_fmadd_ps(c8, a, b);
+        c9 = _mm256_fmadd_ps(c9, a, b), c10 = _mm256_fmadd_ps(c10, a, b), c11 = _mm256_fmadd_ps(c11, a, b);
+      }
+      __m256 s = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3)),
+                               _mm256_add_ps(_mm256_add_ps(c4, c5), _mm256_add_ps(c6, c7)));
+      s = _mm256_add_ps(s, _mm256_add_ps(_mm256_add_ps(c8, c9), _mm256_add_ps(c10, c11)));
+      volatile float sink = _mm256_cvtss_f32(s);
+      (void)sink;
+      return;
+    }
+    // One A register, "changed" (an empty asm) before each row as the microkernel's broadcasts
+    // would: no madd is loop-invariant, and 12 accumulators + 2 B + A + a temporary fit 16 registers.
+    __m256i a = _mm256_set1_epi32(t + 1);
+    const __m256i b0 = _mm256_set1_epi32(0x00030002), b1 = _mm256_set1_epi32(0x00050004);
+    __m256i c0 = _mm256_set1_epi32(0), c1 = _mm256_set1_epi32(1), c2 = _mm256_set1_epi32(2);
+    __m256i c3 = _mm256_set1_epi32(3), c4 = _mm256_set1_epi32(4), c5 = _mm256_set1_epi32(5);
+    __m256i c6 = _mm256_set1_epi32(6), c7 = _mm256_set1_epi32(7), c8 = _mm256_set1_epi32(8);
+    __m256i c9 = _mm256_set1_epi32(9), c10 = _mm256_set1_epi32(10), c11 = _mm256_set1_epi32(11);
+#define LP_PROBE_ROW(X, Y)                                                                  \
+  __asm__("" : "+x"(a));                                                                    \
+  X = _mm256_add_epi32(X, _mm256_madd_epi16(a, b0)), Y = _mm256_add_epi32(Y, _mm256_madd_epi16(a, b1));
+    for (int64_t it = 0; it < n_iters; ++it) {
+      LP_PROBE_ROW(c0, c1) LP_PROBE_ROW(c2, c3) LP_PROBE_ROW(c4, c5)
+      LP_PROBE_ROW(c6, c7) LP_PROBE_ROW(c8, c9) LP_PROBE_ROW(c10, c11)
+      __asm__("" : "+x"(c0), "+x"(c1), "+x"(c2), "+x"(c3), "+x"(c4), "+x"(c5));
+      __asm__("" : "+x"(c6), "+x"(c7), "+x"(c8), "+x"(c9), "+x"(c10), "+x"(c11));
+    }
+#undef LP_PROBE_ROW
+    __m256i s = _mm256_add_epi32(_mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3)),
+                                 _mm256_add_epi32(_mm256_add_epi32(c4, c5), _mm256_add_epi32(c6, c7)));
+    s = _mm256_add_epi32(s, _mm256_add_epi32(_mm256_add_epi32(c8, c9), _mm256_add_epi32(c10, c11)));
+    volatile int sink = _mm256_extract_epi32(s, 0);
+    (void)sink;
+  });
+  // float: 12 FMAs x 8 lanes x 2 flops; int8: 12 madds x 8 lanes x 2 pairs x 2 ops
+  return double(n_iters) * 12 * 8 * 2 * (int8 ? 2 : 1) * n_threads;
+}
+
+void gemm_float_avx2(const GemmFloatArgs& g) {
+  if (g.m <= 0 || g.n <= 0 || g.n_batch <= 0 || g.k <= 0) {
+    if (g.k <= 0) gemm_float_scalar(g);  // empty sum: zeros plus bias
+    return;
+  }
+  const GemmBlocking blk = gemm_blocking(MR, NR, 4);
+  // 16-bit outputs keep float32 partial sums in a workspace when K spans several blocks.
+  const bool need_ws = g.out_dtype != LP_DTYPE_F32 && g.k > blk.kc;
+  const Plan plan = make_plan(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  FloatTraits tr{g, !need_ws, plan.nu};
+  run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
+}
+
+void gemm_int8_avx2(const GemmInt8Args& g) {
+  if (g.m <= 0 || g.n <= 0 || g.n_batch <= 0 || g.k <= 0) {
+    if (g.k <= 0) gemm_int8_scalar(g);
+    return;
+  }
+  const GemmBlocking blk = gemm_blocking(MR, NR, 2);
+  // scaled_gemm keeps int32 partial sums in a workspace when K spans several blocks; the plain GEMM
+  // keeps them in its int32 output.
+  const bool need_ws = g.scale_a != nullptr && g.k > blk.kc;
+  const Plan plan = make_plan(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  Int8Traits tr{g, g.scale_a == nullptr, plan.nu};
+  run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
+}
+
+}  // namespace lp

@@ -1,0 +1,193 @@
+// Quantize / dequantize on the CPU (API.md §2): the span kernels every ISA implements, the element
+// math they all share, and the drivers (quant.cc) that cut a tensor into groups, chunks and threads.
+//
+// Layout. x is contiguous, n_elems = n_outer * n_channels * n_inner, described by its granularity:
+//   per-tensor  (1, 1, n, 0)                      one group
+//   per-channel (prod(shape[:k]), shape[k], prod(shape[k+1:]), 0)   group of flat i: (i / n_inner) % n_channels
+//   blockwise   (1, 1, n, B)                      group of flat i: i / B
+// data holds one code byte per element (int8, uint8, fp8 bit patterns) or, for int4, two 4-bit
+// two's-complement codes per byte (element i in byte i / 2, low nibble when i is even, padding 0).
+// scale is float32 per group, zero_point int32 per group (uint8 only).
+//
+// Math (float32 throughout, identical on every ISA: SIMD code mirrors the scalar helpers below):
+//   symmetric: scale = absmax / qmax; asymmetric uint8: lo = min(min, 0), hi = max(max, 0),
+//   scale = (hi - lo) / 255, zero_point = rint(-lo / scale). A group with scale 0 gets code 0.
+//   nearest:    code = clamp(rint(x / scale) + zero_point)            (rint: half to even)
+//   stochastic: code = clamp(floor(x / scale + u) + zero_point), u = rng_uniform(seed, flat index)
+//   fp8:        code = f32_to_fp8(x / scale)                          (dtypes.h, saturating)
+//   dequantize: out = round_to_out_dtype(float(code - zero_point) * scale)
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/dtypes.h"
+#include "common/rng.h"
+
+namespace lp {
+
+// Formats, as passed from Python (lepton_core/quant.py keeps the same table).
+enum lp_qfmt : int {
+  LP_QFMT_INT8 = 0,
+  LP_QFMT_UINT8 = 1,
+  LP_QFMT_INT4 = 2,
+  LP_QFMT_FP8_E4M3 = 3,
+  LP_QFMT_FP8_E5M2 = 4,
+};
+
+// ---- drivers (quant.cc) ----
+struct QuantizeArgs {
+  const void* x;  // contiguous, x_dtype F32 / F16 / BF16
+  int x_dtype;
+  int64_t n_outer, n_channels, n_inner, block_size;  // block_size 0: not blockwise
+  int fmt;
+  bool stochastic;
+  uint64_t seed;
+  uint8_t* data;          // n_elems bytes (int4: ceil(n_elems / 2))
+  float* scale;           // n_groups
+  int32_t* zero_point;    // n_groups, uint8 only (else null)
+};
+// Returns the first flat index of a non-finite x element (outputs then undefined), or -1.
+int64_t quantize(const QuantizeArgs& a);
+
+struct DequantizeArgs {
+  const uint8_t* data;
+  const float* scale;
+  const int32_t* zero_point;  // null for symmetric formats
+  int fmt;
+  int64_t n_outer, n_channels, n_inner, block_size;
+  void* out;  // contiguous, out_dtype F32 / F16 / BF16
+  int out_dtype;
+};
+void dequantize(const DequantizeArgs& a);
+
+// ---- span kernels (one table per ISA) ----
+// Statistics of a run of x: abs_bits = max over |x| as float32 bits (>= 0x7f800000 iff a NaN or Inf
+// was seen: an integer max keeps NaN visible where a float max would drop it); min / max of x.
+// Kernels merge into what they are given (the driver starts them at 0).
+struct SpanStats {
+  uint32_t abs_bits;
+  float min, max;
+};
+// Elements [index0, index0 + n_elems) of x_base, merged into *st.
+using StatsFn = void (*)(const void* x_base, int64_t index0, int64_t n_elems, SpanStats* st);
+// Per element j: abs_bits[j], min[j], max[j] merged with element index0 + j (per-channel, n_inner 1).
+using StatsElemFn = void (*)(const void* x_base, int64_t index0, int64_t n_elems, uint32_t* abs_bits,
+                             float* min, float* max);
+
+// One run of elements [index0, index0 + n_elems) quantized with one scale (scale[0]) or, per_elem,
+// scale[j] for element index0 + j. Never crosses a multiple of 2^32 in index (the RNG's high word).
+struct QuantSpan {
+  const void* x_base;
+  int64_t index0, n_elems;
+  const float* scale;
+  const int32_t* zero_point;  // uint8 only
+  uint32_t rng_key;           // rng_key(seed), stochastic only
+  uint8_t* data;              // the whole data buffer
+};
+using QuantSpanFn = void (*)(const QuantSpan& s);
+
+struct DequantSpan {
+  const uint8_t* data;  // the whole data buffer
+  int64_t index0, n_elems;
+  const float* scale;
+  const int32_t* zero_point;
+  void* out_base;  // the whole output buffer
+};
+using DequantSpanFn = void (*)(const DequantSpan& s);
+
+struct QuantKernels {
+  StatsFn (*stats)(int x_dtype, bool minmax);
+  StatsElemFn (*stats_elem)(int x_dtype, bool minmax);
+  QuantSpanFn (*quantize)(int fmt, int x_dtype, bool stochastic, bool per_elem);
+  DequantSpanFn (*dequantize)(int fmt, int out_dtype, bool per_elem);
+};
+const QuantKernels* quant_kernels_scalar();
+#if defined(LP_BUILD_AVX2)
+const QuantKernels* quant_kernels_avx2();
+#endif
+const QuantKernels* quant_kernels_active();  // picked by cpu_isa_active()
+
+// ---- element math shared by every ISA (SIMD code must match these bit for bit) ----
+static inline float qfmt_qmax(int fmt) {
+  switch (fmt) {
+    case LP_QFMT_INT8: return 127.0f;
+    case LP_QFMT_UINT8: return 255.0f;
+    case LP_QFMT_INT4: return 7.0f;
+    case LP_QFMT_FP8_E4M3: return 448.0f;
+    default: return 57344.0f;
+  }
+}
+
+// Scale (and zero point) of a group from its statistics.
+static inline void group_scale(int fmt, const SpanStats& st, float* scale, int32_t* zero_point) {
+  if (fmt == LP_QFMT_UINT8) {
+    float lo = st.min < 0.0f ? st.min : 0.0f;  // explicit compares: no -0.0 leaks into the scale
+    float hi = st.max > 0.0f ? st.max : 0.0f;
+    float s = (hi - lo) / 255.0f;
+    *scale = s;
+    *zero_point = s == 0.0f ? 0 : int32_t(std::nearbyint(-lo / s));
+    return;
+  }
+  *scale = bits_to_f32(st.abs_bits) / qfmt_qmax(fmt);
+}
+
+static inline float load_elem(int x_dtype, const void* base, int64_t i) {
+  switch (x_dtype) {
+    case LP_DTYPE_F16: return f16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    case LP_DTYPE_BF16: return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+static inline void store_elem(int out_dtype, void* base, int64_t i, float v) {
+  switch (out_dtype) {
+    case LP_DTYPE_F16: static_cast<uint16_t*>(base)[i] = f32_to_f16(v); break;
+    case LP_DTYPE_BF16: static_cast<uint16_t*>(base)[i] = f32_to_bf16(v); break;
+    default: static_cast<float*>(base)[i] = v;
+  }
+}
+
+static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// The code byte of x (int4: the nibble in the low 4 bits). u is the stochastic offset, or < 0 for
+// round-to-nearest-even.
+static inline uint8_t quant_elem(int fmt, float x, float scale, int32_t zero_point, float u) {
+  if (scale == 0.0f) return 0;  // all-zero group (and 0/0 guard); uint8's zero point is 0 here
+  float t = x / scale;
+  switch (fmt) {
+    case LP_QFMT_FP8_E4M3: return f32_to_fp8_e4m3(t);
+    case LP_QFMT_FP8_E5M2: return f32_to_fp8_e5m2(t);
+    default: break;
+  }
+  float r = u < 0.0f ? std::nearbyint(t) : std::floor(t + u);
+  if (fmt == LP_QFMT_UINT8) return uint8_t(int32_t(clampf(r + float(zero_point), 0.0f, 255.0f)));
+  float qmax = fmt == LP_QFMT_INT8 ? 127.0f : 7.0f;
+  int32_t q = int32_t(clampf(r, -qmax, qmax));
+  return fmt == LP_QFMT_INT4 ? uint8_t(q & 0xf) : uint8_t(int8_t(q));
+}
+
+// Writes code into element i of the data buffer (int4: its nibble, the other nibble kept).
+static inline void store_code(int fmt, uint8_t* data, int64_t i, uint8_t code) {
+  if (fmt != LP_QFMT_INT4) {
+    data[i] = code;
+    return;
+  }
+  uint8_t& b = data[i >> 1];
+  b = (i & 1) ? uint8_t((b & 0x0f) | (code << 4)) : uint8_t((b & 0xf0) | code);
+}
+
+// The float value of element i's code before scaling: code - zero_point, or the fp8 value.
+static inline float code_value(int fmt, const uint8_t* data, int64_t i, int32_t zero_point) {
+  switch (fmt) {
+    case LP_QFMT_INT8: return float(int8_t(data[i]));
+    case LP_QFMT_UINT8: return float(int32_t(data[i]) - zero_point);
+    case LP_QFMT_INT4: {
+      int32_t nib = (data[i >> 1] >> ((i & 1) * 4)) & 0xf;
+      return float((nib ^ 8) - 8);  // 4-bit two's complement
+    }
+    case LP_QFMT_FP8_E4M3: return fp8_e4m3_to_f32(data[i]);
+    default: return fp8_e5m2_to_f32(data[i]);
+  }
+}
+
+}  // namespace lp

@@ -1,0 +1,502 @@
+"""lc.gemm / lc.scaled_gemm against float64 / exact integer references (API.md §1).
+
+Inputs are created in (rounded to) the kernel dtype first and the reference is computed in float64
+from those very values, so the comparison measures only the kernel's own error; bounds come from
+tests/tolerances.py. Shapes are chosen to be non-multiples of the register tile (6 x 16), to span
+several K blocks (kc) and A blocks (mc) of the packed kernels, and to hit 1-element edges.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import lepton_core as lc
+from lepton_core import _C, _tensors
+from lepton_core.gemm import INT8_MAX_K
+from tolerances import gemm_rel_norm_bound
+
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+BLK = _C.gemm_blocking(False)   # float path: mr, nr, kc, mc, nc
+BLK8 = _C.gemm_blocking(True)   # int8 path (k counted in int8 elements)
+
+
+def rand(rng, shape, dtype):
+    """Random values exactly representable in `dtype` (a torch tensor of that dtype)."""
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(dtype)
+
+
+def rand_i8(rng, shape):
+    return torch.from_numpy(rng.integers(-128, 128, size=shape, dtype=np.int8))
+
+
+def t64(x):
+    """float64 torch copy of a torch tensor or (possibly negative-strided) NumPy array."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.astype(np.float64))
+    return x.double()
+
+
+def ref(a, b, bias=None):
+    """float64 product of the (already rounded) inputs, bias as the float32 the kernel adds."""
+    r = t64(a) @ t64(b)
+    if bias is not None:
+        r = r + t64(bias).float().double()
+    return r
+
+
+def assert_close(out, a, b, bias=None, out_dtype=None):
+    out_t = torch.as_tensor(out)
+    r = ref(a, b, bias)
+    assert tuple(out_t.shape) == tuple(r.shape)
+    if out_dtype is not None:
+        assert out_t.dtype == out_dtype
+    k = a.shape[-1]
+    bound = gemm_rel_norm_bound(NAME[out_t.dtype], k)
+    assert torch.isfinite(out_t.double()).all(), "unwritten (poisoned) or non-finite output"
+    err = torch.linalg.vector_norm(out_t.double() - r) / torch.linalg.vector_norm(r)
+    assert err <= bound, f"relative error {err:.3g} > {bound:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Float path
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("in_dtype", FLOAT_DTYPES, ids=NAME.get)
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=NAME.get)
+def test_float_dtypes(isa, threads, rng, in_dtype, out_dtype):
+    for m, k, n in [(1, 1, 1), (7, 33, 17), (33, 7, 257), (13, BLK["kc"] + 37, 40)]:
+        a, b = rand(rng, (m, k), in_dtype), rand(rng, (k, n), in_dtype)
+        assert_close(lc.gemm(a, b, out_dtype=out_dtype), a, b, out_dtype=out_dtype)
+
+
+def rounding_probes(rng, n):
+    """float32 values that stress rounding to 16 bits: exact ties (round half to even) for bfloat16
+    and float16, float16 subnormals and overflow, infinities and NaN."""
+    ties_bf16 = (rng.integers(0, 2**15, size=n, dtype=np.uint32) << 16) | 0x8000   # exactly halfway
+    ties_f16 = ((rng.integers(113, 142, size=n, dtype=np.uint32) << 23) |
+                (rng.integers(0, 2**10, size=n, dtype=np.uint32) << 13) | 0x1000)    # halfway in float16
+    vals = np.concatenate([ties_bf16.view(np.float32), ties_f16.view(np.float32),
+                           rng.uniform(-6e-5, 6e-5, size=n).astype(np.float32),        # float16 subnormals
+                           np.array([65519.0, 65520.0, -7e4, 3e38, np.inf, -np.inf, np.nan, 1.0], np.float32)])
+    return torch.from_numpy(vals)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=NAME.get)
+def test_output_rounding_bitwise(isa, rng, out_dtype):
+    """Rounding to the output dtype is round-half-to-even, once, exactly like torch's conversion:
+    with a = ones (K = 1) the result is b itself, with b = 0 it is the bias."""
+    vals = rounding_probes(rng, 45)
+    n = vals.numel()
+    ones = torch.ones(13, 1)                      # two full row tiles and an edge
+    want = vals.to(out_dtype).expand(13, n)
+    for got in (lc.gemm(ones, vals.reshape(1, n), out_dtype=out_dtype),
+                lc.gemm(ones, torch.zeros(1, n), bias=vals, out_dtype=out_dtype)):
+        assert torch.equal(torch.isnan(got), torch.isnan(want))
+        keep = ~torch.isnan(want)
+        assert torch.equal(got[keep], want[keep])
+
+
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.float16, torch.bfloat16, torch.float64],
+                         ids=lambda d: "none" if d is None else str(d).replace("torch.", ""))
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=NAME.get)
+def test_bias(isa, rng, bias_dtype, out_dtype):
+    m, k, n = 19, 45, 37
+    a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
+    bias = None if bias_dtype is None else rand(rng, (n,), bias_dtype) * 4
+    out = lc.gemm(a, b, bias=bias, out_dtype=out_dtype)
+    assert_close(out, a, b, bias, out_dtype)
+    if bias_dtype == torch.float64:  # converted to float32 once, then added in float32
+        exact = (a.float() @ b.float()).double() + bias.float().double()
+        assert torch.linalg.vector_norm(out.double() - exact) <= 1e-2 * torch.linalg.vector_norm(exact)
+
+
+# (M, K, N): edges of every block size, several K blocks, several A blocks, N beyond one B block.
+SHAPES = [
+    (1, 257, 1),
+    (6, 16, 16),
+    (7, 1, 33),
+    (5, 2 * BLK["kc"] + 3, 23),                 # three K blocks, the last one short
+    (BLK["mc"] + 13, 70, 3 * BLK["nr"] + 1),    # two A blocks, N tail of one column
+    (257, 600, 33),
+    (3, 40, BLK["nc"] + 21),                    # two B blocks
+    (70, 1100, 50),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float16),
+                                                (torch.float16, torch.bfloat16)], ids=["f32", "bf16-f16", "f16-bf16"])
+def test_float_shapes(isa, threads, rng, shape, in_dtype, out_dtype):
+    m, k, n = shape
+    a, b = rand(rng, (m, k), in_dtype), rand(rng, (k, n), in_dtype)
+    bias = rand(rng, (n,), torch.float32)
+    assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
+
+
+@pytest.mark.parametrize("shape", [(2 * BLK["mc"] + 5, BLK["kc"] + 9, 3 * BLK["nr"] + 7),   # tall: rows split
+                                   (7, BLK["kc"] + 9, 9 * BLK["nr"] + 3)],                 # wide: columns split
+                         ids=["tall", "wide"])
+def test_thread_count_bitwise(isa, rng, shape):
+    """Tiles and K blocks do not depend on the thread count, so neither do the bits."""
+    m, k, n = shape
+    a, b = rand(rng, (m, k), torch.float32), rand(rng, (k, n), torch.float32)
+    ai, bi = rand_i8(rng, (m, 2 * k)), rand_i8(rng, (2 * k, n))
+    bias = rand(rng, (n,), torch.float32)
+    sa = torch.from_numpy(rng.uniform(0.01, 0.1, size=m).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(0.01, 0.1, size=n).astype(np.float32))
+    before = lc.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            lc.set_num_threads(nt)
+            outs.append((lc.gemm(a, b, bias=bias), lc.gemm(a.bfloat16(), b.bfloat16(), out_dtype=torch.bfloat16),
+                         lc.gemm(ai, bi), lc.scaled_gemm(qt(ai, sa, 0), qt(bi, sb, 1), bias=bias,
+                                                         out_dtype=torch.float16)))
+    finally:
+        lc.set_num_threads(before)
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
+def test_batched_and_broadcast(isa, threads, rng, dtype):
+    def mk(shape):
+        return rand_i8(rng, shape) if dtype == torch.int8 else rand(rng, shape, dtype)
+
+    check = assert_int_exact if dtype == torch.int8 else assert_close
+    a3, b3, b2 = mk((3, 9, 70)), mk((3, 70, 21)), mk((70, 21))
+    check(lc.gemm(a3, b3), a3, b3)
+    check(lc.gemm(a3, b2), a3, b2)                                     # broadcast b, merged rows
+    a3p = mk((9, 3, 70)).permute(1, 0, 2)                              # batches do not stack as rows
+    check(lc.gemm(a3p, b2), a3p, b2)
+    b3e = b2.unsqueeze(0).expand(3, 70, 21)                            # stride-0 batch given directly
+    check(lc.gemm(a3p, b3e), a3p, b3e)
+    a1 = mk((4, 1, 70))                                                # M == 1 rows
+    check(lc.gemm(a1, b2), a1, b2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=str)
+def test_views(isa, threads, rng, dtype):
+    """Transposed, sliced, expanded (stride 0) and permuted views, consumed without copies."""
+    def mk(shape):
+        return rand_i8(rng, shape) if dtype == torch.int8 else rand(rng, shape, dtype)
+
+    check = assert_int_exact if dtype == torch.int8 else assert_close
+    m, k, n = 29, 300, 35
+    at, bt = mk((k, m)).t(), mk((n, k)).t()
+    check(lc.gemm(at, bt), at, bt)
+    a_s, b_s = mk((2 * m, 3 * k + 1))[::2, 1::3], mk((2 * k, 3 * n))[::2, ::3]
+    assert not a_s.is_contiguous() and not b_s.is_contiguous()
+    check(lc.gemm(a_s, b_s), a_s, b_s)
+    a_e = mk((1, k)).expand(m, k)                  # every row the same storage
+    b_e = mk((k, 1)).expand(k, n)
+    check(lc.gemm(a_e, b_e), a_e, b_e)
+    a_p = mk((k, 3, m)).permute(1, 2, 0)           # (3, m, k), unit stride nowhere near k
+    check(lc.gemm(a_p, bt), a_p, bt)
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy inputs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("np_dtype", [np.float32, np.float16, np.int8], ids=lambda d: np.dtype(d).name)
+def test_numpy(isa, rng, np_dtype):
+    def mk(shape):
+        if np_dtype == np.int8:
+            return rng.integers(-128, 128, size=shape, dtype=np.int8)
+        return rng.standard_normal(shape).astype(np_dtype)
+
+    a, b = mk((40, 90)), mk((90, 30))
+    for x, y in [(a, b), (a[::2, ::3], b[::3, 1::2]), (a[::-1], b[:, ::-1]), (np.asfortranarray(a), b.T.copy().T)]:
+        out = lc.gemm(x, y)
+        assert isinstance(out, np.ndarray)
+        if np_dtype == np.int8:
+            assert out.dtype == np.int32
+            np.testing.assert_array_equal(out, x.astype(np.int64) @ y.astype(np.int64))
+        else:
+            assert out.dtype == np_dtype
+            assert_close(out, x, y)
+    if np_dtype != np.int8:
+        out = lc.gemm(a, b, out_dtype=np.float32, bias=np.ones(30, np.float64))
+        assert out.dtype == np.float32
+        assert_close(out, a, b, np.ones(30))
+        assert isinstance(lc.gemm(a, torch.from_numpy(b)), np.ndarray)      # the kind of the first input
+        assert isinstance(lc.gemm(torch.from_numpy(a), b), torch.Tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer path
+# ---------------------------------------------------------------------------------------------
+
+def assert_int_exact(out, a, b):
+    out_t = torch.as_tensor(out)
+    assert out_t.dtype == torch.int32
+    exact = t64(a).long() @ t64(b).long()   # |values| < 2^53: exact in float64 and int64
+    assert torch.equal(out_t.long(), exact)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 33, 17), (33, 2 * BLK8["kc"] + 1, 19), (BLK8["mc"] + 1, 64, 48)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_int8_exact(isa, threads, rng, shape):
+    m, k, n = shape
+    a, b = rand_i8(rng, (m, k)), rand_i8(rng, (k, n))
+    assert_int_exact(lc.gemm(a, b), a, b)
+    assert_int_exact(lc.gemm(a, b, out_dtype=torch.int32), a, b)
+    # extremes: -128 * -128 products everywhere, and sign-mixed extremes
+    a_min = torch.full((m, k), -128, dtype=torch.int8)
+    assert_int_exact(lc.gemm(a_min, torch.full((k, n), -128, dtype=torch.int8)), a_min, torch.full((k, n), -128, dtype=torch.int8))
+    b_max = torch.full((k, n), 127, dtype=torch.int8)
+    assert_int_exact(lc.gemm(a_min, b_max), a_min, b_max)
+
+
+def test_int8_k_limit(isa, threads):
+    k = INT8_MAX_K  # the largest K: every sum of -128 * -128 products still fits int32
+    a = torch.full((2, k), -128, dtype=torch.int8)
+    b = torch.full((k, 3), -128, dtype=torch.int8)
+    b[:, 1] = 127
+    b[::2, 2] = 127
+    out = lc.gemm(a, b)
+    assert out[0, 0].item() == k * 16384 == 2147467264
+    assert_int_exact(out, a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled_gemm
+# ---------------------------------------------------------------------------------------------
+
+def qt(data, scale, axis):
+    return lc.QTensor(data, scale, None, "int8", tuple(data.shape), axis)
+
+
+def scaled_reference(a, b, sa, sb, bias, out_dtype):
+    """The contract's float32 epilogue, evaluated op by op in NumPy float32 (no FMA)."""
+    acc = a.numpy().astype(np.int64) @ b.numpy().astype(np.int64)
+    v = acc.astype(np.float32)
+    v = v * sa.numpy().reshape(-1, 1).astype(np.float32)
+    v = v * sb.numpy().reshape(1, -1).astype(np.float32)
+    if bias is not None:
+        v = v + bias.float().numpy()
+    return torch.from_numpy(v).to(out_dtype)
+
+
+@pytest.mark.parametrize("granularity", ["tensor-tensor", "row-column", "row-tensor", "tensor-column"])
+@pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=NAME.get)
+def test_scaled_gemm_bitwise(isa, threads, rng, granularity, out_dtype):
+    for m, k, n, with_bias in [(1, 1, 1, False), (13, BLK8["kc"] + 5, 37, True), (40, 65, 17, False)]:
+        a, b = rand_i8(rng, (m, k)), rand_i8(rng, (k, n)).t().contiguous().t()   # b as a transposed view
+        ga, gb = granularity.split("-")
+        sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=(m,) if ga == "row" else ()).astype(np.float32))
+        sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=(n,) if gb == "column" else ()).astype(np.float32))
+        bias = rand(rng, (n,), torch.float64) if with_bias else None
+        out = lc.scaled_gemm(qt(a, sa, 0 if ga == "row" else None), qt(b, sb, 1 if gb == "column" else None),
+                             bias=bias, out_dtype=out_dtype)
+        want = scaled_reference(a, b, sa, sb, bias, out_dtype)
+        assert out.dtype == out_dtype and out.shape == (m, n)
+        assert torch.equal(out, want)
+
+
+def test_scaled_gemm_numpy_and_default(rng):
+    a = rng.integers(-128, 128, size=(9, 50), dtype=np.int8)
+    b = rng.integers(-128, 128, size=(50, 11), dtype=np.int8)
+    sa, sb = np.float32(0.02), rng.uniform(0.01, 0.1, size=11).astype(np.float32)
+    out = lc.scaled_gemm(qt(a, np.asarray(sa), None), qt(b, sb, 1))
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+    want = scaled_reference(torch.from_numpy(a), torch.from_numpy(b), torch.tensor(sa), torch.from_numpy(sb),
+                            None, torch.float32)
+    np.testing.assert_array_equal(out, want.numpy())
+    out16 = lc.scaled_gemm(qt(a, np.asarray(sa), None), qt(b, sb, 1), out_dtype=np.float16)
+    assert out16.dtype == np.float16
+    assert lc.scaled_gemm(qt(a, np.asarray(sa), None), qt(b, sb, 1), out_dtype=None).dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty dimensions
+# ---------------------------------------------------------------------------------------------
+
+def test_empty_dims(rng):
+    for m, k, n in [(0, 5, 3), (4, 5, 0), (0, 0, 0)]:
+        out = lc.gemm(torch.zeros(m, k), torch.zeros(k, n))
+        assert out.shape == (m, n)
+        assert lc.gemm(torch.zeros(2, m, k, dtype=torch.int8), torch.zeros(k, n, dtype=torch.int8)).shape == (2, m, n)
+    bias = rand(rng, (3,), torch.float64)
+    out = lc.gemm(torch.zeros(4, 0, dtype=torch.bfloat16), torch.zeros(0, 3, dtype=torch.bfloat16), bias=bias,
+                  out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, bias.float().to(torch.float16).expand(4, 3))  # zeros + bias, rounded once
+    assert torch.equal(lc.gemm(torch.zeros(2, 4, 0), torch.zeros(2, 0, 3)), torch.zeros(2, 4, 3))
+    zi = lc.gemm(torch.zeros(4, 0, dtype=torch.int8), torch.zeros(0, 3, dtype=torch.int8))
+    assert zi.dtype == torch.int32 and torch.equal(zi, torch.zeros(4, 3, dtype=torch.int32))
+    out = lc.scaled_gemm(qt(torch.zeros(4, 0, dtype=torch.int8), torch.tensor(0.5), None),
+                         qt(torch.zeros(0, 3, dtype=torch.int8), torch.tensor(0.5), None), bias=bias)
+    assert torch.equal(out, bias.float().expand(4, 3))
+    e = lc.gemm(np.zeros((0, 3), np.float32), np.zeros((3, 2), np.float32))
+    assert isinstance(e, np.ndarray) and e.shape == (0, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one message per contract clause, naming the op, the argument and what was received
+# ---------------------------------------------------------------------------------------------
+
+F = torch.zeros(4, 3)
+G = torch.zeros(3, 2)
+I8 = torch.zeros(4, 3, dtype=torch.int8)
+J8 = torch.zeros(3, 2, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: lc.gemm([[1.0]], G), TypeError, r"lc\.gemm: a must be a torch\.Tensor or numpy\.ndarray, got list"),
+    (lambda: lc.gemm(F, 3.0), TypeError, r"lc\.gemm: b must be .* got float"),
+    (lambda: lc.gemm(F.double(), G.double()), TypeError, r"lc\.gemm: a must be .* got float64"),
+    (lambda: lc.gemm(F.int(), G.int()), TypeError, r"lc\.gemm: a must be .* got int32"),
+    (lambda: lc.gemm(F, G.half()), TypeError, r"lc\.gemm: a and b must share one dtype, got a float32 and b float16"),
+    (lambda: lc.gemm(I8, G), TypeError, r"share one dtype, got a int8 and b float32"),
+    (lambda: lc.gemm(torch.zeros(3), G), ValueError, r"lc\.gemm: a must be 2-D or 3-D .* got shape \(3,\)"),
+    (lambda: lc.gemm(F, torch.zeros(1, 1, 3, 2)), ValueError, r"lc\.gemm: b must be 2-D or 3-D .* \(1, 1, 3, 2\)"),
+    (lambda: lc.gemm(F, torch.zeros(5, 2)), ValueError, r"lc\.gemm: inner dimensions differ: a \(4, 3\) .* b \(5, 2\)"),
+    (lambda: lc.gemm(F, torch.zeros(2, 3, 2)), ValueError, r"lc\.gemm: a 2-D a with a 3-D b .* \(4, 3\) .* \(2, 3, 2\)"),
+    (lambda: lc.gemm(torch.zeros(2, 4, 3), torch.zeros(3, 3, 2)), ValueError,
+     r"lc\.gemm: batch sizes differ: a \(2, 4, 3\) and b \(3, 3, 2\)"),
+    (lambda: lc.gemm(F, G, bias=torch.zeros(3)), ValueError, r"lc\.gemm: bias must have shape \(2,\) .* got \(3,\)"),
+    (lambda: lc.gemm(F, G, bias=torch.zeros(1, 2)), ValueError, r"lc\.gemm: bias must have shape \(2,\) .* \(1, 2\)"),
+    (lambda: lc.gemm(F, G, bias=torch.zeros(2, dtype=torch.int32)), TypeError, r"lc\.gemm: bias must be float.* int32"),
+    (lambda: lc.gemm(F, G, bias="x"), TypeError, r"lc\.gemm: bias must be a torch\.Tensor or numpy\.ndarray, got str"),
+    (lambda: lc.gemm(F, G, out_dtype="float16"), TypeError, r"lc\.gemm: out_dtype must be a torch or NumPy dtype, got 'float16'"),
+    (lambda: lc.gemm(F, G, out_dtype=torch.float64), TypeError, r"lc\.gemm: out_dtype must be one of .* got float64"),
+    (lambda: lc.gemm(F, G, out_dtype=torch.int32), TypeError, r"lc\.gemm: out_dtype must be one of .* got int32"),
+    (lambda: lc.gemm(F.numpy(), G.numpy(), out_dtype=torch.bfloat16), TypeError, r"lc\.gemm: out_dtype bfloat16 .* NumPy"),
+    (lambda: lc.gemm(I8, J8, bias=torch.zeros(2)), ValueError, r"lc\.gemm: bias is not supported for int8 .* \(2,\)"),
+    (lambda: lc.gemm(I8, J8, out_dtype=torch.float32), TypeError, r"lc\.gemm: out_dtype must be one of int32 .* got float32"),
+    (lambda: lc.gemm(torch.zeros(1, INT8_MAX_K + 1, dtype=torch.int8), torch.zeros(INT8_MAX_K + 1, 1, dtype=torch.int8)),
+     ValueError, r"lc\.gemm: K=131072 exceeds 131071"),
+    (lambda: lc.gemm(F.to("meta"), G), ValueError, r"lc\.gemm: all tensors must be on one device, got a on meta, b on cpu"),
+    (lambda: lc.gemm(np.zeros((4, 3), np.float64), G.numpy()), TypeError, r"lc\.gemm: a must be .* got float64"),
+    (lambda: lc.gemm(np.zeros((4, 3), np.complex64), G.numpy()), TypeError, r"lc\.gemm: a has NumPy dtype complex64"),
+])
+def test_gemm_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+QA = qt(I8, torch.tensor(0.5), None)
+QB = qt(J8, torch.ones(2), 1)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda: lc.scaled_gemm(I8, QB), TypeError, r"lc\.scaled_gemm: qa must be a lepton_core\.QTensor .* got torch\.Tensor"),
+    (lambda: lc.scaled_gemm(QA, lc.QTensor(J8.view(torch.uint8), torch.tensor(1.0), torch.tensor(0, dtype=torch.int32),
+                                           "uint8", (3, 2))), TypeError, r"lc\.scaled_gemm: qb must be an int8 QTensor, got format 'uint8'"),
+    (lambda: lc.scaled_gemm(qt(I8, torch.ones(3), 1), QB), ValueError,
+     r"lc\.scaled_gemm: qa must be quantized per-tensor or per-row \(axis=0\), got axis=1"),
+    (lambda: lc.scaled_gemm(QA, qt(J8, torch.ones(3), 0)), ValueError, r"qb must be quantized per-tensor or per-column"),
+    (lambda: lc.scaled_gemm(QA, lc.QTensor(J8, torch.ones(1), None, "int8", (3, 2), None, 32)), ValueError,
+     r"qb must be quantized .* got block_size=32"),
+    (lambda: lc.scaled_gemm(QA, qt(torch.zeros(5, 2, dtype=torch.int8), torch.tensor(1.0), None)), ValueError,
+     r"lc\.scaled_gemm: inner dimensions differ: qa \(4, 3\) .* qb \(5, 2\)"),
+    (lambda: lc.scaled_gemm(qt(I8, torch.ones(3), 0), QB), ValueError, r"qa\.scale must have 4 element\(s\) .* got shape \(3,\)"),
+    (lambda: lc.scaled_gemm(QA, QB, bias=torch.zeros(3)), ValueError, r"lc\.scaled_gemm: bias must have shape \(2,\)"),
+    (lambda: lc.scaled_gemm(QA, QB, out_dtype=torch.int32), TypeError, r"lc\.scaled_gemm: out_dtype must be one of .* got int32"),
+    (lambda: lc.scaled_gemm(QA, QB, out_dtype="f16"), TypeError, r"lc\.scaled_gemm: out_dtype must be a torch or NumPy dtype, got 'f16'"),
+    (lambda: lc.scaled_gemm(qt(I8.numpy(), np.float32(1.0), None), qt(J8.numpy(), np.float32(1.0), None),
+                            out_dtype=torch.bfloat16), TypeError, r"out_dtype bfloat16 .* NumPy"),
+    (lambda: lc.scaled_gemm(qt(torch.zeros(1, INT8_MAX_K + 1, dtype=torch.int8), torch.tensor(1.0), None),
+                            qt(torch.zeros(INT8_MAX_K + 1, 1, dtype=torch.int8), torch.tensor(1.0), None)),
+     ValueError, r"lc\.scaled_gemm: K=131072 exceeds 131071"),
+])
+def test_scaled_gemm_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: opcheck, autograd, torch.compile, meta
+# ---------------------------------------------------------------------------------------------
+
+def test_opcheck(rng):
+    a, b = rand(rng, (5, 7), torch.float32), rand(rng, (7, 3), torch.float32)
+    torch.library.opcheck(torch.ops.lepton.gemm.default, (a, b, rand(rng, (3,), torch.float32), torch.float32))
+    a3 = rand(rng, (2, 5, 7), torch.bfloat16).requires_grad_()
+    b2 = rand(rng, (7, 3), torch.bfloat16).requires_grad_()
+    torch.library.opcheck(torch.ops.lepton.gemm.default, (a3, b2, None, torch.float32))
+    ai, bi = rand_i8(rng, (5, 7)), rand_i8(rng, (7, 3))
+    torch.library.opcheck(torch.ops.lepton.gemm.default, (ai, bi, None, torch.int32))
+    torch.library.opcheck(torch.ops.lepton.scaled_gemm.default,
+                          (ai, bi, torch.rand(5), torch.rand(1), torch.rand(3), torch.float16))
+
+
+@pytest.mark.parametrize("case", ["2d-bias", "3d", "3d-broadcast-bias64"])
+def test_autograd_matches_torch(rng, case):
+    a_shape, b_shape = {"2d-bias": ((6, 9), (9, 5)), "3d": ((2, 6, 9), (2, 9, 5)),
+                        "3d-broadcast-bias64": ((3, 6, 9), (9, 5))}[case]
+    a = rand(rng, a_shape, torch.float32).requires_grad_()
+    b = rand(rng, b_shape, torch.float32).requires_grad_()
+    bias = None
+    if "bias" in case:
+        bias = rand(rng, (5,), torch.float64 if "64" in case else torch.float32).requires_grad_()
+    out = lc.gemm(a, b, bias=bias)
+    assert out.grad_fn is not None
+    g = rand(rng, tuple(out.shape), torch.float32)
+    grads = torch.autograd.grad(out, [t for t in (a, b, bias) if t is not None], g)
+    want_out = a.double() @ b.double() + (0 if bias is None else bias.double())
+    want = torch.autograd.grad(want_out, [t for t in (a, b, bias) if t is not None], g.double())
+    for got, w, t in zip(grads, want, (a, b, bias)):
+        assert got.dtype == t.dtype and got.shape == t.shape
+        assert torch.linalg.vector_norm(got.double() - w) <= 1e-5 * torch.linalg.vector_norm(w)
+
+
+def test_autograd_bf16_grad_dtypes(rng):
+    a = rand(rng, (4, 8, 16), torch.bfloat16).requires_grad_()
+    b = rand(rng, (16, 8), torch.bfloat16).requires_grad_()
+    out = lc.gemm(a, b, out_dtype=torch.float32)
+    out.sum().backward()
+    assert a.grad.dtype == torch.bfloat16 and b.grad.dtype == torch.bfloat16
+    want_b = a.detach().double().reshape(-1, 16).t() @ torch.ones(32, 8, dtype=torch.float64)
+    assert torch.linalg.vector_norm(b.grad.double() - want_b) <= 1e-2 * torch.linalg.vector_norm(want_b)
+
+
+def test_torch_compile_fullgraph(rng):
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(x, w, bias):
+        return torch.relu(lc.gemm(x, w, bias=bias, out_dtype=torch.float32)) * 2
+
+    x, w = rand(rng, (2, 8, 16), torch.bfloat16), rand(rng, (16, 12), torch.bfloat16)
+    bias = rand(rng, (12,), torch.float32)
+    got = f(x, w, bias)
+    want = torch.relu(lc.gemm(x, w, bias=bias, out_dtype=torch.float32)) * 2
+    assert torch.equal(got, want)
+    xg = x.clone().requires_grad_()
+    f(xg, w, bias).sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+
+
+def test_meta_and_fake_shapes():
+    out = lc.gemm(torch.empty(2, 5, 7, device="meta", dtype=torch.bfloat16),
+                  torch.empty(7, 3, device="meta", dtype=torch.bfloat16), out_dtype=torch.float16)
+    assert out.device.type == "meta" and out.shape == (2, 5, 3) and out.dtype == torch.float16
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fa, fb = torch.empty(5, 7, dtype=torch.int8), torch.empty(7, 3, dtype=torch.int8)
+        assert _tensors.is_fake(fa)
+        out = lc.gemm(fa, fb)
+        assert out.shape == (5, 3) and out.dtype == torch.int32
+
+
+def test_eager_bypasses_dispatcher_only_when_safe(rng):
+    a, b = rand(rng, (3, 4), torch.float32), rand(rng, (4, 2), torch.float32)
+    assert lc.gemm(a, b).grad_fn is None
+    assert lc.gemm(a.requires_grad_(), b).grad_fn is not None
+    with torch.no_grad():
+        assert lc.gemm(a, b).grad_fn is None
+
+
+def test_matches_torch_exactly_sized(rng):
+    """A sanity anchor independent of our own reference helper: torch's float64 matmul."""
+    a, b = rand(rng, (64, 64), torch.float32), rand(rng, (64, 64), torch.float32)
+    got = lc.gemm(a, b).double()
+    want = a.double() @ b.double()
+    assert math.isclose(float((got - want).norm()), 0.0, abs_tol=1e-5 * float(want.norm()))
