@@ -1,12 +1,15 @@
 """`lepton bench train`: data-parallel training step throughput, 2 local workers, bf16 autocast.
 
-The model is an MLP whose gradients weigh ~50 MB in float32 (12.6 M parameters; quick: ~8 MB). Four
-variants run in the same two processes, interleaved round by round (A B C D A B C D ...), each with
-its own copy of the model, DDP wrapper and AdamW:
-  baseline   torch.nn.Linear + DDP's built-in Gloo all-reduce (float32)   <- what a user would write
-  lc layers  lc.nn.Linear    + DDP's Gloo all-reduce
-  int8 hook  torch.nn.Linear + ld.allreduce_hook (int8, error feedback)
-  ours       lc.nn.Linear    + ld.allreduce_hook (int8, error feedback)
+The model is an MLP whose gradients weigh ~50 MB in float32 (12.6 M parameters; quick: ~8 MB). Five
+variants run in the same two processes, interleaved round by round (A B C D E A B C D E ...), each
+with its own copy of the model, DDP wrapper and AdamW:
+  baseline    torch.nn.Linear + DDP's built-in Gloo all-reduce (float32), bf16 autocast
+  lc layers   lc.nn.Linear    + DDP's Gloo all-reduce, bf16 autocast
+  int8 hook   torch.nn.Linear + ld.allreduce_hook (int8, error feedback), bf16 autocast
+  ours        lc.nn.Linear    + ld.allreduce_hook (int8, error feedback), bf16 autocast
+  torch fp32  torch.nn.Linear + DDP's Gloo all-reduce, no autocast (float32 throughout): a CPU
+              without native bf16 (AVX2 only) runs torch's bf16 matmuls slower than its float32 ones,
+              so this row shows the best plain-PyTorch option on such a machine too.
 A step is forward + backward (with the gradient all-reduce) + optimizer step. Each sample times a
 fixed number of steps on both workers after a barrier, and keeps the slower worker's time (the
 step of a data-parallel job is as fast as its slowest worker); rows show medians over the rounds.
@@ -23,17 +26,18 @@ import statistics
 import time
 from typing import Any, Dict, List
 
-COLUMNS = ["variant", "layers", "allreduce", "grad_MB", "batch", "ms_per_step", "samples_per_s", "GFLOP/s",
+COLUMNS = ["variant", "layers", "compute", "allreduce", "grad_MB", "batch", "ms_per_step", "samples_per_s", "GFLOP/s",
            "wire_MB", "speedup"]
 
 WORLD_SIZE = 2
 FULL = {"dims": [1024, 2048, 2048, 2048, 1024], "batch": 32, "rounds": 7, "steps": 3, "warmup": 2}
 QUICK = {"dims": [512, 1024, 1024, 512], "batch": 32, "rounds": 3, "steps": 2, "warmup": 1}
-VARIANTS = [  # name, lc.nn layers?, ld int8 hook?
-    ("baseline", False, False),
-    ("lc layers", True, False),
-    ("int8 hook", False, True),
-    ("ours", True, True),
+VARIANTS = [  # name, lc.nn layers?, ld int8 hook?, bf16 autocast?
+    ("baseline", False, False, True),
+    ("lc layers", True, False, True),
+    ("int8 hook", False, True, True),
+    ("ours", True, True, True),
+    ("torch fp32", False, False, False),
 ]
 
 
@@ -75,7 +79,9 @@ def _worker(spec: Dict[str, Any]):
         x = torch.randn(batch, dims[0], generator=g)
         target = torch.randn(batch, dims[-1], generator=g)
         runs = {}
-        for name, use_lc, use_hook in VARIANTS:
+        autocast = {}
+        for name, use_lc, use_hook, use_bf16 in VARIANTS:
+            autocast[name] = use_bf16
             model = _mlp(dims, use_lc)
             ddp = DDP(model)
             if use_hook:
@@ -86,7 +92,7 @@ def _worker(spec: Dict[str, Any]):
 
         def step(name: str) -> float:
             model, ddp, opt = runs[name]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast[name]):
                 out = ddp(x)
             loss = torch.nn.functional.mse_loss(out.float(), target)
             loss.backward()
@@ -125,12 +131,13 @@ def _worker(spec: Dict[str, Any]):
         n_params = sum(p.numel() for p in runs["baseline"][0].parameters())
         ring = 2 * (world - 1) / world
         rows = []
-        for name, use_lc, use_hook in VARIANTS:
+        for name, use_lc, use_hook, use_bf16 in VARIANTS:
             t = medians[name]
             rows.append({
                 "variant": name,
                 "layers": "lc.nn.Linear" if use_lc else "nn.Linear",
                 "allreduce": "ld int8+EF" if use_hook else "gloo fp32",
+                "compute": "bf16" if use_bf16 else "fp32",
                 "grad_MB": n_params * 4 / 1e6,
                 "batch": f"{world}x{batch}",
                 "ms_per_step": t * 1e3,
@@ -145,7 +152,7 @@ def _worker(spec: Dict[str, Any]):
 
 
 def run(quick: bool = False) -> List[Dict[str, Any]]:
-    """Starts 2 local workers, times the 4 variants, returns rank 0's rows."""
+    """Starts 2 local workers, times the variants, returns rank 0's rows."""
     from lepton_core.train.launch import launch_local
 
     spec = QUICK if quick else FULL
