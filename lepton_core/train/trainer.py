@@ -160,7 +160,9 @@ class Trainer:
                 torch.Generator that is seeded from config.seed and saved in checkpoints.
     optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay).
 
-    Creates the process group when none exists (and destroys it in close()).
+    Creates the process group when none exists (and destroys it in close()). Seeds torch's global
+    RNG per worker (seed, rank) for dropout and the like. Before the first step, one backward pass in
+    eval mode lets DDP settle its gradient buckets (see _settle_buckets).
     """
 
     def __init__(self, model: nn.Module, train_data: Dataset, eval_data: Optional[Dataset] = None,
@@ -177,39 +179,43 @@ class Trainer:
         self.augment = augment
 
         self._owns_group = self._init_process_group()
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.is_main = self.rank == 0
-        self.device = self._pick_device()
+        try:
+            self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+            self.is_main = self.rank == 0
+            self.device = self._pick_device()
 
-        self.model = model.to(self.device)
-        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        hook_state = ld.HookState(group=None, compression=None if cfg.compression == "none" else cfg.compression,
-                                  error_feedback=cfg.error_feedback, block_size=cfg.block_size)
-        self.comm = CommState(hook_state, self.world_size, cfg.compression, cfg.block_size,
-                              guard_nonfinite=cfg.precision == "fp16" and cfg.compression != "none")
-        self.ddp.register_comm_hook(self.comm, comm_hook)
+            self.model = model.to(self.device)
+            self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            hook_state = ld.HookState(group=None, compression=None if cfg.compression == "none" else cfg.compression,
+                                      error_feedback=cfg.error_feedback, block_size=cfg.block_size)
+            self.comm = CommState(hook_state, self.world_size, cfg.compression, cfg.block_size,
+                                  guard_nonfinite=cfg.precision == "fp16" and cfg.compression != "none")
+            self.ddp.register_comm_hook(self.comm, comm_hook)
 
-        params = list(self.model.parameters())
-        self.optimizer = (optimizer(params) if optimizer is not None else
-                          torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
-        self.amp_dtype = _AMP_DTYPES[cfg.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+            params = list(self.model.parameters())
+            self.optimizer = (optimizer(params) if optimizer is not None else
+                              torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+            self.amp_dtype = _AMP_DTYPES[cfg.precision]
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
 
-        # Independent, reproducible random streams per worker (dropout, augmentation).
-        torch.manual_seed(cfg.seed * 1009 + 1 + self.rank)
-        self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + 100_003 + self.rank)
-        self.sampler = DistributedSampler(train_data, num_replicas=self.world_size, rank=self.rank, shuffle=True,
-                                          seed=cfg.seed, drop_last=False)
-        n_micro = math.ceil(len(self.sampler) / cfg.batch_size)
-        self.steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
+            # Independent, reproducible random streams per worker (dropout, augmentation).
+            torch.manual_seed(cfg.seed * 1009 + 1 + self.rank)
+            self.generator = torch.Generator().manual_seed(cfg.seed * 1009 + 100_003 + self.rank)
+            self.sampler = DistributedSampler(train_data, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                              seed=cfg.seed, drop_last=False)
+            n_micro = math.ceil(len(self.sampler) / cfg.batch_size)
+            self.steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+            self.total_steps = cfg.epochs * self.steps_per_epoch
 
-        # Position in the run and what has been measured so far (all saved in checkpoints).
-        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.history: List[Dict[str, Any]] = []
-        self._sums = self._zero_sums()
-        self._buckets_settled = False
-        self._pending_rng: Optional[Dict[str, Any]] = None
+            # Position in the run and what has been measured so far (all saved in checkpoints).
+            self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+            self.history: List[Dict[str, Any]] = []
+            self._sums = self._zero_sums()
+            self._buckets_settled = False
+            self._pending_rng: Optional[Dict[str, Any]] = None
+        except BaseException:
+            self.close()  # do not leave a process group behind
+            raise
 
     # -- setup ----------------------------------------------------------------------------------------
     def _init_process_group(self) -> bool:
