@@ -453,8 +453,12 @@ class Trainer:
         }
         if self.history:
             last = self.history[-1]
-            for key in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy", "samples_per_s"):
+            for key in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy"):
                 summary[key] = last.get(key)
+            # over the whole run: samples / training time (evaluation and checkpoints excluded)
+            timed = [r for r in self.history if r.get("samples_per_s") and r.get("epoch_s")]
+            secs = sum(r["epoch_s"] for r in timed)
+            summary["samples_per_s"] = sum(r["samples_per_s"] * r["epoch_s"] for r in timed) / secs if secs else None
         summary["history"] = list(self.history)
         return summary
 
