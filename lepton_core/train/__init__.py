@@ -4,9 +4,17 @@
     cfg = TrainConfig(epochs=10, precision="bf16", compression="int8", checkpoint_dir="ckpt")
     summary = Trainer(model, train_set, test_set, cfg).fit()   # in every worker (torchrun, lepton train)
 
-`lepton train` (lepton_core.train.cli) runs the default job; see its module docstring.
+`lepton train` (lepton_core.train.cli) runs the default job; see its module docstring. Trainer is
+imported on first use, so building the `lepton` command line stays cheap.
 """
 from .config import TrainConfig
-from .trainer import Trainer
 
 __all__ = ["TrainConfig", "Trainer"]
+
+
+def __getattr__(name):
+    if name == "Trainer":
+        from .trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
