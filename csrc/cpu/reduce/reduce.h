@@ -10,8 +10,9 @@
 // (a true division in the accumulator type). MAX/MIN propagate NaN: op(a, b) is (a > b ? a : b)
 // (resp. <), and a when a is NaN; the operand order is part of the contract (acc first, new value
 // second), which fixes the result bits even for NaN payloads and signed zeros.
-// Rounding. 16-bit results are rounded once, round-to-nearest-even, from the float32 accumulator;
-// NaN becomes the canonical quiet NaN of the format (see dtypes.h).
+// Rounding. Widening is exact (a float16 signaling NaN comes out quiet, as F16C does). 16-bit
+// results are rounded once, round-to-nearest-even, from the float32 accumulator; NaN becomes the
+// quiet NaN of dtypes.h.
 //
 // int8 compression ("q8"). A message is cut into blocks of `block_elems` elements from its first
 // element (the last block may be short). A block travels as int8 codes plus one float32 scale:

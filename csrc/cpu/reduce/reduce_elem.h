@@ -21,7 +21,12 @@ template <> struct Ty<LP_DTYPE_F32> {
 };
 template <> struct Ty<LP_DTYPE_F16> {
   using T = uint16_t; using A = float;
-  static inline A widen(T x) { return f16_to_f32(x); }
+  // As F16C's conversion: exact, and a signaling NaN comes out quiet.
+  static inline A widen(T x) {
+    float f = f16_to_f32(x);
+    if ((x & 0x7c00u) == 0x7c00u && (x & 0x3ffu)) f = bits_to_f32(f32_to_bits(f) | 0x400000u);
+    return f;
+  }
   static inline T narrow(A a) { return f32_to_f16(a); }
 };
 template <> struct Ty<LP_DTYPE_BF16> {
