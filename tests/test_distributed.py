@@ -252,3 +252,164 @@ def test_q8_kernels_simd_equals_scalar_on_any_bits(dtype, rng):
         outs[isa] = [_bits(t) for t in (q, s, q2, s2, y, g)]
     for isa in isas[1:]:
         assert outs[isa] == outs[isas[0]], isa
+
+
+# ======================= argument checks, in this process =======================
+def test_all_reduce_rejects_bad_arguments():
+    import lepton_core.distributed as ld
+
+    t = torch.ones(4)
+    with pytest.raises(TypeError, match="ld.all_reduce: tensor must be a torch.Tensor"):
+        ld.all_reduce(np.ones(4, dtype=np.float32))
+    with pytest.raises(TypeError, match="ld.all_reduce: tensor must be a torch.Tensor"):
+        ld.all_reduce([1.0, 2.0])
+    with pytest.raises(TypeError, match="dtype int8"):
+        ld.all_reduce(torch.ones(4, dtype=torch.int8))
+    with pytest.raises(TypeError, match="dtype complex64"):
+        ld.all_reduce(torch.ones(4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="op must be one of"):
+        ld.all_reduce(t, "prod")
+    with pytest.raises(ValueError, match="op must be one of"):
+        ld.all_reduce(t, 3)
+    with pytest.raises(ValueError, match="compression must be None or 'int8'"):
+        ld.all_reduce(t, compression="fp8")
+    with pytest.raises(TypeError, match="'avg' needs a floating-point tensor, got dtype int32"):
+        ld.all_reduce(torch.ones(4, dtype=torch.int32), "avg")
+    with pytest.raises(TypeError, match="compression 'int8' works with op 'sum' or 'avg' only, got 'max'"):
+        ld.all_reduce(t, "max", compression="int8")
+    with pytest.raises(TypeError, match="compression 'int8' needs a floating-point tensor, got dtype int64"):
+        ld.all_reduce(torch.ones(4, dtype=torch.int64), compression="int8")
+    with pytest.raises(ValueError, match=r"block_size must be a power of two in \[32, 4096\], got 100"):
+        ld.all_reduce(t, compression="int8", block_size=100)
+    with pytest.raises(TypeError, match="block_size must be an int"):
+        ld.all_reduce(t, compression="int8", block_size=256.0)
+    assert issubclass(ld.CommError, RuntimeError)
+    # Valid arguments, but no process group: a ValueError saying so (as torch.distributed does).
+    with pytest.raises(ValueError, match="torch.distributed is not initialized"):
+        ld.all_reduce(t)
+    with pytest.raises(ValueError, match="ld.HookState: compression must be None or 'int8'"):
+        ld.HookState(compression="int4")
+    with pytest.raises(ValueError, match="ld.HookState: block_size"):
+        ld.HookState(block_size=48)
+
+
+class _FakeBucket:
+    def __init__(self, params):
+        self._params = params
+
+    def parameters(self):
+        return self._params
+
+
+def test_hook_residuals_follow_parameters_across_bucket_rebuilds():
+    import lepton_core.distributed as ld
+
+    p = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 3, 7)]
+    state = ld.HookState()
+    # Step 0: DDP's initial buckets [p2, p1], [p0]; give each parameter's residual its own values.
+    r21 = state.residual_for([p[2], p[1]], 10)
+    r0 = state.residual_for([p[0]], 5)
+    r21.copy_(torch.arange(10.0) + 100)
+    r0.copy_(torch.arange(5.0))
+    # Step 1: rebuilt buckets [p0, p1], [p2]: every parameter keeps its residual.
+    r01 = state.residual_for([p[0], p[1]], 8)
+    r2 = state.residual_for([p[2]], 7)
+    assert torch.equal(r01, torch.cat([torch.arange(5.0), torch.arange(7.0, 10.0) + 100]))
+    assert torch.equal(r2, torch.arange(7.0) + 100)
+    # Stable keys (first-seen order) for checkpoints, and a round trip into a fresh state.
+    sd = state.state_dict()
+    assert sorted(sd["residuals"]) == [0, 1, 2]
+    fresh = ld.HookState()
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.residual_for([p[2], p[1]], 10), torch.arange(10.0) + 100)
+    with pytest.raises(ValueError, match="does not hold its parameters"):
+        state.residual_for([p[0], p[2]], 11)
+
+
+# ======================= multi-process jobs =======================
+def _segments(pids):
+    return [n for n in os.listdir("/dev/shm") if any(n.startswith(f"lepton-{pid}-") for pid in pids)]
+
+
+def _run(job, world, *, expect_codes=None, **kw):
+    res = launch(job, world, **kw)
+    codes = expect_codes or [0] * world
+    assert res.codes == codes, res.describe()
+    assert all(r is not None and r["ok"] for i, r in enumerate(res.results) if codes[i] == 0), res.describe()
+    pids = [r["pid"] for r in res.results if r]
+    assert _segments(pids) == [], "shared-memory segments left in /dev/shm"
+    return res
+
+
+def _assert_same_bits(res, ranks=None):
+    ranks = ranks if ranks is not None else range(res.world)
+    hashes = [res.results[r]["hashes"] for r in ranks]
+    assert hashes[0], "no results recorded"
+    for h in hashes[1:]:
+        diff = [k for k in hashes[0] if h.get(k) != hashes[0][k]]
+        assert not diff, f"ranks hold different bits for {diff[:5]}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_reduce_every_dtype_op_and_count(world, rng):
+    # With 3 ranks, rank 1 runs the scalar kernels: results must still agree bit for bit.
+    env = {1: {"LEPTON_CPU_ISA": "scalar"}} if world == 3 else None
+    res = _run("correctness", world, args={"seed": int(rng.integers(1 << 30))}, env=env, timeout_s=150)
+    _assert_same_bits(res)
+    for r in res.results:
+        assert r["transport"] == {"shm": "shm"}
+        for key, msg in r["mismatch"].items():
+            field = key.split()[-1]
+            assert msg.startswith(f"ld.all_reduce: ranks disagree on {field}: rank 0 has "), msg
+
+
+@pytest.mark.distributed
+def test_all_reduce_four_ranks_shm_torch_and_hierarchical(rng):
+    res = _run("correctness", 4, args={"seed": int(rng.integers(1 << 30)), "transports": True}, timeout_s=200)
+    _assert_same_bits(res)
+    for r in res.results:
+        assert r["transport"] == {"shm": "shm", "torch": "torch", "hier": "hier", "uneven": "torch"}
+        assert set(r["mismatch"]) == {f"{t} {f}" for t in ("shm", "torch", "hier") for f in ("numel", "dtype", "op")}
+        for key, msg in r["mismatch"].items():
+            assert f"ranks disagree on {key.split()[-1]}" in msg, msg
+
+
+@pytest.mark.distributed
+def test_killed_rank_gives_commerror_naming_it_then_a_new_job_runs():
+    pg_timeout = 60.0  # far above what detection takes: the dead pid is seen, not the timeout
+    res = _run("killed_rank", 3, expect_codes=[0, 0, -9], pg_timeout_s=pg_timeout, timeout_s=90)
+    for r in res.results[:2]:
+        assert "rank 2" in r["error"] and "died" in r["error"], r["error"]
+        assert r["error_after_s"] < 10, r["error_after_s"]
+        assert "rank 2" in r["error_again"]
+        assert r["segments_after_setup"] == []  # unlinked as soon as everyone had mapped it
+    # A job whose ranks all restart works again.
+    res = _run("smoke", 3, timeout_s=60)
+    assert all(r["transport"] == "shm" for r in res.results)
+
+
+@pytest.mark.distributed
+def test_stopped_or_frozen_rank_gives_commerror_naming_it_within_the_timeout():
+    pg_timeout = 3.0
+    res = _run("stopped_rank", 3, expect_codes=[0, 0, -9], pg_timeout_s=pg_timeout, timeout_s=90)
+    for r in (res.results[0], res.results[2]):
+        assert "rank 1 did not take part" in r["error"], r["error"]
+        assert pg_timeout - 0.5 <= r["error_after_s"] <= pg_timeout + 5, r["error_after_s"]
+    assert "rank 1" in res.results[1]["error"]  # it raises too when it finally calls
+    for r in res.results[:2]:
+        assert "rank 2 did not take part" in r["error2"], r["error2"]
+        assert r["error2_after_s"] <= pg_timeout + 5, r["error2_after_s"]
+
+
+@pytest.mark.distributed
+def test_ddp_with_hook_keeps_replicas_identical_and_trains():
+    res = _run("ddp", 2, timeout_s=120)
+    _assert_same_bits(res)
+    for r in res.results:
+        losses = r["losses"]
+        final = {k: sum(v[-10:]) / 10 for k, v in losses.items()}
+        first = losses["default"][0]
+        for kind in ("hook-none", "hook-int8"):
+            assert final[kind] < 0.25 * first, (kind, final[kind], first)
+            assert abs(final[kind] - final["default"]) <= 0.1 * final["default"], final

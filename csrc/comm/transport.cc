@@ -68,6 +68,7 @@ constexpr int64_t kSpinNs = 30000, kSpinNsOversubscribed = 0;
 constexpr int64_t kYieldNs = 200000, kYieldNsOversubscribed = 20000;
 constexpr int64_t kSleepNs = 1000000;       // futex timeout: fault checks at least this often
 constexpr int64_t kCheckPeriodNs = 1000000;
+constexpr int64_t kStaleHeartbeatNs = 500000000;  // a waiting rank refreshes it every ~ms
 
 }  // namespace
 
@@ -279,12 +280,14 @@ template <class Ready> void ShmTransport::wait_for(int peer, Ready ready, const 
   }
   RankCtl& me = ctl(rank_);
   RankCtl& pc = ctl(peer);
+  me.heartbeat_ns.store(t0, std::memory_order_relaxed);
   me.waiting_on.store(peer, std::memory_order_relaxed);
   int64_t next_check = t0 + kCheckPeriodNs;
   for (;;) {
     if (ready()) break;
     int64_t now = now_ns();
     if (now >= next_check) {
+      me.heartbeat_ns.store(now, std::memory_order_relaxed);
       check_faults(peer, what);
       next_check = now + kCheckPeriodNs;
     }
@@ -319,12 +322,16 @@ bool ShmTransport::peer_dead(int r) {
 }
 
 int ShmTransport::stalled_rank(int peer) const {
-  // Follow "who waits for whom" from the peer to a rank that waits for nobody: the one holding up
-  // the ring. A cycle (should not happen) blames the peer itself.
+  // Follow "who waits for whom" from the peer to the rank holding things up: one that waits for
+  // nobody (it is not in the call), or one that claims to wait but has stopped refreshing its
+  // heartbeat (a stopped or wedged process). A cycle back to us blames the last rank reached.
   int r = peer;
+  int64_t now = now_ns();
   for (int hops = 0; hops < n_ranks_; ++hops) {
-    int w = ctl(r).waiting_on.load(std::memory_order_relaxed);
+    const RankCtl& c = ctl(r);
+    int w = c.waiting_on.load(std::memory_order_relaxed);
     if (w < 0 || w == rank_) return r;
+    if (now - c.heartbeat_ns.load(std::memory_order_relaxed) > kStaleHeartbeatNs) return r;
     r = w;
   }
   return peer;

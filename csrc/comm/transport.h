@@ -63,6 +63,7 @@ struct RankCtl {
   alignas(64) std::atomic<uint32_t> bell;
   std::atomic<uint32_t> sleepers;
   alignas(64) std::atomic<int32_t> waiting_on;  // rank this one waits for, -1 when not waiting
+  std::atomic<int64_t> heartbeat_ns;            // CLOCK_MONOTONIC, refreshed while waiting
   std::atomic<uint64_t> done;                   // calls this rank has completed
   alignas(64) std::atomic<int32_t> aborted;
   int32_t culprit;

@@ -155,7 +155,6 @@ class GroupComm:
             if group is not dist.GroupMember.WORLD else list(range(self.size))
         self.timeout_s = group_timeout_s(group)
         self.shm = None          # native ShmComm of this host's ranks (shm, hier)
-        self.cross = None        # hier: torch group of the ranks with my local index on every host
         self.n_hosts = 1
         self.local_size = 1
         self.local_rank = 0
@@ -190,13 +189,12 @@ class GroupComm:
             return "torch"  # uneven hosts, or one rank per host: torch.distributed alone
         mine = members[hosts[self.rank]]
         self._setup_shm(setup, f"host{order.index(hosts[self.rank])}", mine)
-        # The ranks with my local index on every host, in host order (use_local_synchronization:
-        # only they take part in creating it).
-        peers = [members[h][self.local_rank] for h in order]
-        self.cross_ranks = peers
-        self.cross = dist.new_group([self.global_ranks[r] for r in peers],
-                                    timeout=datetime.timedelta(seconds=self.timeout_s),
-                                    use_local_synchronization=True)
+        # Between hosts, the ranks with my local index (one per host) exchange pieces of our shard
+        # through all_to_all on the group itself: no extra process group is made.
+        self.host_of = [order.index(h) for h in hosts]
+        self.local_of = [members[hosts[r]].index(r) for r in range(self.size)]
+        self.peers = [r for r in range(self.size) if self.local_of[r] == self.local_rank]  # rank order
+        self.host_index = order.index(hosts[self.rank])
         return "hier"
 
     def _setup_shm(self, setup: _Setup, tag: str, local: List[int]) -> None:
@@ -300,27 +298,26 @@ class GroupComm:
         except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
             raise _fail_comm(f"torch.distributed {what} failed: {type(e).__name__}: {e}") from None
 
-    def _check_headers(self, group, ranks: List[int], header: List[int]) -> torch.Tensor:
-        """All-gathers a small int64 header across `group` (ranks: their ranks in this group) and
-        raises CommError, the same on every rank, on the first field that differs from ranks[0]'s."""
+    def _check_headers(self, header: List[int]) -> List[List[int]]:
+        """All-gathers a small int64 header across the group and raises CommError, the same on
+        every rank, on the first field that differs from rank 0's. Returns every rank's header."""
         mine = torch.tensor(header, dtype=torch.int64)
-        allh = torch.empty(len(ranks) * len(header), dtype=torch.int64)
-        self._dist("header exchange", dist.all_gather_into_tensor, allh, mine, group=group)
-        rows = allh.view(len(ranks), len(header)).tolist()
+        allh = torch.empty(self.size * len(header), dtype=torch.int64)
+        self._dist("header exchange", _all_gather_flat, allh, mine, self.group)
+        rows = allh.view(self.size, len(header)).tolist()
         names = ("numel", "dtype", "op", "compression", "block_size")
         for i, row in enumerate(rows[1:], start=1):
             for f, name in enumerate(names):
-                if f == 4 and not (row[3] and rows[0][3]):
+                if name == "block_size" and not (row[3] and rows[0][3]):
                     continue
                 if row[f] != rows[0][f]:
                     v0, v = _field_text(name, rows[0][f]), _field_text(name, row[f])
-                    raise _fail_comm(f"ranks disagree on {name}: rank {self.global_ranks[ranks[0]]} has {v0}, "
-                                     f"rank {self.global_ranks[ranks[i]]} has {v}")
-        return allh.view(len(ranks), len(header))
+                    raise _fail_comm(f"ranks disagree on {name}: rank {self.global_ranks[0]} has {v0}, "
+                                     f"rank {self.global_ranks[i]} has {v}")
+        return rows
 
     def _torch_call(self, work, op, comp, block) -> None:
-        header = [work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp], block]
-        self._check_headers(self.group, list(range(self.size)), header)
+        self._check_headers([work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp], block])
         if work.numel() == 0:
             return
         if comp is None:
@@ -329,51 +326,110 @@ class GroupComm:
             if op == "avg":
                 acc.div_(self.size)
             if acc is not work:
-                _narrow_into(work, acc, op, 1)
+                _narrow_into(work, acc)
             return
-        q, s = quantize_q8(work, block)
-        qs = torch.empty(self.size * q.numel(), dtype=torch.int8)
-        ss = torch.empty(self.size * s.numel(), dtype=torch.float32)
-        self._dist("all_gather", dist.all_gather_into_tensor, qs, q, group=self.group)
-        self._dist("all_gather", dist.all_gather_into_tensor, ss, s, group=self.group)
-        gather_q8(work, qs.view(self.size, -1), ss.view(self.size, -1), block, self.size if op == "avg" else 1)
+        # int8: everyone's quantized input to everyone, summed in rank order (the same bits everywhere)
+        msg = pack_q8(work, block)
+        msgs = torch.empty(self.size * msg.numel(), dtype=torch.uint8)
+        self._dist("all_gather", _all_gather_flat, msgs, msg, self.group)
+        gather_q8(work, list(msgs.view(self.size, -1)), block, self.size if op == "avg" else 1)
 
     def _hier_call(self, work, op, comp, block) -> None:
         n, dt, op_code, comp_code = work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp]
         acc_dtype = torch.float32 if (comp or work.dtype in (torch.float16, torch.bfloat16)) else work.dtype
         b, e = self.shm.owned_range(n, dt, comp_code, block)
         shard = torch.empty(e - b, dtype=acc_dtype)
-        # 1. Reduce-scatter inside the host (checks this host's ranks agree).
+        # 1. Reduce-scatter inside the host (also checks that this host's ranks agree).
         local_error: Optional[BaseException] = None
         try:
             self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_REDUCE_SCATTER,
                          shard.data_ptr(), self.size, self.timeout_s)
         except CommError as ex:
             local_error = ex
-        # 2. Hosts agree? (every host's verdict travels with the header, so all ranks raise together)
-        rows = self._check_headers(self.cross, self.cross_ranks,
-                                   [n, dt, op_code, comp_code, block, int(local_error is not None)])
+        # 2. Everyone agrees? Each rank's verdict travels with its header, so all raise together.
+        rows = self._check_headers([n, dt, op_code, comp_code, block, int(local_error is not None)])
         if local_error is not None:
             raise local_error
-        bad = [i for i, row in enumerate(rows.tolist()) if row[5]]
+        bad = [i for i, row in enumerate(rows) if row[5]]
         if bad:
-            who = self.global_ranks[self.cross_ranks[bad[0]]]
-            raise _fail_comm(f"the ranks on the host of rank {who} failed this call (see the error there)")
-        # 3. Reduce my shard between hosts.
-        if shard.numel():
-            if comp is None:
-                self._dist("all_reduce", dist.all_reduce, shard, _REDUCE_OPS[op], group=self.cross)
-            else:
-                h = len(self.cross_ranks)
-                q, s = quantize_q8(shard, block)
-                qs = torch.empty(h * q.numel(), dtype=torch.int8)
-                ss = torch.empty(h * s.numel(), dtype=torch.float32)
-                self._dist("all_gather", dist.all_gather_into_tensor, qs, q, group=self.cross)
-                self._dist("all_gather", dist.all_gather_into_tensor, ss, s, group=self.cross)
-                gather_q8(shard, qs.view(h, -1), ss.view(h, -1), block, 1)
+            raise _fail_comm(f"rank {self.global_ranks[bad[0]]} failed this call inside its host "
+                             "(see the error raised there)")
+        if n == 0:
+            return
+        # 3. Between hosts: my shard's piece h goes to the peer on host h, which reduces it in rank
+        #    order; then every peer gets every reduced piece (all_to_all on the group, zero bytes to
+        #    the ranks of other local indices).
+        unit = block if comp else 1
+        pieces = _split(shard.numel(), unit, self.n_hosts)
+        mine = pieces[self.host_index]
+        if comp is None:
+            send = torch.cat([shard[pieces[self.host_of[k]][0]:pieces[self.host_of[k]][1]] for k in self.peers])
+            recv = torch.empty(len(self.peers) * (mine[1] - mine[0]), dtype=acc_dtype)
+            self._exchange(recv, send, lambda k: pieces[self.host_of[k]], lambda k: mine)
+            parts = list(recv.view(len(self.peers), -1))
+            reduced = parts[0].clone()
+            for part in parts[1:]:
+                _C.reduce_accumulate(-1, reduced.data_ptr(), reduced.data_ptr(), part.data_ptr(), reduced.numel(),
+                                     dtype_code(acc_dtype), OPS["sum"] if op == "avg" else op_code)
+            send = torch.cat([reduced] * len(self.peers))
+            recv = torch.empty(shard.numel(), dtype=acc_dtype)
+            self._exchange(recv, send, lambda k: mine, lambda k: pieces[self.host_of[k]])
+            offs = _offsets([pieces[self.host_of[k]] for k in self.peers])
+            for k, (o0, o1) in zip(self.peers, offs):
+                p0, p1 = pieces[self.host_of[k]]
+                shard[p0:p1] = recv[o0:o1]
+        else:
+            msgs = [pack_q8(shard[pieces[self.host_of[k]][0]:pieces[self.host_of[k]][1]], block) for k in self.peers]
+            mine_bytes = q8_message_bytes(mine[1] - mine[0], block)
+            recv = torch.empty(len(self.peers) * mine_bytes, dtype=torch.uint8)
+            self._exchange(recv, torch.cat(msgs), lambda k: (0, msgs[self.peers.index(k)].numel()),
+                           lambda k: (0, mine_bytes))
+            reduced = torch.empty(mine[1] - mine[0], dtype=torch.float32)
+            gather_q8(reduced, list(recv.view(len(self.peers), -1)), block, 1)
+            msg = pack_q8(reduced, block)
+            recv = torch.empty(sum(m.numel() for m in msgs), dtype=torch.uint8)
+            self._exchange(recv, torch.cat([msg] * len(self.peers)), lambda k: (0, msg.numel()),
+                           lambda k: (0, msgs[self.peers.index(k)].numel()))
+            offs = _offsets([(0, m.numel()) for m in msgs])
+            for k, (o0, o1) in zip(self.peers, offs):
+                p0, p1 = pieces[self.host_of[k]]
+                gather_q8(shard[p0:p1], [recv[o0:o1]], block, 1)
         # 4. All-gather inside the host (finishes avg and the rounding of 16-bit types).
         self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_ALL_GATHER, shard.data_ptr(),
                      self.size, self.timeout_s)
+
+    def _exchange(self, recv, send, send_range, recv_range) -> None:
+        """all_to_all_single on the group: to / from each peer k the sizes of send_range(k) /
+        recv_range(k) ((begin, end) pairs), nothing to / from the other ranks."""
+        in_splits = [0] * self.size
+        out_splits = [0] * self.size
+        for k in self.peers:
+            a, b = send_range(k)
+            in_splits[k] = b - a
+            a, b = recv_range(k)
+            out_splits[k] = b - a
+        self._dist("all_to_all", dist.all_to_all_single, recv, send, out_splits, in_splits, group=self.group)
+
+
+def _split(n: int, unit: int, parts: int):
+    """[begin, end) of `parts` balanced pieces of n elements, cut at multiples of `unit`."""
+    n_units = (n + unit - 1) // unit
+    return [(min(n_units * i // parts * unit, n), min(n_units * (i + 1) // parts * unit, n)) for i in range(parts)]
+
+
+def _offsets(ranges):
+    out, off = [], 0
+    for a, b in ranges:
+        out.append((off, off + b - a))
+        off += b - a
+    return out
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    if hasattr(dist, "all_gather_single"):
+        dist.all_gather_single(out, inp, group=group)
+    else:
+        dist.all_gather_into_tensor(out, inp, group=group)
 
 
 def _field_text(name: str, v: int) -> str:
@@ -390,22 +446,29 @@ def _field_text(name: str, v: int) -> str:
     return str(v)
 
 
-def _narrow_into(work: torch.Tensor, acc: torch.Tensor, op: str, n_ranks: int) -> None:
-    """work = narrow(acc) with the kernels' rounding (one rounding from float32)."""
-    _C.reduce_narrow(-1, work.data_ptr(), 0, acc.data_ptr(), work.numel(), dtype_code(work.dtype),
-                     OPS["sum"] if op == "avg" else OPS[op], n_ranks)
+def _narrow_into(work: torch.Tensor, acc: torch.Tensor) -> None:
+    """work = acc rounded once to work's dtype (the kernels' rounding)."""
+    _C.reduce_narrow(-1, work.data_ptr(), 0, acc.data_ptr(), work.numel(), dtype_code(work.dtype), OPS["sum"], 1)
 
 
-def quantize_q8(x: torch.Tensor, block: int):
-    """Blockwise int8 codes and float32 scales of a contiguous CPU tensor (csrc/cpu/reduce/reduce.h)."""
+def q8_message_bytes(n: int, block: int) -> int:
+    """Bytes of one int8 message of n elements: codes, then float32 scales at a 64-byte boundary
+    (csrc/cpu/reduce/reduce.h)."""
+    return (n + 63) // 64 * 64 + 4 * ((n + block - 1) // block)
+
+
+def pack_q8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The int8 message (uint8 bytes) of a contiguous CPU tensor."""
     n = x.numel()
-    q = torch.empty(n, dtype=torch.int8)
-    s = torch.empty((n + block - 1) // block, dtype=torch.float32)
-    _C.q8_quantize(-1, q.data_ptr(), s.data_ptr(), x.data_ptr(), n, dtype_code(x.dtype), block)
-    return q, s
+    msg = torch.zeros(q8_message_bytes(n, block), dtype=torch.uint8)
+    base = msg.data_ptr()
+    _C.q8_quantize(-1, base, base + (n + 63) // 64 * 64, x.data_ptr(), n, dtype_code(x.dtype), block)
+    return msg
 
 
-def gather_q8(y: torch.Tensor, qs: torch.Tensor, ss: torch.Tensor, block: int, divisor: int) -> None:
-    """y = (sum over rows k of D(qs[k], ss[k])) / divisor, summed in row order, rounded once."""
-    _C.q8_gather(-1, y.data_ptr(), [qs[k].data_ptr() for k in range(qs.shape[0])],
-                 [ss[k].data_ptr() for k in range(ss.shape[0])], y.numel(), dtype_code(y.dtype), block, divisor)
+def gather_q8(y: torch.Tensor, msgs, block: int, divisor: int) -> None:
+    """y = (sum of the messages' dequantized values, in order) / divisor, rounded once to y's dtype."""
+    n = y.numel()
+    off = (n + 63) // 64 * 64
+    _C.q8_gather(-1, y.data_ptr(), [m.data_ptr() for m in msgs], [m.data_ptr() + off for m in msgs], n,
+                 dtype_code(y.dtype), block, divisor)

@@ -13,8 +13,6 @@ gradient keeps its meaning. Each parameter gets a stable index, the order in whi
 meets it (DDP's initial buckets, in order: the same in a resumed run), which is also the key of
 state_dict()["residuals"].
 """
-from __future__ import annotations
-
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -128,7 +126,8 @@ class HookState:
         return flat
 
 
-def allreduce_hook(state: HookState, bucket) -> torch.futures.Future:
+# No `from __future__ import annotations` in this file: DDP checks the hook's return annotation object.
+def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: averages the bucket with ld.all_reduce (state.compression), with
     error feedback when state.error_feedback and compression is on."""
     buf = bucket.buffer()

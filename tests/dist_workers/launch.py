@@ -45,6 +45,7 @@ def launch(job: str, world: int, *, timeout_s: float = 90.0, pg_timeout_s: float
             e = dict(os.environ)
             e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
             e["OMP_NUM_THREADS"] = "1"
+            e["LEPTON_TEST_DUMP_S"] = str(max(1.0, timeout_s - 5))
             e.update(common_env or {})
             e.update((env or {}).get(r, {}))
             log = open(os.path.join(tmp, f"rank{r}.log"), "w+")
@@ -68,7 +69,11 @@ def launch(job: str, world: int, *, timeout_s: float = 90.0, pg_timeout_s: float
         texts = []
         for r in range(world):
             path = os.path.join(tmp, f"rank{r}.json")
-            results.append(json.load(open(path)) if os.path.exists(path) else None)
+            if os.path.exists(path):
+                with open(path) as f:
+                    results.append(json.load(f))
+            else:
+                results.append(None)
             logs[r].seek(0)
             texts.append(logs[r].read())
             logs[r].close()

@@ -21,9 +21,19 @@ class Ctx:
         self.rank, self.world, self.out, self.pg_timeout_s, self.args = rank, world, out, pg_timeout_s, args
         self.record = {}
 
+    def save(self) -> None:
+        """Writes what was recorded so far (for a rank that may not live to the end of the job)."""
+        with open(os.path.join(self.out, f"rank{self.rank}.json"), "w") as f:
+            json.dump({"rank": self.rank, "pid": os.getpid(), "ok": None, **self.record}, f)
+
 
 def main() -> None:
     job, rank, world, store, out, pg_timeout_s, args = sys.argv[1:8]
+    dump_s = float(os.environ.get("LEPTON_TEST_DUMP_S", "0"))
+    if dump_s > 0:  # a hung rank shows where it hangs in its log before the launcher kills it
+        import faulthandler
+
+        faulthandler.dump_traceback_later(dump_s, exit=False)
     rank, world, pg_timeout_s = int(rank), int(world), float(pg_timeout_s)
     import torch.distributed as dist
 
@@ -32,7 +42,7 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=pg_timeout_s))
     ctx = Ctx(rank, world, out, pg_timeout_s, json.loads(args))
-    result = {"rank": rank}
+    result = {"rank": rank, "pid": os.getpid()}
     try:
         getattr(jobs, job)(ctx)
         result["ok"] = True
