@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <climits>
 #include <cstdio>
 #include <cstring>
@@ -21,6 +22,13 @@
 static inline void cpu_relax() { _mm_pause(); }
 #else
 static inline void cpu_relax() {}
+#endif
+
+#ifndef LP_SHM_SPIN_NS
+#define LP_SHM_SPIN_NS 20000
+#endif
+#ifndef LP_SHM_YIELDS
+#define LP_SHM_YIELDS 0
 #endif
 
 namespace lp {
@@ -62,10 +70,11 @@ int pidfd_of(int pid) {
 #endif
 }
 
-// Waiting policy, in nanoseconds. With no more ranks than cores a waiter spins a little (the
-// producer is running); oversubscribed, it hands the core over at once (the producer may need it).
-constexpr int64_t kSpinNs = 30000, kSpinNsOversubscribed = 0;
-constexpr int64_t kYieldNs = 200000, kYieldNsOversubscribed = 20000;
+// Waiting policy. With no more ranks than cores a waiter spins a little (the producer is probably
+// running); oversubscribed, it hands the core over at once (the producer may need it). Then it
+// sleeps on a futex: a yield loop would keep competing with the very rank it waits for.
+constexpr int64_t kSpinNs = LP_SHM_SPIN_NS, kSpinNsOversubscribed = 0;
+constexpr int kYieldRounds = LP_SHM_YIELDS, kYieldRoundsOversubscribed = LP_SHM_YIELDS;
 constexpr int64_t kSleepNs = 1000000;       // futex timeout: fault checks at least this often
 constexpr int64_t kCheckPeriodNs = 1000000;
 constexpr int64_t kStaleHeartbeatNs = 500000000;  // a waiting rank refreshes it every ~ms
@@ -170,7 +179,9 @@ void ShmTransport::attach(double timeout_s) {
 
   bool oversubscribed = n_ranks_ > online_cpus();
   spin_ns_ = oversubscribed ? kSpinNsOversubscribed : kSpinNs;
-  yield_ns_ = oversubscribed ? kYieldNsOversubscribed : kYieldNs;
+  yield_rounds_ = oversubscribed ? kYieldRoundsOversubscribed : kYieldRounds;
+  if (const char* e = getenv("LEPTON_DEV_SPIN_NS")) spin_ns_ = atoll(e);   // DEV-ONLY
+  if (const char* e = getenv("LEPTON_DEV_YIELDS")) yield_rounds_ = atoi(e);  // DEV-ONLY
 }
 
 void ShmTransport::unlink() { seg_.unlink(); }
@@ -283,7 +294,7 @@ template <class Ready> void ShmTransport::wait_for(int peer, Ready ready, const 
   me.heartbeat_ns.store(t0, std::memory_order_relaxed);
   me.waiting_on.store(peer, std::memory_order_relaxed);
   int64_t next_check = t0 + kCheckPeriodNs;
-  for (;;) {
+  for (int round = 0;; ++round) {
     if (ready()) break;
     int64_t now = now_ns();
     if (now >= next_check) {
@@ -291,16 +302,16 @@ template <class Ready> void ShmTransport::wait_for(int peer, Ready ready, const 
       check_faults(peer, what);
       next_check = now + kCheckPeriodNs;
     }
-    if (now - t0 < yield_ns_) {
-      // 2. Yield: give the core to a runnable peer (oversubscribed ranks).
+    if (round < yield_rounds_) {
+      // 2. A few yields: cheap when another of our ranks is runnable on this core.
       sched_yield();
-    } else {
-      // 3. Sleep on the peer's bell until it changes something (or the timeout, to check faults).
-      pc.sleepers.fetch_add(1, std::memory_order_seq_cst);
-      uint32_t b = pc.bell.load(std::memory_order_seq_cst);
-      if (!ready()) futex_wait(&pc.bell, b, kSleepNs);
-      pc.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+      continue;
     }
+    // 3. Sleep on the peer's bell until it changes something (or the timeout, to check faults).
+    pc.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    uint32_t b = pc.bell.load(std::memory_order_seq_cst);
+    if (!ready()) futex_wait(&pc.bell, b, kSleepNs);
+    pc.sleepers.fetch_sub(1, std::memory_order_seq_cst);
   }
   me.waiting_on.store(-1, std::memory_order_relaxed);
 }

@@ -144,7 +144,8 @@ class ShmTransport {
   uint8_t* data_ = nullptr;
   std::vector<int> pidfds_;      // per rank, -1 for self or when unavailable
   bool check_pids_ = true;       // false when ranks live in different pid namespaces
-  int64_t spin_ns_ = 0, yield_ns_ = 0;
+  int64_t spin_ns_ = 0;
+  int yield_rounds_ = 0;
 
   // per call
   uint64_t call_ = 0;

@@ -8,10 +8,18 @@ import torch
 import torch.distributed as dist
 
 from .._tensors import fail
-from ._checks import OP_NAME, check_all
+from ._checks import COMPRESSIONS, DTYPES, FLOAT_DTYPES, KIND_ALLREDUCE, OP_NAME, OPS, check_all, dtype_code
 from ._comm import CommError, get_comm
 
 __all__ = ["CommError", "all_reduce"]
+
+# Fast-path caches. _parsed: (op, compression, block_size and their types) -> (op code, compression
+# code, block size, whether integer tensors may take it) for argument sets that passed the checks.
+# _fast: the group argument as given (None for the default group) -> its shm communicator.
+_parsed: dict = {}
+_fast: dict = {}
+_codes = {d: dtype_code(d) for d in DTYPES}
+_FLOAT_CODES = frozenset(dtype_code(d) for d in FLOAT_DTYPES)
 
 
 def _resolve_group(group):
@@ -63,15 +71,39 @@ def all_reduce(tensor: torch.Tensor, op: Any = "sum", *, group=None, compression
     whose value is `tensor`, completed by the communication thread.
     Raises CommError (a RuntimeError) when a rank dies, stops calling or disagrees on the call.
     """
+    # Fast path (small messages are all overhead): a contiguous CPU tensor, arguments already
+    # checked once in this process, the group's shared-memory communicator already made.
+    if async_op is False and type(tensor) is torch.Tensor:
+        try:
+            parsed = _parsed.get((op, type(op), compression, block_size, type(block_size)))
+        except TypeError:  # an unhashable op: the full checks below say what is wrong
+            parsed = None
+        comm = _fast.get(group)
+        if parsed is not None and comm is not None and tensor.layout is torch.strided:
+            code = _codes.get(tensor.dtype)
+            if (code is not None and tensor.is_contiguous() and tensor.device.type == "cpu"
+                    and (code in _FLOAT_CODES or parsed[3]) and (group is not None or comm.group is dist.GroupMember.WORLD)):
+                comm.shm.run(tensor.data_ptr(), tensor.numel(), code, parsed[0], parsed[1], parsed[2], KIND_ALLREDUCE,
+                             0, comm.size, comm.timeout_s)
+                return tensor
     t, op_name, comp, block = check_all(tensor, op, compression, block_size)
     if not isinstance(async_op, bool):
         raise fail(TypeError, OP_NAME, f"async_op must be a bool, got {type(async_op).__name__}")
+    caller_group = group
     group = _resolve_group(group)
     if dist.get_rank(group) < 0:  # not a member: nothing to do, as torch.distributed does
         return _done(t) if async_op else t
     comm = get_comm(group)
     if comm.size == 1:
         return _done(t) if async_op else t
+    key = (op, type(op), compression, block_size, type(block_size))
+    if key not in _parsed:
+        try:
+            _parsed[key] = (OPS[op_name], COMPRESSIONS[comp], block, op_name != "avg" and comp is None)
+        except TypeError:
+            pass
+    if comm.transport == "shm":
+        _fast[caller_group] = comm
     work, finish = _stage(t)
     with torch.no_grad():
         fut = comm.all_reduce(work, op_name, comp, block, async_op, finish, t)

@@ -39,9 +39,9 @@ from ._checks import COMPRESSIONS, KIND_ALL_GATHER, KIND_ALLREDUCE, KIND_REDUCE_
 CommError = _C.CommError
 
 # Shared-memory geometry (the same on every rank: read back from the segment by the others).
-RING_SLOT_BYTES = 256 << 10
-RING_SLOTS = 4
-LAT_BYTES = 64 << 10
+RING_SLOT_BYTES = int(os.environ.get("LEPTON_DEV_SLOT", 256 << 10))
+RING_SLOTS = int(os.environ.get("LEPTON_DEV_SLOTS", 4))
+LAT_BYTES = int(os.environ.get("LEPTON_DEV_LAT", 64 << 10))
 
 SEGMENT_PREFIX = "lepton-"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -169,10 +169,17 @@ class GroupComm:
         if self.size == 1:
             return "single"
         setup = _Setup(self.group, generation, self.timeout_s)
-        setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}")
+        setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}")
         hosts: List[str] = []
+        transports: List[str] = []
         for r in range(self.size):
-            hosts.append(setup.get(f"rank{r}", r).split("\n")[0])
+            fields = setup.get(f"rank{r}", r).split("\n")
+            hosts.append(fields[0])
+            transports.append(fields[2])
+        for r in range(1, self.size):
+            if transports[r] != transports[0]:  # would deadlock: fail on every rank instead
+                raise _fail_comm(f"ranks disagree on LEPTON_TRANSPORT: rank {self.global_ranks[0]} has "
+                                 f"{transports[0]!r}, rank {self.global_ranks[r]} has {transports[r]!r}")
         order: List[str] = []
         for h in hosts:
             if h not in order:
@@ -204,10 +211,17 @@ class GroupComm:
         if self.rank == leader:
             _C.shm_sweep_orphans(SEGMENT_PREFIX)
             name = f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
-            shm = _C.ShmComm(name, True, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS, LAT_BYTES)
+            try:
+                shm = _C.ShmComm(name, True, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
+                                 LAT_BYTES)
+            except CommError as e:  # tell the others now rather than let them wait for the timeout
+                setup.put(f"{tag}/segment", f"!{e}")
+                raise
             setup.put(f"{tag}/segment", name)
         else:
             name = setup.get(f"{tag}/segment", leader)
+            if name.startswith("!"):
+                raise CommError(f"{name[1:]} (on rank {self.global_ranks[leader]})")
             shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
                              LAT_BYTES)
         shm.attach(self.timeout_s)
