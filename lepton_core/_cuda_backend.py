@@ -287,3 +287,8 @@ def gemm_config(a3, b3, out_dtype) -> str:
     return _mod().gemm_config(device=_device_index(a3), in_dtype=_dtype_code(a3.dtype),
                               out_dtype=_dtype_code(out_dtype), batch=batch, m=m, n=b3.shape[2], k=k,
                               b_k_major=b_k_major)
+
+
+# lepton_core/quant.py looks the CUDA kernels up under these names.
+_cuda_quantize_into = quantize_into
+_cuda_dequantize_into = dequantize_into
