@@ -208,7 +208,7 @@ def _run_gemm(a3, b3, out3, bias=None, scale_a=None, scale_b=None) -> None:
     _mod().gemm(
         device=device, stream=_stream(device), in_dtype=_dtype_code(a3.dtype), out_dtype=_dtype_code(out3.dtype),
         batch=batch, m=m, n=n, k=k, a=a_ptr, a_batch_stride=a_bs, lda=lda, b=b_ptr, b_batch_stride=b_bs,
-        ldb=ldb, b_k_major=b_k_major,
+        ldb=ldb, b_k_major=b_k_major, out=out3.data_ptr(),
         bias=0 if bias is None else bias.data_ptr(),
         scale_a=0 if scale_a is None else scale_a.data_ptr(), scale_a_n=0 if scale_a is None else scale_a.numel(),
         scale_b=0 if scale_b is None else scale_b.data_ptr(), scale_b_n=0 if scale_b is None else scale_b.numel())

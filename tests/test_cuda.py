@@ -13,6 +13,7 @@ Two parts:
    twins for every format, granularity and rounding (stochastic with the same seed).
 """
 import importlib.util
+import itertools
 import math
 import sys
 import types
@@ -367,6 +368,171 @@ def test_host_twin_matches_cpu_backend(rng, fmt):
                     assert torch.equal(q.zero_point.reshape(-1), zp)
 
 
+# ---- the Python glue of _cuda_backend against an emulation of the native contract (csrc/cuda/api.h) ----
+class _EmulatedNative:
+    """_C_cuda's documented contract run on host memory: the same pointers, element strides, layouts
+    (A K-major; B K-major or N-major), tensor-core alignment preconditions and output rounding as the
+    CUDA entry points. With it, the layout decisions of _cuda_backend (reading in place, packing,
+    folding a broadcast batch) run on CPU tensors; quantize goes to the kernels' host twin."""
+
+    NP = {0: np.float32, 1: np.float16, 2: np.uint16, 4: np.int8, 6: np.int32}
+
+    def __init__(self):
+        self.calls = []
+
+    @classmethod
+    def view(cls, ptr, code, shape, strides):
+        import ctypes
+
+        dt = np.dtype(cls.NP[code])
+        if any(d == 0 for d in shape):
+            return np.zeros(shape, dt)
+        extent = 1 + sum((d - 1) * st for d, st in zip(shape, strides))
+        base = np.frombuffer((ctypes.c_char * (extent * dt.itemsize)).from_address(ptr), dtype=dt)
+        return np.lib.stride_tricks.as_strided(base, shape, [st * dt.itemsize for st in strides])
+
+    @staticmethod
+    def as_f64(a, code):
+        if code == 2:  # bfloat16 bit patterns
+            return (a.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return a.astype(np.float64)
+
+    def pack_rows(self, device, stream, elem_bytes, batch, rows, cols, src, src_batch_stride, src_row_stride,
+                  src_col_stride, dst, dst_ld):
+        self.calls.append("pack")
+        code = {1: 4, 2: 1, 4: 0}[elem_bytes]
+        s = self.view(src, code, (batch, rows, cols), (src_batch_stride, src_row_stride, src_col_stride))
+        d = self.view(dst, code, (batch, rows, dst_ld), (rows * dst_ld, dst_ld, 1))
+        d[...] = 0
+        d[:, :, :cols] = s
+
+    def gemm(self, device, stream, in_dtype, out_dtype, batch, m, n, k, a, a_batch_stride, lda, b, b_batch_stride,
+             ldb, b_k_major, out, bias=0, scale_a=0, scale_a_n=0, scale_b=0, scale_b_n=0):
+        self.calls.append(("gemm", batch, m, bool(b_k_major)))
+        esize = np.dtype(self.NP[in_dtype]).itemsize
+        if in_dtype != 0 and k > 0:
+            for ptr, stride in ((a, lda), (a, a_batch_stride), (b, ldb), (b, b_batch_stride)):
+                if ptr % 16 or (stride * esize) % 16:
+                    raise ValueError("tensor-core operands need 16-byte aligned pointers and strides")
+        assert in_dtype != 4 or b_k_major, "int8 B must be K-major"
+        av = self.as_f64(self.view(a, in_dtype, (batch, m, k), (a_batch_stride, lda, 1)), in_dtype)
+        if b_k_major:
+            bv = self.view(b, in_dtype, (batch, n, k), (b_batch_stride, ldb, 1)).transpose(0, 2, 1)
+        else:
+            bv = self.view(b, in_dtype, (batch, k, n), (b_batch_stride, ldb, 1))
+        acc = av @ self.as_f64(bv, in_dtype)
+        if scale_a:
+            acc = acc * self.view(scale_a, 0, (scale_a_n,), (1,)).reshape(1, -1, 1)
+            acc = acc * self.view(scale_b, 0, (scale_b_n,), (1,)).reshape(1, 1, -1)
+        if bias:
+            acc = acc + self.view(bias, 0, (n,), (1,))
+        res = torch.from_numpy(acc.reshape(batch * m * n))
+        dst_dtype = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 6: torch.int32}[out_dtype]
+        res = res.round().to(torch.int64).to(dst_dtype) if out_dtype == 6 else res.to(dst_dtype)
+        dst = self.view(out, {0: 0, 1: 2, 2: 2, 6: 6}[out_dtype], (batch * m * n,), (1,))  # 16-bit: as bits
+        dst[...] = res.view(torch.uint16 if out_dtype in (1, 2) else dst_dtype).numpy()
+
+    def device_check(self, device):
+        return ""
+
+    def quantize(self, device, stream, in_dtype, format, n_outer, n_channels, n_inner, block_size, stochastic, seed,
+                 x, data, scale, zero_point, stats, bad_index):
+        from lepton_core import _C_cuda
+
+        assert block_size or stats, "per-tensor / per-channel need the stats scratch"
+        _C_cuda.host_quantize(in_dtype=in_dtype, format=format, n_outer=n_outer, n_channels=n_channels,
+                              n_inner=n_inner, block_size=block_size, stochastic=stochastic, seed=seed, x=x,
+                              data=data, scale=scale, zero_point=zero_point, bad_index=bad_index)
+
+    def dequantize(self, device, stream, format, n_outer, n_channels, n_inner, block_size, data, scale, zero_point,
+                   out, out_dtype):
+        from lepton_core import _C_cuda
+
+        _C_cuda.host_dequantize(format=format, n_outer=n_outer, n_channels=n_channels, n_inner=n_inner,
+                                block_size=block_size, data=data, scale=scale, zero_point=zero_point, out=out,
+                                out_dtype=out_dtype)
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    emu = _EmulatedNative()
+    monkeypatch.setattr(_cuda_backend, "_module", emu)
+    monkeypatch.setattr(_cuda_backend, "_device_index", lambda t: 0)
+    monkeypatch.setattr(_cuda_backend, "_stream", lambda device: 0)
+    return emu
+
+
+def _layouts(rows, cols, dtype):
+    """(name, tensor) views of a (rows, cols) operand in every layout the backend must accept."""
+    def r(*shape):
+        return torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(-128, 128, shape).to(dtype)
+    return [("contiguous", r(rows, cols)), ("transposed", r(cols, rows).t()),
+            ("strided", r(rows, 2 * cols + 3)[:, 1::2][:, :cols]), ("offset", r(rows * cols + 1)[1:].view(rows, cols)),
+            ("padded_rows", r(rows, cols + 5)[:, :cols])]
+
+
+@pytest.mark.skipif(not _BUILT, reason="lepton_core._C_cuda was not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8])
+def test_backend_glue_layouts_on_emulated_kernels(emulated, dtype):
+    """gemm_into brings every layout (transposed, strided, misaligned, broadcast batch) into a form the
+    kernels accept, reads w.t() and row-major B in place, and passes consistent strides."""
+    for (m, k, n) in [(7, 33, 5), (16, 64, 24), (1, 9, 1), (5, 1, 3)]:
+        for (na, a), (nb, b) in itertools.product(_layouts(m, k, dtype), _layouts(k, n, dtype)):
+            out_dtype = torch.int32 if dtype == torch.int8 else dtype
+            out = torch.full((1, m, n), 7, dtype=out_dtype)
+            emulated.calls.clear()
+            _cuda_backend.gemm_into(a.unsqueeze(0), b.unsqueeze(0), None, out)
+            want = (a.double() @ b.double()).to(out_dtype)
+            assert torch.equal(out[0], want), (na, nb, m, k, n)
+            packs = emulated.calls.count("pack")
+            if na in ("contiguous",) and nb in ("contiguous", "transposed") and \
+                    (dtype == torch.float32 or (k * a.element_size()) % 16 == 0 and (n * a.element_size()) % 16 == 0):
+                if not (dtype == torch.int8 and nb == "contiguous"):
+                    assert packs == 0, (na, nb, emulated.calls)
+    # batched, broadcast B, bias; the broadcast batch is folded into one GEMM of batch * M rows
+    a = torch.randn(3, 8, 16).to(dtype) if dtype.is_floating_point else torch.randint(-128, 128, (3, 8, 16)).to(dtype)
+    b = torch.randn(16, 8).to(dtype) if dtype.is_floating_point else torch.randint(-128, 128, (16, 8)).to(dtype)
+    out_dtype = torch.int32 if dtype == torch.int8 else dtype
+    out = torch.full((3, 8, 8), 7, dtype=out_dtype)
+    emulated.calls.clear()
+    bias = None if dtype == torch.int8 else torch.randn(8)
+    _cuda_backend.gemm_into(a, b.unsqueeze(0).expand(3, 16, 8), bias, out)
+    want = a.double() @ b.double() + (0 if bias is None else bias.double())
+    assert torch.equal(out, want.to(out_dtype))
+    gemm_calls = [c for c in emulated.calls if c != "pack"]
+    assert gemm_calls[0][1:3] == (1, 24), gemm_calls
+
+
+@pytest.mark.skipif(not _BUILT, reason="lepton_core._C_cuda was not built")
+def test_backend_glue_scaled_gemm_and_quantize_on_emulated_kernels(emulated, rng):
+    a = torch.randint(-127, 128, (9, 40), dtype=torch.int8)
+    b = torch.randint(-127, 128, (13, 40), dtype=torch.int8).t()
+    sa, sb, bias = torch.rand(9) + 0.1, torch.rand(1) + 0.1, torch.randn(13)
+    out = torch.full((9, 13), float("nan"))
+    _cuda_backend.scaled_gemm_into(a, b, sa, sb, bias, out)
+    want = (a.double() @ b.double()) * sa.double().view(-1, 1) * sb.double() + bias.double()
+    assert torch.allclose(out.double(), want, rtol=1e-6)
+    for shape, axis, block in GRANULARITIES:
+        x = make_x(rng, shape, torch.float32)
+        ax = None if axis is None else axis % len(shape)
+        layout, groups, n_groups = ref_layout(shape, ax, block)
+        for fmt in FMTS:
+            data, scale, zp, _ = host_quantize(x, fmt, layout)
+            d = torch.full_like(data, 0xA5)
+            s = torch.full_like(scale, float("nan"))
+            z = None if zp is None else torch.full_like(zp, -3)
+            assert _cuda_backend.quantize_into(x, fmt, *layout, False, 0, d, s, z) == -1
+            assert torch.equal(d, data) and torch.equal(s.view(torch.int32), scale.view(torch.int32))
+            out = torch.full((x.numel(),), float("nan"))
+            _cuda_backend.dequantize_into(d, s, z, fmt, *layout, out)
+            assert torch.equal(out, host_dequantize(data, scale, zp, fmt, layout, torch.float32, x.numel()))
+        xb = x.clone()
+        xb.view(-1)[x.numel() // 2] = float("nan")
+        d = torch.empty_like(data)
+        assert _cuda_backend.quantize_into(xb, "int8", *layout, False, 0, d, torch.empty_like(scale), None) == \
+            x.numel() // 2
+
+
 # =============================================================================================
 # Part 2: on the GPU
 # =============================================================================================
@@ -443,8 +609,11 @@ def test_gemm_bias_batched_broadcast(dtype, rng):
             assert _rel_err(out, ref) <= gemm_rel_norm_bound(str(dtype).replace("torch.", ""), k)
         # a transposed batch (non-contiguous A) goes through the packing pre-pass
         at = _rand((bsz, k, m), dtype).transpose(1, 2)
-        out = lc.gemm(at, _rand((k, n), dtype).t().contiguous().t())
+        bt = _rand((k, n), dtype).t().contiguous().t()
+        out = lc.gemm(at, bt)
         assert out.shape == (bsz, m, n)
+        assert _rel_err(out, at.double().cpu() @ bt.double().cpu()) <= \
+            gemm_rel_norm_bound(str(dtype).replace("torch.", ""), k)
 
 
 @pytest.mark.cuda
@@ -452,7 +621,8 @@ def test_gemm_bias_batched_broadcast(dtype, rng):
 @pytest.mark.parametrize("dtype", X_DTYPES)
 def test_gemm_into_direct_both_tile_configs(dtype, rng):
     """_cuda_backend.gemm_into itself (what the op module calls), on sizes that pick each config."""
-    for (m, k, n) in [(40, 100, 24), (2048, 136, 2048), (1030, 2050, 1029)]:
+    n_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    for (m, k, n) in [(40, 100, 24), (2048, 136, 2048), (1030, 1500, 1029)]:
         for bt in ("n", "t"):
             a = _rand((m, k), dtype)
             b = _operand(k, n, dtype, bt)
@@ -461,7 +631,10 @@ def test_gemm_into_direct_both_tile_configs(dtype, rng):
             ref = _ref_gemm(a, b)
             assert _rel_err(out[0], ref) <= gemm_rel_norm_bound(str(dtype).replace("torch.", ""), k)
             cfg = _cuda_backend.gemm_config(a.unsqueeze(0), b.unsqueeze(0), dtype)
-            assert cfg
+            if m * n <= 64 * 64:
+                assert "64x64" in cfg, cfg
+            elif (m // 128) * (n // 128) >= n_sms:
+                assert "128x128" in cfg, cfg
 
 
 @pytest.mark.cuda
@@ -482,18 +655,21 @@ def test_gemm_empty_dims_and_k0():
 @requires_gpu
 @pytest.mark.parametrize("m,k,n", GEMM_SHAPES + [(2048, 1024, 2048), (77, 4096, 129)])
 def test_gemm_int8_exact(m, k, n, rng):
-    for ta, tb in (("n", "n"), ("n", "t"), ("t", "n"), ("strided", "offset")):
-        a = torch.randint(-128, 128, (m, k), dtype=torch.int8) if ta != "t" else \
-            torch.randint(-128, 128, (k, m), dtype=torch.int8).t()
-        b = torch.randint(-128, 128, (k, n), dtype=torch.int8) if tb != "t" else \
-            torch.randint(-128, 128, (n, k), dtype=torch.int8).t()
-        if ta == "strided":
-            a = torch.randint(-128, 128, (m, 2 * k + 1), dtype=torch.int8)[:, 1::2][:, :k]
-        if tb == "offset":
-            b = torch.randint(-128, 128, (k * n + 3,), dtype=torch.int8)[3:].view(k, n)
-        out = lc.gemm(a.cuda(), b.cuda())
-        assert out.dtype == torch.int32
-        assert torch.equal(out.cpu().long(), a.long() @ b.long())
+    def operand(rows, cols, t):
+        """A CUDA view (the layout is made on the GPU: .cuda() of a strided CPU view would densify it)."""
+        if t == "t":
+            return torch.randint(-128, 128, (cols, rows), dtype=torch.int8).cuda().t()
+        if t == "strided":
+            return torch.randint(-128, 128, (rows, 2 * cols + 1), dtype=torch.int8).cuda()[:, 1::2][:, :cols]
+        if t == "offset":
+            return torch.randint(-128, 128, (rows * cols + 3,), dtype=torch.int8).cuda()[3:].view(rows, cols)
+        return torch.randint(-128, 128, (rows, cols), dtype=torch.int8).cuda()
+
+    for ta, tb in (("n", "n"), ("n", "t"), ("t", "n"), ("strided", "offset"), ("offset", "strided")):
+        a, b = operand(m, k, ta), operand(k, n, tb)
+        out = lc.gemm(a, b)
+        assert out.dtype == torch.int32 and out.device.type == "cuda"
+        assert torch.equal(out.cpu().long(), a.cpu().long() @ b.cpu().long())
 
 
 @pytest.mark.cuda
@@ -529,6 +705,7 @@ def test_scaled_gemm_exact_formula(out_dtype, rng):
 def test_gemm_runs_on_current_stream():
     a, b = _rand((512, 256), torch.bfloat16), _rand((256, 384), torch.bfloat16)
     s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())  # a and b were made on the default stream
     with torch.cuda.stream(s):
         out = lc.gemm(a, b)
     s.synchronize()
@@ -544,7 +721,7 @@ def test_native_precondition_errors_are_python_exceptions():
     with pytest.raises(ValueError, match="16-byte aligned"):
         _C_cuda.gemm(device=a.device.index or 0, stream=torch.cuda.current_stream().cuda_stream, in_dtype=1,
                      out_dtype=0, batch=1, m=8, n=8, k=8, a=a.data_ptr() + 2, a_batch_stride=0, lda=64,
-                     b=a.data_ptr(), b_batch_stride=0, ldb=64, b_k_major=True)
+                     b=a.data_ptr(), b_batch_stride=0, ldb=64, b_k_major=True, out=a.data_ptr())
     with pytest.raises(ValueError, match="block_size"):
         _C_cuda.quantize(device=0, stream=0, in_dtype=0, format=0, n_outer=1, n_channels=1, n_inner=10,
                          block_size=48, stochastic=False, seed=0, x=a.data_ptr(), data=a.data_ptr(),

@@ -619,6 +619,8 @@ void validate(const GemmArgs& g) {
     throw std::invalid_argument("lepton_core CUDA gemm: int8 B must be K-major");
   if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0)
     throw std::invalid_argument("lepton_core CUDA gemm: negative size");
+  if (g.m > 0 && g.n > 0 && g.batch > 0 && (g.out == 0 || (g.k > 0 && (g.a == 0 || g.b == 0))))
+    throw std::invalid_argument("lepton_core CUDA gemm: null operand or output pointer");
   // tile_coords() works in int: keep 8 * (64x64 tiles) within int32.
   if ((g.m + 63) / 64 * ((g.n + 63) / 64) > int64_t(INT32_MAX) / 8)
     throw std::invalid_argument("lepton_core CUDA gemm: problem too large for one launch");

@@ -32,8 +32,8 @@ void bind_gemm(py::module_& m) {
       "gemm",
       [](int device, uintptr_t stream, int in_dtype, int out_dtype, int64_t batch, int64_t m_, int64_t n,
          int64_t k, uintptr_t a, int64_t a_batch_stride, int64_t lda, uintptr_t b, int64_t b_batch_stride,
-         int64_t ldb, bool b_k_major, uintptr_t bias, uintptr_t scale_a, int64_t scale_a_n, uintptr_t scale_b,
-         int64_t scale_b_n) {
+         int64_t ldb, bool b_k_major, uintptr_t out, uintptr_t bias, uintptr_t scale_a, int64_t scale_a_n,
+         uintptr_t scale_b, int64_t scale_b_n) {
         lp::cuda::GemmArgs g;
         g.device = device;
         g.stream = stream;
@@ -50,6 +50,7 @@ void bind_gemm(py::module_& m) {
         g.b_batch_stride = b_batch_stride;
         g.ldb = ldb;
         g.b_k_major = b_k_major;
+        g.out = out;
         g.bias = bias;
         g.scale_a = scale_a;
         g.scale_a_n = scale_a_n;
@@ -59,7 +60,7 @@ void bind_gemm(py::module_& m) {
         lp::cuda::gemm(g);
       },
       "device"_a, "stream"_a, "in_dtype"_a, "out_dtype"_a, "batch"_a, "m"_a, "n"_a, "k"_a, "a"_a,
-      "a_batch_stride"_a, "lda"_a, "b"_a, "b_batch_stride"_a, "ldb"_a, "b_k_major"_a, "bias"_a = 0,
+      "a_batch_stride"_a, "lda"_a, "b"_a, "b_batch_stride"_a, "ldb"_a, "b_k_major"_a, "out"_a, "bias"_a = 0,
       "scale_a"_a = 0, "scale_a_n"_a = 0, "scale_b"_a = 0, "scale_b_n"_a = 0);
   m.def(
       "gemm_config",

@@ -603,6 +603,8 @@ void quantize(const QuantArgs& q) {
   if (n == 0) return;
   if (q.format == QF_UINT8 && q.zero_point == 0)
     throw std::invalid_argument("lepton_core CUDA quantize: uint8 needs a zero_point buffer");
+  if (q.x == 0 || q.data == 0 || q.scale == 0 || q.bad_index == 0 || (q.block_size == 0 && q.stats == 0))
+    throw std::invalid_argument("lepton_core CUDA quantize: null buffer pointer");
   int64_t n_groups, walk_channels, walk_inner;
   group_layout(q.n_outer, q.n_channels, q.n_inner, q.block_size, &n_groups, &walk_channels, &walk_inner);
   DeviceGuard guard(q.device);
@@ -633,6 +635,8 @@ void dequantize(const DequantArgs& d) {
     throw std::invalid_argument("lepton_core CUDA dequantize: output must be float32, float16 or bfloat16");
   const int64_t n = d.n_outer * d.n_channels * d.n_inner;
   if (n == 0) return;
+  if (d.data == 0 || d.scale == 0 || d.out == 0 || (d.format == QF_UINT8 && d.zero_point == 0))
+    throw std::invalid_argument("lepton_core CUDA dequantize: null buffer pointer");
   int64_t n_groups, walk_channels, walk_inner;
   group_layout(d.n_outer, d.n_channels, d.n_inner, d.block_size, &n_groups, &walk_channels, &walk_inner);
   DeviceGuard guard(d.device);
