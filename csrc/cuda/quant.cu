@@ -253,13 +253,14 @@ __device__ inline void quantize_run(const QuantKernelArgs& a, int64_t start, int
 // computed from the registers and stored as 8 bytes (int4: 4) per run. Elements past n count as
 // absent; the last block may be short.
 template <int DT>
-__global__ void __launch_bounds__(kThreads) quant_blockwise_kernel(const QuantKernelArgs a, int64_t block_size) {
+__global__ void __launch_bounds__(kThreads) quant_blockwise_kernel(const QuantKernelArgs a, int block_shift) {
   __shared__ float part_hi[2][kThreads / 32], part_nlo[2][kThreads / 32];
   __shared__ float blk_scale[kTile / 32];
   __shared__ int32_t blk_zp[kTile / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t n_tiles = (a.n + kTile - 1) / kTile;
-  const int lanes_per_block = int(block_size / kRun);  // threads sharing one block in one run (4..512)
+  const int block_size = 1 << block_shift;  // a power of two: divisions below are shifts
+  const int lanes_per_block = block_size / kRun;  // threads sharing one block in one run (4..512)
 
   for (int64_t tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
     const int64_t tile0 = tile * kTile;
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(kThreads) quant_blockwise_kernel(const QuantKe
       __syncthreads();
       // Warp partial (r, w) covers elements [r*2048 + w*256, +256) of the tile; a block of B >= 512
       // elements is B/256 consecutive partials.
-      const int parts = int(block_size / 256);
+      const int parts = block_size / 256;
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int my_part = r * (kThreads / 32) + warp;
@@ -323,15 +324,15 @@ __global__ void __launch_bounds__(kThreads) quant_blockwise_kernel(const QuantKe
     for (int r = 0; r < 2; ++r) {
       const int64_t start = tile0 + r * (kThreads * kRun) + tid * kRun;
       const int local = r * (kThreads * kRun) + tid * kRun;  // offset in the tile
-      if (start < a.n && start % block_size == 0) {
+      if (start < a.n && (start & (block_size - 1)) == 0) {
         float s;
         int32_t zp;
         group_params(a.fmt, hi[r], nlo[r], &s, &zp);
-        const int64_t g = start / block_size;
+        const int64_t g = start >> block_shift;
         a.scale[g] = s;
         if (a.zero_point != nullptr) a.zero_point[g] = zp;
-        blk_scale[local / block_size] = s;
-        blk_zp[local / block_size] = zp;
+        blk_scale[local >> block_shift] = s;
+        blk_zp[local >> block_shift] = zp;
       }
     }
     __syncthreads();
@@ -340,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) quant_blockwise_kernel(const QuantKe
     for (int r = 0; r < 2; ++r) {
       const int64_t start = tile0 + r * (kThreads * kRun) + tid * kRun;
       if (count[r] <= 0) continue;
-      const int local_block = int((r * (kThreads * kRun) + tid * kRun) / block_size);
+      const int local_block = (r * (kThreads * kRun) + tid * kRun) >> block_shift;
       // A run lies in one block: index local_block of the tile's shared scale arrays.
       quantize_run(a, start, count[r], v[r], GroupWalker::single(local_block), blk_scale,
                    a.zero_point != nullptr ? blk_zp : nullptr);
@@ -572,7 +573,9 @@ void group_layout(int64_t n_outer, int64_t n_channels, int64_t n_inner, int64_t 
 template <int DT>
 void launch_quantize(const QuantArgs& q, QuantKernelArgs& a, cudaStream_t s) {
   if (q.block_size != 0) {
-    quant_blockwise_kernel<DT><<<grid_for(a.n, kTile), kThreads, 0, s>>>(a, q.block_size);
+    int shift = 0;
+    while ((int64_t(1) << shift) < q.block_size) ++shift;
+    quant_blockwise_kernel<DT><<<grid_for(a.n, kTile), kThreads, 0, s>>>(a, shift);
     check_launch("quant_blockwise_kernel");
     return;
   }
