@@ -1,6 +1,6 @@
 """pytest-benchmark view of the CUDA backend (skipped without a usable GPU): lc.gemm and lc.quantize
 on CUDA tensors next to their torch baselines. Each benchmark synchronizes the device after the call
-so the measured time is the kernel's, not the launch's. `lepton bench cuda` prints the full table
+so the measured time is the kernel's, not the launch's. `python -m lepton_core.benchmarks.cuda` prints the full table
 (TFLOP/s and GB/s against the measured peak and copy bandwidth)."""
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""`lepton bench cuda`: the CUDA backend against PyTorch on the same GPU.
+"""The CUDA backend against PyTorch on the same GPU (`lepton bench gemm` adds these rows when a GPU is
+usable; `python -m lepton_core.benchmarks.cuda` prints them alone).
 
 GEMM: lc.gemm (bf16, fp16: mma.sync tensor cores; int8 -> int32) against torch.matmul (cuBLAS) and
 torch._int_mm, in TFLOP/s, with each baseline's rate at 8192^3 standing for the device's measured
