@@ -1,0 +1,394 @@
+#include "comm/transport.h"
+
+#include <linux/futex.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <climits>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <new>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+static inline void cpu_relax() { _mm_pause(); }
+#else
+static inline void cpu_relax() {}
+#endif
+
+#ifndef LP_SHM_SPIN_NS
+#define LP_SHM_SPIN_NS 20000
+#endif
+#ifndef LP_SHM_YIELDS
+#define LP_SHM_YIELDS 0
+#endif
+
+namespace lp {
+namespace {
+
+constexpr uint64_t kAlign = 4096;
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+long futex_wait(std::atomic<uint32_t>* addr, uint32_t expected, int64_t timeout_ns) {
+  struct timespec ts;
+  ts.tv_sec = time_t(timeout_ns / 1000000000);
+  ts.tv_nsec = long(timeout_ns % 1000000000);
+  // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+void futex_wake_all(std::atomic<uint32_t>* addr) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
+uint64_t pid_namespace() {
+  struct stat st;
+  return stat("/proc/self/ns/pid", &st) == 0 ? uint64_t(st.st_ino) : 0;
+}
+
+int online_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? int(n) : 1;
+}
+
+int pidfd_of(int pid) {
+#ifdef SYS_pidfd_open
+  long fd = syscall(SYS_pidfd_open, pid, 0);
+  return fd >= 0 ? int(fd) : -1;
+#else
+  (void)pid;
+  return -1;
+#endif
+}
+
+// Waiting policy. With no more ranks than cores a waiter spins a little (the producer is probably
+// running); oversubscribed, it hands the core over at once (the producer may need it). Then it
+// sleeps on a futex: a yield loop would keep competing with the very rank it waits for.
+constexpr int64_t kSpinNs = LP_SHM_SPIN_NS, kSpinNsOversubscribed = 0;
+constexpr int kYieldRounds = LP_SHM_YIELDS, kYieldRoundsOversubscribed = LP_SHM_YIELDS;
+constexpr int64_t kSleepNs = 1000000;       // futex timeout: fault checks at least this often
+constexpr int64_t kCheckPeriodNs = 1000000;
+constexpr int64_t kStaleHeartbeatNs = 500000000;  // a waiting rank refreshes it every ~ms
+
+}  // namespace
+
+ShmLayout ShmLayout::plan(int n_ranks, uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes) {
+  ShmLayout l;
+  l.n_ranks = n_ranks;
+  l.ring_slots = ring_slots;
+  l.ring_slot_bytes = round_up(ring_slot_bytes, kAlign);
+  l.lat_bytes = round_up(lat_bytes, kAlign);
+  l.ctl_offset = round_up(sizeof(SegHeader), kAlign);
+  l.data_offset = round_up(l.ctl_offset + uint64_t(n_ranks) * sizeof(RankCtl), kAlign);
+  l.rank_data_bytes = 2 * l.lat_bytes + uint64_t(ring_slots) * l.ring_slot_bytes;
+  l.total_bytes = l.data_offset + uint64_t(n_ranks) * l.rank_data_bytes;
+  return l;
+}
+
+ShmTransport::ShmTransport(const std::string& name, bool create, int rank, int n_ranks,
+                           uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes)
+    : rank_(rank), n_ranks_(n_ranks) {
+  // 1. Map the segment; its creator writes the layout every rank reads back.
+  if (create) {
+    layout_ = ShmLayout::plan(n_ranks, ring_slot_bytes, ring_slots, lat_bytes);
+    seg_ = ShmSegment::create(name, layout_.total_bytes);
+    head_ = new (seg_.base()) SegHeader();
+    head_->n_ranks = n_ranks;
+    head_->ring_slots = layout_.ring_slots;
+    head_->ring_slot_bytes = layout_.ring_slot_bytes;
+    head_->lat_bytes = layout_.lat_bytes;
+    head_->ctl_offset = layout_.ctl_offset;
+    head_->data_offset = layout_.data_offset;
+    head_->rank_data_bytes = layout_.rank_data_bytes;
+    head_->total_bytes = layout_.total_bytes;
+    head_->n_mapped.store(0);
+    for (int r = 0; r < n_ranks; ++r) {
+      RankCtl* c = new (static_cast<uint8_t*>(seg_.base()) + layout_.ctl_offset + r * sizeof(RankCtl)) RankCtl();
+      c->waiting_on.store(-1);
+    }
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    head_->magic = kSegMagic;
+  } else {
+    seg_ = ShmSegment::open(name);
+    head_ = static_cast<SegHeader*>(seg_.base());
+    if (seg_.n_bytes() < sizeof(SegHeader) || head_->magic != kSegMagic || head_->n_ranks != n_ranks ||
+        head_->total_bytes != seg_.n_bytes()) {
+      seg_.unlink();
+      throw CommFault("ld.all_reduce: shared-memory segment " + name +
+                          " does not have the expected layout (another job's segment?)",
+                      true);
+    }
+    layout_.n_ranks = n_ranks;
+    layout_.ring_slots = head_->ring_slots;
+    layout_.ring_slot_bytes = head_->ring_slot_bytes;
+    layout_.lat_bytes = head_->lat_bytes;
+    layout_.ctl_offset = head_->ctl_offset;
+    layout_.data_offset = head_->data_offset;
+    layout_.rank_data_bytes = head_->rank_data_bytes;
+    layout_.total_bytes = head_->total_bytes;
+  }
+  uint8_t* base = static_cast<uint8_t*>(seg_.base());
+  ctls_ = reinterpret_cast<RankCtl*>(base + layout_.ctl_offset);
+  data_ = base + layout_.data_offset;
+
+  // 2. Say who we are (attach() waits for everyone).
+  RankCtl& me = ctl(rank_);
+  me.pid = int32_t(getpid());
+  me.pid_ns = pid_namespace();
+  me.waiting_on.store(-1);
+  head_->n_mapped.fetch_add(1, std::memory_order_acq_rel);
+}
+
+void ShmTransport::attach(double timeout_s) {
+  // The name goes as soon as every rank has mapped the segment.
+  RankCtl& me = ctl(rank_);
+  int64_t deadline = now_ns() + int64_t(timeout_s * 1e9);
+  while (head_->n_mapped.load(std::memory_order_acquire) < n_ranks_) {
+    if (now_ns() > deadline) {
+      std::string missing;
+      for (int r = 0; r < n_ranks_; ++r)
+        if (ctl(r).pid == 0) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+      seg_.unlink();
+      char secs[32];
+      std::snprintf(secs, sizeof(secs), "%g", timeout_s);
+      throw CommFault("ld.all_reduce: local rank(s) " + missing +
+                          " did not map the shared-memory segment within the timeout of " + secs + " s",
+                      true);
+    }
+    struct timespec ts = {0, 100000};
+    nanosleep(&ts, nullptr);
+  }
+  seg_.unlink();
+
+  // Liveness: pidfds of the peers, when all ranks share one pid namespace.
+  pidfds_.assign(n_ranks_, -1);
+  for (int r = 0; r < n_ranks_; ++r)
+    if (ctl(r).pid_ns != me.pid_ns || me.pid_ns == 0) check_pids_ = false;
+  if (check_pids_)
+    for (int r = 0; r < n_ranks_; ++r)
+      if (r != rank_) pidfds_[r] = pidfd_of(ctl(r).pid);
+
+  bool oversubscribed = n_ranks_ > online_cpus();
+  spin_ns_ = oversubscribed ? kSpinNsOversubscribed : kSpinNs;
+  yield_rounds_ = oversubscribed ? kYieldRoundsOversubscribed : kYieldRounds;
+  if (const char* e = getenv("LEPTON_DEV_SPIN_NS")) spin_ns_ = atoll(e);   // DEV-ONLY
+  if (const char* e = getenv("LEPTON_DEV_YIELDS")) yield_rounds_ = atoi(e);  // DEV-ONLY
+}
+
+void ShmTransport::unlink() { seg_.unlink(); }
+
+ShmTransport::~ShmTransport() {
+  for (int fd : pidfds_)
+    if (fd >= 0) close(fd);
+}
+
+uint8_t* ShmTransport::lat_slot(int r, uint64_t call) const {
+  return data_ + uint64_t(r) * layout_.rank_data_bytes + (call % 2) * layout_.lat_bytes;
+}
+
+uint8_t* ShmTransport::ring_slot(int r, uint64_t piece) const {
+  return data_ + uint64_t(r) * layout_.rank_data_bytes + 2 * layout_.lat_bytes +
+         (piece % uint64_t(layout_.ring_slots)) * layout_.ring_slot_bytes;
+}
+
+int64_t ShmTransport::now_ns() const {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+void ShmTransport::ring_bell() {
+  RankCtl& me = ctl(rank_);
+  me.bell.fetch_add(1, std::memory_order_seq_cst);
+  if (me.sleepers.load(std::memory_order_seq_cst) != 0) futex_wake_all(&me.bell);
+}
+
+void ShmTransport::begin_call(uint64_t call, double timeout_s, const char* op_name) {
+  call_ = call;
+  timeout_s_ = timeout_s;
+  op_name_ = op_name;
+  deadline_ns_ = now_ns() + int64_t(timeout_s * 1e9);
+  for (int r = 0; r < n_ranks_; ++r)
+    if (r != rank_ && ctl(r).aborted.load(std::memory_order_acquire)) check_faults(r, "start");
+}
+
+void ShmTransport::publish_header(uint64_t call, int64_t numel, int dtype, int op, int compression,
+                                  int block_elems, int kind) {
+  CallHeader& h = ctl(rank_).hdr[call % 2];
+  h.numel = numel;
+  h.dtype = dtype;
+  h.op = op;
+  h.compression = compression;
+  h.block_elems = block_elems;
+  h.kind = kind;
+  h.seq.store(call + 1, std::memory_order_release);
+  ring_bell();
+}
+
+void ShmTransport::wait_headers(uint64_t call) {
+  for (int r = 0; r < n_ranks_; ++r) {
+    if (r == rank_) continue;
+    const CallHeader& h = ctl(r).hdr[call % 2];
+    wait_for(r, [&] { return h.seq.load(std::memory_order_acquire) == call + 1; }, "join");
+  }
+}
+
+void ShmTransport::end_call() {
+  ctl(rank_).done.store(call_ + 1, std::memory_order_release);
+}
+
+uint8_t* ShmTransport::send_slot() {
+  RankCtl& me = ctl(rank_);
+  uint64_t s = me.posted.load(std::memory_order_relaxed);
+  if (s >= uint64_t(layout_.ring_slots)) {
+    const RankCtl& nx = ctl(next());
+    uint64_t need = s - uint64_t(layout_.ring_slots) + 1;
+    wait_for(next(), [&] { return nx.consumed.load(std::memory_order_acquire) >= need; }, "free a slot");
+  }
+  return ring_slot(rank_, s);
+}
+
+void ShmTransport::post() {
+  RankCtl& me = ctl(rank_);
+  me.posted.store(me.posted.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  ring_bell();
+}
+
+const uint8_t* ShmTransport::recv_slot() {
+  uint64_t j = ctl(rank_).consumed.load(std::memory_order_relaxed);
+  const RankCtl& pv = ctl(prev());
+  wait_for(prev(), [&] { return pv.posted.load(std::memory_order_acquire) > j; }, "send a piece");
+  return ring_slot(prev(), j);
+}
+
+void ShmTransport::consume() {
+  RankCtl& me = ctl(rank_);
+  me.consumed.store(me.consumed.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  ring_bell();
+}
+
+template <class Ready> void ShmTransport::wait_for(int peer, Ready ready, const char* what) {
+  if (ready()) return;
+  int64_t t0 = now_ns();
+  // 1. Spin: the peer is probably running on another core and about to deliver.
+  if (spin_ns_ > 0) {
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        cpu_relax();
+        if (ready()) return;
+      }
+      if (now_ns() - t0 > spin_ns_) break;
+    }
+  }
+  RankCtl& me = ctl(rank_);
+  RankCtl& pc = ctl(peer);
+  me.heartbeat_ns.store(t0, std::memory_order_relaxed);
+  me.waiting_on.store(peer, std::memory_order_relaxed);
+  int64_t next_check = t0 + kCheckPeriodNs;
+  for (int round = 0;; ++round) {
+    if (ready()) break;
+    int64_t now = now_ns();
+    if (now >= next_check) {
+      me.heartbeat_ns.store(now, std::memory_order_relaxed);
+      check_faults(peer, what);
+      next_check = now + kCheckPeriodNs;
+    }
+    if (round < yield_rounds_) {
+      // 2. A few yields: cheap when another of our ranks is runnable on this core.
+      sched_yield();
+      continue;
+    }
+    // 3. Sleep on the peer's bell until it changes something (or the timeout, to check faults).
+    pc.sleepers.fetch_add(1, std::memory_order_seq_cst);
+    uint32_t b = pc.bell.load(std::memory_order_seq_cst);
+    if (!ready()) futex_wait(&pc.bell, b, kSleepNs);
+    pc.sleepers.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  me.waiting_on.store(-1, std::memory_order_relaxed);
+}
+
+bool ShmTransport::peer_dead(int r) {
+  if (!check_pids_) return false;
+  int fd = pidfds_[r];
+  if (fd >= 0) {
+    struct pollfd p = {fd, POLLIN, 0};
+    return poll(&p, 1, 0) > 0;  // readable once the process has exited (even before it is reaped)
+  }
+  int pid = ctl(r).pid;
+  if (kill(pid, 0) != 0 && errno == ESRCH) return true;
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(f, line)) return true;
+  size_t paren = line.rfind(')');
+  return paren != std::string::npos && paren + 2 < line.size() && line[paren + 2] == 'Z';
+}
+
+int ShmTransport::stalled_rank(int peer) const {
+  // Follow "who waits for whom" from the peer to the rank holding things up: one that waits for
+  // nobody (it is not in the call), or one that claims to wait but has stopped refreshing its
+  // heartbeat (a stopped or wedged process). A cycle back to us blames the last rank reached.
+  int r = peer;
+  int64_t now = now_ns();
+  for (int hops = 0; hops < n_ranks_; ++hops) {
+    const RankCtl& c = ctl(r);
+    int w = c.waiting_on.load(std::memory_order_relaxed);
+    if (w < 0 || w == rank_) return r;
+    if (now - c.heartbeat_ns.load(std::memory_order_relaxed) > kStaleHeartbeatNs) return r;
+    r = w;
+  }
+  return peer;
+}
+
+void ShmTransport::check_faults(int peer, const char* what) {
+  // 1. A peer already failed: raise with its culprit and reason.
+  for (int r = 0; r < n_ranks_; ++r) {
+    if (r == rank_) continue;
+    RankCtl& c = ctl(r);
+    if (c.aborted.load(std::memory_order_acquire)) {
+      char why[sizeof(c.reason)];
+      std::memcpy(why, c.reason, sizeof(why));
+      why[sizeof(why) - 1] = 0;
+      fail(c.culprit, why, " (reported by rank " + std::to_string(r) + ")");
+    }
+  }
+  // 2. A peer exited before completing this call.
+  for (int r = 0; r < n_ranks_; ++r) {
+    if (r == rank_) continue;
+    if (ctl(r).done.load(std::memory_order_acquire) < call_ + 1 && peer_dead(r))
+      fail(r, std::string(op_name_) + ": rank " + std::to_string(r) + " (pid " + std::to_string(ctl(r).pid) +
+                  ") died or exited during call " + std::to_string(call_));
+  }
+  // 3. The deadline.
+  if (now_ns() > deadline_ns_) {
+    int culprit = stalled_rank(peer);
+    char secs[32];
+    std::snprintf(secs, sizeof(secs), "%g", timeout_s_);
+    fail(culprit, std::string(op_name_) + ": rank " + std::to_string(culprit) + " did not take part in call " +
+                      std::to_string(call_) + " within the timeout of " + secs + " s (rank " +
+                      std::to_string(rank_) + " was waiting for rank " + std::to_string(peer) + " to " + what +
+                      ")");
+  }
+}
+
+void ShmTransport::fail(int culprit, const std::string& why, const std::string& note) {
+  RankCtl& me = ctl(rank_);
+  if (!me.aborted.load(std::memory_order_relaxed)) {
+    me.culprit = culprit;
+    std::snprintf(me.reason, sizeof(me.reason), "%s", why.c_str());
+    me.aborted.store(1, std::memory_order_release);
+    ring_bell();
+  }
+  me.waiting_on.store(-1, std::memory_order_relaxed);
+  throw CommFault(why + note, true);
+}
+
+}  // namespace lp

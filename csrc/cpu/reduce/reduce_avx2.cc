@@ -1,0 +1,382 @@
+// AVX2 (+ F16C) reduce kernels: the same results as reduce_scalar.cc, bit for bit (contract:
+// reduce.h). Full vectors here; leftover elements go through the portable bodies of
+// reduce_generic.h. Also serves the avx512 and amx levels (every such CPU has AVX2).
+//
+// Bit-exactness notes: no FMA contraction (pragma below); max/min use VMAXPS/VMINPS, whose
+// "second operand on NaN or equal" rule is exactly (a > b ? a : b), then put a back when a is NaN;
+// float16 rounding uses F16C (round to nearest even, like dtypes.h) with NaN lanes rewritten to the
+// canonical NaN that dtypes.h produces; bfloat16 rounding is the same integer trick as dtypes.h.
+#pragma GCC optimize("fp-contract=off")
+
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/reduce/reduce_generic.h"
+#include "cpu/reduce/reduce_q8.h"
+
+namespace lp {
+namespace {
+
+using namespace reduce_generic;
+using reduce_dispatch::on_dtype;
+using reduce_dispatch::on_op;
+
+// ---- float32 lanes ----
+static inline __m256 max_nan(__m256 a, __m256 b) {
+  return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+static inline __m256 min_nan(__m256 a, __m256 b) {
+  return _mm256_blendv_ps(_mm256_min_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+static inline __m256d max_nan(__m256d a, __m256d b) {
+  return _mm256_blendv_pd(_mm256_max_pd(a, b), a, _mm256_cmp_pd(a, a, _CMP_UNORD_Q));
+}
+static inline __m256d min_nan(__m256d a, __m256d b) {
+  return _mm256_blendv_pd(_mm256_min_pd(a, b), a, _mm256_cmp_pd(a, a, _CMP_UNORD_Q));
+}
+
+static inline __m256 load_f16(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+static inline void store_f16(uint16_t* p, __m256 v) {
+  __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  if (!_mm256_testz_ps(nan, nan)) {  // rare: canonical NaN (sign | 0x7e00), as f32_to_f16
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i canon = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
+                                    _mm256_set1_epi32(0x7e00));
+    __m128i canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
+    __m256i nan_i = _mm256_castps_si256(nan);
+    __m128i mask16 = _mm_packs_epi32(_mm256_castsi256_si128(nan_i), _mm256_extracti128_si256(nan_i, 1));
+    h = _mm_blendv_epi8(h, canon16, mask16);
+  }
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+static inline __m256 load_bf16(const uint16_t* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+static inline void store_bf16(uint16_t* p, __m256 v) {
+  __m256i u = _mm256_castps_si256(v);
+  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+  __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                   _mm256_set1_epi32(0x7f800000));
+  __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, quiet, nan);
+  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+static inline __m256 load_f64_as_f32(const double* p) {
+  __m128 lo = _mm256_cvtpd_ps(_mm256_loadu_pd(p)), hi = _mm256_cvtpd_ps(_mm256_loadu_pd(p + 4));
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
+}
+static inline void store_f32_as_f64(double* p, __m256 v) {
+  _mm256_storeu_pd(p, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+  _mm256_storeu_pd(p + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+}
+
+// Per-dtype vector traits: L lanes of the accumulator type; load = widen, store = narrow.
+template <int DT> struct V;
+struct VF32Acc {
+  static constexpr int L = 8;
+  using vec = __m256;
+  static vec load_acc(const float* p) { return _mm256_loadu_ps(p); }
+  static void store_acc(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  template <int OP> static vec apply(vec a, vec b) {
+    if constexpr (OP == LP_REDUCE_MAX) return max_nan(a, b);
+    else if constexpr (OP == LP_REDUCE_MIN) return min_nan(a, b);
+    else return _mm256_add_ps(a, b);
+  }
+  template <int OP> static vec finalize(vec v, int n_ranks) {
+    if constexpr (OP == LP_REDUCE_AVG) return _mm256_div_ps(v, _mm256_set1_ps(float(n_ranks)));
+    else return v;
+  }
+};
+template <> struct V<LP_DTYPE_F32> : VF32Acc {
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+};
+template <> struct V<LP_DTYPE_F16> : VF32Acc {
+  static vec load(const uint16_t* p) { return load_f16(p); }
+  static void store(uint16_t* p, vec v) { store_f16(p, v); }
+};
+template <> struct V<LP_DTYPE_BF16> : VF32Acc {
+  static vec load(const uint16_t* p) { return load_bf16(p); }
+  static void store(uint16_t* p, vec v) { store_bf16(p, v); }
+};
+template <> struct V<LP_DTYPE_F64> {
+  static constexpr int L = 4;
+  using vec = __m256d;
+  static vec load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, vec v) { _mm256_storeu_pd(p, v); }
+  static vec load_acc(const double* p) { return _mm256_loadu_pd(p); }
+  static void store_acc(double* p, vec v) { _mm256_storeu_pd(p, v); }
+  template <int OP> static vec apply(vec a, vec b) {
+    if constexpr (OP == LP_REDUCE_MAX) return max_nan(a, b);
+    else if constexpr (OP == LP_REDUCE_MIN) return min_nan(a, b);
+    else return _mm256_add_pd(a, b);
+  }
+  template <int OP> static vec finalize(vec v, int n_ranks) {
+    if constexpr (OP == LP_REDUCE_AVG) return _mm256_div_pd(v, _mm256_set1_pd(double(n_ranks)));
+    else return v;
+  }
+};
+struct VIntBase {
+  using vec = __m256i;
+  template <class I> static vec load(const I* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  template <class I> static void store(I* p, vec v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  template <class I> static vec load_acc(const I* p) { return load(p); }
+  template <class I> static void store_acc(I* p, vec v) { store(p, v); }
+  template <int OP> static vec finalize(vec v, int) { return v; }
+};
+template <> struct V<LP_DTYPE_I32> : VIntBase {
+  static constexpr int L = 8;
+  template <int OP> static vec apply(vec a, vec b) {
+    if constexpr (OP == LP_REDUCE_MAX) return _mm256_max_epi32(a, b);
+    else if constexpr (OP == LP_REDUCE_MIN) return _mm256_min_epi32(a, b);
+    else return _mm256_add_epi32(a, b);
+  }
+};
+template <> struct V<LP_DTYPE_I64> : VIntBase {
+  static constexpr int L = 4;
+  template <int OP> static vec apply(vec a, vec b) {
+    if constexpr (OP == LP_REDUCE_MAX) return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi64(a, b));
+    else if constexpr (OP == LP_REDUCE_MIN) return _mm256_blendv_epi8(b, a, _mm256_cmpgt_epi64(b, a));
+    else return _mm256_add_epi64(a, b);
+  }
+};
+
+template <int DT> using TT = typename Ty<DT>::T;
+template <int DT> using AT = typename Ty<DT>::A;
+
+template <int DT> void widen_v(void* acc_, const void* x_, int64_t n) {
+  using W = V<DT>;
+  AT<DT>* acc = static_cast<AT<DT>*>(acc_);
+  const TT<DT>* x = static_cast<const TT<DT>*>(x_);
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) W::store_acc(acc + i, W::load(x + i));
+  widen<DT>(acc_, x_, i, n);
+}
+
+template <int DT, int OP> void accumulate_v(void* out_, const void* in_, const void* x_, int64_t n) {
+  using W = V<DT>;
+  AT<DT>* out = static_cast<AT<DT>*>(out_);
+  const AT<DT>* in = static_cast<const AT<DT>*>(in_);
+  const TT<DT>* x = static_cast<const TT<DT>*>(x_);
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L)
+    W::store_acc(out + i, W::template apply<OP>(W::load_acc(in + i), W::load(x + i)));
+  accumulate<DT, OP>(out_, in_, x_, i, n);
+}
+
+template <int DT, int OP>
+void finish_v(void* y_, void* y2_, const void* in_, const void* x_, int64_t n, int n_ranks) {
+  using W = V<DT>;
+  TT<DT>* y = static_cast<TT<DT>*>(y_);
+  TT<DT>* y2 = static_cast<TT<DT>*>(y2_);
+  const AT<DT>* in = static_cast<const AT<DT>*>(in_);
+  const TT<DT>* x = static_cast<const TT<DT>*>(x_);
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    auto v = W::template finalize<OP>(W::template apply<OP>(W::load_acc(in + i), W::load(x + i)), n_ranks);
+    W::store(y + i, v);
+    if (y2) W::store(y2 + i, v);
+  }
+  finish<DT, OP>(y_, y2_, in_, x_, i, n, n_ranks);
+}
+
+template <int DT, int OP> void narrow_v(void* y_, void* y2_, const void* acc_, int64_t n, int n_ranks) {
+  using W = V<DT>;
+  TT<DT>* y = static_cast<TT<DT>*>(y_);
+  TT<DT>* y2 = static_cast<TT<DT>*>(y2_);
+  const AT<DT>* acc = static_cast<const AT<DT>*>(acc_);
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    auto v = W::template finalize<OP>(W::load_acc(acc + i), n_ranks);
+    W::store(y + i, v);
+    if (y2) W::store(y2 + i, v);
+  }
+  narrow<DT, OP>(y_, y2_, acc_, i, n, n_ranks);
+}
+
+template <int DT, int OP>
+void gather_v(void* y_, const void* const* srcs, int n_srcs, int64_t n, int n_ranks) {
+  using W = V<DT>;
+  TT<DT>* y = static_cast<TT<DT>*>(y_);
+  int64_t i = 0;
+  for (; i + W::L <= n; i += W::L) {
+    auto v = W::load(static_cast<const TT<DT>*>(srcs[0]) + i);
+    for (int k = 1; k < n_srcs; ++k)
+      v = W::template apply<OP>(v, W::load(static_cast<const TT<DT>*>(srcs[k]) + i));
+    W::store(y + i, W::template finalize<OP>(v, n_ranks));
+  }
+  gather<DT, OP>(y_, srcs, n_srcs, i, n, n_ranks);
+}
+
+void widen_avx2(void* acc, const void* x, int64_t n, int dtype) {
+  on_dtype(dtype, [&](auto dt) { widen_v<decltype(dt)::value>(acc, x, n); });
+}
+void accumulate_avx2(void* out, const void* in, const void* x, int64_t n, int dtype, int op) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) { accumulate_v<decltype(dt)::value, decltype(o)::value>(out, in, x, n); });
+  });
+}
+void finish_avx2(void* y, void* y2, const void* in, const void* x, int64_t n, int dtype, int op,
+                 int n_ranks) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) { finish_v<decltype(dt)::value, decltype(o)::value>(y, y2, in, x, n, n_ranks); });
+  });
+}
+void narrow_avx2(void* y, void* y2, const void* acc, int64_t n, int dtype, int op, int n_ranks) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) { narrow_v<decltype(dt)::value, decltype(o)::value>(y, y2, acc, n, n_ranks); });
+  });
+}
+void gather_avx2(void* y, const void* const* srcs, int n_srcs, int64_t n, int dtype, int op, int n_ranks) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) { gather_v<decltype(dt)::value, decltype(o)::value>(y, srcs, n_srcs, n, n_ranks); });
+  });
+}
+
+// ---- int8 compression: block primitives for reduce_q8.h ----
+template <int DT> static inline __m256 load_f32_of(const TT<DT>* p) {
+  if constexpr (DT == LP_DTYPE_F64) return load_f64_as_f32(p);
+  else return V<DT>::load(p);
+}
+template <int DT> static inline void store_f32_to(TT<DT>* p, __m256 v) {
+  if constexpr (DT == LP_DTYPE_F64) store_f32_as_f64(p, v);
+  else V<DT>::store(p, v);
+}
+static inline __m256 load_q8(const int8_t* q) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+// Codes of 8 lanes, as int32 in [-127, 127].
+static inline __m256i code_lanes(__m256 v, __m256 scale) {
+  __m256 r = _mm256_round_ps(_mm256_div_ps(v, scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  r = _mm256_min_ps(r, _mm256_set1_ps(127.0f));
+  r = _mm256_max_ps(r, _mm256_set1_ps(-127.0f));
+  return _mm256_cvtps_epi32(r);
+}
+
+struct Avx2Blocks {
+  template <int DT> using T = TT<DT>;
+
+  template <int DT> static void to_f32(float* v, const T<DT>* x, int64_t len) {
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(v + i, load_f32_of<DT>(x + i));
+    q8_widen<DT>(v, x, i, len);
+  }
+  template <int DT>
+  static void sum(float* v, const int8_t* q, float s, const T<DT>* x, int64_t len) {
+    const __m256 vs = _mm256_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+      _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(load_q8(q + i), vs), load_f32_of<DT>(x + i)));
+    q8_block_sum<DT>(v, q, s, x, i, len);
+  }
+  static BlockStat stat(const float* v, int64_t len) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(3.40282347e+38f);
+    __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  // > FLT_MAX or NaN
+      m = _mm256_max_ps(m, a);
+    }
+    BlockStat st;
+    st.non_finite = !_mm256_testz_ps(bad, bad);
+    if (!st.non_finite) {  // all finite: max is order-independent
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, m);
+      for (float a : lanes) st.absmax = a > st.absmax ? a : st.absmax;
+    }
+    for (; i < len; ++i) st.add(v[i]);
+    return st;
+  }
+  static void codes(int8_t* q, const float* v, int64_t len, float scale) {
+    if (scale == 0.0f || scale == INFINITY) {
+      if (len > 0) std::memset(q, 0, size_t(len));
+      return;
+    }
+    const __m256 vs = _mm256_set1_ps(scale);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+      __m256i c0 = code_lanes(_mm256_loadu_ps(v + i), vs), c1 = code_lanes(_mm256_loadu_ps(v + i + 8), vs);
+      __m256i c2 = code_lanes(_mm256_loadu_ps(v + i + 16), vs), c3 = code_lanes(_mm256_loadu_ps(v + i + 24), vs);
+      __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(b, order));
+    }
+    for (; i + 8 <= len; i += 8) {
+      __m256i c = code_lanes(_mm256_loadu_ps(v + i), vs);
+      __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(w, w));
+    }
+    q8_codes(q, v, i, len, scale);
+  }
+  template <int DT>
+  static void out(T<DT>* y, const int8_t* q, float s, int64_t len, int divisor) {
+    const __m256 vs = _mm256_set1_ps(s), vd = _mm256_set1_ps(float(divisor));
+    int64_t i = 0;
+    if (divisor == 1) {
+      for (; i + 8 <= len; i += 8) store_f32_to<DT>(y + i, _mm256_mul_ps(load_q8(q + i), vs));
+    } else {
+      for (; i + 8 <= len; i += 8)
+        store_f32_to<DT>(y + i, _mm256_div_ps(_mm256_mul_ps(load_q8(q + i), vs), vd));
+    }
+    q8_block_out<DT>(y, q, s, i, len, divisor);
+  }
+  static void dequant_f32(float* v, const int8_t* q, float s, int64_t len) {
+    const __m256 vs = _mm256_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(v + i, _mm256_mul_ps(load_q8(q + i), vs));
+    for (; i < len; ++i) v[i] = q8_value(q[i], s);
+  }
+  static void dequant_add_f32(float* v, const int8_t* q, float s, int64_t len) {
+    const __m256 vs = _mm256_set1_ps(s);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+      _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_loadu_ps(v + i), _mm256_mul_ps(load_q8(q + i), vs)));
+    for (; i < len; ++i) v[i] = v[i] + q8_value(q[i], s);
+  }
+  template <int DT> static void store(T<DT>* y, const float* v, int64_t len, int divisor) {
+    const __m256 vd = _mm256_set1_ps(float(divisor));
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      __m256 x = _mm256_loadu_ps(v + i);
+      store_f32_to<DT>(y + i, divisor == 1 ? x : _mm256_div_ps(x, vd));
+    }
+    float d = float(divisor);
+    for (; i < len; ++i) y[i] = q8_out<DT>(divisor == 1 ? v[i] : v[i] / d);
+  }
+  static void add_f32(float* x, const float* r, int64_t len) {
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+      _mm256_storeu_ps(x + i, _mm256_add_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(r + i)));
+    for (; i < len; ++i) x[i] = x[i] + r[i];
+  }
+  static void residual(float* r, const float* x, const int8_t* q, float scale, int64_t len) {
+    const __m256 vs = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8)
+      _mm256_storeu_ps(r + i, _mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_mul_ps(load_q8(q + i), vs)));
+    for (; i < len; ++i) r[i] = x[i] - q8_value(q[i], scale);
+  }
+};
+
+using Q8 = Q8Kernels<Avx2Blocks>;
+
+const ReduceKernels kAvx2 = {
+    "avx2",        widen_avx2,     accumulate_avx2, finish_avx2,    narrow_avx2,
+    gather_avx2,   Q8::widen,      Q8::quantize,    Q8::accumulate, Q8::partial,
+    Q8::finish,    Q8::dequantize, Q8::gather,      Q8::error_feedback,
+};
+
+}  // namespace
+
+const ReduceKernels* reduce_kernels_avx2() { return &kAvx2; }
+
+}  // namespace lp

@@ -1,0 +1,105 @@
+// Scalar reduce kernels: the reference every SIMD table must match bit for bit (contract: reduce.h).
+// a * b + c must stay two roundings, as in the SIMD files (which have FMA and must agree with this
+// one): no contraction into fused multiply-adds, whatever the build's default.
+#pragma GCC optimize("fp-contract=off")
+
+#include <cstring>
+
+#include "cpu/reduce/reduce_generic.h"
+#include "cpu/reduce/reduce_q8.h"
+
+namespace lp {
+namespace {
+
+using namespace reduce_generic;
+using reduce_dispatch::on_dtype;
+using reduce_dispatch::on_op;
+
+void widen_scalar(void* acc, const void* x, int64_t n, int dtype) {
+  on_dtype(dtype, [&](auto dt) { widen<decltype(dt)::value>(acc, x, 0, n); });
+}
+
+void accumulate_scalar(void* out, const void* in, const void* x, int64_t n, int dtype, int op) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) { accumulate<decltype(dt)::value, decltype(o)::value>(out, in, x, 0, n); });
+  });
+}
+
+void finish_scalar(void* y, void* y2, const void* in, const void* x, int64_t n, int dtype, int op,
+                   int n_ranks) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) {
+      finish<decltype(dt)::value, decltype(o)::value>(y, y2, in, x, 0, n, n_ranks);
+    });
+  });
+}
+
+void narrow_scalar(void* y, void* y2, const void* acc, int64_t n, int dtype, int op, int n_ranks) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) { narrow<decltype(dt)::value, decltype(o)::value>(y, y2, acc, 0, n, n_ranks); });
+  });
+}
+
+void gather_scalar(void* y, const void* const* srcs, int n_srcs, int64_t n, int dtype, int op,
+                   int n_ranks) {
+  on_dtype(dtype, [&](auto dt) {
+    on_op(op, [&](auto o) {
+      gather<decltype(dt)::value, decltype(o)::value>(y, srcs, n_srcs, 0, n, n_ranks);
+    });
+  });
+}
+
+// Block primitives of reduce_q8.h, one element at a time.
+struct ScalarBlocks {
+  template <int DT> using T = typename Ty<DT>::T;
+
+  template <int DT> static void to_f32(float* v, const T<DT>* x, int64_t len) {
+    q8_widen<DT>(v, x, 0, len);
+  }
+  template <int DT>
+  static void sum(float* v, const int8_t* q, float s, const T<DT>* x, int64_t len) {
+    q8_block_sum<DT>(v, q, s, x, 0, len);
+  }
+  static BlockStat stat(const float* v, int64_t len) {
+    BlockStat st;
+    for (int64_t i = 0; i < len; ++i) st.add(v[i]);
+    return st;
+  }
+  static void codes(int8_t* q, const float* v, int64_t len, float scale) {
+    q8_codes(q, v, 0, len, scale);
+  }
+  template <int DT>
+  static void out(T<DT>* y, const int8_t* q, float s, int64_t len, int divisor) {
+    q8_block_out<DT>(y, q, s, 0, len, divisor);
+  }
+  static void dequant_f32(float* v, const int8_t* q, float s, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) v[i] = q8_value(q[i], s);
+  }
+  static void dequant_add_f32(float* v, const int8_t* q, float s, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) v[i] = v[i] + q8_value(q[i], s);
+  }
+  template <int DT> static void store(T<DT>* y, const float* v, int64_t len, int divisor) {
+    float d = float(divisor);
+    for (int64_t i = 0; i < len; ++i) y[i] = q8_out<DT>(divisor == 1 ? v[i] : v[i] / d);
+  }
+  static void add_f32(float* x, const float* r, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) x[i] = x[i] + r[i];
+  }
+  static void residual(float* r, const float* x, const int8_t* q, float scale, int64_t len) {
+    for (int64_t i = 0; i < len; ++i) r[i] = x[i] - q8_value(q[i], scale);
+  }
+};
+
+using Q8 = Q8Kernels<ScalarBlocks>;
+
+const ReduceKernels kScalar = {
+    "scalar",       widen_scalar,  accumulate_scalar, finish_scalar,      narrow_scalar,
+    gather_scalar,  Q8::widen,     Q8::quantize,      Q8::accumulate,     Q8::partial,
+    Q8::finish,     Q8::dequantize, Q8::gather,       Q8::error_feedback,
+};
+
+}  // namespace
+
+const ReduceKernels& reduce_kernels_scalar() { return kScalar; }
+
+}  // namespace lp

@@ -1,0 +1,240 @@
+"""`lepton bench allreduce`: ld.all_reduce next to Gloo (torch.distributed) and Open MPI (mpi4py).
+
+Each case runs W processes on this machine (under `mpirun` when mpi4py and mpirun are installed, so
+MPI_Allreduce joins the same run; otherwise without the MPI column). In every process the three
+implementations are timed interleaved, round after round (ours, Gloo, MPI, ours int8, ours, ...);
+each sample is a block of back-to-back calls on the same float32 tensor (sum), whose length rank 0
+picks from a calibration run and broadcasts, so every rank makes the same calls; rank 0 reports the
+median over rounds. Results are checked once, outside the timing.
+
+busbw = 2 (W - 1) / W * bytes / time (the bytes each rank must send and receive in a ring); the
+int8 column counts the float32 bytes, so it is comparable with the others. `of_copy` is our busbw
+over this machine's memcpy rate (bytes copied per second, measured once in the parent).
+The DDP rows time one training step (forward, backward with the hook's communication, SGD) of a
+model whose gradients are ~59 MB, with DDP's default Gloo all-reduce and with ld.allreduce_hook.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+COLUMNS = ["case", "ranks", "bytes", "ours_us", "gloo_us", "mpi_us", "int8_us", "ours_GBs", "gloo_GBs",
+           "mpi_GBs", "int8_GBs", "x_gloo", "x_mpi", "of_copy"]
+
+FULL_SIZES = [4 << i for i in range(0, 25, 2)]  # 4 B, 16 B, 64 B ... 16 MiB, 64 MiB
+QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20]
+
+
+def _human(n: int) -> str:
+    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= div and n % div == 0:
+            return f"{n // div} {unit}"
+    return f"{n} B"
+
+
+def _mpi_available() -> bool:
+    if shutil.which("mpirun") is None:
+        return False
+    try:
+        import importlib.util
+
+        return importlib.util.find_spec("mpi4py") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _launch(world: int, mode: str, out: str, sizes: List[int], rounds: int, use_mpi: bool) -> None:
+    store = os.path.join(out, f"store-{mode}-{world}")
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["-m", "lepton_core.benchmarks.allreduce", "--worker", mode, "--world", str(world), "--store", store,
+            "--out", out, "--rounds", str(rounds), "--sizes", ",".join(map(str, sizes))]
+    if use_mpi:
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+        cmd = ["mpirun", "-np", str(world), "--oversubscribe", "--bind-to", "none", "-x", "PYTHONPATH", "-x",
+               "OMP_NUM_THREADS", sys.executable] + args + ["--mpi"]
+        subprocess.run(cmd, env=env, check=True, timeout=3600)
+        return
+    procs = [subprocess.Popen([sys.executable] + args + ["--rank", str(r)], env=env) for r in range(world)]
+    for p in procs:
+        if p.wait(timeout=3600) != 0:
+            raise RuntimeError(f"benchmark rank exited with {p.returncode}")
+
+
+def run(quick: bool = False) -> List[Dict]:
+    from .common import copy_bandwidth_gbps
+
+    copy_rate = copy_bandwidth_gbps() / 2  # bytes copied per second (the helper counts read + write)
+    use_mpi = _mpi_available()
+    sizes = QUICK_SIZES if quick else FULL_SIZES
+    rows: List[Dict] = []
+    with tempfile.TemporaryDirectory(prefix="lepton-bench-") as out:
+        for world in (2, 4):
+            _launch(world, "allreduce", out, sizes, 3 if quick else 5, use_mpi)
+            with open(os.path.join(out, f"allreduce-{world}.json")) as f:
+                for row in json.load(f):
+                    row["of_copy"] = row["ours_GBs"] / copy_rate
+                    rows.append(row)
+        if not quick:
+            _launch(2, "ddp", out, [], 5, False)
+            with open(os.path.join(out, "ddp-2.json")) as f:
+                rows.extend(json.load(f))
+    return rows
+
+
+# ---------------------------------------------------------------- the worker (one rank)
+def _timed(fns: Dict[str, object], rounds: int, dist, group=None) -> Dict[str, float]:
+    """Median seconds per call of each function, interleaved round by round; the block length of
+    each is calibrated on rank 0 and broadcast so that every rank makes the same calls."""
+    import torch
+
+    iters = {}
+    for name, fn in fns.items():
+        for _ in range(2):
+            fn()
+        dist.barrier()
+        t0 = time.perf_counter()
+        k = 3
+        for _ in range(k):
+            fn()
+        dt = (time.perf_counter() - t0) / k
+        n = torch.tensor([max(3, min(2000, int(0.05 / max(dt, 1e-7))))])
+        dist.broadcast(n, 0)
+        iters[name] = int(n)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            for _ in range(iters[name]):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / iters[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _worker_allreduce(a, rank: int, world: int, dist) -> None:
+    import torch
+
+    import lepton_core.distributed as ld
+
+    comm = None
+    if a.mpi:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    rows = []
+    for size in [int(s) for s in a.sizes.split(",")]:
+        n = max(1, size // 4)
+        base = torch.rand(n, generator=torch.Generator().manual_seed(rank)) + 1
+        # correctness once, outside the timing
+        want = sum(torch.rand(n, generator=torch.Generator().manual_seed(r)) + 1 for r in range(world))
+        got = base.clone()
+        ld.all_reduce(got)
+        assert torch.allclose(got, want, rtol=1e-5), "ld.all_reduce gave a wrong sum"
+        # Timed tensors start tiny so that repeated in-place sums stay finite for long (no
+        # denormals either: they would slow every implementation alike, but they are not needed).
+        ours, gloo, q8 = base * 1e-30, base * 1e-30, base.clone()
+        fns = {"ours": lambda: ld.all_reduce(ours), "gloo": lambda: dist.all_reduce(gloo)}
+        if comm is not None:
+            from mpi4py import MPI
+
+            mpi = (base * 1e-30).numpy()
+            fns["mpi"] = lambda: comm.Allreduce(MPI.IN_PLACE, mpi, op=MPI.SUM)
+        fns["int8"] = lambda: ld.all_reduce(q8, "avg", compression="int8")  # avg: stays in range
+        t = _timed(fns, a.rounds, dist)
+        bus = 2 * (world - 1) / world * size
+        row = {"case": "all-reduce f32 sum", "ranks": world, "bytes": _human(size)}
+        for name in ("ours", "gloo", "mpi", "int8"):
+            if name in t:
+                row[f"{name}_us"] = t[name] * 1e6
+                row[f"{name}_GBs"] = bus / t[name] / 1e9
+        row["x_gloo"] = t["gloo"] / t["ours"]
+        if "mpi" in t:
+            row["x_mpi"] = t["mpi"] / t["ours"]
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    if rank == 0:
+        with open(os.path.join(a.out, f"allreduce-{world}.json"), "w") as f:
+            json.dump(rows, f)
+
+
+def _worker_ddp(a, rank: int, world: int, dist) -> None:
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import lepton_core.distributed as ld
+
+    torch.set_num_threads(1)  # one core per rank
+
+    def make(kind):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.ReLU(), torch.nn.Linear(4096, 2048),
+                                    torch.nn.ReLU(), torch.nn.Linear(2048, 1024))
+        m = DDP(model)
+        if kind != "default":
+            m.register_comm_hook(ld.HookState(compression=None if kind == "hook" else "int8"), ld.allreduce_hook)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        x = torch.randn(8, 1024, generator=torch.Generator().manual_seed(rank))
+
+        def step():
+            loss = m(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step, sum(p.numel() for p in model.parameters())
+
+    steps = {}
+    n_params = 0
+    for kind in ("default", "hook", "int8"):
+        steps[kind], n_params = make(kind)
+    t = _timed(steps, a.rounds, dist)
+    grad_bytes = 4 * n_params
+    row = {"case": "DDP step", "ranks": world, "bytes": f"{grad_bytes / 1e6:.0f} MB grads",
+           "ours_us": t["hook"] * 1e6, "gloo_us": t["default"] * 1e6, "int8_us": t["int8"] * 1e6,
+           "x_gloo": t["default"] / t["hook"]}
+    if rank == 0:
+        print(json.dumps(row), flush=True)
+        with open(os.path.join(a.out, f"ddp-{world}.json"), "w") as f:
+            json.dump([row], f)
+
+
+def _worker_main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", required=True)
+    p.add_argument("--world", type=int, required=True)
+    p.add_argument("--rank", type=int, default=-1)
+    p.add_argument("--store", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sizes", default="")
+    p.add_argument("--mpi", action="store_true")
+    a = p.parse_args()
+    rank = a.rank if a.rank >= 0 else int(os.environ["OMPI_COMM_WORLD_RANK"])
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{a.store}", rank=rank, world_size=a.world,
+                            timeout=datetime.timedelta(seconds=600))
+    if a.worker == "allreduce":
+        _worker_allreduce(a, rank, a.world, dist)
+    else:
+        _worker_ddp(a, rank, a.world, dist)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _worker_main()

@@ -1,0 +1,15 @@
+"""Ring all-reduce over shared memory, on torch.distributed (API.md §3).
+
+    import lepton_core.distributed as ld
+    ld.all_reduce(t)                                     # sum, in place, bitwise identical on all ranks
+    ld.all_reduce(t, "avg", compression="int8")          # blockwise int8 on every hop
+    model.register_comm_hook(ld.HookState(), ld.allreduce_hook)   # DDP, int8 + error feedback
+
+Ranks on one host talk through shared memory; a group spanning hosts reduces hierarchically
+(shared memory inside each host, torch.distributed between hosts). LEPTON_TRANSPORT=shm|torch
+forces a transport; LEPTON_HOST_ID overrides the host identity.
+"""
+from ._allreduce import CommError, all_reduce
+from .hooks import HookState, allreduce_hook
+
+__all__ = ["CommError", "HookState", "all_reduce", "allreduce_hook"]

@@ -1,0 +1,113 @@
+"""Argument checks of ld.all_reduce (API.md §3), done once in Python before any native call."""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .._tensors import LP_DTYPE, dtype_name, fail, type_desc
+
+OP_NAME = "ld.all_reduce"
+
+# lp_reduce_op codes (csrc/cpu/reduce/reduce.h)
+OPS = {"sum": 0, "avg": 1, "max": 2, "min": 3}
+# lp_compression codes (csrc/comm/ring_allreduce.h)
+COMPRESSIONS = {None: 0, "int8": 1}
+# lp_call_kind codes
+KIND_ALLREDUCE, KIND_REDUCE_SCATTER, KIND_ALL_GATHER = 0, 1, 2
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int32, torch.int64)
+DTYPES = FLOAT_DTYPES + INT_DTYPES
+
+MIN_BLOCK, MAX_BLOCK = 32, 4096
+
+
+def _op_from_reduce_op(op: Any) -> Optional[str]:
+    """torch.distributed.ReduceOp.SUM/AVG/MAX/MIN are accepted as well as the strings."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover - torch without distributed
+        return None
+    table = {dist.ReduceOp.SUM: "sum", dist.ReduceOp.MAX: "max", dist.ReduceOp.MIN: "min"}
+    if hasattr(dist.ReduceOp, "AVG"):
+        table[dist.ReduceOp.AVG] = "avg"
+    for k, v in table.items():
+        try:
+            if op == k:
+                return v
+        except Exception:  # noqa: BLE001 - a foreign type that cannot compare
+            return None
+    return None
+
+
+def parse_op(op: Any) -> str:
+    if isinstance(op, str):
+        name = op.lower()
+        if name in OPS:
+            return name
+    elif not isinstance(op, (int, float)) and op is not None:
+        name = _op_from_reduce_op(op)
+        if name is not None:
+            return name
+    raise fail(ValueError, OP_NAME, f"op must be one of 'sum', 'avg', 'max', 'min', got {op!r}")
+
+
+def parse_compression(compression: Any) -> Optional[str]:
+    if compression is None or (isinstance(compression, str) and compression.lower() == "none"):
+        return None
+    if isinstance(compression, str) and compression.lower() == "int8":
+        return "int8"
+    raise fail(ValueError, OP_NAME, f"compression must be None or 'int8', got {compression!r}")
+
+
+def parse_block_size(block_size: Any) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise fail(TypeError, OP_NAME, f"block_size must be an int, got {type(block_size).__name__}")
+    b = int(block_size)
+    if b < MIN_BLOCK or b > MAX_BLOCK or b & (b - 1):
+        raise fail(ValueError, OP_NAME,
+                   f"block_size must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}], got {b}")
+    return b
+
+
+def check_tensor(tensor: Any) -> torch.Tensor:
+    if isinstance(tensor, np.ndarray):
+        raise fail(TypeError, OP_NAME,
+                   f"tensor must be a torch.Tensor (reduced in place), got a {type_desc(tensor)}; "
+                   "wrap it with torch.from_numpy()")
+    if not isinstance(tensor, torch.Tensor):
+        raise fail(TypeError, OP_NAME, f"tensor must be a torch.Tensor, got {type_desc(tensor)}")
+    if tensor.dtype not in DTYPES:
+        raise fail(TypeError, OP_NAME,
+                   f"tensor has dtype {dtype_name(tensor.dtype)}; supported: "
+                   + ", ".join(dtype_name(d) for d in DTYPES))
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise fail(ValueError, OP_NAME, f"tensor is on device {tensor.device}; cpu or cuda tensors only")
+    if tensor.is_sparse or tensor.layout != torch.strided:
+        raise fail(ValueError, OP_NAME, f"tensor must be a dense (strided) tensor, got layout {tensor.layout}")
+    return tensor
+
+
+def check_all(tensor: Any, op: Any, compression: Any, block_size: Any) -> Tuple[torch.Tensor, str, Optional[str], int]:
+    """Every contract check of ld.all_reduce; returns (tensor, op, compression, block_size)."""
+    t = check_tensor(tensor)
+    op_name = parse_op(op)
+    comp = parse_compression(compression)
+    block = parse_block_size(block_size)
+    if op_name == "avg" and t.dtype in INT_DTYPES:
+        raise fail(TypeError, OP_NAME,
+                   f"op 'avg' needs a floating-point tensor, got dtype {dtype_name(t.dtype)} "
+                   "(use 'sum' and divide)")
+    if comp is not None:
+        if op_name not in ("sum", "avg"):
+            raise fail(TypeError, OP_NAME, f"compression {comp!r} works with op 'sum' or 'avg' only, got {op_name!r}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise fail(TypeError, OP_NAME,
+                       f"compression {comp!r} needs a floating-point tensor, got dtype {dtype_name(t.dtype)}")
+    return t, op_name, comp, block
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return LP_DTYPE[dtype]

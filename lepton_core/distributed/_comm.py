@@ -1,0 +1,488 @@
+"""One communicator per process group: rendezvous, host detection and the three transports.
+
+Setup (at the group's first all-reduce; every rank of the group takes part):
+  1. Each rank writes "<host id> <pid>" under the group's store; the host id is LEPTON_HOST_ID, or
+     the host name plus the kernel's boot id (two containers on one machine share the boot id but
+     may not share /dev/shm: set LEPTON_HOST_ID to tell them apart or together).
+  2. Transport: "shm" when every rank is on one host, "hier" when the group spans hosts that each
+     hold the same number (>= 2) of ranks, "torch" otherwise. LEPTON_TRANSPORT=shm|torch forces one
+     (shm: all ranks must really share a host).
+  3. shm / hier: the lowest rank of each host creates a segment under a fresh random name and
+     publishes the name in the store; the host's other ranks map it; everyone unlinks it once all
+     have mapped it (csrc/comm/shm_segment.h). hier also makes, with torch.distributed, the group
+     of the ranks with this rank's local index on every host.
+
+Calls: shm runs the native ring (csrc/comm/ring_allreduce.h), asynchronous calls on the native
+communication thread. hier runs the native reduce-scatter inside the host, a torch.distributed
+all-reduce of this rank's shard between hosts (int8: an all-gather of the quantized shards, summed in
+host order), and the native all-gather inside the host. torch runs torch.distributed alone (16-bit
+types in float32; int8: an all-gather of every rank's quantized input, summed in rank order). hier
+and torch run asynchronous calls on one Python thread per group, in order.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import datetime
+import os
+import secrets
+import socket
+import threading
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import _C
+from ._checks import COMPRESSIONS, KIND_ALL_GATHER, KIND_ALLREDUCE, KIND_REDUCE_SCATTER, OP_NAME, OPS, dtype_code
+
+CommError = _C.CommError
+
+# Shared-memory geometry (the same on every rank: read back from the segment by the others).
+RING_SLOT_BYTES = int(os.environ.get("LEPTON_DEV_SLOT", 256 << 10))
+RING_SLOTS = int(os.environ.get("LEPTON_DEV_SLOTS", 4))
+LAT_BYTES = int(os.environ.get("LEPTON_DEV_LAT", 64 << 10))
+
+SEGMENT_PREFIX = "lepton-"
+DEFAULT_TIMEOUT_S = 1800.0
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+               "min": dist.ReduceOp.MIN}
+
+
+def host_id() -> str:
+    override = os.environ.get("LEPTON_HOST_ID", "").strip()
+    if override:
+        return override
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = "no-boot-id"
+    return f"{socket.gethostname()}/{boot}"
+
+
+def forced_transport() -> Optional[str]:
+    value = os.environ.get("LEPTON_TRANSPORT", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in ("shm", "torch"):
+        raise ValueError(f"{OP_NAME}: LEPTON_TRANSPORT must be 'shm' or 'torch', got {value!r}")
+    return value
+
+
+def group_timeout_s(group) -> float:
+    """The process group's timeout (what torch.distributed would wait), in seconds."""
+    for dev in ("cpu", "cuda"):
+        try:
+            backend = group._get_backend(torch.device(dev))
+            return float(backend.options._timeout.total_seconds())
+        except Exception:  # noqa: BLE001 - backends differ in what they expose
+            continue
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        return float(c10d._get_process_group_store(group).timeout.total_seconds())
+    except Exception:  # noqa: BLE001
+        return DEFAULT_TIMEOUT_S
+
+
+def _group_store(group):
+    from torch.distributed import distributed_c10d as c10d
+
+    return c10d._get_process_group_store(group)
+
+
+def _fail_comm(msg: str) -> Exception:
+    return CommError(f"{OP_NAME}: {msg}")
+
+
+class _Setup:
+    """Store-based rendezvous of one communicator (keys under lepton_core/<group>/<generation>/)."""
+
+    def __init__(self, group, generation: int, timeout_s: float):
+        name = getattr(group, "group_name", "") or "group"
+        self.store = dist.PrefixStore(f"lepton_core/{name}/{generation}/", _group_store(group))
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout_s = timeout_s
+
+    def put(self, key: str, value: str) -> None:
+        self.store.set(key, value)
+
+    def get(self, key: str, who: int) -> str:
+        try:
+            self.store.wait([key], self.timeout)
+            return self.store.get(key).decode()
+        except Exception as e:  # noqa: BLE001 - store errors come as RuntimeError/DistStoreError
+            raise _fail_comm(f"rank {who} did not join the communicator setup within the timeout of "
+                             f"{self.timeout_s:g} s ({type(e).__name__}: {e})") from None
+
+
+_generations: Dict[str, int] = {}
+_comms: Dict[object, "GroupComm"] = {}
+_comms_lock = threading.Lock()
+
+
+def get_comm(group) -> "GroupComm":
+    with _comms_lock:
+        comm = _comms.get(group)
+        if comm is None:
+            name = getattr(group, "group_name", "") or "group"
+            gen = _generations.get(name, 0)
+            _generations[name] = gen + 1
+            comm = GroupComm(group, gen)
+            _comms[group] = comm
+        return comm
+
+
+def _shutdown_all() -> None:
+    with _comms_lock:
+        comms = list(_comms.values())
+        _comms.clear()
+    for c in comms:
+        c.shutdown()
+
+
+atexit.register(_shutdown_all)
+
+
+class GroupComm:
+    def __init__(self, group, generation: int):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.global_ranks = [dist.get_global_rank(group, r) for r in range(self.size)] \
+            if group is not dist.GroupMember.WORLD else list(range(self.size))
+        self.timeout_s = group_timeout_s(group)
+        self.shm = None          # native ShmComm of this host's ranks (shm, hier)
+        self.n_hosts = 1
+        self.local_size = 1
+        self.local_rank = 0
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self.transport = self._setup(generation)
+
+    # ---- setup ----
+    def _setup(self, generation: int) -> str:
+        forced = forced_transport()
+        if self.size == 1:
+            return "single"
+        setup = _Setup(self.group, generation, self.timeout_s)
+        setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}")
+        hosts: List[str] = []
+        transports: List[str] = []
+        for r in range(self.size):
+            fields = setup.get(f"rank{r}", r).split("\n")
+            hosts.append(fields[0])
+            transports.append(fields[2])
+        for r in range(1, self.size):
+            if transports[r] != transports[0]:  # would deadlock: fail on every rank instead
+                raise _fail_comm(f"ranks disagree on LEPTON_TRANSPORT: rank {self.global_ranks[0]} has "
+                                 f"{transports[0]!r}, rank {self.global_ranks[r]} has {transports[r]!r}")
+        order: List[str] = []
+        for h in hosts:
+            if h not in order:
+                order.append(h)
+        members = {h: [r for r in range(self.size) if hosts[r] == h] for h in order}
+        self.n_hosts = len(order)
+        if forced == "torch":
+            return "torch"
+        if forced == "shm" or self.n_hosts == 1:
+            self._setup_shm(setup, "all", list(range(self.size)))
+            return "shm"
+        sizes = {len(m) for m in members.values()}
+        if len(sizes) != 1 or next(iter(sizes)) < 2:
+            return "torch"  # uneven hosts, or one rank per host: torch.distributed alone
+        mine = members[hosts[self.rank]]
+        self._setup_shm(setup, f"host{order.index(hosts[self.rank])}", mine)
+        # Between hosts, the ranks with my local index (one per host) exchange pieces of our shard
+        # through all_to_all on the group itself: no extra process group is made.
+        self.host_of = [order.index(h) for h in hosts]
+        self.local_of = [members[hosts[r]].index(r) for r in range(self.size)]
+        self.peers = [r for r in range(self.size) if self.local_of[r] == self.local_rank]  # rank order
+        self.host_index = order.index(hosts[self.rank])
+        return "hier"
+
+    def _setup_shm(self, setup: _Setup, tag: str, local: List[int]) -> None:
+        self.local_size = len(local)
+        self.local_rank = local.index(self.rank)
+        leader = local[0]
+        if self.rank == leader:
+            _C.shm_sweep_orphans(SEGMENT_PREFIX)
+            name = f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+            try:
+                shm = _C.ShmComm(name, True, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
+                                 LAT_BYTES)
+            except CommError as e:  # tell the others now rather than let them wait for the timeout
+                setup.put(f"{tag}/segment", f"!{e}")
+                raise
+            setup.put(f"{tag}/segment", name)
+        else:
+            name = setup.get(f"{tag}/segment", leader)
+            if name.startswith("!"):
+                raise CommError(f"{name[1:]} (on rank {self.global_ranks[leader]})")
+            shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
+                             LAT_BYTES)
+        shm.attach(self.timeout_s)
+        self.shm = shm
+
+    def shutdown(self) -> None:
+        if self.shm is not None:
+            self.shm.shutdown()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    # ---- calls ----
+    def all_reduce(self, work: torch.Tensor, op: str, comp: Optional[str], block: int, async_op: bool,
+                   finish: Callable[[], None], result: torch.Tensor):
+        """Reduces the contiguous CPU tensor `work` in place; `finish` copies it back to the user's
+        tensor (when they differ); returns None, or a Future of `result` for async_op."""
+        if self.transport == "shm":
+            return self._shm_call(work, op, comp, block, async_op, finish, result)
+        fn = self._hier_call if self.transport == "hier" else self._torch_call
+        return self._python_call(lambda: fn(work, op, comp, block), async_op, finish, result)
+
+    def _shm_call(self, work, op, comp, block, async_op, finish, result):
+        args = (work.data_ptr(), work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp], block,
+                KIND_ALLREDUCE, 0, self.size, self.timeout_s)
+        if not async_op:
+            self.shm.run(*args)
+            finish()
+            return None
+        fut = torch.futures.Future()
+
+        def done(ok: bool, fatal: bool, err: str, work=work) -> None:  # runs on the native thread
+            if not ok:
+                fut.set_exception(CommError(err))
+                return
+            try:
+                finish()
+            except Exception as e:  # noqa: BLE001 - hand any failure to the future
+                fut.set_exception(e)
+                return
+            fut.set_result(result)
+
+        self.shm.submit(*args, done)
+        return fut
+
+    def _python_call(self, fn, async_op, finish, result):
+        """hier / torch calls: inline, or in order on this group's Python communication thread."""
+        with self._pending_lock:
+            inline = not async_op and self._pending == 0
+            if not inline:
+                self._pending += 1
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lepton-comm")
+        if inline:
+            fn()
+            finish()
+            return None
+
+        def task():
+            try:
+                fn()
+                finish()
+            finally:
+                with self._pending_lock:
+                    self._pending -= 1
+
+        cf = self._executor.submit(task)
+        if not async_op:
+            cf.result()
+            return None
+        fut = torch.futures.Future()
+
+        def relay(c) -> None:
+            e = c.exception()
+            if e is not None:
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+
+        cf.add_done_callback(relay)
+        return fut
+
+    # ---- torch.distributed pieces ----
+    def _dist(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CommError:
+            raise
+        except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
+            raise _fail_comm(f"torch.distributed {what} failed: {type(e).__name__}: {e}") from None
+
+    def _check_headers(self, header: List[int]) -> List[List[int]]:
+        """All-gathers a small int64 header across the group and raises CommError, the same on
+        every rank, on the first field that differs from rank 0's. Returns every rank's header."""
+        mine = torch.tensor(header, dtype=torch.int64)
+        allh = torch.empty(self.size * len(header), dtype=torch.int64)
+        self._dist("header exchange", _all_gather_flat, allh, mine, self.group)
+        rows = allh.view(self.size, len(header)).tolist()
+        names = ("numel", "dtype", "op", "compression", "block_size")
+        for i, row in enumerate(rows[1:], start=1):
+            for f, name in enumerate(names):
+                if name == "block_size" and not (row[3] and rows[0][3]):
+                    continue
+                if row[f] != rows[0][f]:
+                    v0, v = _field_text(name, rows[0][f]), _field_text(name, row[f])
+                    raise _fail_comm(f"ranks disagree on {name}: rank {self.global_ranks[0]} has {v0}, "
+                                     f"rank {self.global_ranks[i]} has {v}")
+        return rows
+
+    def _torch_call(self, work, op, comp, block) -> None:
+        self._check_headers([work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp], block])
+        if work.numel() == 0:
+            return
+        if comp is None:
+            acc = work if work.dtype not in (torch.float16, torch.bfloat16) else work.to(torch.float32)
+            self._dist("all_reduce", dist.all_reduce, acc, _REDUCE_OPS[op], group=self.group)
+            if op == "avg":
+                acc.div_(self.size)
+            if acc is not work:
+                _narrow_into(work, acc)
+            return
+        # int8: everyone's quantized input to everyone, summed in rank order (the same bits everywhere)
+        msg = pack_q8(work, block)
+        msgs = torch.empty(self.size * msg.numel(), dtype=torch.uint8)
+        self._dist("all_gather", _all_gather_flat, msgs, msg, self.group)
+        gather_q8(work, list(msgs.view(self.size, -1)), block, self.size if op == "avg" else 1)
+
+    def _hier_call(self, work, op, comp, block) -> None:
+        n, dt, op_code, comp_code = work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp]
+        acc_dtype = torch.float32 if (comp or work.dtype in (torch.float16, torch.bfloat16)) else work.dtype
+        b, e = self.shm.owned_range(n, dt, comp_code, block)
+        shard = torch.empty(e - b, dtype=acc_dtype)
+        # 1. Reduce-scatter inside the host (also checks that this host's ranks agree).
+        local_error: Optional[BaseException] = None
+        try:
+            self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_REDUCE_SCATTER,
+                         shard.data_ptr(), self.size, self.timeout_s)
+        except CommError as ex:
+            local_error = ex
+        # 2. Everyone agrees? Each rank's verdict travels with its header, so all raise together.
+        rows = self._check_headers([n, dt, op_code, comp_code, block, int(local_error is not None)])
+        if local_error is not None:
+            raise local_error
+        bad = [i for i, row in enumerate(rows) if row[5]]
+        if bad:
+            raise _fail_comm(f"rank {self.global_ranks[bad[0]]} failed this call inside its host "
+                             "(see the error raised there)")
+        if n == 0:
+            return
+        # 3. Between hosts: my shard's piece h goes to the peer on host h, which reduces it in rank
+        #    order; then every peer gets every reduced piece (all_to_all on the group, zero bytes to
+        #    the ranks of other local indices).
+        unit = block if comp else 1
+        pieces = _split(shard.numel(), unit, self.n_hosts)
+        mine = pieces[self.host_index]
+        if comp is None:
+            send = torch.cat([shard[pieces[self.host_of[k]][0]:pieces[self.host_of[k]][1]] for k in self.peers])
+            recv = torch.empty(len(self.peers) * (mine[1] - mine[0]), dtype=acc_dtype)
+            self._exchange(recv, send, lambda k: pieces[self.host_of[k]], lambda k: mine)
+            parts = list(recv.view(len(self.peers), -1))
+            reduced = parts[0].clone()
+            for part in parts[1:]:
+                _C.reduce_accumulate(-1, reduced.data_ptr(), reduced.data_ptr(), part.data_ptr(), reduced.numel(),
+                                     dtype_code(acc_dtype), OPS["sum"] if op == "avg" else op_code)
+            send = torch.cat([reduced] * len(self.peers))
+            recv = torch.empty(shard.numel(), dtype=acc_dtype)
+            self._exchange(recv, send, lambda k: mine, lambda k: pieces[self.host_of[k]])
+            offs = _offsets([pieces[self.host_of[k]] for k in self.peers])
+            for k, (o0, o1) in zip(self.peers, offs):
+                p0, p1 = pieces[self.host_of[k]]
+                shard[p0:p1] = recv[o0:o1]
+        else:
+            msgs = [pack_q8(shard[pieces[self.host_of[k]][0]:pieces[self.host_of[k]][1]], block) for k in self.peers]
+            mine_bytes = q8_message_bytes(mine[1] - mine[0], block)
+            recv = torch.empty(len(self.peers) * mine_bytes, dtype=torch.uint8)
+            self._exchange(recv, torch.cat(msgs), lambda k: (0, msgs[self.peers.index(k)].numel()),
+                           lambda k: (0, mine_bytes))
+            reduced = torch.empty(mine[1] - mine[0], dtype=torch.float32)
+            gather_q8(reduced, list(recv.view(len(self.peers), -1)), block, 1)
+            msg = pack_q8(reduced, block)
+            recv = torch.empty(sum(m.numel() for m in msgs), dtype=torch.uint8)
+            self._exchange(recv, torch.cat([msg] * len(self.peers)), lambda k: (0, msg.numel()),
+                           lambda k: (0, msgs[self.peers.index(k)].numel()))
+            offs = _offsets([(0, m.numel()) for m in msgs])
+            for k, (o0, o1) in zip(self.peers, offs):
+                p0, p1 = pieces[self.host_of[k]]
+                gather_q8(shard[p0:p1], [recv[o0:o1]], block, 1)
+        # 4. All-gather inside the host (finishes avg and the rounding of 16-bit types).
+        self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_ALL_GATHER, shard.data_ptr(),
+                     self.size, self.timeout_s)
+
+    def _exchange(self, recv, send, send_range, recv_range) -> None:
+        """all_to_all_single on the group: to / from each peer k the sizes of send_range(k) /
+        recv_range(k) ((begin, end) pairs), nothing to / from the other ranks."""
+        in_splits = [0] * self.size
+        out_splits = [0] * self.size
+        for k in self.peers:
+            a, b = send_range(k)
+            in_splits[k] = b - a
+            a, b = recv_range(k)
+            out_splits[k] = b - a
+        self._dist("all_to_all", dist.all_to_all_single, recv, send, out_splits, in_splits, group=self.group)
+
+
+def _split(n: int, unit: int, parts: int):
+    """[begin, end) of `parts` balanced pieces of n elements, cut at multiples of `unit`."""
+    n_units = (n + unit - 1) // unit
+    return [(min(n_units * i // parts * unit, n), min(n_units * (i + 1) // parts * unit, n)) for i in range(parts)]
+
+
+def _offsets(ranges):
+    out, off = [], 0
+    for a, b in ranges:
+        out.append((off, off + b - a))
+        off += b - a
+    return out
+
+
+def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
+    if hasattr(dist, "all_gather_single"):
+        dist.all_gather_single(out, inp, group=group)
+    else:
+        dist.all_gather_into_tensor(out, inp, group=group)
+
+
+def _field_text(name: str, v: int) -> str:
+    if name == "dtype":
+        from .._tensors import LP_DTYPE
+
+        for k, code in LP_DTYPE.items():
+            if code == v:
+                return str(k).replace("torch.", "")
+    if name == "op":
+        return repr({c: o for o, c in OPS.items()}.get(v, v))
+    if name == "compression":
+        return repr({c: o for o, c in COMPRESSIONS.items()}.get(v, v))
+    return str(v)
+
+
+def _narrow_into(work: torch.Tensor, acc: torch.Tensor) -> None:
+    """work = acc rounded once to work's dtype (the kernels' rounding)."""
+    _C.reduce_narrow(-1, work.data_ptr(), 0, acc.data_ptr(), work.numel(), dtype_code(work.dtype), OPS["sum"], 1)
+
+
+def q8_message_bytes(n: int, block: int) -> int:
+    """Bytes of one int8 message of n elements: codes, then float32 scales at a 64-byte boundary
+    (csrc/cpu/reduce/reduce.h)."""
+    return (n + 63) // 64 * 64 + 4 * ((n + block - 1) // block)
+
+
+def pack_q8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The int8 message (uint8 bytes) of a contiguous CPU tensor."""
+    n = x.numel()
+    msg = torch.zeros(q8_message_bytes(n, block), dtype=torch.uint8)
+    base = msg.data_ptr()
+    _C.q8_quantize(-1, base, base + (n + 63) // 64 * 64, x.data_ptr(), n, dtype_code(x.dtype), block)
+    return msg
+
+
+def gather_q8(y: torch.Tensor, msgs, block: int, divisor: int) -> None:
+    """y = (sum of the messages' dequantized values, in order) / divisor, rounded once to y's dtype."""
+    n = y.numel()
+    off = (n + 63) // 64 * 64
+    _C.q8_gather(-1, y.data_ptr(), [m.data_ptr() for m in msgs], [m.data_ptr() + off for m in msgs], n,
+                 dtype_code(y.dtype), block, divisor)

@@ -1,0 +1,151 @@
+"""DDP communication hook: gradient averaging through ld.all_reduce, int8 with error feedback.
+
+    model.register_comm_hook(ld.HookState(compression="int8"), ld.allreduce_hook)
+
+Error feedback: before its bucket is reduced, each rank adds to it the residual it kept from the
+previous step, x = g + r, and keeps r' = x - D(Q(x)): what its own blockwise-int8 quantization of x
+loses (csrc/cpu/reduce/reduce.h, q8_error_feedback). Over steps, what one step's quantization drops
+is sent in a later one instead of being lost.
+
+Residuals are kept per parameter, not per bucket: DDP rebuilds its buckets after the first step
+(in the order gradients became ready), so a bucket's index and layout change while a parameter's
+gradient keeps its meaning. Each parameter gets a stable index, the order in which the hook first
+meets it (DDP's initial buckets, in order: the same in a resumed run), which is also the key of
+state_dict()["residuals"].
+"""
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from .. import _C
+from ._allreduce import all_reduce
+from ._checks import FLOAT_DTYPES, parse_block_size, parse_compression
+
+__all__ = ["HookState", "allreduce_hook"]
+
+_OP = "ld.HookState"
+
+
+class HookState:
+    """State of ld.allreduce_hook: the group, the compression and the error-feedback residuals."""
+
+    def __init__(self, group=None, compression: Optional[str] = "int8", error_feedback: bool = True,
+                 block_size: int = 256):
+        try:
+            self.compression = parse_compression(compression)
+            self.block_size = parse_block_size(block_size)
+        except (TypeError, ValueError) as e:
+            raise type(e)(str(e).replace("ld.all_reduce", _OP)) from None
+        if not isinstance(error_feedback, bool):
+            raise TypeError(f"{_OP}: error_feedback must be a bool, got {type(error_feedback).__name__}")
+        self.group = group
+        self.error_feedback = error_feedback
+        self._index: Dict[int, int] = {}           # id(parameter) -> stable index
+        self._params: List[torch.Tensor] = []      # keeps ids valid (index -> parameter)
+        self._views: Dict[int, torch.Tensor] = {}  # stable index -> its residual (a view into a flat)
+        self._flats: Dict[Tuple[int, ...], torch.Tensor] = {}  # bucket layout -> flat residual
+        self._loaded: Dict[int, torch.Tensor] = {}  # residuals from load_state_dict, not yet placed
+
+    @property
+    def uses_error_feedback(self) -> bool:
+        return self.error_feedback and self.compression is not None
+
+    # ---- checkpoints ----
+    def state_dict(self) -> Dict[str, Any]:
+        residuals = {i: v.detach().clone() for i, v in self._views.items()}
+        for i, v in self._loaded.items():
+            residuals.setdefault(i, v.detach().clone())
+        return {"compression": self.compression, "block_size": self.block_size,
+                "error_feedback": self.error_feedback, "residuals": residuals}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if not isinstance(state, dict) or "residuals" not in state:
+            raise ValueError(f"{_OP}.load_state_dict: expected a dict from HookState.state_dict(), got "
+                             f"{type(state).__name__}")
+        self.compression = parse_compression(state.get("compression", self.compression))
+        self.block_size = parse_block_size(state.get("block_size", self.block_size))
+        self.error_feedback = bool(state.get("error_feedback", self.error_feedback))
+        loaded = {}
+        for k, v in state["residuals"].items():
+            if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or v.dim() != 1:
+                raise ValueError(f"{_OP}.load_state_dict: residual {k!r} must be a 1-D float32 tensor")
+            loaded[int(k)] = v.detach().to("cpu", copy=True)
+        # Parameters already known take their residual now; the others when the hook meets them.
+        self._loaded = {}
+        for i, v in loaded.items():
+            if i in self._views:
+                if self._views[i].numel() != v.numel():
+                    raise ValueError(f"{_OP}.load_state_dict: residual {i} has {v.numel()} elements, the "
+                                     f"parameter has {self._views[i].numel()}")
+                self._views[i].copy_(v)
+            else:
+                self._loaded[i] = v
+        for i in self._views:
+            if i not in loaded:
+                self._views[i].zero_()
+
+    # ---- residuals of a bucket ----
+    def _stable_index(self, p: torch.Tensor) -> int:
+        i = self._index.get(id(p))
+        if i is None:
+            i = len(self._params)
+            self._index[id(p)] = i
+            self._params.append(p)
+        return i
+
+    def residual_for(self, params: List[torch.Tensor], n_elems: int) -> torch.Tensor:
+        """The flat float32 residual of a bucket whose buffer holds `params`' gradients in order."""
+        ids = tuple(self._stable_index(p) for p in params)
+        flat = self._flats.get(ids)
+        if flat is not None:
+            return flat
+        sizes = [p.numel() for p in params]
+        if sum(sizes) != n_elems:
+            raise ValueError(f"ld.allreduce_hook: bucket of {n_elems} elements does not hold its "
+                             f"parameters' {sum(sizes)} gradient elements back to back")
+        # A new layout (first step, or DDP's bucket rebuild): carry every parameter's residual over.
+        flat = torch.zeros(n_elems, dtype=torch.float32)
+        off = 0
+        for i, size in zip(ids, sizes):
+            view = flat[off:off + size]
+            old = self._views.get(i)
+            if old is None:
+                old = self._loaded.pop(i, None)
+                if old is not None and old.numel() != size:
+                    raise ValueError(f"ld.allreduce_hook: the loaded residual {i} has {old.numel()} elements, "
+                                     f"the parameter has {size}")
+            if old is not None:
+                view.copy_(old)
+            self._views[i] = view
+            off += size
+        # Layouts that lost a parameter to this one are stale.
+        moved = set(ids)
+        for key in [k for k in self._flats if moved.intersection(k)]:
+            del self._flats[key]
+        self._flats[ids] = flat
+        return flat
+
+
+# No `from __future__ import annotations` in this file: DDP checks the hook's return annotation object.
+def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: averages the bucket with ld.all_reduce (state.compression), with
+    error feedback when state.error_feedback and compression is on."""
+    buf = bucket.buffer()
+    if not state.uses_error_feedback or buf.dtype not in FLOAT_DTYPES:
+        return all_reduce(buf, "avg", group=state.group, compression=state.compression,
+                          block_size=state.block_size, async_op=True)
+    r = state.residual_for(list(bucket.parameters()), buf.numel())
+    staged = buf.dtype != torch.float32 or buf.device.type != "cpu" or not buf.is_contiguous()
+    x = buf.detach().to("cpu", torch.float32, copy=True).contiguous() if staged else buf
+    # x += r; r = x - D(Q(x))   (in place, one pass)
+    _C.q8_error_feedback(-1, x.data_ptr(), r.data_ptr(), x.numel(), state.block_size)
+    fut = all_reduce(x, "avg", group=state.group, compression=state.compression,
+                     block_size=state.block_size, async_op=True)
+    if not staged:
+        return fut
+
+    def copy_back(f: torch.futures.Future) -> torch.Tensor:
+        buf.copy_(f.value())
+        return buf
+
+    return fut.then(copy_back)

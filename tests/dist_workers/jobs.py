@@ -1,0 +1,402 @@
+"""The jobs of tests/test_distributed.py, one function per job, run on every rank (worker.py).
+
+Every input is a deterministic function of (seed, case, rank), so each rank rebuilds every other
+rank's input and checks its own result against a float64 (or exact integer) reference. Results are
+also hashed into ctx.record["hashes"] so the parent can check that all ranks hold the same bits.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+import lepton_core.distributed as ld
+from lepton_core.distributed import _comm
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INTS = (torch.int32, torch.int64)
+U = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+
+
+def _bits(t: torch.Tensor) -> str:
+    t = t.contiguous().reshape(-1)
+    if t.numel() == 0:
+        return "empty"
+    return hashlib.sha1(t.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def make_input(seed: int, case: int, rank: int, dtype, n: int) -> torch.Tensor:
+    """Distinct values per rank and element (a misplaced chunk or rank shows)."""
+    g = torch.Generator().manual_seed(seed * 100003 + case * 101 + rank)
+    if dtype in INTS:
+        span = 1 << 20 if dtype == torch.int32 else 1 << 40
+        v = torch.randint(-span, span, (n,), generator=g, dtype=torch.int64)
+        return (v - v % 8 + rank).to(dtype)  # rank in the low bits: all ranks differ everywhere
+    return (torch.randn(n, generator=g, dtype=torch.float64) * 10 + rank).to(dtype)
+
+
+def reference(xs, op: str):
+    """Exact (ints) or float64 reference of the reduction of the ranks' inputs."""
+    dtype = xs[0].dtype
+    if op in ("max", "min"):
+        st = torch.stack(xs)
+        return (st.max(0).values if op == "max" else st.min(0).values)
+    if dtype in INTS:
+        return torch.stack([x.to(torch.int64) for x in xs]).sum(0).to(dtype)
+    s = torch.stack([x.to(torch.float64) for x in xs]).sum(0)
+    return s / len(xs) if op == "avg" else s
+
+
+def check_close(got: torch.Tensor, xs, op: str, what: str) -> None:
+    """Exact for ints and max/min; otherwise within the derived bound of a sum of W float terms in
+    the accumulator (float32 for 16-bit types, W - 1 additions, each <= u_acc * partial) plus one
+    rounding to the dtype (u_dtype * |result|) and, for avg, one division (u_acc * |result|)."""
+    ref = reference(xs, op)
+    dtype, w = got.dtype, len(xs)
+    if dtype in INTS or op in ("max", "min"):
+        assert torch.equal(got, ref.to(dtype)), f"{what}: not exact"
+        return
+    u_acc = U[torch.float64] if dtype == torch.float64 else U[torch.float32]
+    abs_sum = torch.stack([x.to(torch.float64).abs() for x in xs]).sum(0)
+    if op == "avg":
+        abs_sum = abs_sum / w
+    tol = (w - 1) * u_acc * abs_sum * 1.01 + (U[dtype] + u_acc) * ref.abs() * 1.01
+    err = (got.to(torch.float64) - ref).abs()
+    assert bool((err <= tol).all()), f"{what}: max err {float((err - tol).max())} over the bound"
+
+
+def q8_bound(xs, block: int, op: str) -> torch.Tensor:
+    """API.md §3: |result - exact sum| <= (W + 1) / 254 * sum_r m_r * (1 + W / 127), m_r = largest
+    |x| of rank r in the element's block; plus the float32 arithmetic (inputs rounded to float32,
+    the adds, the scale divisions and products: a few u32 * sum |x| per hop)."""
+    w, n = len(xs), xs[0].numel()
+    m = torch.zeros(n, dtype=torch.float64)
+    abs_sum = torch.zeros(n, dtype=torch.float64)
+    for x in xs:
+        a = x.to(torch.float64).abs()
+        abs_sum += a
+        nb = (n + block - 1) // block
+        pad = torch.zeros(nb * block, dtype=torch.float64)
+        pad[:n] = a
+        m += pad.view(nb, block).max(1).values.repeat_interleave(block)[:n]
+    bound = (w + 1) / 254 * m * (1 + w / 127) + 8 * w * U[torch.float32] * abs_sum
+    return bound / w if op == "avg" else bound
+
+
+def _comm_of(group):
+    return _comm.get_comm(group if group is not None else dist.group.WORLD)
+
+
+def run_cases(ctx, group, tag: str, full: bool) -> None:
+    """Every dtype x op x count on `group` (all ranks of the job)."""
+    seed, r = ctx.args["seed"], dist.get_rank(group)
+    w = dist.get_world_size(group)
+    hashes = ctx.record.setdefault("hashes", {})
+    sizes = [0, 1, 7, 16 * w - 1, 33, 257, 1000, 16411, 70001]
+    if full:
+        sizes += [300007]
+    case = 0
+    for dtype in FLOATS + INTS:
+        ops = ["sum", "max", "min"] + (["avg"] if dtype in FLOATS else [])
+        for op in ops:
+            for n in sizes:
+                case += 1
+                xs = [make_input(seed, case, k, dtype, n) for k in range(w)]
+                t = xs[r].clone()
+                out = ld.all_reduce(t, op, group=group)
+                assert out is t
+                what = f"{tag} {dtype} {op} n={n}"
+                check_close(t, xs, op, what)
+                hashes[what] = _bits(t)
+    # A few MiB, and the same call twice: the same bits (reproducible).
+    n = 3 * (1 << 20) // 4 + 5 if full else 100003
+    xs = [make_input(seed, 999, k, torch.float32, n) for k in range(w)]
+    a, b = xs[r].clone(), xs[r].clone()
+    ld.all_reduce(a, group=group)
+    ld.all_reduce(b, group=group)
+    check_close(a, xs, "sum", f"{tag} large")
+    assert torch.equal(a, b), "two identical calls gave different bits"
+    hashes[f"{tag} large"] = _bits(a)
+
+
+def run_views(ctx, group, tag: str) -> None:
+    """Non-contiguous and expanded tensors are reduced in place; the rest of the base is untouched."""
+    seed, r, w = ctx.args["seed"], dist.get_rank(group), dist.get_world_size(group)
+    hashes = ctx.record.setdefault("hashes", {})
+    for case, (shape, make_view) in enumerate([
+        ((37, 29), lambda b: b.t()),
+        ((64, 33), lambda b: b[:, 3:30:2]),
+        ((5, 6, 7), lambda b: b.permute(2, 0, 1)[1:, :, ::3]),
+    ]):
+        n = 1
+        for s in shape:
+            n *= s
+        bases = [make_input(seed, 500 + case, k, torch.float32, n).view(shape) for k in range(w)]
+        base = bases[r].clone()
+        before = base.clone()
+        view = make_view(base)
+        ld.all_reduce(view, group=group)
+        check_close(view.reshape(-1), [make_view(b).reshape(-1) for b in bases], "sum", f"{tag} view {case}")
+        mask = torch.ones_like(base, dtype=torch.bool)
+        make_view(mask).fill_(False)
+        assert torch.equal(base[mask], before[mask]), "elements outside the view changed"
+        hashes[f"{tag} view {case}"] = _bits(view)
+    # An expanded tensor (stride 0): every element is the one shared value, reduced.
+    e = torch.full((1,), float(r + 1)).expand(6)
+    ld.all_reduce(e, group=group)
+    assert torch.equal(e, torch.full((6,), float(w * (w + 1) / 2)))
+
+
+def run_async(ctx, group, tag: str) -> None:
+    """async_op=True: a Future of the tensor, in order with synchronous calls."""
+    seed, r, w = ctx.args["seed"], dist.get_rank(group), dist.get_world_size(group)
+    hashes = ctx.record.setdefault("hashes", {})
+    sizes = [5, 40000, 300001, 17]
+    inputs = [[make_input(seed, 700 + i, k, torch.float32, n) for k in range(w)] for i, n in enumerate(sizes)]
+    ts = [xs[r].clone() for xs in inputs]
+    futs = [ld.all_reduce(ts[0], async_op=True, group=group), ld.all_reduce(ts[1], "avg", async_op=True, group=group)]
+    ld.all_reduce(ts[2], group=group)  # synchronous, after the two queued ones
+    futs.append(ld.all_reduce(ts[3], "max", async_op=True, group=group))
+    for f, t in zip(futs, [ts[0], ts[1], ts[3]]):
+        assert isinstance(f, torch.futures.Future)
+        assert f.wait() is t
+    for i, op in enumerate(["sum", "avg", "sum", "max"]):
+        check_close(ts[i], inputs[i], op, f"{tag} async {i}")
+        hashes[f"{tag} async {i}"] = _bits(ts[i])
+
+
+def run_compression(ctx, group, tag: str) -> None:
+    """int8: within the contract's bound, the same bits on every rank, 3.5x fewer bytes per hop."""
+    seed, r, w = ctx.args["seed"], dist.get_rank(group), dist.get_world_size(group)
+    hashes = ctx.record.setdefault("hashes", {})
+    case = 800
+    for dtype in FLOATS:
+        for op in ("sum", "avg"):
+            for n, block in [(1, 256), (1000, 32), (70001, 256), (300007, 4096)]:
+                case += 1
+                xs = [make_input(seed, case, k, dtype, n) for k in range(w)]
+                # blocks of very different magnitudes
+                for k in range(w):
+                    xs[k][: n // 3] *= 1e-3
+                t = xs[r].clone()
+                ld.all_reduce(t, op, compression="int8", block_size=block, group=group)
+                exact = reference(xs, op)
+                err = (t.to(torch.float64) - exact).abs()
+                bound = q8_bound(xs, block, op)
+                assert bool((err <= bound).all()), f"{tag} int8 {dtype} {op} n={n}: over the bound by {float((err - bound).max())}"
+                hashes[f"{tag} int8 {dtype} {op} {n}"] = _bits(t)
+
+
+def run_mismatch(ctx, group, tag: str) -> None:
+    """Disagreeing ranks: CommError on every rank, naming the field; the next call works."""
+    r, w = dist.get_rank(group), dist.get_world_size(group)
+    msgs = ctx.record.setdefault("mismatch", {})
+    cases = {
+        "numel": lambda: ld.all_reduce(torch.ones(10 + (r == w - 1)), group=group),
+        "dtype": lambda: ld.all_reduce(torch.ones(10, dtype=torch.float64 if r == 0 else torch.float32), group=group),
+        "op": lambda: ld.all_reduce(torch.ones(100000), "max" if r == 1 else "sum", group=group),
+    }
+    for field, call in cases.items():
+        try:
+            call()
+        except ld.CommError as e:
+            msgs[f"{tag} {field}"] = str(e)
+        else:
+            raise AssertionError(f"{tag}: mismatched {field} did not raise")
+        t = torch.full((3,), 1.0)
+        ld.all_reduce(t, group=group)
+        assert torch.equal(t, torch.full((3,), float(w)))
+
+
+def correctness(ctx) -> None:
+    w = ctx.world
+    world = dist.group.WORLD
+    run_cases(ctx, world, "shm", full=True)
+    run_views(ctx, world, "shm")
+    run_async(ctx, world, "shm")
+    run_compression(ctx, world, "shm")
+    run_mismatch(ctx, world, "shm")
+    ctx.record["transport"] = {"shm": _comm_of(world).transport}
+    # Groups of one rank (world size 1) and, with 3+ ranks, a subgroup.
+    singles = [dist.new_group([k]) for k in range(w)]
+    t = torch.arange(5.0)
+    assert ld.all_reduce(t, "avg", group=singles[ctx.rank]) is t and torch.equal(t, torch.arange(5.0))
+    if w >= 3:
+        sub = dist.new_group([0, w - 1])
+        if ctx.rank in (0, w - 1):
+            t = torch.full((1000,), float(ctx.rank))
+            ld.all_reduce(t, group=sub)
+            assert torch.equal(t, torch.full((1000,), float(w - 1)))
+    if ctx.args.get("transports"):
+        # torch.distributed alone
+        os.environ["LEPTON_TRANSPORT"] = "torch"  # read when the group's communicator is made
+        g = dist.new_group(list(range(w)))
+        run_cases(ctx, g, "torch", full=False)
+        del os.environ["LEPTON_TRANSPORT"]
+        run_compression(ctx, g, "torch")
+        run_mismatch(ctx, g, "torch")
+        ctx.record["transport"]["torch"] = _comm_of(g).transport
+        # two "hosts" of w/2 ranks: hierarchical
+        os.environ["LEPTON_HOST_ID"] = f"host{ctx.rank // 2}"
+        g = dist.new_group(list(range(w)))
+        run_cases(ctx, g, "hier", full=False)
+        run_views(ctx, g, "hier")
+        run_async(ctx, g, "hier")
+        run_compression(ctx, g, "hier")
+        run_mismatch(ctx, g, "hier")
+        ctx.record["transport"]["hier"] = _comm_of(g).transport
+        # uneven hosts (3 + 1): torch.distributed between all ranks
+        os.environ["LEPTON_HOST_ID"] = f"host{int(ctx.rank == w - 1)}"
+        g = dist.new_group(list(range(w)))
+        run_cases(ctx, g, "uneven", full=False)
+        ctx.record["transport"]["uneven"] = _comm_of(g).transport
+        del os.environ["LEPTON_HOST_ID"]
+
+
+def smoke(ctx) -> None:
+    for n in [0, 1, 7, 1000, 100000, 1 << 20]:
+        x = torch.arange(n, dtype=torch.float32) * (ctx.rank + 1)
+        ld.all_reduce(x)
+        ref = torch.arange(n, dtype=torch.float32) * (ctx.world * (ctx.world + 1) / 2)
+        assert torch.equal(x, ref)
+    ctx.record["transport"] = _comm_of(None).transport
+
+
+
+def _segments_of_this_process():
+    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"lepton-{os.getpid()}-"))
+
+
+def killed_rank(ctx) -> None:
+    """The last rank SIGKILLs itself in the middle of a stream of large all-reduces; the others
+    must raise CommError naming it, fast (the pid is watched: far sooner than the group timeout)."""
+    w, r = ctx.world, ctx.rank
+    victim = w - 1
+    ctx.record["pid"] = os.getpid()
+    ctx.record["skip_destroy"] = True  # Gloo's teardown with a dead peer is not what we test
+    t = torch.ones(1 << 20)
+    for _ in range(3):
+        ld.all_reduce(t)
+    ctx.record["segments_after_setup"] = _segments_of_this_process()
+    if r == victim:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    t0 = time.monotonic()
+    try:
+        for _ in range(100000):
+            ld.all_reduce(t)
+    except ld.CommError as e:
+        ctx.record["error"] = str(e)
+        ctx.record["error_after_s"] = time.monotonic() - t0
+    else:
+        raise AssertionError("no CommError although a rank died")
+    try:
+        ld.all_reduce(torch.ones(3))
+    except ld.CommError as e:
+        ctx.record["error_again"] = str(e)
+
+
+def stopped_rank(ctx) -> None:
+    """Rank 1 stops calling: the others raise CommError naming it once the group timeout has
+    passed; when it calls later, it raises too. Then, on a second group, the last rank freezes
+    (SIGSTOP) inside a call: the others name it at the timeout."""
+    w, r = ctx.world, ctx.rank
+    ctx.record["pid"] = os.getpid()
+    ctx.record["skip_destroy"] = True
+    import datetime
+
+    second = dist.new_group(list(range(w)), timeout=datetime.timedelta(seconds=ctx.pg_timeout_s))
+    ld.all_reduce(torch.ones(10))
+    ld.all_reduce(torch.ones(10), group=second)
+    t0 = time.monotonic()
+    if r == 1:
+        time.sleep(ctx.pg_timeout_s + 2)
+    try:
+        ld.all_reduce(torch.ones(1000))
+    except ld.CommError as e:
+        ctx.record["error"] = str(e)
+        ctx.record["error_after_s"] = time.monotonic() - t0
+    else:
+        raise AssertionError("no CommError although rank 1 did not call")
+    ctx.save()
+    # Phase 2 (the ranks are desynchronised by phase 1: line up through the store first).
+    dist.barrier(group=second)
+    victim = w - 1
+    with open(os.path.join(ctx.out, f"pid{r}"), "w") as f:
+        f.write(str(os.getpid()))
+    big = torch.ones(1 << 21)
+    if r == victim:
+        threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
+    t0 = time.monotonic()
+    try:
+        for _ in range(100000):
+            ld.all_reduce(big, group=second)
+    except ld.CommError as e:
+        ctx.record["error2"] = str(e)
+        ctx.record["error2_after_s"] = time.monotonic() - t0
+    else:
+        raise AssertionError("no CommError although a rank froze")
+    if r == 0:  # the frozen rank would otherwise wait for the launcher's deadline
+        with open(os.path.join(ctx.out, f"pid{victim}")) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
+
+
+def ddp(ctx) -> None:
+    """DDP with ld.allreduce_hook: replicas stay bitwise identical and the model trains as well as
+    with DDP's default all-reduce; HookState survives a checkpoint round trip."""
+    import io
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    r, w = ctx.rank, ctx.world
+    hashes = ctx.record.setdefault("hashes", {})
+    losses = ctx.record.setdefault("losses", {})
+
+    target = torch.randn(32, 4, generator=torch.Generator().manual_seed(7)) / 4
+
+    def data(step):  # each rank its own shard of a smooth regression task
+        g = torch.Generator().manual_seed(1000 * step + r)
+        x = torch.randn(64, 32, generator=g)
+        return x, torch.tanh(x @ target) * 2
+
+    def train(kind):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 128),
+                                    torch.nn.Tanh(), torch.nn.Linear(128, 4))
+        ddp_model = DDP(model, bucket_cap_mb=0.02)  # several buckets, rebuilt after step 1
+        state = None
+        if kind != "default":
+            state = ld.HookState(compression=None if kind == "hook-none" else "int8", error_feedback=True)
+            ddp_model.register_comm_hook(state, ld.allreduce_hook)
+        opt = torch.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9)
+        hist = []
+        for step in range(60):
+            x, y = data(step)
+            loss = torch.nn.functional.mse_loss(ddp_model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hist.append(float(loss.detach()))
+        params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        hashes[f"ddp {kind}"] = _bits(params)
+        losses[kind] = hist
+        return state
+
+    train("default")
+    train("hook-none")
+    state = train("hook-int8")
+    sd = state.state_dict()
+    assert len(sd["residuals"]) == 6 and any(float(v.abs().max()) > 0 for v in sd["residuals"].values())
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only=True by default
+    fresh = ld.HookState()
+    fresh.load_state_dict(loaded)
+    sd2 = fresh.state_dict()
+    assert sd2["residuals"].keys() == sd["residuals"].keys()
+    assert all(torch.equal(sd2["residuals"][k], sd["residuals"][k]) for k in sd["residuals"])
