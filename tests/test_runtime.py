@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -11,13 +12,23 @@ import lepton_core as lc
 from lepton_core import _runtime
 
 ISA_NAMES = ["scalar", "avx2", "avx512", "amx"]
+# Child processes must import the same lepton_core as this process (the installed one in CI, the
+# in-tree build in a dev loop), never a source tree without its native module: point PYTHONPATH at
+# the imported package and run them outside the repo.
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lc.__file__)))
+
+
+def _run(args, **env):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = _PKG_PARENT + os.pathsep + e.get("PYTHONPATH", "")
+    e.update(env)
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=120,
+                              cwd=cwd)
 
 
 def _py(code: str, **env):
-    e = dict(os.environ)
-    e.update(env)
-    return subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True,
-                          env=e, timeout=120)
+    return _run(["-W", "always", "-c", code], **env)
 
 
 def test_info_keys_and_types():
@@ -114,16 +125,13 @@ def test_import_without_gpu():
 
 
 def test_cli_info():
-    r = subprocess.run([sys.executable, "-m", "lepton_core.cli", "info", "--json"], capture_output=True,
-                       text=True, timeout=120)
+    r = _run(["-m", "lepton_core.cli", "info", "--json"])
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["cpu_isa"] == lc.info()["cpu_isa"]
-    r = subprocess.run([sys.executable, "-m", "lepton_core.cli", "info"], capture_output=True, text=True,
-                       timeout=120)
+    r = _run(["-m", "lepton_core.cli", "info"])
     assert r.returncode == 0 and "cpu isa" in r.stdout
 
 
 def test_cli_bad_command_exits_nonzero_without_traceback():
-    r = subprocess.run([sys.executable, "-m", "lepton_core.cli", "frobnicate"], capture_output=True,
-                       text=True, timeout=120)
+    r = _run(["-m", "lepton_core.cli", "frobnicate"])
     assert r.returncode != 0 and "Traceback" not in r.stderr and "invalid choice" in r.stderr
