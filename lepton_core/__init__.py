@@ -12,6 +12,7 @@ from ._version import __version__
 from .qtensor import QTensor
 from .gemm import gemm, scaled_gemm
 from .quant import dequantize, quantize
+from . import nn  # noqa: E402  (lc.nn.Linear, lc.nn.convert)
 
 __all__ = [
     "QTensor",
@@ -19,6 +20,7 @@ __all__ = [
     "gemm",
     "get_num_threads",
     "info",
+    "nn",
     "quantize",
     "scaled_gemm",
     "set_num_threads",
