@@ -136,8 +136,9 @@ def test_float_shapes(isa, threads, rng, shape, in_dtype, out_dtype):
 
 
 @pytest.mark.parametrize("shape", [(2 * BLK["mc"] + 5, BLK["kc"] + 9, 3 * BLK["nr"] + 7),   # tall: rows split
-                                   (7, BLK["kc"] + 9, 9 * BLK["nr"] + 3)],                 # wide: columns split
-                         ids=["tall", "wide"])
+                                   (7, BLK["kc"] + 9, 9 * BLK["nr"] + 3),                  # wide: columns split
+                                   (1, 1100, 3000), (3000, 1100, 1)],                      # matrix-vector
+                         ids=["tall", "wide", "row", "column"])
 def test_thread_count_bitwise(isa, rng, shape):
     """Tiles and K blocks do not depend on the thread count, so neither do the bits."""
     m, k, n = shape
@@ -159,6 +160,29 @@ def test_thread_count_bitwise(isa, rng, shape):
     for other in outs[1:]:
         for x, y in zip(outs[0], other):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.float16, torch.float32)], ids=["f32", "bf16", "f16-f32"])
+def test_matrix_vector(isa, threads, rng, in_dtype, out_dtype):
+    """m == 1 and n == 1 (the unpacked matrix-vector path): B row-contiguous, column-contiguous
+    (a transposed weight) and fully strided; K and N with tails of every vector width."""
+    for k, n in [(1, 1), (7, 9), (37, 3 * 256 + 13), (1030, 40)]:
+        x = rand(rng, (1, k), in_dtype)
+        w = rand(rng, (n, k), in_dtype)
+        bias = rand(rng, (n,), torch.float32)
+        for b in (w.t().contiguous(), w.t(), rand(rng, (2 * k, 3 * n), in_dtype)[::2, ::3]):
+            assert_close(lc.gemm(x, b, bias=bias, out_dtype=out_dtype), x, b, bias, out_dtype)
+        # n == 1: A @ column, A row-major, transposed and strided
+        col = rand(rng, (k, 1), in_dtype)
+        b1 = rand(rng, (1,), torch.float64)
+        for a in (w, w.t().contiguous().t(), rand(rng, (2 * n, 2 * k), in_dtype)[::2, 1::2]):
+            assert_close(lc.gemm(a, col, bias=b1, out_dtype=out_dtype), a, col, b1, out_dtype)
+    xb = rand(rng, (3, 1, 50), in_dtype)       # batched rows, each with its own matrix
+    wb = rand(rng, (3, 300, 50), in_dtype).transpose(1, 2)
+    assert_close(lc.gemm(xb, wb, out_dtype=out_dtype), xb, wb, out_dtype=out_dtype)
+    ab, cb = rand(rng, (3, 70, 50), in_dtype), rand(rng, (3, 50, 1), in_dtype)
+    assert_close(lc.gemm(ab, cb, out_dtype=out_dtype), ab, cb, out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
