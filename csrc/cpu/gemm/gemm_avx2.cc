@@ -23,7 +23,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -758,6 +757,12 @@ struct Gemv {
   int64_t k, n;
 };
 
+// Scalar fused multiply-add through the intrinsic (not std::fma: a library template instantiated
+// in this AVX2-compiled file could be the copy the linker keeps for generic code).
+static inline float fma1(float a, float b, float c) {
+  return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
 static inline void gemv_store(const Gemv& p, int64_t j, float acc) {
   gemm_store_float(p.out, p.out_dtype, j * p.out_stride, p.bias ? acc + p.bias[j * p.bias_stride] : acc);
 }
@@ -771,7 +776,7 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
   const T* b = static_cast<const T*>(p.b);
   alignas(32) float y[kGemvMaxChunk];
   const int64_t w = j1 - j0, w8 = w / 8 * 8;
-  std::fill(y, y + w, 0.0f);
+  for (int64_t j = 0; j < w; ++j) y[j] = 0.0f;
   int64_t k = 0;
   for (; k + 4 <= p.k; k += 4) {
     const T* r0 = b + k * p.rs + j0;
@@ -788,10 +793,10 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
     }
     for (int64_t j = w8; j < w; ++j) {
       float acc = y[j];
-      acc = std::fma(p.x[k], In::one(r0 + j), acc);
-      acc = std::fma(p.x[k + 1], In::one(r1 + j), acc);
-      acc = std::fma(p.x[k + 2], In::one(r2 + j), acc);
-      acc = std::fma(p.x[k + 3], In::one(r3 + j), acc);
+      acc = fma1(p.x[k], In::one(r0 + j), acc);
+      acc = fma1(p.x[k + 1], In::one(r1 + j), acc);
+      acc = fma1(p.x[k + 2], In::one(r2 + j), acc);
+      acc = fma1(p.x[k + 3], In::one(r3 + j), acc);
       y[j] = acc;
     }
   }
@@ -800,7 +805,7 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
     const __m256 x0 = _mm256_set1_ps(p.x[k]);
     for (int64_t j = 0; j < w8; j += 8)
       _mm256_store_ps(y + j, _mm256_fmadd_ps(x0, In::eight(r0 + j), _mm256_load_ps(y + j)));
-    for (int64_t j = w8; j < w; ++j) y[j] = std::fma(p.x[k], In::one(r0 + j), y[j]);
+    for (int64_t j = w8; j < w; ++j) y[j] = fma1(p.x[k], In::one(r0 + j), y[j]);
   }
   for (int64_t j = 0; j < w; ++j) gemv_store(p, j0 + j, y[j]);
 }
@@ -821,7 +826,7 @@ void gemv_cols(const Gemv& p, int64_t j0, int64_t j1) {
   const T* b = static_cast<const T*>(p.b);
   const int64_t k8 = p.k / 8 * 8;
   auto tail = [&](const T* col, float acc) {
-    for (int64_t k = k8; k < p.k; ++k) acc = std::fma(p.x[k], In::one(col + k), acc);
+    for (int64_t k = k8; k < p.k; ++k) acc = fma1(p.x[k], In::one(col + k), acc);
     return acc;
   };
   int64_t j = j0;
@@ -856,7 +861,7 @@ void gemv_strided(const Gemv& p, int64_t j0, int64_t j1) {
   const typename In::T* b = static_cast<const typename In::T*>(p.b);
   for (int64_t j = j0; j < j1; ++j) {
     float acc = 0.0f;
-    for (int64_t k = 0; k < p.k; ++k) acc = std::fma(p.x[k], In::one(b + k * p.rs + j * p.cs), acc);
+    for (int64_t k = 0; k < p.k; ++k) acc = fma1(p.x[k], In::one(b + k * p.rs + j * p.cs), acc);
     gemv_store(p, j, acc);
   }
 }
