@@ -30,8 +30,8 @@ from lepton_core.benchmarks.common import interleaved, print_table
 COLUMNS = ["shape", "dtype", "baseline", "ours_ms", "torch_ms", "ratio", "ours_gflops", "torch_gflops",
            "peak_gflops", "peak_pct", "note"]
 
-_MAX_BASELINE_S = 1.0     # longer single calls are timed once instead of interleaved
-_SKIP_BASELINE_S = 10.0   # projected single calls longer than this are not run at all
+_MAX_BASELINE_S = 4.0     # longer single calls are timed once instead of interleaved
+_SKIP_BASELINE_S = 15.0   # projected single calls longer than this are not run at all
 
 _MISSING = "-"            # table cell of a baseline that was not run
 
@@ -141,13 +141,14 @@ def run(quick: bool = False) -> List[dict]:
                 est = None if prev is None or prev[1] is None else prev[1] * (s / prev[0]) ** 3
                 row = _bench_one(s, s, s, dtype, "torch.matmul", est, n_threads)
                 rows.append(row)
-                prev = (s, None if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
+                # a skipped baseline keeps projecting from its own projection
+                prev = (s, est if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
         prev = None
         for s in [1024, 2048]:
             est = None if prev is None or prev[1] is None else prev[1] * (s / prev[0]) ** 3
             row = _bench_one(s, s, s, torch.int8, "torch._int_mm", est, n_threads)
             rows.append(row)
-            prev = (s, None if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
+            prev = (s, est if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
         # Fixed cost: a 64 x 64 x 64 call is mostly Python checks, allocation and dispatch.
         row = _bench_one(64, 64, 64, torch.float32, "torch.matmul", None, n_threads)
         row["note"] = (row["note"] + "; " if row["note"] else "") + "fixed cost of a small call"
