@@ -118,9 +118,17 @@ def test_bias(isa, rng, bias_dtype, out_dtype):
     bias = None if bias_dtype is None else rand(rng, (n,), bias_dtype) * 4
     out = lc.gemm(a, b, bias=bias, out_dtype=out_dtype)
     assert_close(out, a, b, bias, out_dtype)
-    if bias_dtype == torch.float64:  # converted to float32 once, then added in float32
-        exact = (a.float() @ b.float()).double() + bias.float().double()
-        assert torch.linalg.vector_norm(out.double() - exact) <= 1e-2 * torch.linalg.vector_norm(exact)
+
+
+def test_float64_bias_rounded_to_float32_first(isa):
+    """bias is converted to float32 once, then added in float32: with a product of 2^-24 and a
+    float64 bias of 1 + 2^-24 - 2^-40 (float32: 1.0), the float32 sum 1 + 2^-24 is a tie that rounds
+    to 1.0; adding in float64 would give 1 + 2^-23."""
+    for m in (1, 7):  # the matrix-vector path and the packed one
+        a = torch.ones(m, 1)
+        b = torch.full((1, 17), 2.0**-24)
+        bias = torch.full((17,), 1 + 2.0**-24 - 2.0**-40, dtype=torch.float64)
+        assert torch.equal(lc.gemm(a, b, bias=bias), torch.ones(m, 17))
 
 
 # (M, K, N): edges of every block size, several K blocks, several A blocks, N beyond one B block.
