@@ -526,8 +526,9 @@ Plan make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlock
   if (need_ws) p.mu = std::min(p.mu, std::max(blk.mc, kWorkspaceElems / p.nu / blk.mc * blk.mc));
   p.units_n = gemm_ceil_div(n, p.nu);
   p.units_m = gemm_ceil_div(m, p.mu);
-  const double flops = 2.0 * double(n_batch) * double(m) * double(n) * double(k);
-  int64_t nt = std::min<int64_t>(runtime_num_threads(), std::max<int64_t>(1, int64_t(flops / kMinFlopsPerThread)));
+  // Threads: at most one per register tile, and each with at least kMinFlopsPerThread of work.
+  const int64_t n_tiles = n_batch * gemm_ceil_div(m, MR) * gemm_ceil_div(n, NR);
+  int64_t nt = threads_for(n_tiles, 2.0 * double(MR * NR) * double(k), kMinFlopsPerThread);
   int64_t units = n_batch * p.units_m * p.units_n;
   if (nt > 1 && units < 4 * nt && units % nt != 0) {
     // Too few units to share evenly: cut each into nt pieces along the dimension whose other operand
@@ -887,8 +888,7 @@ void gemv_float(const GemmFloatArgs& g) {
   const int64_t rs = row ? mo.stride_row_elems : mo.stride_col_elems;
   const int64_t cs = row ? mo.stride_col_elems : mo.stride_row_elems;
   const int64_t out_elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
-  const int64_t nt_want = std::max<int64_t>(
-      1, std::min<int64_t>(runtime_num_threads(), int64_t(2.0 * g.n_batch * n_out * k / kMinFlopsPerThread)));
+  const int64_t nt_want = threads_for(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k), kMinFlopsPerThread);
   const int64_t chunk_cols = std::min(
       kGemvMaxChunk, gemm_round_up(gemm_ceil_div(n_out, std::max<int64_t>(1, nt_want / g.n_batch)), 64));
   const int64_t n_chunks = gemm_ceil_div(n_out, chunk_cols);
