@@ -20,6 +20,8 @@
 // computed into a local MR x NR tile and only their valid part is written (by scalar code doing the
 // same float32 operations). Unit edges are multiples of MR / NR, so whether an element sits in an
 // edge tile, and hence its bits, never depend on the thread count.
+// Float products with one output row (m == 1) or column (n == 1) skip packing: a matrix-vector
+// product reads its matrix once, and packing would triple that memory traffic (gemv_float below).
 #include <immintrin.h>
 
 #include <algorithm>
