@@ -515,6 +515,20 @@ def test_torch_compile_fullgraph(rng):
     f(xg, w, bias).sum().backward()
     assert xg.grad is not None and xg.grad.shape == x.shape
 
+    g = torch.compile(lambda p, q: lc.gemm(p, q), fullgraph=True, dynamic=True, backend="aot_eager")
+    for m in (3, 5, 9):  # one graph for every M
+        p, q = rand(rng, (m, 7), torch.float32), rand(rng, (7, 4), torch.float32)
+        assert torch.equal(g(p, q), lc.gemm(p, q))
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def h(qa, qb, bias):
+        return lc.scaled_gemm(qa, qb, bias=bias, out_dtype=torch.bfloat16) * 2
+
+    ai, bi = rand_i8(rng, (8, 32)), rand_i8(rng, (32, 16))
+    qa, qb = qt(ai, torch.rand(8) + 0.1, 0), qt(bi, torch.tensor(0.05), None)
+    bias16 = rand(rng, (16,), torch.float32)
+    assert torch.equal(h(qa, qb, bias16), lc.scaled_gemm(qa, qb, bias=bias16, out_dtype=torch.bfloat16) * 2)
+
 
 def test_meta_and_fake_shapes():
     out = lc.gemm(torch.empty(2, 5, 7, device="meta", dtype=torch.bfloat16),
