@@ -29,6 +29,7 @@ INT8_MAX_K = 131071
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_LP_INT8 = LP_DTYPE[torch.int8]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,36 +43,37 @@ def _cpu_gemm_into(a3: torch.Tensor, b3: torch.Tensor, bias: Optional[torch.Tens
     of one dtype, or both int8 (then out3 is int32 and bias None). bias: None or float32 contiguous
     (N,). out3: contiguous (B, M, N).
     """
-    _cpu_gemm(a3, b3, bias, out3)
+    n_batch, m, k = a3.shape
+    _cpu_gemm(a3, b3, bias, out3, n_batch, m, k, b3.shape[2])
 
 
-def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    """_cpu_gemm_into for 2-D or 3-D a / b (2-D b with 3-D a broadcasts): no views are built, the
-    strides go straight to the kernel (this path sets the fixed cost of small calls)."""
+def _cpu_gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor,
+              n_batch: int, m: int, k: int, n: int) -> None:
+    """_cpu_gemm_into for 2-D or 3-D a / b (2-D b with 3-D a broadcasts), sizes already known: no
+    views are built, the strides go straight to the kernel (this path sets the fixed cost of small
+    calls)."""
     if a.ndim == 2:
-        n_batch, sa_batch = 1, 0
-        m, k = a.shape
+        sa_batch = 0
         sa_row, sa_col = a.stride()
     else:
-        n_batch, m, k = a.shape
         sa_batch, sa_row, sa_col = a.stride()
     if b.ndim == 2:
         sb_batch = 0
         sb_row, sb_col = b.stride()
     else:
         sb_batch, sb_row, sb_col = b.stride()
-    n = b.shape[-1]
     if n_batch > 1 and sb_batch == 0 and (m == 1 or sa_batch == m * sa_row):
         # b is shared by every batch and a's batches stack as rows: one (B*M, K) @ (K, N) GEMM
         # packs b once and cuts the work into bigger tiles.
         if m == 1:
             sa_row = sa_batch
         m, n_batch, sa_batch = n_batch * m, 1, 0
-    if a.dtype == torch.int8:
+    in_code = LP_DTYPE[a.dtype]
+    if in_code == _LP_INT8:
         _C.gemm_int8(n_batch, m, n, k, a.data_ptr(), sa_batch, sa_row, sa_col,
                      b.data_ptr(), sb_batch, sb_row, sb_col, out.data_ptr())
     else:
-        _C.gemm_float(n_batch, m, n, k, a.data_ptr(), LP_DTYPE[a.dtype], sa_batch, sa_row, sa_col,
+        _C.gemm_float(n_batch, m, n, k, a.data_ptr(), in_code, sa_batch, sa_row, sa_col,
                       b.data_ptr(), sb_batch, sb_row, sb_col, 0 if bias is None else bias.data_ptr(),
                       out.data_ptr(), LP_DTYPE[out.dtype])
 
@@ -91,16 +93,17 @@ def _cpu_scaled_gemm_into(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tenso
 
 
 def _gemm_impl(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
-    a_shape = a.shape
-    n = b.shape[-1]
     if a.ndim == 2:
-        m, k = a_shape
+        m, k = a.shape
+        n = b.shape[1]
+        n_batch = 1
         shape = (m, n)
     else:
-        _, m, k = a_shape
-        shape = (a_shape[0], m, n)
+        n_batch, m, k = a.shape
+        n = b.shape[-1]
+        shape = (n_batch, m, n)
     out = _tensors.new_output(shape, out_dtype, a.device)
-    if m == 0 or n == 0 or (len(shape) == 3 and shape[0] == 0):
+    if not (m and n and n_batch):
         return out
     if bias is not None:
         bias = bias.to(torch.float32).contiguous()
@@ -111,12 +114,12 @@ def _gemm_impl(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], o
             out.copy_(bias.expand(shape))
         return out
     if a.is_cpu:
-        _cpu_gemm(a, b, bias, out)
+        _cpu_gemm(a, b, bias, out, n_batch, m, k, n)
     else:
         from . import _cuda_backend
 
         a3 = a if a.ndim == 3 else a.unsqueeze(0)
-        b3 = b if b.ndim == 3 else b.unsqueeze(0).expand(a3.shape[0], k, n)
+        b3 = b if b.ndim == 3 else b.unsqueeze(0).expand(n_batch, k, n)
         _cuda_backend.gemm_into(a3, b3, bias, out if out.ndim == 3 else out.unsqueeze(0))
     return out
 
@@ -296,16 +299,19 @@ def gemm(a, b, *, bias=None, out_dtype=None):
     (float32 / float16 / bfloat16, one dtype) give out_dtype (default: the input dtype); int8 inputs
     give an exact int32 result. Returns the kind (torch / NumPy) of `a`.
     """
-    kind = _tensors.kind_of(a)
-    ta = _tensors.as_torch(a, _GEMM, "a")
-    tb = _tensors.as_torch(b, _GEMM, "b")
+    if type(a) is torch.Tensor and type(b) is torch.Tensor:  # the common case, without calls
+        kind, ta, tb = "torch", a, b
+    else:
+        kind = _tensors.kind_of(a)
+        ta = _tensors.as_torch(a, _GEMM, "a")
+        tb = _tensors.as_torch(b, _GEMM, "b")
     tbias = None if bias is None else _tensors.as_torch(bias, _GEMM, "bias")
     od = _check_gemm(ta, tb, tbias, out_dtype, kind)
     if _needs_dispatcher(ta, tb, tbias):
         out = torch.ops.lepton.gemm(ta, tb, tbias, od)
     else:
         out = _gemm_impl(ta, tb, tbias, od)
-    return _tensors.to_kind(out, kind)
+    return out if kind == "torch" else _tensors.to_kind(out, kind)
 
 
 def _qtensor_parts(q, name: str, want_axis: int, op: str):
