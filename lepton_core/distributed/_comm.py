@@ -38,10 +38,14 @@ from ._checks import COMPRESSIONS, KIND_ALL_GATHER, KIND_ALLREDUCE, KIND_REDUCE_
 
 CommError = _C.CommError
 
-# Shared-memory geometry (the same on every rank: read back from the segment by the others).
-RING_SLOT_BYTES = int(os.environ.get("LEPTON_DEV_SLOT", 256 << 10))
-RING_SLOTS = int(os.environ.get("LEPTON_DEV_SLOTS", 4))
-LAT_BYTES = int(os.environ.get("LEPTON_DEV_LAT", 64 << 10))
+# Shared-memory geometry, chosen by the segment's creator (the others read it back from the segment).
+# Measured on 2 cores (bench/notes_allreduce.md): 256 KiB x 4 ring slots beat 64-128 KiB slots once
+# other load shares the cores (fewer hand-offs, each of which may wait for the peer to be
+# scheduled) and cost little when idle; the latency path wins up to ~64 KiB (up to 128 KiB with 2
+# ranks, ~32 KiB with 4 oversubscribed ones).
+RING_SLOT_BYTES = 256 << 10
+RING_SLOTS = 4
+LAT_BYTES = 64 << 10
 
 SEGMENT_PREFIX = "lepton-"
 DEFAULT_TIMEOUT_S = 1800.0
