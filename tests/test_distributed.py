@@ -370,6 +370,8 @@ def test_all_reduce_every_dtype_op_and_count(world, rng):
     _assert_same_bits(res)
     for r in res.results:
         assert r["transport"] == {"shm": "shm"}
+        assert r["fallback"]["transport"] == "torch"
+        assert any(f"shared memory is unusable on rank {world - 1}" in m for m in r["fallback"]["warnings"])
         for key, msg in r["mismatch"].items():
             field = key.split()[-1]
             assert msg.startswith(f"ld.all_reduce: ranks disagree on {field}: rank 0 has "), msg

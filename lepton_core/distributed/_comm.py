@@ -28,6 +28,7 @@ import os
 import secrets
 import socket
 import threading
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -193,13 +194,13 @@ class GroupComm:
         if forced == "torch":
             return "torch"
         if forced == "shm" or self.n_hosts == 1:
-            self._setup_shm(setup, "all", list(range(self.size)))
-            return "shm"
+            return "shm" if self._setup_shm(setup, "all", list(range(self.size)), forced) else "torch"
         sizes = {len(m) for m in members.values()}
         if len(sizes) != 1 or next(iter(sizes)) < 2:
             return "torch"  # uneven hosts, or one rank per host: torch.distributed alone
         mine = members[hosts[self.rank]]
-        self._setup_shm(setup, f"host{order.index(hosts[self.rank])}", mine)
+        if not self._setup_shm(setup, f"host{order.index(hosts[self.rank])}", mine, forced):
+            return "torch"
         # Between hosts, the ranks with my local index (one per host) exchange pieces of our shard
         # through all_to_all on the group itself: no extra process group is made.
         self.host_of = [order.index(h) for h in hosts]
@@ -208,28 +209,57 @@ class GroupComm:
         self.host_index = order.index(hosts[self.rank])
         return "hier"
 
-    def _setup_shm(self, setup: _Setup, tag: str, local: List[int]) -> None:
+    def _setup_shm(self, setup: _Setup, tag: str, local: List[int], forced: Optional[str]) -> bool:
+        """Maps this host's segment. Every rank of the group then says whether it could; if one
+        could not (no usable /dev/shm, or "one host" that is really several containers), all fall
+        back to torch.distributed together (or raise, when LEPTON_TRANSPORT=shm). Returns whether
+        shared memory is in use."""
         self.local_size = len(local)
         self.local_rank = local.index(self.rank)
         leader = local[0]
+        shm, problem = None, ""
         if self.rank == leader:
             _C.shm_sweep_orphans(SEGMENT_PREFIX)
             name = f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
             try:
                 shm = _C.ShmComm(name, True, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
                                  LAT_BYTES)
-            except CommError as e:  # tell the others now rather than let them wait for the timeout
-                setup.put(f"{tag}/segment", f"!{e}")
-                raise
-            setup.put(f"{tag}/segment", name)
+                setup.put(f"{tag}/segment", name)
+            except CommError as e:
+                problem = str(e)
+                setup.put(f"{tag}/segment", "!")
         else:
             name = setup.get(f"{tag}/segment", leader)
-            if name.startswith("!"):
-                raise CommError(f"{name[1:]} (on rank {self.global_ranks[leader]})")
-            shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
-                             LAT_BYTES)
-        shm.attach(self.timeout_s)
+            if name == "!":
+                problem = f"rank {self.global_ranks[leader]} could not create the segment"
+            else:
+                try:
+                    shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES,
+                                     RING_SLOTS, LAT_BYTES)
+                except CommError as e:
+                    problem = str(e)
+        try:
+            setup.put(f"shm/{self.rank}", problem or "ok")
+            statuses = [setup.get(f"shm/{r}", r) for r in range(self.size)]
+        except BaseException:
+            if shm is not None:
+                shm.unlink()
+            raise
+        failed = [(r, st) for r, st in enumerate(statuses) if st != "ok"]
+        if failed:
+            if shm is not None:
+                shm.unlink()
+                shm.shutdown()
+            r, why = failed[0]
+            msg = f"shared memory is unusable on rank {self.global_ranks[r]}: {why}"
+            if forced == "shm":
+                raise _fail_comm(msg)
+            warnings.warn(f"lepton_core.distributed: {msg}; using torch.distributed instead", RuntimeWarning,
+                          stacklevel=4)
+            return False
+        shm.attach(self.timeout_s)  # everyone has mapped it: returns at once, after unlinking
         self.shm = shm
+        return True
 
     def shutdown(self) -> None:
         if self.shm is not None:

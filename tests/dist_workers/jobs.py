@@ -213,6 +213,32 @@ def run_mismatch(ctx, group, tag: str) -> None:
         assert torch.equal(t, torch.full((3,), float(w)))
 
 
+def run_shm_fallback(ctx) -> None:
+    """A rank that cannot map the segment (simulated): every rank falls back to torch.distributed
+    together, with a RuntimeWarning, and results stay right."""
+    import warnings
+
+    w, r = ctx.world, ctx.rank
+    g = dist.new_group(list(range(w)))
+    real = _comm._C.ShmComm
+
+    def broken(*args, **kwargs):
+        raise ld.CommError("simulated: no usable /dev/shm here")
+
+    if r == w - 1:
+        _comm._C.ShmComm = broken
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = torch.full((1000,), float(r))
+            ld.all_reduce(t, group=g)
+    finally:
+        _comm._C.ShmComm = real
+    assert torch.equal(t, torch.full((1000,), float(w * (w - 1) / 2)))
+    ctx.record["fallback"] = {"transport": _comm_of(g).transport,
+                              "warnings": [str(x.message) for x in caught if x.category is RuntimeWarning]}
+
+
 def correctness(ctx) -> None:
     w = ctx.world
     world = dist.group.WORLD
@@ -222,6 +248,7 @@ def correctness(ctx) -> None:
     run_compression(ctx, world, "shm")
     run_mismatch(ctx, world, "shm")
     ctx.record["transport"] = {"shm": _comm_of(world).transport}
+    run_shm_fallback(ctx)
     # Groups of one rank (world size 1) and, with 3+ ranks, a subgroup.
     singles = [dist.new_group([k]) for k in range(w)]
     t = torch.arange(5.0)
