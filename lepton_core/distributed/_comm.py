@@ -28,6 +28,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 import warnings
 from typing import Callable, Dict, List, Optional
 
@@ -108,15 +109,16 @@ class _Setup:
     def __init__(self, group, generation: int, timeout_s: float):
         name = getattr(group, "group_name", "") or "group"
         self.store = dist.PrefixStore(f"lepton_core/{name}/{generation}/", _group_store(group))
-        self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s  # the whole setup is bounded by one timeout
 
     def put(self, key: str, value: str) -> None:
         self.store.set(key, value)
 
     def get(self, key: str, who: int) -> str:
         try:
-            self.store.wait([key], self.timeout)
+            left = max(0.05, self.deadline - time.monotonic())
+            self.store.wait([key], datetime.timedelta(seconds=left))
             return self.store.get(key).decode()
         except Exception as e:  # noqa: BLE001 - store errors come as RuntimeError/DistStoreError
             raise _fail_comm(f"rank {who} did not join the communicator setup within the timeout of "
