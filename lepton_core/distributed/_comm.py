@@ -1,23 +1,27 @@
 """One communicator per process group: rendezvous, host detection and the three transports.
 
-Setup (at the group's first all-reduce; every rank of the group takes part):
-  1. Each rank writes "<host id> <pid>" under the group's store; the host id is LEPTON_HOST_ID, or
-     the host name plus the kernel's boot id (two containers on one machine share the boot id but
-     may not share /dev/shm: set LEPTON_HOST_ID to tell them apart or together).
+Setup (at the group's first all-reduce; every rank of the group takes part, bounded by one timeout):
+  1. Each rank writes "<host id> <pid> <LEPTON_TRANSPORT>" under the group's store; the host id is
+     LEPTON_HOST_ID, or the host name plus the kernel's boot id (two containers on one machine share
+     the boot id but may not share /dev/shm: set LEPTON_HOST_ID to tell them apart or together).
+     Ranks that disagree on LEPTON_TRANSPORT raise CommError (rather than deadlock).
   2. Transport: "shm" when every rank is on one host, "hier" when the group spans hosts that each
      hold the same number (>= 2) of ranks, "torch" otherwise. LEPTON_TRANSPORT=shm|torch forces one
      (shm: all ranks must really share a host).
   3. shm / hier: the lowest rank of each host creates a segment under a fresh random name and
-     publishes the name in the store; the host's other ranks map it; everyone unlinks it once all
-     have mapped it (csrc/comm/shm_segment.h). hier also makes, with torch.distributed, the group
-     of the ranks with this rank's local index on every host.
+     publishes the name in the store; the host's other ranks map it; every rank reports whether it
+     could; if one could not, all fall back to "torch" together (with a RuntimeWarning), otherwise
+     everyone unlinks the name at once (csrc/comm/shm_segment.h).
 
 Calls: shm runs the native ring (csrc/comm/ring_allreduce.h), asynchronous calls on the native
-communication thread. hier runs the native reduce-scatter inside the host, a torch.distributed
-all-reduce of this rank's shard between hosts (int8: an all-gather of the quantized shards, summed in
-host order), and the native all-gather inside the host. torch runs torch.distributed alone (16-bit
-types in float32; int8: an all-gather of every rank's quantized input, summed in rank order). hier
-and torch run asynchronous calls on one Python thread per group, in order.
+communication thread. hier runs the native reduce-scatter inside the host; then, between hosts,
+all_to_all_single on the group itself sends piece h of this rank's shard to the rank with the same
+local index on host h, which reduces the pieces in rank order, and a second all_to_all returns the
+reduced pieces (int8: pieces travel quantized both ways); then the native all-gather inside the
+host. torch runs torch.distributed alone (16-bit types in float32; int8: an all-gather of every
+rank's quantized input, summed in rank order). hier and torch run asynchronous calls on one Python
+thread per group, in order. A small header all-gather precedes hier and torch calls so that ranks
+that disagree on the call raise CommError instead of corrupting or hanging a collective.
 """
 from __future__ import annotations
 
