@@ -396,6 +396,7 @@ def test_killed_rank_gives_commerror_naming_it_then_a_new_job_runs():
         assert "rank 2" in r["error"] and "died" in r["error"], r["error"]
         assert r["error_after_s"] < 10, r["error_after_s"]
         assert "rank 2" in r["error_again"]
+        assert "rank 2 died" in r["error_torch"], r["error_torch"]
         assert r["segments_after_setup"] == []  # unlinked as soon as everyone had mapped it
     # A job whose ranks all restart works again.
     res = _run("smoke", 3, timeout_s=60)

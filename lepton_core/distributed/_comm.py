@@ -72,6 +72,13 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return f"unknown-{os.getpid()}"  # never equal to another process's: no pid checks
+
+
 def forced_transport() -> Optional[str]:
     value = os.environ.get("LEPTON_TRANSPORT", "").strip().lower()
     if value in ("", "auto"):
@@ -180,13 +187,19 @@ class GroupComm:
         if self.size == 1:
             return "single"
         setup = _Setup(self.group, generation, self.timeout_s)
-        setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}")
+        setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}\n{_pid_namespace()}")
         hosts: List[str] = []
         transports: List[str] = []
+        self.pids: List[int] = []
+        pidns: List[str] = []
         for r in range(self.size):
             fields = setup.get(f"rank{r}", r).split("\n")
             hosts.append(fields[0])
+            self.pids.append(int(fields[1]))
             transports.append(fields[2])
+            pidns.append(fields[3])
+        # pids can be checked for the ranks in this pid namespace (same host, same container)
+        self.same_host = [hosts[r] == hosts[self.rank] and pidns[r] == pidns[self.rank] for r in range(self.size)]
         for r in range(1, self.size):
             if transports[r] != transports[0]:  # would deadlock: fail on every rank instead
                 raise _fail_comm(f"ranks disagree on LEPTON_TRANSPORT: rank {self.global_ranks[0]} has "
@@ -350,7 +363,25 @@ class GroupComm:
         except CommError:
             raise
         except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
-            raise _fail_comm(f"torch.distributed {what} failed: {type(e).__name__}: {e}") from None
+            dead = [self.global_ranks[r] for r in self._dead_local_ranks()]
+            who = f"rank {dead[0]} died or exited; " if dead else ""
+            raise _fail_comm(f"{who}torch.distributed {what} failed: {type(e).__name__}: {e}") from None
+
+    def _dead_local_ranks(self) -> List[int]:
+        """Ranks of this host whose process is gone (a zombie counts as gone): torch.distributed's
+        errors do not say which peer failed."""
+        dead = []
+        for r in range(self.size):
+            if r == self.rank or not getattr(self, "same_host", [False] * self.size)[r]:
+                continue
+            try:
+                with open(f"/proc/{self.pids[r]}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state in ("Z", "X"):
+                    dead.append(r)
+            except (OSError, IndexError):
+                dead.append(r)
+        return dead
 
     def _check_headers(self, header: List[int]) -> List[List[int]]:
         """All-gathers a small int64 header across the group and raises CommError, the same on

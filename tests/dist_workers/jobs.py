@@ -302,10 +302,16 @@ def _segments_of_this_process():
 def killed_rank(ctx) -> None:
     """The last rank SIGKILLs itself in the middle of a stream of large all-reduces; the others
     must raise CommError naming it, fast (the pid is watched: far sooner than the group timeout)."""
+    import datetime
+
     w, r = ctx.world, ctx.rank
     victim = w - 1
     ctx.record["pid"] = os.getpid()
     ctx.record["skip_destroy"] = True  # Gloo's teardown with a dead peer is not what we test
+    os.environ["LEPTON_TRANSPORT"] = "torch"
+    over_torch = dist.new_group(list(range(w)), timeout=datetime.timedelta(seconds=ctx.pg_timeout_s))
+    ld.all_reduce(torch.ones(10), group=over_torch)
+    del os.environ["LEPTON_TRANSPORT"]
     t = torch.ones(1 << 20)
     for _ in range(3):
         ld.all_reduce(t)
@@ -325,6 +331,11 @@ def killed_rank(ctx) -> None:
         ld.all_reduce(torch.ones(3))
     except ld.CommError as e:
         ctx.record["error_again"] = str(e)
+    # The torch transport: Gloo fails on the dead peer; the error names it too.
+    try:
+        ld.all_reduce(torch.ones(1000), group=over_torch)
+    except ld.CommError as e:
+        ctx.record["error_torch"] = str(e)
 
 
 def stopped_rank(ctx) -> None:
