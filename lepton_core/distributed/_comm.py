@@ -363,8 +363,8 @@ class GroupComm:
         except CommError:
             raise
         except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
-            dead = [self.global_ranks[r] for r in self._dead_local_ranks()]
-            who = f"rank {dead[0]} died or exited; " if dead else ""
+            dead = [str(self.global_ranks[r]) for r in self._dead_local_ranks()]
+            who = f"rank{'s' if len(dead) > 1 else ''} {', '.join(dead)} died or exited; " if dead else ""
             raise _fail_comm(f"{who}torch.distributed {what} failed: {type(e).__name__}: {e}") from None
 
     def _dead_local_ranks(self) -> List[int]:

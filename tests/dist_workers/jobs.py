@@ -336,6 +336,12 @@ def killed_rank(ctx) -> None:
         ld.all_reduce(torch.ones(1000), group=over_torch)
     except ld.CommError as e:
         ctx.record["error_torch"] = str(e)
+    # Survivors leave together (a survivor that exits first would be a dead peer to the other).
+    open(os.path.join(ctx.out, f"done{r}"), "w").close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(
+            os.path.exists(os.path.join(ctx.out, f"done{k}")) for k in range(w) if k != victim):
+        time.sleep(0.01)
 
 
 def stopped_rank(ctx) -> None:
@@ -378,7 +384,12 @@ def stopped_rank(ctx) -> None:
         ctx.record["error2_after_s"] = time.monotonic() - t0
     else:
         raise AssertionError("no CommError although a rank froze")
-    if r == 0:  # the frozen rank would otherwise wait for the launcher's deadline
+    open(os.path.join(ctx.out, f"done{r}"), "w").close()
+    if r == 0:  # once every survivor has its error, end the frozen rank (not the launcher's deadline)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(
+                os.path.exists(os.path.join(ctx.out, f"done{k}")) for k in range(w) if k != victim):
+            time.sleep(0.01)
         with open(os.path.join(ctx.out, f"pid{victim}")) as f:
             os.kill(int(f.read()), signal.SIGKILL)
 
