@@ -104,6 +104,18 @@ def group_timeout_s(group) -> float:
         return DEFAULT_TIMEOUT_S
 
 
+def _comm_device(group) -> torch.device:
+    """Where torch.distributed collectives of this group take their tensors: the CPU, unless the
+    group has no CPU backend (NCCL alone), then the current CUDA device."""
+    try:
+        types = {d.type for d in group._device_types}
+    except Exception:  # noqa: BLE001 - older torch: assume a CPU-capable group
+        return torch.device("cpu")
+    if "cpu" in types or not types or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _group_store(group):
     from torch.distributed import distributed_c10d as c10d
 
@@ -172,6 +184,7 @@ class GroupComm:
         self.global_ranks = [dist.get_global_rank(group, r) for r in range(self.size)] \
             if group is not dist.GroupMember.WORLD else list(range(self.size))
         self.timeout_s = group_timeout_s(group)
+        self.comm_device = _comm_device(group)
         self.shm = None          # native ShmComm of this host's ranks (shm, hier)
         self.n_hosts = 1
         self.local_size = 1
@@ -357,9 +370,17 @@ class GroupComm:
         return fut
 
     # ---- torch.distributed pieces ----
-    def _dist(self, what: str, fn, *args, **kwargs):
+    def _dist(self, what: str, fn, out: torch.Tensor, *args, **kwargs):
+        """Runs a torch.distributed collective whose first argument `out` is written in place.
+        Groups without a CPU backend (NCCL alone) get CUDA copies of the tensors."""
         try:
-            return fn(*args, **kwargs)
+            if self.comm_device.type == "cpu":
+                return fn(out, *args, **kwargs)
+            dev_out = out.to(self.comm_device)
+            dev_args = [a.to(self.comm_device) if isinstance(a, torch.Tensor) else a for a in args]
+            fn(dev_out, *dev_args, **kwargs)
+            out.copy_(dev_out)
+            return None
         except CommError:
             raise
         except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
