@@ -20,7 +20,7 @@ import torch
 
 import lepton_core  # noqa: F401  (loads the native module)
 from lepton_core import _C
-from lepton_core._tensors import LP_DTYPE
+from lepton_core._tensors import LP_DTYPE, new_output
 
 sys.path.insert(0, str(Path(__file__).with_name("dist_workers")))
 from launch import launch  # noqa: E402
@@ -56,6 +56,11 @@ def _random_bits(dtype, n, rng):
     if n >= 4 and dtype in FLOATS:
         t[:4] = torch.tensor([0.0, -0.0, float("inf"), float("nan")], dtype=dtype)
     return t
+
+
+def _out(n, dtype):
+    """A kernel output, poisoned (NaN / sentinel bytes) so an element a kernel skips shows."""
+    return new_output((n,), dtype, "cpu")
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -116,7 +121,8 @@ def _q8_in(x):
 # ======================= kernels, in this process =======================
 @pytest.mark.parametrize("dtype", FLOATS + INTS)
 @pytest.mark.parametrize("n", SIZES)
-def test_reduce_kernels_match_reference(isa, dtype, n, rng):
+def test_reduce_kernels_match_reference(isa, threads, dtype, n, rng):
+    # (the kernels run on the communicating rank's thread: the thread setting must not matter)
     W = 3
     srcs = [_random(dtype, n, rng) for _ in range(W)]
     acc_in = _random(ACC[dtype], n, rng)
@@ -157,12 +163,12 @@ def test_reduce_kernels_simd_equals_scalar_on_any_bits(dtype, rng):
     for op in _ops_for(dtype):
         outs = {}
         for isa in isas:
-            y = torch.empty(n, dtype=dtype)
+            y = _out(n, dtype)
             _C.reduce_gather(isa, y.data_ptr(), [s.data_ptr() for s in srcs], n, LP_DTYPE[dtype], OPS[op], 3)
-            f, f2 = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+            f, f2 = _out(n, dtype), _out(n, dtype)
             _C.reduce_finish(isa, f.data_ptr(), f2.data_ptr(), acc_in.data_ptr(), srcs[0].data_ptr(), n,
                              LP_DTYPE[dtype], OPS[op], 3)
-            a = torch.empty(n, dtype=ACC[dtype])
+            a = _out(n, ACC[dtype])
             _C.reduce_accumulate(isa, a.data_ptr(), acc_in.data_ptr(), srcs[1].data_ptr(), n, LP_DTYPE[dtype],
                                  OPS[op])
             outs[isa] = (_bits(y), _bits(f), _bits(f2), _bits(a))
@@ -180,34 +186,34 @@ def test_q8_kernels_match_reference(isa, dtype, n, block, rng):
         x[: min(block, n)] = 0  # an all-zero block: scale 0
     nb = (n + block - 1) // block
     # quantize
-    q, s = torch.empty(n, dtype=torch.int8), torch.empty(nb, dtype=torch.float32)
+    q, s = _out(n, torch.int8), _out(nb, torch.float32)
     _C.q8_quantize(-1, q.data_ptr(), s.data_ptr(), x.data_ptr(), n, dt, block)
     rq, rs = ref_q8(_q8_in(x), block)
     assert torch.equal(q, rq) and _bits(s) == _bits(rs)
     # accumulate: Q(D(q, s) + x2)
     x2 = _random(dtype, n, rng)
-    q2, s2 = torch.empty(n, dtype=torch.int8), torch.empty(nb, dtype=torch.float32)
+    q2, s2 = _out(n, torch.int8), _out(nb, torch.float32)
     _C.q8_accumulate(-1, q2.data_ptr(), s2.data_ptr(), q.data_ptr(), s.data_ptr(), x2.data_ptr(), n, dt, block)
     v = ref_deq(q, s, block) + _q8_in(x2)
     rq2, rs2 = ref_q8(v, block)
     assert torch.equal(q2, rq2) and _bits(s2) == _bits(rs2)
     # partial: D(q, s) + x2, exact float32
-    acc = torch.empty(n, dtype=torch.float32)
+    acc = _out(n, torch.float32)
     _C.q8_partial(-1, acc.data_ptr(), q.data_ptr(), s.data_ptr(), x2.data_ptr(), n, dt, block)
     assert _bits(acc) == _bits(v)
     # finish: quantize the sum, keep its dequantized value / divisor
     for divisor in (1, 3):
-        q3, s3, y = torch.empty(n, dtype=torch.int8), torch.empty(nb, dtype=torch.float32), torch.empty(n, dtype=dtype)
+        q3, s3, y = _out(n, torch.int8), _out(nb, torch.float32), _out(n, dtype)
         _C.q8_finish(-1, q3.data_ptr(), s3.data_ptr(), y.data_ptr(), q.data_ptr(), s.data_ptr(), x2.data_ptr(), n,
                      dt, block, divisor)
         ref_y = ref_deq(rq2, rs2, block)
         ref_y = (ref_y / divisor if divisor > 1 else ref_y).to(dtype)
         assert torch.equal(q3, rq2) and _bits(s3) == _bits(rs2) and _bits(y) == _bits(ref_y)
-        y = torch.empty(n, dtype=dtype)
+        y = _out(n, dtype)
         _C.q8_dequantize(-1, y.data_ptr(), q3.data_ptr(), s3.data_ptr(), n, dt, block, divisor)
         assert _bits(y) == _bits(ref_y)
     # gather: sum of dequantized sources in order
-    y = torch.empty(n, dtype=dtype)
+    y = _out(n, dtype)
     _C.q8_gather(-1, y.data_ptr(), [q.data_ptr(), q2.data_ptr()], [s.data_ptr(), s2.data_ptr()], n, dt, block, 2)
     ref_y = ((ref_deq(q, s, block) + ref_deq(q2, s2, block)) / 2).to(dtype)
     assert _bits(y) == _bits(ref_y)
@@ -219,12 +225,23 @@ def test_q8_kernels_match_reference(isa, dtype, n, block, rng):
     assert _bits(xf) == _bits(xr) and _bits(r) == _bits(xr - ref_deq(rq4, rs4, block))
 
 
+def test_int8_hops_carry_at_least_3_5x_fewer_bytes_than_float32():
+    from lepton_core.distributed import _comm
+
+    for n in (1, 1000, 65536, 1 << 20):
+        for block in (32, 256, 4096):
+            assert _comm.q8_message_bytes(n, block) == _C.q8_message_bytes(n, block)
+    # A ring piece fills a 256 KiB slot: 65536 float32 values vs their int8 message.
+    assert 4 * 65536 / _C.q8_message_bytes(65536, 256) >= 3.5
+    assert 4 * 64000 / _C.q8_message_bytes(64000, 32) >= 3.5
+
+
 def test_q8_non_finite_block_dequantizes_to_nan(isa):
     x = torch.ones(64, dtype=torch.float32)
     x[40] = float("inf")
-    q, s = torch.empty(64, dtype=torch.int8), torch.empty(2, dtype=torch.float32)
+    q, s = _out(64, torch.int8), _out(2, torch.float32)
     _C.q8_quantize(-1, q.data_ptr(), s.data_ptr(), x.data_ptr(), 64, 0, 32)
-    y = torch.empty(64, dtype=torch.float32)
+    y = _out(64, torch.float32)
     _C.q8_dequantize(-1, y.data_ptr(), q.data_ptr(), s.data_ptr(), 64, 0, 32, 1)
     assert torch.equal(y[:32], torch.ones(32)) and torch.isnan(y[32:]).all()
 
@@ -242,12 +259,12 @@ def test_q8_kernels_simd_equals_scalar_on_any_bits(dtype, rng):
     s0 = torch.from_numpy(rng.random(nb).astype(np.float32))
     outs = {}
     for isa in isas:
-        q, s = torch.empty(n, dtype=torch.int8), torch.empty(nb, dtype=torch.float32)
+        q, s = _out(n, torch.int8), _out(nb, torch.float32)
         _C.q8_quantize(isa, q.data_ptr(), s.data_ptr(), x.data_ptr(), n, dt, block)
-        q2, s2, y = torch.empty(n, dtype=torch.int8), torch.empty(nb, dtype=torch.float32), torch.empty(n, dtype=dtype)
+        q2, s2, y = _out(n, torch.int8), _out(nb, torch.float32), _out(n, dtype)
         _C.q8_finish(isa, q2.data_ptr(), s2.data_ptr(), y.data_ptr(), q0.data_ptr(), s0.data_ptr(), x.data_ptr(), n,
                      dt, block, 3)
-        g = torch.empty(n, dtype=dtype)
+        g = _out(n, dtype)
         _C.q8_gather(isa, g.data_ptr(), [q0.data_ptr(), q.data_ptr()], [s0.data_ptr(), s.data_ptr()], n, dt, block, 2)
         outs[isa] = [_bits(t) for t in (q, s, q2, s2, y, g)]
     for isa in isas[1:]:
@@ -359,6 +376,8 @@ def test_all_reduce_every_dtype_op_and_count(world, rng):
     _assert_same_bits(res)
     for r in res.results:
         assert r["transport"] == {"shm": "shm"}
+        assert r["fallback"]["transport"] == "torch"
+        assert any(f"shared memory is unusable on rank {world - 1}" in m for m in r["fallback"]["warnings"])
         for key, msg in r["mismatch"].items():
             field = key.split()[-1]
             assert msg.startswith(f"ld.all_reduce: ranks disagree on {field}: rank 0 has "), msg
@@ -383,6 +402,7 @@ def test_killed_rank_gives_commerror_naming_it_then_a_new_job_runs():
         assert "rank 2" in r["error"] and "died" in r["error"], r["error"]
         assert r["error_after_s"] < 10, r["error_after_s"]
         assert "rank 2" in r["error_again"]
+        assert "rank 2 died" in r["error_torch"], r["error_torch"]
         assert r["segments_after_setup"] == []  # unlinked as soon as everyone had mapped it
     # A job whose ranks all restart works again.
     res = _run("smoke", 3, timeout_s=60)

@@ -90,6 +90,7 @@ void bind_comm(py::module_& m) {
 
   // ---- reduce kernels on raw pointers (isa: an lp_isa level, or -1 for the active one) ----
   m.def("reduce_kernels_name", [](int isa) { return std::string(kernels(isa).name); });
+  m.def("q8_message_bytes", &q8_message_bytes, py::arg("n_elems"), py::arg("block_elems"));
   m.def(
       "reduce_widen",
       [](int isa, uintptr_t acc, uintptr_t x, int64_t n, int dtype) {

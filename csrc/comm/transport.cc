@@ -9,8 +9,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
-#include <cstdlib>
 #include <climits>
 #include <cstdio>
 #include <cstring>
@@ -22,13 +22,6 @@
 static inline void cpu_relax() { _mm_pause(); }
 #else
 static inline void cpu_relax() {}
-#endif
-
-#ifndef LP_SHM_SPIN_NS
-#define LP_SHM_SPIN_NS 20000
-#endif
-#ifndef LP_SHM_YIELDS
-#define LP_SHM_YIELDS 0
 #endif
 
 namespace lp {
@@ -70,11 +63,14 @@ int pidfd_of(int pid) {
 #endif
 }
 
-// Waiting policy. With no more ranks than cores a waiter spins a little (the producer is probably
-// running); oversubscribed, it hands the core over at once (the producer may need it). Then it
-// sleeps on a futex: a yield loop would keep competing with the very rank it waits for.
-constexpr int64_t kSpinNs = LP_SHM_SPIN_NS, kSpinNsOversubscribed = 0;
-constexpr int kYieldRounds = LP_SHM_YIELDS, kYieldRoundsOversubscribed = LP_SHM_YIELDS;
+// Waiting policy (measured: bench/notes_allreduce.md). With no more ranks than cores a waiter spins
+// for an adaptive budget of at most kSpinNs (the producer is probably running); oversubscribed, it
+// does not spin (the producer may need this very core). Then two sched_yield()s (cheap hand-over
+// to a runnable rank on this core), then it sleeps on a futex: a longer yield loop would keep
+// competing with the rank it waits for.
+constexpr int64_t kSpinNs = 20000, kSpinNsOversubscribed = 0;
+constexpr int64_t kSpinStepNs = 500;  // the smallest spin budget (keeps probing whether spinning pays)
+constexpr int kYieldRounds = 2, kYieldRoundsOversubscribed = 2;
 constexpr int64_t kSleepNs = 1000000;       // futex timeout: fault checks at least this often
 constexpr int64_t kCheckPeriodNs = 1000000;
 constexpr int64_t kStaleHeartbeatNs = 500000000;  // a waiting rank refreshes it every ~ms
@@ -178,10 +174,9 @@ void ShmTransport::attach(double timeout_s) {
       if (r != rank_) pidfds_[r] = pidfd_of(ctl(r).pid);
 
   bool oversubscribed = n_ranks_ > online_cpus();
-  spin_ns_ = oversubscribed ? kSpinNsOversubscribed : kSpinNs;
+  spin_max_ns_ = oversubscribed ? kSpinNsOversubscribed : kSpinNs;
+  spin_budget_ns_ = spin_max_ns_;
   yield_rounds_ = oversubscribed ? kYieldRoundsOversubscribed : kYieldRounds;
-  if (const char* e = getenv("LEPTON_DEV_SPIN_NS")) spin_ns_ = atoll(e);   // DEV-ONLY
-  if (const char* e = getenv("LEPTON_DEV_YIELDS")) yield_rounds_ = atoi(e);  // DEV-ONLY
 }
 
 void ShmTransport::unlink() { seg_.unlink(); }
@@ -279,16 +274,22 @@ void ShmTransport::consume() {
 template <class Ready> void ShmTransport::wait_for(int peer, Ready ready, const char* what) {
   if (ready()) return;
   int64_t t0 = now_ns();
-  // 1. Spin: the peer is probably running on another core and about to deliver.
-  if (spin_ns_ > 0) {
+  // 1. Spin, for an adaptive budget: it grows while spinning pays off (the peer runs on another
+  //    core and delivers within it) and shrinks while it does not (the peer is descheduled: other
+  //    load on the cores, or more ranks than cores), so a waiter stops burning a core its peer needs.
+  if (spin_budget_ns_ > 0) {
     for (;;) {
       for (int i = 0; i < 64; ++i) {
         cpu_relax();
-        if (ready()) return;
+        if (ready()) {
+          spin_budget_ns_ = std::min(spin_max_ns_, spin_budget_ns_ + spin_budget_ns_ / 4 + kSpinStepNs);
+          return;
+        }
       }
-      if (now_ns() - t0 > spin_ns_) break;
+      if (now_ns() - t0 > spin_budget_ns_) break;
     }
   }
+  spin_budget_ns_ = spin_budget_ns_ / 2 > kSpinStepNs ? spin_budget_ns_ / 2 : (spin_max_ns_ ? kSpinStepNs : 0);
   RankCtl& me = ctl(rank_);
   RankCtl& pc = ctl(peer);
   me.heartbeat_ns.store(t0, std::memory_order_relaxed);

@@ -15,10 +15,12 @@
 // Why two header / latency slots suffice: a rank publishes call c + 1 only after it has read
 // everything of call c, and nobody writes slot (c % 2) again before seeing every rank's call c + 1.
 //
-// Waiting. Spin briefly, then sched_yield, then sleep on a futex (the `bell` of the rank waited on,
-// bumped by that rank on every change; woken only when someone sleeps on it). While waiting, a rank
-// checks every ~ms: peers' abort flags, peers' liveness (pidfd of each pid: a killed peer is seen at
-// once, not at the timeout), and the call's deadline. On a fault it records the reason in its own
+// Waiting. Spin for an adaptive budget (none when there are more ranks than cores), yield twice,
+// then sleep on a futex (the `bell` of the rank waited on, bumped by that rank on every change;
+// woken only when someone sleeps on it). While waiting, a rank checks every ~ms: peers' abort flags,
+// peers' liveness (pidfd of each pid: a killed peer is seen at once, not at the timeout), and the
+// call's deadline; on a timeout it blames the rank at the end of the "waits for" chain (or one that
+// stopped refreshing its heartbeat while waiting). On a fault it records the reason in its own
 // abort flag, so every other rank fails fast with the same culprit.
 #pragma once
 #include <atomic>
@@ -144,7 +146,7 @@ class ShmTransport {
   uint8_t* data_ = nullptr;
   std::vector<int> pidfds_;      // per rank, -1 for self or when unavailable
   bool check_pids_ = true;       // false when ranks live in different pid namespaces
-  int64_t spin_ns_ = 0;
+  int64_t spin_max_ns_ = 0, spin_budget_ns_ = 0;  // adaptive spinning (see wait_for)
   int yield_rounds_ = 0;
 
   // per call

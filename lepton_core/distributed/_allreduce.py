@@ -81,7 +81,7 @@ def all_reduce(tensor: torch.Tensor, op: Any = "sum", *, group=None, compression
         comm = _fast.get(group)
         if parsed is not None and comm is not None and tensor.layout is torch.strided:
             code = _codes.get(tensor.dtype)
-            if (code is not None and tensor.is_contiguous() and tensor.device.type == "cpu"
+            if (code is not None and tensor.is_cpu and tensor.is_contiguous()
                     and (code in _FLOAT_CODES or parsed[3]) and (group is not None or comm.group is dist.GroupMember.WORLD)):
                 comm.shm.run(tensor.data_ptr(), tensor.numel(), code, parsed[0], parsed[1], parsed[2], KIND_ALLREDUCE,
                              0, comm.size, comm.timeout_s)

@@ -1,23 +1,27 @@
 """One communicator per process group: rendezvous, host detection and the three transports.
 
-Setup (at the group's first all-reduce; every rank of the group takes part):
-  1. Each rank writes "<host id> <pid>" under the group's store; the host id is LEPTON_HOST_ID, or
-     the host name plus the kernel's boot id (two containers on one machine share the boot id but
-     may not share /dev/shm: set LEPTON_HOST_ID to tell them apart or together).
+Setup (at the group's first all-reduce; every rank of the group takes part, bounded by one timeout):
+  1. Each rank writes "<host id> <pid> <LEPTON_TRANSPORT>" under the group's store; the host id is
+     LEPTON_HOST_ID, or the host name plus the kernel's boot id (two containers on one machine share
+     the boot id but may not share /dev/shm: set LEPTON_HOST_ID to tell them apart or together).
+     Ranks that disagree on LEPTON_TRANSPORT raise CommError (rather than deadlock).
   2. Transport: "shm" when every rank is on one host, "hier" when the group spans hosts that each
      hold the same number (>= 2) of ranks, "torch" otherwise. LEPTON_TRANSPORT=shm|torch forces one
      (shm: all ranks must really share a host).
   3. shm / hier: the lowest rank of each host creates a segment under a fresh random name and
-     publishes the name in the store; the host's other ranks map it; everyone unlinks it once all
-     have mapped it (csrc/comm/shm_segment.h). hier also makes, with torch.distributed, the group
-     of the ranks with this rank's local index on every host.
+     publishes the name in the store; the host's other ranks map it; every rank reports whether it
+     could; if one could not, all fall back to "torch" together (with a RuntimeWarning), otherwise
+     everyone unlinks the name at once (csrc/comm/shm_segment.h).
 
 Calls: shm runs the native ring (csrc/comm/ring_allreduce.h), asynchronous calls on the native
-communication thread. hier runs the native reduce-scatter inside the host, a torch.distributed
-all-reduce of this rank's shard between hosts (int8: an all-gather of the quantized shards, summed in
-host order), and the native all-gather inside the host. torch runs torch.distributed alone (16-bit
-types in float32; int8: an all-gather of every rank's quantized input, summed in rank order). hier
-and torch run asynchronous calls on one Python thread per group, in order.
+communication thread. hier runs the native reduce-scatter inside the host; then, between hosts,
+all_to_all_single on the group itself sends piece h of this rank's shard to the rank with the same
+local index on host h, which reduces the pieces in rank order, and a second all_to_all returns the
+reduced pieces (int8: pieces travel quantized both ways); then the native all-gather inside the
+host. torch runs torch.distributed alone (16-bit types in float32; int8: an all-gather of every
+rank's quantized input, summed in rank order). hier and torch run asynchronous calls on one Python
+thread per group, in order. A small header all-gather precedes hier and torch calls so that ranks
+that disagree on the call raise CommError instead of corrupting or hanging a collective.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import os
 import secrets
 import socket
 import threading
+import time
+import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -38,10 +44,14 @@ from ._checks import COMPRESSIONS, KIND_ALL_GATHER, KIND_ALLREDUCE, KIND_REDUCE_
 
 CommError = _C.CommError
 
-# Shared-memory geometry (the same on every rank: read back from the segment by the others).
-RING_SLOT_BYTES = int(os.environ.get("LEPTON_DEV_SLOT", 256 << 10))
-RING_SLOTS = int(os.environ.get("LEPTON_DEV_SLOTS", 4))
-LAT_BYTES = int(os.environ.get("LEPTON_DEV_LAT", 64 << 10))
+# Shared-memory geometry, chosen by the segment's creator (the others read it back from the segment).
+# Measured on 2 cores (bench/notes_allreduce.md): 256 KiB x 4 ring slots beat 64-128 KiB slots once
+# other load shares the cores (fewer hand-offs, each of which may wait for the peer to be
+# scheduled) and cost little when idle; the latency path wins up to ~64 KiB (up to 128 KiB with 2
+# ranks, ~32 KiB with 4 oversubscribed ones).
+RING_SLOT_BYTES = 256 << 10
+RING_SLOTS = 4
+LAT_BYTES = 64 << 10
 
 SEGMENT_PREFIX = "lepton-"
 DEFAULT_TIMEOUT_S = 1800.0
@@ -60,6 +70,13 @@ def host_id() -> str:
     except OSError:
         boot = "no-boot-id"
     return f"{socket.gethostname()}/{boot}"
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return f"unknown-{os.getpid()}"  # never equal to another process's: no pid checks
 
 
 def forced_transport() -> Optional[str]:
@@ -87,6 +104,18 @@ def group_timeout_s(group) -> float:
         return DEFAULT_TIMEOUT_S
 
 
+def _comm_device(group) -> torch.device:
+    """Where torch.distributed collectives of this group take their tensors: the CPU, unless the
+    group has no CPU backend (NCCL alone), then the current CUDA device."""
+    try:
+        types = {d.type for d in group._device_types}
+    except Exception:  # noqa: BLE001 - older torch: assume a CPU-capable group
+        return torch.device("cpu")
+    if "cpu" in types or not types or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def _group_store(group):
     from torch.distributed import distributed_c10d as c10d
 
@@ -103,15 +132,16 @@ class _Setup:
     def __init__(self, group, generation: int, timeout_s: float):
         name = getattr(group, "group_name", "") or "group"
         self.store = dist.PrefixStore(f"lepton_core/{name}/{generation}/", _group_store(group))
-        self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
+        self.deadline = time.monotonic() + timeout_s  # the whole setup is bounded by one timeout
 
     def put(self, key: str, value: str) -> None:
         self.store.set(key, value)
 
     def get(self, key: str, who: int) -> str:
         try:
-            self.store.wait([key], self.timeout)
+            left = max(0.05, self.deadline - time.monotonic())
+            self.store.wait([key], datetime.timedelta(seconds=left))
             return self.store.get(key).decode()
         except Exception as e:  # noqa: BLE001 - store errors come as RuntimeError/DistStoreError
             raise _fail_comm(f"rank {who} did not join the communicator setup within the timeout of "
@@ -154,6 +184,7 @@ class GroupComm:
         self.global_ranks = [dist.get_global_rank(group, r) for r in range(self.size)] \
             if group is not dist.GroupMember.WORLD else list(range(self.size))
         self.timeout_s = group_timeout_s(group)
+        self.comm_device = _comm_device(group)
         self.shm = None          # native ShmComm of this host's ranks (shm, hier)
         self.n_hosts = 1
         self.local_size = 1
@@ -169,13 +200,19 @@ class GroupComm:
         if self.size == 1:
             return "single"
         setup = _Setup(self.group, generation, self.timeout_s)
-        setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}")
+        setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}\n{_pid_namespace()}")
         hosts: List[str] = []
         transports: List[str] = []
+        self.pids: List[int] = []
+        pidns: List[str] = []
         for r in range(self.size):
             fields = setup.get(f"rank{r}", r).split("\n")
             hosts.append(fields[0])
+            self.pids.append(int(fields[1]))
             transports.append(fields[2])
+            pidns.append(fields[3])
+        # pids can be checked for the ranks in this pid namespace (same host, same container)
+        self.same_host = [hosts[r] == hosts[self.rank] and pidns[r] == pidns[self.rank] for r in range(self.size)]
         for r in range(1, self.size):
             if transports[r] != transports[0]:  # would deadlock: fail on every rank instead
                 raise _fail_comm(f"ranks disagree on LEPTON_TRANSPORT: rank {self.global_ranks[0]} has "
@@ -189,13 +226,13 @@ class GroupComm:
         if forced == "torch":
             return "torch"
         if forced == "shm" or self.n_hosts == 1:
-            self._setup_shm(setup, "all", list(range(self.size)))
-            return "shm"
+            return "shm" if self._setup_shm(setup, "all", list(range(self.size)), forced) else "torch"
         sizes = {len(m) for m in members.values()}
         if len(sizes) != 1 or next(iter(sizes)) < 2:
             return "torch"  # uneven hosts, or one rank per host: torch.distributed alone
         mine = members[hosts[self.rank]]
-        self._setup_shm(setup, f"host{order.index(hosts[self.rank])}", mine)
+        if not self._setup_shm(setup, f"host{order.index(hosts[self.rank])}", mine, forced):
+            return "torch"
         # Between hosts, the ranks with my local index (one per host) exchange pieces of our shard
         # through all_to_all on the group itself: no extra process group is made.
         self.host_of = [order.index(h) for h in hosts]
@@ -204,28 +241,57 @@ class GroupComm:
         self.host_index = order.index(hosts[self.rank])
         return "hier"
 
-    def _setup_shm(self, setup: _Setup, tag: str, local: List[int]) -> None:
+    def _setup_shm(self, setup: _Setup, tag: str, local: List[int], forced: Optional[str]) -> bool:
+        """Maps this host's segment. Every rank of the group then says whether it could; if one
+        could not (no usable /dev/shm, or "one host" that is really several containers), all fall
+        back to torch.distributed together (or raise, when LEPTON_TRANSPORT=shm). Returns whether
+        shared memory is in use."""
         self.local_size = len(local)
         self.local_rank = local.index(self.rank)
         leader = local[0]
+        shm, problem = None, ""
         if self.rank == leader:
             _C.shm_sweep_orphans(SEGMENT_PREFIX)
             name = f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
             try:
                 shm = _C.ShmComm(name, True, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
                                  LAT_BYTES)
-            except CommError as e:  # tell the others now rather than let them wait for the timeout
-                setup.put(f"{tag}/segment", f"!{e}")
-                raise
-            setup.put(f"{tag}/segment", name)
+                setup.put(f"{tag}/segment", name)
+            except CommError as e:
+                problem = str(e)
+                setup.put(f"{tag}/segment", "!")
         else:
             name = setup.get(f"{tag}/segment", leader)
-            if name.startswith("!"):
-                raise CommError(f"{name[1:]} (on rank {self.global_ranks[leader]})")
-            shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
-                             LAT_BYTES)
-        shm.attach(self.timeout_s)
+            if name == "!":
+                problem = f"rank {self.global_ranks[leader]} could not create the segment"
+            else:
+                try:
+                    shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES,
+                                     RING_SLOTS, LAT_BYTES)
+                except CommError as e:
+                    problem = str(e)
+        try:
+            setup.put(f"shm/{self.rank}", problem or "ok")
+            statuses = [setup.get(f"shm/{r}", r) for r in range(self.size)]
+        except BaseException:
+            if shm is not None:
+                shm.unlink()
+            raise
+        failed = [(r, st) for r, st in enumerate(statuses) if st != "ok"]
+        if failed:
+            if shm is not None:
+                shm.unlink()
+                shm.shutdown()
+            r, why = failed[0]
+            msg = f"shared memory is unusable on rank {self.global_ranks[r]}: {why}"
+            if forced == "shm":
+                raise _fail_comm(msg)
+            warnings.warn(f"lepton_core.distributed: {msg}; using torch.distributed instead", RuntimeWarning,
+                          stacklevel=4)
+            return False
+        shm.attach(self.timeout_s)  # everyone has mapped it: returns at once, after unlinking
         self.shm = shm
+        return True
 
     def shutdown(self) -> None:
         if self.shm is not None:
@@ -304,13 +370,39 @@ class GroupComm:
         return fut
 
     # ---- torch.distributed pieces ----
-    def _dist(self, what: str, fn, *args, **kwargs):
+    def _dist(self, what: str, fn, out: torch.Tensor, *args, **kwargs):
+        """Runs a torch.distributed collective whose first argument `out` is written in place.
+        Groups without a CPU backend (NCCL alone) get CUDA copies of the tensors."""
         try:
-            return fn(*args, **kwargs)
+            if self.comm_device.type == "cpu":
+                return fn(out, *args, **kwargs)
+            dev_out = out.to(self.comm_device)
+            dev_args = [a.to(self.comm_device) if isinstance(a, torch.Tensor) else a for a in args]
+            fn(dev_out, *dev_args, **kwargs)
+            out.copy_(dev_out)
+            return None
         except CommError:
             raise
         except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
-            raise _fail_comm(f"torch.distributed {what} failed: {type(e).__name__}: {e}") from None
+            dead = [str(self.global_ranks[r]) for r in self._dead_local_ranks()]
+            who = f"rank{'s' if len(dead) > 1 else ''} {', '.join(dead)} died or exited; " if dead else ""
+            raise _fail_comm(f"{who}torch.distributed {what} failed: {type(e).__name__}: {e}") from None
+
+    def _dead_local_ranks(self) -> List[int]:
+        """Ranks of this host whose process is gone (a zombie counts as gone): torch.distributed's
+        errors do not say which peer failed."""
+        dead = []
+        for r in range(self.size):
+            if r == self.rank or not getattr(self, "same_host", [False] * self.size)[r]:
+                continue
+            try:
+                with open(f"/proc/{self.pids[r]}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state in ("Z", "X"):
+                    dead.append(r)
+            except (OSError, IndexError):
+                dead.append(r)
+        return dead
 
     def _check_headers(self, header: List[int]) -> List[List[int]]:
         """All-gathers a small int64 header across the group and raises CommError, the same on

@@ -213,6 +213,32 @@ def run_mismatch(ctx, group, tag: str) -> None:
         assert torch.equal(t, torch.full((3,), float(w)))
 
 
+def run_shm_fallback(ctx) -> None:
+    """A rank that cannot map the segment (simulated): every rank falls back to torch.distributed
+    together, with a RuntimeWarning, and results stay right."""
+    import warnings
+
+    w, r = ctx.world, ctx.rank
+    g = dist.new_group(list(range(w)))
+    real = _comm._C.ShmComm
+
+    def broken(*args, **kwargs):
+        raise ld.CommError("simulated: no usable /dev/shm here")
+
+    if r == w - 1:
+        _comm._C.ShmComm = broken
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = torch.full((1000,), float(r))
+            ld.all_reduce(t, group=g)
+    finally:
+        _comm._C.ShmComm = real
+    assert torch.equal(t, torch.full((1000,), float(w * (w - 1) / 2)))
+    ctx.record["fallback"] = {"transport": _comm_of(g).transport,
+                              "warnings": [str(x.message) for x in caught if x.category is RuntimeWarning]}
+
+
 def correctness(ctx) -> None:
     w = ctx.world
     world = dist.group.WORLD
@@ -222,6 +248,7 @@ def correctness(ctx) -> None:
     run_compression(ctx, world, "shm")
     run_mismatch(ctx, world, "shm")
     ctx.record["transport"] = {"shm": _comm_of(world).transport}
+    run_shm_fallback(ctx)
     # Groups of one rank (world size 1) and, with 3+ ranks, a subgroup.
     singles = [dist.new_group([k]) for k in range(w)]
     t = torch.arange(5.0)
@@ -275,10 +302,16 @@ def _segments_of_this_process():
 def killed_rank(ctx) -> None:
     """The last rank SIGKILLs itself in the middle of a stream of large all-reduces; the others
     must raise CommError naming it, fast (the pid is watched: far sooner than the group timeout)."""
+    import datetime
+
     w, r = ctx.world, ctx.rank
     victim = w - 1
     ctx.record["pid"] = os.getpid()
     ctx.record["skip_destroy"] = True  # Gloo's teardown with a dead peer is not what we test
+    os.environ["LEPTON_TRANSPORT"] = "torch"
+    over_torch = dist.new_group(list(range(w)), timeout=datetime.timedelta(seconds=ctx.pg_timeout_s))
+    ld.all_reduce(torch.ones(10), group=over_torch)
+    del os.environ["LEPTON_TRANSPORT"]
     t = torch.ones(1 << 20)
     for _ in range(3):
         ld.all_reduce(t)
@@ -298,6 +331,17 @@ def killed_rank(ctx) -> None:
         ld.all_reduce(torch.ones(3))
     except ld.CommError as e:
         ctx.record["error_again"] = str(e)
+    # The torch transport: Gloo fails on the dead peer; the error names it too.
+    try:
+        ld.all_reduce(torch.ones(1000), group=over_torch)
+    except ld.CommError as e:
+        ctx.record["error_torch"] = str(e)
+    # Survivors leave together (a survivor that exits first would be a dead peer to the other).
+    open(os.path.join(ctx.out, f"done{r}"), "w").close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not all(
+            os.path.exists(os.path.join(ctx.out, f"done{k}")) for k in range(w) if k != victim):
+        time.sleep(0.01)
 
 
 def stopped_rank(ctx) -> None:
@@ -340,7 +384,12 @@ def stopped_rank(ctx) -> None:
         ctx.record["error2_after_s"] = time.monotonic() - t0
     else:
         raise AssertionError("no CommError although a rank froze")
-    if r == 0:  # the frozen rank would otherwise wait for the launcher's deadline
+    open(os.path.join(ctx.out, f"done{r}"), "w").close()
+    if r == 0:  # once every survivor has its error, end the frozen rank (not the launcher's deadline)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(
+                os.path.exists(os.path.join(ctx.out, f"done{k}")) for k in range(w) if k != victim):
+            time.sleep(0.01)
         with open(os.path.join(ctx.out, f"pid{victim}")) as f:
             os.kill(int(f.read()), signal.SIGKILL)
 

@@ -276,25 +276,57 @@ struct Avx2Blocks {
       _mm256_storeu_ps(v + i, _mm256_add_ps(_mm256_mul_ps(load_q8(q + i), vs), load_f32_of<DT>(x + i)));
     q8_block_sum<DT>(v, q, s, x, i, len);
   }
-  static BlockStat stat(const float* v, int64_t len) {
-    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 big = _mm256_set1_ps(3.40282347e+38f);
+  // Running block statistics of 8 lanes at a time (see BlockStat).
+  struct VStat {
     __m256 m = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= len; i += 8) {
-      __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + i), abs_mask);
-      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  // > FLT_MAX or NaN
+    inline void add(__m256 v) {
+      __m256 a = _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, _mm256_set1_ps(3.40282347e+38f), _CMP_NLE_UQ));  // > FLT_MAX, NaN
       m = _mm256_max_ps(m, a);
     }
-    BlockStat st;
-    st.non_finite = !_mm256_testz_ps(bad, bad);
-    if (!st.non_finite) {  // all finite: max is order-independent
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, m);
-      for (float a : lanes) st.absmax = a > st.absmax ? a : st.absmax;
+    // Lanes, then the leftover elements v[i0, len) one at a time.
+    inline BlockStat finish(const float* v, int64_t i0, int64_t len) const {
+      BlockStat st;
+      st.non_finite = !_mm256_testz_ps(bad, bad);
+      if (!st.non_finite) {  // all finite: the max is order-independent
+        alignas(32) float lanes[8];
+        _mm256_store_ps(lanes, m);
+        for (float a : lanes) st.absmax = a > st.absmax ? a : st.absmax;
+      }
+      for (int64_t i = i0; i < len; ++i) st.add(v[i]);
+      return st;
     }
-    for (; i < len; ++i) st.add(v[i]);
-    return st;
+  };
+
+  static BlockStat stat(const float* v, int64_t len) {
+    VStat vs;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) vs.add(_mm256_loadu_ps(v + i));
+    return vs.finish(v, i, len);
+  }
+  template <int DT> static BlockStat to_f32_stat(float* v, const T<DT>* x, int64_t len) {
+    VStat vs;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      __m256 a = load_f32_of<DT>(x + i);
+      _mm256_storeu_ps(v + i, a);
+      vs.add(a);
+    }
+    q8_widen<DT>(v, x, i, len);
+    return vs.finish(v, i, len);
+  }
+  template <int DT>
+  static BlockStat sum_stat(float* v, const int8_t* q, float s, const T<DT>* x, int64_t len) {
+    const __m256 vsc = _mm256_set1_ps(s);
+    VStat vs;
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      __m256 a = _mm256_add_ps(_mm256_mul_ps(load_q8(q + i), vsc), load_f32_of<DT>(x + i));
+      _mm256_storeu_ps(v + i, a);
+      vs.add(a);
+    }
+    q8_block_sum<DT>(v, q, s, x, i, len);
+    return vs.finish(v, i, len);
   }
   static void codes(int8_t* q, const float* v, int64_t len, float scale) {
     if (scale == 0.0f || scale == INFINITY) {

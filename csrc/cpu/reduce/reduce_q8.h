@@ -3,6 +3,7 @@
 //   P::to_f32<DT>(v, x, len)            v = float32(x)
 //   P::sum<DT>(v, q, s, x, len)         v = D(q, s) + float32(x)
 //   P::stat(v, len) -> BlockStat        largest |v| and whether a NaN/Inf was seen
+//   P::to_f32_stat / P::sum_stat        the same as to_f32 / sum, returning stat(v) (one pass)
 //   P::codes(q, v, len, scale)          q = Q(v) with `scale`
 //   P::out<DT>(y, q, s, len, divisor)   y = narrow(D(q, s) / divisor)
 // A block is always processed whole, so every ISA cuts the message into the same blocks.
@@ -33,8 +34,7 @@ template <class P> struct Q8Kernels {
       alignas(64) float v[reduce_generic::kMaxBlockElems];
       for (int64_t b = 0, off = 0; off < n; ++b, off += block) {
         int64_t len = std::min(block, n - off);
-        P::template to_f32<DT>(v, xs + off, len);
-        s[b] = P::stat(v, len).scale();
+        s[b] = P::template to_f32_stat<DT>(v, xs + off, len).scale();
         P::codes(q + off, v, len, s[b]);
       }
     });
@@ -48,8 +48,7 @@ template <class P> struct Q8Kernels {
       alignas(64) float v[reduce_generic::kMaxBlockElems];
       for (int64_t b = 0, off = 0; off < n; ++b, off += block) {
         int64_t len = std::min(block, n - off);
-        P::template sum<DT>(v, q_in + off, s_in[b], xs + off, len);
-        float scale = P::stat(v, len).scale();
+        float scale = P::template sum_stat<DT>(v, q_in + off, s_in[b], xs + off, len).scale();
         s_out[b] = scale;
         P::codes(q_out + off, v, len, scale);
       }
@@ -77,8 +76,7 @@ template <class P> struct Q8Kernels {
       alignas(64) float v[reduce_generic::kMaxBlockElems];
       for (int64_t b = 0, off = 0; off < n; ++b, off += block) {
         int64_t len = std::min(block, n - off);
-        P::template sum<DT>(v, q_in + off, s_in[b], xs + off, len);
-        float scale = P::stat(v, len).scale();
+        float scale = P::template sum_stat<DT>(v, q_in + off, s_in[b], xs + off, len).scale();
         s_out[b] = scale;
         P::codes(q_out + off, v, len, scale);
         P::template out<DT>(ys + off, q_out + off, scale, len, divisor);

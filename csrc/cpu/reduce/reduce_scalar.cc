@@ -60,6 +60,15 @@ struct ScalarBlocks {
   static void sum(float* v, const int8_t* q, float s, const T<DT>* x, int64_t len) {
     q8_block_sum<DT>(v, q, s, x, 0, len);
   }
+  template <int DT> static BlockStat to_f32_stat(float* v, const T<DT>* x, int64_t len) {
+    to_f32<DT>(v, x, len);
+    return stat(v, len);
+  }
+  template <int DT>
+  static BlockStat sum_stat(float* v, const int8_t* q, float s, const T<DT>* x, int64_t len) {
+    sum<DT>(v, q, s, x, len);
+    return stat(v, len);
+  }
   static BlockStat stat(const float* v, int64_t len) {
     BlockStat st;
     for (int64_t i = 0; i < len; ++i) st.add(v[i]);
