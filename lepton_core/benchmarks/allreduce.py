@@ -67,9 +67,9 @@ def _launch(world: int, mode: str, out: str, sizes: List[int], rounds: int, use_
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         cmd = ["mpirun", "-np", str(world), "--oversubscribe", "--bind-to", "none", "-x", "PYTHONPATH", "-x",
                "OMP_NUM_THREADS", sys.executable] + args + ["--mpi"]
-        subprocess.run(cmd, env=env, check=True, timeout=3600)
+        subprocess.run(cmd, env=env, check=True, timeout=3600, cwd=out)  # cwd: no source tree shadows the package
         return
-    procs = [subprocess.Popen([sys.executable] + args + ["--rank", str(r)], env=env) for r in range(world)]
+    procs = [subprocess.Popen([sys.executable] + args + ["--rank", str(r)], env=env, cwd=out) for r in range(world)]
     for p in procs:
         if p.wait(timeout=3600) != 0:
             raise RuntimeError(f"benchmark rank exited with {p.returncode}")

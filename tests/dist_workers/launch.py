@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 WORKER = Path(__file__).with_name("worker.py")
-REPO = Path(__file__).resolve().parents[2]
+# Ranks must import the same lepton_core as the test process (the installed package in CI, the
+# in-tree build in a dev loop), never a source tree without its native module.
+import lepton_core  # noqa: E402
+
+PKG_PARENT = Path(lepton_core.__file__).resolve().parents[1]
 
 
 class JobResult:
@@ -43,7 +47,7 @@ def launch(job: str, world: int, *, timeout_s: float = 90.0, pg_timeout_s: float
         t0 = time.monotonic()
         for r in range(world):
             e = dict(os.environ)
-            e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+            e["PYTHONPATH"] = str(PKG_PARENT) + os.pathsep + e.get("PYTHONPATH", "")
             e["OMP_NUM_THREADS"] = "1"
             e["LEPTON_TEST_DUMP_S"] = str(max(1.0, timeout_s - 5))
             e.update(common_env or {})
@@ -52,7 +56,7 @@ def launch(job: str, world: int, *, timeout_s: float = 90.0, pg_timeout_s: float
             logs.append(log)
             cmd = [sys.executable, str(WORKER), job, str(r), str(world), store, tmp, str(pg_timeout_s),
                    json.dumps(args or {})]
-            procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO)))
+            procs.append(subprocess.Popen(cmd, env=e, stdout=log, stderr=subprocess.STDOUT, cwd=tmp))
         deadline = t0 + timeout_s
         codes: List[Optional[int]] = [None] * world
         for r, p in enumerate(procs):
