@@ -174,7 +174,7 @@ def _run_gemm(a3, b3, out3, bias=None, scale_a=None, scale_b=None) -> None:
     ptr_align = 16 if tensor_cores else a3.element_size()
     keep = []  # packed copies live until their kernel is enqueued (the caching allocator is stream-ordered)
 
-    if k == 0:  # nothing is read (the result is 0 or the bias): pass aligned placeholders
+    if k == 0:  # nothing is read (the result is 0 or the bias): pass aligned dummy buffers
         a_ptr = b_ptr = out3.data_ptr() - out3.data_ptr() % 16
         lda = ldb = align
         a_bs = b_bs = 0
