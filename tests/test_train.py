@@ -187,14 +187,12 @@ def test_killed_worker_ends_the_job_with_an_error(tmp_path):
         workers = [pid for pid, cmd in _children(p.pid) if "spawn_main" in cmd]
         assert len(workers) == 2, _children(p.pid)
         os.kill(workers[1], signal.SIGKILL)
-        t0 = time.monotonic()
+        # No hang: communicate raises TimeoutExpired (failing the test) if the job outlives the bound.
         out, err = p.communicate(timeout=FAILURE_BOUND_S)
-        elapsed = time.monotonic() - t0
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 1, out + err
-    assert elapsed < FAILURE_BOUND_S
     assert "error: worker rank" in err and "killed by SIGKILL" in err and "--resume" in err
     assert "Traceback" not in err
     for pid in workers:  # the surviving worker was stopped too
@@ -207,14 +205,12 @@ def test_ctrl_c_shuts_down_cleanly(tmp_path):
     p = _start_long_job(tmp_path)
     try:
         os.killpg(p.pid, signal.SIGINT)  # what a terminal does: the launcher and its workers all get it
-        t0 = time.monotonic()
+        # No hang: communicate raises TimeoutExpired (failing the test) if the job outlives the bound.
         out, err = p.communicate(timeout=FAILURE_BOUND_S)
-        elapsed = time.monotonic() - t0
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 130, out + err
-    assert elapsed < FAILURE_BOUND_S
     assert "interrupted" in err and "Traceback" not in err and "KeyboardInterrupt" not in err
     # the last checkpoint is intact and loadable
     assert _load(tmp_path / "ck" / "checkpoint.pt")["epoch"] >= 1
