@@ -148,9 +148,11 @@ POISON_OUTPUTS = False
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Allocates an op's output (contiguous); poisoned when POISON_OUTPUTS is set."""
-    # The device keyword costs ~1 us per call; CPU is the default device.
-    if device is None or (isinstance(device, torch.device) and device.type == "cpu"):
-        out = torch.empty(shape, dtype=dtype)
+    # The device keyword costs ~1 us per call; CPU is the default device. `device` is a torch.device
+    # or None (an isinstance test here would cost another 0.3 us per call).
+    # Sizes as separate arguments: torch parses a tuple ~0.8 us slower.
+    if device is None or device.type == "cpu":
+        out = torch.empty(*shape, dtype=dtype) if shape else torch.empty((), dtype=dtype)
     else:
         out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS and out.numel():

@@ -105,7 +105,7 @@ def _gemm_impl(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], o
     out = _tensors.new_output(shape, out_dtype, a.device)
     if not (m and n and n_batch):
         return out
-    if bias is not None:
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
         bias = bias.to(torch.float32).contiguous()
     if k == 0:  # an empty sum: zeros plus bias, rounded once
         if bias is None:
@@ -218,9 +218,7 @@ def _needs_dispatcher(a: torch.Tensor, b: torch.Tensor, *more: Optional[torch.Te
         return True
     grad_on = torch.is_grad_enabled()
     for t in (a, b) + more:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TENSOR_TYPES or t.is_meta or (grad_on and t.requires_grad):
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or (grad_on and t.requires_grad) or t.is_meta):
             return True
     return False
 
