@@ -103,9 +103,10 @@ def test_backward_against_float64_reference(rng, threads, cd, bias):
     assert _rel_err(x.grad, gc @ wc) <= gemm_rel_norm_bound("float32", n)
     assert _rel_err(layer.weight.grad, gc.t() @ xc) <= gemm_rel_norm_bound("float32", m)
     if bias:
-        # a float32 sum of m values: relative error <= m * u32 per element
+        # a float32 sum of m values, in any order: |error| <= (m - 1) * u32 * sum |g| per element
         ref_b = g.double().sum(0)
-        assert torch.allclose(layer.bias.grad.double(), ref_b, rtol=m * U["float32"], atol=m * U["float32"])
+        bound = (m - 1) * U["float32"] * g.double().abs().sum(0) * 1.01
+        assert bool(((layer.bias.grad.double() - ref_b).abs() <= bound).all())
     else:
         assert layer.bias is None
 
