@@ -85,7 +85,7 @@ inline float hmax_ps(__m256 v) {
 }
 
 template <int XDT, bool MINMAX>
-void stats_avx2(const void* x, int64_t index0, int64_t n, SpanStats* st) {
+void span_stats(const void* x, int64_t index0, int64_t n, SpanStats* st) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   __m256i a0 = _mm256_setzero_si256(), a1 = a0;
   __m256 mn0 = _mm256_setzero_ps(), mn1 = mn0, mx0 = mn0, mx1 = mn0;
@@ -119,7 +119,7 @@ void stats_avx2(const void* x, int64_t index0, int64_t n, SpanStats* st) {
 }
 
 template <int XDT, bool MINMAX>
-void stats_elem_avx2(const void* x, int64_t index0, int64_t n, uint32_t* abs_bits, float* mn, float* mx) {
+void span_stats_elem(const void* x, int64_t index0, int64_t n, uint32_t* abs_bits, float* mn, float* mx) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
@@ -253,7 +253,7 @@ inline void zero_codes(int fmt, uint8_t* data, int64_t i0, int64_t n) {
 }
 
 template <int FMT, int XDT, bool STOCH, bool PER_ELEM>
-void quantize_avx2(const QuantSpan& s) {
+void span_quantize(const QuantSpan& s) {
   const int64_t n = s.n_elems;
   if (!PER_ELEM && s.scale[0] == 0.0f) {
     zero_codes(FMT, s.data, s.index0, n);
@@ -320,7 +320,7 @@ inline __m256 values8(const uint8_t* data, int64_t i, __m256i zp) {
 }
 
 template <int FMT, int ODT, bool PER_ELEM>
-void dequantize_avx2(const DequantSpan& s) {
+void span_dequantize(const DequantSpan& s) {
   const int64_t n = s.n_elems;
   auto scalar_elem = [&](int64_t j) {
     int64_t i = s.index0 + j, g = PER_ELEM ? j : 0;
@@ -359,77 +359,10 @@ void dequantize_avx2(const DequantSpan& s) {
   for (; j < n; ++j) scalar_elem(j);
 }
 
-// ---- resolvers ----
-template <bool MINMAX>
-StatsFn stats_for_dtype(int xdt) {
-  switch (xdt) {
-    case LP_DTYPE_F16: return stats_avx2<LP_DTYPE_F16, MINMAX>;
-    case LP_DTYPE_BF16: return stats_avx2<LP_DTYPE_BF16, MINMAX>;
-    default: return stats_avx2<LP_DTYPE_F32, MINMAX>;
-  }
-}
-StatsFn pick_stats(int xdt, bool minmax) {
-  return minmax ? stats_for_dtype<true>(xdt) : stats_for_dtype<false>(xdt);
-}
-
-template <bool MINMAX>
-StatsElemFn stats_elem_for_dtype(int xdt) {
-  switch (xdt) {
-    case LP_DTYPE_F16: return stats_elem_avx2<LP_DTYPE_F16, MINMAX>;
-    case LP_DTYPE_BF16: return stats_elem_avx2<LP_DTYPE_BF16, MINMAX>;
-    default: return stats_elem_avx2<LP_DTYPE_F32, MINMAX>;
-  }
-}
-StatsElemFn pick_stats_elem(int xdt, bool minmax) {
-  return minmax ? stats_elem_for_dtype<true>(xdt) : stats_elem_for_dtype<false>(xdt);
-}
-
-template <int FMT, int XDT>
-QuantSpanFn quantize_for_mode(bool stoch, bool per_elem) {
-  if (stoch) return per_elem ? quantize_avx2<FMT, XDT, true, true> : quantize_avx2<FMT, XDT, true, false>;
-  return per_elem ? quantize_avx2<FMT, XDT, false, true> : quantize_avx2<FMT, XDT, false, false>;
-}
-template <int FMT>
-QuantSpanFn quantize_for_dtype(int xdt, bool stoch, bool per_elem) {
-  switch (xdt) {
-    case LP_DTYPE_F16: return quantize_for_mode<FMT, LP_DTYPE_F16>(stoch, per_elem);
-    case LP_DTYPE_BF16: return quantize_for_mode<FMT, LP_DTYPE_BF16>(stoch, per_elem);
-    default: return quantize_for_mode<FMT, LP_DTYPE_F32>(stoch, per_elem);
-  }
-}
-QuantSpanFn pick_quantize(int fmt, int xdt, bool stoch, bool per_elem) {
-  switch (fmt) {
-    case LP_QFMT_INT8: return quantize_for_dtype<LP_QFMT_INT8>(xdt, stoch, per_elem);
-    case LP_QFMT_UINT8: return quantize_for_dtype<LP_QFMT_UINT8>(xdt, stoch, per_elem);
-    case LP_QFMT_INT4: return quantize_for_dtype<LP_QFMT_INT4>(xdt, stoch, per_elem);
-    // fp8 has no stochastic rounding (Python rejects it before the call)
-    case LP_QFMT_FP8_E4M3: return quantize_for_dtype<LP_QFMT_FP8_E4M3>(xdt, false, per_elem);
-    default: return quantize_for_dtype<LP_QFMT_FP8_E5M2>(xdt, false, per_elem);
-  }
-}
-
-template <int FMT>
-DequantSpanFn dequantize_for_dtype(int odt, bool per_elem) {
-  switch (odt) {
-    case LP_DTYPE_F16: return per_elem ? dequantize_avx2<FMT, LP_DTYPE_F16, true> : dequantize_avx2<FMT, LP_DTYPE_F16, false>;
-    case LP_DTYPE_BF16: return per_elem ? dequantize_avx2<FMT, LP_DTYPE_BF16, true> : dequantize_avx2<FMT, LP_DTYPE_BF16, false>;
-    default: return per_elem ? dequantize_avx2<FMT, LP_DTYPE_F32, true> : dequantize_avx2<FMT, LP_DTYPE_F32, false>;
-  }
-}
-DequantSpanFn pick_dequantize(int fmt, int odt, bool per_elem) {
-  switch (fmt) {
-    case LP_QFMT_INT8: return dequantize_for_dtype<LP_QFMT_INT8>(odt, per_elem);
-    case LP_QFMT_UINT8: return dequantize_for_dtype<LP_QFMT_UINT8>(odt, per_elem);
-    case LP_QFMT_INT4: return dequantize_for_dtype<LP_QFMT_INT4>(odt, per_elem);
-    case LP_QFMT_FP8_E4M3: return dequantize_for_dtype<LP_QFMT_FP8_E4M3>(odt, per_elem);
-    default: return dequantize_for_dtype<LP_QFMT_FP8_E5M2>(odt, per_elem);
-  }
-}
-
-const QuantKernels kAvx2 = {pick_stats, pick_stats_elem, pick_quantize, pick_dequantize};
+#include "cpu/quant/quant_resolve.h"  // kKernels, from the span_* templates above
 
 }  // namespace
 
-const QuantKernels* quant_kernels_avx2() { return &kAvx2; }
+const QuantKernels* quant_kernels_avx2() { return &kKernels; }
 
 }  // namespace lp

@@ -8,7 +8,7 @@ namespace {
 
 // Statistics of elements [index0, index0 + n) merged into *st (see SpanStats).
 template <int XDT, bool MINMAX>
-void stats_scalar(const void* x, int64_t index0, int64_t n, SpanStats* st) {
+void span_stats(const void* x, int64_t index0, int64_t n, SpanStats* st) {
   SpanStats s = *st;
   for (int64_t i = index0; i < index0 + n; ++i) {
     float v = load_elem(XDT, x, i);
@@ -24,7 +24,7 @@ void stats_scalar(const void* x, int64_t index0, int64_t n, SpanStats* st) {
 
 // Per-element statistics: slot j merges element index0 + j.
 template <int XDT, bool MINMAX>
-void stats_elem_scalar(const void* x, int64_t index0, int64_t n, uint32_t* abs_bits, float* mn,
+void span_stats_elem(const void* x, int64_t index0, int64_t n, uint32_t* abs_bits, float* mn,
                        float* mx) {
   for (int64_t j = 0; j < n; ++j) {
     float v = load_elem(XDT, x, index0 + j);
@@ -38,7 +38,7 @@ void stats_elem_scalar(const void* x, int64_t index0, int64_t n, uint32_t* abs_b
 }
 
 template <int FMT, int XDT, bool STOCH, bool PER_ELEM>
-void quantize_scalar(const QuantSpan& s) {
+void span_quantize(const QuantSpan& s) {
   uint32_t key_hi = STOCH ? rng_key_hi(s.rng_key, uint64_t(s.index0)) : 0;
   for (int64_t j = 0; j < s.n_elems; ++j) {
     int64_t i = s.index0 + j;
@@ -51,7 +51,7 @@ void quantize_scalar(const QuantSpan& s) {
 }
 
 template <int FMT, int ODT, bool PER_ELEM>
-void dequantize_scalar(const DequantSpan& s) {
+void span_dequantize(const DequantSpan& s) {
   for (int64_t j = 0; j < s.n_elems; ++j) {
     int64_t i = s.index0 + j;
     int64_t g = PER_ELEM ? j : 0;
@@ -60,77 +60,10 @@ void dequantize_scalar(const DequantSpan& s) {
   }
 }
 
-// ---- resolvers: one template instance per (format, dtype, mode) ----
-template <bool MINMAX>
-StatsFn stats_for_dtype(int xdt) {
-  switch (xdt) {
-    case LP_DTYPE_F16: return stats_scalar<LP_DTYPE_F16, MINMAX>;
-    case LP_DTYPE_BF16: return stats_scalar<LP_DTYPE_BF16, MINMAX>;
-    default: return stats_scalar<LP_DTYPE_F32, MINMAX>;
-  }
-}
-StatsFn pick_stats(int xdt, bool minmax) {
-  return minmax ? stats_for_dtype<true>(xdt) : stats_for_dtype<false>(xdt);
-}
-
-template <bool MINMAX>
-StatsElemFn stats_elem_for_dtype(int xdt) {
-  switch (xdt) {
-    case LP_DTYPE_F16: return stats_elem_scalar<LP_DTYPE_F16, MINMAX>;
-    case LP_DTYPE_BF16: return stats_elem_scalar<LP_DTYPE_BF16, MINMAX>;
-    default: return stats_elem_scalar<LP_DTYPE_F32, MINMAX>;
-  }
-}
-StatsElemFn pick_stats_elem(int xdt, bool minmax) {
-  return minmax ? stats_elem_for_dtype<true>(xdt) : stats_elem_for_dtype<false>(xdt);
-}
-
-template <int FMT, int XDT>
-QuantSpanFn quantize_for_mode(bool stoch, bool per_elem) {
-  if (stoch) return per_elem ? quantize_scalar<FMT, XDT, true, true> : quantize_scalar<FMT, XDT, true, false>;
-  return per_elem ? quantize_scalar<FMT, XDT, false, true> : quantize_scalar<FMT, XDT, false, false>;
-}
-template <int FMT>
-QuantSpanFn quantize_for_dtype(int xdt, bool stoch, bool per_elem) {
-  switch (xdt) {
-    case LP_DTYPE_F16: return quantize_for_mode<FMT, LP_DTYPE_F16>(stoch, per_elem);
-    case LP_DTYPE_BF16: return quantize_for_mode<FMT, LP_DTYPE_BF16>(stoch, per_elem);
-    default: return quantize_for_mode<FMT, LP_DTYPE_F32>(stoch, per_elem);
-  }
-}
-QuantSpanFn pick_quantize(int fmt, int xdt, bool stoch, bool per_elem) {
-  switch (fmt) {
-    case LP_QFMT_INT8: return quantize_for_dtype<LP_QFMT_INT8>(xdt, stoch, per_elem);
-    case LP_QFMT_UINT8: return quantize_for_dtype<LP_QFMT_UINT8>(xdt, stoch, per_elem);
-    case LP_QFMT_INT4: return quantize_for_dtype<LP_QFMT_INT4>(xdt, stoch, per_elem);
-    // fp8 has no stochastic rounding (Python rejects it before the call)
-    case LP_QFMT_FP8_E4M3: return quantize_for_dtype<LP_QFMT_FP8_E4M3>(xdt, false, per_elem);
-    default: return quantize_for_dtype<LP_QFMT_FP8_E5M2>(xdt, false, per_elem);
-  }
-}
-
-template <int FMT>
-DequantSpanFn dequantize_for_dtype(int odt, bool per_elem) {
-  switch (odt) {
-    case LP_DTYPE_F16: return per_elem ? dequantize_scalar<FMT, LP_DTYPE_F16, true> : dequantize_scalar<FMT, LP_DTYPE_F16, false>;
-    case LP_DTYPE_BF16: return per_elem ? dequantize_scalar<FMT, LP_DTYPE_BF16, true> : dequantize_scalar<FMT, LP_DTYPE_BF16, false>;
-    default: return per_elem ? dequantize_scalar<FMT, LP_DTYPE_F32, true> : dequantize_scalar<FMT, LP_DTYPE_F32, false>;
-  }
-}
-DequantSpanFn pick_dequantize(int fmt, int odt, bool per_elem) {
-  switch (fmt) {
-    case LP_QFMT_INT8: return dequantize_for_dtype<LP_QFMT_INT8>(odt, per_elem);
-    case LP_QFMT_UINT8: return dequantize_for_dtype<LP_QFMT_UINT8>(odt, per_elem);
-    case LP_QFMT_INT4: return dequantize_for_dtype<LP_QFMT_INT4>(odt, per_elem);
-    case LP_QFMT_FP8_E4M3: return dequantize_for_dtype<LP_QFMT_FP8_E4M3>(odt, per_elem);
-    default: return dequantize_for_dtype<LP_QFMT_FP8_E5M2>(odt, per_elem);
-  }
-}
-
-const QuantKernels kScalar = {pick_stats, pick_stats_elem, pick_quantize, pick_dequantize};
+#include "cpu/quant/quant_resolve.h"  // kKernels, from the span_* templates above
 
 }  // namespace
 
-const QuantKernels* quant_kernels_scalar() { return &kScalar; }
+const QuantKernels* quant_kernels_scalar() { return &kKernels; }
 
 }  // namespace lp
