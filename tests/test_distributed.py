@@ -320,6 +320,19 @@ def test_all_reduce_rejects_bad_arguments():
         ld.HookState(block_size=48)
 
 
+def test_segment_that_dev_shm_cannot_hold_is_an_error_at_creation_not_sigbus_later():
+    """tmpfs files are sparse: without reserving the pages, a segment larger than what /dev/shm can
+    still hold (64 MiB in a default Docker container) is created fine and the first store to an
+    unbacked page kills the process with SIGBUS. Reserved at creation, it is a CommError, which the
+    Python layer turns into the torch.distributed fallback. 4 slots of 1 TiB exceed any /dev/shm."""
+    import lepton_core.distributed as ld
+
+    name = f"/lepton-{os.getpid()}-test-too-big"
+    with pytest.raises(ld.CommError, match=r"reserving \d+ bytes for shared-memory segment .* /dev/shm"):
+        _C.ShmComm(name, True, 0, 1, 1 << 40, 4, 64 << 10)
+    assert not os.path.exists("/dev/shm" + name)
+
+
 class _FakeBucket:
     def __init__(self, params):
         self._params = params

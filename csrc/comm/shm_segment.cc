@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <string>
 #include <utility>
 
 #include "comm/comm_error.h"
@@ -41,6 +42,16 @@ ShmSegment ShmSegment::create(const std::string& name, size_t n_bytes) {
   if (fd < 0) throw CommFault(errno_text("creation", name), true);
   if (ftruncate(fd, off_t(n_bytes)) != 0) {
     std::string msg = errno_text("sizing", name);
+    close(fd);
+    shm_unlink(name.c_str());
+    throw CommFault(msg, true);
+  }
+  // Reserve the pages now: tmpfs files are sparse, and a store to a page that a full /dev/shm (64 MiB
+  // by default in Docker) cannot back raises SIGBUS in the middle of a reduction. Here it is an
+  // error the caller turns into the torch.distributed fallback.
+  if (int rc = posix_fallocate(fd, 0, off_t(n_bytes)); rc != 0) {
+    std::string msg = "ld.all_reduce: reserving " + std::to_string(n_bytes) + " bytes for shared-memory segment " +
+                      name + " failed: " + std::strerror(rc) + " (is /dev/shm full or too small?)";
     close(fd);
     shm_unlink(name.c_str());
     throw CommFault(msg, true);
