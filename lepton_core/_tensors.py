@@ -87,6 +87,13 @@ def as_torch(x: Any, op: str, arg: str) -> torch.Tensor:
     raise fail(TypeError, op, f"{arg} must be a torch.Tensor or numpy.ndarray, got {type_desc(x)}")
 
 
+def check_strided(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    """ValueError for sparse / mkldnn / other non-strided tensors (the kernels read raw strided memory)."""
+    for name, t in tensors.items():
+        if t is not None and t.layout is not torch.strided:
+            raise fail(ValueError, op, f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+
+
 def to_kind(t: torch.Tensor, kind: str):
     """Returns `t` as the caller's kind of array."""
     if kind == "numpy":

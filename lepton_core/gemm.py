@@ -30,6 +30,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BIAS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _LP_INT8 = LP_DTYPE[torch.int8]
+_STRIDED = torch.strided
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +254,8 @@ def _check_gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], 
     op = _GEMM
     if not (a.is_cpu and b.is_cpu and (bias is None or bias.is_cpu)):
         _tensors.check_device(op, a=a, b=b, bias=bias)
+    if a.layout is not _STRIDED or b.layout is not _STRIDED or (bias is not None and bias.layout is not _STRIDED):
+        _tensors.check_strided(op, a=a, b=b, bias=bias)
     a_dtype, b_dtype = a.dtype, b.dtype
     if a_dtype not in _GEMM_IN_DTYPES or b_dtype not in _GEMM_IN_DTYPES:
         name, t = ("a", a) if a_dtype not in _GEMM_IN_DTYPES else ("b", b)
@@ -353,6 +356,7 @@ def scaled_gemm(qa, qb, *, bias=None, out_dtype=torch.float32):
     kind = _tensors.kind_of(qa.data)
     tbias = None if bias is None else _tensors.as_torch(bias, op, "bias")
     _tensors.check_device(op, qa=a, qa_scale=sa, qb=b, qb_scale=sb, bias=tbias)
+    _tensors.check_strided(op, qa=a, qa_scale=sa, qb=b, qb_scale=sb, bias=tbias)
     if a.shape[1] != b.shape[0]:
         raise fail(ValueError, op, f"inner dimensions differ: qa {_shape(a)} has K={a.shape[1]} but qb "
                                    f"{_shape(b)} has K={b.shape[0]}")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from . import _C
-from ._tensors import (LP_DTYPE, as_torch, check_device, dtype_name, fail, is_fake, kind_of, new_output,
+from ._tensors import (LP_DTYPE, as_torch, check_device, check_strided, dtype_name, fail, is_fake, kind_of, new_output,
                        parse_dtype, to_kind, type_desc)
 from .qtensor import QTensor
 
@@ -268,6 +268,8 @@ def quantize(x, dtype="int8", *, axis=None, block_size=None, rounding="nearest",
     xt = x if kind == "torch" else as_torch(x, op, "x")
     if xt.dtype not in _X_DTYPES:
         raise fail(TypeError, op, f"x must be float32, float16 or bfloat16, got {type_desc(x)}")
+    if xt.layout is not torch.strided:
+        check_strided(op, x=xt)
     fmt = dtype if type(dtype) is str and dtype in FORMATS else _check_format(dtype)
     shape = tuple(xt.shape)
     if axis is not None:
@@ -328,6 +330,7 @@ def _check_qtensor(q: QTensor, op: str):
         data = as_torch(q.data, op, "q.data")
         scale = as_torch(q.scale, op, "q.scale")
         zero_point = None if q.zero_point is None else as_torch(q.zero_point, op, "q.zero_point")
+    check_strided(op, **{"q.data": data, "q.scale": scale, "q.zero_point": zero_point})
     try:
         shape = tuple(map(operator.index, q.shape))
     except TypeError:

@@ -417,6 +417,9 @@ J8 = torch.zeros(3, 2, dtype=torch.int8)
     (lambda: lc.gemm(F.to("meta"), G), ValueError, r"lc\.gemm: all tensors must be on one device, got a on meta, b on cpu"),
     (lambda: lc.gemm(np.zeros((4, 3), np.float64), G.numpy()), TypeError, r"lc\.gemm: a must be .* got float64"),
     (lambda: lc.gemm(np.zeros((4, 3), np.complex64), G.numpy()), TypeError, r"lc\.gemm: a has NumPy dtype complex64"),
+    (lambda: lc.gemm(F.to_sparse(), G), ValueError, r"lc\.gemm: a must be a dense \(strided\) tensor, got layout torch\.sparse_coo"),
+    (lambda: lc.gemm(F, G.to_sparse()), ValueError, r"lc\.gemm: b must be a dense \(strided\) tensor"),
+    (lambda: lc.gemm(F, G, bias=torch.zeros(2).to_sparse()), ValueError, r"lc\.gemm: bias must be a dense"),
 ])
 def test_gemm_errors(call, exc, match):
     with pytest.raises(exc, match=match):
@@ -447,6 +450,7 @@ QB = qt(J8, torch.ones(2), 1)
     (lambda: lc.scaled_gemm(qt(torch.zeros(1, INT8_MAX_K + 1, dtype=torch.int8), torch.tensor(1.0), None),
                             qt(torch.zeros(INT8_MAX_K + 1, 1, dtype=torch.int8), torch.tensor(1.0), None)),
      ValueError, r"lc\.scaled_gemm: K=131072 exceeds 131071"),
+    (lambda: lc.scaled_gemm(QA, QB, bias=torch.zeros(2).to_sparse()), ValueError, r"lc\.scaled_gemm: bias must be a dense"),
 ])
 def test_scaled_gemm_errors(call, exc, match):
     with pytest.raises(exc, match=match):

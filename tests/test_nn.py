@@ -279,6 +279,8 @@ def test_errors():
         layer(torch.ones(2, 5, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"lc\.nn\.Linear: input must be a torch\.Tensor, got list"):
         layer([1.0] * 5)
+    with pytest.raises(ValueError, match=r"lc\.nn\.Linear: input must be a dense \(strided\) tensor, got layout torch\.sparse_coo"):
+        layer(torch.randn(2, 5).to_sparse())
     with pytest.raises(TypeError, match=r"lc\.nn\.Linear: dtype .*float32.* got float16"):
         lnn.Linear(5, 3, dtype=torch.float16)
     with pytest.raises(TypeError, match=r"lc\.nn\.Linear: compute_dtype .* got float64"):

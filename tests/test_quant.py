@@ -676,6 +676,7 @@ def test_errors_quantize():
         (lambda: lc.quantize(x, rounding="stochastic", seed=2**64), ValueError, "seed"),
         (lambda: lc.quantize(x, rounding="stochastic", seed=1.5), TypeError, "seed must be an int"),
         (lambda: lc.quantize(x.to("meta").to(torch.float64)), TypeError, "float64"),
+        (lambda: lc.quantize(x.to_sparse()), ValueError, "x must be a dense (strided) tensor, got layout torch.sparse_coo"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=re.escape(msg)) as e:
@@ -698,6 +699,7 @@ def test_errors_dequantize(rng):
         (lambda: lc.dequantize(qn, torch.bfloat16), TypeError, "bfloat16"),
         (lambda: q.dequantize(torch.int32), TypeError, "dtype"),
         (lambda: lc.dequantize(rep(q, dtype="int5")), ValueError, "q.dtype"),
+        (lambda: lc.dequantize(rep(q, data=q.data.to_sparse())), ValueError, "q.data must be a dense (strided) tensor"),
         (lambda: lc.dequantize(rep(q, scale=q.scale[:3])), ValueError, "q.scale must be float32 with 8 elements"),
         (lambda: lc.dequantize(rep(q, scale=q.scale.double())), TypeError, "q.scale"),
         (lambda: lc.dequantize(rep(q, zero_point=None)), ValueError, "q.zero_point"),

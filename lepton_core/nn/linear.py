@@ -63,6 +63,8 @@ class Linear(nn.Linear):
         if self.weight.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{_OP}: weight has dtype {dtype_name(self.weight.dtype)}; lc.gemm computes in "
                             "float32, float16 or bfloat16")
+        if input.layout is not torch.strided:
+            raise ValueError(f"{_OP}: input must be a dense (strided) tensor, got layout {input.layout}")
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"{_OP}: input's last dimension must be in_features={self.in_features}, got shape "
                              f"{tuple(input.shape)}")
