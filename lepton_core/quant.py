@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from . import _C
-from ._tensors import (LP_DTYPE, as_torch, check_device, check_strided, dtype_name, fail, is_fake, kind_of, new_output,
-                       parse_dtype, to_kind, type_desc)
+from ._tensors import (LP_DTYPE, as_torch, check_device, check_strided, dtype_name, fail, is_fake, kind_of,
+                       new_output, parse_dtype, to_kind, type_desc)
 from .qtensor import QTensor
 
 # Format codes: keep in step with lp_qfmt in csrc/cpu/quant/quant.h.
