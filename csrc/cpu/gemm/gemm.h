@@ -72,6 +72,8 @@ void gemm_int8_scalar(const GemmInt8Args& args);
 #ifdef LP_BUILD_AVX2
 void gemm_float_avx2(const GemmFloatArgs& args);
 void gemm_int8_avx2(const GemmInt8Args& args);
+// The matrix-vector product (m == 1 or n == 1, float path): memory-bound, so the AVX-512 level uses it too.
+void gemm_gemv_float_avx2(const GemmFloatArgs& args);
 // Runs the microkernels' arithmetic without their loads (float FMA chains, or int8 madd + add) for
 // n_iters steps on n_threads threads; returns the operations executed (to time for "% of peak").
 double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, bool int8);

@@ -1,11 +1,7 @@
 // GEMM, AVX2 + FMA + F16C: BLIS/GotoBLAS-style packed kernels (contract in gemm.h).
 //
-// Structure (one "unit" = a batch index, a row range and a column range of the output; threads own
-// disjoint units and never split K):
-//   for each K block of depth kc:                    B block (kc x nu) packed into NR-column panels
-//     for each A block of mc rows:                   A block (mc x kc) packed into MR-row panels (L2)
-//       for each NR-column panel of B (in L1):
-//         for each MR-row panel of A:  microkernel -> one MR x NR tile of the output
+// The macro-loop (units, K blocks, A / B blocks, threads) is gemm_driver.h; this file has the packing,
+// the microkernels and the epilogues.
 // Register tiles are MR x NR = 6 x 16: 12 ymm accumulators (6 rows x 2 vectors of 8 columns), two
 // for the B row and one for the broadcast A element.
 //   float: A and B are widened to float32 while packing (16-bit products are then exact in
@@ -18,8 +14,7 @@
 //          scaled_gemm; the scaled epilogue runs in float32 without FMA contraction.
 // Leftovers: rows past m and columns past n are zero in the packed panels; such edge tiles are
 // computed into a local MR x NR tile and only their valid part is written (by scalar code doing the
-// same float32 operations). Unit edges are multiples of MR / NR, so whether an element sits in an
-// edge tile, and hence its bits, never depend on the thread count.
+// same float32 operations).
 // Float products with one output row (m == 1) or column (n == 1) skip packing: a matrix-vector
 // product reads its matrix once, and packing would triple that memory traffic (gemv_float below).
 #include <immintrin.h>
@@ -32,6 +27,8 @@
 #include "common/parallel.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
+#include "cpu/gemm/gemm_driver.h"
+#include "cpu/gemm/gemm_simd256.h"
 
 namespace lp {
 namespace {
@@ -40,60 +37,6 @@ constexpr int64_t MR = kGemmAvx2Mr;  // 6
 constexpr int64_t NR = kGemmAvx2Nr;  // 16
 static_assert(MR == 6 && NR == 16, "the microkernels below are written for 6 x 16 tiles");
 
-// A thread gets at least this many flops before we fork: a 64^3 GEMM (0.5 MFLOP, a few us) stays
-// on one thread; fork/join costs a few microseconds.
-constexpr double kMinFlopsPerThread = 3.0e6;
-// Largest partial-sum workspace per thread (elements) for 16-bit / scaled outputs spanning K blocks.
-constexpr int64_t kWorkspaceElems = int64_t(4) << 20;
-// Packing writes whole 8-lane vectors into 6-wide panels; the last one may spill this far past the end.
-constexpr int64_t kPackSlackElems = 16;
-
-// ---------------------------------------------------------------------------------------------
-// Element loads: one element or 8 contiguous elements of an input dtype, widened to float32.
-// ---------------------------------------------------------------------------------------------
-template <int DT>
-struct FloatIn;
-template <>
-struct FloatIn<LP_DTYPE_F32> {
-  using T = float;
-  static inline float one(const T* p) { return *p; }
-  static inline __m256 eight(const T* p) { return _mm256_loadu_ps(p); }
-};
-template <>
-struct FloatIn<LP_DTYPE_F16> {
-  using T = uint16_t;
-  static inline float one(const T* p) { return _cvtsh_ss(*p); }
-  static inline __m256 eight(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-};
-template <>
-struct FloatIn<LP_DTYPE_BF16> {
-  using T = uint16_t;
-  static inline float one(const T* p) { return bf16_to_f32(*p); }
-  static inline __m256 eight(const T* p) {
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-};
-
-// In-register transpose of 8 vectors of 8 lanes: r[i][j] -> r[j][i].
-static inline void transpose8(__m256 r[8]) {
-  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Float packing
@@ -169,19 +112,6 @@ void pack_b_float(const typename FloatIn<DT>::T* src, int64_t rs, int64_t cs, in
 // Float microkernel and epilogue
 // ---------------------------------------------------------------------------------------------
 
-// Where one MR x NR tile's results go.
-struct FloatTile {
-  const float* prev = nullptr;  // float32 partial sums of earlier K blocks (null: first block)
-  int64_t prev_ld = 0;
-  bool final = false;           // last K block: add bias, round, write `out`; else write c32
-  float* c32 = nullptr;         // float32 partial sums destination (not final)
-  int64_t c32_ld = 0;
-  void* out = nullptr;          // final destination at the tile's corner, dtype out_dtype
-  int64_t out_ld = 0;
-  int out_dtype = LP_DTYPE_F32;
-  const float* bias = nullptr;  // at the tile's first column, or null
-};
-
 // Round-to-nearest-even float32 -> bfloat16 of 16 lanes (two vectors), quiet NaNs kept.
 static inline __m256i f32x16_to_bf16(__m256 v0, __m256 v1) {
   const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x40);
@@ -215,7 +145,7 @@ static inline void store_row_float(void* out, int dtype, __m256 v0, __m256 v1) {
 
 // acc(MR x NR) = prev + A_panel(MR x kc) * B_panel(kc x NR), then the tile's epilogue.
 // ap: [kc][MR] float32, bp: [kc][NR] float32 (32-byte aligned).
-void ukernel_float(int64_t kc, const float* __restrict ap, const float* __restrict bp, const FloatTile& t) {
+void ukernel_float(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
   __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   if (t.prev) {
     const float* p = t.prev;
@@ -273,31 +203,6 @@ void ukernel_float(int64_t kc, const float* __restrict ap, const float* __restri
     __m256 v0 = acc[i][0], v1 = acc[i][1];
     if (t.bias) v0 = _mm256_add_ps(v0, bias0), v1 = _mm256_add_ps(v1, bias1);
     store_row_float(o + i * row_bytes, t.out_dtype, v0, v1);
-  }
-}
-
-// An edge tile (rows < MR or cols < NR valid): the microkernel runs on a local tile, then the valid
-// part is written by scalar code with the same float32 operations as the full-tile epilogue.
-void edge_tile_float(int64_t kc, const float* ap, const float* bp, const FloatTile& t, int64_t rows, int64_t cols) {
-  alignas(32) float local[MR * NR] = {};
-  FloatTile lt;
-  if (t.prev) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) local[i * NR + j] = t.prev[i * t.prev_ld + j];
-    lt.prev = local;
-    lt.prev_ld = NR;
-  }
-  lt.c32 = local;
-  lt.c32_ld = NR;
-  ukernel_float(kc, ap, bp, lt);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const float v = local[i * NR + j];
-      if (!t.final)
-        t.c32[i * t.c32_ld + j] = v;
-      else
-        gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, t.bias ? v + t.bias[j] : v);
-    }
   }
 }
 
@@ -381,24 +286,6 @@ void pack_b_int8(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t 
 // int8 microkernel and epilogues
 // ---------------------------------------------------------------------------------------------
 
-struct Int8Tile {
-  const int32_t* prev = nullptr;   // int32 partial sums of earlier K blocks (null: first block)
-  int64_t prev_ld = 0;
-  bool final = false;
-  int32_t* c32 = nullptr;          // int32 destination: partial sums, or the plain GEMM's output
-  int64_t c32_ld = 0;
-  // scaled epilogue (final tiles of scaled_gemm only)
-  bool scaled = false;
-  void* out = nullptr;             // at the tile's corner
-  int64_t out_ld = 0;
-  int out_dtype = LP_DTYPE_F32;
-  const float* scale_a = nullptr;  // at the tile's first row; stride 0 when per-tensor
-  int64_t scale_a_stride = 0;
-  const float* scale_b = nullptr;  // at the tile's first column; stride 0 when per-tensor
-  int64_t scale_b_stride = 0;
-  const float* bias = nullptr;     // at the tile's first column, or null
-};
-
 static inline __m256 no_contract(__m256 v) {
   __asm__("" : "+x"(v));  // keeps mul and add separate roundings (no FMA contraction)
   return v;
@@ -410,7 +297,7 @@ static inline __m256i bcast32(const int32_t* p) {
 }
 
 // acc(MR x NR) = prev + A_panel * B_panel; ap: [kc_even/2][MR][2] int16, bp: [kc_even/2][NR][2].
-void ukernel_int8(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp, const Int8Tile& t) {
+void ukernel_int8(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp, const GemmInt8Tile& t) {
   __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
   if (t.prev) {
     const int32_t* p = t.prev;
@@ -483,147 +370,19 @@ void ukernel_int8(int64_t kc_even, const int16_t* __restrict ap, const int16_t* 
   }
 }
 
-void edge_tile_int8(int64_t kc_even, const int16_t* ap, const int16_t* bp, const Int8Tile& t, int64_t rows,
-                    int64_t cols) {
-  alignas(32) int32_t local[MR * NR] = {};
-  Int8Tile lt;
-  if (t.prev) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) local[i * NR + j] = t.prev[i * t.prev_ld + j];
-    lt.prev = local;
-    lt.prev_ld = NR;
-  }
-  lt.c32 = local;
-  lt.c32_ld = NR;
-  ukernel_int8(kc_even, ap, bp, lt);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const int32_t v = local[i * NR + j];
-      if (!t.final || !t.scaled) {
-        t.c32[i * t.c32_ld + j] = v;
-      } else {
-        const float sa = t.scale_a[i * t.scale_a_stride], sb = t.scale_b[j * t.scale_b_stride];
-        gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, gemm_scaled_value(v, sa, sb, t.bias, j));
-      }
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Driver: units, threads, buffers
+// Traits for the driver (gemm_driver.h)
 // ---------------------------------------------------------------------------------------------
-
-// How the output is cut into units (batch x row range x column range) and spread over threads.
-struct Plan {
-  int64_t mu = 0, nu = 0;        // rows / columns of a unit (multiples of MR / NR except at the end)
-  int64_t units_m = 1, units_n = 1;
-  int64_t n_units = 0;
-  int n_threads = 1;
-};
-
-Plan make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk, bool need_ws) {
-  Plan p;
-  p.nu = std::min(gemm_round_up(n, NR), blk.nc);
-  p.mu = gemm_round_up(m, MR);
-  if (need_ws) p.mu = std::min(p.mu, std::max(blk.mc, kWorkspaceElems / p.nu / blk.mc * blk.mc));
-  p.units_n = gemm_ceil_div(n, p.nu);
-  p.units_m = gemm_ceil_div(m, p.mu);
-  // Threads: at most one per register tile, and each with at least kMinFlopsPerThread of work.
-  const int64_t n_tiles = n_batch * gemm_ceil_div(m, MR) * gemm_ceil_div(n, NR);
-  int64_t nt = threads_for(n_tiles, 2.0 * double(MR * NR) * double(k), kMinFlopsPerThread);
-  int64_t units = n_batch * p.units_m * p.units_n;
-  if (nt > 1 && units < 4 * nt && units % nt != 0) {
-    // Too few units to share evenly: cut each into nt pieces along the dimension whose other operand
-    // is cheaper to pack twice (splitting N re-packs A in every thread, splitting M re-packs B).
-    const bool split_n = m <= n ? n >= nt * NR : m < nt * MR;
-    if (split_n) {
-      p.nu = gemm_round_up(gemm_ceil_div(n, p.units_n * nt), NR);
-      p.units_n = gemm_ceil_div(n, p.nu);
-    } else {
-      p.mu = gemm_round_up(gemm_ceil_div(m, p.units_m * nt), MR);
-      p.units_m = gemm_ceil_div(m, p.mu);
-    }
-    units = n_batch * p.units_m * p.units_n;
-  }
-  p.n_units = units;
-  p.n_threads = int(std::max<int64_t>(1, std::min(nt, units)));
-  return p;
-}
-
-// One unit's output window and where its K-block partial sums live.
-struct Unit {
-  int64_t batch, m0, m1, n0, n1;
-};
-
-static inline Unit unit_at(const Plan& p, int64_t u, int64_t m, int64_t n) {
-  Unit w;
-  w.batch = u / (p.units_m * p.units_n);
-  const int64_t r = u % (p.units_m * p.units_n);
-  w.m0 = (r / p.units_n) * p.mu;
-  w.m1 = std::min(m, w.m0 + p.mu);
-  w.n0 = (r % p.units_n) * p.nu;
-  w.n1 = std::min(n, w.n0 + p.nu);
-  return w;
-}
-
-// Runs every unit: Traits supplies the element type, packing and the per-tile call.
-//   Traits::Packed            packed element type (float, or int16 for int8)
-//   traits.pack_a(batch, i0, mc, p0, kc, Packed* dst) / traits.pack_b(batch, p0, kc, j0, nc, dst)
-//   traits.tile(kc, ap, bp, unit, row, col, rows, cols, first, last, ws)   (row/col: global)
-template <class Traits>
-void run_units(const Traits& tr, const Plan& plan, const GemmBlocking& blk, int64_t m, int64_t n, int64_t k,
-               bool need_ws) {
-  using Packed = typename Traits::Packed;
-  const int64_t kc_alloc = gemm_round_up(std::min(blk.kc, k), 16);
-  const int64_t a_elems = gemm_round_up(std::min(blk.mc, plan.mu), MR) * kc_alloc + kPackSlackElems;
-  const int64_t b_elems = gemm_round_up(plan.nu, NR) * kc_alloc + kPackSlackElems;
-  const int64_t ws_elems = need_ws ? plan.mu * plan.nu : 0;
-  // One block per thread: [A panels | B panels | workspace], each part 64-byte aligned.
-  const int64_t a_bytes = gemm_round_up(a_elems * int64_t(sizeof(Packed)), 64);
-  const int64_t b_bytes = gemm_round_up(b_elems * int64_t(sizeof(Packed)), 64);
-  const int64_t ws_bytes = gemm_round_up(ws_elems * 4, 64);
-  const int64_t per_thread = a_bytes + b_bytes + ws_bytes;
-  char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
-
-  parallel_region(plan.n_threads, [&](int t, int n_threads) {
-    char* mine = scratch + int64_t(t) * per_thread;
-    Packed* a_pack = reinterpret_cast<Packed*>(mine);
-    Packed* b_pack = reinterpret_cast<Packed*>(mine + a_bytes);
-    void* ws = mine + a_bytes + b_bytes;
-    const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
-    for (int64_t u = u_begin; u < u_end; ++u) {
-      const Unit w = unit_at(plan, u, m, n);
-      const int64_t ncur = w.n1 - w.n0;
-      for (int64_t p0 = 0; p0 < k; p0 += blk.kc) {
-        const int64_t kc = std::min(blk.kc, k - p0);
-        const int64_t kc_even = (kc + 1) & ~int64_t(1);
-        const int64_t kc_panel = Traits::kPairs ? kc_even : kc;
-        const bool first = p0 == 0, last = p0 + kc == k;
-        tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack);
-        for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
-          const int64_t mcur = std::min(blk.mc, w.m1 - i0);
-          tr.pack_a(w.batch, i0, mcur, p0, kc, a_pack);
-          for (int64_t jr = 0; jr < ncur; jr += NR) {
-            const Packed* bp = b_pack + jr * kc_panel;
-            for (int64_t ir = 0; ir < mcur; ir += MR) {
-              tr.tile(kc_panel, a_pack + ir * kc_panel, bp, w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir),
-                      std::min(NR, ncur - jr), first, last, ws);
-            }
-          }
-        }
-      }
-    }
-  });
-}
 
 // ---- float traits ----
 struct FloatTraits {
   using Packed = float;
-  static constexpr bool kPairs = false;
+  static constexpr int64_t kMr = MR, kNr = NR, kKGroup = 1;
   const GemmFloatArgs& g;
   bool c32_is_out;  // partial sums in the float32 output (else in the unit's workspace)
   int64_t ws_ld;
 
+  int64_t b_panel_elems(int64_t kc_panel) const { return NR * kc_panel; }
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, float* dst) const {
     const GemmOperand& a = g.a;
     const int64_t off = batch * a.stride_batch_elems + i0 * a.stride_row_elems + p0 * a.stride_col_elems;
@@ -654,42 +413,25 @@ struct FloatTraits {
                                           b.stride_col_elems, kc, nc, dst);
     }
   }
-  void tile(int64_t kc, const float* ap, const float* bp, const Unit& w, int64_t row, int64_t col, int64_t rows,
+  void tile(int64_t kc, const float* ap, const float* bp, const GemmUnit& w, int64_t row, int64_t col, int64_t rows,
             int64_t cols, bool first, bool last, void* ws) const {
-    const int64_t out_off = (w.batch * g.m + row) * g.n + col;
-    float* c32;
-    int64_t c32_ld;
-    if (c32_is_out) {
-      c32 = static_cast<float*>(g.out) + out_off;
-      c32_ld = g.n;
-    } else {
-      c32 = static_cast<float*>(ws) + (row - w.m0) * ws_ld + (col - w.n0);
-      c32_ld = ws_ld;
-    }
-    FloatTile t;
-    if (!first) t.prev = c32, t.prev_ld = c32_ld;
-    t.final = last;
-    t.c32 = c32;
-    t.c32_ld = c32_ld;
-    t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
-    t.out_ld = g.n;
-    t.out_dtype = g.out_dtype;
-    t.bias = g.bias ? g.bias + col : nullptr;
+    const GemmFloatTile t = gemm_float_tile(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
     if (rows == MR && cols == NR)
       ukernel_float(kc, ap, bp, t);
     else
-      edge_tile_float(kc, ap, bp, t, rows, cols);
+      gemm_edge_tile_float<MR, NR>(t, rows, cols, [&](const GemmFloatTile& lt) { ukernel_float(kc, ap, bp, lt); });
   }
 };
 
 // ---- int8 traits ----
 struct Int8Traits {
   using Packed = int16_t;
-  static constexpr bool kPairs = true;
+  static constexpr int64_t kMr = MR, kNr = NR, kKGroup = 2;
   const GemmInt8Args& g;
   bool c32_is_out;
   int64_t ws_ld;
 
+  int64_t b_panel_elems(int64_t kc_panel) const { return NR * kc_panel; }
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, int16_t* dst) const {
     const GemmOperand& a = g.a;
     const int64_t off = batch * a.stride_batch_elems + i0 * a.stride_row_elems + p0 * a.stride_col_elems;
@@ -700,38 +442,13 @@ struct Int8Traits {
     const int64_t off = batch * b.stride_batch_elems + p0 * b.stride_row_elems + j0 * b.stride_col_elems;
     pack_b_int8(static_cast<const int8_t*>(b.ptr) + off, b.stride_row_elems, b.stride_col_elems, kc, nc, dst);
   }
-  void tile(int64_t kc_even, const int16_t* ap, const int16_t* bp, const Unit& w, int64_t row, int64_t col,
+  void tile(int64_t kc_even, const int16_t* ap, const int16_t* bp, const GemmUnit& w, int64_t row, int64_t col,
             int64_t rows, int64_t cols, bool first, bool last, void* ws) const {
-    const int64_t out_off = (w.batch * g.m + row) * g.n + col;
-    int32_t* c32;
-    int64_t c32_ld;
-    if (c32_is_out) {
-      c32 = static_cast<int32_t*>(g.out) + out_off;
-      c32_ld = g.n;
-    } else {
-      c32 = static_cast<int32_t*>(ws) + (row - w.m0) * ws_ld + (col - w.n0);
-      c32_ld = ws_ld;
-    }
-    Int8Tile t;
-    if (!first) t.prev = c32, t.prev_ld = c32_ld;
-    t.final = last;
-    t.c32 = c32;
-    t.c32_ld = c32_ld;
-    if (g.scale_a) {
-      t.scaled = true;
-      t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
-      t.out_ld = g.n;
-      t.out_dtype = g.out_dtype;
-      t.scale_a_stride = g.scale_a_n_elems == 1 ? 0 : 1;
-      t.scale_a = g.scale_a + row * t.scale_a_stride;
-      t.scale_b_stride = g.scale_b_n_elems == 1 ? 0 : 1;
-      t.scale_b = g.scale_b + col * t.scale_b_stride;
-      t.bias = g.bias ? g.bias + col : nullptr;
-    }
+    const GemmInt8Tile t = gemm_int8_tile(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
     if (rows == MR && cols == NR)
       ukernel_int8(kc_even, ap, bp, t);
     else
-      edge_tile_int8(kc_even, ap, bp, t, rows, cols);
+      gemm_edge_tile_int8<MR, NR>(t, rows, cols, [&](const GemmInt8Tile& lt) { ukernel_int8(kc_even, ap, bp, lt); });
   }
 };
 
@@ -890,7 +607,7 @@ void gemv_float(const GemmFloatArgs& g) {
   const int64_t rs = row ? mo.stride_row_elems : mo.stride_col_elems;
   const int64_t cs = row ? mo.stride_col_elems : mo.stride_row_elems;
   const int64_t out_elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
-  const int64_t nt_want = threads_for(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k), kMinFlopsPerThread);
+  const int64_t nt_want = threads_for(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k), kGemmMinFlopsPerThread);
   const int64_t chunk_cols = std::min(
       kGemvMaxChunk, gemm_round_up(gemm_ceil_div(n_out, std::max<int64_t>(1, nt_want / g.n_batch)), 64));
   const int64_t n_chunks = gemm_ceil_div(n_out, chunk_cols);
@@ -934,6 +651,8 @@ void gemv_float(const GemmFloatArgs& g) {
 }
 
 }  // namespace
+
+void gemm_gemv_float_avx2(const GemmFloatArgs& g) { gemv_float(g); }
 
 // Peak probes, timed from Python for "% of peak" in benchmarks. Each runs n_iters steps on every
 // thread and returns the operations executed (a multiply-add counts 2).
@@ -1001,9 +720,9 @@ void gemm_float_avx2(const GemmFloatArgs& g) {
   const GemmBlocking blk = gemm_blocking(MR, NR, 4);
   // 16-bit outputs keep float32 partial sums in a workspace when K spans several blocks.
   const bool need_ws = g.out_dtype != LP_DTYPE_F32 && g.k > blk.kc;
-  const Plan plan = make_plan(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const GemmPlan plan = gemm_make_plan<MR, NR>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
   FloatTraits tr{g, !need_ws, plan.nu};
-  run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
+  gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
 void gemm_int8_avx2(const GemmInt8Args& g) {
@@ -1015,9 +734,9 @@ void gemm_int8_avx2(const GemmInt8Args& g) {
   // scaled_gemm keeps int32 partial sums in a workspace when K spans several blocks; the plain GEMM
   // keeps them in its int32 output.
   const bool need_ws = g.scale_a != nullptr && g.k > blk.kc;
-  const Plan plan = make_plan(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const GemmPlan plan = gemm_make_plan<MR, NR>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
   Int8Traits tr{g, g.scale_a == nullptr, plan.nu};
-  run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
+  gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
 }  // namespace lp
