@@ -221,7 +221,7 @@ def test_batched_and_broadcast(isa, threads, rng, dtype):
     check(lc.gemm(a1, b2), a1, b2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int8], ids=str)
 def test_views(isa, threads, rng, dtype):
     """Transposed, sliced, expanded (stride 0) and permuted views, consumed without copies."""
     def mk(shape):

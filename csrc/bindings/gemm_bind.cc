@@ -1,6 +1,7 @@
 // GEMM bindings: marshalling only (pointers as integers, sizes and strides in elements, lp_dtype
 // codes). lepton_core/gemm.py checks the whole contract before calling; kernels run without the GIL.
 #include "bindings/bindings.h"
+#include "common/cpu_features.h"
 #include "common/dtypes.h"
 #include "cpu/gemm/gemm.h"
 
@@ -71,13 +72,19 @@ void bind_gemm(py::module_& m) {
 #ifdef LP_BUILD_AVX2
   m.def(
       "gemm_peak_probe",
-      [](int64_t n_iters, int n_threads, bool int8) {
+      [](int64_t n_iters, int n_threads, const std::string& kind) {
+        const int k = kind == "float" ? 0 : kind == "bf16" ? 1 : kind == "int8" ? 2 : -1;
+        if (k < 0) throw py::value_error("gemm_peak_probe: kind must be 'float', 'bf16' or 'int8', got '" + kind + "'");
         py::gil_scoped_release release;
-        return gemm_peak_probe_avx2(n_iters, n_threads, int8);
+#ifdef LP_BUILD_AVX512
+        if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_peak_probe_avx512(n_iters, n_threads, k);
+#endif
+        return gemm_peak_probe_avx2(n_iters, n_threads, k == 2);  // AVX2 has no bf16 dot: bf16 runs on FMA
       },
-      py::arg("n_iters"), py::arg("n_threads"), py::arg("int8") = false,
-      "Runs the AVX2 microkernels' arithmetic without loads (float FMA, or int8 madd + add) for n_iters "
-      "steps on n_threads threads; returns the operations executed (time it to get the peak)");
+      py::arg("n_iters"), py::arg("n_threads"), py::arg("kind") = "float",
+      "Runs the active ISA's microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps "
+      "on AVX-512, FMA on AVX2, 'int8': vpdpbusd on AVX-512, madd + add on AVX2) for n_iters steps on "
+      "n_threads threads; returns the operations executed (time it to get the peak)");
 #endif
   m.def(
       "gemm_blocking",

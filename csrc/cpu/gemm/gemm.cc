@@ -27,17 +27,26 @@ GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes) {
 }
 
 GemmBlocking gemm_packed_blocking(bool is_int8) {
+#ifdef LP_BUILD_AVX512
+  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_blocking_avx512(is_int8);
+#endif
   return gemm_blocking(kGemmAvx2Mr, kGemmAvx2Nr, is_int8 ? 2 : 4);
 }
 
 void gemm_float(const GemmFloatArgs& args) {
+#ifdef LP_BUILD_AVX512
+  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_float_avx512(args);  // the amx level too
+#endif
 #ifdef LP_BUILD_AVX2
-  if (cpu_isa_active() >= LP_ISA_AVX2) return gemm_float_avx2(args);  // avx512 / amx levels too
+  if (cpu_isa_active() >= LP_ISA_AVX2) return gemm_float_avx2(args);
 #endif
   gemm_float_scalar(args);
 }
 
 void gemm_int8(const GemmInt8Args& args) {
+#ifdef LP_BUILD_AVX512
+  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_int8_avx512(args);
+#endif
 #ifdef LP_BUILD_AVX2
   if (cpu_isa_active() >= LP_ISA_AVX2) return gemm_int8_avx2(args);
 #endif

@@ -58,12 +58,14 @@ GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes);
 
 // Register tiles of the AVX2 microkernels (12 of the 16 ymm registers hold accumulators).
 constexpr int64_t kGemmAvx2Mr = 6, kGemmAvx2Nr = 16;
+// Register tiles of the AVX-512 microkernels (24 of the 32 zmm registers hold accumulators).
+constexpr int64_t kGemmAvx512Mr = 12, kGemmAvx512Nr = 32;
 
-// Entry points: dispatch on cpu_isa_active() (avx512 and amx run the AVX2 kernels).
+// Entry points: dispatch on cpu_isa_active() (amx runs the AVX-512 kernels).
 void gemm_float(const GemmFloatArgs& args);
 void gemm_int8(const GemmInt8Args& args);
-// The blocking of the packed kernels (float path, or int8 when is_int8); the scalar kernels are
-// simpler and do not block.
+// The blocking of the packed kernels of the active ISA (float path, or int8 when is_int8); the
+// scalar kernels are simpler and do not block.
 GemmBlocking gemm_packed_blocking(bool is_int8);
 
 // Per-ISA implementations.
@@ -77,6 +79,13 @@ void gemm_gemv_float_avx2(const GemmFloatArgs& args);
 // Runs the microkernels' arithmetic without their loads (float FMA chains, or int8 madd + add) for
 // n_iters steps on n_threads threads; returns the operations executed (to time for "% of peak").
 double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, bool int8);
+#endif
+#ifdef LP_BUILD_AVX512
+void gemm_float_avx512(const GemmFloatArgs& args);  // f32 / f16 by FMA, bf16 by vdpbf16ps
+void gemm_int8_avx512(const GemmInt8Args& args);    // vpdpbusd
+GemmBlocking gemm_blocking_avx512(bool is_int8);
+// kind 0: float FMA, 1: vdpbf16ps, 2: vpdpbusd; see gemm_peak_probe_avx2.
+double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);
 #endif
 
 }  // namespace lp

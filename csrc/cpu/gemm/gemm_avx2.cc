@@ -721,7 +721,7 @@ void gemm_float_avx2(const GemmFloatArgs& g) {
   // 16-bit outputs keep float32 partial sums in a workspace when K spans several blocks.
   const bool need_ws = g.out_dtype != LP_DTYPE_F32 && g.k > blk.kc;
   const GemmPlan plan = gemm_make_plan<MR, NR>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
-  FloatTraits tr{g, !need_ws, plan.nu};
+  FloatTraits tr{g, !need_ws, gemm_ws_ld(plan)};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
@@ -735,7 +735,7 @@ void gemm_int8_avx2(const GemmInt8Args& g) {
   // keeps them in its int32 output.
   const bool need_ws = g.scale_a != nullptr && g.k > blk.kc;
   const GemmPlan plan = gemm_make_plan<MR, NR>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
-  Int8Traits tr{g, g.scale_a == nullptr, plan.nu};
+  Int8Traits tr{g, g.scale_a == nullptr, gemm_ws_ld(plan)};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 

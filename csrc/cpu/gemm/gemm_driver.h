@@ -53,7 +53,12 @@ GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const 
   GemmPlan p;
   p.nu = std::min(gemm_round_up(n, NR), blk.nc);
   p.mu = gemm_round_up(m, MR);
-  if (need_ws) p.mu = std::min(p.mu, std::max(blk.mc, kGemmWorkspaceElems / p.nu / blk.mc * blk.mc));
+  if (need_ws) {
+    // The workspace caps a unit's rows; cut M into equal units under the cap (not full units and a
+    // sliver, which would leave a thread idle).
+    const int64_t mu_max = std::max(blk.mc, kGemmWorkspaceElems / p.nu / blk.mc * blk.mc);
+    if (p.mu > mu_max) p.mu = gemm_round_up(gemm_ceil_div(m, gemm_ceil_div(m, mu_max)), MR);
+  }
   p.units_n = gemm_ceil_div(n, p.nu);
   p.units_m = gemm_ceil_div(m, p.mu);
   // Threads: at most one per register tile, and each with at least kGemmMinFlopsPerThread of work.
@@ -77,6 +82,10 @@ GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const 
   p.n_threads = int(std::max<int64_t>(1, std::min(nt, units)));
   return p;
 }
+
+// Row length (elements) of a thread's partial-sum workspace: the unit's width plus one cache line,
+// so that the rows of a tile (often 4 KiB multiples apart otherwise) do not all fall in one L1 set.
+static inline int64_t gemm_ws_ld(const GemmPlan& p) { return p.nu + 16; }
 
 // One unit's output window.
 struct GemmUnit {
@@ -104,7 +113,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
   const int64_t kc_alloc = gemm_round_up(std::min(blk.kc, k), 16);  // a multiple of every KG
   const int64_t a_elems = gemm_round_up(std::min(blk.mc, plan.mu), MR) * kc_alloc;
   const int64_t b_elems = gemm_ceil_div(plan.nu, NR) * tr.b_panel_elems(kc_alloc);
-  const int64_t ws_elems = need_ws ? plan.mu * plan.nu : 0;
+  const int64_t ws_elems = need_ws ? plan.mu * gemm_ws_ld(plan) : 0;
   // One block per thread: [A panels | B panels | workspace], each part 64-byte aligned.
   const int64_t a_bytes = gemm_round_up(a_elems * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
   const int64_t b_bytes = gemm_round_up(b_elems * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
