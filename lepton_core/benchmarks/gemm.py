@@ -4,12 +4,12 @@ Rows: fp32 and bf16 square GEMMs (256 .. 2048, and 4096 unless quick) against to
 same dtype, int8 -> int32 against torch._int_mm, and the fixed cost of a 64 x 64 call. Both sides
 use the same thread count (lc.get_num_threads()). `ratio` is torch's time over ours (> 1: we are
 faster). `peak_pct` is our throughput over this machine's measured peak for that arithmetic
-(`peak_gflops`): the AVX2 peak probe (_C.gemm_peak_probe) runs the microkernel's FMA (float) or
-madd + add (int8) instructions without loads on every thread, and is timed interleaved with the row's
-own samples, so it reflects the clock and core share the row actually had (the machine is shared).
-On a busy machine small 2-thread calls (ours and torch's alike) can wait a scheduler tick for their
-second OpenMP thread; the probe's calls are long enough not to.
-For bf16 rows the peak is the float32 FMA peak (bf16 is widened and computed in float32 FMA).
+(`peak_gflops`): the peak probe (_C.gemm_peak_probe) runs the active ISA's microkernel instructions
+without loads on every thread (AVX-512: vfmadd231ps for float32 / float16, vdpbf16ps for bf16,
+vpdpbusd for int8; AVX2: FMA for every float dtype, madd + add for int8), and is timed interleaved
+with the row's own samples, so it reflects the clock and core share the row actually had (the
+machine is shared). On a busy machine small 2-thread calls (ours and torch's alike) can wait a
+scheduler tick for their second OpenMP thread; the probe's calls are long enough not to.
 
 Some torch baselines are very slow on CPUs without native bf16 / int8 dot products (bf16 matmul and
 _int_mm fall back to reference loops): a baseline whose single call would take longer than
@@ -19,7 +19,7 @@ its row says so in `note`.
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -35,23 +35,27 @@ _SKIP_BASELINE_S = 15.0   # projected single calls longer than this are not run 
 
 _MISSING = "-"            # table cell of a baseline that was not run
 
-def _peak_fn(ops: float, n_threads: int, int8: bool) -> Optional[Callable[[], object]]:
-    """A call of the peak probe doing `ops` operations on n_threads threads (None without AVX2)."""
+def _probe_kind(dtype: torch.dtype) -> str:
+    return "int8" if dtype == torch.int8 else "bf16" if dtype == torch.bfloat16 else "float"
+
+
+def _peak_fn(ops: float, n_threads: int, kind: str) -> Optional[Tuple[Callable[[], object], float]]:
+    """A call of the peak probe doing about `ops` operations on n_threads threads, and the exact
+    operation count it does (None without a SIMD build)."""
     if not hasattr(_C, "gemm_peak_probe"):
         return None
-    per_iter = 12 * 8 * 2 * (2 if int8 else 1) * n_threads
+    per_iter = _C.gemm_peak_probe(1, n_threads, kind)  # operations of one iteration on every thread
     n_iters = max(1, int(ops / per_iter))
-    return lambda: _C.gemm_peak_probe(n_iters, n_threads, int8)
+    return (lambda: _C.gemm_peak_probe(n_iters, n_threads, kind)), n_iters * per_iter
 
 
-def measure_peak_gops(n_threads: int, int8: bool = False) -> float:
-    """Peak G operations/s of the AVX2 microkernel arithmetic on n_threads threads (median)."""
-    fn = _peak_fn(4e9, n_threads, int8)
-    if fn is None:
+def measure_peak_gops(n_threads: int, kind: str = "float") -> float:
+    """Peak G operations/s of the microkernel arithmetic on n_threads threads (median)."""
+    probe = _peak_fn(4e9, n_threads, kind)
+    if probe is None:
         return float("nan")
-    t = interleaved({"peak": fn}, rounds=5, min_sample_s=0.05, warmup=1)["peak"]
-    per_iter = 12 * 8 * 2 * (2 if int8 else 1) * n_threads
-    return max(1, int(4e9 / per_iter)) * per_iter / t / 1e9
+    t = interleaved({"peak": probe[0]}, rounds=5, min_sample_s=0.05, warmup=1)["peak"]
+    return probe[1] / t / 1e9
 
 
 def _operands(m: int, k: int, n: int, dtype: torch.dtype):
@@ -87,10 +91,10 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
     # Each probe call does at least ~50 ms of work so that waking a descheduled OpenMP thread (up to
     # a scheduler tick on a busy machine) does not count as lost peak.
     peak_ops = max(ops, 2e10 if dtype == torch.int8 else 1e10)
-    peak = _peak_fn(peak_ops, n_threads, dtype == torch.int8)
+    peak = _peak_fn(peak_ops, n_threads, _probe_kind(dtype))
     fns = {"ours": ours}
     if peak is not None:
-        fns["peak"] = peak
+        fns["peak"] = peak[0]
     note = ""
     t_theirs = None
     if est_baseline_s is not None and est_baseline_s > _SKIP_BASELINE_S:
@@ -107,8 +111,7 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
     t_theirs = t.get("torch", t_theirs)
     ours_g = ops / t_ours / 1e9
     if peak is not None:
-        per_iter = 12 * 8 * 2 * (2 if dtype == torch.int8 else 1) * n_threads
-        peak_g = max(1, int(peak_ops / per_iter)) * per_iter / t["peak"] / 1e9
+        peak_g = peak[1] / t["peak"] / 1e9
     else:
         peak_g = float("nan")
     row = {
@@ -188,9 +191,9 @@ def run_cpu_time(quick: bool = False) -> List[dict]:
                         fns = {"ours": lambda: lc.gemm(a, b)}
                         if dtype == torch.float32:
                             fns["torch"] = lambda: torch.matmul(a, b)
-                        peak = _peak_fn(ops, n_threads, dtype == torch.int8)
+                        peak = _peak_fn(ops, n_threads, _probe_kind(dtype))
                         if peak is not None:
-                            fns["peak"] = peak
+                            fns["peak"] = peak[0]
                         reps = max(1, int(4e9 / ops))
                         samples: Dict[str, List[float]] = {k: [] for k in fns}
                         for fn in fns.values():
@@ -202,8 +205,7 @@ def run_cpu_time(quick: bool = False) -> List[dict]:
                                     fn()
                                 samples[name].append((time.process_time() - t0) / reps / n_threads)
                         t = {k: statistics.median(v) for k, v in samples.items()}
-                        per_iter = 12 * 8 * 2 * (2 if dtype == torch.int8 else 1) * n_threads
-                        peak_g = (max(1, int(ops / per_iter)) * per_iter / t["peak"] / 1e9) if "peak" in t else float("nan")
+                        peak_g = peak[1] / t["peak"] / 1e9 if "peak" in t else float("nan")
                         ours_g = ops / t["ours"] / 1e9
                         rows.append({
                             "shape": f"{s}x{s}x{s}",
