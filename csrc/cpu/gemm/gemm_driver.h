@@ -238,12 +238,14 @@ static inline GemmInt8Tile gemm_int8_tile(const GemmInt8Args& g, bool c32_is_out
 }
 
 // An edge tile (rows < MR or cols < NR valid): the full-tile microkernel `uk(lt)` runs on a local
-// MR x NR tile, then the valid part is written by scalar code with the same float32 operations as
-// the full-tile epilogue.
-template <int64_t MR, int64_t NR, class Ukernel>
-static inline void gemm_edge_tile_float(const GemmFloatTile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
-  alignas(64) float local[MR * NR] = {};
-  GemmFloatTile lt;
+// MR x NR tile of Elem (float or int32), then the valid part is written by scalar code: to t.c32
+// when write_c32, else through final_store(i, j, v), which repeats the full-tile epilogue's float32
+// operations element by element.
+template <int64_t MR, int64_t NR, class Elem, class Tile, class Ukernel, class FinalStore>
+static inline void gemm_edge_tile(const Tile& t, int64_t rows, int64_t cols, const Ukernel& uk, bool write_c32,
+                                  const FinalStore& final_store) {
+  alignas(64) Elem local[MR * NR] = {};
+  Tile lt;  // not final: the microkernel writes its sums to lt.c32
   if (t.prev) {
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t j = 0; j < cols; ++j) local[i * NR + j] = t.prev[i * t.prev_ld + j];
@@ -255,39 +257,28 @@ static inline void gemm_edge_tile_float(const GemmFloatTile& t, int64_t rows, in
   uk(lt);
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) {
-      const float v = local[i * NR + j];
-      if (!t.final)
+      const Elem v = local[i * NR + j];
+      if (write_c32)
         t.c32[i * t.c32_ld + j] = v;
       else
-        gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, t.bias ? v + t.bias[j] : v);
+        final_store(i, j, v);
     }
   }
 }
 
 template <int64_t MR, int64_t NR, class Ukernel>
+static inline void gemm_edge_tile_float(const GemmFloatTile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
+  gemm_edge_tile<MR, NR, float>(t, rows, cols, uk, !t.final, [&](int64_t i, int64_t j, float v) {
+    gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, t.bias ? v + t.bias[j] : v);
+  });
+}
+
+template <int64_t MR, int64_t NR, class Ukernel>
 static inline void gemm_edge_tile_int8(const GemmInt8Tile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
-  alignas(64) int32_t local[MR * NR] = {};
-  GemmInt8Tile lt;
-  if (t.prev) {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t j = 0; j < cols; ++j) local[i * NR + j] = t.prev[i * t.prev_ld + j];
-    lt.prev = local;
-    lt.prev_ld = NR;
-  }
-  lt.c32 = local;
-  lt.c32_ld = NR;
-  uk(lt);
-  for (int64_t i = 0; i < rows; ++i) {
-    for (int64_t j = 0; j < cols; ++j) {
-      const int32_t v = local[i * NR + j];
-      if (!t.final || !t.scaled) {
-        t.c32[i * t.c32_ld + j] = v;
-      } else {
-        const float sa = t.scale_a[i * t.scale_a_stride], sb = t.scale_b[j * t.scale_b_stride];
-        gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, gemm_scaled_value(v, sa, sb, t.bias, j));
-      }
-    }
-  }
+  gemm_edge_tile<MR, NR, int32_t>(t, rows, cols, uk, !t.final || !t.scaled, [&](int64_t i, int64_t j, int32_t v) {
+    const float sa = t.scale_a[i * t.scale_a_stride], sb = t.scale_b[j * t.scale_b_stride];
+    gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, gemm_scaled_value(v, sa, sb, t.bias, j));
+  });
 }
 
 }  // namespace
