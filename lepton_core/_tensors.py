@@ -5,11 +5,14 @@ the native kernel with raw pointers, sizes and strides (in elements).
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
+
+from . import _C
 
 # lp_dtype codes: keep in step with csrc/common/dtypes.h
 LP_DTYPE = {
@@ -148,6 +151,11 @@ def is_fake(*ts: Optional[torch.Tensor]) -> bool:
     return False
 
 
+_ELEM_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int32: 4, torch.int8: 1, torch.uint8: 1,
+               torch.float8_e4m3fn: 1, torch.float8_e5m2: 1, torch.float64: 8, torch.int64: 8}
+# Outputs of at least this many bytes are served by the host pool (0: the pool is off).
+_POOL_MIN_BYTES = _C.host_pool_min_bytes if _C.host_pool_limit_bytes() > 0 else float("inf")
+
 # Tests set this so every output buffer starts as NaN / a sentinel: an element a kernel forgets to
 # write then fails the comparison instead of passing by luck (torch.empty often returns zeros).
 POISON_OUTPUTS = False
@@ -159,7 +167,14 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     # or None (an isinstance test here would cost another 0.3 us per call).
     # Sizes as separate arguments: torch parses a tuple ~0.8 us slower.
     if device is None or device.type == "cpu":
-        out = torch.empty(*shape, dtype=dtype) if shape else torch.empty((), dtype=dtype)
+        n_elems = math.prod(shape)
+        n_bytes = n_elems * _ELEM_BYTES.get(dtype, 0)
+        if n_bytes >= _POOL_MIN_BYTES:
+            # Large outputs come from the host pool: reused, already-faulted pages instead of fresh
+            # ones the OS must zero on first touch (csrc/common/host_pool.h).
+            out = torch.frombuffer(_C.PooledBuffer(n_bytes), dtype=torch.uint8).view(dtype).view(*shape)
+        else:
+            out = torch.empty(*shape, dtype=dtype) if shape else torch.empty((), dtype=dtype)
     else:
         out = torch.empty(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS and out.numel():

@@ -135,3 +135,47 @@ def test_cli_info():
 def test_cli_bad_command_exits_nonzero_without_traceback():
     r = _run(["-m", "lepton_core.cli", "frobnicate"])
     assert r.returncode != 0 and "Traceback" not in r.stderr and "invalid choice" in r.stderr
+
+
+def test_host_pool_reuses_released_outputs_and_never_aliases_live_ones(rng):
+    """Large CPU outputs (>= host_pool_min_bytes) come from the host pool: a released block is
+    handed to the next output of its size, while outputs (or views of them) that are alive never
+    share memory."""
+    import gc
+
+    import torch
+
+    from lepton_core import _C
+
+    if _C.host_pool_limit_bytes() == 0:
+        pytest.skip("LEPTON_HOST_POOL_MB=0: the pool is off")
+    n = _C.host_pool_min_bytes // 4 + 12345          # a float32 output just over the threshold
+    x = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    q = lc.quantize(x, "int8", block_size=256)
+    want = (q.data.view(-1)[: n // 256 * 256].float().view(-1, 256) * q.scale[: n // 256, None]).view(-1)
+    a, b = lc.dequantize(q), lc.dequantize(q)
+    assert a.data_ptr() != b.data_ptr()
+    freed = a.data_ptr()
+    del a
+    gc.collect()
+    c = lc.dequantize(q)
+    assert c.data_ptr() == freed                      # the released block, pages already touched
+    view = c[::3]
+    del c
+    gc.collect()
+    d = lc.dequantize(q)
+    assert d.data_ptr() != freed                      # a live view keeps its block out of the pool
+    for out in (b, d):
+        assert torch.equal(out[: want.numel()], want)
+    assert torch.equal(view, lc.dequantize(q)[::3])
+    assert _C.host_pool_cached_bytes() <= _C.host_pool_limit_bytes()
+
+
+def test_host_pool_off():
+    """LEPTON_HOST_POOL_MB=0: large outputs come from torch's allocator."""
+    code = ("import torch, lepton_core as lc; from lepton_core import _C, _tensors;"
+            "assert _C.host_pool_limit_bytes() == 0 and _tensors._POOL_MIN_BYTES == float('inf');"
+            "q = lc.quantize(torch.ones(3 << 20), 'int8', block_size=256);"
+            "assert torch.equal(lc.dequantize(q), torch.ones(3 << 20))")
+    r = _py(code, LEPTON_HOST_POOL_MB="0")
+    assert r.returncode == 0, r.stderr

@@ -1,10 +1,38 @@
 #include "bindings/bindings.h"
 #include "common/cpu_features.h"
+#include "common/host_pool.h"
 #include "common/parallel.h"
 
 namespace lp {
+namespace {
+
+// A writable byte buffer from the host pool, exposed through the buffer protocol so that
+// torch.frombuffer / numpy.frombuffer can wrap it without a copy; the block goes back to the pool
+// when the last tensor or array viewing it is freed.
+struct PooledBuffer {
+  void* ptr = nullptr;
+  size_t n_bytes = 0, block_bytes = 0;
+  explicit PooledBuffer(size_t n) : n_bytes(n) { ptr = host_pool_acquire(n, &block_bytes); }
+  PooledBuffer(const PooledBuffer&) = delete;
+  PooledBuffer& operator=(const PooledBuffer&) = delete;
+  ~PooledBuffer() { host_pool_release(ptr, block_bytes); }
+};
+
+}  // namespace
 
 void bind_runtime(py::module_& m) {
+  py::class_<PooledBuffer>(m, "PooledBuffer", py::buffer_protocol(),
+                           "Writable bytes from the host buffer pool (large op outputs)")
+      .def(py::init<size_t>(), py::arg("n_bytes"))
+      .def_readonly("n_bytes", &PooledBuffer::n_bytes)
+      .def_buffer([](PooledBuffer& b) {
+        return py::buffer_info(b.ptr, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(b.n_bytes)}, {static_cast<py::ssize_t>(1)}, false);
+      });
+  m.attr("host_pool_min_bytes") = kHostPoolMinBytes;
+  m.def("host_pool_limit_bytes", &host_pool_limit_bytes);
+  m.def("host_pool_cached_bytes", &host_pool_cached_bytes);
+  m.def("host_pool_trim", &host_pool_trim, "Unmaps every cached output block");
 #ifdef LP_HAVE_OPENMP
   m.attr("has_openmp") = true;
 #else
