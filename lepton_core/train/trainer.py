@@ -148,6 +148,15 @@ def _env_int(name: str) -> Optional[int]:
     return int(v) if v not in (None, "") else None
 
 
+def _default_optimizer(params, cfg):
+    """AdamW, fused where torch has the fused kernel for these parameters (one pass over each tensor
+    instead of a dozen elementwise ops: ~5x faster on CPU, measured in bench/notes_train.md)."""
+    try:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device / dtype / torch
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 class Trainer:
     """Data-parallel training of `model` on `train_data` (map-style dataset of (input, target)).
 
@@ -158,7 +167,7 @@ class Trainer:
     loss_fn:    (output, target) -> scalar loss; default cross-entropy. Outputs are cast to float32 first.
     augment:    optional (inputs, generator) -> inputs, applied to training batches with a per-worker
                 torch.Generator that is seeded from config.seed and saved in checkpoints.
-    optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay).
+    optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay), fused where available.
 
     Creates the process group when none exists (and destroys it in close()). Seeds torch's global
     RNG per worker (seed, rank) for dropout and the like. Before the first step, one backward pass in
@@ -193,8 +202,7 @@ class Trainer:
             self.ddp.register_comm_hook(self.comm, comm_hook)
 
             params = list(self.model.parameters())
-            self.optimizer = (optimizer(params) if optimizer is not None else
-                              torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
+            self.optimizer = optimizer(params) if optimizer is not None else _default_optimizer(params, cfg)
             self.amp_dtype = _AMP_DTYPES[cfg.precision]
             self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
 
