@@ -7,14 +7,14 @@
 
 namespace lp {
 
-GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes) {
+GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes, int64_t l1_share) {
   const CpuFeatures& f = cpu_features();
   GemmBlocking b;
   b.mr = mr;
   b.nr = nr;
   // A kc x nr micro-panel of B stays in L1d while the A micro-panels stream past it; half of L1d
-  // leaves room for the A micro-panel and the output tile.
-  int64_t kc = (f.l1d_bytes / 2) / (nr * elem_bytes);
+  // (l1_share 2) leaves room for the A micro-panel and the output tile.
+  int64_t kc = (f.l1d_bytes / l1_share) / (nr * elem_bytes);
   b.kc = std::max<int64_t>(64, std::min<int64_t>(1024, kc / 16 * 16));
   // The packed mc x kc block of A lives in L2 (half of it, B's micro-panel streams through too).
   int64_t mc = (f.l2_bytes / 2) / (b.kc * elem_bytes);
@@ -28,7 +28,7 @@ GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes) {
 
 GemmBlocking gemm_packed_blocking(bool is_int8) {
 #ifdef LP_BUILD_AVX512
-  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_blocking_avx512(is_int8);
+  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_blocking_avx512(is_int8 ? 1 : 4);
 #endif
   return gemm_blocking(kGemmAvx2Mr, kGemmAvx2Nr, is_int8 ? 2 : 4);
 }

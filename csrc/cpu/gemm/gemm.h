@@ -53,8 +53,9 @@ struct GemmBlocking {
   int64_t mc;      // rows of one packed A block: about half of L2
   int64_t nc;      // columns of one packed B block (shared L3)
 };
-// elem_bytes: bytes of one packed element (4 for the float path, 2 for int8 packed as int16 pairs).
-GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes);
+// elem_bytes: bytes of one packed element (4 for float32 panels, 2 for bf16 or int8 packed as int16
+// pairs, 1 for int8 quads). l1_share: the kc x nr B micro-panel takes 1 / l1_share of L1d.
+GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes, int64_t l1_share = 2);
 
 // Register tiles of the AVX2 microkernels (12 of the 16 ymm registers hold accumulators).
 constexpr int64_t kGemmAvx2Mr = 6, kGemmAvx2Nr = 16;
@@ -83,7 +84,8 @@ double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, bool int8);
 #ifdef LP_BUILD_AVX512
 void gemm_float_avx512(const GemmFloatArgs& args);  // f32 / f16 by FMA, bf16 by vdpbf16ps
 void gemm_int8_avx512(const GemmInt8Args& args);    // vpdpbusd
-GemmBlocking gemm_blocking_avx512(bool is_int8);
+// Blocking of the AVX-512 kernels for packed elements of elem_bytes (4: float32 / float16, 2: bf16, 1: int8).
+GemmBlocking gemm_blocking_avx512(int64_t elem_bytes);
 // kind 0: float FMA, 1: vdpbf16ps, 2: vpdpbusd; see gemm_peak_probe_avx2.
 double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);
 #endif
