@@ -592,7 +592,8 @@ struct Int8Traits {
 GemmBlocking gemm_blocking_avx512(int64_t elem_bytes) {
   // The B micro-panel fills all of L1d (kc 256 float32, 512 bf16, 1024 int8 on a 32 KiB L1d): A
   // streams from L2 through a few lines only, and a deeper kc halves the passes over the partial
-  // sums. Measured at 2048^3 against half of L1d: float32 179 vs 156 GFLOP/s, bf16 ~330 -> ~350.
+  // sums. Measured at 2048^3 against half of L1d: float32 179 vs 156 GFLOP/s, bf16 377 vs 286,
+  // int8 745 vs 622 G op/s (bench/notes_gemm.md).
   return gemm_blocking(MR, NR, elem_bytes, 1);
 }
 
