@@ -204,6 +204,31 @@ def test_matrix_vector(isa, threads, rng, in_dtype, out_dtype):
     assert_close(lc.gemm(ab, cb, out_dtype=out_dtype), ab, cb, out_dtype=out_dtype)
 
 
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+                         ids=["f32", "bf16", "bf16-f32", "f32-f16"])
+def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype):
+    """x @ W^T with few rows (nn.Linear's forward at a small batch; on AVX-512 the unpacked small-M
+    path): rows around its 8-row and 48-row limits, K with tails of the 16- and 32-element vectors,
+    N not a multiple of its 3-column block, bias, batches; bits independent of the thread count."""
+    for m, k, n in [(2, 128, 3), (7, 129, 40), (9, 161, 37), (31, 300, 5), (48, 1030, 64), (49, 200, 7)]:
+        x, w = rand(rng, (m, k), in_dtype), rand(rng, (n, k), in_dtype)
+        bias = rand(rng, (n,), torch.float32)
+        assert_close(lc.gemm(x, w.t(), bias=bias, out_dtype=out_dtype), x, w.t(), bias, out_dtype)
+    xb, wb = rand(rng, (3, 5, 256), in_dtype), rand(rng, (3, 20, 256), in_dtype).transpose(1, 2)
+    assert_close(lc.gemm(xb, wb, out_dtype=out_dtype), xb, wb, out_dtype=out_dtype)
+    x, w = rand(rng, (11, 700), in_dtype), rand(rng, (301, 700), in_dtype)
+    before = lc.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            lc.set_num_threads(nt)
+            outs.append(lc.gemm(x, w.t(), out_dtype=out_dtype))
+    finally:
+        lc.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
 def test_batched_and_broadcast(isa, threads, rng, dtype):
     def mk(shape):
