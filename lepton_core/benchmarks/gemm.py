@@ -1,7 +1,8 @@
 """`lepton bench gemm`: lc.gemm against torch in the same process, timed interleaved.
 
 Rows: fp32 and bf16 square GEMMs (256 .. 2048, and 4096 unless quick) against torch.matmul in the
-same dtype, int8 -> int32 against torch._int_mm, and the fixed cost of a 64 x 64 call. Both sides
+same dtype, int8 -> int32 against torch._int_mm, skinny x (M, 4096) @ W^T shapes (M = 1, 8, 32: a
+linear layer at a small batch), and the fixed cost of a 64 x 64 call. Both sides
 use the same thread count (lc.get_num_threads()). `ratio` is torch's time over ours (> 1: we are
 faster). `peak_pct` is our throughput over this machine's measured peak for that arithmetic
 (`peak_gflops`): the peak probe (_C.gemm_peak_probe) runs the active ISA's microkernel instructions
@@ -73,8 +74,10 @@ def _time_once(fn: Callable[[], object]) -> float:
 
 
 def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_baseline_s: Optional[float],
-               n_threads: int) -> dict:
+               n_threads: int, weight_t: bool = False) -> dict:
     a, b = _operands(m, k, n, dtype)
+    if weight_t:  # b as W^T of a row-major (n, k) weight: nn.Linear's forward
+        b = b.t().contiguous().t()
     ours = lambda: lc.gemm(a, b)  # noqa: E731
     theirs = (lambda: torch._int_mm(a, b)) if dtype == torch.int8 else (lambda: torch.matmul(a, b))  # noqa: E731
     # Check once, outside the timed part: int8 exactly, floats against torch in float32.
@@ -115,7 +118,7 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
     else:
         peak_g = float("nan")
     row = {
-        "shape": f"{m}x{k}x{n}",
+        "shape": f"{m}x{k}x{n}" + (" W^T" if weight_t else ""),
         "dtype": str(dtype).replace("torch.", "") + ("->int32" if dtype == torch.int8 else ""),
         "baseline": baseline,
         "ours_ms": t_ours * 1e3,
@@ -152,6 +155,10 @@ def run(quick: bool = False) -> List[dict]:
             row = _bench_one(s, s, s, torch.int8, "torch._int_mm", est, n_threads)
             rows.append(row)
             prev = (s, est if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
+        # Skinny shapes of a linear layer's forward at a small batch: x (M, 4096) @ W^T.
+        for dtype in (torch.float32, torch.bfloat16):
+            for m in [1, 8, 32]:
+                rows.append(_bench_one(m, 4096, 4096, dtype, "torch.matmul", None, n_threads, weight_t=True))
         # Fixed cost: a 64 x 64 x 64 call is mostly Python checks, allocation and dispatch.
         row = _bench_one(64, 64, 64, torch.float32, "torch.matmul", None, n_threads)
         row["note"] = (row["note"] + "; " if row["note"] else "") + "fixed cost of a small call"
