@@ -23,6 +23,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/parallel.h"
 #include "cpu/gemm/gemm.h"
@@ -186,21 +187,31 @@ struct GemmInt8Tile {
   const float* bias = nullptr;     // at the tile's first column, or null
 };
 
-// The tile at (row, col) of unit w. Partial sums live in the float32 output itself (c32_is_out),
-// else in the unit's workspace ws (row length ws_ld).
-static inline GemmFloatTile gemm_float_tile(const GemmFloatArgs& g, bool c32_is_out, int64_t ws_ld, void* ws,
-                                            const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
-  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
-  GemmFloatTile t;
+// Where the tile at (row, col) of unit w keeps its 32-bit partial sums: in the output itself
+// (c32_is_out: a float32 output, or the plain int8 GEMM's int32 one), else in the unit's workspace
+// ws (row length ws_ld); prev points at them after the first K block.
+template <class Tile, class Args>
+static inline void gemm_tile_sums(Tile& t, const Args& g, bool c32_is_out, int64_t ws_ld, void* ws, const GemmUnit& w,
+                                  int64_t row, int64_t col, bool first, bool last) {
+  using Elem = typename std::remove_pointer<decltype(t.c32)>::type;
   if (c32_is_out) {
-    t.c32 = static_cast<float*>(g.out) + out_off;
+    t.c32 = static_cast<Elem*>(g.out) + (w.batch * g.m + row) * g.n + col;
     t.c32_ld = g.n;
   } else {
-    t.c32 = static_cast<float*>(ws) + (row - w.m0) * ws_ld + (col - w.n0);
+    t.c32 = static_cast<Elem*>(ws) + (row - w.m0) * ws_ld + (col - w.n0);
     t.c32_ld = ws_ld;
   }
   if (!first) t.prev = t.c32, t.prev_ld = t.c32_ld;
   t.final = last;
+}
+
+// The float tile at (row, col): partial sums as above; the final K block adds the bias and rounds
+// once into the output.
+static inline GemmFloatTile gemm_float_tile(const GemmFloatArgs& g, bool c32_is_out, int64_t ws_ld, void* ws,
+                                            const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
+  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+  GemmFloatTile t;
+  gemm_tile_sums(t, g, c32_is_out, ws_ld, ws, w, row, col, first, last);
   t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
   t.out_ld = g.n;
   t.out_dtype = g.out_dtype;
@@ -208,21 +219,13 @@ static inline GemmFloatTile gemm_float_tile(const GemmFloatArgs& g, bool c32_is_
   return t;
 }
 
-// Same for the int8 path: int32 partial sums in the plain GEMM's output (c32_is_out) or the
-// workspace; scaled_gemm's final tiles also get the epilogue's scales, bias and output.
+// The int8 tile at (row, col): int32 partial sums as above; scaled_gemm's final tiles also get the
+// epilogue's scales, bias and output.
 static inline GemmInt8Tile gemm_int8_tile(const GemmInt8Args& g, bool c32_is_out, int64_t ws_ld, void* ws,
                                           const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
   const int64_t out_off = (w.batch * g.m + row) * g.n + col;
   GemmInt8Tile t;
-  if (c32_is_out) {
-    t.c32 = static_cast<int32_t*>(g.out) + out_off;
-    t.c32_ld = g.n;
-  } else {
-    t.c32 = static_cast<int32_t*>(ws) + (row - w.m0) * ws_ld + (col - w.n0);
-    t.c32_ld = ws_ld;
-  }
-  if (!first) t.prev = t.c32, t.prev_ld = t.c32_ld;
-  t.final = last;
+  gemm_tile_sums(t, g, c32_is_out, ws_ld, ws, w, row, col, first, last);
   if (g.scale_a) {
     t.scaled = true;
     t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
