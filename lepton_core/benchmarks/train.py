@@ -22,6 +22,7 @@ int8); speedup is the baseline's step time over the variant's.
 """
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -75,12 +76,12 @@ def _worker(spec: Dict[str, Any]):
     lc.set_num_threads(threads)
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
     rank, world = dist.get_rank(), dist.get_world_size()
+    runs: Dict[str, Any] = {}
     try:
         dims, batch = spec["dims"], spec["batch"]
         g = torch.Generator().manual_seed(1 + rank)
         x = torch.randn(batch, dims[0], generator=g)
         target = torch.randn(batch, dims[-1], generator=g)
-        runs = {}
         autocast = {}
         for name, use_lc, use_hook, use_bf16 in VARIANTS:
             autocast[name] = use_bf16
@@ -150,6 +151,9 @@ def _worker(spec: Dict[str, Any]):
             })
         return rows
     finally:
+        # the DDP wrappers go before their process group (see lepton_core.train.trainer.release_ddp)
+        runs.clear()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -16,6 +16,7 @@ stopped and resumed ends with the same parameters, bit for bit, as one that ran 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -148,6 +149,20 @@ def _env_int(name: str) -> Optional[int]:
     return int(v) if v not in (None, "") else None
 
 
+def release_ddp(owner: Any, attr: str = "ddp") -> None:
+    """Drops owner.<attr> (a DistributedDataParallel) while its process group is still registered.
+
+    DDP's C++ Reducer holds the process group. If it held the last reference (the group already
+    destroyed), the group's destructor would run inside the Reducer's, with the GIL held, and join
+    Gloo's worker threads, which may need the GIL to free a finished work's tensors: a deadlock that
+    no Python timeout can interrupt (pytorch/pytorch#56297; seen here as a hung test). Freed first,
+    the Reducer only drops its reference, and the group dies in destroy_process_group, whose binding
+    releases the GIL."""
+    if getattr(owner, attr, None) is not None:
+        setattr(owner, attr, None)
+        gc.collect()  # the Reducer may sit in a reference cycle (hooks, autograd graph)
+
+
 def _default_optimizer(params, cfg):
     """AdamW, fused where torch has the fused kernel for these parameters (one pass over each tensor
     instead of a dozen elementwise ops: ~5x faster on CPU, measured in bench/notes_train.md)."""
@@ -256,7 +271,8 @@ class Trainer:
         return torch.device("cpu")
 
     def close(self) -> None:
-        """Destroys the process group if this trainer created it."""
+        """Releases the DDP wrapper, then destroys the process group if this trainer created it."""
+        release_ddp(self)
         if self._owns_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_group = False
