@@ -21,7 +21,8 @@
 // Leftovers: rows past m, columns past n and k past K are zero in the packed panels (A's k padding
 // is a zero byte, not 0 ^ 0x80, so it adds nothing); edge tiles go through a local tile
 // (gemm_edge_tile_*). Matrix-vector products (m == 1 or n == 1) are memory-bound and use the AVX2
-// matrix-vector path.
+// matrix-vector path; a few rows times a transposed weight (m <= 48, B = W^T) skip packing (the
+// small-M path below).
 #include <immintrin.h>
 
 #include <algorithm>
