@@ -151,8 +151,6 @@ def is_fake(*ts: Optional[torch.Tensor]) -> bool:
     return False
 
 
-_ELEM_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.int32: 4, torch.int8: 1, torch.uint8: 1,
-               torch.float8_e4m3fn: 1, torch.float8_e5m2: 1, torch.float64: 8, torch.int64: 8}
 # Outputs of at least this many bytes are served by the host pool (0: the pool is off).
 _POOL_MIN_BYTES = _C.host_pool_min_bytes if _C.host_pool_limit_bytes() > 0 else float("inf")
 
@@ -167,8 +165,7 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     # or None (an isinstance test here would cost another 0.3 us per call).
     # Sizes as separate arguments: torch parses a tuple ~0.8 us slower.
     if device is None or device.type == "cpu":
-        n_elems = math.prod(shape)
-        n_bytes = n_elems * _ELEM_BYTES.get(dtype, 0)
+        n_bytes = math.prod(shape) * dtype.itemsize
         if n_bytes >= _POOL_MIN_BYTES:
             # Large outputs come from the host pool: reused, already-faulted pages instead of fresh
             # ones the OS must zero on first touch (csrc/common/host_pool.h).

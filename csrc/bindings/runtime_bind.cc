@@ -32,7 +32,6 @@ void bind_runtime(py::module_& m) {
   m.attr("host_pool_min_bytes") = kHostPoolMinBytes;
   m.def("host_pool_limit_bytes", &host_pool_limit_bytes);
   m.def("host_pool_cached_bytes", &host_pool_cached_bytes);
-  m.def("host_pool_trim", &host_pool_trim, "Unmaps every cached output block");
 #ifdef LP_HAVE_OPENMP
   m.attr("has_openmp") = true;
 #else

@@ -106,15 +106,4 @@ size_t host_pool_cached_bytes() {
   return p.cached_bytes;
 }
 
-void host_pool_trim() {
-  Pool& p = pool();
-  std::deque<std::pair<void*, size_t>> all;
-  {
-    std::lock_guard<std::mutex> lock(p.mu);
-    all.swap(p.cached);
-    p.cached_bytes = 0;
-  }
-  for (auto& b : all) unmap_block(b.first, b.second);
-}
-
 }  // namespace lp

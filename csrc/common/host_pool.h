@@ -23,7 +23,5 @@ void host_pool_release(void* p, size_t block_bytes);
 // Bytes kept for reuse at most (LEPTON_HOST_POOL_MB, default 512; 0 disables caching), and now.
 size_t host_pool_limit_bytes();
 size_t host_pool_cached_bytes();
-// Unmaps every cached block.
-void host_pool_trim();
 
 }  // namespace lp

@@ -50,15 +50,6 @@ def _peak_fn(ops: float, n_threads: int, kind: str) -> Optional[Tuple[Callable[[
     return (lambda: _C.gemm_peak_probe(n_iters, n_threads, kind)), n_iters * per_iter
 
 
-def measure_peak_gops(n_threads: int, kind: str = "float") -> float:
-    """Peak G operations/s of the microkernel arithmetic on n_threads threads (median)."""
-    probe = _peak_fn(4e9, n_threads, kind)
-    if probe is None:
-        return float("nan")
-    t = interleaved({"peak": probe[0]}, rounds=5, min_sample_s=0.05, warmup=1)["peak"]
-    return probe[1] / t / 1e9
-
-
 def _operands(m: int, k: int, n: int, dtype: torch.dtype):
     g = torch.Generator().manual_seed(0)
     if dtype == torch.int8:
