@@ -10,11 +10,57 @@ from . import _C
 ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
 
 
-def _default_num_threads() -> int:
+def _cpu_quota() -> Optional[int]:
+    """CPUs allowed by this process's cgroup CPU quota (v2 cpu.max, v1 cfs quota), or None."""
+    candidates = [("/sys/fs/cgroup/cpu.max", None),
+                  ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")]
+    for quota_path, period_path in candidates:
+        try:
+            with open(quota_path) as f:
+                fields = f.read().split()
+            if period_path is not None:
+                with open(period_path) as f:
+                    fields = fields[:1] + f.read().split()[:1]
+        except OSError:
+            continue
+        if len(fields) < 2 or fields[0] in ("max", "-1"):
+            return None
+        try:
+            quota, period = int(fields[0]), int(fields[1])
+        except ValueError:
+            return None
+        if quota > 0 and period > 0:
+            return max(1, -(-quota // period))  # a partial CPU still gets a thread
+        return None
+    return None
+
+
+def _omp_num_threads() -> Optional[int]:
+    """OMP_NUM_THREADS as OpenMP (and so torch) reads it: the first entry of the list, when it is a
+    positive integer; anything else is ignored."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
     try:
-        return max(1, len(os.sched_getaffinity(0)))  # respects taskset / container CPU sets
+        n = int(value)
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (taskset, container CPU sets), capped by the
+    cgroup CPU quota (docker --cpus)."""
+    try:
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        n = os.cpu_count() or 1
+    quota = _cpu_quota()
+    return max(1, min(n, quota) if quota else n)
+
+
+def default_num_threads() -> int:
+    """The thread count API.md §0 fixes: OMP_NUM_THREADS when set (torchrun sets it to 1 per
+    worker), else the CPUs this process may run on."""
+    return _omp_num_threads() or available_cpus()
 
 
 def _apply_isa_cap() -> None:
@@ -34,7 +80,7 @@ def _apply_isa_cap() -> None:
 
 
 _apply_isa_cap()
-_C.set_num_threads(_default_num_threads())
+_C.set_num_threads(default_num_threads())
 
 
 def cpu_isa() -> str:

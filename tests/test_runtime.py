@@ -116,6 +116,42 @@ def test_env_cap_unknown_warns_and_uses_automatic_choice():
     assert r.stdout.strip() == _runtime.available_isas()[-1]
 
 
+@pytest.mark.parametrize("omp, expect", [("1", 1), ("3", 3), ("2,1", 2), (" 4 ", 4)])
+def test_default_threads_follow_omp_num_threads(omp, expect):
+    # torchrun sets OMP_NUM_THREADS=1 per worker: lc must not then use every core (API.md §0).
+    r = _py("import lepton_core as lc; print(lc.get_num_threads())", OMP_NUM_THREADS=omp)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == expect
+
+
+@pytest.mark.parametrize("omp", ["", "0", "-2", "abc"])
+def test_default_threads_without_a_valid_omp_num_threads_are_the_available_cpus(omp):
+    r = _py("import lepton_core as lc; print(lc.get_num_threads())", OMP_NUM_THREADS=omp)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) == _runtime.available_cpus()
+    assert 1 <= _runtime.available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_default_threads_respect_the_cgroup_quota(monkeypatch, tmp_path):
+    # A quota of 1.5 CPUs gives 2 threads; "max" means no quota.
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        if path == "/sys/fs/cgroup/cpu.max":
+            f = tmp_path / "cpu.max"
+            f.write_text(quota)
+            return real_open(f, *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    quota = "150000 100000\n"
+    assert _runtime.default_num_threads() == 2
+    quota = "max 100000\n"
+    assert _runtime.default_num_threads() == 8
+
+
 def test_import_without_gpu():
     # Hiding every GPU must never break the import; info() then says why CUDA is unavailable.
     r = _py("import lepton_core as lc, json; print(json.dumps(lc.info()))", CUDA_VISIBLE_DEVICES="")
