@@ -5,18 +5,28 @@
     q = lc.quantize(x, "int8", block_size=256)      # int8 / uint8 / int4 / fp8, tensor/channel/block
     x_hat = lc.dequantize(q)
 
-See API.md for the contract. Importing never needs a GPU.
+Works on torch tensors and NumPy arrays; with NumPy alone (torch not installed) the NumPy API and
+lc.info() work, and the torch-only parts (lc.nn, lepton_core.distributed, .train) raise an
+ImportError naming the extra to install. See docs/api.md for the contract. Importing never needs a GPU.
 """
-from ._runtime import get_num_threads, info, set_num_threads
+from ._runtime import empty_cache, get_num_threads, info, set_num_threads
 from ._version import __version__
+from ._arrays import torch as _torch
 from .qtensor import QTensor
 from .gemm import gemm, scaled_gemm
 from .quant import dequantize, quantize
-from . import nn  # noqa: E402  (lc.nn.Linear, lc.nn.convert)
+
+if _torch is not None:
+    # The torch.library ops (torch.ops.lepton.*) and each device's kernels for them.
+    from .backends import cpu as _cpu_backend, cuda as _cuda_backend
+
+    _cpu_backend.register()
+    _cuda_backend.register()
 
 __all__ = [
     "QTensor",
     "dequantize",
+    "empty_cache",
     "gemm",
     "get_num_threads",
     "info",
@@ -25,3 +35,12 @@ __all__ = [
     "scaled_gemm",
     "set_num_threads",
 ]
+
+
+def __getattr__(name):
+    # lc.nn needs torch: imported on first use, so that `import lepton_core` works with NumPy alone.
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    raise AttributeError(f"module 'lepton_core' has no attribute {name!r}")

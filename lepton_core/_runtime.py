@@ -126,32 +126,21 @@ def get_num_threads() -> int:
     return _num_threads if _num_threads is not None else _C.get_num_threads()
 
 
-# ---- CUDA backend status (the module is optional and loaded lazily) ----
-_cuda_state = None
-
-
-def _cuda():
-    """(module or None, device name or None, reason or None), computed once."""
-    global _cuda_state
-    if _cuda_state is None:
-        try:
-            from . import _cuda_backend
-
-            _cuda_state = _cuda_backend.probe()
-        except ImportError as e:
-            _cuda_state = (None, None, f"lepton_core was built without its CUDA backend ({e})")
-    return _cuda_state
-
-
-def cuda_unavailable_reason() -> Optional[str]:
-    return _cuda()[2]
+def empty_cache() -> int:
+    """Frees the host pool's cached output buffers (large CPU outputs reuse them; see
+    LEPTON_HOST_POOL_MB). Buffers still in use are untouched. Returns the bytes freed."""
+    return _C.host_pool_trim()
 
 
 def info() -> dict:
-    """What this build and machine offer (API.md §0)."""
-    from . import __version__
+    """What this build and machine offer (API.md §0), plus what a bug report needs."""
+    import platform
 
-    mod, device, reason = _cuda()
+    from . import __version__
+    from ._arrays import torch
+    from .backends import cuda
+
+    mod, device, reason = cuda.status()
     backends = ["cpu"] + (["cuda"] if reason is None else [])
     feats = _C.cpu_features()
     return {
@@ -160,6 +149,7 @@ def info() -> dict:
         "cpu_isa": cpu_isa(),
         "cpu_isa_detected": ISA_NAMES[_C.cpu_isa_detected()],
         "cpu_isa_compiled": ISA_NAMES[_C.cpu_isa_compiled()],
+        "cpu_kernels": cpu_kernels(),
         "num_threads": get_num_threads(),
         "openmp": bool(_C.has_openmp),
         "cpu": feats["brand"] or feats["vendor"],
@@ -167,4 +157,26 @@ def info() -> dict:
         "cache_bytes": {"l1d": feats["l1d_bytes"], "l2": feats["l2_bytes"], "l3": feats["l3_bytes"]},
         "cuda_device": device if reason is None else None,
         "cuda_unavailable_reason": reason,
+        "cuda_archs": cuda.built_archs(),
+        "host_pool_cached_bytes": _C.host_pool_cached_bytes(),
+        "host_pool_limit_bytes": _C.host_pool_limit_bytes(),
+        "python": platform.python_version(),
+        "numpy": _numpy_version(),
+        "torch": None if torch is None else torch.__version__,
+        "compiler": _C.compiler,
+        "git_revision": _C.git_revision,
     }
+
+
+def cpu_kernels() -> str:
+    """Which kernels the active ISA level runs, in words (the amx level runs AVX-512 kernels)."""
+    isa = cpu_isa()
+    if isa == "amx":
+        return "avx512 (no AMX kernels are shipped; the amx level runs the AVX-512 kernels)"
+    return isa
+
+
+def _numpy_version() -> str:
+    import numpy
+
+    return numpy.__version__

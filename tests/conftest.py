@@ -43,8 +43,8 @@ def rng(request):
 @pytest.fixture(autouse=True)
 def poison_outputs():
     """Every op output starts as NaN / a sentinel, so an unwritten element fails its test."""
-    from lepton_core import _tensors
+    from lepton_core import _arrays
 
-    _tensors.POISON_OUTPUTS = True
+    _arrays.POISON_OUTPUTS = True
     yield
-    _tensors.POISON_OUTPUTS = False
+    _arrays.POISON_OUTPUTS = False

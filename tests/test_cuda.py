@@ -23,7 +23,8 @@ import pytest
 import torch
 
 import lepton_core as lc
-from lepton_core import _cuda_backend
+from lepton_core._codes import FORMATS
+from lepton_core.backends import cuda as _cuda_backend
 
 from tolerances import gemm_rel_norm_bound
 
@@ -235,7 +236,7 @@ def host_quantize(x, fmt, layout, stochastic=False, seed=0):
     zp = torch.full((n_groups,), -7, dtype=torch.int32) if fmt == "uint8" else None
     bad = torch.zeros(1, dtype=torch.int64)
     xc = x.contiguous()
-    _C_cuda.host_quantize(in_dtype=LP_CODE[x.dtype], format=_cuda_backend.FORMATS[fmt], n_outer=n_outer,
+    _C_cuda.host_quantize(in_dtype=LP_CODE[x.dtype], format=FORMATS[fmt].code, n_outer=n_outer,
                           n_channels=n_channels, n_inner=n_inner, block_size=block, stochastic=stochastic,
                           seed=seed, x=xc.data_ptr(), data=data.data_ptr(), scale=scale.data_ptr(),
                           zero_point=0 if zp is None else zp.data_ptr(), bad_index=bad.data_ptr())
@@ -247,7 +248,7 @@ def host_dequantize(data, scale, zp, fmt, layout, out_dtype, n):
 
     (n_outer, n_channels, n_inner, block) = layout
     out = torch.full((n,), float("nan"), dtype=out_dtype)
-    _C_cuda.host_dequantize(format=_cuda_backend.FORMATS[fmt], n_outer=n_outer, n_channels=n_channels,
+    _C_cuda.host_dequantize(format=FORMATS[fmt].code, n_outer=n_outer, n_channels=n_channels,
                             n_inner=n_inner, block_size=block, data=data.data_ptr(), scale=scale.data_ptr(),
                             zero_point=0 if zp is None else zp.data_ptr(), out=out.data_ptr(),
                             out_dtype=LP_CODE[out_dtype])
@@ -521,15 +522,15 @@ def test_backend_glue_scaled_gemm_and_quantize_on_emulated_kernels(emulated, rng
             d = torch.full_like(data, 0xA5)
             s = torch.full_like(scale, float("nan"))
             z = None if zp is None else torch.full_like(zp, -3)
-            assert _cuda_backend.quantize_into(x, fmt, *layout, False, 0, d, s, z) == -1
+            assert _cuda_backend.quantize_into(x, FORMATS[fmt], *layout, False, 0, d, s, z) == -1
             assert torch.equal(d, data) and torch.equal(s.view(torch.int32), scale.view(torch.int32))
             out = torch.full((x.numel(),), float("nan"))
-            _cuda_backend.dequantize_into(d, s, z, fmt, *layout, out)
+            _cuda_backend.dequantize_into(d, s, z, FORMATS[fmt], *layout, out)
             assert torch.equal(out, host_dequantize(data, scale, zp, fmt, layout, torch.float32, x.numel()))
         xb = x.clone()
         xb.view(-1)[x.numel() // 2] = float("nan")
         d = torch.empty_like(data)
-        assert _cuda_backend.quantize_into(xb, "int8", *layout, False, 0, d, torch.empty_like(scale), None) == \
+        assert _cuda_backend.quantize_into(xb, FORMATS["int8"], *layout, False, 0, d, torch.empty_like(scale), None) == \
             x.numel() // 2
 
 
@@ -735,7 +736,7 @@ def _gpu_quantize_direct(x, fmt, layout, stochastic, seed):
     data = torch.full(((n + 1) // 2 if fmt == "int4" else n,), 0xA5, dtype=torch.uint8, device="cuda")
     scale = torch.full((n_groups,), float("nan"), device="cuda")
     zp = torch.full((n_groups,), -7, dtype=torch.int32, device="cuda") if fmt == "uint8" else None
-    bad = _cuda_backend.quantize_into(x, fmt, n_outer, n_channels, n_inner, block, stochastic, seed, data, scale, zp)
+    bad = _cuda_backend.quantize_into(x, FORMATS[fmt], n_outer, n_channels, n_inner, block, stochastic, seed, data, scale, zp)
     return data, scale, zp, bad
 
 
@@ -791,7 +792,7 @@ def test_dequantize_gpu_equals_host_twin(fmt, rng):
         for out_dtype in X_DTYPES:
             want = host_dequantize(hd, hs, hz, fmt, layout, out_dtype, x.numel())
             out = torch.full((x.numel(),), float("nan"), dtype=out_dtype, device="cuda")
-            _cuda_backend.dequantize_into(hd.cuda(), hs.cuda(), None if hz is None else hz.cuda(), fmt, *layout, out)
+            _cuda_backend.dequantize_into(hd.cuda(), hs.cuda(), None if hz is None else hz.cuda(), FORMATS[fmt], *layout, out)
             iv = torch.int16 if out_dtype != torch.float32 else torch.int32
             assert torch.equal(out.cpu().view(iv), want.view(iv))
 

@@ -20,7 +20,8 @@ import torch
 
 import lepton_core  # noqa: F401  (loads the native module)
 from lepton_core import _C
-from lepton_core._tensors import LP_DTYPE, new_output
+from lepton_core._arrays import new_output
+from lepton_core.distributed._checks import LP_DTYPE
 
 sys.path.insert(0, str(Path(__file__).with_name("dist_workers")))
 from launch import launch  # noqa: E402
@@ -60,7 +61,7 @@ def _random_bits(dtype, n, rng):
 
 def _out(n, dtype):
     """A kernel output, poisoned (NaN / sentinel bytes) so an element a kernel skips shows."""
-    return new_output((n,), dtype, None)
+    return new_output("torch", (n,), str(dtype)[6:], None)
 
 
 def _bits(t: torch.Tensor) -> bytes:

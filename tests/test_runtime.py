@@ -209,8 +209,8 @@ def test_host_pool_reuses_released_outputs_and_never_aliases_live_ones(rng):
 
 def test_host_pool_off():
     """LEPTON_HOST_POOL_MB=0: large outputs come from torch's allocator."""
-    code = ("import torch, lepton_core as lc; from lepton_core import _C, _tensors;"
-            "assert _C.host_pool_limit_bytes() == 0 and _tensors._POOL_MIN_BYTES == float('inf');"
+    code = ("import torch, lepton_core as lc; from lepton_core import _C, _arrays;"
+            "assert _C.host_pool_limit_bytes() == 0 and _arrays._POOL_MIN_BYTES == float('inf');"
             "q = lc.quantize(torch.ones(3 << 20), 'int8', block_size=256);"
             "assert torch.equal(lc.dequantize(q), torch.ones(3 << 20))")
     r = _py(code, LEPTON_HOST_POOL_MB="0")

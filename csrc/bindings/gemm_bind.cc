@@ -27,7 +27,10 @@ void bind_gemm(py::module_& m) {
         py::gil_scoped_release release;
         gemm_float(g);
       },
-      "out[b] = round_once(a[b] @ b[b] + bias): f32/f16/bf16 inputs, float32 accumulation");
+      py::arg("n_batch"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("in_dtype"),
+      py::arg("a_stride_batch"), py::arg("a_stride_row"), py::arg("a_stride_col"), py::arg("b"),
+      py::arg("b_stride_batch"), py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("bias"), py::arg("out"),
+      py::arg("out_dtype"), "out[b] = round_once(a[b] @ b[b] + bias): f32/f16/bf16 inputs, float32 accumulation");
   m.def(
       "gemm_int8",
       [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_batch,
@@ -45,7 +48,9 @@ void bind_gemm(py::module_& m) {
         py::gil_scoped_release release;
         gemm_int8(g);
       },
-      "out[b] = a[b] @ b[b], int8 x int8 -> int32, exact");
+      py::arg("n_batch"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("a_stride_batch"),
+      py::arg("a_stride_row"), py::arg("a_stride_col"), py::arg("b"), py::arg("b_stride_batch"),
+      py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("out"), "out[b] = a[b] @ b[b], int8 x int8 -> int32, exact");
   m.def(
       "scaled_gemm_int8",
       [](int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_row, int64_t a_stride_col,
@@ -68,6 +73,9 @@ void bind_gemm(py::module_& m) {
         py::gil_scoped_release release;
         gemm_int8(g);
       },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("a_stride_row"), py::arg("a_stride_col"),
+      py::arg("b"), py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("scale_a"), py::arg("scale_a_n_elems"),
+      py::arg("scale_b"), py::arg("scale_b_n_elems"), py::arg("bias"), py::arg("out"), py::arg("out_dtype"),
       "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation");
 #ifdef LP_BUILD_AVX2
   m.def(

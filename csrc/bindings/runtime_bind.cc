@@ -1,4 +1,5 @@
 #include "bindings/bindings.h"
+#include "common/codes.h"
 #include "common/cpu_features.h"
 #include "common/host_pool.h"
 #include "common/parallel.h"
@@ -20,7 +21,52 @@ struct PooledBuffer {
 
 }  // namespace
 
+// The code tables of codes.h as plain Python values (lepton_core/_codes.py builds on them).
+py::dict codes_dict() {
+  auto dtype_name = [](int code) -> std::string {
+    for (const DtypeInfo& d : kDtypes)
+      if (d.code == code) return d.name;
+    return "";
+  };
+  py::dict dtypes, formats, reduce_ops, compressions, call_kinds, codes;
+  for (const DtypeInfo& d : kDtypes) dtypes[d.name] = d.code;
+  for (const FormatInfo& f : kFormats)
+    formats[f.name] = py::make_tuple(f.code, dtype_name(f.storage_dtype), f.bits, f.qmax, f.zero_point, f.stochastic);
+  for (int op = 0; op < int(sizeof(kReduceOpNames) / sizeof(kReduceOpNames[0])); ++op) reduce_ops[kReduceOpNames[op]] = op;
+  for (int c = 0; c < int(sizeof(kCompressionNames) / sizeof(kCompressionNames[0])); ++c)
+    compressions[kCompressionNames[c]] = c;
+  call_kinds["all_reduce"] = int(LP_CALL_ALLREDUCE);
+  call_kinds["reduce_scatter"] = int(LP_CALL_REDUCE_SCATTER);
+  call_kinds["all_gather"] = int(LP_CALL_ALL_GATHER);
+  codes["dtype"] = dtypes;
+  codes["format"] = formats;
+  codes["reduce_op"] = reduce_ops;
+  codes["compression"] = compressions;
+  codes["call_kind"] = call_kinds;
+  codes["block_limits"] = py::make_tuple(kMinBlockElems, kMaxBlockElems);
+  codes["int8_max_k"] = kInt8MaxK;
+  codes["q8_scales_align"] = kQ8ScalesAlign;
+  return codes;
+}
+
+std::string compiler_name() {
+#if defined(__clang__)
+  return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("gcc ") + __VERSION__;
+#else
+  return "unknown";
+#endif
+}
+
 void bind_runtime(py::module_& m) {
+  m.attr("codes") = codes_dict();
+  m.attr("compiler") = compiler_name();
+#ifdef LP_GIT_REVISION
+  m.attr("git_revision") = LP_GIT_REVISION;
+#else
+  m.attr("git_revision") = py::none();
+#endif
   py::class_<PooledBuffer>(m, "PooledBuffer", py::buffer_protocol(),
                            "Writable bytes from the host buffer pool (large op outputs)")
       .def(py::init<size_t>(), py::arg("n_bytes"))
@@ -32,6 +78,8 @@ void bind_runtime(py::module_& m) {
   m.attr("host_pool_min_bytes") = kHostPoolMinBytes;
   m.def("host_pool_limit_bytes", &host_pool_limit_bytes);
   m.def("host_pool_cached_bytes", &host_pool_cached_bytes);
+  m.def("host_pool_trim", &host_pool_trim, py::call_guard<py::gil_scoped_release>(),
+        "Frees every cached block (lc.empty_cache)");
 #ifdef LP_HAVE_OPENMP
   m.attr("has_openmp") = true;
 #else

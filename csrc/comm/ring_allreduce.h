@@ -29,11 +29,9 @@
 #include <utility>
 
 #include "comm/transport.h"
+#include "common/codes.h"
 
 namespace lp {
-
-enum lp_call_kind : int { LP_CALL_ALLREDUCE = 0, LP_CALL_REDUCE_SCATTER = 1, LP_CALL_ALL_GATHER = 2 };
-enum lp_compression : int { LP_COMPRESSION_NONE = 0, LP_COMPRESSION_INT8 = 1 };
 
 struct AllreduceArgs {
   void* data = nullptr;      // contiguous, reduced in place

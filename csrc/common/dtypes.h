@@ -8,30 +8,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/codes.h"
+
 namespace lp {
-
-// Codes passed from Python (lepton_core/_tensors.py keeps the same table).
-enum lp_dtype : int {
-  LP_DTYPE_F32 = 0,
-  LP_DTYPE_F16 = 1,
-  LP_DTYPE_BF16 = 2,
-  LP_DTYPE_F64 = 3,
-  LP_DTYPE_I8 = 4,
-  LP_DTYPE_U8 = 5,
-  LP_DTYPE_I32 = 6,
-  LP_DTYPE_I64 = 7,
-  LP_DTYPE_FP8_E4M3 = 8,
-  LP_DTYPE_FP8_E5M2 = 9,
-};
-
-static inline int64_t dtype_n_bytes(int dtype) {
-  switch (dtype) {
-    case LP_DTYPE_F32: case LP_DTYPE_I32: return 4;
-    case LP_DTYPE_F16: case LP_DTYPE_BF16: return 2;
-    case LP_DTYPE_F64: case LP_DTYPE_I64: return 8;
-    default: return 1;
-  }
-}
 
 static inline uint32_t f32_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 static inline float bits_to_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }

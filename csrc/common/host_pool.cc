@@ -106,4 +106,20 @@ size_t host_pool_cached_bytes() {
   return p.cached_bytes;
 }
 
+size_t host_pool_trim() {
+  Pool& p = pool();
+  std::deque<std::pair<void*, size_t>> evicted;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    evicted.swap(p.cached);
+    p.cached_bytes = 0;
+  }
+  size_t freed = 0;
+  for (auto& b : evicted) {
+    unmap_block(b.first, b.second);
+    freed += b.second;
+  }
+  return freed;
+}
+
 }  // namespace lp

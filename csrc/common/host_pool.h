@@ -23,5 +23,7 @@ void host_pool_release(void* p, size_t block_bytes);
 // Bytes kept for reuse at most (LEPTON_HOST_POOL_MB, default 512; 0 disables caching), and now.
 size_t host_pool_limit_bytes();
 size_t host_pool_cached_bytes();
+// Frees every cached block (blocks in use are untouched); returns the bytes freed (lc.empty_cache).
+size_t host_pool_trim();
 
 }  // namespace lp

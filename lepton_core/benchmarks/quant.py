@@ -96,7 +96,8 @@ def _dequantize_prealloc_case(name: str, x: torch.Tensor) -> dict:
     """The dequantize kernel writing into an output allocated once: the same work as
     `dequantize int8 block256` without the fresh output's page faults and zeroing (which the
     allocator charges to every op that returns a new 64 MiB tensor, baselines included)."""
-    from lepton_core.quant import _cpu_dequantize_into
+    from lepton_core._codes import FORMATS
+    from lepton_core.backends.cpu import dequantize_into
 
     q = lc.quantize(x, "int8", block_size=256)
     n = x.numel()
@@ -105,7 +106,7 @@ def _dequantize_prealloc_case(name: str, x: torch.Tensor) -> dict:
     data, scale = q.data, q.scale
 
     def ours():
-        _cpu_dequantize_into(data, scale, None, "int8", 1, 1, n, 256, out)
+        dequantize_into(data, scale, None, FORMATS["int8"], (n,), None, 256, out)
 
     def eager():
         torch.mul(data.view(-1, 256), scale[:, None], out=out_eager.view(-1, 256))

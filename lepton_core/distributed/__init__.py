@@ -9,7 +9,11 @@ Ranks on one host talk through shared memory; a group spanning hosts reduces hie
 (shared memory inside each host, torch.distributed between hosts). LEPTON_TRANSPORT=shm|torch
 forces a transport; LEPTON_HOST_ID overrides the host identity.
 """
-from ._allreduce import CommError, all_reduce
-from .hooks import HookState, allreduce_hook
+from .._arrays import require_torch
+
+require_torch("lepton_core.distributed")
+
+from ._allreduce import CommError, all_reduce  # noqa: E402
+from .hooks import HookState, allreduce_hook  # noqa: E402
 
 __all__ = ["CommError", "HookState", "all_reduce", "allreduce_hook"]

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .._tensors import fail
+from .._arrays import fail
 from ._checks import COMPRESSIONS, DTYPES, FLOAT_DTYPES, KIND_ALLREDUCE, OP_NAME, OPS, check_all, dtype_code
 from ._comm import CommError, get_comm
 

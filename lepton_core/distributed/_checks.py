@@ -6,7 +6,12 @@ from typing import Any, Optional, Tuple
 import numpy as np
 import torch
 
-from .._tensors import LP_DTYPE, dtype_name, fail, type_desc
+from .._arrays import TORCH_DTYPE, fail, type_desc
+from .._arrays import name_of as dtype_name
+from .._codes import DTYPE_CODES
+
+# lp_dtype code of each torch dtype (lepton_core/_codes.py)
+LP_DTYPE = {TORCH_DTYPE[name]: code for name, code in DTYPE_CODES.items()}
 
 OP_NAME = "ld.all_reduce"
 

@@ -540,7 +540,7 @@ def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> None:
 
 def _field_text(name: str, v: int) -> str:
     if name == "dtype":
-        from .._tensors import LP_DTYPE
+        from ._checks import LP_DTYPE
 
         for k, code in LP_DTYPE.items():
             if code == v:

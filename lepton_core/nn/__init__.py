@@ -3,6 +3,10 @@
     model = lc.nn.convert(model, dtype=torch.bfloat16)   # every nn.Linear -> lc.nn.Linear, in place
     layer = lc.nn.Linear(784, 256)                        # or build with it directly
 """
-from .linear import Linear, convert
+from .._arrays import require_torch
+
+require_torch("lepton_core.nn")
+
+from .linear import Linear, convert  # noqa: E402
 
 __all__ = ["Linear", "convert"]

@@ -6,8 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .._tensors import FLOAT_DTYPES, dtype_name
-from . import _ops
+from .. import _ops  # noqa: F401  (declares torch.ops.lepton.nn_linear)
+from .._arrays import name_of as dtype_name
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _OP = "lc.nn.Linear"
 
@@ -69,7 +71,7 @@ class Linear(nn.Linear):
             raise ValueError(f"{_OP}: input's last dimension must be in_features={self.in_features}, got shape "
                              f"{tuple(input.shape)}")
         cd, od = self._dtypes(input)
-        return _ops.nn_linear(input, self.weight, self.bias, cd, od)
+        return torch.ops.lepton.nn_linear(input, self.weight, self.bias, cd, od)
 
     def extra_repr(self) -> str:
         cd = "autocast/input" if self.compute_dtype is None else dtype_name(self.compute_dtype)

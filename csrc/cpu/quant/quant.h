@@ -25,15 +25,6 @@
 
 namespace lp {
 
-// Formats, as passed from Python (lepton_core/quant.py keeps the same table).
-enum lp_qfmt : int {
-  LP_QFMT_INT8 = 0,
-  LP_QFMT_UINT8 = 1,
-  LP_QFMT_INT4 = 2,
-  LP_QFMT_FP8_E4M3 = 3,
-  LP_QFMT_FP8_E5M2 = 4,
-};
-
 // ---- drivers (quant.cc) ----
 struct QuantizeArgs {
   const void* x;  // contiguous, x_dtype F32 / F16 / BF16
@@ -108,16 +99,6 @@ const QuantKernels* quant_kernels_avx2();
 const QuantKernels* quant_kernels_active();  // picked by cpu_isa_active()
 
 // ---- element math shared by every ISA (SIMD code must match these bit for bit) ----
-static inline float qfmt_qmax(int fmt) {
-  switch (fmt) {
-    case LP_QFMT_INT8: return 127.0f;
-    case LP_QFMT_UINT8: return 255.0f;
-    case LP_QFMT_INT4: return 7.0f;
-    case LP_QFMT_FP8_E4M3: return 448.0f;
-    default: return 57344.0f;
-  }
-}
-
 // Scale (and zero point) of a group from its statistics.
 static inline void group_scale(int fmt, const SpanStats& st, float* scale, int32_t* zero_point) {
   if (fmt == LP_QFMT_UINT8) {

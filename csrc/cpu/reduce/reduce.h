@@ -26,9 +26,9 @@
 #pragma once
 #include <cstdint>
 
-namespace lp {
+#include "common/codes.h"
 
-enum lp_reduce_op : int { LP_REDUCE_SUM = 0, LP_REDUCE_AVG = 1, LP_REDUCE_MAX = 2, LP_REDUCE_MIN = 3 };
+namespace lp {
 
 // Accumulator dtype of partial results (uncompressed path).
 int reduce_acc_dtype(int dtype);
@@ -84,14 +84,5 @@ const ReduceKernels* reduce_kernels_avx2();
 const ReduceKernels& reduce_kernels();
 // The table for a given lp_isa level (for tests), capped at what the build and CPU offer.
 const ReduceKernels& reduce_kernels_for(int isa);
-
-// Bytes of a q8 message of n_elems: codes, then the scales at a 64-byte aligned offset.
-static inline int64_t q8_scales_offset(int64_t n_elems) { return (n_elems + 63) / 64 * 64; }
-static inline int64_t q8_n_blocks(int64_t n_elems, int64_t block_elems) {
-  return (n_elems + block_elems - 1) / block_elems;
-}
-static inline int64_t q8_message_bytes(int64_t n_elems, int64_t block_elems) {
-  return q8_scales_offset(n_elems) + 4 * q8_n_blocks(n_elems, block_elems);
-}
 
 }  // namespace lp

@@ -1,22 +1,47 @@
-"""The CUDA backend: loads lepton_core._C_cuda lazily, says whether it can run here, and runs its
-kernels on CUDA tensors for the op modules (gemm.py, quant.py).
+"""CUDA backend: loads lepton_core._C_cuda lazily, alone decides whether CUDA is usable here (and
+says why not), and runs the ops' kernels on CUDA tensors.
 
-The op modules check every contract (shapes, dtypes, devices) before calling in here; this module
-only brings operands into layouts the kernels read, and passes pointers, sizes, strides (elements),
-lp_dtype codes and torch's current stream to the native code. Every call is asynchronous on
-`torch.cuda.current_stream()`, like a torch op, except the read-back of quantize's NaN/Inf index.
+The public functions check every contract (shapes, dtypes, devices) before calling in here; this
+module only brings operands into layouts the kernels read, and passes pointers, sizes, strides
+(elements), lp_dtype codes and torch's current stream to the native code. Every call is asynchronous
+on `torch.cuda.current_stream()`, like a torch op, except the read-back of quantize's NaN/Inf index.
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional
+
+from .._codes import DTYPE_CODES
+from .._layout import quant_geometry
+from . import _common
 
 INT64_MAX = (1 << 63) - 1
 
-# lp_dtype codes (csrc/common/dtypes.h)
-_F32, _F16, _BF16, _I8, _I32 = 0, 1, 2, 4, 6
-FORMATS = {"int8": 0, "uint8": 1, "int4": 2, "fp8_e4m3": 3, "fp8_e5m2": 4}
-
 _module = None
+_status = None
+
+
+def status():
+    """(module or None, device name or None, reason CUDA is unavailable or None), computed once."""
+    global _status
+    if _status is None:
+        _status = probe()
+    return _status
+
+
+def built_archs() -> Optional[list]:
+    """The CUDA architectures the CUDA module was built for (e.g. ["80-real", "90"]), or None
+    when it was not built or does not load."""
+    try:
+        from .. import _C_cuda  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return [a for a in _C_cuda.built_archs().split(",") if a]
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when CUDA tensors can run here, else a sentence saying why not (lc.info())."""
+    return status()[2]
 
 
 def _no_device_reason(mod, err: str) -> str:
@@ -48,7 +73,7 @@ def _no_device_reason(mod, err: str) -> str:
 def probe():
     """(module or None, device name or None, reason the CUDA backend is unavailable or None)."""
     try:
-        from . import _C_cuda  # type: ignore[attr-defined]
+        from .. import _C_cuda  # type: ignore[attr-defined]
     except ImportError as e:
         msg = str(e)
         if "No module named" in msg or "cannot import name" in msg:
@@ -88,9 +113,7 @@ _checked_devices: dict = {}
 def _mod():
     global _module
     if _module is None:
-        from . import _runtime
-
-        mod, _, reason = _runtime._cuda()
+        mod, _, reason = status()
         if mod is None:
             raise RuntimeError(f"lepton_core: the CUDA backend is unavailable: {reason}")
         _module = mod
@@ -122,9 +145,7 @@ def _round_up(v: int, m: int) -> int:
 
 
 def _dtype_code(dt) -> int:
-    from ._tensors import LP_DTYPE
-
-    return LP_DTYPE[dt]
+    return DTYPE_CODES[str(dt)[6:]]  # "torch.float32"
 
 
 def _pack(t3, rows_dim: int, cols_dim: int, align: int, device: int):
@@ -239,7 +260,7 @@ def scaled_gemm_into(a, b, scale_a, scale_b, bias, out) -> None:
               scale_a=_f32_vector(scale_a), scale_b=_f32_vector(scale_b))
 
 
-def quantize_into(x, fmt: str, n_outer: int, n_channels: int, n_inner: int, block_size: Optional[int],
+def quantize_into(x, fmt, n_outer: int, n_channels: int, n_inner: int, block_size: Optional[int],
                   stochastic: bool, seed: int, data, scale, zero_point) -> int:
     """Quantizes contiguous x viewed as (n_outer, n_channels, n_inner) (blockwise: (1, 1, n) with
     block_size B) into data (uint8 view, n bytes; int4 ceil(n/2)), scale (float32, one per group) and
@@ -256,7 +277,7 @@ def quantize_into(x, fmt: str, n_outer: int, n_channels: int, n_inner: int, bloc
     stats = None if block else torch.zeros(2 * n_groups, dtype=torch.int32, device=x.device)
     bad = torch.full((1,), INT64_MAX, dtype=torch.int64, device=x.device)
     _mod().quantize(
-        device=device, stream=_stream(device), in_dtype=_dtype_code(x.dtype), format=FORMATS[fmt],
+        device=device, stream=_stream(device), in_dtype=_dtype_code(x.dtype), format=fmt.code,
         n_outer=n_outer, n_channels=n_channels, n_inner=n_inner, block_size=block, stochastic=bool(stochastic),
         seed=int(seed), x=x.data_ptr(), data=data.data_ptr(), scale=scale.data_ptr(),
         zero_point=0 if zero_point is None else zero_point.data_ptr(),
@@ -265,7 +286,7 @@ def quantize_into(x, fmt: str, n_outer: int, n_channels: int, n_inner: int, bloc
     return -1 if idx == INT64_MAX else idx
 
 
-def dequantize_into(data, scale, zero_point, fmt: str, n_outer: int, n_channels: int, n_inner: int,
+def dequantize_into(data, scale, zero_point, fmt, n_outer: int, n_channels: int, n_inner: int,
                     block_size: Optional[int], out) -> None:
     """out (contiguous float32/float16/bfloat16) = the codes in data dequantized with their group's
     scale (and zero point), computed in float32 and rounded once."""
@@ -274,7 +295,7 @@ def dequantize_into(data, scale, zero_point, fmt: str, n_outer: int, n_channels:
         return
     device = _device_index(out)
     _mod().dequantize(
-        device=device, stream=_stream(device), format=FORMATS[fmt], n_outer=n_outer, n_channels=n_channels,
+        device=device, stream=_stream(device), format=fmt.code, n_outer=n_outer, n_channels=n_channels,
         n_inner=n_inner, block_size=int(block_size or 0), data=data.data_ptr(), scale=scale.data_ptr(),
         zero_point=0 if zero_point is None else zero_point.data_ptr(), out=out.data_ptr(),
         out_dtype=_dtype_code(out.dtype))
@@ -289,6 +310,63 @@ def gemm_config(a3, b3, out_dtype) -> str:
                               b_k_major=b_k_major)
 
 
-# lepton_core/quant.py looks the CUDA kernels up under these names.
-_cuda_quantize_into = quantize_into
-_cuda_dequantize_into = dequantize_into
+# ---- the backend functions (lepton_core/backends/__init__.py) ----
+
+def gemm(a, b, bias, out_dtype: str):
+    out, (n_batch, m, k, n), bias32, done = _common.gemm_setup(a, b, bias, out_dtype)
+    if not done:
+        a3 = a if a.ndim == 3 else a.unsqueeze(0)
+        b3 = b if b.ndim == 3 else b.unsqueeze(0).expand(n_batch, k, n)
+        gemm_into(a3, b3, bias32, out if out.ndim == 3 else out.unsqueeze(0))
+    return out
+
+
+def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str):
+    m, k = a.shape
+    n = b.shape[1]
+    out = _common.new_output("torch", (m, n), out_dtype, a.device)
+    if m * n == 0:
+        return out
+    sa, sb, bias32 = _f32_vector(scale_a), _f32_vector(scale_b), _f32_vector(bias)
+    if k == 0:
+        _common.scaled_gemm_empty_k(out, sa, sb, bias32)
+    else:
+        scaled_gemm_into(a, b, sa, sb, bias32, out)
+    return out
+
+
+def quantize(x, fmt, axis, block_size, stochastic: bool, seed: int):
+    data, scale, zero_point = _common.quantize_outputs(x, fmt, axis, block_size)
+    if x.numel() == 0:
+        return data, scale, zero_point, -1
+    import torch
+
+    data_u8 = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+    first_bad = quantize_into(x.contiguous(), fmt, *quant_geometry(tuple(x.shape), axis, block_size), stochastic,
+                              seed, data_u8, scale, zero_point)
+    return data, scale, zero_point, first_bad
+
+
+def dequantize(data, scale, zero_point, fmt, shape, axis, block_size, dtype: str):
+    import torch
+
+    shape = tuple(shape)
+    kernel_dtype = "float32" if dtype == "float64" else dtype
+    out = _common.new_output("torch", shape, kernel_dtype, data.device)
+    if out.numel():
+        data_u8 = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+        zp = None if zero_point is None else zero_point.contiguous()
+        dequantize_into(data_u8.contiguous(), scale.contiguous(), zp, fmt,
+                        *quant_geometry(shape, axis, block_size), out)
+    return out.double() if dtype == "float64" else out
+
+
+def linear(x, weight, bias, compute_dtype: str, out_dtype: str):
+    return _common.linear(gemm, x, weight, bias, compute_dtype, out_dtype)
+
+
+def register() -> None:
+    """Registers this module's functions as the CUDA kernels of the torch.library ops."""
+    from .. import _ops
+
+    _ops.register_kernels("cuda", sys.modules[__name__])

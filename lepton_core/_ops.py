@@ -1,0 +1,194 @@
+"""Every op's torch.library contract, declared once: schema, fake (shape/dtype) implementation and
+autograd formula. Device kernels come from the backends (`register_kernels`, called by
+backends/cpu.py and backends/cuda.py), so a new device is one module, not an edit here.
+
+    lepton::gemm(a, b, bias?, out_dtype)                     lc.gemm, arguments checked
+    lepton::scaled_gemm(a, b, scale_a, scale_b, bias?, out_dtype)
+    lepton::quantize(x, fmt, axis?, block_size?, stochastic, seed?) -> (data, scale, zero_point)
+    lepton::dequantize(data, scale, zero_point, fmt, shape, axis?, block_size?, dtype)
+    lepton::nn_linear(x, weight, bias?, compute_dtype, out_dtype)   lc.nn.Linear's forward
+
+The eager-bypass rule (`needs_dispatcher`): a plain eager call on plain tensors runs the backend
+function directly (the dispatcher costs microseconds, which is most of a small GEMM); tracing,
+autograd recording, tensor subclasses, meta tensors and dispatch modes go through these ops.
+Needs torch (lepton_core imports this module only when torch is installed).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._arrays import TORCH_DTYPE, draw_seed, name_of, non_finite_error
+from ._codes import FORMATS
+from ._layout import data_shape, gemm_out_shape, scale_shape
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_U64 = 1 << 64
+
+
+def needs_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
+    """True when a call must go through torch.ops.lepton.* (see the module docstring)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():  # FakeTensorMode, make_fx...
+        return True
+    grad_on = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN_TENSOR_TYPES or (grad_on and t.requires_grad) or t.is_meta):
+            return True
+    return False
+
+
+def seed_to_i64(seed: Optional[int]) -> Optional[int]:
+    """A 64-bit seed as the schema's signed int."""
+    return None if seed is None else (seed - _U64 if seed >= 1 << 63 else seed)
+
+
+# What lepton::quantize returns as data: fp8 codes travel as their uint8 bit patterns (torch has few
+# kernels for float8 tensors, and opcheck compares outputs with arithmetic); callers view them back.
+def op_data_dtype(fmt) -> torch.dtype:
+    return torch.uint8 if fmt.storage.startswith("float8") else TORCH_DTYPE[fmt.storage]
+
+
+_DEFS = {
+    "gemm": "(Tensor a, Tensor b, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    "scaled_gemm": "(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, Tensor? bias, ScalarType out_dtype) -> Tensor",
+    "quantize": "(Tensor x, str fmt, int? axis, int? block_size, bool stochastic, int? seed) -> (Tensor, Tensor, Tensor)",
+    "dequantize": "(Tensor data, Tensor scale, Tensor zero_point, str fmt, SymInt[] shape, int? axis, int? block_size, "
+                  "ScalarType dtype) -> Tensor",
+    "nn_linear": "(Tensor x, Tensor weight, Tensor? bias, ScalarType compute_dtype, ScalarType out_dtype) -> Tensor",
+}
+for _name, _schema in _DEFS.items():
+    torch.library.define(f"lepton::{_name}", _schema)
+
+
+# ---- fakes: output shapes and dtypes only ----
+@torch.library.register_fake("lepton::gemm")
+def _gemm_fake(a, b, bias, out_dtype):
+    return a.new_empty(gemm_out_shape(a.shape, b.shape), dtype=out_dtype)
+
+
+@torch.library.register_fake("lepton::scaled_gemm")
+def _scaled_gemm_fake(a, b, scale_a, scale_b, bias, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.register_fake("lepton::quantize")
+def _quantize_fake(x, fmt, axis, block_size, stochastic, seed):
+    f = FORMATS[fmt]
+    s_shape = scale_shape(tuple(x.shape), axis, block_size)
+    return (x.new_empty(data_shape(tuple(x.shape), f.bits), dtype=op_data_dtype(f)),
+            x.new_empty(s_shape, dtype=torch.float32),
+            x.new_empty(s_shape if f.zero_point else (0,), dtype=torch.int32))
+
+
+@torch.library.register_fake("lepton::dequantize")
+def _dequantize_fake(data, scale, zero_point, fmt, shape, axis, block_size, dtype):
+    return data.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.register_fake("lepton::nn_linear")
+def _nn_linear_fake(x, weight, bias, compute_dtype, out_dtype):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+# ---- device kernels: adapters from each schema to the backend functions ----
+def register_kernels(device_type: str, backend) -> None:
+    """Registers `backend`'s functions (backends/__init__.py) as `device_type`'s kernels of every op."""
+    def gemm(a, b, bias, out_dtype):
+        return backend.gemm(a, b, bias, name_of(out_dtype))
+
+    def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype):
+        return backend.scaled_gemm(a, b, scale_a, scale_b, bias, name_of(out_dtype))
+
+    def quantize(x, fmt, axis, block_size, stochastic, seed):
+        """seed: the 64-bit seed as a signed int64, or None for a fresh one (drawn from torch's
+        generator). data is int8 for "int8", else uint8 (fp8: bit patterns); an empty int32
+        zero_point stands for "none" (symmetric formats)."""
+        f = FORMATS[fmt]
+        seed = (draw_seed("torch") if seed is None else seed % _U64) if stochastic else 0
+        data, scale, zero_point, first_bad = backend.quantize(x, f, axis, block_size, stochastic, seed)
+        if first_bad >= 0:
+            raise non_finite_error(x.contiguous(), first_bad, "lc.quantize")
+        if zero_point is None:
+            zero_point = torch.empty(0, dtype=torch.int32, device=x.device)
+        return data.view(op_data_dtype(f)), scale, zero_point
+
+    def dequantize(data, scale, zero_point, fmt, shape, axis, block_size, dtype):
+        f = FORMATS[fmt]
+        return backend.dequantize(data, scale, zero_point if f.zero_point else None, f, shape, axis, block_size,
+                                  name_of(dtype))
+
+    def nn_linear(x, weight, bias, compute_dtype, out_dtype):
+        return backend.linear(x, weight, bias, name_of(compute_dtype), name_of(out_dtype))
+
+    for name, fn in (("gemm", gemm), ("scaled_gemm", scaled_gemm), ("quantize", quantize),
+                     ("dequantize", dequantize), ("nn_linear", nn_linear)):
+        torch.library.register_kernel(f"lepton::{name}", device_type, fn)
+
+
+# ---- autograd ----
+def _gemm_setup_context(ctx, inputs, output):
+    a, b, bias, _ = inputs
+    ctx.save_for_backward(a, b)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _gemm_backward(ctx, grad):
+    """Gradients through lepton::gemm itself, in the input dtype with float32 accumulation."""
+    a, b = ctx.saved_tensors
+    g = grad if grad.dtype == a.dtype else grad.to(a.dtype)
+    grad_a = grad_b = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_a = torch.ops.lepton.gemm(g, b.transpose(-1, -2), None, a.dtype)
+    if ctx.needs_input_grad[1]:
+        if a.dim() == 3 and b.dim() == 2:  # b was broadcast over the batch: sum its gradient
+            k, n = b.shape
+            grad_b = torch.ops.lepton.gemm(a.reshape(-1, k).transpose(0, 1), g.reshape(-1, n), None, b.dtype)
+        else:
+            grad_b = torch.ops.lepton.gemm(a.transpose(-1, -2), g, None, b.dtype)
+    if ctx.needs_input_grad[2]:
+        dims = tuple(range(grad.dim() - 1))
+        grad_bias = grad.to(torch.float32).sum(dim=dims).to(ctx.bias_dtype)
+    return grad_a, grad_b, grad_bias, None
+
+
+torch.library.register_autograd("lepton::gemm", _gemm_backward, setup_context=_gemm_setup_context)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t (..., C) as a (rows, C) matrix; explicit sizes, since -1 is ambiguous when C == 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, compute_dtype, _ = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.compute_dtype = compute_dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _linear_backward(ctx, grad_out):
+    """lc.nn.Linear's backward, through the same op (lc.gemm underneath):
+
+        grad input    gx = gemm(g_c, W_c)   = nn_linear(g, W^T)     (rounded once to x's dtype)
+        grad weight   gW = gemm(g_c^T, x_c) = nn_linear(g^T, x^T)   (rounded once to W's dtype)
+        grad bias     gb = sum over rows of g, in float32
+
+    g_c is the incoming gradient rounded to compute_dtype (as autocast does); every product is
+    accumulated in float32 and rounded once, so float32 master weights get a float32 gradient."""
+    x, weight = ctx.saved_tensors
+    cd = ctx.compute_dtype
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    g2 = _rows(grad_out)
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        grad_x = torch.ops.lepton.nn_linear(grad_out, weight.t(), None, cd, x.dtype)
+    if need_w:
+        grad_w = torch.ops.lepton.nn_linear(g2.t(), _rows(x).t(), None, cd, weight.dtype)
+    if need_b and ctx.bias_dtype is not None:
+        grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None, None
+
+
+torch.library.register_autograd("lepton::nn_linear", _linear_backward, setup_context=_linear_setup_context)

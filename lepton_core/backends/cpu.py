@@ -1,0 +1,151 @@
+"""CPU backend: every op's kernel on torch CPU tensors or NumPy arrays (no torch needed here).
+
+Arguments were checked by the public functions; these pass pointers, sizes and strides (elements)
+and lp_dtype / lp_qfmt codes to the native kernels (csrc/cpu), which run without the GIL.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from .. import _C
+from .._arrays import DTYPE_NAME, TORCH, TORCH_DTYPE, contiguous, data_ptr, new_output, strides_elems
+from .._codes import DTYPE_CODES
+from .._layout import quant_geometry
+from . import _common
+
+_I8 = DTYPE_CODES["int8"]
+_TORCH_CODES = {TORCH_DTYPE[name]: code for name, code in DTYPE_CODES.items() if name in TORCH_DTYPE}
+
+
+def gemm(a, b, bias, out_dtype: str):
+    """a (M, K) | (B, M, K) @ b (K, N) | (B, K, N) (+ bias), rounded once to out_dtype. Float inputs of
+    one dtype accumulate in float32; int8 inputs give exact int32. Any strides (a 2-D b broadcasts)."""
+    if type(a) is np.ndarray or bias is not None:
+        out, (n_batch, m, k, n), bias32, done = _common.gemm_setup(a, b, bias, out_dtype)
+        if not done:
+            gemm_into(a, b, bias32, out, n_batch, m, k, n)
+        return out
+    # torch tensors without bias: the same steps inline (this path sets the fixed cost of small calls)
+    n = b.shape[-1]
+    if a.ndim == 2:
+        m, k = a.shape
+        n_batch, out = 1, new_output(TORCH, (m, n), out_dtype, None)
+    else:
+        n_batch, m, k = a.shape
+        out = new_output(TORCH, (n_batch, m, n), out_dtype, None)
+    if not (m and n and n_batch):
+        return out
+    if k == 0:
+        out.zero_()
+        return out
+    gemm_into(a, b, None, out, n_batch, m, k, n)
+    return out
+
+
+def gemm_into(a, b, bias32, out, n_batch: int, m: int, k: int, n: int) -> None:
+    """The kernel call itself, sizes known (this path sets the fixed cost of small calls)."""
+    if type(a) is np.ndarray:
+        sa, sb = strides_elems(a), strides_elems(b)
+        pa, pb, pout = a.ctypes.data, b.ctypes.data, out.ctypes.data
+        pbias = 0 if bias32 is None else bias32.ctypes.data
+        in_code, out_code = DTYPE_CODES[a.dtype.name], DTYPE_CODES[out.dtype.name]
+    else:
+        sa, sb = a.stride(), b.stride()
+        pa, pb, pout = a.data_ptr(), b.data_ptr(), out.data_ptr()
+        pbias = 0 if bias32 is None else bias32.data_ptr()
+        in_code, out_code = _TORCH_CODES[a.dtype], _TORCH_CODES[out.dtype]
+    if len(sa) == 2:
+        sa_batch, (sa_row, sa_col) = 0, sa
+    else:
+        sa_batch, sa_row, sa_col = sa
+    if len(sb) == 2:
+        sb_batch, (sb_row, sb_col) = 0, sb
+    else:
+        sb_batch, sb_row, sb_col = sb
+    if n_batch > 1 and sb_batch == 0 and (m == 1 or sa_batch == m * sa_row):
+        # b is shared by every batch and a's batches stack as rows: one (B*M, K) @ (K, N) GEMM
+        # packs b once and cuts the work into bigger tiles.
+        if m == 1:
+            sa_row = sa_batch
+        m, n_batch, sa_batch = n_batch * m, 1, 0
+    # Positional on purpose: pybind11 parses these 16 keywords in ~1.3 us, a fifth of a small call
+    # (the names are in csrc/bindings/gemm_bind.cc and _C.pyi).
+    if in_code == _I8:
+        _C.gemm_int8(n_batch, m, n, k, pa, sa_batch, sa_row, sa_col, pb, sb_batch, sb_row, sb_col, pout)
+    else:
+        _C.gemm_float(n_batch, m, n, k, pa, in_code, sa_batch, sa_row, sa_col, pb, sb_batch, sb_row, sb_col, pbias,
+                      pout, out_code)
+
+
+def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str):
+    """round_once((float(a @ b) * scale_a[:, None]) * scale_b[None, :] + bias): a int8 (M, K), b int8
+    (K, N), any strides; scale_a (M,) or one element, scale_b (N,) or one element."""
+    m, k = a.shape
+    n = b.shape[1]
+    kind = _common.kind(a)
+    out = _common.new_output(kind, (m, n), out_dtype, _common.device_of(a))
+    if m * n == 0:
+        return out
+    sa, sb = _common.float32_vector(scale_a), _common.float32_vector(scale_b)
+    bias32 = _common.float32_vector(bias)
+    if k == 0:
+        _common.scaled_gemm_empty_k(out, sa, sb, bias32)
+        return out
+    (a_row, a_col), (b_row, b_col) = strides_elems(a), strides_elems(b)
+    _C.scaled_gemm_int8(m=m, n=n, k=k, a=data_ptr(a), a_stride_row=a_row, a_stride_col=a_col, b=data_ptr(b),
+                        b_stride_row=b_row, b_stride_col=b_col, scale_a=data_ptr(sa), scale_a_n_elems=sa.shape[0],
+                        scale_b=data_ptr(sb), scale_b_n_elems=sb.shape[0],
+                        bias=0 if bias32 is None else data_ptr(bias32), out=data_ptr(out),
+                        out_dtype=DTYPE_CODES[DTYPE_NAME[out.dtype]])
+    return out
+
+
+def quantize(x, fmt, axis, block_size, stochastic: bool, seed: int):
+    """(data, scale, zero_point or None, first non-finite flat index of x or -1) for x of any strides."""
+    data, scale, zero_point = _common.quantize_outputs(x, fmt, axis, block_size)
+    shape = tuple(x.shape)
+    n_outer, n_channels, n_inner, block = quant_geometry(shape, axis, block_size)
+    if n_outer * n_channels * n_inner == 0:
+        return data, scale, zero_point, -1
+    xc = contiguous(x)
+    # Positional on purpose, as in gemm_into (names: csrc/bindings/quant_bind.cc).
+    first_bad = _C.quantize_into(data_ptr(xc), DTYPE_CODES[DTYPE_NAME[xc.dtype]], n_outer, n_channels, n_inner, block,
+                                 fmt.code, stochastic, seed, data_ptr(data), data_ptr(scale),
+                                 0 if zero_point is None else data_ptr(zero_point))
+    return data, scale, zero_point, first_bad
+
+
+def dequantize(data, scale, zero_point, fmt, shape, axis, block_size, dtype: str):
+    """(code - zero_point) * scale in float32 per group, rounded once to dtype (float64: widened)."""
+    shape = tuple(shape)
+    kind = _common.kind(data)
+    out = _common.new_output(kind, shape, "float32" if dtype == "float64" else dtype, None)
+    dequantize_into(data, scale, zero_point, fmt, shape, axis, block_size, out)
+    if dtype == "float64":
+        return out.astype(np.float64) if kind == "numpy" else out.double()
+    return out
+
+
+def dequantize_into(data, scale, zero_point, fmt, shape, axis, block_size, out) -> None:
+    """dequantize into a preallocated contiguous float32 / float16 / bfloat16 `out` of x's numel."""
+    n_outer, n_channels, n_inner, block = quant_geometry(tuple(shape), axis, block_size)
+    if n_outer * n_channels * n_inner == 0:
+        return
+    scale, data = contiguous(scale), contiguous(data)
+    zero_point = None if zero_point is None else contiguous(zero_point)
+    # Positional on purpose, as in gemm_into (names: csrc/bindings/quant_bind.cc).
+    _C.dequantize_into(data_ptr(data), data_ptr(scale), 0 if zero_point is None else data_ptr(zero_point), fmt.code,
+                       n_outer, n_channels, n_inner, block, data_ptr(out), DTYPE_CODES[DTYPE_NAME[out.dtype]])
+
+
+def linear(x, weight, bias, compute_dtype: str, out_dtype: str):
+    return _common.linear(gemm, x, weight, bias, compute_dtype, out_dtype)
+
+
+def register() -> None:
+    """Registers this module's functions as the CPU kernels of the torch.library ops (needs torch)."""
+    from .. import _ops
+
+    _ops.register_kernels("cpu", sys.modules[__name__])
