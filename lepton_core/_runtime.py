@@ -7,7 +7,7 @@ from typing import Optional
 
 from . import _C
 
-ISA_NAMES = ("scalar", "avx2", "avx512", "amx")
+ISA_NAMES = tuple(_C.codes["isa"])  # lp_isa levels, best last (csrc/common/codes.h)
 
 
 def _cpu_quota() -> Optional[int]:
@@ -136,8 +136,8 @@ def info() -> dict:
     """What this build and machine offer (API.md §0), plus what a bug report needs."""
     import platform
 
-    from . import __version__
     from ._arrays import torch
+    from ._version import __version__
     from .backends import cuda
 
     mod, device, reason = cuda.status()

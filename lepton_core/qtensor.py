@@ -100,6 +100,7 @@ class QTensor:
 
     # Pickled with torch tensors when torch is installed, so torch.load(weights_only=True) accepts
     # it; NumPy arrays come back as NumPy arrays of the same shape and dtype (0-d scales included).
+    # fp8 data travels as its uint8 bytes: plain pickle cannot load float8 tensors (torch 2.13).
     def __reduce__(self):
         is_numpy = isinstance(self.data, np.ndarray)
 
@@ -109,8 +110,11 @@ class QTensor:
             # np.ascontiguousarray would turn a 0-d scale into shape (1,)
             return torch.from_numpy(np.array(a, order="C", copy=True))
 
-        return (_rebuild_qtensor, (t(self.data), t(self.scale), t(self.zero_point), self.dtype,
-                                   tuple(int(s) for s in self.shape), self.axis, self.block_size, is_numpy))
+        data, view_as = t(self.data), None
+        if not is_numpy and data.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            data, view_as = data.view(torch.uint8), str(data.dtype)[6:]
+        return (_rebuild_qtensor, (data, t(self.scale), t(self.zero_point), self.dtype,
+                                   tuple(int(s) for s in self.shape), self.axis, self.block_size, is_numpy, view_as))
 
 
 def _check_fields(q: QTensor, op: str):
@@ -174,7 +178,9 @@ def _n_bytes(a) -> int:
     return a.numel() * a.element_size()
 
 
-def _rebuild_qtensor(data, scale, zero_point, dtype, shape, axis, block_size, is_numpy):
+def _rebuild_qtensor(data, scale, zero_point, dtype, shape, axis, block_size, is_numpy, view_as=None):
+    if view_as is not None:
+        data = data.view(getattr(torch, view_as))
     if is_numpy:
         def n(a):
             return a if a is None or isinstance(a, np.ndarray) else a.numpy()

@@ -38,6 +38,9 @@ py::dict codes_dict() {
   call_kinds["all_reduce"] = int(LP_CALL_ALLREDUCE);
   call_kinds["reduce_scatter"] = int(LP_CALL_REDUCE_SCATTER);
   call_kinds["all_gather"] = int(LP_CALL_ALL_GATHER);
+  py::list isas;
+  for (const char* name : kIsaNames) isas.append(name);
+  codes["isa"] = isas;
   codes["dtype"] = dtypes;
   codes["format"] = formats;
   codes["reduce_op"] = reduce_ops;

@@ -9,6 +9,10 @@
 
 namespace lp {
 
+// ---- CPU instruction-set levels (API.md §0), ordered: every level implies the ones below it ----
+enum lp_isa : int { LP_ISA_SCALAR = 0, LP_ISA_AVX2 = 1, LP_ISA_AVX512 = 2, LP_ISA_AMX = 3 };
+inline constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
+
 // ---- element types (the names are torch's) ----
 enum lp_dtype : int {
   LP_DTYPE_F32 = 0,

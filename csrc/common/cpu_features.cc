@@ -167,13 +167,6 @@ void cpu_isa_set_active(int isa) {
   g_active.store(std::max(0, std::min(isa, best)), std::memory_order_relaxed);
 }
 
-const char* cpu_isa_name(int isa) {
-  switch (isa) {
-    case LP_ISA_AVX2: return "avx2";
-    case LP_ISA_AVX512: return "avx512";
-    case LP_ISA_AMX: return "amx";
-    default: return "scalar";
-  }
-}
+const char* cpu_isa_name(int isa) { return kIsaNames[isa >= LP_ISA_SCALAR && isa <= LP_ISA_AMX ? isa : 0]; }
 
 }  // namespace lp

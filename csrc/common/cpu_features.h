@@ -3,10 +3,10 @@
 #include <cstdint>
 #include <string>
 
+#include "common/codes.h"
+
 namespace lp {
 
-// Ordered: every level implies the ones below it (see API.md §0).
-enum lp_isa : int { LP_ISA_SCALAR = 0, LP_ISA_AVX2 = 1, LP_ISA_AVX512 = 2, LP_ISA_AMX = 3 };
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;

@@ -9,6 +9,8 @@
 #include <string>
 #include <utility>
 
+#include "common/codes.h"
+
 namespace lp {
 namespace cuda {
 
@@ -59,7 +61,7 @@ void pack_rows(int device, uintptr_t stream, int elem_bytes, int64_t batch, int6
                uintptr_t dst, int64_t dst_ld);
 
 // ---- quantization (quant.cu) ----
-enum QuantFormat : int { QF_INT8 = 0, QF_UINT8 = 1, QF_INT4 = 2, QF_FP8_E4M3 = 3, QF_FP8_E5M2 = 4 };
+// Formats are lp_qfmt codes (common/codes.h).
 
 // x: contiguous (n_outer, n_channels, n_inner) of in_dtype (F32/F16/BF16). block_size > 0 means
 // blockwise over the flat index (then n_outer = n_channels = 1); otherwise one group per channel.

@@ -14,6 +14,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/codes.h"
+
 namespace lp {
 namespace cuda {
 
@@ -219,11 +221,9 @@ __host__ __device__ inline float rng_uniform_bits(uint32_t key, uint32_t key_hi,
 
 // ---- storing one float32 result in an output dtype (lp_dtype codes, rounded once) ----
 
-enum : int { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2, DT_I32 = 6 };
-
 __device__ inline void store_f32_as(void* base, int dtype, size_t idx, float v) {
-  if (dtype == DT_F32) static_cast<float*>(base)[idx] = v;
-  else if (dtype == DT_BF16) static_cast<uint16_t*>(base)[idx] = f32_to_bf16(v);
+  if (dtype == LP_DTYPE_F32) static_cast<float*>(base)[idx] = v;
+  else if (dtype == LP_DTYPE_BF16) static_cast<uint16_t*>(base)[idx] = f32_to_bf16(v);
   else static_cast<uint16_t*>(base)[idx] = f32_to_f16(v);
 }
 

@@ -15,7 +15,6 @@ namespace lp {
 namespace cuda {
 namespace {
 
-enum : int { DT_I8 = 4 };
 enum MmaKind : int { MMA_F16 = 0, MMA_BF16 = 1, MMA_S8 = 2 };
 
 // Everything a GEMM kernel needs, passed by value. Strides in bytes: the tensor-core kernels work
@@ -147,7 +146,7 @@ __device__ inline void epilogue_store_pair(const GemmParams& p, size_t batch_off
   if (row >= p.m || col >= p.n) return;
   const size_t idx = batch_offset + size_t(row) * size_t(p.n) + size_t(col);
   const bool both = col + 1 < p.n;
-  if (p.out_dtype == DT_I32 && p.scale_a == nullptr) {  // plain int8 GEMM: exact int32 sums
+  if (p.out_dtype == LP_DTYPE_I32 && p.scale_a == nullptr) {  // plain int8 GEMM: exact int32 sums
     int32_t* out = static_cast<int32_t*>(p.out);
     if (both && p.out_pairs) {
       *reinterpret_cast<int2*>(out + idx) = make_int2(int32_t(v0), int32_t(v1));
@@ -166,11 +165,11 @@ __device__ inline void epilogue_store_pair(const GemmParams& p, size_t batch_off
   if (!p.out_pairs) {
     store_f32_as(p.out, p.out_dtype, idx, f0);
     store_f32_as(p.out, p.out_dtype, idx + 1, f1);
-  } else if (p.out_dtype == DT_F32) {
+  } else if (p.out_dtype == LP_DTYPE_F32) {
     *reinterpret_cast<float2*>(static_cast<float*>(p.out) + idx) = make_float2(f0, f1);
   } else {
-    const uint32_t lo = p.out_dtype == DT_BF16 ? f32_to_bf16(f0) : f32_to_f16(f0);
-    const uint32_t hi = p.out_dtype == DT_BF16 ? f32_to_bf16(f1) : f32_to_f16(f1);
+    const uint32_t lo = p.out_dtype == LP_DTYPE_BF16 ? f32_to_bf16(f0) : f32_to_f16(f0);
+    const uint32_t hi = p.out_dtype == LP_DTYPE_BF16 ? f32_to_bf16(f1) : f32_to_f16(f1);
     *reinterpret_cast<uint32_t*>(static_cast<uint16_t*>(p.out) + idx) = lo | (hi << 16);
   }
 }
@@ -585,7 +584,7 @@ GemmParams make_params(const GemmArgs& g, int esize) {
   p.a_batch_bytes = g.a_batch_stride * esize;
   p.b_batch_bytes = g.b_batch_stride * esize;
   p.out_dtype = g.out_dtype;
-  const int out_esize = (g.out_dtype == DT_F32 || g.out_dtype == DT_I32) ? 4 : 2;
+  const int out_esize = (g.out_dtype == LP_DTYPE_F32 || g.out_dtype == LP_DTYPE_I32) ? 4 : 2;
   p.out_pairs = g.n % 2 == 0 && g.out % (2 * out_esize) == 0;
   p.bias = reinterpret_cast<const float*>(g.bias);
   p.scale_a = reinterpret_cast<const float*>(g.scale_a);
@@ -599,23 +598,23 @@ enum class Path { kSimtLarge, kSimtSmall, kTcLarge, kTcSmall };
 
 Path choose_path(const GemmArgs& g) {
   const bool large = use_large_tiles(g, g.device);
-  if (g.in_dtype == DT_F32) return large ? Path::kSimtLarge : Path::kSimtSmall;
+  if (g.in_dtype == LP_DTYPE_F32) return large ? Path::kSimtLarge : Path::kSimtSmall;
   return large ? Path::kTcLarge : Path::kTcSmall;
 }
 
 void validate(const GemmArgs& g, bool check_pointers) {
-  const bool float_in = g.in_dtype == DT_F32 || g.in_dtype == DT_F16 || g.in_dtype == DT_BF16;
-  if (!float_in && g.in_dtype != DT_I8)
+  const bool float_in = g.in_dtype == LP_DTYPE_F32 || g.in_dtype == LP_DTYPE_F16 || g.in_dtype == LP_DTYPE_BF16;
+  if (!float_in && g.in_dtype != LP_DTYPE_I8)
     throw std::invalid_argument("lepton_core CUDA gemm: unsupported input dtype code " + std::to_string(g.in_dtype));
   const bool scaled = g.scale_a != 0 || g.scale_b != 0;
-  if (scaled && (g.in_dtype != DT_I8 || g.scale_a == 0 || g.scale_b == 0))
+  if (scaled && (g.in_dtype != LP_DTYPE_I8 || g.scale_a == 0 || g.scale_b == 0))
     throw std::invalid_argument("lepton_core CUDA gemm: scales need int8 inputs and both scale vectors");
-  const bool float_out = g.out_dtype == DT_F32 || g.out_dtype == DT_F16 || g.out_dtype == DT_BF16;
-  if (g.in_dtype == DT_I8 && !scaled && (g.out_dtype != DT_I32 || g.bias != 0))
+  const bool float_out = g.out_dtype == LP_DTYPE_F32 || g.out_dtype == LP_DTYPE_F16 || g.out_dtype == LP_DTYPE_BF16;
+  if (g.in_dtype == LP_DTYPE_I8 && !scaled && (g.out_dtype != LP_DTYPE_I32 || g.bias != 0))
     throw std::invalid_argument("lepton_core CUDA gemm: plain int8 GEMM writes int32 without bias");
   if ((float_in || scaled) && !float_out)
     throw std::invalid_argument("lepton_core CUDA gemm: float results are float32, float16 or bfloat16");
-  if (g.in_dtype == DT_I8 && !g.b_k_major)
+  if (g.in_dtype == LP_DTYPE_I8 && !g.b_k_major)
     throw std::invalid_argument("lepton_core CUDA gemm: int8 B must be K-major");
   if (g.m < 0 || g.n < 0 || g.k < 0 || g.batch < 0)
     throw std::invalid_argument("lepton_core CUDA gemm: negative size");
@@ -649,7 +648,7 @@ void gemm(const GemmArgs& g) {
   const Path path = choose_path(g);
   const bool large = path == Path::kSimtLarge || path == Path::kTcLarge;
 
-  if (g.in_dtype == DT_F32) {
+  if (g.in_dtype == LP_DTYPE_F32) {
     GemmParams p = make_params(g, 4);
     if (large) {
       if (g.b_k_major) launch_simt<8, 8, true>(p, g.batch, stream, "gemm_f32_simt_kernel<8,8,kmajor>");
@@ -661,16 +660,16 @@ void gemm(const GemmArgs& g) {
     return;
   }
 
-  const int esize = g.in_dtype == DT_I8 ? 1 : 2;
+  const int esize = g.in_dtype == LP_DTYPE_I8 ? 1 : 2;
   check_tc_alignment(g, esize);
   GemmParams p = make_params(g, esize);
   const int dev = g.device;
 #define LP_TC(BM, BN, WM, WN, ST, KIND, KMAJ) \
   launch_tc<BM, BN, WM, WN, ST, KIND, KMAJ>(p, g.batch, dev, stream, "gemm_tc_kernel<" #BM "," #BN "," #KIND "," #KMAJ ">")
-  if (g.in_dtype == DT_I8) {
+  if (g.in_dtype == LP_DTYPE_I8) {
     if (large) LP_TC(128, 128, 2, 4, 3, MMA_S8, true);
     else LP_TC(64, 64, 2, 2, 4, MMA_S8, true);
-  } else if (g.in_dtype == DT_F16) {
+  } else if (g.in_dtype == LP_DTYPE_F16) {
     if (large) {
       if (g.b_k_major) LP_TC(128, 128, 2, 4, 3, MMA_F16, true);
       else LP_TC(128, 128, 2, 4, 3, MMA_F16, false);

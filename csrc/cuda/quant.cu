@@ -38,10 +38,10 @@ namespace {
 
 __host__ __device__ inline float format_qmax(int fmt) {
   switch (fmt) {
-    case QF_INT8: return 127.0f;
-    case QF_UINT8: return 255.0f;
-    case QF_INT4: return 7.0f;
-    case QF_FP8_E4M3: return 448.0f;
+    case LP_QFMT_INT8: return 127.0f;
+    case LP_QFMT_UINT8: return 255.0f;
+    case LP_QFMT_INT4: return 7.0f;
+    case LP_QFMT_FP8_E4M3: return 448.0f;
     default: return 57344.0f;
   }
 }
@@ -57,7 +57,7 @@ __host__ __device__ inline float positive_zero(float v) { return v == 0.0f ? 0.0
 __host__ __device__ inline void group_params(int fmt, float hi, float nlo, float* scale, int32_t* zero_point) {
   hi = positive_zero(hi);
   nlo = positive_zero(nlo);
-  if (fmt == QF_UINT8) {
+  if (fmt == LP_QFMT_UINT8) {
     const float s = div_rn(add_rn(hi, nlo), 255.0f);
     *scale = s;
     *zero_point = s != 0.0f ? int32_t(round_even(div_rn(nlo, s))) : 0;
@@ -76,33 +76,33 @@ __host__ __device__ inline uint32_t quantize_code(int fmt, float x, float scale,
                                                   bool stochastic, float u) {
   if (scale == 0.0f) return 0;
   const float q = div_rn(x, scale);
-  if (fmt == QF_FP8_E4M3) return f32_to_fp8_e4m3(q);
-  if (fmt == QF_FP8_E5M2) return f32_to_fp8_e5m2(q);
+  if (fmt == LP_QFMT_FP8_E4M3) return f32_to_fp8_e4m3(q);
+  if (fmt == LP_QFMT_FP8_E5M2) return f32_to_fp8_e5m2(q);
   float r = stochastic ? floor_f32(add_rn(q, u)) : round_even(q);
-  if (fmt == QF_UINT8) return uint32_t(int32_t(clamp_f32(add_rn(r, float(zero_point)), 0.0f, 255.0f)));
+  if (fmt == LP_QFMT_UINT8) return uint32_t(int32_t(clamp_f32(add_rn(r, float(zero_point)), 0.0f, 255.0f)));
   const float qmax = format_qmax(fmt);
   const int32_t c = int32_t(clamp_f32(r, -qmax, qmax));
-  return fmt == QF_INT4 ? uint32_t(c) & 0xfu : uint32_t(uint8_t(int8_t(c)));
+  return fmt == LP_QFMT_INT4 ? uint32_t(c) & 0xfu : uint32_t(uint8_t(int8_t(c)));
 }
 
 __host__ __device__ inline float dequantize_code(int fmt, uint32_t code, float scale, int32_t zero_point) {
   switch (fmt) {
-    case QF_INT8: return mul_rn(float(int32_t(int8_t(uint8_t(code)))), scale);
-    case QF_UINT8: return mul_rn(float(int32_t(code) - zero_point), scale);
-    case QF_INT4: return mul_rn(float(int32_t(code & 0xfu) - (code & 0x8u ? 16 : 0)), scale);
-    case QF_FP8_E4M3: return mul_rn(fp8_e4m3_to_f32(uint8_t(code)), scale);
+    case LP_QFMT_INT8: return mul_rn(float(int32_t(int8_t(uint8_t(code)))), scale);
+    case LP_QFMT_UINT8: return mul_rn(float(int32_t(code) - zero_point), scale);
+    case LP_QFMT_INT4: return mul_rn(float(int32_t(code & 0xfu) - (code & 0x8u ? 16 : 0)), scale);
+    case LP_QFMT_FP8_E4M3: return mul_rn(fp8_e4m3_to_f32(uint8_t(code)), scale);
     default: return mul_rn(fp8_e5m2_to_f32(uint8_t(code)), scale);
   }
 }
 
 __host__ __device__ inline float load_as_f32(const void* x, int dtype, int64_t i) {
-  if (dtype == DT_F32) return static_cast<const float*>(x)[i];
+  if (dtype == LP_DTYPE_F32) return static_cast<const float*>(x)[i];
   const uint16_t h = static_cast<const uint16_t*>(x)[i];
-  return dtype == DT_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+  return dtype == LP_DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
 }
 
 __host__ __device__ inline uint32_t store_bits_of(float v, int dtype) {
-  return dtype == DT_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+  return dtype == LP_DTYPE_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
 }
 
 // Walks the groups of consecutive flat indices: group = (i / n_inner) % n_channels.
@@ -142,7 +142,7 @@ template <int DT>
 __device__ inline int load_run(const void* x, int64_t start, int64_t n, bool vec, float (&v)[kRun]) {
   const int count = n - start >= kRun ? kRun : int(n - start);
   if (vec && count == kRun) {
-    if constexpr (DT == DT_F32) {
+    if constexpr (DT == LP_DTYPE_F32) {
       const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(x) + start);
       const float4 a = p[0], b = p[1];
       v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
@@ -153,8 +153,8 @@ __device__ inline int load_run(const void* x, int64_t start, int64_t n, bool vec
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const uint16_t lo = uint16_t(words[j] & 0xffffu), hi = uint16_t(words[j] >> 16);
-        v[2 * j] = DT == DT_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
-        v[2 * j + 1] = DT == DT_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
+        v[2 * j] = DT == LP_DTYPE_BF16 ? bf16_to_f32(lo) : f16_to_f32(lo);
+        v[2 * j + 1] = DT == LP_DTYPE_BF16 ? bf16_to_f32(hi) : f16_to_f32(hi);
       }
     }
     return count;
@@ -167,7 +167,7 @@ __device__ inline int load_run(const void* x, int64_t start, int64_t n, bool vec
 // Stores the codes of elements [start, start + count): one byte each, or for int4 a nibble each
 // packed low-first into byte i / 2 (the padding nibble past n is 0).
 __device__ inline void store_run(int fmt, uint8_t* data, int64_t start, int count, const uint32_t (&c)[kRun]) {
-  if (fmt == QF_INT4) {
+  if (fmt == LP_QFMT_INT4) {
     uint32_t word = 0;
 #pragma unroll
     for (int j = 0; j < kRun; ++j) word |= (j < count ? c[j] & 0xfu : 0u) << (4 * j);
@@ -470,7 +470,7 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantKernelAr
     const int64_t start = run * kRun;
     const int count = a.n - start >= kRun ? kRun : int(a.n - start);
     uint32_t codes[kRun];
-    if (a.fmt == QF_INT4) {
+    if (a.fmt == LP_QFMT_INT4) {
       const uint8_t* src = a.data + start / 2;
       uint32_t word = 0;
       if (count == kRun && (reinterpret_cast<uintptr_t>(src) & 3u) == 0) {
@@ -506,7 +506,7 @@ __global__ void __launch_bounds__(kThreads) dequant_kernel(const DequantKernelAr
         w.next();
       }
     }
-    if (a.out_dtype == DT_F32) {
+    if (a.out_dtype == LP_DTYPE_F32) {
       float* dst = static_cast<float*>(a.out) + start;
       if (count == kRun && (reinterpret_cast<uintptr_t>(dst) & 15u) == 0) {
         reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
@@ -541,9 +541,9 @@ unsigned grid_for(int64_t items, int64_t per_cta) {
 }
 
 void check_quant_args(int fmt, int in_dtype, int64_t n_outer, int64_t n_channels, int64_t n_inner, int64_t block_size) {
-  if (fmt < QF_INT8 || fmt > QF_FP8_E5M2)
+  if (fmt < LP_QFMT_INT8 || fmt > LP_QFMT_FP8_E5M2)
     throw std::invalid_argument("lepton_core CUDA quantize: unknown format code " + std::to_string(fmt));
-  if (in_dtype != DT_F32 && in_dtype != DT_F16 && in_dtype != DT_BF16)
+  if (in_dtype != LP_DTYPE_F32 && in_dtype != LP_DTYPE_F16 && in_dtype != LP_DTYPE_BF16)
     throw std::invalid_argument("lepton_core CUDA quantize: input must be float32, float16 or bfloat16");
   if (n_outer < 0 || n_channels < 0 || n_inner < 0)
     throw std::invalid_argument("lepton_core CUDA quantize: negative size");
@@ -604,7 +604,7 @@ void quantize(const QuantArgs& q) {
   check_quant_args(q.format, q.in_dtype, q.n_outer, q.n_channels, q.n_inner, q.block_size);
   const int64_t n = q.n_outer * q.n_channels * q.n_inner;
   if (n == 0) return;
-  if (q.format == QF_UINT8 && q.zero_point == 0)
+  if (q.format == LP_QFMT_UINT8 && q.zero_point == 0)
     throw std::invalid_argument("lepton_core CUDA quantize: uint8 needs a zero_point buffer");
   if (q.x == 0 || q.data == 0 || q.scale == 0 || q.bad_index == 0 || (q.block_size == 0 && q.stats == 0))
     throw std::invalid_argument("lepton_core CUDA quantize: null buffer pointer");
@@ -615,7 +615,7 @@ void quantize(const QuantArgs& q) {
   a.x = reinterpret_cast<const void*>(q.x);
   a.data = reinterpret_cast<uint8_t*>(q.data);
   a.scale = reinterpret_cast<float*>(q.scale);
-  a.zero_point = q.format == QF_UINT8 ? reinterpret_cast<int32_t*>(q.zero_point) : nullptr;
+  a.zero_point = q.format == LP_QFMT_UINT8 ? reinterpret_cast<int32_t*>(q.zero_point) : nullptr;
   a.stats = reinterpret_cast<uint32_t*>(q.stats);
   a.bad_index = reinterpret_cast<unsigned long long*>(q.bad_index);
   a.n = n;
@@ -627,18 +627,18 @@ void quantize(const QuantArgs& q) {
   a.key = rng_key(q.seed);
   a.x_vec = q.x % 16 == 0;
   const cudaStream_t s = as_stream(q.stream);
-  if (q.in_dtype == DT_F32) launch_quantize<DT_F32>(q, a, s);
-  else if (q.in_dtype == DT_F16) launch_quantize<DT_F16>(q, a, s);
-  else launch_quantize<DT_BF16>(q, a, s);
+  if (q.in_dtype == LP_DTYPE_F32) launch_quantize<LP_DTYPE_F32>(q, a, s);
+  else if (q.in_dtype == LP_DTYPE_F16) launch_quantize<LP_DTYPE_F16>(q, a, s);
+  else launch_quantize<LP_DTYPE_BF16>(q, a, s);
 }
 
 void dequantize(const DequantArgs& d) {
-  check_quant_args(d.format, DT_F32, d.n_outer, d.n_channels, d.n_inner, d.block_size);
-  if (d.out_dtype != DT_F32 && d.out_dtype != DT_F16 && d.out_dtype != DT_BF16)
+  check_quant_args(d.format, LP_DTYPE_F32, d.n_outer, d.n_channels, d.n_inner, d.block_size);
+  if (d.out_dtype != LP_DTYPE_F32 && d.out_dtype != LP_DTYPE_F16 && d.out_dtype != LP_DTYPE_BF16)
     throw std::invalid_argument("lepton_core CUDA dequantize: output must be float32, float16 or bfloat16");
   const int64_t n = d.n_outer * d.n_channels * d.n_inner;
   if (n == 0) return;
-  if (d.data == 0 || d.scale == 0 || d.out == 0 || (d.format == QF_UINT8 && d.zero_point == 0))
+  if (d.data == 0 || d.scale == 0 || d.out == 0 || (d.format == LP_QFMT_UINT8 && d.zero_point == 0))
     throw std::invalid_argument("lepton_core CUDA dequantize: null buffer pointer");
   int64_t n_groups, walk_channels, walk_inner;
   group_layout(d.n_outer, d.n_channels, d.n_inner, d.block_size, &n_groups, &walk_channels, &walk_inner);
@@ -646,7 +646,7 @@ void dequantize(const DequantArgs& d) {
   DequantKernelArgs a{};
   a.data = reinterpret_cast<const uint8_t*>(d.data);
   a.scale = reinterpret_cast<const float*>(d.scale);
-  a.zero_point = d.format == QF_UINT8 ? reinterpret_cast<const int32_t*>(d.zero_point) : nullptr;
+  a.zero_point = d.format == LP_QFMT_UINT8 ? reinterpret_cast<const int32_t*>(d.zero_point) : nullptr;
   a.out = reinterpret_cast<void*>(d.out);
   a.n = n;
   a.n_channels = walk_channels;
@@ -679,38 +679,38 @@ void host_quantize(const QuantArgs& q) {
   }
   *reinterpret_cast<int64_t*>(q.bad_index) = bad;
   float* scale = reinterpret_cast<float*>(q.scale);
-  int32_t* zp = q.format == QF_UINT8 ? reinterpret_cast<int32_t*>(q.zero_point) : nullptr;
+  int32_t* zp = q.format == LP_QFMT_UINT8 ? reinterpret_cast<int32_t*>(q.zero_point) : nullptr;
   for (int64_t g = 0; g < n_groups; ++g) {
     int32_t z;
     group_params(q.format, hi[size_t(g)], nlo[size_t(g)], &scale[g], &z);
     if (zp != nullptr) zp[g] = z;
   }
   uint8_t* data = reinterpret_cast<uint8_t*>(q.data);
-  if (q.format == QF_INT4) std::fill(data, data + (n + 1) / 2, uint8_t(0));
+  if (q.format == LP_QFMT_INT4) std::fill(data, data + (n + 1) / 2, uint8_t(0));
   const uint32_t key = rng_key(q.seed);
   GroupWalker wq(0, walk_channels, walk_inner);
   for (int64_t i = 0; i < n; ++i, wq.next()) {
     const float u = q.stochastic ? rng_uniform_bits(key, rng_key_hi(key, uint64_t(i)), uint32_t(uint64_t(i))) : 0.0f;
     const uint32_t c = quantize_code(q.format, load_as_f32(x, q.in_dtype, i), scale[wq.group],
                                      zp != nullptr ? zp[wq.group] : 0, q.stochastic, u);
-    if (q.format == QF_INT4) data[i / 2] = uint8_t(data[i / 2] | (c << (4 * (i & 1))));
+    if (q.format == LP_QFMT_INT4) data[i / 2] = uint8_t(data[i / 2] | (c << (4 * (i & 1))));
     else data[i] = uint8_t(c);
   }
 }
 
 void host_dequantize(const DequantArgs& d) {
-  check_quant_args(d.format, DT_F32, d.n_outer, d.n_channels, d.n_inner, d.block_size);
+  check_quant_args(d.format, LP_DTYPE_F32, d.n_outer, d.n_channels, d.n_inner, d.block_size);
   const int64_t n = d.n_outer * d.n_channels * d.n_inner;
   int64_t n_groups, walk_channels, walk_inner;
   group_layout(d.n_outer, d.n_channels, d.n_inner, d.block_size, &n_groups, &walk_channels, &walk_inner);
   const uint8_t* data = reinterpret_cast<const uint8_t*>(d.data);
   const float* scale = reinterpret_cast<const float*>(d.scale);
-  const int32_t* zp = d.format == QF_UINT8 ? reinterpret_cast<const int32_t*>(d.zero_point) : nullptr;
+  const int32_t* zp = d.format == LP_QFMT_UINT8 ? reinterpret_cast<const int32_t*>(d.zero_point) : nullptr;
   GroupWalker w(0, walk_channels, walk_inner);
   for (int64_t i = 0; i < n; ++i, w.next()) {
-    const uint32_t code = d.format == QF_INT4 ? (data[i / 2] >> (4 * (i & 1))) & 0xfu : data[i];
+    const uint32_t code = d.format == LP_QFMT_INT4 ? (data[i / 2] >> (4 * (i & 1))) & 0xfu : data[i];
     const float v = dequantize_code(d.format, code, scale[w.group], zp != nullptr ? zp[w.group] : 0);
-    if (d.out_dtype == DT_F32) reinterpret_cast<float*>(d.out)[i] = v;
+    if (d.out_dtype == LP_DTYPE_F32) reinterpret_cast<float*>(d.out)[i] = v;
     else reinterpret_cast<uint16_t*>(d.out)[i] = uint16_t(store_bits_of(v, d.out_dtype));
   }
 }
