@@ -76,11 +76,11 @@ def _apply_isa_cap() -> None:
             stacklevel=3,
         )
         return
-    _C.cpu_isa_set_active(ISA_NAMES.index(cap))
+    _C.cpu_isa_set_active(isa=ISA_NAMES.index(cap))
 
 
 _apply_isa_cap()
-_C.set_num_threads(default_num_threads())
+_C.set_num_threads(n=default_num_threads())
 
 
 def cpu_isa() -> str:
@@ -97,7 +97,7 @@ def _set_cpu_isa(name: str) -> None:
     """Testing hook: switch the kernels' ISA at run time (capped at what the CPU supports)."""
     if name not in ISA_NAMES:
         raise ValueError(f"unknown ISA {name!r}")
-    _C.cpu_isa_set_active(ISA_NAMES.index(name))
+    _C.cpu_isa_set_active(isa=ISA_NAMES.index(name))
 
 
 def set_num_threads(n: int) -> None:
@@ -114,7 +114,7 @@ def set_num_threads(n: int) -> None:
             raise TypeError(f"lc.set_num_threads: n must be an int, got {type(n).__name__}") from None
     if n < 1:
         raise ValueError(f"lc.set_num_threads: n must be >= 1, got {n}")
-    _C.set_num_threads(min(n, 1 << 16))  # stored as given (above the core count too)
+    _C.set_num_threads(n=min(n, 1 << 16))  # stored as given (above the core count too)
     global _num_threads
     _num_threads = n
 

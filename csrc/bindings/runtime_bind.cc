@@ -91,9 +91,9 @@ void bind_runtime(py::module_& m) {
   m.def("cpu_isa_detected", &cpu_isa_detected);
   m.def("cpu_isa_compiled", &cpu_isa_compiled);
   m.def("cpu_isa_active", &cpu_isa_active);
-  m.def("cpu_isa_set_active", &cpu_isa_set_active);
-  m.def("cpu_isa_name", [](int isa) { return std::string(cpu_isa_name(isa)); });
-  m.def("set_num_threads", &runtime_set_num_threads);
+  m.def("cpu_isa_set_active", &cpu_isa_set_active, py::arg("isa"));
+  m.def("cpu_isa_name", [](int isa) { return std::string(cpu_isa_name(isa)); }, py::arg("isa"));
+  m.def("set_num_threads", &runtime_set_num_threads, py::arg("n"));
   m.def("get_num_threads", &runtime_num_threads);
   m.def("cpu_features", []() {
     const CpuFeatures& f = cpu_features();
