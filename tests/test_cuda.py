@@ -188,7 +188,9 @@ def ref_quantize(x32, fmt, groups, n_groups, stochastic=False, seed=0):
         codes[zero] = 0
         return codes, scale, (zp if fmt == "uint8" else None)
     if stochastic:
-        r = np.floor((q + ref_uniform(seed, np.arange(flat.size))).astype(np.float32))
+        # floor of the exact sum q + u (u on the 2^-24 grid): every float64 step here is exact
+        u24 = ref_uniform(seed, np.arange(flat.size)).astype(np.float64) * 2.0**24
+        r = np.floor((np.floor(q.astype(np.float64) * 2.0**24) + u24) / 2.0**24)
     else:
         r = np.rint(q)
     if fmt == "uint8":
@@ -366,6 +368,67 @@ def test_host_twin_matches_cpu_backend(rng, fmt):
                 assert torch.equal(q.scale.reshape(-1).view(torch.int32), scale.view(torch.int32))
                 if fmt == "uint8":
                     assert torch.equal(q.zero_point.reshape(-1), zp)
+
+
+# ---- stochastic rounding is the floor of the exact sum x / scale + u (issue 9) ----
+# (format, v_lo, v_hi): every group holds v_hi / 16 (uint8: and v_lo / 16), so its scale is exactly
+# 1/16 (uint8 zero point 128) and x / scale = v exactly.
+EXACT_SCALE_RANGE = {"int8": (-127, 127), "uint8": (-128, 127), "int4": (-7, 7)}
+CARRY_GRANULARITIES = [((4100,), None, None), ((41, 100), 0, None), ((41, 100), 1, None), ((4100,), None, 32),
+                       ((4100,), None, 256), ((5, 8193), None, 4096)]
+
+
+def carry_boundary_x(rng, fmt, shape, groups, seed):
+    """x = v / 16 with quotients v where floor(v + u) is easy to get wrong: exact integers (the float32
+    sum k + u rounded up to k + 1 for u near 1), and just below / on / above k + 1 - u for this seed's
+    own u, and tiny fractions finer than u's 2^-24 grid."""
+    v_lo, v_hi = EXACT_SCALE_RANGE[fmt]
+    n = math.prod(shape)
+    u = ref_uniform(seed, np.arange(n)).astype(np.float64)
+    k = rng.integers(v_lo, v_hi, n).astype(np.float64)
+    boundary = (k + 1 - u).astype(np.float32)
+    tiny = (np.exp2(-rng.integers(25, 60, n)) * rng.choice([-1, 1], n)).astype(np.float32)
+    candidates = [k, boundary, np.nextafter(boundary, np.float32(-np.inf)), np.nextafter(boundary, np.float32(np.inf)),
+                  tiny, rng.uniform(v_lo, v_hi, n)]
+    v = np.choose(rng.integers(0, len(candidates), n), [np.asarray(c, np.float32) for c in candidates])
+    v = np.clip(v, v_lo, np.nextafter(np.float32(v_hi), np.float32(0)))
+    first = np.unique(groups, return_index=True)[1]
+    v[first] = v_hi
+    if fmt == "uint8":
+        v[[np.flatnonzero(groups == g)[1] for g in range(len(first))]] = v_lo
+    return torch.from_numpy((v / np.float32(16)).reshape(shape))
+
+
+def carry_repro_cases():
+    """Issue 9's reproductions: x / scale an exact integer k, scale 1/16, and a seed whose u at one
+    index (967; int4: 285) is so close to 1 that the float32 sum k + u rounded to k + 1."""
+    i = torch.arange(1024, dtype=torch.float32)
+    return [("int8", ((i % 255) - 127) / 16, 213813), ("uint8", ((i % 256) - 128) / 16, 213813),
+            ("int4", ((i % 15) - 7) / 16, 4321)]
+
+
+@pytest.mark.skipif(not _BUILT, reason="lepton_core._C_cuda was not built")
+@pytest.mark.parametrize("fmt", INT_FMTS)
+def test_host_twin_stochastic_floor_of_exact_sum(rng, fmt):
+    """The kernels' stochastic rounding (run on the host) is floor(x / scale + u) of the exact sum,
+    byte for byte, on inputs full of carry boundaries; the issue's reproductions dequantize exactly."""
+    for shape, axis, block in CARRY_GRANULARITIES:
+        layout, groups, n_groups = ref_layout(shape, axis, block)
+        for _ in range(4):
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            x = carry_boundary_x(rng, fmt, shape, groups, seed)
+            data, scale, zp, _ = host_quantize(x, fmt, layout, True, seed)
+            want_codes, want_scale, want_zp = ref_quantize(x.numpy(), fmt, groups, n_groups, True, seed)
+            assert torch.all(scale == 1 / 16)
+            np.testing.assert_array_equal(data.numpy(), want_codes)
+            if fmt == "uint8":
+                np.testing.assert_array_equal(zp.numpy(), want_zp)
+    for f, x, seed in carry_repro_cases():
+        if f == fmt:
+            layout = ref_layout(tuple(x.shape), None, None)[0]
+            data, scale, zp, _ = host_quantize(x, fmt, layout, True, seed)
+            out = host_dequantize(data, scale, zp, fmt, layout, torch.float32, x.numel())
+            assert torch.equal(out, x)
 
 
 # ---- the Python glue of _cuda_backend against an emulation of the native contract (csrc/cuda/api.h) ----
@@ -811,3 +874,29 @@ def test_quantize_gpu_reports_first_non_finite(rng):
             layout, _, _ = ref_layout(shape, ax, block)
             for fmt in ("int8", "uint8"):
                 assert _gpu_quantize_direct(x.cuda(), fmt, layout, False, 0)[3] == pos[0]
+
+
+@pytest.mark.cuda
+@requires_gpu
+@pytest.mark.parametrize("fmt", INT_FMTS)
+def test_quantize_gpu_stochastic_floor_of_exact_sum(fmt, rng):
+    """Stochastic rounding on the GPU is the floor of the exact sum: the same bytes as the host twin
+    and the CPU backend on inputs full of carry boundaries, and issue 9's reproductions dequantize
+    exactly."""
+    for shape, axis, block in CARRY_GRANULARITIES + [(((1 << 20) + 3,), None, None), ((1024, 513), 1, None)]:
+        layout, groups, n_groups = ref_layout(shape, axis, block)
+        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+        x = carry_boundary_x(rng, fmt, shape, groups, seed)
+        d, s, z, bad = _gpu_quantize_direct(x.cuda(), fmt, layout, True, seed)
+        hd, hs, hz, _ = host_quantize(x, fmt, layout, True, seed)
+        assert bad == -1
+        assert torch.equal(d.cpu(), hd) and torch.equal(s.cpu(), hs)
+        if fmt == "uint8":
+            assert torch.equal(z.cpu(), hz)
+        if _cpu_quantize_available():
+            qc = lc.quantize(x, fmt, axis=axis, block_size=block, rounding="stochastic", seed=seed)
+            assert torch.equal(hd, qc.data.reshape(-1).view(torch.uint8))
+    for f, x, seed in carry_repro_cases():
+        if f == fmt:
+            q = lc.quantize(x.cuda(), fmt, rounding="stochastic", seed=seed)
+            assert torch.equal(lc.dequantize(q).cpu(), x)

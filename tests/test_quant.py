@@ -55,6 +55,16 @@ def rng_uniform(seed: int, index: np.ndarray) -> np.ndarray:
     return (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
+def exact_floor_plus_u(t: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """floor(t + u) of the exact sum (API.md §2's stochastic rounding), t float32, u from rng_uniform
+    (on the 2^-24 grid). floor(t + u) = floor((floor(t * 2^24) + u * 2^24) / 2^24), and every float64
+    step of that is exact while |t| < 2^28: power-of-two scalings, floors, and a sum of integers below
+    2^53. (The float32 sum t + u would round up across an integer when u is close to 1.)"""
+    t64 = t.astype(np.float64)
+    assert np.all(np.abs(t64) < 2.0**28)
+    return np.floor((np.floor(t64 * 2.0**24) + u.astype(np.float64) * 2.0**24) / 2.0**24)
+
+
 def _fp8_table(fmt):
     """Non-negative finite values of the format, ascending, and their codes."""
     vals = torch.arange(256, dtype=torch.uint8).view(FP8_TORCH[fmt]).float().numpy()
@@ -119,7 +129,7 @@ def ref_quantize(x32: np.ndarray, fmt, axis=None, block_size=None, stochastic=Fa
         codes[zero] = 0
         return codes, scale, zp
     if stochastic:
-        r = np.floor((t + rng_uniform(seed, np.arange(flat.size))).astype(np.float32))
+        r = exact_floor_plus_u(np.where(zero, np.float32(0), t), rng_uniform(seed, np.arange(flat.size)))
     else:
         r = np.rint(t)
     if fmt == "uint8":
@@ -799,3 +809,110 @@ def test_torch_compile_fullgraph(rng):
     torch.compile(g, fullgraph=True)(xg).sum().backward()
     assert torch.equal(xg.grad, torch.full_like(x, 2.0))
     assert not lc.quantize(xg, "int8").scale.requires_grad
+
+
+# =============================================================================================
+# Stochastic rounding is the floor of the EXACT sum x / scale + u (issue 9, defect 1)
+# =============================================================================================
+# (format, v_lo, v_hi): the quotient range of a group whose scale is exactly 1/16, made by putting
+# v_hi / 16 (and, for uint8, v_lo / 16) in every group: int8 absmax 127/16; uint8 range 255/16 with
+# zero point 128; int4 absmax 7/16.
+EXACT_SCALE_RANGE = {"int8": (-127, 127), "uint8": (-128, 127), "int4": (-7, 7)}
+STOCH_GRANS = {"tensor": (4100,), "rows": (41, 100), "cols": (41, 100), "b32": (4100,), "b256": (4100,)}
+STOCH_KW = {"tensor": {}, "rows": {"axis": 0}, "cols": {"axis": 1}, "b32": {"block_size": 32},
+            "b256": {"block_size": 256}}
+
+
+def _adversarial_quotients(rng, fmt, shape, kw, seed) -> np.ndarray:
+    """float32 quotients v (x = v / 16 with scale exactly 1/16) chosen where floor(v + u) is easy to
+    get wrong: exact integers (u near 1 rounded v + u up a whole step), v just below and above
+    k + 1 - u for this seed's own u (the carry boundary), tiny fractions below 2^-24 (finer than u's
+    grid), and random fractions."""
+    v_lo, v_hi = EXACT_SCALE_RANGE[fmt]
+    n = math.prod(shape)
+    u = rng_uniform(seed, np.arange(n)).astype(np.float64)
+    k = rng.integers(v_lo, v_hi, n).astype(np.float64)  # v stays in [v_lo, v_hi)
+    boundary = (k + 1 - u).astype(np.float32)  # rounded: on the carry, or either side of it
+    tiny = (np.exp2(-rng.integers(25, 60, n)) * rng.choice([-1, 1], n)).astype(np.float32)
+    candidates = [k, boundary, np.nextafter(boundary, np.float32(-np.inf)),
+                  np.nextafter(boundary, np.float32(np.inf)), k + tiny, tiny,
+                  np.float32(2.0**-25 + 2.0**-40) * rng.choice([-1, 1], n),  # frac + u just under 1
+                  rng.uniform(v_lo, v_hi, n)]
+    v = np.choose(rng.integers(0, len(candidates), n), [np.asarray(c, np.float32) for c in candidates])
+    v = np.clip(v, v_lo, np.nextafter(np.float32(v_hi), np.float32(0)))
+    # every group gets its extremes, so every scale is exactly 1/16 (and the uint8 zero point 128)
+    g, n_groups = ref_groups(shape, kw.get("axis"), kw.get("block_size"))
+    first = np.unique(g, return_index=True)[1]
+    v[first] = v_hi
+    if fmt == "uint8":
+        second = np.array([np.flatnonzero(g == grp)[1] for grp in range(n_groups)])
+        v[second] = v_lo
+    return v.reshape(shape)
+
+
+def test_stochastic_exact_quotient_issue9_reproduction(isa, threads):
+    """Issue 9: x / scale an exact integer k must give code k for every u; the float32 sum k + u
+    rounded to k + 1 when u was within half an ulp of 1 (seed 213813, index 967, k = 75 / 71)."""
+    i = torch.arange(1024, dtype=torch.float32)
+    cases = [("int8", ((i % 255) - 127) / 16, 213813), ("uint8", ((i % 256) - 128) / 16, 213813),
+             ("int4", ((i % 15) - 7) / 16, 4321)]  # int4: k = -7 at index 285 gave -6
+    for fmt, x, seed in cases:
+        q = lc.quantize(x, fmt, rounding="stochastic", seed=seed)
+        assert float(q.scale) == 1 / 16
+        dq = lc.dequantize(q)
+        bad = torch.nonzero(dq != x).flatten()
+        assert bad.numel() == 0, f"{fmt}: codes off at {bad[:5].tolist()}: {dq[bad[:5]].tolist()} != {x[bad[:5]].tolist()}"
+
+
+@pytest.mark.parametrize("gran", list(STOCH_GRANS))
+@pytest.mark.parametrize("fmt", INT_FMTS)
+def test_stochastic_floor_of_exact_sum(fmt, gran, isa, threads, rng):
+    """Brute force over seeds: every code is exactly floor(v + u) (v = x / scale, u this seed's
+    generator value at the element's index), computed in float64 without rounding; the bytes equal
+    the reference; and the error is strictly below one scale (here exactly computable: scale 1/16)."""
+    shape, kw = STOCH_GRANS[gran], STOCH_KW[gran]
+    zp = 128 if fmt == "uint8" else 0
+    for _ in range(6):
+        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+        v = _adversarial_quotients(rng, fmt, shape, kw, seed)
+        x = torch.from_numpy(v / np.float32(16))
+        q = lc.quantize(x, fmt, rounding="stochastic", seed=seed, **kw)
+        assert np.all(to_np(q.scale) == 1 / 16)
+        if fmt == "uint8":
+            assert np.all(to_np(q.zero_point) == zp)
+        codes = ref_code_values(as_bytes(q.data), fmt, v.size) - zp
+        want = exact_floor_plus_u(v.reshape(-1), rng_uniform(seed, np.arange(v.size)))
+        bad = np.flatnonzero(codes != want)
+        assert bad.size == 0, (f"seed {seed}: {bad.size} codes differ, first at {bad[:5]}: v {v.reshape(-1)[bad[:5]]}, "
+                               f"got {codes[bad[:5]]}, want {want[bad[:5]]}")
+        check_against_ref(x, q, fmt, stochastic=True, seed=seed, **kw)
+        err = np.abs(lc.dequantize(q).double().numpy() - x.double().numpy())  # exact: scale is 2^-4
+        assert err.max() < 1 / 16
+
+
+def test_stochastic_isa_and_threads_bitwise_identical(rng):
+    """The exact-sum stochastic rounding gives the scalar single-thread bytes on every ISA path and
+    thread count, on inputs full of carry boundaries (large enough for several threads)."""
+    seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+    shape = (3, 90001)
+    before_isa, before_threads = _runtime.cpu_isa(), lc.get_num_threads()
+    results = {}
+    try:
+        for fmt in INT_FMTS:
+            for kw in ({}, {"axis": 0}, {"axis": 1}, {"block_size": 64}):
+                v = _adversarial_quotients(rng, fmt, shape, kw, seed)
+                x = torch.from_numpy(v / np.float32(16))
+                for isa in _runtime.available_isas():
+                    for nt in (1, 2, 3):
+                        _runtime._set_cpu_isa(isa)
+                        lc.set_num_threads(nt)
+                        q = lc.quantize(x, fmt, rounding="stochastic", seed=seed, **kw)
+                        results.setdefault((fmt, str(kw)), {})[(isa, nt)] = as_bytes(q.data)
+                base = results[(fmt, str(kw))][("scalar", 1)]
+                check_against_ref(x, lc.quantize(x, fmt, rounding="stochastic", seed=seed, **kw), fmt,
+                                  stochastic=True, seed=seed, **kw)
+                for key, got in results[(fmt, str(kw))].items():
+                    assert np.array_equal(got, base), f"{fmt} {kw}: {key} differs from scalar/1 thread"
+    finally:
+        _runtime._set_cpu_isa(before_isa)
+        lc.set_num_threads(before_threads)

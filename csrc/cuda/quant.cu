@@ -6,7 +6,8 @@
 //   group stats  hi = max(max(x), 0), nlo = max(-min(x), 0)   (exact, order-independent; +0 for 0)
 //   symmetric    scale = max(hi, nlo) / qmax                   (true division)
 //   uint8        scale = (hi - lo) / 255 = (hi + nlo) / 255,  zero_point = rint(nlo / scale)
-//   code         q = x / scale; nearest: rint(q) (half to even); stochastic: floor(q + u);
+//   code         q = x / scale; nearest: rint(q) (half to even); stochastic: floor(q + u) of the
+//                exact sum (stochastic_floor below: the float32 sum could round across an integer);
 //                integer formats clamp to the range (uint8 after adding zero_point); fp8 casts q
 //                with the saturating round-to-nearest-even conversion of dtypes.h
 //   zero scale   (an all-zero group, or one whose absmax / qmax underflows to 0): every code 0 and
@@ -71,6 +72,14 @@ __host__ __device__ inline float clamp_f32(float v, float lo, float hi) {
   return fminf(fmaxf(v, lo), hi);  // NaN (only from a NaN input, which raises anyway) -> lo
 }
 
+// floor(q + u) in exact arithmetic for u = m * 2^-24: csrc/cpu/quant/quant.h's stochastic_floor,
+// where the proof is (every step exact: the carry of frac(q) + u is taken on u's 2^-24 grid).
+__host__ __device__ inline float stochastic_floor(float q, float u) {
+  const float f = floor_f32(q);
+  const float d = add_rn(mul_rn(floor_f32(mul_rn(q, 16777216.0f)), 5.9604644775390625e-08f), -f);
+  return add_rn(f, floor_f32(add_rn(d, u)));
+}
+
 // The stored byte (int4: the low nibble) of one element.
 __host__ __device__ inline uint32_t quantize_code(int fmt, float x, float scale, int32_t zero_point,
                                                   bool stochastic, float u) {
@@ -78,7 +87,7 @@ __host__ __device__ inline uint32_t quantize_code(int fmt, float x, float scale,
   const float q = div_rn(x, scale);
   if (fmt == QF_FP8_E4M3) return f32_to_fp8_e4m3(q);
   if (fmt == QF_FP8_E5M2) return f32_to_fp8_e5m2(q);
-  float r = stochastic ? floor_f32(add_rn(q, u)) : round_even(q);
+  float r = stochastic ? stochastic_floor(q, u) : round_even(q);
   if (fmt == QF_UINT8) return uint32_t(int32_t(clamp_f32(add_rn(r, float(zero_point)), 0.0f, 255.0f)));
   const float qmax = format_qmax(fmt);
   const int32_t c = int32_t(clamp_f32(r, -qmax, qmax));

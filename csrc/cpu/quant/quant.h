@@ -13,7 +13,8 @@
 //   symmetric: scale = absmax / qmax; asymmetric uint8: lo = min(min, 0), hi = max(max, 0),
 //   scale = (hi - lo) / 255, zero_point = rint(-lo / scale). A group with scale 0 gets code 0.
 //   nearest:    code = clamp(rint(x / scale) + zero_point)            (rint: half to even)
-//   stochastic: code = clamp(floor(x / scale + u) + zero_point), u = rng_uniform(seed, flat index)
+//   stochastic: code = clamp(floor(x / scale + u) + zero_point), u = rng_uniform(seed, flat index),
+//               the floor of the exact sum (stochastic_floor), not of its float32 rounding
 //   fp8:        code = f32_to_fp8(x / scale)                          (dtypes.h, saturating)
 //   dequantize: out = round_to_out_dtype(float(code - zero_point) * scale)
 #pragma once
@@ -149,6 +150,24 @@ static inline void store_elem(int out_dtype, void* base, int64_t i, float v) {
 
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// floor(v + u) in exact arithmetic, for rng.h's u = m * 2^-24 (m an integer in [0, 2^24)). The
+// float32 sum v + u can round up across an integer (75 + (1 - 58 * 2^-24) -> 76: a code one whole
+// scale off), so the carry is taken on u's grid instead. With f = floor(v), F = floor(v * 2^24):
+//   * v * 2^24 and F * 2^-24 are exact (power-of-two scalings; |v| <= 1.5 qmax, as the scale is
+//     absmax / qmax rounded by at most half of itself even when subnormal, so nothing overflows,
+//     and F is an integer, so F * 2^-24 is 0 or at least 2^-24 in magnitude);
+//   * d = F * 2^-24 - f is exact: its true value, frac(v) truncated to the 2^-24 grid, is a
+//     multiple of 2^-24 in [0, 1), hence a float32, and a rounded subtraction returns it unchanged;
+//   * floor(v + u) = f + [frac(v) + u >= 1] = f + [d + u >= 1], because u is on the same grid;
+//   * d + u is a multiple of 2^-24 in [0, 2): below 1 it is exact, and from 1 up rounding keeps it
+//     in [1, 2), so floor(d + u) is exactly that carry (0 or 1), and f + carry is exact.
+// Every step is exact, so FMA contraction or any SIMD evaluation order gives the same bits.
+static inline float stochastic_floor(float v, float u) {
+  const float f = std::floor(v);
+  const float d = std::floor(v * 16777216.0f) * 5.9604644775390625e-08f - f;
+  return f + std::floor(d + u);
+}
+
 // The code byte of x (int4: the nibble in the low 4 bits). u is the stochastic offset, or < 0 for
 // round-to-nearest-even.
 static inline uint8_t quant_elem(int fmt, float x, float scale, int32_t zero_point, float u) {
@@ -159,7 +178,7 @@ static inline uint8_t quant_elem(int fmt, float x, float scale, int32_t zero_poi
     case LP_QFMT_FP8_E5M2: return f32_to_fp8_e5m2(t);
     default: break;
   }
-  float r = u < 0.0f ? std::nearbyint(t) : std::floor(t + u);
+  float r = u < 0.0f ? std::nearbyint(t) : stochastic_floor(t, u);
   if (fmt == LP_QFMT_UINT8) return uint8_t(int32_t(clampf(r + float(zero_point), 0.0f, 255.0f)));
   float qmax = fmt == LP_QFMT_INT8 ? 127.0f : 7.0f;
   int32_t q = int32_t(clampf(r, -qmax, qmax));

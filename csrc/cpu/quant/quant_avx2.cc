@@ -5,7 +5,8 @@
 //     conversion sees only integer-valued floats in range, so it is exact;
 //   * fp8 encoding mirrors f32_to_fp8_e4m3 / _e5m2 of dtypes.h with integer ops (normal path by
 //     adding the rounding bias, subnormals via a round of |t| * 2^k, saturation and NaN by blends);
-//   * stochastic u is rng.h's generator, 8 lanes at a time with 32-bit multiplies;
+//   * stochastic u is rng.h's generator, 8 lanes at a time with 32-bit multiplies, and the floor of
+//     t + u is quant.h's stochastic_floor (exact steps only);
 //   * fp8 decoding mirrors fp8_*_to_f32 with integer ops and blends; f16 output uses F16C
 //     (RNE, identical to f32_to_f16 except NaN payloads, fixed up per vector); bf16 output is the
 //     integer rounding of f32_to_bf16.
@@ -159,6 +160,14 @@ inline __m256 uniform8(__m256i key, __m256i key_hi, uint32_t index_lo) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(5.9604644775390625e-08f));
 }
 
+// stochastic_floor of quant.h (floor(t + u) of the exact sum), 8 lanes: every step is exact there.
+inline __m256 stochastic_floor8(__m256 t, __m256 u) {
+  const __m256 f = _mm256_floor_ps(t);
+  const __m256 t_grid = _mm256_floor_ps(_mm256_mul_ps(t, _mm256_set1_ps(16777216.0f)));
+  const __m256 d = _mm256_sub_ps(_mm256_mul_ps(t_grid, _mm256_set1_ps(5.9604644775390625e-08f)), f);
+  return _mm256_add_ps(f, _mm256_floor_ps(_mm256_add_ps(d, u)));
+}
+
 // f32_to_fp8_e4m3 / _e5m2 of dtypes.h, 8 lanes, codes in int32 lanes.
 template <int FMT>
 inline __m256i fp8_codes(__m256 t) {
@@ -201,7 +210,7 @@ inline __m256i codes8(const QuantSpan& s, const QuantConsts& k, int64_t j) {
   if constexpr (FMT == LP_QFMT_FP8_E4M3 || FMT == LP_QFMT_FP8_E5M2) {
     c = fp8_codes<FMT>(t);
   } else {
-    __m256 r = STOCH ? _mm256_floor_ps(_mm256_add_ps(t, uniform8(k.key, k.key_hi, uint32_t(s.index0 + j))))
+    __m256 r = STOCH ? stochastic_floor8(t, uniform8(k.key, k.key_hi, uint32_t(s.index0 + j)))
                      : _mm256_round_ps(t, kRoundNearest);
     float lo, hi;
     if (FMT == LP_QFMT_UINT8) {
