@@ -25,7 +25,7 @@ import torch
 import lepton_core as lc
 from lepton_core import _cuda_backend
 
-from tolerances import gemm_rel_norm_bound
+from tolerances import FP8_REL, gemm_rel_norm_bound, quant_nearest_bound, quant_stochastic_bound
 
 INFO = lc.info()
 HAS_CUDA = "cuda" in INFO["backends"]
@@ -40,6 +40,7 @@ QMAX = {"int8": 127.0, "uint8": 255.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2
 FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LP_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 # =============================================================================================
@@ -150,6 +151,21 @@ def ref_uniform(seed, idx):
     return (h >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
+def f32_round_unbounded(a):
+    """float64 -> nearest float32 significand (24 bits, ties to even) with no exponent limit."""
+    m, e = np.frexp(a)
+    return np.ldexp(np.rint(np.ldexp(m, 24)), e - 24)
+
+
+def ref_dequant_values(val, scale, fmt):
+    """float32(val * scale), rounded once; integer formats saturate to +-FLT_MAX (API.md §2)."""
+    p = val.astype(np.float64) * scale.astype(np.float64)  # exact
+    if fmt in INT_FMTS:
+        p = np.clip(p, -F32_MAX, F32_MAX)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return p.astype(np.float32)
+
+
 def ref_layout(shape, axis, block_size):
     """(n_outer, n_channels, n_inner, block_size) and the group of each flat index."""
     n = math.prod(shape)
@@ -169,9 +185,13 @@ def ref_quantize(x32, fmt, groups, n_groups, stochastic=False, seed=0):
     np.maximum.at(hi, groups, flat)
     np.maximum.at(nlo, groups, -flat)
     hi, nlo = hi + np.float32(0), nlo + np.float32(0)  # -0.0 -> +0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if fmt == "uint8":
             scale = ((hi + nlo) / np.float32(255)).astype(np.float32)
+            # hi + nlo past FLT_MAX: the same formula as if float32 had no exponent limit (both are
+            # >= 2^103 there, so the float64 sum is exact; see test_quant.uint8_scale)
+            wide = f32_round_unbounded(f32_round_unbounded(hi.astype(np.float64) + nlo) / 255.0)
+            scale = np.where(np.isfinite(scale), scale, wide.astype(np.float32))
             zp = np.where(scale == 0, 0, np.rint(nlo / scale)).astype(np.int32)
         else:
             scale = (np.maximum(hi, nlo) / np.float32(QMAX[fmt])).astype(np.float32)
@@ -320,7 +340,7 @@ def test_host_twin_dequantize_matches_reference(rng, fmt):
             val = (data.numpy().astype(np.int64) - zp.numpy()[groups]).astype(np.float32)
         else:
             val = data.view(FP8_TORCH[fmt]).float().numpy()
-        want = (val * scale.numpy()[groups]).astype(np.float32)
+        want = ref_dequant_values(val, scale.numpy()[groups], fmt)
         for out_dtype in X_DTYPES:
             got = host_dequantize(data, scale, zp, fmt, layout, out_dtype, n)
             ref = torch.from_numpy(want).to(out_dtype)
@@ -429,6 +449,56 @@ def test_host_twin_stochastic_floor_of_exact_sum(rng, fmt):
             data, scale, zp, _ = host_quantize(x, fmt, layout, True, seed)
             out = host_dequantize(data, scale, zp, fmt, layout, torch.float32, x.numel())
             assert torch.equal(out, x)
+
+
+# ---- values near FLT_MAX (issue 9): finite scales and dequantized values ----
+EXTREME_GROUPS = [[2e38, -2e38, 1.0], [F32_MAX, -F32_MAX, 0.0, 1.0], [F32_MAX, -1e37, 5.0], [-F32_MAX, 1e37, -3.0],
+                  [F32_MAX, -F32_MAX * 0.999], [F32_MAX, 1.0], [1.7e38, -1.7e38], [3e38, -0.5e38]]
+
+
+def extreme_x(rng, width):
+    """(len(EXTREME_GROUPS), width) float32: row r holds group r's values and random ones inside its range."""
+    rows = []
+    for vals in EXTREME_GROUPS:
+        lo, hi = min(min(vals), 0.0), max(max(vals), 0.0)
+        fill = rng.uniform(lo, hi, width - len(vals)) * rng.choice([1.0, 1e-3, 1e-20], width - len(vals))
+        rows.append(rng.permutation(np.concatenate([vals, fill])))
+    return torch.from_numpy(np.array(rows, dtype=np.float32))
+
+
+EXTREME_LAYOUTS = [(0, None), (1, None), (None, 32)]  # (axis, block_size) over extreme_x(rng, 32)
+
+
+@pytest.mark.skipif(not _BUILT, reason="lepton_core._C_cuda was not built")
+@pytest.mark.parametrize("fmt", FMTS)
+def test_host_twin_extreme_values(rng, fmt):
+    """Groups spanning up to [-FLT_MAX, FLT_MAX]: the kernels' arithmetic gives the reference's bytes
+    (uint8 scale = (hi - lo) / 255 as if float32 had no exponent limit), finite scales, and finite
+    dequantized values (integer formats saturate) within the contract's bounds."""
+    x = extreme_x(rng, 32)
+    for axis, block in EXTREME_LAYOUTS:
+        layout, groups, n_groups = ref_layout(tuple(x.shape), axis, block)
+        for stochastic in ([False, True] if fmt in INT_FMTS else [False]):
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            data, scale, zp, _ = host_quantize(x, fmt, layout, stochastic, seed)
+            want_codes, want_scale, want_zp = ref_quantize(x.numpy(), fmt, groups, n_groups, stochastic, seed)
+            np.testing.assert_array_equal(scale.numpy().view(np.uint32), want_scale.view(np.uint32))
+            np.testing.assert_array_equal(data.numpy(), want_codes)
+            if fmt == "uint8":
+                np.testing.assert_array_equal(zp.numpy(), want_zp)
+            assert torch.all(torch.isfinite(scale))
+            out = host_dequantize(data, scale, zp, fmt, layout, torch.float32, x.numel()).double().numpy()
+            assert np.all(np.isfinite(out))
+            s = scale.double().numpy()[groups]
+            x64 = x.double().numpy().reshape(-1)
+            err = np.abs(out - x64)
+            if fmt in INT_FMTS:  # as test_quant.test_error_bounds_integer (uint8: rounding at the range ends)
+                slack = 255 * s * 2.0**-23 if fmt == "uint8" else 0
+                bound = quant_stochastic_bound if stochastic else quant_nearest_bound
+                assert np.all(err <= bound(np.abs(x64), s) + slack)
+            else:
+                normal = np.abs(x64) >= s * (2.0**-6 if fmt == "fp8_e4m3" else 2.0**-14)
+                assert np.all(err[normal] / np.abs(x64[normal]) <= FP8_REL[fmt] * (1 + 4 * 2.0**-24) + 2 * 2.0**-24)
 
 
 # ---- the Python glue of _cuda_backend against an emulation of the native contract (csrc/cuda/api.h) ----
@@ -900,3 +970,31 @@ def test_quantize_gpu_stochastic_floor_of_exact_sum(fmt, rng):
         if f == fmt:
             q = lc.quantize(x.cuda(), fmt, rounding="stochastic", seed=seed)
             assert torch.equal(lc.dequantize(q).cpu(), x)
+
+
+@pytest.mark.cuda
+@requires_gpu
+@pytest.mark.parametrize("fmt", FMTS)
+def test_quantize_gpu_extreme_values(fmt, rng):
+    """Groups spanning up to [-FLT_MAX, FLT_MAX]: the GPU gives the host twin's and the CPU backend's
+    bytes, and dequantizes to the same finite values."""
+    x = extreme_x(rng, 32)
+    for axis, block in EXTREME_LAYOUTS:
+        layout, _, _ = ref_layout(tuple(x.shape), axis, block)
+        for rounding in (["nearest", "stochastic"] if fmt in INT_FMTS else ["nearest"]):
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            st = rounding == "stochastic"
+            d, s, z, bad = _gpu_quantize_direct(x.cuda(), fmt, layout, st, seed)
+            hd, hs, hz, _ = host_quantize(x, fmt, layout, st, seed)
+            assert bad == -1 and torch.equal(d.cpu(), hd)
+            assert torch.equal(s.cpu().view(torch.int32), hs.view(torch.int32))
+            if fmt == "uint8":
+                assert torch.equal(z.cpu(), hz)
+            out = torch.full((x.numel(),), float("nan"), device="cuda")
+            _cuda_backend.dequantize_into(d, s, z, fmt, *layout, out)
+            want = host_dequantize(hd, hs, hz, fmt, layout, torch.float32, x.numel())
+            assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32)) and torch.all(torch.isfinite(want))
+            if _cpu_quantize_available():
+                qc = lc.quantize(x, fmt, axis=axis, block_size=block, rounding=rounding, seed=seed)
+                assert torch.equal(hd, qc.data.reshape(-1).view(torch.uint8))
+                assert torch.equal(lc.dequantize(qc).reshape(-1).view(torch.int32), want.view(torch.int32))

@@ -11,13 +11,16 @@
 //
 // Math (float32 throughout, identical on every ISA: SIMD code mirrors the scalar helpers below):
 //   symmetric: scale = absmax / qmax; asymmetric uint8: lo = min(min, 0), hi = max(max, 0),
-//   scale = (hi - lo) / 255, zero_point = rint(-lo / scale). A group with scale 0 gets code 0.
+//   scale = (hi - lo) / 255 (with no overflow in hi - lo: group_scale), zero_point = rint(-lo / scale).
+//   A group with scale 0 gets code 0.
 //   nearest:    code = clamp(rint(x / scale) + zero_point)            (rint: half to even)
 //   stochastic: code = clamp(floor(x / scale + u) + zero_point), u = rng_uniform(seed, flat index),
 //               the floor of the exact sum (stochastic_floor), not of its float32 rounding
 //   fp8:        code = f32_to_fp8(x / scale)                          (dtypes.h, saturating)
-//   dequantize: out = round_to_out_dtype(float(code - zero_point) * scale)
+//   dequantize: out = round_to_out_dtype(float(code - zero_point) * scale), integer formats
+//               saturating to +-FLT_MAX (scale_code)
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -120,11 +123,20 @@ static inline float qfmt_qmax(int fmt) {
 }
 
 // Scale (and zero point) of a group from its statistics.
+//
+// uint8: hi - lo exceeds FLT_MAX when the values span more than it (e.g. [2e38, -2e38]). Then the
+// same two float32 roundings are done at half scale: 2 * ((hi/2 - lo/2) / 255) is bit for bit what
+// (hi - lo) / 255 gives with an unbounded exponent, because the halvings (hi and -lo are both
+// >= 2^103 there, as each is <= FLT_MAX) and the doubling are exact and rounding commutes with
+// them. So the scale has its usual relative error, zero_point = rint(-lo / scale) stays in [0, 255],
+// |x / scale| about 255 at most, and |x - dequant| <= scale / 2 holds as for any range; a dequantized
+// value past FLT_MAX at a range end saturates (scale_code), which only moves it closer to x.
 static inline void group_scale(int fmt, const SpanStats& st, float* scale, int32_t* zero_point) {
   if (fmt == LP_QFMT_UINT8) {
     float lo = st.min < 0.0f ? st.min : 0.0f;  // explicit compares: no -0.0 leaks into the scale
     float hi = st.max > 0.0f ? st.max : 0.0f;
-    float s = (hi - lo) / 255.0f;
+    float range = hi - lo;
+    float s = range <= FLT_MAX ? range / 255.0f : 2.0f * ((0.5f * hi - 0.5f * lo) / 255.0f);
     *scale = s;
     *zero_point = s == 0.0f ? 0 : int32_t(std::nearbyint(-lo / s));
     return;
@@ -193,6 +205,18 @@ static inline void store_code(int fmt, uint8_t* data, int64_t i, uint8_t code) {
   }
   uint8_t& b = data[i >> 1];
   b = (i & 1) ? uint8_t((b & 0x0f) | (code << 4)) : uint8_t((b & 0xf0) | code);
+}
+
+// The dequantized float32 value of a code: value (code_value) * scale, rounded once. Integer
+// formats saturate to +-FLT_MAX instead of overflowing to +-inf: a range reaching within scale / 2
+// of FLT_MAX has its end code's exact value past it (int8 with absmax FLT_MAX: 127 * (FLT_MAX / 127)
+// rounds up; uint8 whose zero point rounds down: (255 - zp) * scale > hi), and FLT_MAX is then the
+// float32 nearest to x. fp8 values are <= qmax, so their product cannot overflow (and an e5m2
+// infinity code stays infinite). NaN (only from a NaN scale) passes through.
+static inline float scale_code(int fmt, float value, float scale) {
+  float v = value * scale;
+  if (fmt == LP_QFMT_FP8_E4M3 || fmt == LP_QFMT_FP8_E5M2) return v;
+  return v > FLT_MAX ? FLT_MAX : (v < -FLT_MAX ? -FLT_MAX : v);
 }
 
 // The float value of element i's code before scaling: code - zero_point, or the fp8 value.
