@@ -26,7 +26,7 @@ import lepton_core as lc
 from lepton_core._codes import FORMATS
 from lepton_core.backends import cuda as _cuda_backend
 
-from tolerances import gemm_rel_norm_bound
+from tolerances import FP8_REL, gemm_rel_norm_bound, quant_nearest_bound, quant_stochastic_bound
 
 INFO = lc.info()
 HAS_CUDA = "cuda" in INFO["backends"]
@@ -41,6 +41,7 @@ QMAX = {"int8": 127.0, "uint8": 255.0, "int4": 7.0, "fp8_e4m3": 448.0, "fp8_e5m2
 FP8_TORCH = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 X_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LP_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 # =============================================================================================
@@ -151,6 +152,21 @@ def ref_uniform(seed, idx):
     return (h >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
+def f32_round_unbounded(a):
+    """float64 -> nearest float32 significand (24 bits, ties to even) with no exponent limit."""
+    m, e = np.frexp(a)
+    return np.ldexp(np.rint(np.ldexp(m, 24)), e - 24)
+
+
+def ref_dequant_values(val, scale, fmt):
+    """float32(val * scale), rounded once; integer formats saturate to +-FLT_MAX (API.md §2)."""
+    p = val.astype(np.float64) * scale.astype(np.float64)  # exact
+    if fmt in INT_FMTS:
+        p = np.clip(p, -F32_MAX, F32_MAX)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return p.astype(np.float32)
+
+
 def ref_layout(shape, axis, block_size):
     """(n_outer, n_channels, n_inner, block_size) and the group of each flat index."""
     n = math.prod(shape)
@@ -170,9 +186,13 @@ def ref_quantize(x32, fmt, groups, n_groups, stochastic=False, seed=0):
     np.maximum.at(hi, groups, flat)
     np.maximum.at(nlo, groups, -flat)
     hi, nlo = hi + np.float32(0), nlo + np.float32(0)  # -0.0 -> +0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         if fmt == "uint8":
             scale = ((hi + nlo) / np.float32(255)).astype(np.float32)
+            # hi + nlo past FLT_MAX: the same formula as if float32 had no exponent limit (both are
+            # >= 2^103 there, so the float64 sum is exact; see test_quant.uint8_scale)
+            wide = f32_round_unbounded(f32_round_unbounded(hi.astype(np.float64) + nlo) / 255.0)
+            scale = np.where(np.isfinite(scale), scale, wide.astype(np.float32))
             zp = np.where(scale == 0, 0, np.rint(nlo / scale)).astype(np.int32)
         else:
             scale = (np.maximum(hi, nlo) / np.float32(QMAX[fmt])).astype(np.float32)
@@ -189,7 +209,9 @@ def ref_quantize(x32, fmt, groups, n_groups, stochastic=False, seed=0):
         codes[zero] = 0
         return codes, scale, (zp if fmt == "uint8" else None)
     if stochastic:
-        r = np.floor((q + ref_uniform(seed, np.arange(flat.size))).astype(np.float32))
+        # floor of the exact sum q + u (u on the 2^-24 grid): every float64 step here is exact
+        u24 = ref_uniform(seed, np.arange(flat.size)).astype(np.float64) * 2.0**24
+        r = np.floor((np.floor(q.astype(np.float64) * 2.0**24) + u24) / 2.0**24)
     else:
         r = np.rint(q)
     if fmt == "uint8":
@@ -319,7 +341,7 @@ def test_host_twin_dequantize_matches_reference(rng, fmt):
             val = (data.numpy().astype(np.int64) - zp.numpy()[groups]).astype(np.float32)
         else:
             val = data.view(FP8_TORCH[fmt]).float().numpy()
-        want = (val * scale.numpy()[groups]).astype(np.float32)
+        want = ref_dequant_values(val, scale.numpy()[groups], fmt)
         for out_dtype in X_DTYPES:
             got = host_dequantize(data, scale, zp, fmt, layout, out_dtype, n)
             ref = torch.from_numpy(want).to(out_dtype)
@@ -367,6 +389,117 @@ def test_host_twin_matches_cpu_backend(rng, fmt):
                 assert torch.equal(q.scale.reshape(-1).view(torch.int32), scale.view(torch.int32))
                 if fmt == "uint8":
                     assert torch.equal(q.zero_point.reshape(-1), zp)
+
+
+# ---- stochastic rounding is the floor of the exact sum x / scale + u (issue 9) ----
+# (format, v_lo, v_hi): every group holds v_hi / 16 (uint8: and v_lo / 16), so its scale is exactly
+# 1/16 (uint8 zero point 128) and x / scale = v exactly.
+EXACT_SCALE_RANGE = {"int8": (-127, 127), "uint8": (-128, 127), "int4": (-7, 7)}
+CARRY_GRANULARITIES = [((4100,), None, None), ((41, 100), 0, None), ((41, 100), 1, None), ((4100,), None, 32),
+                       ((4100,), None, 256), ((5, 8193), None, 4096)]
+
+
+def carry_boundary_x(rng, fmt, shape, groups, seed):
+    """x = v / 16 with quotients v where floor(v + u) is easy to get wrong: exact integers (the float32
+    sum k + u rounded up to k + 1 for u near 1), and just below / on / above k + 1 - u for this seed's
+    own u, and tiny fractions finer than u's 2^-24 grid."""
+    v_lo, v_hi = EXACT_SCALE_RANGE[fmt]
+    n = math.prod(shape)
+    u = ref_uniform(seed, np.arange(n)).astype(np.float64)
+    k = rng.integers(v_lo, v_hi, n).astype(np.float64)
+    boundary = (k + 1 - u).astype(np.float32)
+    tiny = (np.exp2(-rng.integers(25, 60, n)) * rng.choice([-1, 1], n)).astype(np.float32)
+    candidates = [k, boundary, np.nextafter(boundary, np.float32(-np.inf)), np.nextafter(boundary, np.float32(np.inf)),
+                  tiny, rng.uniform(v_lo, v_hi, n)]
+    v = np.choose(rng.integers(0, len(candidates), n), [np.asarray(c, np.float32) for c in candidates])
+    v = np.clip(v, v_lo, np.nextafter(np.float32(v_hi), np.float32(0)))
+    first = np.unique(groups, return_index=True)[1]
+    v[first] = v_hi
+    if fmt == "uint8":
+        v[[np.flatnonzero(groups == g)[1] for g in range(len(first))]] = v_lo
+    return torch.from_numpy((v / np.float32(16)).reshape(shape))
+
+
+def carry_repro_cases():
+    """Issue 9's reproductions: x / scale an exact integer k, scale 1/16, and a seed whose u at one
+    index (967; int4: 285) is so close to 1 that the float32 sum k + u rounded to k + 1."""
+    i = torch.arange(1024, dtype=torch.float32)
+    return [("int8", ((i % 255) - 127) / 16, 213813), ("uint8", ((i % 256) - 128) / 16, 213813),
+            ("int4", ((i % 15) - 7) / 16, 4321)]
+
+
+@pytest.mark.skipif(not _BUILT, reason="lepton_core._C_cuda was not built")
+@pytest.mark.parametrize("fmt", INT_FMTS)
+def test_host_twin_stochastic_floor_of_exact_sum(rng, fmt):
+    """The kernels' stochastic rounding (run on the host) is floor(x / scale + u) of the exact sum,
+    byte for byte, on inputs full of carry boundaries; the issue's reproductions dequantize exactly."""
+    for shape, axis, block in CARRY_GRANULARITIES:
+        layout, groups, n_groups = ref_layout(shape, axis, block)
+        for _ in range(4):
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            x = carry_boundary_x(rng, fmt, shape, groups, seed)
+            data, scale, zp, _ = host_quantize(x, fmt, layout, True, seed)
+            want_codes, want_scale, want_zp = ref_quantize(x.numpy(), fmt, groups, n_groups, True, seed)
+            assert torch.all(scale == 1 / 16)
+            np.testing.assert_array_equal(data.numpy(), want_codes)
+            if fmt == "uint8":
+                np.testing.assert_array_equal(zp.numpy(), want_zp)
+    for f, x, seed in carry_repro_cases():
+        if f == fmt:
+            layout = ref_layout(tuple(x.shape), None, None)[0]
+            data, scale, zp, _ = host_quantize(x, fmt, layout, True, seed)
+            out = host_dequantize(data, scale, zp, fmt, layout, torch.float32, x.numel())
+            assert torch.equal(out, x)
+
+
+# ---- values near FLT_MAX (issue 9): finite scales and dequantized values ----
+EXTREME_GROUPS = [[2e38, -2e38, 1.0], [F32_MAX, -F32_MAX, 0.0, 1.0], [F32_MAX, -1e37, 5.0], [-F32_MAX, 1e37, -3.0],
+                  [F32_MAX, -F32_MAX * 0.999], [F32_MAX, 1.0], [1.7e38, -1.7e38], [3e38, -0.5e38]]
+
+
+def extreme_x(rng, width):
+    """(len(EXTREME_GROUPS), width) float32: row r holds group r's values and random ones inside its range."""
+    rows = []
+    for vals in EXTREME_GROUPS:
+        lo, hi = min(min(vals), 0.0), max(max(vals), 0.0)
+        fill = rng.uniform(lo, hi, width - len(vals)) * rng.choice([1.0, 1e-3, 1e-20], width - len(vals))
+        rows.append(rng.permutation(np.concatenate([vals, fill])))
+    return torch.from_numpy(np.array(rows, dtype=np.float32))
+
+
+EXTREME_LAYOUTS = [(0, None), (1, None), (None, 32)]  # (axis, block_size) over extreme_x(rng, 32)
+
+
+@pytest.mark.skipif(not _BUILT, reason="lepton_core._C_cuda was not built")
+@pytest.mark.parametrize("fmt", FMTS)
+def test_host_twin_extreme_values(rng, fmt):
+    """Groups spanning up to [-FLT_MAX, FLT_MAX]: the kernels' arithmetic gives the reference's bytes
+    (uint8 scale = (hi - lo) / 255 as if float32 had no exponent limit), finite scales, and finite
+    dequantized values (integer formats saturate) within the contract's bounds."""
+    x = extreme_x(rng, 32)
+    for axis, block in EXTREME_LAYOUTS:
+        layout, groups, n_groups = ref_layout(tuple(x.shape), axis, block)
+        for stochastic in ([False, True] if fmt in INT_FMTS else [False]):
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            data, scale, zp, _ = host_quantize(x, fmt, layout, stochastic, seed)
+            want_codes, want_scale, want_zp = ref_quantize(x.numpy(), fmt, groups, n_groups, stochastic, seed)
+            np.testing.assert_array_equal(scale.numpy().view(np.uint32), want_scale.view(np.uint32))
+            np.testing.assert_array_equal(data.numpy(), want_codes)
+            if fmt == "uint8":
+                np.testing.assert_array_equal(zp.numpy(), want_zp)
+            assert torch.all(torch.isfinite(scale))
+            out = host_dequantize(data, scale, zp, fmt, layout, torch.float32, x.numel()).double().numpy()
+            assert np.all(np.isfinite(out))
+            s = scale.double().numpy()[groups]
+            x64 = x.double().numpy().reshape(-1)
+            err = np.abs(out - x64)
+            if fmt in INT_FMTS:  # as test_quant.test_error_bounds_integer (uint8: rounding at the range ends)
+                slack = 255 * s * 2.0**-23 if fmt == "uint8" else 0
+                bound = quant_stochastic_bound if stochastic else quant_nearest_bound
+                assert np.all(err <= bound(np.abs(x64), s) + slack)
+            else:
+                normal = np.abs(x64) >= s * (2.0**-6 if fmt == "fp8_e4m3" else 2.0**-14)
+                assert np.all(err[normal] / np.abs(x64[normal]) <= FP8_REL[fmt] * (1 + 4 * 2.0**-24) + 2 * 2.0**-24)
 
 
 # ---- the Python glue of _cuda_backend against an emulation of the native contract (csrc/cuda/api.h) ----
@@ -812,3 +945,57 @@ def test_quantize_gpu_reports_first_non_finite(rng):
             layout, _, _ = ref_layout(shape, ax, block)
             for fmt in ("int8", "uint8"):
                 assert _gpu_quantize_direct(x.cuda(), fmt, layout, False, 0)[3] == pos[0]
+
+
+@pytest.mark.cuda
+@requires_gpu
+@pytest.mark.parametrize("fmt", INT_FMTS)
+def test_quantize_gpu_stochastic_floor_of_exact_sum(fmt, rng):
+    """Stochastic rounding on the GPU is the floor of the exact sum: the same bytes as the host twin
+    and the CPU backend on inputs full of carry boundaries, and issue 9's reproductions dequantize
+    exactly."""
+    for shape, axis, block in CARRY_GRANULARITIES + [(((1 << 20) + 3,), None, None), ((1024, 513), 1, None)]:
+        layout, groups, n_groups = ref_layout(shape, axis, block)
+        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+        x = carry_boundary_x(rng, fmt, shape, groups, seed)
+        d, s, z, bad = _gpu_quantize_direct(x.cuda(), fmt, layout, True, seed)
+        hd, hs, hz, _ = host_quantize(x, fmt, layout, True, seed)
+        assert bad == -1
+        assert torch.equal(d.cpu(), hd) and torch.equal(s.cpu(), hs)
+        if fmt == "uint8":
+            assert torch.equal(z.cpu(), hz)
+        if _cpu_quantize_available():
+            qc = lc.quantize(x, fmt, axis=axis, block_size=block, rounding="stochastic", seed=seed)
+            assert torch.equal(hd, qc.data.reshape(-1).view(torch.uint8))
+    for f, x, seed in carry_repro_cases():
+        if f == fmt:
+            q = lc.quantize(x.cuda(), fmt, rounding="stochastic", seed=seed)
+            assert torch.equal(lc.dequantize(q).cpu(), x)
+
+
+@pytest.mark.cuda
+@requires_gpu
+@pytest.mark.parametrize("fmt", FMTS)
+def test_quantize_gpu_extreme_values(fmt, rng):
+    """Groups spanning up to [-FLT_MAX, FLT_MAX]: the GPU gives the host twin's and the CPU backend's
+    bytes, and dequantizes to the same finite values."""
+    x = extreme_x(rng, 32)
+    for axis, block in EXTREME_LAYOUTS:
+        layout, _, _ = ref_layout(tuple(x.shape), axis, block)
+        for rounding in (["nearest", "stochastic"] if fmt in INT_FMTS else ["nearest"]):
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            st = rounding == "stochastic"
+            d, s, z, bad = _gpu_quantize_direct(x.cuda(), fmt, layout, st, seed)
+            hd, hs, hz, _ = host_quantize(x, fmt, layout, st, seed)
+            assert bad == -1 and torch.equal(d.cpu(), hd)
+            assert torch.equal(s.cpu().view(torch.int32), hs.view(torch.int32))
+            if fmt == "uint8":
+                assert torch.equal(z.cpu(), hz)
+            out = torch.full((x.numel(),), float("nan"), device="cuda")
+            _cuda_backend.dequantize_into(d, s, z, fmt, *layout, out)
+            want = host_dequantize(hd, hs, hz, fmt, layout, torch.float32, x.numel())
+            assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32)) and torch.all(torch.isfinite(want))
+            if _cpu_quantize_available():
+                qc = lc.quantize(x, fmt, axis=axis, block_size=block, rounding=rounding, seed=seed)
+                assert torch.equal(hd, qc.data.reshape(-1).view(torch.uint8))
+                assert torch.equal(lc.dequantize(qc).reshape(-1).view(torch.int32), want.view(torch.int32))

@@ -55,6 +55,34 @@ def rng_uniform(seed: int, index: np.ndarray) -> np.ndarray:
     return (h >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
 
 
+def exact_floor_plus_u(t: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """floor(t + u) of the exact sum (API.md §2's stochastic rounding), t float32, u from rng_uniform
+    (on the 2^-24 grid). floor(t + u) = floor((floor(t * 2^24) + u * 2^24) / 2^24), and every float64
+    step of that is exact while |t| < 2^28: power-of-two scalings, floors, and a sum of integers below
+    2^53. (The float32 sum t + u would round up across an integer when u is close to 1.)"""
+    t64 = t.astype(np.float64)
+    assert np.all(np.abs(t64) < 2.0**28)
+    return np.floor((np.floor(t64 * 2.0**24) + u.astype(np.float64) * 2.0**24) / 2.0**24)
+
+
+def f32_round_unbounded(a: np.ndarray) -> np.ndarray:
+    """float64 -> nearest float32 significand (24 bits, ties to even) with no exponent limit, so a
+    value past FLT_MAX stays finite (as float64). For normal-range values only."""
+    m, e = np.frexp(a)
+    return np.ldexp(np.rint(np.ldexp(m, 24)), e - 24)
+
+
+def uint8_scale(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """(hi - lo) / 255 in float32 arithmetic with an unbounded exponent (API.md §2's formula, even
+    when hi - lo exceeds FLT_MAX, as with [2e38, -2e38]). Where hi - lo overflows, both are at least
+    2^103, so the float64 difference is exact, and the float64 quotient of a 24-bit significand by
+    255 is never close enough to a float32 halfway point for its own rounding to matter."""
+    with np.errstate(over="ignore"):
+        direct = ((hi - lo) / np.float32(255)).astype(np.float32)
+    wide = f32_round_unbounded(f32_round_unbounded(hi.astype(np.float64) - lo.astype(np.float64)) / 255.0)
+    return np.where(np.isfinite(direct), direct, wide.astype(np.float32))
+
+
 def _fp8_table(fmt):
     """Non-negative finite values of the format, ascending, and their codes."""
     vals = torch.arange(256, dtype=torch.uint8).view(FP8_TORCH[fmt]).float().numpy()
@@ -102,7 +130,7 @@ def ref_quantize(x32: np.ndarray, fmt, axis=None, block_size=None, stochastic=Fa
         np.maximum.at(mx, g, flat)
         lo = np.where(mn < 0, mn, np.float32(0)).astype(np.float32)
         hi = np.where(mx > 0, mx, np.float32(0)).astype(np.float32)
-        scale = ((hi - lo) / np.float32(255)).astype(np.float32)
+        scale = uint8_scale(lo, hi)
         with np.errstate(divide="ignore", invalid="ignore"):
             zp = np.where(scale == 0, 0, np.rint(-lo / scale)).astype(np.int32)
     else:
@@ -119,7 +147,7 @@ def ref_quantize(x32: np.ndarray, fmt, axis=None, block_size=None, stochastic=Fa
         codes[zero] = 0
         return codes, scale, zp
     if stochastic:
-        r = np.floor((t + rng_uniform(seed, np.arange(flat.size))).astype(np.float32))
+        r = exact_floor_plus_u(np.where(zero, np.float32(0), t), rng_uniform(seed, np.arange(flat.size)))
     else:
         r = np.rint(t)
     if fmt == "uint8":
@@ -151,14 +179,19 @@ def ref_code_values(data_u8: np.ndarray, fmt: str, n: int) -> np.ndarray:
 
 
 def ref_dequantize(data_u8, scale, zp, fmt, shape, axis=None, block_size=None):
-    """float32, flat: float32(code - zero_point) * scale."""
+    """float32, flat: float32(code - zero_point) * scale, rounded once (the float64 product of two
+    float32 values is exact); integer formats saturate to +-FLT_MAX instead of overflowing."""
     n = math.prod(shape)
     g, _ = ref_groups(shape, axis, block_size)
     v = ref_code_values(data_u8, fmt, n)
     if fmt == "uint8":
         v = (data_u8.astype(np.int32) - zp.reshape(-1)[g]).astype(np.float32)
-    with np.errstate(invalid="ignore"):  # fp8 NaN codes
-        return (v * scale.reshape(-1)[g]).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # fp8 NaN codes; fp8 infinity * scale
+        p = v.astype(np.float64) * scale.reshape(-1)[g].astype(np.float64)
+        if fmt in INT_FMTS:
+            f32_max = float(np.finfo(np.float32).max)
+            p = np.clip(p, -f32_max, f32_max)
+        return p.astype(np.float32)
 
 
 # =============================================================================================
@@ -799,3 +832,224 @@ def test_torch_compile_fullgraph(rng):
     torch.compile(g, fullgraph=True)(xg).sum().backward()
     assert torch.equal(xg.grad, torch.full_like(x, 2.0))
     assert not lc.quantize(xg, "int8").scale.requires_grad
+
+
+# =============================================================================================
+# Stochastic rounding is the floor of the EXACT sum x / scale + u (issue 9, defect 1)
+# =============================================================================================
+# (format, v_lo, v_hi): the quotient range of a group whose scale is exactly 1/16, made by putting
+# v_hi / 16 (and, for uint8, v_lo / 16) in every group: int8 absmax 127/16; uint8 range 255/16 with
+# zero point 128; int4 absmax 7/16.
+EXACT_SCALE_RANGE = {"int8": (-127, 127), "uint8": (-128, 127), "int4": (-7, 7)}
+STOCH_GRANS = {"tensor": (4100,), "rows": (41, 100), "cols": (41, 100), "b32": (4100,), "b256": (4100,)}
+STOCH_KW = {"tensor": {}, "rows": {"axis": 0}, "cols": {"axis": 1}, "b32": {"block_size": 32},
+            "b256": {"block_size": 256}}
+
+
+def _adversarial_quotients(rng, fmt, shape, kw, seed) -> np.ndarray:
+    """float32 quotients v (x = v / 16 with scale exactly 1/16) chosen where floor(v + u) is easy to
+    get wrong: exact integers (u near 1 rounded v + u up a whole step), v just below and above
+    k + 1 - u for this seed's own u (the carry boundary), tiny fractions below 2^-24 (finer than u's
+    grid), and random fractions."""
+    v_lo, v_hi = EXACT_SCALE_RANGE[fmt]
+    n = math.prod(shape)
+    u = rng_uniform(seed, np.arange(n)).astype(np.float64)
+    k = rng.integers(v_lo, v_hi, n).astype(np.float64)  # v stays in [v_lo, v_hi)
+    boundary = (k + 1 - u).astype(np.float32)  # rounded: on the carry, or either side of it
+    tiny = (np.exp2(-rng.integers(25, 60, n)) * rng.choice([-1, 1], n)).astype(np.float32)
+    candidates = [k, boundary, np.nextafter(boundary, np.float32(-np.inf)),
+                  np.nextafter(boundary, np.float32(np.inf)), k + tiny, tiny,
+                  np.float32(2.0**-25 + 2.0**-40) * rng.choice([-1, 1], n),  # frac + u just under 1
+                  rng.uniform(v_lo, v_hi, n)]
+    v = np.choose(rng.integers(0, len(candidates), n), [np.asarray(c, np.float32) for c in candidates])
+    v = np.clip(v, v_lo, np.nextafter(np.float32(v_hi), np.float32(0)))
+    # every group gets its extremes, so every scale is exactly 1/16 (and the uint8 zero point 128)
+    g, n_groups = ref_groups(shape, kw.get("axis"), kw.get("block_size"))
+    first = np.unique(g, return_index=True)[1]
+    v[first] = v_hi
+    if fmt == "uint8":
+        second = np.array([np.flatnonzero(g == grp)[1] for grp in range(n_groups)])
+        v[second] = v_lo
+    return v.reshape(shape)
+
+
+def test_stochastic_exact_quotient_issue9_reproduction(isa, threads):
+    """Issue 9: x / scale an exact integer k must give code k for every u; the float32 sum k + u
+    rounded to k + 1 when u was within half an ulp of 1 (seed 213813, index 967, k = 75 / 71)."""
+    i = torch.arange(1024, dtype=torch.float32)
+    cases = [("int8", ((i % 255) - 127) / 16, 213813), ("uint8", ((i % 256) - 128) / 16, 213813),
+             ("int4", ((i % 15) - 7) / 16, 4321)]  # int4: k = -7 at index 285 gave -6
+    for fmt, x, seed in cases:
+        q = lc.quantize(x, fmt, rounding="stochastic", seed=seed)
+        assert float(q.scale) == 1 / 16
+        dq = lc.dequantize(q)
+        bad = torch.nonzero(dq != x).flatten()
+        assert bad.numel() == 0, f"{fmt}: off at {bad[:5].tolist()}: {dq[bad[:5]].tolist()} != {x[bad[:5]].tolist()}"
+
+
+@pytest.mark.parametrize("gran", list(STOCH_GRANS))
+@pytest.mark.parametrize("fmt", INT_FMTS)
+def test_stochastic_floor_of_exact_sum(fmt, gran, isa, threads, rng):
+    """Brute force over seeds: every code is exactly floor(v + u) (v = x / scale, u this seed's
+    generator value at the element's index), computed in float64 without rounding; the bytes equal
+    the reference; and the error is strictly below one scale (here exactly computable: scale 1/16)."""
+    shape, kw = STOCH_GRANS[gran], STOCH_KW[gran]
+    zp = 128 if fmt == "uint8" else 0
+    for _ in range(6):
+        seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+        v = _adversarial_quotients(rng, fmt, shape, kw, seed)
+        x = torch.from_numpy(v / np.float32(16))
+        q = lc.quantize(x, fmt, rounding="stochastic", seed=seed, **kw)
+        assert np.all(to_np(q.scale) == 1 / 16)
+        if fmt == "uint8":
+            assert np.all(to_np(q.zero_point) == zp)
+        codes = ref_code_values(as_bytes(q.data), fmt, v.size) - zp
+        want = exact_floor_plus_u(v.reshape(-1), rng_uniform(seed, np.arange(v.size)))
+        bad = np.flatnonzero(codes != want)
+        assert bad.size == 0, (f"seed {seed}: {bad.size} codes differ, first at {bad[:5]}: v {v.reshape(-1)[bad[:5]]}, "
+                               f"got {codes[bad[:5]]}, want {want[bad[:5]]}")
+        check_against_ref(x, q, fmt, stochastic=True, seed=seed, **kw)
+        err = np.abs(lc.dequantize(q).double().numpy() - x.double().numpy())  # exact: scale is 2^-4
+        assert err.max() < 1 / 16
+
+
+def test_stochastic_isa_and_threads_bitwise_identical(rng):
+    """The exact-sum stochastic rounding gives the scalar single-thread bytes on every ISA path and
+    thread count, on inputs full of carry boundaries (large enough for several threads)."""
+    seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+    shape = (3, 90001)
+    before_isa, before_threads = _runtime.cpu_isa(), lc.get_num_threads()
+    results = {}
+    try:
+        for fmt in INT_FMTS:
+            for kw in ({}, {"axis": 0}, {"axis": 1}, {"block_size": 64}):
+                v = _adversarial_quotients(rng, fmt, shape, kw, seed)
+                x = torch.from_numpy(v / np.float32(16))
+                for isa in _runtime.available_isas():
+                    for nt in (1, 2, 3):
+                        _runtime._set_cpu_isa(isa)
+                        lc.set_num_threads(nt)
+                        q = lc.quantize(x, fmt, rounding="stochastic", seed=seed, **kw)
+                        results.setdefault((fmt, str(kw)), {})[(isa, nt)] = as_bytes(q.data)
+                base = results[(fmt, str(kw))][("scalar", 1)]
+                check_against_ref(x, lc.quantize(x, fmt, rounding="stochastic", seed=seed, **kw), fmt,
+                                  stochastic=True, seed=seed, **kw)
+                for key, got in results[(fmt, str(kw))].items():
+                    assert np.array_equal(got, base), f"{fmt} {kw}: {key} differs from scalar/1 thread"
+    finally:
+        _runtime._set_cpu_isa(before_isa)
+        lc.set_num_threads(before_threads)
+
+
+# =============================================================================================
+# Values near FLT_MAX: finite scales and dequantized values, within the contract's bounds (issue 9,
+# defect 13: a uint8 range wider than FLT_MAX gave scale inf and dequantized to NaN; int8 with
+# absmax FLT_MAX dequantized its end codes to +-inf)
+# =============================================================================================
+F32_MAX = float(np.finfo(np.float32).max)
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
+EXTREME_GROUPS = [
+    [2e38, -2e38, 1.0],  # the issue's example
+    [F32_MAX, -F32_MAX, 0.0, 1.0],
+    [F32_MAX, -1e37, 5.0],  # uint8: zero point rounds down, so (255 - zp) * scale > FLT_MAX
+    [-F32_MAX, 1e37, -3.0],
+    [F32_MAX, -F32_MAX * 0.999],
+    [F32_MAX, 1.0],
+    [-F32_MAX, -1.0, -1e-30],
+    [1.7e38, -1.7e38],  # hi - lo just past FLT_MAX
+    [3e38, -0.5e38],
+]
+
+
+def _extreme_x(rng, width, dtype):
+    """(len(EXTREME_GROUPS), width): row r holds group r's values, then random values inside its
+    range, in random order; for bfloat16 the values are scaled into its (smaller) finite range."""
+    cap = F32_MAX if dtype == torch.float32 else BF16_MAX
+    rows = []
+    for vals in EXTREME_GROUPS:
+        vals = np.array(vals) * (cap / F32_MAX)
+        lo, hi = min(vals.min(), 0.0), max(vals.max(), 0.0)
+        fill = rng.uniform(lo, hi, width - len(vals)) * rng.choice([1.0, 1e-3, 1e-20], width - len(vals))
+        rows.append(rng.permutation(np.concatenate([vals, fill])))
+    return torch.from_numpy(np.array(rows, dtype=np.float32)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["tensor", "rows", "cols", "b32"])
+@pytest.mark.parametrize("fmt", FMTS)
+def test_extreme_values_finite_and_within_bounds(fmt, layout, dtype, isa, rng):
+    """Every format and granularity on groups spanning up to [-FLT_MAX, FLT_MAX]: the bytes are the
+    reference's (uint8 scale = (hi - lo) / 255 as if float32 had no exponent limit); scales, zero
+    points and dequantized values are finite; and the contract's error bounds hold."""
+    x = _extreme_x(rng, 32, dtype)
+    if layout == "cols":
+        x = x.T.contiguous()
+    kw = {"rows": {"axis": 0}, "cols": {"axis": 1}, "b32": {"block_size": 32}}.get(layout, {})
+    xs = list(x) if layout == "tensor" else [x]  # per-tensor: one group (row) at a time
+    roundings = ["nearest", "stochastic"] if fmt in INT_FMTS else ["nearest"]
+    for xi in xs:
+        for rounding in roundings:
+            seed = int(rng.integers(0, 2**64, dtype=np.uint64))
+            q = lc.quantize(xi, fmt, rounding=rounding, seed=seed, **kw)
+            check_against_ref(xi, q, fmt, stochastic=rounding == "stochastic", seed=seed, **kw)
+            check_dequantize(q, tuple(xi.shape), kw, OUT_DTYPES)
+            s = _group_scales(q, tuple(xi.shape), **kw)
+            assert np.all(np.isfinite(s)) and np.all(s > 0)
+            if fmt == "uint8":
+                assert np.all((to_np(q.zero_point) >= 0) & (to_np(q.zero_point) <= 255))
+            x64 = xi.double().numpy().reshape(-1)
+            dq = lc.dequantize(q).double().numpy().reshape(-1)
+            assert np.all(np.isfinite(dq))
+            err = np.abs(dq - x64)
+            if fmt.startswith("fp8"):
+                min_normal = 2.0**-6 if fmt == "fp8_e4m3" else 2.0**-14
+                normal = np.abs(x64) >= min_normal * s
+                rel = err[normal] / np.abs(x64)[normal]
+                assert np.all(rel <= FP8_REL[fmt] * (1 + 4 * 2.0**-24) + 2 * 2.0**-24)
+                continue
+            slack = 255 * s * 2.0**-23 if fmt == "uint8" else 0  # uint8: float32 rounding at the range ends
+            if rounding == "nearest":
+                assert np.all(err <= quant_nearest_bound(np.abs(x64), s) + slack)
+            else:
+                assert np.all(err < quant_stochastic_bound(np.abs(x64), s) + slack)
+
+
+def test_uint8_scale_past_float32_range_is_the_contract_formula():
+    """[2e38, -2e38, 1]: hi - lo = 4e38 > FLT_MAX. The scale is (hi - lo) / 255 rounded as float32
+    would without an exponent limit, the zero point rint(-lo / scale) = 128 (2e38 / scale =
+    127.5 rounds to even), and each end dequantizes within scale / 2."""
+    x = torch.tensor([2e38, -2e38, 1.0])
+    q = lc.quantize(x, "uint8")
+    want = f32_round_unbounded(f32_round_unbounded(np.float64(np.float32(2e38)) * 2) / 255)
+    assert float(q.scale) == want
+    assert int(q.zero_point) == int(np.rint(np.float32(2e38) / np.float32(want)))
+    dq = lc.dequantize(q).double()
+    assert torch.all((dq - x.double()).abs() <= float(q.scale) / 2)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_dequantize_saturates_integer_formats(fmt, isa):
+    """A code whose value * scale exceeds FLT_MAX dequantizes to +-FLT_MAX for integer formats (the
+    float32 nearest to any x it can stand for), on every ISA path and in the SIMD body and the tail
+    alike; fp8 products are unchanged (an e5m2 infinity code stays infinite), NaN scales give NaN."""
+    n = 64 * 2 + 45  # block 2: a 32-element SIMD body and a 13-element scalar tail
+    raw = (np.arange(n) * 37 % 256).astype(np.uint8)
+    data = torch.from_numpy(raw[: (n + 1) // 2] if fmt == "int4" else raw)
+    if fmt.startswith("fp8"):
+        data = data.view(FP8_TORCH[fmt])
+    elif fmt == "int8":
+        data = data.view(torch.int8)
+    zp = torch.tensor([3, 0, 250], dtype=torch.int32) if fmt == "uint8" else None
+    scale = torch.tensor([3e38, float("nan"), F32_MAX / 3], dtype=torch.float32)
+    q = lc.QTensor(data, scale, zp, fmt, (n,), None, 64)
+    want = ref_dequantize(as_bytes(data), scale.numpy(), None if zp is None else zp.numpy(), fmt, (n,), None, 64)
+    got = lc.dequantize(q).numpy()
+    assert np.all(np.isnan(got[64:128]))
+    ends = np.r_[0:64, 128:n]
+    assert np.array_equal(np.isnan(got[ends]), np.isnan(want[ends]))  # fp8 NaN codes
+    ok = ends[~np.isnan(want[ends])]
+    assert np.array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
+    if fmt in INT_FMTS:
+        assert np.all(np.isfinite(got[ends]))
+        for part in (got[:64], got[128:160], got[160:]):  # SIMD bodies and the tail
+            assert np.any(np.abs(part) == F32_MAX)

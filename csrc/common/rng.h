@@ -8,6 +8,7 @@
 //   key_hi   = mix32(key ^ mix32(uint32(i >> 32) + 0x85ebca6b))                 (once per 2^32 elems)
 //   h        = mix32(mix32(uint32(i) ^ key_hi) + key)
 //   u        = float(h >> 8) * 2^-24        (24 random bits: exact in float32, never 1.0)
+// Stochastic rounding relies on u lying on the 2^-24 grid (stochastic_floor in cpu/quant/quant.h).
 // Any change here changes user-visible bytes: keep the CUDA copy (csrc/cuda) in step.
 #pragma once
 #include <cstdint>

@@ -5,14 +5,17 @@
 // order the contract writes it:
 //   group stats  hi = max(max(x), 0), nlo = max(-min(x), 0)   (exact, order-independent; +0 for 0)
 //   symmetric    scale = max(hi, nlo) / qmax                   (true division)
-//   uint8        scale = (hi - lo) / 255 = (hi + nlo) / 255,  zero_point = rint(nlo / scale)
-//   code         q = x / scale; nearest: rint(q) (half to even); stochastic: floor(q + u);
+//   uint8        scale = (hi - lo) / 255 = (hi + nlo) / 255,  zero_point = rint(nlo / scale);
+//                when hi + nlo overflows, 2 * ((hi/2 + nlo/2) / 255): the same roundings with an
+//                unbounded exponent (csrc/cpu/quant/quant.h's group_scale says why)
+//   code         q = x / scale; nearest: rint(q) (half to even); stochastic: floor(q + u) of the
+//                exact sum (stochastic_floor below: the float32 sum could round across an integer);
 //                integer formats clamp to the range (uint8 after adding zero_point); fp8 casts q
 //                with the saturating round-to-nearest-even conversion of dtypes.h
 //   zero scale   (an all-zero group, or one whose absmax / qmax underflows to 0): every code 0 and
 //                zero_point 0, so the group dequantizes to exact zeros
-//   dequantize   float(q - zero_point) * scale (fp8: decoded value * scale), rounded once to the
-//                output dtype
+//   dequantize   float(q - zero_point) * scale (fp8: decoded value * scale), integer formats
+//                saturating to +-FLT_MAX (quant.h's scale_code), rounded once to the output dtype
 // u is rng.h's counter-based uniform for the element's flat C-order index, so stochastic rounding
 // matches the CPU for the same seed.
 //
@@ -23,6 +26,7 @@
 #include "common.cuh"
 
 #include <algorithm>
+#include <cfloat>
 #include <climits>
 #include <cstdio>
 #include <vector>
@@ -58,7 +62,9 @@ __host__ __device__ inline void group_params(int fmt, float hi, float nlo, float
   hi = positive_zero(hi);
   nlo = positive_zero(nlo);
   if (fmt == LP_QFMT_UINT8) {
-    const float s = div_rn(add_rn(hi, nlo), 255.0f);
+    const float range = add_rn(hi, nlo);
+    const float s = is_finite_bits(range) ? div_rn(range, 255.0f)
+                                          : mul_rn(2.0f, div_rn(add_rn(mul_rn(hi, 0.5f), mul_rn(nlo, 0.5f)), 255.0f));
     *scale = s;
     *zero_point = s != 0.0f ? int32_t(round_even(div_rn(nlo, s))) : 0;
   } else {
@@ -71,6 +77,14 @@ __host__ __device__ inline float clamp_f32(float v, float lo, float hi) {
   return fminf(fmaxf(v, lo), hi);  // NaN (only from a NaN input, which raises anyway) -> lo
 }
 
+// floor(q + u) in exact arithmetic for u = m * 2^-24: csrc/cpu/quant/quant.h's stochastic_floor,
+// where the proof is (every step exact: the carry of frac(q) + u is taken on u's 2^-24 grid).
+__host__ __device__ inline float stochastic_floor(float q, float u) {
+  const float f = floor_f32(q);
+  const float d = add_rn(mul_rn(floor_f32(mul_rn(q, 16777216.0f)), 5.9604644775390625e-08f), -f);
+  return add_rn(f, floor_f32(add_rn(d, u)));
+}
+
 // The stored byte (int4: the low nibble) of one element.
 __host__ __device__ inline uint32_t quantize_code(int fmt, float x, float scale, int32_t zero_point,
                                                   bool stochastic, float u) {
@@ -78,18 +92,24 @@ __host__ __device__ inline uint32_t quantize_code(int fmt, float x, float scale,
   const float q = div_rn(x, scale);
   if (fmt == LP_QFMT_FP8_E4M3) return f32_to_fp8_e4m3(q);
   if (fmt == LP_QFMT_FP8_E5M2) return f32_to_fp8_e5m2(q);
-  float r = stochastic ? floor_f32(add_rn(q, u)) : round_even(q);
+  float r = stochastic ? stochastic_floor(q, u) : round_even(q);
   if (fmt == LP_QFMT_UINT8) return uint32_t(int32_t(clamp_f32(add_rn(r, float(zero_point)), 0.0f, 255.0f)));
   const float qmax = format_qmax(fmt);
   const int32_t c = int32_t(clamp_f32(r, -qmax, qmax));
   return fmt == LP_QFMT_INT4 ? uint32_t(c) & 0xfu : uint32_t(uint8_t(int8_t(c)));
 }
 
+// value * scale saturated to +-FLT_MAX, NaN kept (explicit compares: fminf / fmaxf would drop NaN).
+__host__ __device__ inline float mul_saturate(float value, float scale) {
+  const float v = mul_rn(value, scale);
+  return v > FLT_MAX ? FLT_MAX : (v < -FLT_MAX ? -FLT_MAX : v);
+}
+
 __host__ __device__ inline float dequantize_code(int fmt, uint32_t code, float scale, int32_t zero_point) {
   switch (fmt) {
-    case LP_QFMT_INT8: return mul_rn(float(int32_t(int8_t(uint8_t(code)))), scale);
-    case LP_QFMT_UINT8: return mul_rn(float(int32_t(code) - zero_point), scale);
-    case LP_QFMT_INT4: return mul_rn(float(int32_t(code & 0xfu) - (code & 0x8u ? 16 : 0)), scale);
+    case LP_QFMT_INT8: return mul_saturate(float(int32_t(int8_t(uint8_t(code)))), scale);
+    case LP_QFMT_UINT8: return mul_saturate(float(int32_t(code) - zero_point), scale);
+    case LP_QFMT_INT4: return mul_saturate(float(int32_t(code & 0xfu) - (code & 0x8u ? 16 : 0)), scale);
     case LP_QFMT_FP8_E4M3: return mul_rn(fp8_e4m3_to_f32(uint8_t(code)), scale);
     default: return mul_rn(fp8_e5m2_to_f32(uint8_t(code)), scale);
   }

@@ -11,12 +11,16 @@
 //
 // Math (float32 throughout, identical on every ISA: SIMD code mirrors the scalar helpers below):
 //   symmetric: scale = absmax / qmax; asymmetric uint8: lo = min(min, 0), hi = max(max, 0),
-//   scale = (hi - lo) / 255, zero_point = rint(-lo / scale). A group with scale 0 gets code 0.
+//   scale = (hi - lo) / 255 (with no overflow in hi - lo: group_scale), zero_point = rint(-lo / scale).
+//   A group with scale 0 gets code 0.
 //   nearest:    code = clamp(rint(x / scale) + zero_point)            (rint: half to even)
-//   stochastic: code = clamp(floor(x / scale + u) + zero_point), u = rng_uniform(seed, flat index)
+//   stochastic: code = clamp(floor(x / scale + u) + zero_point), u = rng_uniform(seed, flat index),
+//               the floor of the exact sum (stochastic_floor), not of its float32 rounding
 //   fp8:        code = f32_to_fp8(x / scale)                          (dtypes.h, saturating)
-//   dequantize: out = round_to_out_dtype(float(code - zero_point) * scale)
+//   dequantize: out = round_to_out_dtype(float(code - zero_point) * scale), integer formats
+//               saturating to +-FLT_MAX (scale_code)
 #pragma once
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -100,11 +104,20 @@ const QuantKernels* quant_kernels_active();  // picked by cpu_isa_active()
 
 // ---- element math shared by every ISA (SIMD code must match these bit for bit) ----
 // Scale (and zero point) of a group from its statistics.
+//
+// uint8: hi - lo exceeds FLT_MAX when the values span more than it (e.g. [2e38, -2e38]). Then the
+// same two float32 roundings are done at half scale: 2 * ((hi/2 - lo/2) / 255) is bit for bit what
+// (hi - lo) / 255 gives with an unbounded exponent, because the halvings (hi and -lo are both
+// >= 2^103 there, as each is <= FLT_MAX) and the doubling are exact and rounding commutes with
+// them. So the scale has its usual relative error, zero_point = rint(-lo / scale) stays in [0, 255],
+// |x / scale| about 255 at most, and |x - dequant| <= scale / 2 holds as for any range; a dequantized
+// value past FLT_MAX at a range end saturates (scale_code), which only moves it closer to x.
 static inline void group_scale(int fmt, const SpanStats& st, float* scale, int32_t* zero_point) {
   if (fmt == LP_QFMT_UINT8) {
     float lo = st.min < 0.0f ? st.min : 0.0f;  // explicit compares: no -0.0 leaks into the scale
     float hi = st.max > 0.0f ? st.max : 0.0f;
-    float s = (hi - lo) / 255.0f;
+    float range = hi - lo;
+    float s = range <= FLT_MAX ? range / 255.0f : 2.0f * ((0.5f * hi - 0.5f * lo) / 255.0f);
     *scale = s;
     *zero_point = s == 0.0f ? 0 : int32_t(std::nearbyint(-lo / s));
     return;
@@ -130,6 +143,24 @@ static inline void store_elem(int out_dtype, void* base, int64_t i, float v) {
 
 static inline float clampf(float v, float lo, float hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+// floor(v + u) in exact arithmetic, for rng.h's u = m * 2^-24 (m an integer in [0, 2^24)). The
+// float32 sum v + u can round up across an integer (75 + (1 - 58 * 2^-24) -> 76: a code one whole
+// scale off), so the carry is taken on u's grid instead. With f = floor(v), F = floor(v * 2^24):
+//   * v * 2^24 and F * 2^-24 are exact (power-of-two scalings; |v| <= 1.5 qmax, as the scale is
+//     absmax / qmax rounded by at most half of itself even when subnormal, so nothing overflows,
+//     and F is an integer, so F * 2^-24 is 0 or at least 2^-24 in magnitude);
+//   * d = F * 2^-24 - f is exact: its true value, frac(v) truncated to the 2^-24 grid, is a
+//     multiple of 2^-24 in [0, 1), hence a float32, and a rounded subtraction returns it unchanged;
+//   * floor(v + u) = f + [frac(v) + u >= 1] = f + [d + u >= 1], because u is on the same grid;
+//   * d + u is a multiple of 2^-24 in [0, 2): below 1 it is exact, and from 1 up rounding keeps it
+//     in [1, 2), so floor(d + u) is exactly that carry (0 or 1), and f + carry is exact.
+// Every step is exact, so FMA contraction or any SIMD evaluation order gives the same bits.
+static inline float stochastic_floor(float v, float u) {
+  const float f = std::floor(v);
+  const float d = std::floor(v * 16777216.0f) * 5.9604644775390625e-08f - f;
+  return f + std::floor(d + u);
+}
+
 // The code byte of x (int4: the nibble in the low 4 bits). u is the stochastic offset, or < 0 for
 // round-to-nearest-even.
 static inline uint8_t quant_elem(int fmt, float x, float scale, int32_t zero_point, float u) {
@@ -140,7 +171,7 @@ static inline uint8_t quant_elem(int fmt, float x, float scale, int32_t zero_poi
     case LP_QFMT_FP8_E5M2: return f32_to_fp8_e5m2(t);
     default: break;
   }
-  float r = u < 0.0f ? std::nearbyint(t) : std::floor(t + u);
+  float r = u < 0.0f ? std::nearbyint(t) : stochastic_floor(t, u);
   if (fmt == LP_QFMT_UINT8) return uint8_t(int32_t(clampf(r + float(zero_point), 0.0f, 255.0f)));
   float qmax = fmt == LP_QFMT_INT8 ? 127.0f : 7.0f;
   int32_t q = int32_t(clampf(r, -qmax, qmax));
@@ -155,6 +186,18 @@ static inline void store_code(int fmt, uint8_t* data, int64_t i, uint8_t code) {
   }
   uint8_t& b = data[i >> 1];
   b = (i & 1) ? uint8_t((b & 0x0f) | (code << 4)) : uint8_t((b & 0xf0) | code);
+}
+
+// The dequantized float32 value of a code: value (code_value) * scale, rounded once. Integer
+// formats saturate to +-FLT_MAX instead of overflowing to +-inf: a range reaching within scale / 2
+// of FLT_MAX has its end code's exact value past it (int8 with absmax FLT_MAX: 127 * (FLT_MAX / 127)
+// rounds up; uint8 whose zero point rounds down: (255 - zp) * scale > hi), and FLT_MAX is then the
+// float32 nearest to x. fp8 values are <= qmax, so their product cannot overflow (and an e5m2
+// infinity code stays infinite). NaN (only from a NaN scale) passes through.
+static inline float scale_code(int fmt, float value, float scale) {
+  float v = value * scale;
+  if (fmt == LP_QFMT_FP8_E4M3 || fmt == LP_QFMT_FP8_E5M2) return v;
+  return v > FLT_MAX ? FLT_MAX : (v < -FLT_MAX ? -FLT_MAX : v);
 }
 
 // The float value of element i's code before scaling: code - zero_point, or the fp8 value.

@@ -5,7 +5,9 @@
 //     conversion sees only integer-valued floats in range, so it is exact;
 //   * fp8 encoding mirrors f32_to_fp8_e4m3 / _e5m2 of dtypes.h with integer ops (normal path by
 //     adding the rounding bias, subnormals via a round of |t| * 2^k, saturation and NaN by blends);
-//   * stochastic u is rng.h's generator, 8 lanes at a time with 32-bit multiplies;
+//   * stochastic u is rng.h's generator, 8 lanes at a time with 32-bit multiplies, and the floor of
+//     t + u is quant.h's stochastic_floor (exact steps only);
+//   * dequantized values saturate like scale_code (max-then-min, NaN kept);
 //   * fp8 decoding mirrors fp8_*_to_f32 with integer ops and blends; f16 output uses F16C
 //     (RNE, identical to f32_to_f16 except NaN payloads, fixed up per vector); bf16 output is the
 //     integer rounding of f32_to_bf16.
@@ -14,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstring>
 
 #include "cpu/quant/quant.h"
@@ -159,6 +162,14 @@ inline __m256 uniform8(__m256i key, __m256i key_hi, uint32_t index_lo) {
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(h, 8)), _mm256_set1_ps(5.9604644775390625e-08f));
 }
 
+// stochastic_floor of quant.h (floor(t + u) of the exact sum), 8 lanes: every step is exact there.
+inline __m256 stochastic_floor8(__m256 t, __m256 u) {
+  const __m256 f = _mm256_floor_ps(t);
+  const __m256 t_grid = _mm256_floor_ps(_mm256_mul_ps(t, _mm256_set1_ps(16777216.0f)));
+  const __m256 d = _mm256_sub_ps(_mm256_mul_ps(t_grid, _mm256_set1_ps(5.9604644775390625e-08f)), f);
+  return _mm256_add_ps(f, _mm256_floor_ps(_mm256_add_ps(d, u)));
+}
+
 // f32_to_fp8_e4m3 / _e5m2 of dtypes.h, 8 lanes, codes in int32 lanes.
 template <int FMT>
 inline __m256i fp8_codes(__m256 t) {
@@ -201,7 +212,7 @@ inline __m256i codes8(const QuantSpan& s, const QuantConsts& k, int64_t j) {
   if constexpr (FMT == LP_QFMT_FP8_E4M3 || FMT == LP_QFMT_FP8_E5M2) {
     c = fp8_codes<FMT>(t);
   } else {
-    __m256 r = STOCH ? _mm256_floor_ps(_mm256_add_ps(t, uniform8(k.key, k.key_hi, uint32_t(s.index0 + j))))
+    __m256 r = STOCH ? stochastic_floor8(t, uniform8(k.key, k.key_hi, uint32_t(s.index0 + j)))
                      : _mm256_round_ps(t, kRoundNearest);
     float lo, hi;
     if (FMT == LP_QFMT_UINT8) {
@@ -309,6 +320,15 @@ inline __m256 fp8_values(__m256i b) {
   return _mm256_castsi256_ps(_mm256_or_si256(v, sign));
 }
 
+// scale_code of quant.h, 8 lanes: value * scale, saturated to +-FLT_MAX for integer formats. The
+// operand order keeps NaN (max_ps / min_ps return their second operand when either is NaN).
+template <int FMT>
+inline __m256 scale_codes8(__m256 value, __m256 scale) {
+  const __m256 v = _mm256_mul_ps(value, scale);
+  if (FMT == LP_QFMT_FP8_E4M3 || FMT == LP_QFMT_FP8_E5M2) return v;
+  return _mm256_min_ps(_mm256_set1_ps(FLT_MAX), _mm256_max_ps(_mm256_set1_ps(-FLT_MAX), v));
+}
+
 // The float values (code - zero_point, or the fp8 value) of 8 byte codes at data + i.
 template <int FMT>
 inline __m256 values8(const uint8_t* data, int64_t i, __m256i zp) {
@@ -325,7 +345,7 @@ void span_dequantize(const DequantSpan& s) {
   auto scalar_elem = [&](int64_t j) {
     int64_t i = s.index0 + j, g = PER_ELEM ? j : 0;
     int32_t zp = FMT == LP_QFMT_UINT8 ? s.zero_point[g] : 0;
-    store_elem(ODT, s.out_base, i, code_value(FMT, s.data, i, zp) * s.scale[g]);
+    store_elem(ODT, s.out_base, i, scale_code(FMT, code_value(FMT, s.data, i, zp), s.scale[g]));
   };
   const __m256 scale = _mm256_set1_ps(s.scale[0]);
   const __m256i zp = _mm256_set1_epi32(FMT == LP_QFMT_UINT8 ? s.zero_point[0] : 0);
@@ -347,12 +367,12 @@ void span_dequantize(const DequantSpan& s) {
       const __m128i parts[4] = {e0, _mm_srli_si128(e0, 8), e1, _mm_srli_si128(e1, 8)};
       for (int q = 0; q < 4; ++q) {
         __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[q]));
-        store8<ODT>(s.out_base, i + 8 * q, _mm256_mul_ps(v, scale8(j + 8 * q)));
+        store8<ODT>(s.out_base, i + 8 * q, scale_codes8<FMT>(v, scale8(j + 8 * q)));
       }
     } else {
       for (int q = 0; q < 4; ++q) {
         __m256 v = values8<FMT>(s.data, i + 8 * q, zp8(j + 8 * q));
-        store8<ODT>(s.out_base, i + 8 * q, _mm256_mul_ps(v, scale8(j + 8 * q)));
+        store8<ODT>(s.out_base, i + 8 * q, scale_codes8<FMT>(v, scale8(j + 8 * q)));
       }
     }
   }

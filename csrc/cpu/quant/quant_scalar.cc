@@ -1,6 +1,6 @@
 // Scalar span kernels for quantize / dequantize: the simple truth the SIMD versions are tested
 // against. Every element goes through the shared helpers of quant.h (load_elem, quant_elem,
-// store_code, code_value, store_elem); no vector width, no leftovers.
+// store_code, code_value, scale_code, store_elem); no vector width, no leftovers.
 #include "cpu/quant/quant.h"
 
 namespace lp {
@@ -56,7 +56,7 @@ void span_dequantize(const DequantSpan& s) {
     int64_t i = s.index0 + j;
     int64_t g = PER_ELEM ? j : 0;
     int32_t zp = FMT == LP_QFMT_UINT8 ? s.zero_point[g] : 0;
-    store_elem(ODT, s.out_base, i, code_value(FMT, s.data, i, zp) * s.scale[g]);
+    store_elem(ODT, s.out_base, i, scale_code(FMT, code_value(FMT, s.data, i, zp), s.scale[g]));
   }
 }
 
