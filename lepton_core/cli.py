@@ -7,6 +7,11 @@ import json
 import sys
 from typing import List, Optional
 
+from lepton_core.benchmarks import FAMILIES
+
+BENCH_CHOICES = tuple(FAMILIES) + ("all",)
+BENCH_DEFAULT = ("gemm", "quant")
+
 
 def _cmd_info(args) -> int:
     import lepton_core as lc
@@ -45,7 +50,7 @@ def _cmd_bench(args) -> int:
             torch.set_num_threads(args.threads)  # the baseline gets the same threads
         except ImportError:
             pass
-    families = args.family or ["gemm", "quant"]
+    families = args.family or list(BENCH_DEFAULT)
     if "all" in families:
         families = list(FAMILIES)
     info = lc.info()
@@ -69,13 +74,17 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _bench_family(name: str) -> str:
+    if name not in BENCH_CHOICES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(BENCH_CHOICES)})")
+    return name
+
+
 def _train_module():
     return importlib.import_module("lepton_core.train.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lepton_core.benchmarks import FAMILIES
-
     p = argparse.ArgumentParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training")
     sub = p.add_subparsers(dest="command", metavar="{info,train,bench}")
     sub.required = True
@@ -90,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=train_cli.main)
 
     pb = sub.add_parser("bench", help="side-by-side benchmarks against the usual baselines")
-    pb.add_argument("family", nargs="*", choices=list(FAMILIES) + ["all"],
-                    help="what to measure (default: gemm quant)")
+    # Not choices=: with nargs="*", Python < 3.12 checks the empty default against the choices and
+    # rejects `lepton bench` itself ("invalid choice: []", CPython gh-92445). Each name is checked here.
+    pb.add_argument("family", nargs="*", type=_bench_family, metavar="family",
+                    help=f"what to measure: {', '.join(BENCH_CHOICES)} (default: {' '.join(BENCH_DEFAULT)})")
     pb.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     pb.add_argument("--threads", type=int, default=None, help="threads for us and for torch")
     pb.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
