@@ -1,4 +1,9 @@
-"""The `lepton` command line: `lepton info`, `lepton train ...`, `lepton bench [family ...]`."""
+"""The `lepton` command line: `lepton info`, `lepton train ...`, `lepton bench [family ...]`.
+
+`lepton --help`, `lepton info` and building every subcommand's parser import neither torch nor the
+trainer nor the benchmarks (API.md §0: they work with NumPy alone); `train` and `bench` import them
+when they run, and without torch they exit with one line naming the extra to install.
+"""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +13,7 @@ import sys
 from typing import List, Optional
 
 from lepton_core.benchmarks import FAMILIES
+from lepton_core.train._deps import missing
 
 BENCH_CHOICES = tuple(FAMILIES) + ("all",)
 BENCH_DEFAULT = ("gemm", "quant")
@@ -37,19 +43,18 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from lepton_core.benchmarks import FAMILIES
-    from lepton_core.benchmarks.common import print_table
+    problem = missing(("torch",), "lepton bench", "torch")
+    if problem:
+        print(f"lepton bench: error: {problem}", file=sys.stderr, flush=True)
+        return 1
+    import torch
 
     import lepton_core as lc
+    from lepton_core.benchmarks.common import print_table
 
     if args.threads is not None:
         lc.set_num_threads(args.threads)
-        try:
-            import torch
-
-            torch.set_num_threads(args.threads)  # the baseline gets the same threads
-        except ImportError:
-            pass
+        torch.set_num_threads(args.threads)  # the baseline gets the same threads
     families = args.family or list(BENCH_DEFAULT)
     if "all" in families:
         families = list(FAMILIES)

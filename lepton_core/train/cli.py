@@ -7,7 +7,8 @@
 
 lepton_core/cli.py calls add_arguments(parser) and main(args). `python -m lepton_core.train` is the
 same command; under torchrun (RANK/WORLD_SIZE set) it runs as one worker of the job instead.
-Exit codes: 0 done, 1 a worker failed, 2 bad options, 130 interrupted (Ctrl-C).
+Exit codes: 0 done, 1 a worker failed or a dependency (torch, scikit-learn) is missing, 2 bad options,
+130 interrupted (Ctrl-C). Building the parser imports neither torch nor the trainer.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import sys
 import time
 from typing import Any, Dict, Optional
 
+from . import _deps
 from .config import BACKENDS, COMPRESSIONS, PRECISIONS, TrainConfig
 
 PROG = "lepton train"
@@ -112,9 +114,14 @@ def _config_error(exc: Exception) -> str:
     return msg
 
 
-def _error(msg: str) -> int:
+def _error(msg: str, code: int = 2) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-    return 2
+    return code
+
+
+def _missing_dependency() -> Optional[str]:
+    """Why this machine cannot run the default job (torch, scikit-learn for its data), or None."""
+    return _deps.missing(("torch", "sklearn"), PROG, "train")
 
 
 def _job(args: argparse.Namespace, cfg: TrainConfig) -> Dict[str, Any]:
@@ -195,6 +202,9 @@ def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
 
 def worker_main(args: argparse.Namespace) -> int:
     """Entry of one worker under torchrun (python -m lepton_core.train)."""
+    problem = _missing_dependency()
+    if problem:
+        return _error(problem, code=1)
     try:
         cfg = _config_from_args(args)
     except (TypeError, ValueError) as exc:
@@ -265,6 +275,9 @@ def _resume_problem(cfg: TrainConfig, nproc: int, hidden: int) -> Optional[str]:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `lepton train` with parsed `args`; returns the exit code."""
+    problem = _missing_dependency()
+    if problem:
+        return _error(problem, code=1)
     try:
         cfg = _config_from_args(args)
     except (TypeError, ValueError) as exc:
@@ -275,10 +288,7 @@ def main(args: argparse.Namespace) -> int:
             return _error(problem)
     from . import digits
 
-    try:
-        data = digits.load()
-    except RuntimeError as exc:  # scikit-learn missing
-        return _error(str(exc).replace(f"{PROG}: ", ""))
+    data = digits.load()
     job = _job(args, cfg)
     job["data"] = data
 

@@ -25,6 +25,10 @@ import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
+from ._deps import require
+
+require(("torch",), "lepton_core.train.Trainer", "train")
+
 import torch
 import torch.distributed as dist
 from torch import nn
