@@ -37,14 +37,15 @@ FAILURE_BOUND_S = 60  # a failed or interrupted job must end within this (it tak
 SMALL = ["--hidden", "32", "--batch-size", "64", "--lr", "0.01", "--no-progress"]
 
 
-def _env():
+def _env(**extra):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
     return env
 
 
-def _train(*args, cwd, timeout=RUN_TIMEOUT_S):
-    return subprocess.run([sys.executable, "-m", "lepton_core.train", *args], cwd=cwd, env=_env(),
+def _train(*args, cwd, timeout=RUN_TIMEOUT_S, env=None):
+    return subprocess.run([sys.executable, "-m", "lepton_core.train", *args], cwd=cwd, env=env or _env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -141,6 +142,40 @@ def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
         assert _same_state(got["ranks"][rank]["hook"], ref["ranks"][rank]["hook"])
     assert _strip_timing(_metrics(tmp_path / "ck" / "metrics.jsonl")) == \
         _strip_timing(_metrics(ref_dir / "ck" / "metrics.jsonl"))
+
+
+@needs_sklearn
+@pytest.mark.distributed
+def test_workers_use_omp_num_threads(tmp_path):
+    """API.md §0: OMP_NUM_THREADS, when the user sets it, is every worker's thread count (torch's
+    and lc's), as under torchrun."""
+    r = _train("--epochs", "1", *SMALL, cwd=tmp_path, env=_env(OMP_NUM_THREADS="3"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 workers x 3 threads" in r.stdout
+
+
+def test_launcher_splits_the_cpus_between_its_workers(monkeypatch):
+    """Unless the user set OMP_NUM_THREADS, the launcher sets it to the CPUs this process may use
+    divided by the workers (torch and lc in each worker then read it), and restores it after."""
+    from lepton_core.train import launch
+
+    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with launch.worker_threads_env(3) as threads:
+        assert threads == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        from lepton_core._runtime import default_num_threads
+
+        assert default_num_threads() == 2  # what each worker uses
+    assert "OMP_NUM_THREADS" not in os.environ
+    with launch.worker_threads_env(16) as threads:
+        assert threads == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    with launch.worker_threads_env(2) as threads:
+        assert threads == 5 and os.environ["OMP_NUM_THREADS"] == "5"
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # ignored by OpenMP and torch: replaced, then restored
+    with launch.worker_threads_env(2) as threads:
+        assert threads == 4 and os.environ["OMP_NUM_THREADS"] == "4"
+    assert os.environ["OMP_NUM_THREADS"] == "many"
 
 
 def _children(pid):

@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--nproc", type=_int_at_least(1), default=2,
                    help="local worker processes to start (default: %(default)s)")
     g.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="CPU threads per worker (default: cores / local workers)")
+                   help="CPU threads per worker, for torch and lepton_core (default: OMP_NUM_THREADS when "
+                        "set, else the CPUs this process may use / --nproc)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="compute precision; fp16 uses dynamic loss scaling (default: %(default)s)")
     g.add_argument("--compression", choices=COMPRESSIONS, default=d.compression,
@@ -137,13 +138,15 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     import torch
 
     import lepton_core as lc
+    from lepton_core._runtime import default_num_threads
 
     from . import digits
     from .trainer import Trainer
 
     _interrupt_once()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = job["threads"] or max(1, (os.cpu_count() or 1) // local_world)
+    # API.md §0's default: OMP_NUM_THREADS (set per worker by torchrun and by our launcher) when set,
+    # else this process's CPUs; the same count for torch and lc.
+    threads = job["threads"] or default_num_threads()
     torch.set_num_threads(threads)
     lc.set_num_threads(threads)
     cfg = TrainConfig(**job["config"]).validate()
