@@ -4,6 +4,8 @@ handling, CLI errors, and the Trainer's pieces in one process.
 Multi-process runs go through `python -m lepton_core.train` (the same launcher as `lepton train`) in
 a subprocess with a hard timeout, on a small model so each run is mostly process start-up.
 """
+import contextlib
+import errno
 import importlib.util
 import json
 import os
@@ -282,6 +284,15 @@ def test_cli_option_errors(capsys, tmp_path, argv, message):
     assert f"lepton train: error: {message.format(tmp=tmp_path)}" in err
 
 
+def _fake_checkpoint(path, drop=()):
+    """A checkpoint file as the default job's launcher sees it (2 workers, batch 32, seed 0, hidden 256),
+    without the keys in `drop`."""
+    state = {"format": ckpt.FORMAT, "world_size": 2, "run": {"batch_size": 32, "grad_accum": 1, "seed": 0},
+             "epoch": 1, "step_in_epoch": 0, "global_step": 23, "model": {"1.weight": torch.zeros(256, 64)},
+             "optimizer": {}, "scaler": {}, "history_json": "[]", "ranks": [{}, {}]}
+    ckpt.save_atomic({k: v for k, v in state.items() if k not in drop}, str(path))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--nproc", "3"], "was written by 2 workers; use --nproc 2"),
     (["--batch-size", "16"], "was made with --batch-size 32, not 16"),
@@ -289,9 +300,7 @@ def test_cli_option_errors(capsys, tmp_path, argv, message):
     (["--hidden", "64"], "was made with --hidden 256, not 64"),
 ])
 def test_cli_resume_mismatch_is_refused_before_starting(capsys, tmp_path, argv, message):
-    ckpt.save_atomic({"format": ckpt.FORMAT, "world_size": 2,
-                      "run": {"batch_size": 32, "grad_accum": 1, "seed": 0},
-                      "model": {"1.weight": torch.zeros(256, 64)}}, str(tmp_path / "checkpoint.pt"))
+    _fake_checkpoint(tmp_path / "checkpoint.pt")
     args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path), *argv])
     assert cli.main(args) == 2
     assert f"lepton train: error: --resume: {tmp_path}/checkpoint.pt {message}" in capsys.readouterr().err
@@ -439,8 +448,116 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
     with pytest.raises(RuntimeError, match="boom"):
         ckpt.save_atomic({"format": ckpt.FORMAT, "x": Unpicklable()}, path)
-    assert torch.equal(ckpt.load(path)["x"], torch.arange(3))  # the old checkpoint survives intact
+    assert torch.equal(_load(path)["x"], torch.arange(3))  # the old checkpoint survives intact
     assert os.listdir(tmp_path) == ["c.pt"]  # and no temporary file is left behind
     with pytest.raises(ValueError, match="is not a lepton_core.train checkpoint"):
         torch.save({"a": 1}, str(tmp_path / "other.pt"))
         ckpt.load(str(tmp_path / "other.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Broken checkpoints and failed writes: a clear error naming the file and the cause
+# ---------------------------------------------------------------------------------------------------
+def test_resume_from_an_incomplete_checkpoint_names_what_is_missing(capsys, tmp_path):
+    """Was `KeyError: 'world_size'`."""
+    path = tmp_path / "checkpoint.pt"
+    _fake_checkpoint(path, drop=("world_size", "ranks"))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path)])
+    assert cli.main(args) == 2
+    assert f"lepton train: error: --resume: checkpoint {path} is incomplete: it has no world_size, ranks" in \
+        capsys.readouterr().err
+    cfg = TrainConfig(epochs=1, precision="fp32", compression="none", progress=False, checkpoint_dir=str(tmp_path),
+                      resume=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot resume: checkpoint .* is incomplete: it has no "
+                                                   r"world_size, ranks"):
+        _fit(cfg)
+
+
+def test_resume_from_a_truncated_checkpoint(capsys, tmp_path):
+    cfg = dict(epochs=1, batch_size=50, precision="fp32", compression="none", progress=False,
+               checkpoint_dir=str(tmp_path))
+    _fit(TrainConfig(**cfg))
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # a copy cut off half way
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot resume: cannot read checkpoint .*checkpoint.pt "
+                                                   r"\([0-9,]+ bytes\): it is truncated, damaged or not a torch.save"):
+        _fit(TrainConfig(resume=True, **cfg))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path)])
+    assert cli.main(args) == 2
+    assert f"lepton train: error: --resume: cannot read checkpoint {path}" in capsys.readouterr().err
+
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    stale = tmp_path / (ckpt.TMP_PREFIX + "k3x9_q.pt")  # what a save killed half way leaves behind
+    stale.write_bytes(b"\0" * 4096)
+    other = tmp_path / "notes.pt"
+    other.write_bytes(b"mine")
+    ckpt.save_atomic({"format": ckpt.FORMAT, "x": torch.arange(3)}, str(tmp_path / "checkpoint.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "notes.pt"]
+
+
+def test_a_full_disk_is_reported_with_its_errno(tmp_path):
+    """/dev/full fails every write with ENOSPC, as a full disk does; torch.save alone reports it as
+    "[enforce fail at inline_container.cc:...] unexpected pos"."""
+    big = {"format": ckpt.FORMAT, "x": torch.zeros(1 << 16)}
+    f = open("/dev/full", "wb")
+    try:
+        with pytest.raises(ckpt.CheckpointWriteError) as exc:
+            ckpt.write(big, f, str(tmp_path / "checkpoint.pt"))
+    finally:
+        with contextlib.suppress(OSError):  # closing flushes what is still buffered: ENOSPC again
+            f.close()
+    e = exc.value
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC
+    msg = str(e)
+    assert msg.startswith(f"cannot write checkpoint {tmp_path}/checkpoint.pt: the disk is full: No space left "
+                          f"on device (errno {errno.ENOSPC}, ENOSPC); ")
+    assert "MB free on" in msg and "enforce fail" not in msg
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    """The disk fills up part way through a save (the temporary file's write raises ENOSPC after 1000
+    bytes, as a real one does): the error names the file and errno, the old checkpoint is intact."""
+    path = str(tmp_path / "checkpoint.pt")
+    ckpt.save_atomic({"format": ckpt.FORMAT, "x": torch.arange(3)}, path)
+    real_fdopen = os.fdopen
+
+    class FillingFile:
+        def __init__(self, f):
+            self.f, self.n_bytes = f, 0
+
+        def write(self, data):
+            self.n_bytes += len(data)
+            if self.n_bytes > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillingFile(real_fdopen(fd, mode)))
+    with pytest.raises(ckpt.CheckpointWriteError, match=f"cannot write checkpoint {path}: the disk is full"):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "x": torch.zeros(1 << 16)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+
+
+@needs_sklearn
+@pytest.mark.distributed
+def test_a_write_error_ends_the_job_with_a_clear_message(tmp_path):
+    """A real OS write error end to end: under a 1 MiB file-size limit (RLIMIT_FSIZE; Python ignores
+    SIGXFSZ, so the write fails with EFBIG) the default model's ~1.7 MB checkpoint cannot be written."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "lepton_core.train", "--epochs", "1", "--batch-size", "64",
+                        "--no-progress", "--checkpoint-dir", "ck"], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=RUN_TIMEOUT_S, preexec_fn=limit_file_size)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (f"lepton train: error: worker rank 0 failed (exit code 1): CheckpointWriteError: cannot write checkpoint "
+            f"ck/checkpoint.pt: File too large (errno {errno.EFBIG}, EFBIG)") in r.stderr
+    assert "enforce fail" not in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in os.listdir(tmp_path / "ck") if p.startswith(ckpt.TMP_PREFIX)]

@@ -8,8 +8,11 @@ either the previous checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import random
+import shutil
 import tempfile
 from typing import Any, Dict, Optional
 
@@ -17,18 +20,98 @@ import numpy as np
 import torch
 
 FORMAT = "lepton_core.train/1"
+# What every checkpoint holds (the run's options are under "config", or "run" in older files).
+REQUIRED_KEYS = ("world_size", "epoch", "step_in_epoch", "global_step", "model", "optimizer", "scaler",
+                 "history_json", "ranks")
+# Temporary files of a save in progress: a process killed while saving leaves one behind, and the
+# next save in that directory removes it (a checkpoint directory belongs to one run: one writer).
+TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, truncated, not ours, or incomplete."""
+
+
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint failed in the OS (a full disk, a quota, an I/O error); errno is the OS's."""
+
+    def __init__(self, path: str, cause: OSError) -> None:
+        code = cause.errno
+        super().__init__(code, cause.strerror or str(cause), path)
+        name = errno.errorcode.get(code, "?") if code is not None else "?"
+        why = f"{cause.strerror or cause} (errno {code}, {name})"
+        if code in (errno.ENOSPC, errno.EDQUOT):
+            directory = os.path.dirname(os.path.abspath(path))
+            try:
+                free = f"; {shutil.disk_usage(directory).free / 1e6:,.1f} MB free on {directory}"
+            except OSError:
+                free = ""
+            why = f"the disk is full: {why}{free}"
+        self.message = f"cannot write checkpoint {path}: {why}; the previous checkpoint, if any, is intact"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class _RecordingWriter:
+    """A file object for torch.save that keeps the OSError of a failed write: torch replaces it by
+    "[enforce fail at inline_container.cc] unexpected pos ..." (the bytes written fell short)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def write(obj: Dict[str, Any], f, path: str) -> None:
+    """torch.save(obj) into the open binary file `f`, flushed and fsync'ed; `path` names it in errors.
+    An OS error while writing raises CheckpointWriteError (errno, what it means, free space)."""
+    w = _RecordingWriter(f)
+    try:
+        torch.save(obj, w)
+        f.flush()
+        os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:
+        cause = w.error if w.error is not None else exc
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointWriteError(path, cause) from exc
+
+
+def remove_stale_temporaries(directory: str) -> None:
+    """Removes what killed saves left in `directory` (see TMP_PREFIX)."""
+    for tmp in glob.glob(os.path.join(glob.escape(directory), TMP_PREFIX + "*" + TMP_SUFFIX)):
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
 
 
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
-    """torch.save(obj) to `path` via a temporary file + fsync + os.replace."""
+    """torch.save(obj) to `path` via a temporary file + fsync + os.replace; stale temporaries of
+    earlier, killed saves in the same directory are removed first."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    remove_stale_temporaries(directory)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        f = os.fdopen(fd, "wb")
+        try:
+            write(obj, f, path)
+        finally:
+            try:
+                f.close()
+            except OSError:  # only after a failed write, whose error is already on its way
+                pass
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -49,10 +132,25 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
 
 
 def load(path: str, mmap: bool = False) -> Dict[str, Any]:
-    """The checkpoint at `path` (tensors on the CPU; mmap: tensors read lazily, for a quick look)."""
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    """The checkpoint at `path` (tensors on the CPU; mmap: tensors read lazily, for a quick look).
+    Raises FileNotFoundError, or CheckpointError naming the file and what is wrong with it."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch's zip reader: RuntimeError; the unpickler: UnpicklingError, ...
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} ({size:,} bytes): it is truncated, damaged or "
+                              f"not a torch.save file ({first})") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"lepton train: {path} is not a lepton_core.train checkpoint")
+        raise CheckpointError(f"{path} is not a lepton_core.train checkpoint")
+    absent = [k for k in REQUIRED_KEYS if k not in obj]
+    if "config" not in obj and "run" not in obj:
+        absent.append("config")
+    if absent:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(absent)} (a file written "
+                              f"by another program, or a cut-off copy)")
     return obj
 
 

@@ -262,8 +262,8 @@ def _resume_problem(cfg: TrainConfig, nproc: int, hidden: int) -> Optional[str]:
 
     try:
         state = ckpt.load(path, mmap=True)
-    except Exception as exc:
-        return f"--resume: cannot read {path}: {exc}"
+    except (OSError, ckpt.CheckpointError) as exc:
+        return f"--resume: {exc}"
     if state["world_size"] != nproc:
         return f"--resume: {path} was written by {state['world_size']} workers; use --nproc {state['world_size']}"
     for field in ("batch_size", "grad_accum", "seed"):

@@ -381,12 +381,14 @@ class Trainer:
         if self.is_main:
             try:
                 box[0] = ckpt.load(path)
-            except Exception as exc:  # every rank must learn about it, not only rank 0
-                box[0] = {"error": f"cannot read checkpoint {path}: {exc}"}
+            except FileNotFoundError:  # every rank must learn about it, not only rank 0
+                box[0] = {"error": f"no checkpoint at {path}"}
+            except Exception as exc:
+                box[0] = {"error": str(exc)}
         dist.broadcast_object_list(box, src=0)
         state = box[0]
         if "error" in state:
-            raise ValueError(f"lepton train: {state['error']}")
+            raise ckpt.CheckpointError(f"lepton train: cannot resume: {state['error']}")
         cfg = self.config
         if state["world_size"] != self.world_size:
             raise ValueError(f"lepton train: cannot resume: the checkpoint was written by {state['world_size']} "
