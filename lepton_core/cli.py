@@ -7,16 +7,41 @@ when they run, and without torch they exit with one line naming the extra to ins
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
 import sys
 from typing import List, Optional
+
+from lepton_core._version import __version__
 
 from lepton_core.benchmarks import FAMILIES
 from lepton_core.train._deps import missing
 
 BENCH_CHOICES = tuple(FAMILIES) + ("all",)
 BENCH_DEFAULT = ("gemm", "quant")
+
+
+# No AMX tile kernels ship: the amx level runs the AVX-512 kernels (csrc/cpu/gemm/gemm.cc), so a
+# build "compiled up to amx" has kernels up to avx512.
+_HIGHEST_KERNEL_ISA = "avx512"
+
+
+def _isa_line(info: dict) -> str:
+    from lepton_core._runtime import ISA_NAMES
+
+    compiled = info["cpu_isa_compiled"]
+    kernels = min(compiled, _HIGHEST_KERNEL_ISA, key=ISA_NAMES.index)
+    note = "; the amx level runs the AVX-512 kernels" if "amx" in (info["cpu_isa"], info["cpu_isa_detected"]) else ""
+    return (f"{info['cpu_isa']} (detected {info['cpu_isa_detected']}; kernels compiled up to {kernels}{note}; "
+            f"cap with LEPTON_CPU_ISA)")
+
+
+def _bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
 
 
 def _cmd_info(args) -> int:
@@ -26,19 +51,36 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"lepton_core {info['version']}")
-    print(f"  backends      : {', '.join(info['backends'])}")
-    print(f"  cpu           : {info['cpu']}")
-    print(f"  cpu isa       : {info['cpu_isa']} (detected {info['cpu_isa_detected']}, "
-          f"compiled up to {info['cpu_isa_compiled']}; cap with LEPTON_CPU_ISA)")
-    print(f"  cpu features  : {', '.join(sorted(info['cpu_features'])) or 'none beyond x86-64'}")
+    rows = []  # (label, value); keys newer than some builds' lc.info() are shown when present
+    if "python" in info:
+        rows.append(("python", info["python"]))
+    if "torch" in info:
+        rows.append(("torch", info["torch"] or "not installed (the NumPy API works; the torch API, lc.nn, "
+                                               "distributed and lepton train need it: pip install "
+                                               "'lepton_core[train]')"))
+    if info.get("compiler"):
+        rows.append(("compiler", info["compiler"]))
+    if info.get("git_revision"):
+        rows.append(("git revision", info["git_revision"]))
+    rows.append(("backends", ", ".join(info["backends"])))
+    rows.append(("cpu", info["cpu"]))
+    rows.append(("cpu isa", _isa_line(info)))
+    rows.append(("cpu features", ", ".join(sorted(info["cpu_features"])) or "none beyond x86-64"))
     caches = info["cache_bytes"]
-    print(f"  caches        : L1d {caches['l1d'] >> 10} KiB, L2 {caches['l2'] >> 10} KiB, L3 {caches['l3'] >> 20} MiB")
-    print(f"  threads       : {info['num_threads']} (OpenMP {'on' if info['openmp'] else 'off'})")
+    rows.append(("caches", f"L1d {caches['l1d'] >> 10} KiB, L2 {caches['l2'] >> 10} KiB, L3 {caches['l3'] >> 20} MiB"))
+    openmp = "OpenMP on" if info["openmp"] else "OpenMP off: this build runs every kernel on one thread"
+    rows.append(("threads", f"{info['num_threads']} ({openmp})"))
+    if "host_pool_cached_bytes" in info:
+        rows.append(("host pool", f"{_bytes(info['host_pool_cached_bytes'])} cached (cap: LEPTON_HOST_POOL_MB)"))
     if info["cuda_device"]:
-        print(f"  cuda device   : {info['cuda_device']}")
+        rows.append(("cuda device", info["cuda_device"]))
     else:
-        print(f"  cuda          : unavailable: {info['cuda_unavailable_reason']}")
+        rows.append(("cuda", f"unavailable: {info['cuda_unavailable_reason']}"))
+    if info.get("cuda_archs"):
+        rows.append(("cuda archs", ", ".join(str(a) for a in info["cuda_archs"])))
+    print(f"lepton_core {info['version']}")
+    for label, value in rows:
+        print(f"  {label:<14}: {value}")
     return 0
 
 
@@ -85,21 +127,44 @@ def _bench_family(name: str) -> str:
     return name
 
 
+class SuggestingParser(argparse.ArgumentParser):
+    """An ArgumentParser that reports unknown arguments itself, with the closest known option (a
+    subcommand's unknown arguments would otherwise be reported by `lepton`, without a suggestion)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            msg = f"unrecognized arguments: {' '.join(extras)}"
+            options = [s for action in self._actions for s in action.option_strings]
+            for arg in extras:
+                if arg.startswith("-"):
+                    close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+                    if close:
+                        msg += f" (did you mean {close[0]}?)"
+                        break
+            self.error(msg)
+        return namespace, extras
+
+
 def _train_module():
     return importlib.import_module("lepton_core.train.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training")
-    sub = p.add_subparsers(dest="command", metavar="{info,train,bench}")
+    p = SuggestingParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training",
+                         epilog="`python -m lepton_core` alone is `lepton info` (paste it into bug reports).")
+    p.add_argument("--version", action="version", version=f"lepton_core {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{info,train,bench}", parser_class=SuggestingParser)
     sub.required = True
 
     pi = sub.add_parser("info", help="what this build and machine offer (lc.info())")
     pi.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     pi.set_defaults(func=_cmd_info)
 
-    pt = sub.add_parser("train", help="data-parallel training (default: digits MLP, 2 local workers)")
     train_cli = _train_module()
+    pt = sub.add_parser("train", help="data-parallel training (default: digits MLP, 2 local workers)",
+                        description=train_cli.DESCRIPTION, epilog=train_cli.EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     train_cli.add_arguments(pt)
     pt.set_defaults(func=train_cli.main)
 

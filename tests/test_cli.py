@@ -109,3 +109,131 @@ def test_trainer_import_without_torch_names_the_extra():
     assert r.returncode != 0
     assert "ImportError: lepton_core.train.Trainer needs PyTorch" in r.stderr
     assert "pip install 'lepton_core[train]'" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# --version, python -m lepton_core, lepton info
+# ---------------------------------------------------------------------------------------------------
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"lepton_core {lc.__version__}\n"
+
+
+def test_python_m_lepton_core_is_lepton_info():
+    r = _run(["-m", "lepton_core"])
+    assert r.returncode == 0, r.stderr
+    info = _run(["-m", "lepton_core.cli", "info"])
+    assert r.stdout == info.stdout and r.stdout.startswith(f"lepton_core {lc.__version__}\n")
+    r = _run(["-m", "lepton_core", "info", "--json"])  # with arguments: the whole command line
+    assert r.returncode == 0 and '"cpu_isa"' in r.stdout
+
+
+def _info_lines(capsys, monkeypatch, **changes):
+    info = dict(lc.info(), **changes)
+    monkeypatch.setattr(lc, "info", lambda: info)
+    assert cli.main(["info"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_info_shows_the_newer_keys_when_present(capsys, monkeypatch):
+    lines = _info_lines(capsys, monkeypatch, python="3.11.7", torch="2.13.0", compiler="GCC 13.2.0",
+                        cuda_archs=["80", "90a"], git_revision="0123abcd", host_pool_cached_bytes=3 << 20)
+    for expect in ["  python        : 3.11.7", "  torch         : 2.13.0", "  compiler      : GCC 13.2.0",
+                   "  git revision  : 0123abcd", "  host pool     : 3.0 MiB cached (cap: LEPTON_HOST_POOL_MB)",
+                   "  cuda archs    : 80, 90a"]:
+        assert expect in lines
+    lines = _info_lines(capsys, monkeypatch, python="3.11.7", torch=None, compiler="GCC 13.2.0", cuda_archs=None,
+                        git_revision=None, host_pool_cached_bytes=0)
+    assert any(line.startswith("  torch         : not installed") and "pip install 'lepton_core[train]'" in line
+               for line in lines)
+    assert not any("git revision" in line or "cuda archs" in line for line in lines)
+    assert "  host pool     : 0 B cached (cap: LEPTON_HOST_POOL_MB)" in lines
+
+
+def test_info_isa_wording_matches_the_shipped_kernels(capsys, monkeypatch):
+    """No AMX kernel ships: a build compiled up to the amx level has kernels up to avx512."""
+    lines = _info_lines(capsys, monkeypatch, cpu_isa="amx", cpu_isa_detected="amx", cpu_isa_compiled="amx")
+    assert ("  cpu isa       : amx (detected amx; kernels compiled up to avx512; the amx level runs the AVX-512 "
+            "kernels; cap with LEPTON_CPU_ISA)") in lines
+    lines = _info_lines(capsys, monkeypatch, cpu_isa="avx2", cpu_isa_detected="avx512", cpu_isa_compiled="avx2")
+    assert "  cpu isa       : avx2 (detected avx512; kernels compiled up to avx2; cap with LEPTON_CPU_ISA)" in lines
+    assert not any("compiled up to amx" in line for line in _info_lines(capsys, monkeypatch))
+
+
+def test_info_says_what_openmp_off_means(capsys, monkeypatch):
+    lines = _info_lines(capsys, monkeypatch, openmp=False, num_threads=1)
+    assert "  threads       : 1 (OpenMP off: this build runs every kernel on one thread)" in lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# lepton train --help, misspelt options
+# ---------------------------------------------------------------------------------------------------
+def _help_examples(text):
+    """The command lines of an `examples:` block (continuation lines joined, comments dropped)."""
+    block = text.split("examples:\n", 1)[1]
+    lines, cur = [], ""
+    for raw in block.splitlines():
+        line = raw.split("  #", 1)[0].strip()
+        cur = f"{cur} {line}".strip()
+        if cur.endswith("\\"):
+            cur = cur[:-1].strip()
+            continue
+        if cur:
+            lines.append(cur)
+        cur = ""
+    return lines
+
+
+def test_train_help_has_a_description_and_examples_that_parse(capsys):
+    from lepton_core.train import cli as train_cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "scikit-learn's bundled 8x8 digits" in out and "examples:" in out
+    examples = _help_examples(out)
+    assert len(examples) == 6
+    for line in examples:
+        words = line.split()
+        if words[0] == "lepton":
+            assert _parse(words[1:]).command == "train", line
+        else:  # torchrun ... -m lepton_core.train OPTIONS
+            assert words[0] == "torchrun"
+            train_cli.build_parser().parse_args(words[words.index("lepton_core.train") + 1:])
+
+
+@pytest.mark.parametrize("argv,suggestion", [
+    (["train", "--epcohs", "3"], "lepton train: error: unrecognized arguments: --epcohs 3 (did you mean --epochs?)"),
+    (["train", "--chekpoint-dir=x"], "(did you mean --checkpoint-dir?)"),
+    (["train", "--presicion", "fp32"], "(did you mean --precision?)"),
+    (["bench", "--quik"], "lepton bench: error: unrecognized arguments: --quik (did you mean --quick?)"),
+])
+def test_misspelt_options_get_a_suggestion(capsys, argv, suggestion):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    assert suggestion in capsys.readouterr().err
+
+
+def test_python_m_lepton_core_train_suggests_too(capsys):
+    from lepton_core.train import cli as train_cli
+
+    with pytest.raises(SystemExit) as exc:
+        train_cli.build_parser().parse_args(["--epcohs", "3"])
+    assert exc.value.code == 2
+    assert "lepton train: error: unrecognized arguments: --epcohs 3 (did you mean --epochs?)" in \
+        capsys.readouterr().err
+
+
+def test_counts_are_singular_for_one(capsys):
+    from lepton_core.train import cli as train_cli
+    from lepton_core.train.config import TrainConfig
+
+    assert train_cli.plural(1, "epoch") == "1 epoch" and train_cli.plural(3, "epoch") == "3 epochs"
+    summary = {"history": [{}], "eval_accuracy": 0.5, "stopped_early": False, "epochs_completed": 1, "steps": 1,
+               "time_s": 1.0, "eval_loss": 1.0, "train_loss": 1.0, "samples_per_s": 10.0, "comm_bytes": 0}
+    train_cli._print_summary(summary, TrainConfig(epochs=1))
+    assert "lepton train: done: 1 epoch, 1 step in 1.0 s;" in capsys.readouterr().out

@@ -1,9 +1,5 @@
 """`lepton train`: the default data-parallel job (digits + lc.nn MLP), started on --nproc local workers.
-
-    lepton train                                   # 2 workers, bf16, int8 gradient compression
-    lepton train --precision fp32 --compression none --epochs 20
-    lepton train --resume                          # continue from lepton-train/checkpoint.pt
-    torchrun --nnodes 2 --nproc-per-node 4 ... -m lepton_core.train [same options]   # several hosts
+DESCRIPTION and EXAMPLES below are its --help text (tests parse every example).
 
 lepton_core/cli.py calls add_arguments(parser) and main(args). `python -m lepton_core.train` is the
 same command; under torchrun (RANK/WORLD_SIZE set) it runs as one worker of the job instead.
@@ -24,6 +20,25 @@ from .config import BACKENDS, COMPRESSIONS, PRECISIONS, TrainConfig
 
 PROG = "lepton train"
 DEFAULT_CHECKPOINT_DIR = "lepton-train"
+DESCRIPTION = """\
+Data-parallel training with lepton_core. The default job trains an MLP of lc.nn.Linear layers on
+scikit-learn's bundled 8x8 digits (no download) on --nproc local worker processes: bf16 compute and
+int8-compressed gradient all-reduce with error feedback. After every epoch a checkpoint and a line of
+metrics go to --checkpoint-dir; --resume continues a stopped run exactly where it stopped."""
+EXAMPLES = """\
+examples:
+  lepton train                                      # 2 workers, bf16, int8 gradient compression
+  lepton train --precision fp32 --compression none --epochs 20
+  lepton train --nproc 4 --threads 2 --batch-size 64
+  lepton train --max-steps 100                      # stop after 100 steps, with a checkpoint
+  lepton train --resume                             # continue from lepton-train/checkpoint.pt
+  torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
+      -m lepton_core.train --precision bf16         # several hosts: one command per host"""
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _int_at_least(lo: int):
@@ -160,9 +175,10 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     try:
         if trainer.is_main:
             print(f"{PROG}: digits ({len(train)} train / {len(test)} test images), MLP 64-{job['hidden']}-"
-                  f"{job['hidden']}-10 of lc.nn.Linear; {trainer.world_size} workers x {threads} threads, "
-                  f"{cfg.precision}, compression {cfg.compression}, {cfg.epochs} epochs, batch {cfg.batch_size}"
-                  f"/worker, lr {cfg.lr:g}, seed {cfg.seed}", flush=True)
+                  f"{job['hidden']}-10 of lc.nn.Linear; {plural(trainer.world_size, 'worker')} x "
+                  f"{plural(threads, 'thread')}, {cfg.precision}, compression {cfg.compression}, "
+                  f"{plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}/worker, lr {cfg.lr:g}, seed {cfg.seed}",
+                  flush=True)
         try:
             summary = trainer.fit()
         except KeyboardInterrupt:
@@ -190,12 +206,13 @@ def _interrupt_once() -> None:
 
 def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
     if not s["history"]:
-        print(f"{PROG}: nothing to do (the checkpoint had finished {cfg.epochs} epochs)", flush=True)
+        print(f"{PROG}: nothing to do (the checkpoint had finished {plural(cfg.epochs, 'epoch')})", flush=True)
         return
     acc = s.get("eval_accuracy")
     acc_txt = "n/a" if acc is None else f"{100 * acc:.2f}%"
     state = "stopped early (max_steps)" if s["stopped_early"] else "done"
-    print(f"{PROG}: {state}: {s['epochs_completed']} epochs, {s['steps']} steps in {s['time_s']:.1f} s; "
+    print(f"{PROG}: {state}: {plural(s['epochs_completed'], 'epoch')}, {plural(s['steps'], 'step')} in "
+          f"{s['time_s']:.1f} s; "
           f"test accuracy {acc_txt} (loss {s['eval_loss']:.4f}); train loss {s['train_loss']:.4f}; "
           f"{(s.get('samples_per_s') or 0):,.0f} samples/s; gradients sent {s['comm_bytes'] / 1e6:.1f} MB "
           f"per worker ({cfg.compression})", flush=True)
@@ -317,8 +334,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Data-parallel training with lepton_core (the "
-                                     "default job: scikit-learn's digits with an lc.nn MLP).")
+    from lepton_core.cli import SuggestingParser
+
+    parser = SuggestingParser(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_arguments(parser)
 
 
