@@ -7,8 +7,11 @@ a subprocess with a hard timeout, on a small model so each run is mostly process
 import contextlib
 import errno
 import importlib.util
+import io
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -353,9 +356,10 @@ def _noise(x, generator):
 
 
 @pytest.mark.parametrize("precision,compression", [("fp32", "none"), ("bf16", "int8"), ("fp16", "int8")])
-def test_trainer_single_worker_resume_is_exact(tmp_path, capsys, precision, compression):
+def test_trainer_single_worker_resume_is_exact(tmp_path, caplog, precision, compression):
     common = dict(epochs=3, batch_size=16, grad_accum=2, lr=0.01, precision=precision, compression=compression,
                   progress=False)
+    caplog.set_level(logging.INFO, logger="lepton_core.train")
     full, w_full = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "a"), **common), augment=_noise)
     assert full["eval_accuracy"] > 0.9 and full["steps"] == 3 * 7 and not full["stopped_early"]
     part, _ = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "b"), max_steps=10, **common), augment=_noise)
@@ -367,8 +371,65 @@ def test_trainer_single_worker_resume_is_exact(tmp_path, capsys, precision, comp
     assert _same_state(a["optimizer"], b["optimizer"]) and _same_state(a["scaler"], b["scaler"])
     if precision == "fp16":
         assert a["scaler"]["scale"] > 0
-    out = capsys.readouterr().out
-    assert "resumed from" in out and "epoch   3/3" in out
+    lines = [r.getMessage() for r in caplog.records if r.name == "lepton_core.train"]
+    assert any(line.startswith("resumed from") for line in lines)
+    assert any(line.startswith("epoch   3/3") for line in lines)
+
+
+@contextlib.contextmanager
+def _trainer_logger():
+    """The `lepton_core.train` logger, restored afterwards (level, handlers, propagation)."""
+    log = logging.getLogger("lepton_core.train")
+    saved = (log.level, list(log.handlers), log.propagate)
+    try:
+        yield log
+    finally:
+        log.setLevel(saved[0])
+        log.handlers[:] = saved[1]
+        log.propagate = saved[2]
+
+
+_ONE_EPOCH = dict(epochs=2, batch_size=50, precision="fp32", compression="none", progress=False)
+
+
+def test_library_users_control_the_trainer_lines(capsys, caplog):
+    """The Trainer prints nothing itself: its lines go to the lepton_core.train logger, which a
+    program can leave alone (nothing shown), enable, redirect or silence."""
+    with _trainer_logger() as log:
+        _fit(TrainConfig(**_ONE_EPOCH))  # logging not configured: INFO lines are not shown
+        assert capsys.readouterr() == ("", "")
+        caplog.set_level(logging.INFO)  # e.g. logging.basicConfig(level=logging.INFO)
+        _fit(TrainConfig(**_ONE_EPOCH))
+        assert [r.getMessage()[:11] for r in caplog.records if r.name == log.name] == ["epoch   1/2", "epoch   2/2"]
+        caplog.clear()
+        log.setLevel(logging.WARNING)  # silenced, although the program logs INFO
+        _fit(TrainConfig(**_ONE_EPOCH))
+        assert not [r for r in caplog.records if r.name == log.name]
+        log.setLevel(logging.NOTSET)
+        buf = io.StringIO()  # redirected
+        log.addHandler(logging.StreamHandler(buf))
+        log.propagate = False
+        _fit(TrainConfig(**_ONE_EPOCH))
+        assert [line[:11] for line in buf.getvalue().splitlines()] == ["epoch   1/2", "epoch   2/2"]
+        assert capsys.readouterr() == ("", "")
+
+
+def test_cli_prints_the_trainer_lines_unchanged(capsys):
+    """`lepton train` installs a handler that prints each line as it is, once, on stdout."""
+    with _trainer_logger():
+        root_handler = logging.StreamHandler(sys.stdout)  # a program's own logging: no line twice
+        logging.getLogger().addHandler(root_handler)
+        try:
+            cli.print_trainer_lines()
+            cli.print_trainer_lines()  # idempotent
+            _fit(TrainConfig(**_ONE_EPOCH))
+        finally:
+            logging.getLogger().removeHandler(root_handler)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2
+    for e, line in enumerate(out, 1):
+        assert re.fullmatch(rf"epoch   {e}/2  loss \d\.\d{{4}}  acc \d+\.\d\d%  test loss \d\.\d{{4}}  test acc "
+                            rf"\d+\.\d\d%  [\d,]+ samples/s  comm 0\.00 MB", line), line
 
 
 def test_resuming_a_finished_run_trains_no_further(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
@@ -159,6 +160,7 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     from .trainer import Trainer
 
     _interrupt_once()
+    print_trainer_lines()
     # API.md §0's default: OMP_NUM_THREADS (set per worker by torchrun and by our launcher) when set,
     # else this process's CPUs; the same count for torch and lc.
     threads = job["threads"] or default_num_threads()
@@ -190,6 +192,19 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         return None
     finally:
         trainer.close()
+
+
+def print_trainer_lines() -> None:
+    """The Trainer logs its lines to the `lepton_core.train` logger; the command line prints them on
+    stdout exactly as they are (installed once per process)."""
+    log = logging.getLogger("lepton_core.train")
+    if not any(getattr(h, "_lepton_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._lepton_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # printed once, whatever the root logger does
 
 
 def _interrupt_once() -> None:

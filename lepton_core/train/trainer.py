@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import sys
@@ -41,6 +42,9 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Rank 0's lines (one per epoch; resumed; stopped by max_steps) go here at INFO, so a program using the
+# Trainer decides whether and where they appear; `lepton train` prints them on stdout.
+logger = logging.getLogger("lepton_core.train")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,6 +191,11 @@ class Trainer:
     augment:    optional (inputs, generator) -> inputs, applied to training batches with a per-worker
                 torch.Generator that is seeded from config.seed and saved in checkpoints.
     optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay), fused where available.
+
+    Rank 0 logs one line per epoch (and on resume / early stop) to the `lepton_core.train` logger at
+    INFO: `logging.basicConfig(level=logging.INFO)` shows them, `logging.getLogger("lepton_core.train")
+    .setLevel(logging.WARNING)` silences them, a handler on that logger redirects them. The progress
+    bar (config.progress) is separate.
 
     Creates the process group when none exists (and destroys it in close()). Seeds torch's global
     RNG per worker (seed, rank) for dropout and the like. Before the first step, one backward pass in
@@ -442,7 +451,7 @@ class Trainer:
     # -- training -------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
         if self.is_main:
-            print(msg, flush=True)
+            logger.info(msg)
 
     def _write_metrics(self, record: Optional[Dict[str, Any]], rewrite: bool) -> None:
         path = self.config.resolved_metrics_path
