@@ -5,6 +5,7 @@ Multi-process runs go through `python -m lepton_core.train` (the same launcher a
 a subprocess with a hard timeout, on a small model so each run is mostly process start-up.
 """
 import contextlib
+import dataclasses
 import errno
 import importlib.util
 import io
@@ -290,17 +291,21 @@ def test_cli_option_errors(capsys, tmp_path, argv, message):
 def _fake_checkpoint(path, drop=()):
     """A checkpoint file as the default job's launcher sees it (2 workers, batch 32, seed 0, hidden 256),
     without the keys in `drop`."""
-    state = {"format": ckpt.FORMAT, "world_size": 2, "run": {"batch_size": 32, "grad_accum": 1, "seed": 0},
+    state = {"format": ckpt.FORMAT, "world_size": 2, "config": dataclasses.asdict(TrainConfig()),
              "epoch": 1, "step_in_epoch": 0, "global_step": 23, "model": {"1.weight": torch.zeros(256, 64)},
              "optimizer": {}, "scaler": {}, "history_json": "[]", "ranks": [{}, {}]}
     ckpt.save_atomic({k: v for k, v in state.items() if k not in drop}, str(path))
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--nproc", "3"], "was written by 2 workers; use --nproc 2"),
+    (["--nproc", "3"], "was made with --nproc 2, not 3"),
     (["--batch-size", "16"], "was made with --batch-size 32, not 16"),
     (["--seed", "4"], "was made with --seed 0, not 4"),
     (["--hidden", "64"], "was made with --hidden 256, not 64"),
+    (["--precision", "fp16", "--compression", "none"], "was made with --precision bf16, not fp16; --compression "
+                                                       "int8, not none"),
+    (["--nproc", "1", "--grad-accum", "2", "--block-size", "64", "--hidden", "8"],
+     "was made with --nproc 2, not 1; --grad-accum 1, not 2; --block-size 256, not 64; --hidden 256, not 8"),
 ])
 def test_cli_resume_mismatch_is_refused_before_starting(capsys, tmp_path, argv, message):
     _fake_checkpoint(tmp_path / "checkpoint.pt")
@@ -443,8 +448,8 @@ def test_resuming_a_finished_run_trains_no_further(tmp_path):
 def test_resume_refuses_a_different_batch_size(tmp_path):
     cfg = dict(epochs=1, precision="fp32", compression="none", progress=False, checkpoint_dir=str(tmp_path))
     _fit(TrainConfig(batch_size=50, **cfg))
-    with pytest.raises(ValueError, match="cannot resume: the checkpoint was made with batch_size=50, this run "
-                                         "has batch_size=25"):
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint.pt: the checkpoint was made with "
+                                         "batch_size=50; this run has batch_size=25"):
         _fit(TrainConfig(batch_size=25, resume=True, **cfg))
 
 
@@ -622,3 +627,67 @@ def test_a_write_error_ends_the_job_with_a_clear_message(tmp_path):
             f"ck/checkpoint.pt: File too large (errno {errno.EFBIG}, EFBIG)") in r.stderr
     assert "enforce fail" not in r.stderr and "Traceback" not in r.stderr
     assert not [p for p in os.listdir(tmp_path / "ck") if p.startswith(ckpt.TMP_PREFIX)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint files: permissions, --keep, the run's config and what resume checks with it
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_checkpoint_mode_follows_the_umask(tmp_path, umask, mode):
+    """Like any file the user's programs write (mkstemp alone gives 0600: unreadable by the group)."""
+    before = os.umask(umask)
+    try:
+        ckpt.save_atomic({"format": ckpt.FORMAT}, str(tmp_path / "checkpoint.pt"))
+    finally:
+        os.umask(before)
+    assert os.stat(tmp_path / "checkpoint.pt").st_mode & 0o777 == mode
+
+
+def test_keep_past_epochs_and_the_latest(tmp_path):
+    cfg = TrainConfig(epochs=4, keep_checkpoints=2, checkpoint_dir=str(tmp_path), **{
+        k: v for k, v in _ONE_EPOCH.items() if k != "epochs"})
+    _fit(cfg)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-epoch0003.pt", "checkpoint-epoch0004.pt", "checkpoint.pt",
+                                            "metrics.jsonl"]
+    assert _load(tmp_path / "checkpoint-epoch0003.pt")["epoch"] == 3
+    latest = _load(tmp_path / "checkpoint.pt")
+    assert latest["epoch"] == 4 and _same_state(latest, _load(tmp_path / "checkpoint-epoch0004.pt"))
+    # the run's whole configuration is in every checkpoint
+    assert latest["config"] == dataclasses.asdict(cfg)
+
+
+def test_keep_with_a_mid_epoch_stop_keeps_only_finished_epochs(tmp_path):
+    common = dict(epochs=3, keep_checkpoints=5, checkpoint_dir=str(tmp_path), precision="fp32", compression="none",
+                  batch_size=50, progress=False)
+    _fit(TrainConfig(max_steps=6, **common))  # 4 steps per epoch: stops in epoch 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-epoch0001.pt", "checkpoint.pt", "metrics.jsonl"]
+    _fit(TrainConfig(resume=True, **common))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt",
+                                            "checkpoint-epoch0003.pt", "checkpoint.pt", "metrics.jsonl"]
+
+
+def test_resume_names_every_mismatching_option(tmp_path, caplog):
+    common = dict(progress=False, checkpoint_dir=str(tmp_path), compression="none")
+    _fit(TrainConfig(epochs=1, batch_size=50, precision="fp32", **common))
+    with pytest.raises(ValueError, match=r"cannot resume from .*: the checkpoint was made with batch_size=50, "
+                                         r"seed=0, precision='fp32'; this run has batch_size=25, seed=3, "
+                                         r"precision='fp16'"):
+        _fit(TrainConfig(epochs=1, batch_size=25, seed=3, precision="fp16", resume=True, **common))
+    # Options that may change (train longer, another rate) are accepted and reported.
+    caplog.set_level(logging.INFO, logger="lepton_core.train")
+    summary, _ = _fit(TrainConfig(epochs=2, lr=1e-3, batch_size=50, precision="fp32", resume=True, **common))
+    assert summary["epochs_completed"] == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "lepton_core.train"]
+    assert "resuming with epochs=2 (the checkpoint's run had epochs=1)" in lines
+    assert "resuming with lr=0.001 (the checkpoint's run had lr=0.003)" in lines
+
+
+def test_resume_reads_checkpoints_that_kept_only_a_few_options(capsys, tmp_path):
+    """Checkpoints of lepton_core 0.1.0 kept batch_size, grad_accum, seed, ... under "run"."""
+    state = {"format": ckpt.FORMAT, "world_size": 2, "run": {"batch_size": 32, "grad_accum": 1, "seed": 0},
+             "epoch": 1, "step_in_epoch": 0, "global_step": 23, "model": {}, "optimizer": {}, "scaler": {},
+             "history_json": "[]", "ranks": [{}, {}]}
+    ckpt.save_atomic(state, str(tmp_path / "checkpoint.pt"))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path), "--seed", "2"])
+    assert cli.main(args) == 2
+    assert "was made with --seed 0, not 2" in capsys.readouterr().err

@@ -8,13 +8,14 @@ either the previous checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import os
 import random
 import shutil
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +27,15 @@ REQUIRED_KEYS = ("world_size", "epoch", "step_in_epoch", "global_step", "model",
 # Temporary files of a save in progress: a process killed while saving leaves one behind, and the
 # next save in that directory removes it (a checkpoint directory belongs to one run: one writer).
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
+
+
+# On resume, these options must be those of the run that wrote the checkpoint: they fix the order of
+# the samples and the position in it (world_size too), or the layout of saved state (precision: the
+# fp16 loss scaler; compression, block_size, error_feedback: the gradient hook's residuals).
+MUST_MATCH = ("batch_size", "grad_accum", "seed", "precision", "compression", "block_size", "error_feedback")
+# These may change on resume (to train longer, or on with another rate), which changes the result.
+MAY_CHANGE = ("epochs", "lr", "weight_decay", "lr_schedule")
+KEPT_INFIX = "-epoch"  # checkpoint.pt -> checkpoint-epoch0003.pt (--keep)
 
 
 class CheckpointError(ValueError):
@@ -96,6 +106,20 @@ def remove_stale_temporaries(directory: str) -> None:
             pass
 
 
+def _umask() -> int:
+    """This process's umask (from /proc: os.umask would change it for a moment, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_atomic(obj: Dict[str, Any], path: str) -> None:
     """torch.save(obj) to `path` via a temporary file + fsync + os.replace; stale temporaries of
     earlier, killed saves in the same directory are removed first."""
@@ -104,6 +128,7 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
     remove_stale_temporaries(directory)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # what open() would give (mkstemp's files are private: 0600)
         f = os.fdopen(fd, "wb")
         try:
             write(obj, f, path)
@@ -129,6 +154,54 @@ def save_atomic(obj: Dict[str, Any], path: str) -> None:
         pass
     finally:
         os.close(dir_fd)
+
+
+def kept_path(path: str, epoch: int) -> str:
+    stem, ext = os.path.splitext(path)
+    return f"{stem}{KEPT_INFIX}{epoch:04d}{ext}"
+
+
+def keep_epoch_copy(path: str, epoch: int, keep: int) -> str:
+    """Keeps the checkpoint just written at `path` also as kept_path(path, epoch) (a hard link: no
+    extra space; a copy where links are unsupported), then deletes the oldest kept files beyond `keep`.
+    Returns the kept file's path."""
+    target = kept_path(path, epoch)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=TMP_SUFFIX, dir=directory)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    stem, ext = os.path.splitext(path)
+    kept = glob.glob(glob.escape(stem + KEPT_INFIX) + "[0-9]*" + glob.escape(ext))
+    kept.sort(key=lambda p: (os.path.getmtime(p), p))  # newest last (a new run may reuse old names)
+    for old in kept[:-keep]:
+        if old != target:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(old)
+    return target
+
+
+def resume_differences(state: Dict[str, Any], cfg, world_size: int) -> Tuple[List[Tuple[str, Any, Any]],
+                                                                              List[Tuple[str, Any, Any]]]:
+    """(refused, changed): the (option, checkpoint's value, this run's value) of every option in
+    MUST_MATCH (and world_size) and in MAY_CHANGE that differs between the checkpoint's run and `cfg`."""
+    saved = state.get("config") or state["run"]  # "run": the few options files before "config" kept
+    now = dict(vars(cfg), world_size=world_size)
+    saved = dict(saved, world_size=state["world_size"])
+
+    def differ(keys):
+        return [(k, saved[k], now[k]) for k in keys if k in saved and saved[k] != now[k]]
+
+    return differ(("world_size",) + MUST_MATCH), differ(MAY_CHANGE)
 
 
 def load(path: str, mmap: bool = False) -> Dict[str, Any]:

@@ -92,9 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     c = parser.add_argument_group("checkpoints and output")
     c.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
                    help="where checkpoint.pt and metrics.jsonl go (default: ./%(default)s)")
-    c.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/checkpoint.pt")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from <checkpoint-dir>/checkpoint.pt; options that fix the run (batch size, "
+                        "seed, precision, compression, --nproc, ...) must be those it was made with")
     c.add_argument("--checkpoint-every", type=_int_at_least(1), default=d.checkpoint_every,
                    help="epochs between checkpoints (default: %(default)s)")
+    c.add_argument("--keep", type=_int_at_least(0), default=d.keep_checkpoints, metavar="N",
+                   help="besides checkpoint.pt (always the latest, which --resume reads), keep the checkpoints "
+                        "of the last N epochs as checkpoint-epochNNNN.pt (default: %(default)s)")
     c.add_argument("--max-steps", type=_int_at_least(1), default=None,
                    help="stop (with a checkpoint) after this many optimizer steps; --resume continues")
     c.add_argument("--metrics", default=None, help="JSONL metrics file (default: <checkpoint-dir>/metrics.jsonl)")
@@ -112,12 +117,19 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
         compression=args.compression, block_size=args.block_size, grad_accum=args.grad_accum, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep,
         metrics_path=args.metrics, max_steps=args.max_steps, backend=args.backend, timeout_s=args.timeout,
         progress=not args.no_progress,
     ).validate()
 
 
-_OPTION_OF_FIELD = {"timeout_s": "--timeout", "metrics_path": "--metrics", "progress": "--no-progress"}
+_OPTION_OF_FIELD = {"timeout_s": "--timeout", "metrics_path": "--metrics", "progress": "--no-progress",
+                    "world_size": "--nproc", "keep_checkpoints": "--keep"}
+
+
+def _option(field: str) -> str:
+    """The `lepton train` option of a TrainConfig field."""
+    return _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
 def _config_error(exc: Exception) -> str:
@@ -126,8 +138,7 @@ def _config_error(exc: Exception) -> str:
     prefix = "TrainConfig: "
     if msg.startswith(prefix):
         field = msg[len(prefix):].split(" ", 1)[0]
-        option = _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
-        msg = option + msg[len(prefix) + len(field):]
+        msg = _option(field) + msg[len(prefix) + len(field):]
     return msg
 
 
@@ -296,15 +307,13 @@ def _resume_problem(cfg: TrainConfig, nproc: int, hidden: int) -> Optional[str]:
         state = ckpt.load(path, mmap=True)
     except (OSError, ckpt.CheckpointError) as exc:
         return f"--resume: {exc}"
-    if state["world_size"] != nproc:
-        return f"--resume: {path} was written by {state['world_size']} workers; use --nproc {state['world_size']}"
-    for field in ("batch_size", "grad_accum", "seed"):
-        if state["run"][field] != getattr(cfg, field):
-            return (f"--resume: {path} was made with --{field.replace('_', '-')} {state['run'][field]}, "
-                    f"not {getattr(cfg, field)}")
+    refused, _ = ckpt.resume_differences(state, cfg, nproc)
+    mismatches = [f"{_option(field)} {then}, not {now}" for field, then, now in refused]
     first = state["model"].get("1.weight")  # the digits MLP's first lc.nn.Linear: (hidden, 64)
     if first is not None and first.shape[0] != hidden:
-        return f"--resume: {path} was made with --hidden {first.shape[0]}, not {hidden}"
+        mismatches.append(f"--hidden {first.shape[0]}, not {hidden}")
+    if mismatches:
+        return f"--resume: {path} was made with {'; '.join(mismatches)}"
     return None
 
 

@@ -16,6 +16,7 @@ stopped and resumed ends with the same parameters, bit for bit, as one that ran 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -369,8 +370,7 @@ class Trainer:
             state = {
                 "format": ckpt.FORMAT,
                 "world_size": self.world_size,
-                "run": {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-                        "epochs": cfg.epochs, "precision": cfg.precision, "compression": cfg.compression},
+                "config": dataclasses.asdict(cfg),  # the whole run, for resume checks and for the record
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -379,6 +379,8 @@ class Trainer:
                 "ranks": gathered,
             }
             ckpt.save_atomic(state, path)
+            if cfg.keep_checkpoints and self.step_in_epoch == 0:
+                ckpt.keep_epoch_copy(path, self.epoch, cfg.keep_checkpoints)
         dist.barrier()
         return path
 
@@ -398,14 +400,13 @@ class Trainer:
         state = box[0]
         if "error" in state:
             raise ckpt.CheckpointError(f"lepton train: cannot resume: {state['error']}")
-        cfg = self.config
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"lepton train: cannot resume: the checkpoint was written by {state['world_size']} "
-                             f"workers, this run has {self.world_size}")
-        for key in ("batch_size", "grad_accum", "seed"):
-            if state["run"][key] != getattr(cfg, key):
-                raise ValueError(f"lepton train: cannot resume: the checkpoint was made with {key}="
-                                 f"{state['run'][key]}, this run has {key}={getattr(cfg, key)}")
+        refused, changed = ckpt.resume_differences(state, self.config, self.world_size)
+        if refused:
+            raise ValueError(f"lepton train: cannot resume from {path}: the checkpoint was made with "
+                             f"{', '.join(f'{k}={a!r}' for k, a, _ in refused)}; this run has "
+                             f"{', '.join(f'{k}={b!r}' for k, _, b in refused)}")
+        for key, then, now in changed:
+            self._log(f"resuming with {key}={now!r} (the checkpoint's run had {key}={then!r})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
