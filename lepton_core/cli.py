@@ -10,6 +10,7 @@ import argparse
 import difflib
 import importlib
 import json
+import math
 import sys
 from typing import List, Optional
 
@@ -103,22 +104,43 @@ def _cmd_bench(args) -> int:
     info = lc.info()
     print(f"lepton bench: {info['cpu']} ({info['cpu_isa']}), {lc.get_num_threads()} threads; "
           f"ratio = baseline time / our time (> 1: we are faster)", flush=True)
+    tables = []  # (title, columns, rows), each printed as soon as it is measured
     texts = []
     for fam in families:
         mod = importlib.import_module(f"lepton_core.benchmarks.{fam}")
-        rows = mod.run(quick=args.quick)
-        if rows:
-            texts.append(print_table(rows, mod.COLUMNS, title=fam))
-        if fam == "gemm":  # the CUDA rows join the gemm table's run when a GPU is usable
-            cuda = importlib.import_module("lepton_core.benchmarks.cuda") if "cuda" in info["backends"] else None
-            if cuda is not None:
-                rows = cuda.run(quick=args.quick)
-                if rows:
-                    texts.append(print_table(rows, cuda.COLUMNS, title="gemm and quant on CUDA"))
+        runs = [(fam, mod)]
+        if fam == "gemm" and "cuda" in info["backends"]:  # the CUDA rows join the gemm table's run
+            runs.append(("gemm and quant on CUDA", importlib.import_module("lepton_core.benchmarks.cuda")))
+        for title, m in runs:
+            rows = m.run(quick=args.quick)
+            if rows:
+                texts.append(print_table(rows, m.COLUMNS, title=title))
+                tables.append((title, m.COLUMNS, rows))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n\n".join(texts) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_bench_json(info, lc.get_num_threads(), args.quick, tables), f, indent=1, allow_nan=False)
+            f.write("\n")
     return 0
+
+
+def _json_value(v):
+    """A table cell as JSON: non-finite floats (a probe that could not run) become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _bench_json(info: dict, threads: int, quick: bool, tables) -> dict:
+    return {
+        "lepton_core": info["version"],
+        "cpu": info["cpu"], "cpu_isa": info["cpu_isa"], "threads": threads, "quick": quick,
+        "tables": [{"title": title, "columns": list(columns),
+                    "rows": [{c: _json_value(row[c]) for c in columns if c in row} for row in rows]}
+                   for title, columns, rows in tables],
+    }
 
 
 def _bench_family(name: str) -> str:
@@ -168,14 +190,18 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.add_arguments(pt)
     pt.set_defaults(func=train_cli.main)
 
-    pb = sub.add_parser("bench", help="side-by-side benchmarks against the usual baselines")
+    pb = sub.add_parser("bench", help="side-by-side benchmarks against the usual baselines",
+                        description="Times lepton_core against the baseline a user would otherwise pick, "
+                                    "interleaved in one process. The tables go to stdout, one progress line "
+                                    "per row to stderr.")
     # Not choices=: with nargs="*", Python < 3.12 checks the empty default against the choices and
     # rejects `lepton bench` itself ("invalid choice: []", CPython gh-92445). Each name is checked here.
     pb.add_argument("family", nargs="*", type=_bench_family, metavar="family",
                     help=f"what to measure: {', '.join(BENCH_CHOICES)} (default: {' '.join(BENCH_DEFAULT)})")
     pb.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     pb.add_argument("--threads", type=int, default=None, help="threads for us and for torch")
-    pb.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
+    pb.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE (Markdown)")
+    pb.add_argument("--json", metavar="FILE", help="also write the tables to FILE as JSON (one object per row)")
     pb.set_defaults(func=_cmd_bench)
     return p
 

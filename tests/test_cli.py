@@ -237,3 +237,43 @@ def test_counts_are_singular_for_one(capsys):
                "time_s": 1.0, "eval_loss": 1.0, "train_loss": 1.0, "samples_per_s": 10.0, "comm_bytes": 0}
     train_cli._print_summary(summary, TrainConfig(epochs=1))
     assert "lepton train: done: 1 epoch, 1 step in 1.0 s;" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# lepton bench: tables on stdout, a progress line per row on stderr, --json and --markdown files
+# ---------------------------------------------------------------------------------------------------
+def test_bench_output_plumbing(tmp_path, capsys, monkeypatch):
+    """A smoke run of `lepton bench quant --quick` with the timer replaced (every call "takes" 1 ms):
+    the kernels and their checks run once each, nothing is timed."""
+    import json
+
+    from lepton_core.benchmarks import quant
+
+    def one_call_each(fns, **kwargs):
+        for fn in fns.values():
+            fn()
+        return {name: 1e-3 for name in fns}
+
+    monkeypatch.setattr(quant, "interleaved", one_call_each)
+    monkeypatch.setattr(quant, "copy_bandwidth_gbps", lambda: 10.0)
+    js, md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert cli.main(["bench", "quant", "--quick", "--json", str(js), "--markdown", str(md)]) == 0
+    out, err = capsys.readouterr()
+    table = out.split("### quant\n", 1)[1]
+    assert table.startswith("| case ") and "lepton bench quant: row" not in out
+    progress = err.splitlines()
+    assert len(progress) == 9 and all(line.startswith(f"lepton bench quant: row {i} done (") for i, line in
+                                      enumerate(progress, 1))
+    assert "(quantize int8 block256, 21.04)" in progress[0]  # case, MB
+    assert md.read_text() == "### quant\n" + table
+    doc = json.loads(js.read_text())
+    assert doc["lepton_core"] == lc.__version__ and doc["quick"] is True and doc["threads"] >= 1
+    [t] = doc["tables"]
+    assert t["title"] == "quant" and t["columns"] == quant.COLUMNS and len(t["rows"]) == 9
+    assert t["rows"][0]["case"] == "quantize int8 block256" and t["rows"][0]["x_eager"] == 1.0
+
+
+def test_bench_json_has_no_nan():
+    doc = cli._bench_json({"version": "x", "cpu": "c", "cpu_isa": "scalar"}, 1, False,
+                          [("gemm", ["shape", "peak_gflops"], [{"shape": "1x1x1", "peak_gflops": float("nan")}])])
+    assert doc["tables"][0]["rows"] == [{"shape": "1x1x1", "peak_gflops": None}]

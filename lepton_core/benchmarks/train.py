@@ -162,6 +162,10 @@ def run(quick: bool = False) -> List[Dict[str, Any]]:
     """Starts 2 local workers, times the variants, returns rank 0's rows."""
     from lepton_core.train.launch import launch_local
 
+    from .common import ProgressRows
+
     spec = QUICK if quick else FULL
     results = launch_local(_worker, spec, WORLD_SIZE, name="lepton-bench-train")
-    return results[0]
+    rows = ProgressRows("train", COLUMNS)  # all rows arrive at the end: the variants are interleaved
+    rows.extend(results[0])
+    return rows
