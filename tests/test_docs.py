@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the source
 
 
 def _read(*parts):
-    with open(os.path.join(ROOT, *parts), encoding="utf-8") as f:
+    with open(os.path.join(ROOT, *parts), encoding="utf-8", errors="replace") as f:
         return f.read()
 
 
@@ -66,3 +66,65 @@ def test_changelog_names_the_current_version():
 def test_cmake_asks_for_the_python_pyproject_requires(pyproject):
     lowest = pyproject["requires-python"].removeprefix(">=")
     assert re.search(r"^find_package\(Python (\S+) REQUIRED", _read("CMakeLists.txt"), re.M).group(1) == lowest
+
+
+# ---------------------------------------------------------------------------------------------------
+# docs/environment.md: every environment variable the package reads
+# ---------------------------------------------------------------------------------------------------
+_NAME = r"([A-Z][A-Z0-9_]*)"
+_ENV_READS = [re.compile(p.format(n=_NAME)) for p in (
+    r'os\.environ\.get\(\s*"{n}"',      # Python
+    r'os\.environ\[\s*"{n}"\s*\]',
+    r'"{n}"\s+in\s+os\.environ',
+    r'getenv\(\s*"{n}"',                # Python os.getenv, C/C++ std::getenv
+    r'_env_int\(\s*"{n}"',              # the trainer's helper
+    r'\$ENV\{{{n}\}}',                  # CMake
+    r'\benv\s*=\s*"{n}"',               # pyproject.toml: cmake.define from the environment
+    r'\$\{{{n}:-',                      # shell: ${NAME:-default}
+)]
+
+
+def _source_files():
+    for top in ("lepton_core", "csrc", "tools"):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, top)):
+            for name in names:
+                if name.endswith((".py", ".cc", ".h", ".cu", ".cuh", ".sh", ".txt")):
+                    yield os.path.join(dirpath, name)
+    yield os.path.join(ROOT, "CMakeLists.txt")
+    yield os.path.join(ROOT, "pyproject.toml")
+
+
+def _documented_names():
+    names = set()
+    for line in _read("docs", "environment.md").splitlines():
+        if line.startswith("| `"):
+            names.update(re.findall(r"`([A-Z][A-Z0-9_]*)`", line.split(" | ", 1)[0]))
+    return names
+
+
+def test_every_environment_variable_read_is_documented():
+    read, lepton_names = set(), set()
+    for path in _source_files():
+        text = _read(path)
+        for pattern in _ENV_READS:
+            read.update(pattern.findall(text))
+        lepton_names.update(re.findall(r"\bLEPTON_[A-Z0-9_]+\b", text))  # CMake options included
+    # the grep itself must keep finding the variables we know are read
+    assert {"LEPTON_CPU_ISA", "LEPTON_HOST_POOL_MB", "LEPTON_TRANSPORT", "LEPTON_HOST_ID", "LEPTON_CUDA",
+            "OMP_NUM_THREADS"} <= read
+    assert {"LEPTON_MAX_ISA", "LEPTON_CUDA_ARCHS"} <= lepton_names
+    documented = _documented_names()
+    assert not (read | lepton_names) - documented, "read but not in docs/environment.md"
+
+
+def test_environment_page_lists_no_stale_lepton_variable():
+    sources = "\n".join(_read(p) for p in _source_files())
+    tests = "\n".join(_read(dirpath, n) for dirpath, _, names in os.walk(os.path.join(ROOT, "tests"))
+                      for n in names if n.endswith(".py"))
+    for name in _documented_names():
+        if name.startswith("LEPTON_"):
+            assert name in sources or (name.startswith("LEPTON_TEST_") and name in tests), name
+
+
+def test_readme_links_the_environment_page():
+    assert "(docs/environment.md)" in _read("README.md")
