@@ -128,3 +128,113 @@ def test_environment_page_lists_no_stale_lepton_variable():
 
 def test_readme_links_the_environment_page():
     assert "(docs/environment.md)" in _read("README.md")
+
+
+# ---------------------------------------------------------------------------------------------------
+# README.md: the set-up commands, versions, build facts, every command line it shows
+# ---------------------------------------------------------------------------------------------------
+def _section(title):
+    text = _read("README.md")
+    start = text.index(f"## {title}")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)]
+
+
+def _code_blocks(text, lang="bash"):
+    return [b.strip("\n") for b in re.findall(rf"```{lang}\n(.*?)```", text, re.S)]
+
+
+def test_set_up_is_two_commands_and_ci_runs_the_readme_test_command():
+    blocks = _code_blocks(_section("Set-up (two commands on a fresh machine)"))
+    assert len(blocks) == 2 and all("\n" not in b for b in blocks), blocks
+    ci = re.search(r"^TEST_CMD='(.*)'$", _read(".ci", "run"), re.M).group(1)
+    assert blocks[1] == ci == ('python3 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 ".[test]" && '
+                               '.venv/bin/pytest -q')
+
+
+def test_readme_python_and_torch_versions(pyproject):
+    text = _read("README.md")
+    lowest = pyproject["requires-python"].removeprefix(">=")
+    assert set(re.findall(r"Python >= (\d+\.\d+)", text)) == {lowest}
+    pins = set(re.findall(r"torch==(\S+?)[\s`\"]", text))
+    assert len(pins) == 1, pins  # one torch version everywhere (set-up, tests, CPU-only hint, developing)
+
+
+def test_readme_says_how_long_the_build_takes_and_how_to_skip_cuda_wheels():
+    setup = _section("Set-up (two commands on a fresh machine)")
+    assert re.search(r"first install takes about [\d.]+ minutes", setup)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in setup
+
+
+def test_readme_and_build_tell_about_openmp():
+    text = _read("README.md")
+    assert "OpenMP" in text and "one thread" in text and "`lepton info` says `OpenMP on` or `off`" in text
+    assert re.search(r'message\(WARNING "OpenMP not found: .*one thread', _read("CMakeLists.txt"))
+
+
+def test_developing_command_installs_what_the_dev_build_runs():
+    [install, *_] = _code_blocks(_section("Developing"))[0].splitlines()
+    packages = install.split("pip install", 1)[1].split()
+    script = _read("tools", "dev_build.sh")
+    for tool, package in (("cmake ", "cmake"), ("ninja ", "ninja"), ("-m pybind11", "pybind11")):
+        assert tool in script and package in packages, package
+
+
+def test_no_amx_kernel_ships_as_the_readme_says():
+    assert "AMX tile kernels are not\nshipped" in _read("README.md")
+    kernels = [n for _, _, names in os.walk(os.path.join(ROOT, "csrc", "cpu")) for n in names]
+    assert kernels and not [n for n in kernels if "_amx." in n]
+
+
+def _readme_command_lines():
+    """Every `lepton ...` / `torchrun ... -m lepton_core.train ...` command README shows, inline or in a
+    code block; an optional [part] gives two forms: without it and with it."""
+    text = _read("README.md")
+    found = re.findall(r"`((?:lepton|torchrun) [^`]*)`", text)
+    found += [line for block in _code_blocks(text) for line in block.splitlines()
+              if line.startswith("torchrun ")]
+    found += [line.rsplit("&& .venv/bin/", 1)[1] for block in _code_blocks(text) for line in block.splitlines()
+              if "&& .venv/bin/lepton" in line]
+    lines = []
+    for cmd in found:
+        cmd = cmd.replace("...", "").replace("fp32|bf16|fp16", "bf16").replace("none|int8", "int8")
+        lines.append(re.sub(r"\s+", " ", re.sub(r"\[[^\]]*\]", "", cmd)).strip())
+        lines.append(re.sub(r"\s+", " ", cmd.replace("[", "").replace("]", "")).strip())
+    return sorted(set(lines))
+
+
+def test_every_readme_command_line_parses():
+    from lepton_core import cli
+    from lepton_core.train import cli as train_cli
+
+    lines = _readme_command_lines()
+    for expect in ("lepton bench", "lepton bench gemm quant allreduce train --quick --threads 2 --json FILE "
+                   "--markdown FILE", "lepton info", "lepton train", "lepton train --help", "lepton --version"):
+        assert expect in lines
+    for line in lines:
+        words = line.split()
+        if words[0] == "torchrun":
+            train_cli.build_parser().parse_args(words[words.index("lepton_core.train") + 1:])
+        elif "--help" in words or "--version" in words:
+            with pytest.raises(SystemExit) as exc:
+                cli.build_parser().parse_args(words[1:])
+            assert exc.value.code == 0, line
+        else:
+            assert cli.build_parser().parse_args(words[1:]).command, line
+
+
+def test_readme_train_options_exist():
+    from lepton_core.train import cli as train_cli
+
+    text = _read("README.md")
+    paragraph = text[text.index("`lepton train --help` lists the options"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    listed = set(re.findall(r"`(--[a-z-]+)", paragraph))
+    known = {s for a in train_cli.build_parser()._actions for s in a.option_strings}
+    assert len(listed) >= 10 and listed <= known, listed - known
+
+
+def test_readme_links_resolve():
+    for target in re.findall(r"\]\(([^)#]+)\)", _read("README.md")):
+        if "://" not in target:
+            assert os.path.exists(os.path.join(ROOT, target)), target

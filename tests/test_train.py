@@ -125,6 +125,31 @@ def test_two_worker_run(uninterrupted):
     assert not [p for p in os.listdir(d / "ck") if p.startswith(".tmp")]
 
 
+def _shape(line):
+    """A line of `lepton train` output without its numbers, plurals and checkpoint directory."""
+    line = re.sub(r"\S+/(checkpoint\.pt|metrics\.jsonl)", r"DIR/\1", line)
+    line = re.sub(r"\d[\d,.]*", "N", line)
+    line = re.sub(r"\b(N \w+?)s\b", r"\1", line)
+    return re.sub(r"\s+", " ", line).strip()
+
+
+@needs_sklearn
+@pytest.mark.distributed
+def test_readme_shows_what_the_job_prints(uninterrupted):
+    """README's sample output has the lines, in the order and format, of a real run."""
+    _, r = uninterrupted
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    sample = readme.split("What it prints", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    want = [_shape(line) for line in sample.splitlines() if line != "..."]
+    got = [_shape(line) for line in r.stdout.splitlines()]
+    assert len(want) == 6 and want[0].startswith("lepton train: digits")
+    rest = iter(got)
+    missing = [line for line in want if line not in rest]  # each README line, in README's order
+    assert not missing, (missing, got)
+    assert r.stdout.splitlines()[0].startswith("lepton train: digits")
+
+
 @needs_sklearn
 @pytest.mark.distributed
 def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
