@@ -15,7 +15,6 @@ import sys
 from typing import List, Optional
 
 from lepton_core._version import __version__
-
 from lepton_core.benchmarks import FAMILIES
 from lepton_core.train._deps import missing
 

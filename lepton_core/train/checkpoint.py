@@ -27,8 +27,6 @@ REQUIRED_KEYS = ("world_size", "epoch", "step_in_epoch", "global_step", "model",
 # Temporary files of a save in progress: a process killed while saving leaves one behind, and the
 # next save in that directory removes it (a checkpoint directory belongs to one run: one writer).
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
-
-
 # On resume, these options must be those of the run that wrote the checkpoint: they fix the order of
 # the samples and the position in it (world_size too), or the layout of saved state (precision: the
 # fp16 loss scaler; compression, block_size, error_feedback: the gradient hook's residuals).
