@@ -1,11 +1,47 @@
-"""The `lepton` command line: `lepton info`, `lepton train ...`, `lepton bench [family ...]`."""
+"""The `lepton` command line: `lepton info`, `lepton train ...`, `lepton bench [family ...]`.
+
+`lepton --help`, `lepton info` and building every subcommand's parser import neither torch nor the
+trainer nor the benchmarks (API.md §0: they work with NumPy alone); `train` and `bench` import them
+when they run, and without torch they exit with one line naming the extra to install.
+"""
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import json
+import math
 import sys
 from typing import List, Optional
+
+from lepton_core._version import __version__
+from lepton_core.benchmarks import FAMILIES
+from lepton_core.train._deps import missing
+
+BENCH_CHOICES = tuple(FAMILIES) + ("all",)
+BENCH_DEFAULT = ("gemm", "quant")
+
+
+# No AMX tile kernels ship: the amx level runs the AVX-512 kernels (csrc/cpu/gemm/gemm.cc), so a
+# build "compiled up to amx" has kernels up to avx512.
+_HIGHEST_KERNEL_ISA = "avx512"
+
+
+def _isa_line(info: dict) -> str:
+    from lepton_core._runtime import ISA_NAMES
+
+    compiled = info["cpu_isa_compiled"]
+    kernels = min(compiled, _HIGHEST_KERNEL_ISA, key=ISA_NAMES.index)
+    note = "; the amx level runs the AVX-512 kernels" if "amx" in (info["cpu_isa"], info["cpu_isa_detected"]) else ""
+    return (f"{info['cpu_isa']} (detected {info['cpu_isa_detected']}; kernels compiled up to {kernels}{note}; "
+            f"cap with LEPTON_CPU_ISA)")
+
+
+def _bytes(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
 
 
 def _cmd_info(args) -> int:
@@ -15,58 +51,120 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"lepton_core {info['version']}")
-    print(f"  backends      : {', '.join(info['backends'])}")
-    print(f"  cpu           : {info['cpu']}")
-    print(f"  cpu isa       : {info['cpu_isa']} (detected {info['cpu_isa_detected']}, "
-          f"compiled up to {info['cpu_isa_compiled']}; cap with LEPTON_CPU_ISA)")
-    print(f"  cpu features  : {', '.join(sorted(info['cpu_features'])) or 'none beyond x86-64'}")
+    rows = []  # (label, value); keys newer than some builds' lc.info() are shown when present
+    if "python" in info:
+        rows.append(("python", info["python"]))
+    if "torch" in info:
+        rows.append(("torch", info["torch"] or "not installed (the NumPy API works; the torch API, lc.nn, "
+                                               "distributed and lepton train need it: pip install "
+                                               "'lepton_core[train]')"))
+    if info.get("compiler"):
+        rows.append(("compiler", info["compiler"]))
+    if info.get("git_revision"):
+        rows.append(("git revision", info["git_revision"]))
+    rows.append(("backends", ", ".join(info["backends"])))
+    rows.append(("cpu", info["cpu"]))
+    rows.append(("cpu isa", _isa_line(info)))
+    rows.append(("cpu features", ", ".join(sorted(info["cpu_features"])) or "none beyond x86-64"))
     caches = info["cache_bytes"]
-    print(f"  caches        : L1d {caches['l1d'] >> 10} KiB, L2 {caches['l2'] >> 10} KiB, L3 {caches['l3'] >> 20} MiB")
-    print(f"  threads       : {info['num_threads']} (OpenMP {'on' if info['openmp'] else 'off'})")
+    rows.append(("caches", f"L1d {caches['l1d'] >> 10} KiB, L2 {caches['l2'] >> 10} KiB, L3 {caches['l3'] >> 20} MiB"))
+    openmp = "OpenMP on" if info["openmp"] else "OpenMP off: this build runs every kernel on one thread"
+    rows.append(("threads", f"{info['num_threads']} ({openmp})"))
+    if "host_pool_cached_bytes" in info:
+        rows.append(("host pool", f"{_bytes(info['host_pool_cached_bytes'])} cached (cap: LEPTON_HOST_POOL_MB)"))
     if info["cuda_device"]:
-        print(f"  cuda device   : {info['cuda_device']}")
+        rows.append(("cuda device", info["cuda_device"]))
     else:
-        print(f"  cuda          : unavailable: {info['cuda_unavailable_reason']}")
+        rows.append(("cuda", f"unavailable: {info['cuda_unavailable_reason']}"))
+    if info.get("cuda_archs"):
+        rows.append(("cuda archs", ", ".join(str(a) for a in info["cuda_archs"])))
+    print(f"lepton_core {info['version']}")
+    for label, value in rows:
+        print(f"  {label:<14}: {value}")
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from lepton_core.benchmarks import FAMILIES
-    from lepton_core.benchmarks.common import print_table
+    problem = missing(("torch",), "lepton bench", "torch")
+    if problem:
+        print(f"lepton bench: error: {problem}", file=sys.stderr, flush=True)
+        return 1
+    import torch
 
     import lepton_core as lc
+    from lepton_core.benchmarks.common import print_table
 
     if args.threads is not None:
         lc.set_num_threads(args.threads)
-        try:
-            import torch
-
-            torch.set_num_threads(args.threads)  # the baseline gets the same threads
-        except ImportError:
-            pass
-    families = args.family or ["gemm", "quant"]
+        torch.set_num_threads(args.threads)  # the baseline gets the same threads
+    families = args.family or list(BENCH_DEFAULT)
     if "all" in families:
         families = list(FAMILIES)
     info = lc.info()
     print(f"lepton bench: {info['cpu']} ({info['cpu_isa']}), {lc.get_num_threads()} threads; "
           f"ratio = baseline time / our time (> 1: we are faster)", flush=True)
+    tables = []  # (title, columns, rows), each printed as soon as it is measured
     texts = []
     for fam in families:
         mod = importlib.import_module(f"lepton_core.benchmarks.{fam}")
-        rows = mod.run(quick=args.quick)
-        if rows:
-            texts.append(print_table(rows, mod.COLUMNS, title=fam))
-        if fam == "gemm":  # the CUDA rows join the gemm table's run when a GPU is usable
-            cuda = importlib.import_module("lepton_core.benchmarks.cuda") if "cuda" in info["backends"] else None
-            if cuda is not None:
-                rows = cuda.run(quick=args.quick)
-                if rows:
-                    texts.append(print_table(rows, cuda.COLUMNS, title="gemm and quant on CUDA"))
+        runs = [(fam, mod)]
+        if fam == "gemm" and "cuda" in info["backends"]:  # the CUDA rows join the gemm table's run
+            runs.append(("gemm and quant on CUDA", importlib.import_module("lepton_core.benchmarks.cuda")))
+        for title, m in runs:
+            rows = m.run(quick=args.quick)
+            if rows:
+                texts.append(print_table(rows, m.COLUMNS, title=title))
+                tables.append((title, m.COLUMNS, rows))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n\n".join(texts) + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(_bench_json(info, lc.get_num_threads(), args.quick, tables), f, indent=1, allow_nan=False)
+            f.write("\n")
     return 0
+
+
+def _json_value(v):
+    """A table cell as JSON: non-finite floats (a probe that could not run) become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _bench_json(info: dict, threads: int, quick: bool, tables) -> dict:
+    return {
+        "lepton_core": info["version"],
+        "cpu": info["cpu"], "cpu_isa": info["cpu_isa"], "threads": threads, "quick": quick,
+        "tables": [{"title": title, "columns": list(columns),
+                    "rows": [{c: _json_value(row[c]) for c in columns if c in row} for row in rows]}
+                   for title, columns, rows in tables],
+    }
+
+
+def _bench_family(name: str) -> str:
+    if name not in BENCH_CHOICES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(BENCH_CHOICES)})")
+    return name
+
+
+class SuggestingParser(argparse.ArgumentParser):
+    """An ArgumentParser that reports unknown arguments itself, with the closest known option (a
+    subcommand's unknown arguments would otherwise be reported by `lepton`, without a suggestion)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            msg = f"unrecognized arguments: {' '.join(extras)}"
+            options = [s for action in self._actions for s in action.option_strings]
+            for arg in extras:
+                if arg.startswith("-"):
+                    close = difflib.get_close_matches(arg.split("=", 1)[0], options, n=1)
+                    if close:
+                        msg += f" (did you mean {close[0]}?)"
+                        break
+            self.error(msg)
+        return namespace, extras
 
 
 def _train_module():
@@ -74,27 +172,35 @@ def _train_module():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lepton_core.benchmarks import FAMILIES
-
-    p = argparse.ArgumentParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training")
-    sub = p.add_subparsers(dest="command", metavar="{info,train,bench}")
+    p = SuggestingParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training",
+                         epilog="`python -m lepton_core` alone is `lepton info` (paste it into bug reports).")
+    p.add_argument("--version", action="version", version=f"lepton_core {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{info,train,bench}", parser_class=SuggestingParser)
     sub.required = True
 
     pi = sub.add_parser("info", help="what this build and machine offer (lc.info())")
     pi.add_argument("--json", action="store_true", help="print the raw dict as JSON")
     pi.set_defaults(func=_cmd_info)
 
-    pt = sub.add_parser("train", help="data-parallel training (default: digits MLP, 2 local workers)")
     train_cli = _train_module()
+    pt = sub.add_parser("train", help="data-parallel training (default: digits MLP, 2 local workers)",
+                        description=train_cli.DESCRIPTION, epilog=train_cli.EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     train_cli.add_arguments(pt)
     pt.set_defaults(func=train_cli.main)
 
-    pb = sub.add_parser("bench", help="side-by-side benchmarks against the usual baselines")
-    pb.add_argument("family", nargs="*", choices=list(FAMILIES) + ["all"],
-                    help="what to measure (default: gemm quant)")
+    pb = sub.add_parser("bench", help="side-by-side benchmarks against the usual baselines",
+                        description="Times lepton_core against the baseline a user would otherwise pick, "
+                                    "interleaved in one process. The tables go to stdout, one progress line "
+                                    "per row to stderr.")
+    # Not choices=: with nargs="*", Python < 3.12 checks the empty default against the choices and
+    # rejects `lepton bench` itself ("invalid choice: []", CPython gh-92445). Each name is checked here.
+    pb.add_argument("family", nargs="*", type=_bench_family, metavar="family",
+                    help=f"what to measure: {', '.join(BENCH_CHOICES)} (default: {' '.join(BENCH_DEFAULT)})")
     pb.add_argument("--quick", action="store_true", help="fewer, smaller cases")
     pb.add_argument("--threads", type=int, default=None, help="threads for us and for torch")
-    pb.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE")
+    pb.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE (Markdown)")
+    pb.add_argument("--json", metavar="FILE", help="also write the tables to FILE as JSON (one object per row)")
     pb.set_defaults(func=_cmd_bench)
     return p
 

@@ -4,9 +4,15 @@ handling, CLI errors, and the Trainer's pieces in one process.
 Multi-process runs go through `python -m lepton_core.train` (the same launcher as `lepton train`) in
 a subprocess with a hard timeout, on a small model so each run is mostly process start-up.
 """
+import contextlib
+import dataclasses
+import errno
 import importlib.util
+import io
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,14 +43,15 @@ FAILURE_BOUND_S = 60  # a failed or interrupted job must end within this (it tak
 SMALL = ["--hidden", "32", "--batch-size", "64", "--lr", "0.01", "--no-progress"]
 
 
-def _env():
+def _env(**extra):
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
     return env
 
 
-def _train(*args, cwd, timeout=RUN_TIMEOUT_S):
-    return subprocess.run([sys.executable, "-m", "lepton_core.train", *args], cwd=cwd, env=_env(),
+def _train(*args, cwd, timeout=RUN_TIMEOUT_S, env=None):
+    return subprocess.run([sys.executable, "-m", "lepton_core.train", *args], cwd=cwd, env=env or _env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -118,6 +125,31 @@ def test_two_worker_run(uninterrupted):
     assert not [p for p in os.listdir(d / "ck") if p.startswith(".tmp")]
 
 
+def _shape(line):
+    """A line of `lepton train` output without its numbers, plurals and checkpoint directory."""
+    line = re.sub(r"\S+/(checkpoint\.pt|metrics\.jsonl)", r"DIR/\1", line)
+    line = re.sub(r"\d[\d,.]*", "N", line)
+    line = re.sub(r"\b(N \w+?)s\b", r"\1", line)
+    return re.sub(r"\s+", " ", line).strip()
+
+
+@needs_sklearn
+@pytest.mark.distributed
+def test_readme_shows_what_the_job_prints(uninterrupted):
+    """README's sample output has the lines, in the order and format, of a real run."""
+    _, r = uninterrupted
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        readme = f.read()
+    sample = readme.split("What it prints", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    want = [_shape(line) for line in sample.splitlines() if line != "..."]
+    got = [_shape(line) for line in r.stdout.splitlines()]
+    assert len(want) == 6 and want[0].startswith("lepton train: digits")
+    rest = iter(got)
+    missing = [line for line in want if line not in rest]  # each README line, in README's order
+    assert not missing, (missing, got)
+    assert r.stdout.splitlines()[0].startswith("lepton train: digits")
+
+
 @needs_sklearn
 @pytest.mark.distributed
 def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
@@ -141,6 +173,40 @@ def test_stop_and_resume_equals_uninterrupted(uninterrupted, tmp_path):
         assert _same_state(got["ranks"][rank]["hook"], ref["ranks"][rank]["hook"])
     assert _strip_timing(_metrics(tmp_path / "ck" / "metrics.jsonl")) == \
         _strip_timing(_metrics(ref_dir / "ck" / "metrics.jsonl"))
+
+
+@needs_sklearn
+@pytest.mark.distributed
+def test_workers_use_omp_num_threads(tmp_path):
+    """API.md §0: OMP_NUM_THREADS, when the user sets it, is every worker's thread count (torch's
+    and lc's), as under torchrun."""
+    r = _train("--epochs", "1", *SMALL, cwd=tmp_path, env=_env(OMP_NUM_THREADS="3"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 workers x 3 threads" in r.stdout
+
+
+def test_launcher_splits_the_cpus_between_its_workers(monkeypatch):
+    """Unless the user set OMP_NUM_THREADS, the launcher sets it to the CPUs this process may use
+    divided by the workers (torch and lc in each worker then read it), and restores it after."""
+    from lepton_core.train import launch
+
+    monkeypatch.setattr(launch, "available_cpus", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with launch.worker_threads_env(3) as threads:
+        assert threads == 2 and os.environ["OMP_NUM_THREADS"] == "2"
+        from lepton_core._runtime import default_num_threads
+
+        assert default_num_threads() == 2  # what each worker uses
+    assert "OMP_NUM_THREADS" not in os.environ
+    with launch.worker_threads_env(16) as threads:
+        assert threads == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    with launch.worker_threads_env(2) as threads:
+        assert threads == 5 and os.environ["OMP_NUM_THREADS"] == "5"
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")  # ignored by OpenMP and torch: replaced, then restored
+    with launch.worker_threads_env(2) as threads:
+        assert threads == 4 and os.environ["OMP_NUM_THREADS"] == "4"
+    assert os.environ["OMP_NUM_THREADS"] == "many"
 
 
 def _children(pid):
@@ -247,16 +313,27 @@ def test_cli_option_errors(capsys, tmp_path, argv, message):
     assert f"lepton train: error: {message.format(tmp=tmp_path)}" in err
 
 
+def _fake_checkpoint(path, drop=()):
+    """A checkpoint file as the default job's launcher sees it (2 workers, batch 32, seed 0, hidden 256),
+    without the keys in `drop`."""
+    state = {"format": ckpt.FORMAT, "world_size": 2, "config": dataclasses.asdict(TrainConfig()),
+             "epoch": 1, "step_in_epoch": 0, "global_step": 23, "model": {"1.weight": torch.zeros(256, 64)},
+             "optimizer": {}, "scaler": {}, "history_json": "[]", "ranks": [{}, {}]}
+    ckpt.save_atomic({k: v for k, v in state.items() if k not in drop}, str(path))
+
+
 @pytest.mark.parametrize("argv,message", [
-    (["--nproc", "3"], "was written by 2 workers; use --nproc 2"),
+    (["--nproc", "3"], "was made with --nproc 2, not 3"),
     (["--batch-size", "16"], "was made with --batch-size 32, not 16"),
     (["--seed", "4"], "was made with --seed 0, not 4"),
     (["--hidden", "64"], "was made with --hidden 256, not 64"),
+    (["--precision", "fp16", "--compression", "none"], "was made with --precision bf16, not fp16; --compression "
+                                                       "int8, not none"),
+    (["--nproc", "1", "--grad-accum", "2", "--block-size", "64", "--hidden", "8"],
+     "was made with --nproc 2, not 1; --grad-accum 1, not 2; --block-size 256, not 64; --hidden 256, not 8"),
 ])
 def test_cli_resume_mismatch_is_refused_before_starting(capsys, tmp_path, argv, message):
-    ckpt.save_atomic({"format": ckpt.FORMAT, "world_size": 2,
-                      "run": {"batch_size": 32, "grad_accum": 1, "seed": 0},
-                      "model": {"1.weight": torch.zeros(256, 64)}}, str(tmp_path / "checkpoint.pt"))
+    _fake_checkpoint(tmp_path / "checkpoint.pt")
     args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path), *argv])
     assert cli.main(args) == 2
     assert f"lepton train: error: --resume: {tmp_path}/checkpoint.pt {message}" in capsys.readouterr().err
@@ -309,9 +386,10 @@ def _noise(x, generator):
 
 
 @pytest.mark.parametrize("precision,compression", [("fp32", "none"), ("bf16", "int8"), ("fp16", "int8")])
-def test_trainer_single_worker_resume_is_exact(tmp_path, capsys, precision, compression):
+def test_trainer_single_worker_resume_is_exact(tmp_path, caplog, precision, compression):
     common = dict(epochs=3, batch_size=16, grad_accum=2, lr=0.01, precision=precision, compression=compression,
                   progress=False)
+    caplog.set_level(logging.INFO, logger="lepton_core.train")
     full, w_full = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "a"), **common), augment=_noise)
     assert full["eval_accuracy"] > 0.9 and full["steps"] == 3 * 7 and not full["stopped_early"]
     part, _ = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "b"), max_steps=10, **common), augment=_noise)
@@ -323,8 +401,65 @@ def test_trainer_single_worker_resume_is_exact(tmp_path, capsys, precision, comp
     assert _same_state(a["optimizer"], b["optimizer"]) and _same_state(a["scaler"], b["scaler"])
     if precision == "fp16":
         assert a["scaler"]["scale"] > 0
-    out = capsys.readouterr().out
-    assert "resumed from" in out and "epoch   3/3" in out
+    lines = [r.getMessage() for r in caplog.records if r.name == "lepton_core.train"]
+    assert any(line.startswith("resumed from") for line in lines)
+    assert any(line.startswith("epoch   3/3") for line in lines)
+
+
+@contextlib.contextmanager
+def _trainer_logger():
+    """The `lepton_core.train` logger, restored afterwards (level, handlers, propagation)."""
+    log = logging.getLogger("lepton_core.train")
+    saved = (log.level, list(log.handlers), log.propagate)
+    try:
+        yield log
+    finally:
+        log.setLevel(saved[0])
+        log.handlers[:] = saved[1]
+        log.propagate = saved[2]
+
+
+_ONE_EPOCH = dict(epochs=2, batch_size=50, precision="fp32", compression="none", progress=False)
+
+
+def test_library_users_control_the_trainer_lines(capsys, caplog):
+    """The Trainer prints nothing itself: its lines go to the lepton_core.train logger, which a
+    program can leave alone (nothing shown), enable, redirect or silence."""
+    with _trainer_logger() as log:
+        _fit(TrainConfig(**_ONE_EPOCH))  # logging not configured: INFO lines are not shown
+        assert capsys.readouterr() == ("", "")
+        caplog.set_level(logging.INFO)  # e.g. logging.basicConfig(level=logging.INFO)
+        _fit(TrainConfig(**_ONE_EPOCH))
+        assert [r.getMessage()[:11] for r in caplog.records if r.name == log.name] == ["epoch   1/2", "epoch   2/2"]
+        caplog.clear()
+        log.setLevel(logging.WARNING)  # silenced, although the program logs INFO
+        _fit(TrainConfig(**_ONE_EPOCH))
+        assert not [r for r in caplog.records if r.name == log.name]
+        log.setLevel(logging.NOTSET)
+        buf = io.StringIO()  # redirected
+        log.addHandler(logging.StreamHandler(buf))
+        log.propagate = False
+        _fit(TrainConfig(**_ONE_EPOCH))
+        assert [line[:11] for line in buf.getvalue().splitlines()] == ["epoch   1/2", "epoch   2/2"]
+        assert capsys.readouterr() == ("", "")
+
+
+def test_cli_prints_the_trainer_lines_unchanged(capsys):
+    """`lepton train` installs a handler that prints each line as it is, once, on stdout."""
+    with _trainer_logger():
+        root_handler = logging.StreamHandler(sys.stdout)  # a program's own logging: no line twice
+        logging.getLogger().addHandler(root_handler)
+        try:
+            cli.print_trainer_lines()
+            cli.print_trainer_lines()  # idempotent
+            _fit(TrainConfig(**_ONE_EPOCH))
+        finally:
+            logging.getLogger().removeHandler(root_handler)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2
+    for e, line in enumerate(out, 1):
+        assert re.fullmatch(rf"epoch   {e}/2  loss \d\.\d{{4}}  acc \d+\.\d\d%  test loss \d\.\d{{4}}  test acc "
+                            rf"\d+\.\d\d%  [\d,]+ samples/s  comm 0\.00 MB", line), line
 
 
 def test_resuming_a_finished_run_trains_no_further(tmp_path):
@@ -338,8 +473,8 @@ def test_resuming_a_finished_run_trains_no_further(tmp_path):
 def test_resume_refuses_a_different_batch_size(tmp_path):
     cfg = dict(epochs=1, precision="fp32", compression="none", progress=False, checkpoint_dir=str(tmp_path))
     _fit(TrainConfig(batch_size=50, **cfg))
-    with pytest.raises(ValueError, match="cannot resume: the checkpoint was made with batch_size=50, this run "
-                                         "has batch_size=25"):
+    with pytest.raises(ValueError, match="cannot resume from .*checkpoint.pt: the checkpoint was made with "
+                                         "batch_size=50; this run has batch_size=25"):
         _fit(TrainConfig(batch_size=25, resume=True, **cfg))
 
 
@@ -404,8 +539,180 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
     with pytest.raises(RuntimeError, match="boom"):
         ckpt.save_atomic({"format": ckpt.FORMAT, "x": Unpicklable()}, path)
-    assert torch.equal(ckpt.load(path)["x"], torch.arange(3))  # the old checkpoint survives intact
+    assert torch.equal(_load(path)["x"], torch.arange(3))  # the old checkpoint survives intact
     assert os.listdir(tmp_path) == ["c.pt"]  # and no temporary file is left behind
     with pytest.raises(ValueError, match="is not a lepton_core.train checkpoint"):
         torch.save({"a": 1}, str(tmp_path / "other.pt"))
         ckpt.load(str(tmp_path / "other.pt"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Broken checkpoints and failed writes: a clear error naming the file and the cause
+# ---------------------------------------------------------------------------------------------------
+def test_resume_from_an_incomplete_checkpoint_names_what_is_missing(capsys, tmp_path):
+    """Was `KeyError: 'world_size'`."""
+    path = tmp_path / "checkpoint.pt"
+    _fake_checkpoint(path, drop=("world_size", "ranks"))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path)])
+    assert cli.main(args) == 2
+    assert f"lepton train: error: --resume: checkpoint {path} is incomplete: it has no world_size, ranks" in \
+        capsys.readouterr().err
+    cfg = TrainConfig(epochs=1, precision="fp32", compression="none", progress=False, checkpoint_dir=str(tmp_path),
+                      resume=True)
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot resume: checkpoint .* is incomplete: it has no "
+                                                   r"world_size, ranks"):
+        _fit(cfg)
+
+
+def test_resume_from_a_truncated_checkpoint(capsys, tmp_path):
+    cfg = dict(epochs=1, batch_size=50, precision="fp32", compression="none", progress=False,
+               checkpoint_dir=str(tmp_path))
+    _fit(TrainConfig(**cfg))
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])  # a copy cut off half way
+    with pytest.raises(ckpt.CheckpointError, match=r"cannot resume: cannot read checkpoint .*checkpoint.pt "
+                                                   r"\([0-9,]+ bytes\): it is truncated, damaged or not a torch.save"):
+        _fit(TrainConfig(resume=True, **cfg))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path)])
+    assert cli.main(args) == 2
+    assert f"lepton train: error: --resume: cannot read checkpoint {path}" in capsys.readouterr().err
+
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    stale = tmp_path / (ckpt.TMP_PREFIX + "k3x9_q.pt")  # what a save killed half way leaves behind
+    stale.write_bytes(b"\0" * 4096)
+    other = tmp_path / "notes.pt"
+    other.write_bytes(b"mine")
+    ckpt.save_atomic({"format": ckpt.FORMAT, "x": torch.arange(3)}, str(tmp_path / "checkpoint.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "notes.pt"]
+
+
+def test_a_full_disk_is_reported_with_its_errno(tmp_path):
+    """/dev/full fails every write with ENOSPC, as a full disk does; torch.save alone reports it as
+    "[enforce fail at inline_container.cc:...] unexpected pos"."""
+    big = {"format": ckpt.FORMAT, "x": torch.zeros(1 << 16)}
+    f = open("/dev/full", "wb")
+    try:
+        with pytest.raises(ckpt.CheckpointWriteError) as exc:
+            ckpt.write(big, f, str(tmp_path / "checkpoint.pt"))
+    finally:
+        with contextlib.suppress(OSError):  # closing flushes what is still buffered: ENOSPC again
+            f.close()
+    e = exc.value
+    assert isinstance(e, OSError) and e.errno == errno.ENOSPC
+    msg = str(e)
+    assert msg.startswith(f"cannot write checkpoint {tmp_path}/checkpoint.pt: the disk is full: No space left "
+                          f"on device (errno {errno.ENOSPC}, ENOSPC); ")
+    assert "MB free on" in msg and "enforce fail" not in msg
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_no_temporary(tmp_path, monkeypatch):
+    """The disk fills up part way through a save (the temporary file's write raises ENOSPC after 1000
+    bytes, as a real one does): the error names the file and errno, the old checkpoint is intact."""
+    path = str(tmp_path / "checkpoint.pt")
+    ckpt.save_atomic({"format": ckpt.FORMAT, "x": torch.arange(3)}, path)
+    real_fdopen = os.fdopen
+
+    class FillingFile:
+        def __init__(self, f):
+            self.f, self.n_bytes = f, 0
+
+        def write(self, data):
+            self.n_bytes += len(data)
+            if self.n_bytes > 1000:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FillingFile(real_fdopen(fd, mode)))
+    with pytest.raises(ckpt.CheckpointWriteError, match=f"cannot write checkpoint {path}: the disk is full"):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "x": torch.zeros(1 << 16)}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.arange(3))
+
+
+@needs_sklearn
+@pytest.mark.distributed
+def test_a_write_error_ends_the_job_with_a_clear_message(tmp_path):
+    """A real OS write error end to end: under a 1 MiB file-size limit (RLIMIT_FSIZE; Python ignores
+    SIGXFSZ, so the write fails with EFBIG) the default model's ~1.7 MB checkpoint cannot be written."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    r = subprocess.run([sys.executable, "-m", "lepton_core.train", "--epochs", "1", "--batch-size", "64",
+                        "--no-progress", "--checkpoint-dir", "ck"], cwd=tmp_path, env=_env(), capture_output=True,
+                       text=True, timeout=RUN_TIMEOUT_S, preexec_fn=limit_file_size)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert (f"lepton train: error: worker rank 0 failed (exit code 1): CheckpointWriteError: cannot write checkpoint "
+            f"ck/checkpoint.pt: File too large (errno {errno.EFBIG}, EFBIG)") in r.stderr
+    assert "enforce fail" not in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in os.listdir(tmp_path / "ck") if p.startswith(ckpt.TMP_PREFIX)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint files: permissions, --keep, the run's config and what resume checks with it
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_checkpoint_mode_follows_the_umask(tmp_path, umask, mode):
+    """Like any file the user's programs write (mkstemp alone gives 0600: unreadable by the group)."""
+    before = os.umask(umask)
+    try:
+        ckpt.save_atomic({"format": ckpt.FORMAT}, str(tmp_path / "checkpoint.pt"))
+    finally:
+        os.umask(before)
+    assert os.stat(tmp_path / "checkpoint.pt").st_mode & 0o777 == mode
+
+
+def test_keep_past_epochs_and_the_latest(tmp_path):
+    cfg = TrainConfig(epochs=4, keep_checkpoints=2, checkpoint_dir=str(tmp_path), **{
+        k: v for k, v in _ONE_EPOCH.items() if k != "epochs"})
+    _fit(cfg)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-epoch0003.pt", "checkpoint-epoch0004.pt", "checkpoint.pt",
+                                            "metrics.jsonl"]
+    assert _load(tmp_path / "checkpoint-epoch0003.pt")["epoch"] == 3
+    latest = _load(tmp_path / "checkpoint.pt")
+    assert latest["epoch"] == 4 and _same_state(latest, _load(tmp_path / "checkpoint-epoch0004.pt"))
+    # the run's whole configuration is in every checkpoint
+    assert latest["config"] == dataclasses.asdict(cfg)
+
+
+def test_keep_with_a_mid_epoch_stop_keeps_only_finished_epochs(tmp_path):
+    common = dict(epochs=3, keep_checkpoints=5, checkpoint_dir=str(tmp_path), precision="fp32", compression="none",
+                  batch_size=50, progress=False)
+    _fit(TrainConfig(max_steps=6, **common))  # 4 steps per epoch: stops in epoch 2
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-epoch0001.pt", "checkpoint.pt", "metrics.jsonl"]
+    _fit(TrainConfig(resume=True, **common))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt",
+                                            "checkpoint-epoch0003.pt", "checkpoint.pt", "metrics.jsonl"]
+
+
+def test_resume_names_every_mismatching_option(tmp_path, caplog):
+    common = dict(progress=False, checkpoint_dir=str(tmp_path), compression="none")
+    _fit(TrainConfig(epochs=1, batch_size=50, precision="fp32", **common))
+    with pytest.raises(ValueError, match=r"cannot resume from .*: the checkpoint was made with batch_size=50, "
+                                         r"seed=0, precision='fp32'; this run has batch_size=25, seed=3, "
+                                         r"precision='fp16'"):
+        _fit(TrainConfig(epochs=1, batch_size=25, seed=3, precision="fp16", resume=True, **common))
+    # Options that may change (train longer, another rate) are accepted and reported.
+    caplog.set_level(logging.INFO, logger="lepton_core.train")
+    summary, _ = _fit(TrainConfig(epochs=2, lr=1e-3, batch_size=50, precision="fp32", resume=True, **common))
+    assert summary["epochs_completed"] == 2
+    lines = [r.getMessage() for r in caplog.records if r.name == "lepton_core.train"]
+    assert "resuming with epochs=2 (the checkpoint's run had epochs=1)" in lines
+    assert "resuming with lr=0.001 (the checkpoint's run had lr=0.003)" in lines
+
+
+def test_resume_reads_checkpoints_that_kept_only_a_few_options(capsys, tmp_path):
+    """Checkpoints of lepton_core 0.1.0 kept batch_size, grad_accum, seed, ... under "run"."""
+    state = {"format": ckpt.FORMAT, "world_size": 2, "run": {"batch_size": 32, "grad_accum": 1, "seed": 0},
+             "epoch": 1, "step_in_epoch": 0, "global_step": 23, "model": {}, "optimizer": {}, "scaler": {},
+             "history_json": "[]", "ranks": [{}, {}]}
+    ckpt.save_atomic(state, str(tmp_path / "checkpoint.pt"))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path), "--seed", "2"])
+    assert cli.main(args) == 2
+    assert "was made with --seed 0, not 2" in capsys.readouterr().err

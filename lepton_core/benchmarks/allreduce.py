@@ -76,12 +76,12 @@ def _launch(world: int, mode: str, out: str, sizes: List[int], rounds: int, use_
 
 
 def run(quick: bool = False) -> List[Dict]:
-    from .common import copy_bandwidth_gbps
+    from .common import ProgressRows, copy_bandwidth_gbps
 
     copy_rate = copy_bandwidth_gbps() / 2  # bytes copied per second (the helper counts read + write)
     use_mpi = _mpi_available()
     sizes = QUICK_SIZES if quick else FULL_SIZES
-    rows: List[Dict] = []
+    rows: List[Dict] = ProgressRows("allreduce", COLUMNS)
     with tempfile.TemporaryDirectory(prefix="lepton-bench-") as out:
         for world in (2, 4):
             try:
@@ -89,7 +89,8 @@ def run(quick: bool = False) -> List[Dict]:
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
                 if not use_mpi:
                     raise
-                print(f"lepton bench allreduce: mpirun failed ({e}); running without the MPI column", flush=True)
+                print(f"lepton bench allreduce: mpirun failed ({e}); running without the MPI column", file=sys.stderr,
+                      flush=True)
                 use_mpi = False
                 _launch(world, "allreduce", out, sizes, 3 if quick else 5, use_mpi)
             with open(os.path.join(out, f"allreduce-{world}.json")) as f:

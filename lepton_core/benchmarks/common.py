@@ -7,8 +7,9 @@ their ratio, never a single absolute time.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Iterable, List, Sequence
 
 
 def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
@@ -65,6 +66,26 @@ def fmt(v, digits: int = 3) -> str:
             return f"{v:.{digits}g}" if abs(v) < 1 else f"{v:.{max(digits - 1, 1)}f}".rstrip("0").rstrip(".")
         return f"{v:.2e}"
     return str(v)
+
+
+class ProgressRows(list):
+    """A family's result rows; each row added prints one progress line on stderr (the tables go to
+    stdout), outside any timed part, so a run of many minutes shows where it is."""
+
+    def __init__(self, family: str, columns: Sequence[str]) -> None:
+        super().__init__()
+        self.family, self.columns = family, list(columns)
+        self.start = time.perf_counter()
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        label = ", ".join(fmt(row[c]) for c in self.columns[:2] if c in row)
+        print(f"lepton bench {self.family}: row {len(self)} done ({label}), {time.perf_counter() - self.start:.1f} s",
+              file=sys.stderr, flush=True)
+
+    def extend(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self.append(row)
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str], title: str = "") -> str:

@@ -15,11 +15,12 @@ and returns [].
 from __future__ import annotations
 
 import statistics
+import sys
 from typing import Callable, Dict, List
 
 import lepton_core as lc
 
-from .common import print_table
+from .common import ProgressRows, print_table
 
 COLUMNS = ["case", "ours_ms", "base_ms", "x_base", "ours_rate", "base_rate", "unit", "%peak"]
 
@@ -190,9 +191,9 @@ def run(quick: bool = False) -> List[dict]:
     """Rows of COLUMNS; [] (with the reason printed) when the CUDA backend cannot run here."""
     info = lc.info()
     if "cuda" not in info["backends"]:
-        print(f"lepton bench cuda: skipped, {info['cuda_unavailable_reason']}")
+        print(f"lepton bench cuda: skipped, {info['cuda_unavailable_reason']}", file=sys.stderr, flush=True)
         return []
-    rows = []
+    rows = ProgressRows("cuda", COLUMNS)
     sizes = [(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096),
                                                  (128, 4096, 4096)]
     for kind in ("bf16", "fp16", "int8"):
@@ -208,8 +209,6 @@ def run(quick: bool = False) -> List[dict]:
 
 
 if __name__ == "__main__":
-    import sys
-
     info = lc.info()
     if "cuda" in info["backends"]:
         print(f"{info['cuda_device']}: copy {device_copy_gbps():.0f} GB/s; peaks (8192^3): "

@@ -26,7 +26,7 @@ import torch
 
 import lepton_core as lc
 from lepton_core import _C
-from lepton_core.benchmarks.common import interleaved, print_table
+from lepton_core.benchmarks.common import ProgressRows, interleaved, print_table
 
 COLUMNS = ["shape", "dtype", "baseline", "ours_ms", "torch_ms", "ratio", "ours_gflops", "torch_gflops",
            "peak_gflops", "peak_pct", "note"]
@@ -129,7 +129,7 @@ def run(quick: bool = False) -> List[dict]:
     n_threads = lc.get_num_threads()
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(n_threads)
-    rows: List[dict] = []
+    rows: List[dict] = ProgressRows("gemm", COLUMNS)
     try:
         sizes = [256, 512, 1024, 2048] + ([] if quick else [4096])
         for dtype in (torch.float32, torch.bfloat16):

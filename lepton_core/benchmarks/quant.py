@@ -14,7 +14,7 @@ import torch
 
 import lepton_core as lc
 
-from .common import copy_bandwidth_gbps, interleaved, print_table
+from .common import ProgressRows, copy_bandwidth_gbps, interleaved, print_table
 
 COLUMNS = ["case", "MB", "ours_ms", "eager_ms", "compiled_ms", "ours_GB/s", "%copy", "x_eager", "x_compiled"]
 THREADS = 2
@@ -134,7 +134,7 @@ def run(quick: bool = False) -> List[dict]:
     before = (lc.get_num_threads(), torch.get_num_threads())
     lc.set_num_threads(THREADS)
     torch.set_num_threads(THREADS)
-    rows = []
+    rows = ProgressRows("quant", COLUMNS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.compile's own deprecation notices

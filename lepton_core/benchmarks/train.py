@@ -23,7 +23,6 @@ int8); speedup is the baseline's step time over the variant's.
 from __future__ import annotations
 
 import gc
-import os
 import statistics
 import time
 from typing import Any, Dict, List
@@ -71,7 +70,9 @@ def _worker(spec: Dict[str, Any]):
     import lepton_core as lc
     import lepton_core.distributed as ld
 
-    threads = max(1, (os.cpu_count() or 1) // WORLD_SIZE)
+    from lepton_core._runtime import default_num_threads
+
+    threads = default_num_threads()  # OMP_NUM_THREADS, which launch_local sets to the CPUs / WORLD_SIZE
     torch.set_num_threads(threads)
     lc.set_num_threads(threads)
     dist.init_process_group("gloo", timeout=timedelta(seconds=300))
@@ -161,6 +162,10 @@ def run(quick: bool = False) -> List[Dict[str, Any]]:
     """Starts 2 local workers, times the variants, returns rank 0's rows."""
     from lepton_core.train.launch import launch_local
 
+    from .common import ProgressRows
+
     spec = QUICK if quick else FULL
     results = launch_local(_worker, spec, WORLD_SIZE, name="lepton-bench-train")
-    return results[0]
+    rows = ProgressRows("train", COLUMNS)  # all rows arrive at the end: the variants are interleaved
+    rows.extend(results[0])
+    return rows

@@ -1,27 +1,45 @@
 """`lepton train`: the default data-parallel job (digits + lc.nn MLP), started on --nproc local workers.
-
-    lepton train                                   # 2 workers, bf16, int8 gradient compression
-    lepton train --precision fp32 --compression none --epochs 20
-    lepton train --resume                          # continue from lepton-train/checkpoint.pt
-    torchrun --nnodes 2 --nproc-per-node 4 ... -m lepton_core.train [same options]   # several hosts
+DESCRIPTION and EXAMPLES below are its --help text (tests parse every example).
 
 lepton_core/cli.py calls add_arguments(parser) and main(args). `python -m lepton_core.train` is the
 same command; under torchrun (RANK/WORLD_SIZE set) it runs as one worker of the job instead.
-Exit codes: 0 done, 1 a worker failed, 2 bad options, 130 interrupted (Ctrl-C).
+Exit codes: 0 done, 1 a worker failed or a dependency (torch, scikit-learn) is missing, 2 bad options,
+130 interrupted (Ctrl-C). Building the parser imports neither torch nor the trainer.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 import time
 from typing import Any, Dict, Optional
 
+from . import _deps
 from .config import BACKENDS, COMPRESSIONS, PRECISIONS, TrainConfig
 
 PROG = "lepton train"
 DEFAULT_CHECKPOINT_DIR = "lepton-train"
+DESCRIPTION = """\
+Data-parallel training with lepton_core. The default job trains an MLP of lc.nn.Linear layers on
+scikit-learn's bundled 8x8 digits (no download) on --nproc local worker processes: bf16 compute and
+int8-compressed gradient all-reduce with error feedback. After every epoch a checkpoint and a line of
+metrics go to --checkpoint-dir; --resume continues a stopped run exactly where it stopped."""
+EXAMPLES = """\
+examples:
+  lepton train                                      # 2 workers, bf16, int8 gradient compression
+  lepton train --precision fp32 --compression none --epochs 20
+  lepton train --nproc 4 --threads 2 --batch-size 64
+  lepton train --max-steps 100                      # stop after 100 steps, with a checkpoint
+  lepton train --resume                             # continue from lepton-train/checkpoint.pt
+  torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
+      -m lepton_core.train --precision bf16         # several hosts: one command per host"""
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _int_at_least(lo: int):
@@ -53,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--nproc", type=_int_at_least(1), default=2,
                    help="local worker processes to start (default: %(default)s)")
     g.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="CPU threads per worker (default: cores / local workers)")
+                   help="CPU threads per worker, for torch and lepton_core (default: OMP_NUM_THREADS when "
+                        "set, else the CPUs this process may use / --nproc)")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="compute precision; fp16 uses dynamic loss scaling (default: %(default)s)")
     g.add_argument("--compression", choices=COMPRESSIONS, default=d.compression,
@@ -73,9 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     c = parser.add_argument_group("checkpoints and output")
     c.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
                    help="where checkpoint.pt and metrics.jsonl go (default: ./%(default)s)")
-    c.add_argument("--resume", action="store_true", help="continue from <checkpoint-dir>/checkpoint.pt")
+    c.add_argument("--resume", action="store_true",
+                   help="continue from <checkpoint-dir>/checkpoint.pt; options that fix the run (batch size, "
+                        "seed, precision, compression, --nproc, ...) must be those it was made with")
     c.add_argument("--checkpoint-every", type=_int_at_least(1), default=d.checkpoint_every,
                    help="epochs between checkpoints (default: %(default)s)")
+    c.add_argument("--keep", type=_int_at_least(0), default=d.keep_checkpoints, metavar="N",
+                   help="besides checkpoint.pt (always the latest, which --resume reads), keep the checkpoints "
+                        "of the last N epochs as checkpoint-epochNNNN.pt (default: %(default)s)")
     c.add_argument("--max-steps", type=_int_at_least(1), default=None,
                    help="stop (with a checkpoint) after this many optimizer steps; --resume continues")
     c.add_argument("--metrics", default=None, help="JSONL metrics file (default: <checkpoint-dir>/metrics.jsonl)")
@@ -93,12 +117,19 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
         compression=args.compression, block_size=args.block_size, grad_accum=args.grad_accum, seed=args.seed,
         checkpoint_dir=args.checkpoint_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep,
         metrics_path=args.metrics, max_steps=args.max_steps, backend=args.backend, timeout_s=args.timeout,
         progress=not args.no_progress,
     ).validate()
 
 
-_OPTION_OF_FIELD = {"timeout_s": "--timeout", "metrics_path": "--metrics", "progress": "--no-progress"}
+_OPTION_OF_FIELD = {"timeout_s": "--timeout", "metrics_path": "--metrics", "progress": "--no-progress",
+                    "world_size": "--nproc", "keep_checkpoints": "--keep"}
+
+
+def _option(field: str) -> str:
+    """The `lepton train` option of a TrainConfig field."""
+    return _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
 def _config_error(exc: Exception) -> str:
@@ -107,14 +138,18 @@ def _config_error(exc: Exception) -> str:
     prefix = "TrainConfig: "
     if msg.startswith(prefix):
         field = msg[len(prefix):].split(" ", 1)[0]
-        option = _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
-        msg = option + msg[len(prefix) + len(field):]
+        msg = _option(field) + msg[len(prefix) + len(field):]
     return msg
 
 
-def _error(msg: str) -> int:
+def _error(msg: str, code: int = 2) -> int:
     print(f"{PROG}: error: {msg}", file=sys.stderr, flush=True)
-    return 2
+    return code
+
+
+def _missing_dependency() -> Optional[str]:
+    """Why this machine cannot run the default job (torch, scikit-learn for its data), or None."""
+    return _deps.missing(("torch", "sklearn"), PROG, "train")
 
 
 def _job(args: argparse.Namespace, cfg: TrainConfig) -> Dict[str, Any]:
@@ -130,13 +165,16 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     import torch
 
     import lepton_core as lc
+    from lepton_core._runtime import default_num_threads
 
     from . import digits
     from .trainer import Trainer
 
     _interrupt_once()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = job["threads"] or max(1, (os.cpu_count() or 1) // local_world)
+    print_trainer_lines()
+    # API.md §0's default: OMP_NUM_THREADS (set per worker by torchrun and by our launcher) when set,
+    # else this process's CPUs; the same count for torch and lc.
+    threads = job["threads"] or default_num_threads()
     torch.set_num_threads(threads)
     lc.set_num_threads(threads)
     cfg = TrainConfig(**job["config"]).validate()
@@ -150,9 +188,10 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     try:
         if trainer.is_main:
             print(f"{PROG}: digits ({len(train)} train / {len(test)} test images), MLP 64-{job['hidden']}-"
-                  f"{job['hidden']}-10 of lc.nn.Linear; {trainer.world_size} workers x {threads} threads, "
-                  f"{cfg.precision}, compression {cfg.compression}, {cfg.epochs} epochs, batch {cfg.batch_size}"
-                  f"/worker, lr {cfg.lr:g}, seed {cfg.seed}", flush=True)
+                  f"{job['hidden']}-10 of lc.nn.Linear; {plural(trainer.world_size, 'worker')} x "
+                  f"{plural(threads, 'thread')}, {cfg.precision}, compression {cfg.compression}, "
+                  f"{plural(cfg.epochs, 'epoch')}, batch {cfg.batch_size}/worker, lr {cfg.lr:g}, seed {cfg.seed}",
+                  flush=True)
         try:
             summary = trainer.fit()
         except KeyboardInterrupt:
@@ -164,6 +203,19 @@ def run_worker(job: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         return None
     finally:
         trainer.close()
+
+
+def print_trainer_lines() -> None:
+    """The Trainer logs its lines to the `lepton_core.train` logger; the command line prints them on
+    stdout exactly as they are (installed once per process)."""
+    log = logging.getLogger("lepton_core.train")
+    if not any(getattr(h, "_lepton_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._lepton_cli = True
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # printed once, whatever the root logger does
 
 
 def _interrupt_once() -> None:
@@ -180,12 +232,13 @@ def _interrupt_once() -> None:
 
 def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
     if not s["history"]:
-        print(f"{PROG}: nothing to do (the checkpoint had finished {cfg.epochs} epochs)", flush=True)
+        print(f"{PROG}: nothing to do (the checkpoint had finished {plural(cfg.epochs, 'epoch')})", flush=True)
         return
     acc = s.get("eval_accuracy")
     acc_txt = "n/a" if acc is None else f"{100 * acc:.2f}%"
     state = "stopped early (max_steps)" if s["stopped_early"] else "done"
-    print(f"{PROG}: {state}: {s['epochs_completed']} epochs, {s['steps']} steps in {s['time_s']:.1f} s; "
+    print(f"{PROG}: {state}: {plural(s['epochs_completed'], 'epoch')}, {plural(s['steps'], 'step')} in "
+          f"{s['time_s']:.1f} s; "
           f"test accuracy {acc_txt} (loss {s['eval_loss']:.4f}); train loss {s['train_loss']:.4f}; "
           f"{(s.get('samples_per_s') or 0):,.0f} samples/s; gradients sent {s['comm_bytes'] / 1e6:.1f} MB "
           f"per worker ({cfg.compression})", flush=True)
@@ -195,6 +248,9 @@ def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
 
 def worker_main(args: argparse.Namespace) -> int:
     """Entry of one worker under torchrun (python -m lepton_core.train)."""
+    problem = _missing_dependency()
+    if problem:
+        return _error(problem, code=1)
     try:
         cfg = _config_from_args(args)
     except (TypeError, ValueError) as exc:
@@ -249,22 +305,23 @@ def _resume_problem(cfg: TrainConfig, nproc: int, hidden: int) -> Optional[str]:
 
     try:
         state = ckpt.load(path, mmap=True)
-    except Exception as exc:
-        return f"--resume: cannot read {path}: {exc}"
-    if state["world_size"] != nproc:
-        return f"--resume: {path} was written by {state['world_size']} workers; use --nproc {state['world_size']}"
-    for field in ("batch_size", "grad_accum", "seed"):
-        if state["run"][field] != getattr(cfg, field):
-            return (f"--resume: {path} was made with --{field.replace('_', '-')} {state['run'][field]}, "
-                    f"not {getattr(cfg, field)}")
+    except (OSError, ckpt.CheckpointError) as exc:
+        return f"--resume: {exc}"
+    refused, _ = ckpt.resume_differences(state, cfg, nproc)
+    mismatches = [f"{_option(field)} {then}, not {now}" for field, then, now in refused]
     first = state["model"].get("1.weight")  # the digits MLP's first lc.nn.Linear: (hidden, 64)
     if first is not None and first.shape[0] != hidden:
-        return f"--resume: {path} was made with --hidden {first.shape[0]}, not {hidden}"
+        mismatches.append(f"--hidden {first.shape[0]}, not {hidden}")
+    if mismatches:
+        return f"--resume: {path} was made with {'; '.join(mismatches)}"
     return None
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs `lepton train` with parsed `args`; returns the exit code."""
+    problem = _missing_dependency()
+    if problem:
+        return _error(problem, code=1)
     try:
         cfg = _config_from_args(args)
     except (TypeError, ValueError) as exc:
@@ -275,10 +332,7 @@ def main(args: argparse.Namespace) -> int:
             return _error(problem)
     from . import digits
 
-    try:
-        data = digits.load()
-    except RuntimeError as exc:  # scikit-learn missing
-        return _error(str(exc).replace(f"{PROG}: ", ""))
+    data = digits.load()
     job = _job(args, cfg)
     job["data"] = data
 
@@ -304,8 +358,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Data-parallel training with lepton_core (the "
-                                     "default job: scikit-learn's digits with an lc.nn MLP).")
+    from lepton_core.cli import SuggestingParser
+
+    parser = SuggestingParser(prog=PROG, description=DESCRIPTION, epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_arguments(parser)
 
 

@@ -38,6 +38,7 @@ class TrainConfig:
     checkpoint_dir: Optional[str] = None  # checkpoint.pt (+ metrics.jsonl) go here; None: no checkpoints
     resume: bool = False              # continue from checkpoint_dir/checkpoint.pt
     checkpoint_every: int = 1         # epochs between checkpoints (one is also written at the end)
+    keep_checkpoints: int = 0         # also keep the last N epochs' checkpoints as checkpoint-epochNNNN.pt
     metrics_path: Optional[str] = None    # JSONL, one line per epoch; default checkpoint_dir/metrics.jsonl
     max_steps: Optional[int] = None   # stop (with a checkpoint) after this many optimizer steps in total
     eval_batch_size: int = 512
@@ -78,6 +79,7 @@ class TrainConfig:
         need(self.grad_accum >= 1, "grad_accum", ">= 1")
         need(self.seed >= 0, "seed", ">= 0")
         need(self.checkpoint_every >= 1, "checkpoint_every", ">= 1")
+        need(self.keep_checkpoints >= 0, "keep_checkpoints", ">= 0")
         need(self.max_steps is None or self.max_steps >= 1, "max_steps", "None or >= 1")
         need(self.eval_batch_size >= 1, "eval_batch_size", ">= 1")
         need(self.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}")

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .. import nn as lnn
+from . import _deps
 
 IMAGE_SIDE = 8
 N_FEATURES = IMAGE_SIDE * IMAGE_SIDE
@@ -25,11 +26,10 @@ TEST_FRACTION = 0.2
 
 def load() -> Tuple[TensorDataset, TensorDataset]:
     """(train, test) datasets of (float32 pixels in [0, 1], shape (64,); int64 label)."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:  # an optional dependency (pip install lepton_core[train])
-        raise RuntimeError("lepton train: the default job needs scikit-learn (pip install scikit-learn)") from exc
+    _deps.require(("sklearn",), "lepton_core.train.digits", "train")
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target, dtype=torch.int64)

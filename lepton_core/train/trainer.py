@@ -16,14 +16,20 @@ stopped and resumed ends with the same parameters, bit for bit, as one that ran 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
+import logging
 import math
 import os
 import sys
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional
+
+from ._deps import require
+
+require(("torch",), "lepton_core.train.Trainer", "train")
 
 import torch
 import torch.distributed as dist
@@ -37,6 +43,9 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Rank 0's lines (one per epoch; resumed; stopped by max_steps) go here at INFO, so a program using the
+# Trainer decides whether and where they appear; `lepton train` prints them on stdout.
+logger = logging.getLogger("lepton_core.train")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -183,6 +192,11 @@ class Trainer:
     augment:    optional (inputs, generator) -> inputs, applied to training batches with a per-worker
                 torch.Generator that is seeded from config.seed and saved in checkpoints.
     optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay), fused where available.
+
+    Rank 0 logs one line per epoch (and on resume / early stop) to the `lepton_core.train` logger at
+    INFO: `logging.basicConfig(level=logging.INFO)` shows them, `logging.getLogger("lepton_core.train")
+    .setLevel(logging.WARNING)` silences them, a handler on that logger redirects them. The progress
+    bar (config.progress) is separate.
 
     Creates the process group when none exists (and destroys it in close()). Seeds torch's global
     RNG per worker (seed, rank) for dropout and the like. Before the first step, one backward pass in
@@ -356,8 +370,7 @@ class Trainer:
             state = {
                 "format": ckpt.FORMAT,
                 "world_size": self.world_size,
-                "run": {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-                        "epochs": cfg.epochs, "precision": cfg.precision, "compression": cfg.compression},
+                "config": dataclasses.asdict(cfg),  # the whole run, for resume checks and for the record
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
@@ -366,6 +379,8 @@ class Trainer:
                 "ranks": gathered,
             }
             ckpt.save_atomic(state, path)
+            if cfg.keep_checkpoints and self.step_in_epoch == 0:
+                ckpt.keep_epoch_copy(path, self.epoch, cfg.keep_checkpoints)
         dist.barrier()
         return path
 
@@ -377,20 +392,21 @@ class Trainer:
         if self.is_main:
             try:
                 box[0] = ckpt.load(path)
-            except Exception as exc:  # every rank must learn about it, not only rank 0
-                box[0] = {"error": f"cannot read checkpoint {path}: {exc}"}
+            except FileNotFoundError:  # every rank must learn about it, not only rank 0
+                box[0] = {"error": f"no checkpoint at {path}"}
+            except Exception as exc:
+                box[0] = {"error": str(exc)}
         dist.broadcast_object_list(box, src=0)
         state = box[0]
         if "error" in state:
-            raise ValueError(f"lepton train: {state['error']}")
-        cfg = self.config
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"lepton train: cannot resume: the checkpoint was written by {state['world_size']} "
-                             f"workers, this run has {self.world_size}")
-        for key in ("batch_size", "grad_accum", "seed"):
-            if state["run"][key] != getattr(cfg, key):
-                raise ValueError(f"lepton train: cannot resume: the checkpoint was made with {key}="
-                                 f"{state['run'][key]}, this run has {key}={getattr(cfg, key)}")
+            raise ckpt.CheckpointError(f"lepton train: cannot resume: {state['error']}")
+        refused, changed = ckpt.resume_differences(state, self.config, self.world_size)
+        if refused:
+            raise ValueError(f"lepton train: cannot resume from {path}: the checkpoint was made with "
+                             f"{', '.join(f'{k}={a!r}' for k, a, _ in refused)}; this run has "
+                             f"{', '.join(f'{k}={b!r}' for k, _, b in refused)}")
+        for key, then, now in changed:
+            self._log(f"resuming with {key}={now!r} (the checkpoint's run had {key}={then!r})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -436,7 +452,7 @@ class Trainer:
     # -- training -------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
         if self.is_main:
-            print(msg, flush=True)
+            logger.info(msg)
 
     def _write_metrics(self, record: Optional[Dict[str, Any]], rewrite: bool) -> None:
         path = self.config.resolved_metrics_path
