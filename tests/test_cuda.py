@@ -193,9 +193,11 @@ def ref_quantize(x32, fmt, groups, n_groups, stochastic=False, seed=0):
             # >= 2^103 there, so the float64 sum is exact; see test_quant.uint8_scale)
             wide = f32_round_unbounded(f32_round_unbounded(hi.astype(np.float64) + nlo) / 255.0)
             scale = np.where(np.isfinite(scale), scale, wide.astype(np.float32))
+            scale = np.where((scale == 0) & ((hi > 0) | (nlo > 0)), np.float32(2.0**-149), scale).astype(np.float32)
             zp = np.where(scale == 0, 0, np.rint(nlo / scale)).astype(np.int32)
         else:
             scale = (np.maximum(hi, nlo) / np.float32(QMAX[fmt])).astype(np.float32)
+            scale = np.where((scale == 0) & ((hi > 0) | (nlo > 0)), np.float32(2.0**-149), scale).astype(np.float32)
             zp = np.zeros(n_groups, np.int32)
         s = scale[groups]
         q = (flat / s).astype(np.float32)

@@ -90,3 +90,18 @@ def test_info_reports_what_a_bug_report_needs():
     assert info["git_revision"] is None or isinstance(info["git_revision"], str)
     assert info["cuda_archs"] is None or all(isinstance(a, str) for a in info["cuda_archs"])
     assert info["cpu_kernels"].startswith(info["cpu_isa"] if info["cpu_isa"] != "amx" else "avx512")
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_tiny_groups_get_a_positive_scale(fmt):
+    # [1e-45]: absmax / qmax underflows to 0; an all-zero scale would dequantize to 0, an error of
+    # |x| > scale / 2 = 0. Only all-zero groups have scale 0 (API.md §2).
+    tiny = np.array([1e-45, -3e-45, 0.0, 7e-45], np.float32)
+    for x in (tiny, np.zeros(4, np.float32)):
+        q = lc.quantize(x, fmt)
+        back = q.dequantize()
+        if x.any():
+            assert float(q.scale) == 2.0**-149
+            np.testing.assert_array_equal(back, x)  # x / 2^-149 are small integers: exact in every format
+        else:
+            assert float(q.scale) == 0.0 and not back.any()

@@ -83,6 +83,12 @@ def uint8_scale(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(direct), direct, wide.astype(np.float32))
 
 
+def at_least_min(scale: np.ndarray, nonzero: np.ndarray) -> np.ndarray:
+    """API.md §2: only an all-zero group has scale 0; a non-zero group whose scale underflows gets
+    the smallest positive float32 (2^-149), with which its values quantize exactly."""
+    return np.where((scale == 0) & nonzero, np.float32(2.0**-149), scale).astype(np.float32)
+
+
 def _fp8_table(fmt):
     """Non-negative finite values of the format, ascending, and their codes."""
     vals = torch.arange(256, dtype=torch.uint8).view(FP8_TORCH[fmt]).float().numpy()
@@ -130,13 +136,13 @@ def ref_quantize(x32: np.ndarray, fmt, axis=None, block_size=None, stochastic=Fa
         np.maximum.at(mx, g, flat)
         lo = np.where(mn < 0, mn, np.float32(0)).astype(np.float32)
         hi = np.where(mx > 0, mx, np.float32(0)).astype(np.float32)
-        scale = uint8_scale(lo, hi)
+        scale = at_least_min(uint8_scale(lo, hi), hi - lo.astype(np.float64) > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
             zp = np.where(scale == 0, 0, np.rint(-lo / scale)).astype(np.int32)
     else:
         amax = np.zeros(n_groups, np.float32)
         np.maximum.at(amax, g, np.abs(flat))
-        scale = (amax / np.float32(QMAX[fmt])).astype(np.float32)
+        scale = at_least_min((amax / np.float32(QMAX[fmt])).astype(np.float32), amax > 0)
         zp = None
     s = scale[g]
     with np.errstate(divide="ignore", invalid="ignore"):

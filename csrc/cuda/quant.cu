@@ -61,14 +61,18 @@ __host__ __device__ inline float positive_zero(float v) { return v == 0.0f ? 0.0
 __host__ __device__ inline void group_params(int fmt, float hi, float nlo, float* scale, int32_t* zero_point) {
   hi = positive_zero(hi);
   nlo = positive_zero(nlo);
+  // A non-zero group whose scale underflows gets 2^-149 (csrc/cpu/quant/quant.h, scale_at_least_min).
+  const float min_scale = (hi > 0.0f || nlo > 0.0f) ? 1.40129846e-45f : 0.0f;
   if (fmt == LP_QFMT_UINT8) {
     const float range = add_rn(hi, nlo);
-    const float s = is_finite_bits(range) ? div_rn(range, 255.0f)
-                                          : mul_rn(2.0f, div_rn(add_rn(mul_rn(hi, 0.5f), mul_rn(nlo, 0.5f)), 255.0f));
+    float s = is_finite_bits(range) ? div_rn(range, 255.0f)
+                                    : mul_rn(2.0f, div_rn(add_rn(mul_rn(hi, 0.5f), mul_rn(nlo, 0.5f)), 255.0f));
+    s = s == 0.0f ? min_scale : s;
     *scale = s;
     *zero_point = s != 0.0f ? int32_t(round_even(div_rn(nlo, s))) : 0;
   } else {
-    *scale = div_rn(hi > nlo ? hi : nlo, format_qmax(fmt));
+    const float s = div_rn(hi > nlo ? hi : nlo, format_qmax(fmt));
+    *scale = s == 0.0f ? min_scale : s;
     *zero_point = 0;
   }
 }

@@ -112,17 +112,25 @@ const QuantKernels* quant_kernels_active();  // picked by cpu_isa_active()
 // them. So the scale has its usual relative error, zero_point = rint(-lo / scale) stays in [0, 255],
 // |x / scale| about 255 at most, and |x - dequant| <= scale / 2 holds as for any range; a dequantized
 // value past FLT_MAX at a range end saturates (scale_code), which only moves it closer to x.
+//
+// A group of tiny values whose quotient by qmax underflows to 0 (e.g. [1e-45]) gets the smallest
+// positive float32, 2^-149, instead: then x / scale = x * 2^149 is an exact integer of magnitude at
+// most qmax / 2 and dequantizes to x exactly. Only an all-zero group has scale 0 (API.md §2).
+static inline float scale_at_least_min(float s, bool nonzero) {
+  return s == 0.0f && nonzero ? 1.40129846e-45f : s;
+}
 static inline void group_scale(int fmt, const SpanStats& st, float* scale, int32_t* zero_point) {
   if (fmt == LP_QFMT_UINT8) {
     float lo = st.min < 0.0f ? st.min : 0.0f;  // explicit compares: no -0.0 leaks into the scale
     float hi = st.max > 0.0f ? st.max : 0.0f;
     float range = hi - lo;
     float s = range <= FLT_MAX ? range / 255.0f : 2.0f * ((0.5f * hi - 0.5f * lo) / 255.0f);
+    s = scale_at_least_min(s, range > 0.0f);
     *scale = s;
     *zero_point = s == 0.0f ? 0 : int32_t(std::nearbyint(-lo / s));
     return;
   }
-  *scale = bits_to_f32(st.abs_bits) / qfmt_qmax(fmt);
+  *scale = scale_at_least_min(bits_to_f32(st.abs_bits) / qfmt_qmax(fmt), st.abs_bits != 0);
 }
 
 static inline float load_elem(int x_dtype, const void* base, int64_t i) {
