@@ -28,7 +28,7 @@ import lepton_core.distributed as ld
 import lepton_core.nn as lnn
 from lepton_core.train import TrainConfig, Trainer, cli
 from lepton_core.train import checkpoint as ckpt
-from lepton_core.train.trainer import CommState, comm_hook
+from lepton_core.train.comm import CommState, comm_hook
 
 # The default job's data ships with scikit-learn (the `train` extra). Without it these tests cannot
 # run the job at all; CI installs it (see the report / pyproject's test extra).
