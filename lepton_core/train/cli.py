@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
 from . import _deps
-from .config import DEFAULT_CHECKPOINT_DIR, OPTION_GROUPS, TrainConfig, option, option_fields, option_flag
+from .config import DEFAULT_CHECKPOINT_DIR  # noqa: F401  (re-exported: the command's default directory)
+from .config import OPTION_GROUPS, TrainConfig, option, option_fields, option_flag
 
 PROG = "lepton train"
 DESCRIPTION = """\
