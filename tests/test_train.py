@@ -26,9 +26,10 @@ from torch.utils.data import TensorDataset
 import lepton_core
 import lepton_core.distributed as ld
 import lepton_core.nn as lnn
-from lepton_core.train import TrainConfig, Trainer, cli
+from lepton_core.train import Callback, StepInfo, TrainConfig, Trainer, cli
 from lepton_core.train import checkpoint as ckpt
-from lepton_core.train.trainer import CommState, comm_hook
+from lepton_core.train import metrics, state
+from lepton_core.train.comm import CommState, comm_hook
 
 # The default job's data ships with scikit-learn (the `train` extra). Without it these tests cannot
 # run the job at all; CI installs it (see the report / pyproject's test extra).
@@ -375,8 +376,8 @@ def _model():
     return lnn.convert(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 4)), dtype=None)
 
 
-def _fit(cfg, augment=None):
-    with Trainer(_model(), _blobs(200, 1), _blobs(100, 2), cfg, augment=augment) as t:
+def _fit(cfg, augment=None, callbacks=()):
+    with Trainer(_model(), _blobs(200, 1), _blobs(100, 2), cfg, augment=augment, callbacks=callbacks) as t:
         summary = t.fit()
         return summary, {k: v.detach().clone() for k, v in t.model.state_dict().items()}
 
@@ -716,3 +717,213 @@ def test_resume_reads_checkpoints_that_kept_only_a_few_options(capsys, tmp_path)
     args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path), "--seed", "2"])
     assert cli.main(args) == 2
     assert "was made with --seed 0, not 2" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Callbacks: order, what they receive, metrics they add, state they keep across a resume
+# ---------------------------------------------------------------------------------------------------
+class _Recorder:
+    """Records every hook call (no base class: each hook is optional)."""
+
+    def __init__(self, name, events):
+        self.name, self.events = name, events
+
+    def on_train_begin(self, trainer):
+        self.events.append((self.name, "begin", trainer.global_step))
+
+    def on_step_end(self, trainer, info):
+        assert trainer.global_step == info.step  # the trainer's counters already count the step
+        self.events.append((self.name, "step", info))
+
+    def on_epoch_end(self, trainer, rec):
+        assert trainer.global_step == rec["step"]
+        self.events.append((self.name, "epoch", dict(rec)))
+
+    def on_train_end(self, trainer, summary):
+        self.events.append((self.name, "end", summary))
+
+
+def test_callbacks_run_in_list_order_and_see_each_step_and_epoch():
+    events = []
+    cfg = TrainConfig(epochs=2, batch_size=50, lr=0.01, lr_schedule="constant", precision="fp32",
+                      compression="none", progress=False)
+    summary, _ = _fit(cfg, callbacks=[_Recorder("a", events), _Recorder("b", events)])
+    # every hook: a, then b
+    assert [e[0] for e in events] == ["a", "b"] * (len(events) // 2)
+    kinds = [kind for name, kind, _ in events if name == "a"]
+    assert kinds == ["begin"] + ["step"] * 4 + ["epoch"] + ["step"] * 4 + ["epoch"] + ["end"]
+    steps = [info for name, kind, info in events if name == "a" and kind == "step"]
+    assert steps[0] == StepInfo(epoch=1, step=1, step_in_epoch=1, steps_per_epoch=4, loss=steps[0].loss, lr=0.01,
+                                samples=50)
+    assert [(s.epoch, s.step, s.step_in_epoch) for s in steps] == \
+        [(1, 1, 1), (1, 2, 2), (1, 3, 3), (1, 4, 4), (2, 5, 1), (2, 6, 2), (2, 7, 3), (2, 8, 4)]
+    assert sum(s.samples for s in steps) == 2 * 200 and all(s.loss > 0 for s in steps)
+    epochs = [rec for name, kind, rec in events if name == "a" and kind == "epoch"]
+    assert epochs == summary["history"]  # what they received is what was recorded
+    assert events[-1] == ("b", "end", summary)
+
+
+class _Epsilon(Callback):
+    """Reports a made-up privacy budget per epoch, the way the DP feature reports epsilon."""
+
+    def on_epoch_end(self, trainer, rec):
+        rec["epsilon"] = 0.5 * rec["epoch"]
+
+
+def test_a_callback_adds_an_epoch_metric_to_the_line_the_file_and_the_checkpoint(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lepton_core.train")
+    cfg = TrainConfig(checkpoint_dir=str(tmp_path), **_ONE_EPOCH)
+    summary, _ = _fit(cfg, callbacks=[_Epsilon()])
+    lines = [r.getMessage() for r in caplog.records if r.name == "lepton_core.train"]
+    assert len(lines) == 2 and lines[0].endswith(" MB  epsilon 0.5") and lines[1].endswith(" MB  epsilon 1")
+    assert [r["epsilon"] for r in _metrics(tmp_path / "metrics.jsonl")] == [0.5, 1.0]
+    assert [r["epsilon"] for r in summary["history"]] == [0.5, 1.0]
+    assert [r["epsilon"] for r in state.history(_load(tmp_path / "checkpoint.pt"))] == [0.5, 1.0]
+
+
+class _NoisyTotal(Callback):
+    """State that resume must restore exactly: its own random stream and a running total."""
+
+    state_key = "noisy_total"
+
+    def __init__(self):
+        self.gen = torch.Generator().manual_seed(7)
+        self.total = 0.0
+
+    def on_step_end(self, trainer, info):
+        self.total += info.loss * float(torch.rand((), generator=self.gen))
+
+    def on_epoch_end(self, trainer, rec):
+        rec["noisy_total"] = self.total
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state(), "total": self.total}
+
+    def load_state_dict(self, saved):
+        self.gen.set_state(saved["gen"])
+        self.total = saved["total"]
+
+
+def test_callback_state_is_checkpointed_and_resume_is_exact(tmp_path):
+    common = dict(epochs=3, batch_size=16, grad_accum=2, lr=0.01, precision="bf16", compression="int8",
+                  progress=False)
+    full_cb = _NoisyTotal()
+    _, w_full = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "a"), **common), callbacks=[full_cb])
+    _fit(TrainConfig(checkpoint_dir=str(tmp_path / "b"), max_steps=10, **common), callbacks=[_NoisyTotal()])
+    mid = _load(tmp_path / "b" / "checkpoint.pt")
+    assert set(mid["ranks"][0]["callbacks"]) == {"noisy_total"}
+    rest_cb = _NoisyTotal()
+    _, w_rest = _fit(TrainConfig(checkpoint_dir=str(tmp_path / "b"), resume=True, **common), callbacks=[rest_cb])
+    assert _same_state(w_rest, w_full)
+    assert rest_cb.total == full_cb.total and _same_state(rest_cb.gen.get_state(), full_cb.gen.get_state())
+    assert _strip_timing(_metrics(tmp_path / "b" / "metrics.jsonl")) == \
+        _strip_timing(_metrics(tmp_path / "a" / "metrics.jsonl"))
+
+
+def test_resume_refuses_a_different_set_of_stateful_callbacks(tmp_path):
+    cfg = dict(epochs=2, batch_size=50, precision="fp32", compression="none", progress=False,
+               checkpoint_dir=str(tmp_path))
+    _fit(TrainConfig(max_steps=2, **cfg), callbacks=[_NoisyTotal()])
+    with pytest.raises(ValueError, match=r"cannot resume from .*: the checkpoint was made with callbacks with "
+                                         r"state=\['noisy_total'\]; this run has callbacks with state=\[\]"):
+        _fit(TrainConfig(resume=True, **cfg), callbacks=[_Epsilon()])  # no state: nothing to restore it into
+
+
+def test_bad_callbacks_are_named():
+    cases = [
+        ([_Epsilon], TypeError, "callbacks takes instances, got the class _Epsilon"),
+        ([object()], TypeError, "callback object has none of on_train_begin"),
+        ([_NoisyTotal(), _NoisyTotal()], ValueError, "two callbacks save their state as 'noisy_total'"),
+        (_Epsilon(), TypeError, "callbacks must be a list of callback objects"),
+    ]
+
+    class HalfState:
+        def state_dict(self):
+            return {}
+
+    cases.append(([HalfState()], TypeError, "callback HalfState needs both state_dict"))
+    for callbacks, err, message in cases:
+        with pytest.raises(err, match=re.escape(message)):
+            Trainer(_model(), _blobs(4, 0), None, TrainConfig(progress=False), callbacks=callbacks)
+
+
+def test_a_callback_may_add_epoch_metrics_but_not_change_them():
+    class Overwrite(Callback):
+        def on_epoch_end(self, trainer, rec):
+            rec["train_loss"] = 0.0
+
+    class NotJson(Callback):
+        def on_epoch_end(self, trainer, rec):
+            rec["weights"] = torch.zeros(2)
+
+    with pytest.raises(ValueError, match="callback Overwrite changed the epoch metrics train_loss"):
+        _fit(TrainConfig(**_ONE_EPOCH), callbacks=[Overwrite()])
+    with pytest.raises(TypeError, match="callback NotJson added epoch metric 'weights' = .* not a JSON value"):
+        _fit(TrainConfig(**_ONE_EPOCH), callbacks=[NotJson()])
+
+
+def test_the_epoch_line_shows_added_keys_after_the_trainers_own():
+    rec = {"epoch": 2, "step": 8, "train_loss": 0.5, "train_accuracy": 0.75, "eval_loss": None, "eval_accuracy": None,
+           "samples_per_s": 1234.5, "epoch_s": 0.1, "comm_bytes": 2_000_000, "lr": 0.1, "loss_scale": 1024.0,
+           "epsilon": 1.23456, "note": "x"}
+    assert metrics.epoch_line(rec, 40) == ("epoch   2/40  loss 0.5000  acc 75.00%  1,234 samples/s  comm 2.00 MB  "
+                                           "epsilon 1.235  note x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# One resume check; options generated from TrainConfig's field metadata
+# ---------------------------------------------------------------------------------------------------
+def test_the_cli_and_the_trainer_use_the_same_resume_check(tmp_path, monkeypatch):
+    cfg = dict(epochs=1, batch_size=50, precision="fp32", compression="none", progress=False)
+    _fit(TrainConfig(checkpoint_dir=str(tmp_path), **cfg))
+    calls = []
+    real = state.check_resume
+
+    def spy(*args, **kwargs):
+        calls.append(args[2])  # world_size
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state, "check_resume", spy)
+    _fit(TrainConfig(checkpoint_dir=str(tmp_path), resume=True, **cfg))
+    args = cli.build_parser().parse_args(["--resume", "--checkpoint-dir", str(tmp_path), "--nproc", "1"])
+    assert cli._resume_problem(cli._config_from_args(args), args.nproc, args.hidden) == \
+        f"--resume: {tmp_path}/checkpoint.pt was made with --batch-size 50, not 32; --precision fp32, not bf16; " \
+        f"--compression none, not int8"
+    assert calls == [1, 1]
+
+
+def test_every_config_option_reaches_the_config():
+    """Each TrainConfig field made with option() is a `lepton train` option whose value lands in that
+    field (the parser and _config_from_args are generated from the metadata, not kept by hand)."""
+    from lepton_core.train.config import OPTION_GROUPS, option_fields, option_flag
+
+    defaults = cli._config_from_args(cli.build_parser().parse_args([]))
+    assert defaults == TrainConfig(checkpoint_dir=cli.DEFAULT_CHECKPOINT_DIR).validate()
+    fields = option_fields(TrainConfig)
+    assert len(fields) == 17 and all(f.metadata["group"] in OPTION_GROUPS for f in fields)
+    for f in fields:
+        flag, default = option_flag(f), getattr(defaults, f.name)
+        if f.type == "bool":
+            argv, want = [flag], not default
+        elif "choices" in f.metadata:
+            want = next(c for c in f.metadata["choices"] if c != default)
+            argv = [flag, want]
+        elif f.type in ("int", "Optional[int]"):
+            want = (default or 1) * 2 if f.name != "block_size" else 512
+            argv = [flag, str(want)]
+        elif f.type == "float":
+            want = 0.5
+            argv = [flag, "0.5"]
+        else:
+            want = "somewhere"
+            argv = [flag, want]
+        if f.name == "resume":
+            argv += ["--checkpoint-dir", "x"]
+        cfg = cli._config_from_args(cli.build_parser().parse_args(argv))
+        assert getattr(cfg, f.name) == want, (flag, getattr(cfg, f.name), want)
+    # the options outside TrainConfig each have a place in --help
+    names = {f.name for f in fields}
+    assert all(f.metadata["before"] in names for f in option_fields(cli.JobOptions))
+    order = [option_flag(f) for f in cli._options()]
+    assert order[:4] == ["--nproc", "--threads", "--precision", "--compression"]
+    assert order.index("--hidden") == order.index("--seed") - 1

@@ -1,10 +1,9 @@
 """Checkpoint files: written atomically, loadable with torch.load(weights_only=True).
 
-A checkpoint is one file holding the state every rank shares (model, optimizer, loss scaler, position
-in the run, metrics so far) and a list with each rank's own state (RNG streams, error-feedback
-residuals of the gradient hook). Rank 0 gathers and writes it; it is written to a temporary file in
-the same directory, flushed to disk and renamed over the old one, so a crash at any moment leaves
-either the previous checkpoint or the new one, never a torn file.
+What a checkpoint holds, its validation and the resume check are in train/state.py; this module
+moves the bytes. Rank 0 gathers and writes a checkpoint; it is written to a temporary file in the same
+directory, flushed to disk and renamed over the old one, so a crash at any moment leaves either the
+previous checkpoint or the new one, never a torn file.
 """
 from __future__ import annotations
 
@@ -12,32 +11,19 @@ import contextlib
 import errno
 import glob
 import os
-import random
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
-FORMAT = "lepton_core.train/1"
-# What every checkpoint holds (the run's options are under "config", or "run" in older files).
-REQUIRED_KEYS = ("world_size", "epoch", "step_in_epoch", "global_step", "model", "optimizer", "scaler",
-                 "history_json", "ranks")
+# FORMAT and CheckpointError are re-exported: callers that write or read files need only this module
+from .state import FORMAT, CheckpointError, validate  # noqa: F401
+
 # Temporary files of a save in progress: a process killed while saving leaves one behind, and the
 # next save in that directory removes it (a checkpoint directory belongs to one run: one writer).
 TMP_PREFIX, TMP_SUFFIX = ".tmp-", ".pt"
-# On resume, these options must be those of the run that wrote the checkpoint: they fix the order of
-# the samples and the position in it (world_size too), or the layout of saved state (precision: the
-# fp16 loss scaler; compression, block_size, error_feedback: the gradient hook's residuals).
-MUST_MATCH = ("batch_size", "grad_accum", "seed", "precision", "compression", "block_size", "error_feedback")
-# These may change on resume (to train longer, or on with another rate), which changes the result.
-MAY_CHANGE = ("epochs", "lr", "weight_decay", "lr_schedule")
 KEPT_INFIX = "-epoch"  # checkpoint.pt -> checkpoint-epoch0003.pt (--keep)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be used: unreadable, truncated, not ours, or incomplete."""
 
 
 class CheckpointWriteError(OSError):
@@ -188,20 +174,6 @@ def keep_epoch_copy(path: str, epoch: int, keep: int) -> str:
     return target
 
 
-def resume_differences(state: Dict[str, Any], cfg, world_size: int) -> Tuple[List[Tuple[str, Any, Any]],
-                                                                              List[Tuple[str, Any, Any]]]:
-    """(refused, changed): the (option, checkpoint's value, this run's value) of every option in
-    MUST_MATCH (and world_size) and in MAY_CHANGE that differs between the checkpoint's run and `cfg`."""
-    saved = state.get("config") or state["run"]  # "run": the few options files before "config" kept
-    now = dict(vars(cfg), world_size=world_size)
-    saved = dict(saved, world_size=state["world_size"])
-
-    def differ(keys):
-        return [(k, saved[k], now[k]) for k in keys if k in saved and saved[k] != now[k]]
-
-    return differ(("world_size",) + MUST_MATCH), differ(MAY_CHANGE)
-
-
 def load(path: str, mmap: bool = False) -> Dict[str, Any]:
     """The checkpoint at `path` (tensors on the CPU; mmap: tensors read lazily, for a quick look).
     Raises FileNotFoundError, or CheckpointError naming the file and what is wrong with it."""
@@ -214,38 +186,11 @@ def load(path: str, mmap: bool = False) -> Dict[str, Any]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path} ({size:,} bytes): it is truncated, damaged or "
                               f"not a torch.save file ({first})") from exc
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a lepton_core.train checkpoint")
-    absent = [k for k in REQUIRED_KEYS if k not in obj]
-    if "config" not in obj and "run" not in obj:
-        absent.append("config")
-    if absent:
-        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {', '.join(absent)} (a file written "
-                              f"by another program, or a cut-off copy)")
-    return obj
+    return validate(obj, path)
 
 
-def rng_state(device: torch.device, generator: Optional[torch.Generator]) -> Dict[str, Any]:
-    """Every random stream a training step can draw from, as weights_only-loadable values."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "python": random.getstate(),
-        "generator": generator.get_state() if generator is not None else None,
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-    }
-    return state
-
-
-def set_rng_state(state: Dict[str, Any], device: torch.device, generator: Optional[torch.Generator]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if generator is not None and state["generator"] is not None:
-        generator.set_state(state["generator"])
-    if device.type == "cuda" and state["cuda"] is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def load_for_resume(path: str, mmap: bool = False) -> Dict[str, Any]:
+    """load(path), a missing file reported as a CheckpointError too ("no checkpoint at PATH")."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    return load(path, mmap=mmap)

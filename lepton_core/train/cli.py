@@ -14,13 +14,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Union
 
 from . import _deps
-from .config import BACKENDS, COMPRESSIONS, PRECISIONS, TrainConfig
+from .config import DEFAULT_CHECKPOINT_DIR  # noqa: F401  (re-exported: the command's default directory)
+from .config import OPTION_GROUPS, TrainConfig, option, option_fields, option_flag
 
 PROG = "lepton train"
-DEFAULT_CHECKPOINT_DIR = "lepton-train"
 DESCRIPTION = """\
 Data-parallel training with lepton_core. The default job trains an MLP of lc.nn.Linear layers on
 scikit-learn's bundled 8x8 digits (no download) on --nproc local worker processes: bf16 compute and
@@ -64,72 +65,65 @@ def _positive_float(text: str) -> float:
     return v
 
 
+@dataclass
+class JobOptions:
+    """The options of the default job that are not TrainConfig fields (the processes and the model)."""
+
+    nproc: int = option(2, "local worker processes to start (default: %(default)s)", group="job", min=1,
+                        before="precision")
+    threads: Optional[int] = option(None, "CPU threads per worker, for torch and lepton_core (default: "
+                                          "OMP_NUM_THREADS when set, else the CPUs this process may use / --nproc)",
+                                    group="job", min=1, before="precision")
+    hidden: int = option(256, "width of the MLP's two hidden layers (default: %(default)s)", group="job", min=1,
+                         before="seed")
+
+
+def _options() -> List[dataclasses.Field]:
+    """Every `lepton train` option: TrainConfig's fields made with option(), in field order, each
+    JobOptions field just before the TrainConfig field it names."""
+    job = option_fields(JobOptions)
+    out = []
+    for f in option_fields(TrainConfig):
+        out += [j for j in job if j.metadata["before"] == f.name]
+        out.append(f)
+    return out
+
+
+def _add_option(group, f: dataclasses.Field) -> None:
+    m = f.metadata
+    flag = option_flag(f)
+    kw: Dict[str, Any] = dict(dest=f.name, default=m.get("cli_default", f.default), help=m["help"])
+    if f.type == "bool":
+        kw["action"] = "store_false" if f.default else "store_true"
+    elif "choices" in m:
+        kw["choices"] = m["choices"]
+    else:
+        kw["metavar"] = m.get("metavar") or flag[2:].replace("-", "_").upper()
+        if f.type in ("int", "Optional[int]"):
+            kw["type"] = _int_at_least(m["min"])
+        elif f.type == "float":
+            kw["type"] = _positive_float
+    group.add_argument(flag, **kw)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the `lepton train` options to `parser` (a subcommand parser or a fresh one)."""
-    d = TrainConfig()
-    g = parser.add_argument_group("job")
-    g.add_argument("--nproc", type=_int_at_least(1), default=2,
-                   help="local worker processes to start (default: %(default)s)")
-    g.add_argument("--threads", type=_int_at_least(1), default=None,
-                   help="CPU threads per worker, for torch and lepton_core (default: OMP_NUM_THREADS when "
-                        "set, else the CPUs this process may use / --nproc)")
-    g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="compute precision; fp16 uses dynamic loss scaling (default: %(default)s)")
-    g.add_argument("--compression", choices=COMPRESSIONS, default=d.compression,
-                   help="gradient all-reduce compression, int8 with error feedback (default: %(default)s)")
-    g.add_argument("--epochs", type=_int_at_least(1), default=d.epochs, help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=d.batch_size,
-                   help="samples per worker per micro-batch (default: %(default)s)")
-    g.add_argument("--grad-accum", type=_int_at_least(1), default=d.grad_accum,
-                   help="micro-batches per optimizer step (default: %(default)s)")
-    g.add_argument("--lr", type=_positive_float, default=d.lr,
-                   help="peak learning rate of AdamW, cosine decay (default: %(default)s)")
-    g.add_argument("--hidden", type=_int_at_least(1), default=256,
-                   help="width of the MLP's two hidden layers (default: %(default)s)")
-    g.add_argument("--seed", type=_int_at_least(0), default=d.seed, help="(default: %(default)s)")
-    g.add_argument("--block-size", type=_int_at_least(32), default=d.block_size,
-                   help="int8 compression block size, a power of two (default: %(default)s)")
-    c = parser.add_argument_group("checkpoints and output")
-    c.add_argument("--checkpoint-dir", default=DEFAULT_CHECKPOINT_DIR,
-                   help="where checkpoint.pt and metrics.jsonl go (default: ./%(default)s)")
-    c.add_argument("--resume", action="store_true",
-                   help="continue from <checkpoint-dir>/checkpoint.pt; options that fix the run (batch size, "
-                        "seed, precision, compression, --nproc, ...) must be those it was made with")
-    c.add_argument("--checkpoint-every", type=_int_at_least(1), default=d.checkpoint_every,
-                   help="epochs between checkpoints (default: %(default)s)")
-    c.add_argument("--keep", type=_int_at_least(0), default=d.keep_checkpoints, metavar="N",
-                   help="besides checkpoint.pt (always the latest, which --resume reads), keep the checkpoints "
-                        "of the last N epochs as checkpoint-epochNNNN.pt (default: %(default)s)")
-    c.add_argument("--max-steps", type=_int_at_least(1), default=None,
-                   help="stop (with a checkpoint) after this many optimizer steps; --resume continues")
-    c.add_argument("--metrics", default=None, help="JSONL metrics file (default: <checkpoint-dir>/metrics.jsonl)")
-    c.add_argument("--no-progress", action="store_true", help="no progress bar")
-    n = parser.add_argument_group("distributed")
-    n.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                   help="torch.distributed backend; auto: nccl with a usable GPU, else gloo (default: %(default)s)")
-    n.add_argument("--timeout", type=_positive_float, default=d.timeout_s,
-                   help="seconds before a dead or stuck worker is reported as an error (default: %(default)s)")
+    groups = {name: parser.add_argument_group(name) for name in OPTION_GROUPS}
+    for f in _options():
+        _add_option(groups[f.metadata["group"]], f)
     return parser
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-        compression=args.compression, block_size=args.block_size, grad_accum=args.grad_accum, seed=args.seed,
-        checkpoint_dir=args.checkpoint_dir, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep,
-        metrics_path=args.metrics, max_steps=args.max_steps, backend=args.backend, timeout_s=args.timeout,
-        progress=not args.no_progress,
-    ).validate()
-
-
-_OPTION_OF_FIELD = {"timeout_s": "--timeout", "metrics_path": "--metrics", "progress": "--no-progress",
-                    "world_size": "--nproc", "keep_checkpoints": "--keep"}
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in option_fields(TrainConfig)}).validate()
 
 
 def _option(field: str) -> str:
-    """The `lepton train` option of a TrainConfig field."""
-    return _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+    """The `lepton train` option of a TrainConfig field (or of world_size, as resume checks name --nproc)."""
+    if field == "world_size":
+        return "--nproc"
+    flags = {f.name: option_flag(f) for f in _options()}
+    return flags.get(field, "--" + field.replace("_", "-"))
 
 
 def _config_error(exc: Exception) -> str:
@@ -246,15 +240,23 @@ def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
         print(f"{PROG}: checkpoint {cfg.checkpoint_path}, metrics {cfg.resolved_metrics_path}", flush=True)
 
 
-def worker_main(args: argparse.Namespace) -> int:
-    """Entry of one worker under torchrun (python -m lepton_core.train)."""
+def _config_or_exit_code(args: argparse.Namespace) -> Union[TrainConfig, int]:
+    """The run's TrainConfig, or the exit code once the reason there is none (a missing dependency, a bad
+    option) is printed."""
     problem = _missing_dependency()
     if problem:
         return _error(problem, code=1)
     try:
-        cfg = _config_from_args(args)
+        return _config_from_args(args)
     except (TypeError, ValueError) as exc:
         return _error(_config_error(exc))
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Entry of one worker under torchrun (python -m lepton_core.train)."""
+    cfg = _config_or_exit_code(args)
+    if isinstance(cfg, int):
+        return cfg
     try:
         run_worker(_job(args, cfg))
     except KeyboardInterrupt:
@@ -299,15 +301,14 @@ def _resume_problem(cfg: TrainConfig, nproc: int, hidden: int) -> Optional[str]:
     """Why --resume cannot work with this checkpoint and these options (None when it can), checked
     before any worker starts. The workers check again (under torchrun they are on their own)."""
     path = cfg.checkpoint_path
-    if not os.path.isfile(path):
-        return f"--resume: no checkpoint at {path}"
     from . import checkpoint as ckpt
+    from .state import check_resume
 
     try:
-        state = ckpt.load(path, mmap=True)
+        state = ckpt.load_for_resume(path, mmap=True)
     except (OSError, ckpt.CheckpointError) as exc:
         return f"--resume: {exc}"
-    refused, _ = ckpt.resume_differences(state, cfg, nproc)
+    refused = check_resume(state, cfg, nproc).refused
     mismatches = [f"{_option(field)} {then}, not {now}" for field, then, now in refused]
     first = state["model"].get("1.weight")  # the digits MLP's first lc.nn.Linear: (hidden, 64)
     if first is not None and first.shape[0] != hidden:
@@ -319,13 +320,9 @@ def _resume_problem(cfg: TrainConfig, nproc: int, hidden: int) -> Optional[str]:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `lepton train` with parsed `args`; returns the exit code."""
-    problem = _missing_dependency()
-    if problem:
-        return _error(problem, code=1)
-    try:
-        cfg = _config_from_args(args)
-    except (TypeError, ValueError) as exc:
-        return _error(_config_error(exc))
+    cfg = _config_or_exit_code(args)
+    if isinstance(cfg, int):
+        return cfg
     if cfg.resume:
         problem = _resume_problem(cfg, args.nproc, args.hidden)
         if problem:

@@ -5,7 +5,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Optional
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSIONS = ("none", "int8")
@@ -13,6 +13,31 @@ BACKENDS = ("auto", "gloo", "nccl")
 LR_SCHEDULES = ("cosine", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
+DEFAULT_CHECKPOINT_DIR = "lepton-train"  # `lepton train`'s (the library's default is no checkpoints)
+OPTION_GROUPS = ("job", "checkpoints and output", "distributed")  # the --help sections, in order
+
+
+def option(default: Any, help: str, *, group: str, **meta: Any) -> Any:
+    """A dataclass field that is also a `lepton train` option (train/cli.py builds the parser from these).
+
+    help:     its --help text (argparse's %(default)s works); group: one of OPTION_GROUPS.
+    flag:     the option (default: --field-name); a bool field defaulting to True needs "--no-...".
+    choices:  the allowed values (a str field). min: the least value of an int field (argparse checks
+              it; a float option must be a positive number). metavar: the value's name in --help.
+    cli_default: the command line's default when it differs from the library's.
+    before:   (options outside TrainConfig only) the field whose option this one precedes in --help.
+    Options appear in --help in field order within their group."""
+    return dataclasses.field(default=default, metadata=dict(help=help, group=group, **meta))
+
+
+def option_flag(f: dataclasses.Field) -> str:
+    """The command-line option of a field made with option()."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def option_fields(cls) -> List[dataclasses.Field]:
+    """The fields of dataclass `cls` that are options, in field order."""
+    return [f for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
 @dataclass
@@ -22,29 +47,47 @@ class TrainConfig:
     Sizes are per worker: each optimizer step consumes `batch_size * grad_accum` samples on each of the
     world's workers. The learning rate follows `lr_schedule` over `epochs` (cosine decays to 0 at the
     end), so a run stopped by `max_steps` and resumed ends exactly where an uninterrupted run does.
+    Fields made with option() are also `lepton train` options, in this order in --help.
     """
 
-    epochs: int = 40
-    batch_size: int = 32
-    lr: float = 3e-3
+    precision: str = option("bf16", "compute precision; fp16 uses dynamic loss scaling (default: %(default)s)",
+                            group="job", choices=PRECISIONS)
+    compression: str = option("int8", "gradient all-reduce compression, int8 with error feedback (default: "
+                                      "%(default)s)", group="job", choices=COMPRESSIONS)
+    epochs: int = option(40, "(default: %(default)s)", group="job", min=1)
+    batch_size: int = option(32, "samples per worker per micro-batch (default: %(default)s)", group="job", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step (default: %(default)s)", group="job", min=1)
+    lr: float = option(3e-3, "peak learning rate of AdamW, cosine decay (default: %(default)s)", group="job")
+    seed: int = option(0, "(default: %(default)s)", group="job", min=0)
+    block_size: int = option(256, "int8 compression block size, a power of two (default: %(default)s)",
+                             group="job", min=32)  # elements per float32 scale
     weight_decay: float = 1e-2
     lr_schedule: str = "cosine"
-    precision: str = "bf16"           # fp32 | bf16 | fp16 (fp16 uses dynamic loss scaling)
-    compression: str = "int8"         # none | int8 (gradient all-reduce through ld.allreduce_hook)
     error_feedback: bool = True       # carry int8 quantization residuals into the next step
-    block_size: int = 256             # int8 block size (elements per float32 scale)
-    grad_accum: int = 1               # micro-batches per optimizer step
-    seed: int = 0
-    checkpoint_dir: Optional[str] = None  # checkpoint.pt (+ metrics.jsonl) go here; None: no checkpoints
-    resume: bool = False              # continue from checkpoint_dir/checkpoint.pt
-    checkpoint_every: int = 1         # epochs between checkpoints (one is also written at the end)
-    keep_checkpoints: int = 0         # also keep the last N epochs' checkpoints as checkpoint-epochNNNN.pt
-    metrics_path: Optional[str] = None    # JSONL, one line per epoch; default checkpoint_dir/metrics.jsonl
-    max_steps: Optional[int] = None   # stop (with a checkpoint) after this many optimizer steps in total
+    # checkpoint.pt (+ metrics.jsonl) go here; None: no checkpoints
+    checkpoint_dir: Optional[str] = option(None, "where checkpoint.pt and metrics.jsonl go (default: ./%(default)s)",
+                                           group="checkpoints and output", cli_default=DEFAULT_CHECKPOINT_DIR)
+    resume: bool = option(False, "continue from <checkpoint-dir>/checkpoint.pt; options that fix the run (batch "
+                                 "size, seed, precision, compression, --nproc, ...) must be those it was made with",
+                          group="checkpoints and output")
+    checkpoint_every: int = option(1, "epochs between checkpoints (default: %(default)s)",
+                                   group="checkpoints and output", min=1)  # one is also written at the end
+    # also keep the last N epochs' checkpoints as checkpoint-epochNNNN.pt
+    keep_checkpoints: int = option(0, "besides checkpoint.pt (always the latest, which --resume reads), keep the "
+                                      "checkpoints of the last N epochs as checkpoint-epochNNNN.pt (default: "
+                                      "%(default)s)", group="checkpoints and output", flag="--keep", min=0,
+                                   metavar="N")
+    max_steps: Optional[int] = option(None, "stop (with a checkpoint) after this many optimizer steps; --resume "
+                                            "continues", group="checkpoints and output", min=1)
+    metrics_path: Optional[str] = option(None, "JSONL metrics file (default: <checkpoint-dir>/metrics.jsonl)",
+                                         group="checkpoints and output", flag="--metrics")
+    progress: bool = option(True, "no progress bar", group="checkpoints and output",
+                            flag="--no-progress")  # tqdm if installed, on rank 0
     eval_batch_size: int = 512
-    backend: str = "auto"             # auto: nccl when a CUDA device is usable, else gloo
-    timeout_s: float = 60.0           # process-group timeout: a dead or stuck peer is an error after it
-    progress: bool = True             # progress bar (tqdm if installed) on rank 0
+    backend: str = option("auto", "torch.distributed backend; auto: nccl with a usable GPU, else gloo (default: "
+                                  "%(default)s)", group="distributed", choices=BACKENDS)
+    timeout_s: float = option(60.0, "seconds before a dead or stuck worker is reported as an error (default: "
+                                    "%(default)s)", group="distributed", flag="--timeout")  # process-group timeout
 
     def validate(self) -> "TrainConfig":
         """Raises ValueError/TypeError naming the field and the value; returns self."""

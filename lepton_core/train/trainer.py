@@ -12,17 +12,19 @@ Each optimizer step:
 At the end of each epoch the model is evaluated, the epoch's metrics go to the console and a JSONL
 file, and a checkpoint is written. Resuming restores every piece of state a step depends on, so a run
 stopped and resumed ends with the same parameters, bit for bit, as one that ran through.
+
+This module is the loop; its parts live beside it: comm.py (the DDP comm hook), progress.py (the bar),
+metrics.py (epoch records, their line, metrics.jsonl), state.py (what a checkpoint holds, the resume
+check), checkpoint.py (checkpoint files), callbacks.py (user code at fixed points of the loop).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import gc
-import json
 import logging
 import math
 import os
-import sys
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -40,102 +42,17 @@ from torch.utils.data import Dataset, DistributedSampler, TensorDataset, default
 import lepton_core.distributed as ld
 
 from . import checkpoint as ckpt
+from . import state as schema
+from .callbacks import Callbacks, StepInfo
+from .comm import CommState, comm_hook
 from .config import TrainConfig
+from .metrics import MetricsFile, epoch_line, run_summary
+from .progress import Progress
 
 _AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Rank 0's lines (one per epoch; resumed; stopped by max_steps) go here at INFO, so a program using the
 # Trainer decides whether and where they appear; `lepton train` prints them on stdout.
 logger = logging.getLogger("lepton_core.train")
-
-
-# ---------------------------------------------------------------------------------------------------
-# The DDP communication hook: ld.allreduce_hook plus byte accounting
-# ---------------------------------------------------------------------------------------------------
-class CommState:
-    """State of the DDP comm hook: the ld.HookState and what went over the wire.
-
-    Bytes are per worker and per all-reduce: `payload_bytes` is the gradient bucket as DDP hands it
-    over (float32); `wire_bytes` is what the ring algorithm sends for it, 2 (W - 1) / W of the payload,
-    with int8 chunks costing 1 byte + 4 / block_size bytes (the float32 scale) per element.
-    """
-
-    def __init__(self, hook_state: "ld.HookState", world_size: int, compression: str, block_size: int,
-                 guard_nonfinite: bool, group=None) -> None:
-        self.hook_state = hook_state
-        self.world_size = world_size
-        self.compression = compression
-        self.block_size = block_size
-        self.guard_nonfinite = guard_nonfinite
-        self.group = group
-        self.bypass = False  # warm-up pass: no communication, no residual update
-        self.payload_bytes = 0
-        self.wire_bytes = 0
-
-    def count(self, buf: torch.Tensor) -> None:
-        n_elems = buf.numel()
-        self.payload_bytes += n_elems * buf.element_size()
-        per_elem = (1 + 4 / self.block_size) if self.compression == "int8" else buf.element_size()
-        self.wire_bytes += int(round(2 * (self.world_size - 1) / self.world_size * n_elems * per_elem))
-
-
-def _done(buf: torch.Tensor) -> torch.futures.Future:
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(buf)
-    return fut
-
-
-def comm_hook(state, bucket):
-    """DDP comm hook (state: CommState, bucket: dist.GradBucket) -> Future[Tensor]. Unannotated: DDP
-    checks annotations against the real classes, and this module's are postponed strings."""
-    buf = bucket.buffer()
-    if state.bypass:
-        return _done(buf)
-    state.count(buf)
-    if state.guard_nonfinite:
-        # fp16 loss scaling overflows now and then; int8 cannot carry inf/nan. All ranks agree (one tiny
-        # all-reduce) and, on overflow, hand the scaler an all-inf gradient so it skips this step and
-        # lowers the scale, leaving the error-feedback residuals untouched.
-        bad = torch.tensor([0 if bool(torch.isfinite(buf).all()) else 1], dtype=torch.int32, device=buf.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=state.group)
-        if int(bad.item()):
-            buf.fill_(float("inf"))
-            return _done(buf)
-    return ld.allreduce_hook(state.hook_state, bucket)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Progress bar (rank 0 only): tqdm when installed, plain lines otherwise
-# ---------------------------------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, enabled: bool, total: int, desc: str, initial: int = 0) -> None:
-        self.bar = None
-        self.plain = False
-        self.total, self.n, self.desc = total, initial, desc
-        self.next_plain = 0
-        if not enabled:
-            return
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self.plain = True
-            self.next_plain = initial + max(1, total // 4)
-            return
-        # disable=None: tqdm draws only on a terminal; the per-epoch lines are printed either way
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", leave=False, dynamic_ncols=True,
-                        disable=None, file=sys.stderr)
-
-    def update(self, loss: float) -> None:
-        self.n += 1
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self.bar.update(1)
-        elif self.plain and (self.n >= self.next_plain or self.n == self.total):
-            print(f"  {self.desc}: step {self.n}/{self.total}  loss {loss:.4f}", file=sys.stderr, flush=True)
-            self.next_plain = self.n + max(1, self.total // 4)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -192,6 +109,8 @@ class Trainer:
     augment:    optional (inputs, generator) -> inputs, applied to training batches with a per-worker
                 torch.Generator that is seeded from config.seed and saved in checkpoints.
     optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay), fused where available.
+    callbacks:  objects called at the start and end of training, after each step and each epoch, whose
+                state (state_dict / load_state_dict) goes into checkpoints: see train/callbacks.py.
 
     Rank 0 logs one line per epoch (and on resume / early stop) to the `lepton_core.train` logger at
     INFO: `logging.basicConfig(level=logging.INFO)` shows them, `logging.getLogger("lepton_core.train")
@@ -206,7 +125,8 @@ class Trainer:
     def __init__(self, model: nn.Module, train_data: Dataset, eval_data: Optional[Dataset] = None,
                  config: Optional[TrainConfig] = None, *, loss_fn: Optional[Callable] = None,
                  augment: Optional[Callable] = None,
-                 optimizer: Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = None) -> None:
+                 optimizer: Optional[Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]] = None,
+                 callbacks: Iterable[Any] = ()) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: model must be a torch.nn.Module, got {type(model).__name__}")
         self.config = cfg = (config if config is not None else TrainConfig()).validate()
@@ -215,6 +135,7 @@ class Trainer:
             raise ValueError("Trainer: train_data is empty")
         self.loss_fn = loss_fn if loss_fn is not None else nn.functional.cross_entropy
         self.augment = augment
+        self.callbacks = Callbacks(callbacks)
 
         self._owns_group = self._init_process_group()
         try:
@@ -250,6 +171,7 @@ class Trainer:
             self._sums = self._zero_sums()
             self._buckets_settled = False
             self._pending_rng: Optional[Dict[str, Any]] = None
+            self.metrics_file = MetricsFile(cfg.resolved_metrics_path if self.is_main else None)
         except BaseException:
             self.close()  # do not leave a process group behind
             raise
@@ -355,8 +277,11 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def _rank_state(self) -> Dict[str, Any]:
-        return {"rng": ckpt.rng_state(self.device, self.generator), "hook": self.comm.hook_state.state_dict(),
+        mine = {"rng": schema.rng_state(self.device, self.generator), "hook": self.comm.hook_state.state_dict(),
                 "sums": dict(self._sums)}
+        if self.callbacks.stateful:  # optional: files without callbacks keep schema 1's original keys
+            mine["callbacks"] = self.callbacks.state_dict()
+        return mine
 
     def save_checkpoint(self, path: Optional[str] = None) -> Optional[str]:
         """Writes the run's complete state (collective: every rank must call it). Returns the path."""
@@ -367,17 +292,10 @@ class Trainer:
         dist.gather_object(self._rank_state(), gathered, dst=0)
         if self.is_main:
             cfg = self.config
-            state = {
-                "format": ckpt.FORMAT,
-                "world_size": self.world_size,
-                "config": dataclasses.asdict(cfg),  # the whole run, for resume checks and for the record
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "history_json": json.dumps(self.history),
-                "ranks": gathered,
-            }
+            state = schema.make(world_size=self.world_size, config=dataclasses.asdict(cfg), epoch=self.epoch,
+                                step_in_epoch=self.step_in_epoch, global_step=self.global_step,
+                                model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                                scaler=self.scaler.state_dict(), history=self.history, ranks=gathered)
             ckpt.save_atomic(state, path)
             if cfg.keep_checkpoints and self.step_in_epoch == 0:
                 ckpt.keep_epoch_copy(path, self.epoch, cfg.keep_checkpoints)
@@ -391,31 +309,27 @@ class Trainer:
         box: List[Any] = [None]
         if self.is_main:
             try:
-                box[0] = ckpt.load(path)
-            except FileNotFoundError:  # every rank must learn about it, not only rank 0
-                box[0] = {"error": f"no checkpoint at {path}"}
-            except Exception as exc:
+                box[0] = ckpt.load_for_resume(path)
+            except Exception as exc:  # every rank must learn about it, not only rank 0
                 box[0] = {"error": str(exc)}
         dist.broadcast_object_list(box, src=0)
         state = box[0]
         if "error" in state:
             raise ckpt.CheckpointError(f"lepton train: cannot resume: {state['error']}")
-        refused, changed = ckpt.resume_differences(state, self.config, self.world_size)
-        if refused:
-            raise ValueError(f"lepton train: cannot resume from {path}: the checkpoint was made with "
-                             f"{', '.join(f'{k}={a!r}' for k, a, _ in refused)}; this run has "
-                             f"{', '.join(f'{k}={b!r}' for k, _, b in refused)}")
-        for key, then, now in changed:
+        check = schema.check_resume(state, self.config, self.world_size, callbacks=self.callbacks.stateful)
+        check.raise_if_refused(path)
+        for key, then, now in check.changed:
             self._log(f"resuming with {key}={now!r} (the checkpoint's run had {key}={then!r})")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step = state["global_step"]
-        self.history = json.loads(state["history_json"])
+        self.history = schema.history(state)
         mine = state["ranks"][self.rank]
         self.comm.hook_state.load_state_dict(mine["hook"])
         self._sums = dict(mine["sums"])
+        self.callbacks.load_state_dict(mine.get("callbacks", {}))
         self._pending_rng = mine["rng"]  # applied after the bucket warm-up, right before training resumes
 
     # -- evaluation -----------------------------------------------------------------------------------
@@ -454,28 +368,14 @@ class Trainer:
         if self.is_main:
             logger.info(msg)
 
-    def _write_metrics(self, record: Optional[Dict[str, Any]], rewrite: bool) -> None:
-        path = self.config.resolved_metrics_path
-        if not self.is_main or path is None:
-            return
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        if rewrite:  # the file mirrors the history in the checkpoint we start from
-            tmp = path + ".tmp"
-            with open(tmp, "w") as f:
-                for r in self.history:
-                    f.write(json.dumps(r) + "\n")
-            os.replace(tmp, path)
-        if record is not None:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     def fit(self) -> Dict[str, Any]:
         """Trains for config.epochs (from the checkpoint when config.resume), returns the summary."""
         cfg = self.config
         if cfg.resume:
             self.load_checkpoint()
             self._log(f"resumed from {cfg.checkpoint_path} at epoch {self.epoch + 1}, step {self.global_step}")
-        self._write_metrics(None, rewrite=True)
+        self.metrics_file.rewrite(self.history)
+        self.callbacks.call("on_train_begin", self)
         run_start = time.perf_counter()
         wire0, payload0 = self.comm.wire_bytes, self.comm.payload_bytes
         stopped = False
@@ -490,16 +390,10 @@ class Trainer:
             "time_s": time.perf_counter() - run_start,
             "comm_bytes": self.comm.wire_bytes - wire0,
             "grad_bytes": self.comm.payload_bytes - payload0,
+            **run_summary(self.history),
+            "history": list(self.history),
         }
-        if self.history:
-            last = self.history[-1]
-            for key in ("train_loss", "train_accuracy", "eval_loss", "eval_accuracy"):
-                summary[key] = last.get(key)
-            # over the whole run: samples / training time (evaluation and checkpoints excluded)
-            timed = [r for r in self.history if r.get("samples_per_s") and r.get("epoch_s")]
-            secs = sum(r["epoch_s"] for r in timed)
-            summary["samples_per_s"] = sum(r["samples_per_s"] * r["epoch_s"] for r in timed) / secs if secs else None
-        summary["history"] = list(self.history)
+        self.callbacks.call("on_train_end", self, summary)
         return summary
 
     def _train_epoch(self) -> bool:
@@ -510,18 +404,22 @@ class Trainer:
         if not self._buckets_settled:
             self._settle_buckets(_fetch(self.train_data, micro[0]))
         if self._pending_rng is not None:
-            ckpt.set_rng_state(self._pending_rng, self.device, self.generator)
+            schema.set_rng_state(self._pending_rng, self.device, self.generator)
             self._pending_rng = None
         wire0 = self.comm.wire_bytes
-        bar = _Progress(cfg.progress and self.is_main, len(groups), f"epoch {self.epoch + 1}/{cfg.epochs}",
+        bar = Progress(cfg.progress and self.is_main, len(groups), f"epoch {self.epoch + 1}/{cfg.epochs}",
                         initial=self.step_in_epoch)
         t0 = time.perf_counter()
         try:
             for group in groups[self.step_in_epoch:]:
-                loss_val = self._train_step(group)
+                lr = self._lr_at(self.global_step)
+                loss_val = self._train_step(group, lr)
                 self.global_step += 1
                 self.step_in_epoch += 1
                 bar.update(loss_val)
+                self.callbacks.call("on_step_end", self, StepInfo(
+                    epoch=self.epoch + 1, step=self.global_step, step_in_epoch=self.step_in_epoch,
+                    steps_per_epoch=len(groups), loss=loss_val, lr=lr, samples=sum(len(idx) for idx in group)))
                 if cfg.max_steps is not None and self.global_step >= cfg.max_steps and \
                         self.step_in_epoch < len(groups):
                     self._sums["time_s"] += time.perf_counter() - t0
@@ -540,9 +438,7 @@ class Trainer:
             return True
         return False
 
-    def _train_step(self, group: List[List[int]]) -> float:
-        cfg = self.config
-        lr = self._lr_at(self.global_step)
+    def _train_step(self, group: List[List[int]], lr: float) -> float:
         for pg in self.optimizer.param_groups:
             pg["lr"] = lr
         step_loss = 0.0
@@ -591,18 +487,14 @@ class Trainer:
         }
         if cfg.precision == "fp16":
             rec["loss_scale"] = self.scaler.get_scale()
+        self.callbacks.epoch_end(self, rec)  # may add keys: they go into the line, history and metrics.jsonl
         self.history.append(rec)
         self.epoch += 1
         self.step_in_epoch = 0
         self._sums = self._zero_sums()
-        acc = "" if rec["train_accuracy"] is None else f"  acc {100 * rec['train_accuracy']:.2f}%"
-        ev_txt = "" if ev["loss"] is None else f"  test loss {ev['loss']:.4f}"
-        if ev["accuracy"] is not None:
-            ev_txt += f"  test acc {100 * ev['accuracy']:.2f}%"
-        self._log(f"epoch {rec['epoch']:>3}/{cfg.epochs}  loss {rec['train_loss']:.4f}{acc}{ev_txt}  "
-                  f"{rec['samples_per_s'] or 0:,.0f} samples/s  comm {wire_bytes / 1e6:.2f} MB")
+        self._log(epoch_line(rec, cfg.epochs))
         # checkpoint first: the metrics file is rebuilt from the checkpoint's history on resume
         stopping = cfg.max_steps is not None and self.global_step >= cfg.max_steps
         if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.epochs or stopping:
             self.save_checkpoint()
-        self._write_metrics(rec, rewrite=False)
+        self.metrics_file.append(rec)
