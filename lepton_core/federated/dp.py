@@ -24,21 +24,26 @@ def clip_l2(delta: np.ndarray, clip: float) -> np.ndarray:
 
 class Accountant:
     """Epsilon at delta after `steps` rounds of the Poisson-subsampled Gaussian mechanism (rate q, noise
-    multiplier z), from dp_accounting's RDP accountant."""
+    multiplier z), from dp_accounting's RDP accountant. RDP composes additively, so the accountant is
+    asked once for one round's RDP curve and later rounds only scale it."""
 
     def __init__(self, noise_multiplier: float, sampling_rate: float, delta: float) -> None:
         if not 0 < sampling_rate <= 1:
             raise ValueError(f"Accountant: sampling_rate must be in (0, 1], got {sampling_rate}")
+        if not noise_multiplier > 0:
+            raise ValueError(f"Accountant: noise_multiplier must be > 0, got {noise_multiplier}")
         self.z, self.q, self.delta = float(noise_multiplier), float(sampling_rate), float(delta)
+        self._rdp_one = None
 
     def epsilon(self, steps: int) -> float:
         if steps <= 0:
             return 0.0
         import dp_accounting
-        from dp_accounting.rdp import RdpAccountant
+        from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
 
-        acc = RdpAccountant(orders=RDP_ORDERS)
-        event = dp_accounting.PoissonSampledDpEvent(self.q, dp_accounting.GaussianDpEvent(self.z))
-        acc.compose(event, int(steps))
-        eps = acc.get_epsilon(self.delta)
+        if self._rdp_one is None:
+            acc = RdpAccountant(orders=RDP_ORDERS)
+            acc.compose(dp_accounting.PoissonSampledDpEvent(self.q, dp_accounting.GaussianDpEvent(self.z)))
+            self._rdp_one = np.asarray(acc._rdp, dtype=np.float64)  # one round's RDP at each order
+        eps, _ = rdp_privacy_accountant.compute_epsilon(RDP_ORDERS, self._rdp_one * int(steps), self.delta)
         return float(eps) if math.isfinite(eps) else math.inf
