@@ -81,8 +81,13 @@ class _Local:
         return torch.nn.utils.parameters_to_vector(self.params).detach().clone()
 
     def load(self, vec: torch.Tensor) -> None:
+        """Copies vec into the parameters (vector_to_parameters would make them views of vec, and local
+        training would then write into the global model)."""
         with torch.no_grad():
-            torch.nn.utils.vector_to_parameters(vec, self.params)
+            offset = 0
+            for p in self.params:
+                p.copy_(vec[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
 
     def train(self, global_vec: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         cfg = self.cfg

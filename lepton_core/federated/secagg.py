@@ -187,6 +187,8 @@ class Client:
                 if self._revealed.setdefault(u, kind) != kind:
                     raise SecAggAbort(f"secure aggregation: client {self.cid} refuses to reveal both secrets of "
                                       f"client {u}")
+                if u not in self._held:
+                    raise SecAggAbort(f"secure aggregation: client {self.cid} holds no share from client {u}")
                 s_share, b_share = self._held[u]
                 out[u] = (kind, b_share if kind == "b" else s_share)
         self.bytes_sent += 33 * len(out)
