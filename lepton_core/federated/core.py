@@ -238,9 +238,7 @@ def _secure_sum(cfg: FedConfig, comm: _Comm, r: _Round, enc: Dict[int, np.ndarra
     shares = comm.gather({v: clients[v].unmask_shares(survivors, dropped) for v in mine if v in set(survivors)},
                          r.rnd, "unmasking")
     total = secagg.unmask(buf[:length].copy(), roster, survivors, dropped, shares, t)
-    sent = comm.gather({c: clients[c].bytes_sent for c in mine if c in set(survivors)}, r.rnd, "statistics") \
-        if comm.world > 1 else {c: clients[c].bytes_sent for c in mine if c in set(survivors)}
-    r.bytes_per_client = float(np.mean(list(sent.values()))) if sent else 0.0
+    r.bytes_per_client = float(secagg.upload_bytes(n, length))
     return total
 
 
