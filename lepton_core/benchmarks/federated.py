@@ -44,7 +44,6 @@ def _worker(job: Dict[str, Any]):
         clients = [TensorDataset(*shard[c]) if c % world == rank else _Elsewhere(len(shard[c][1]))
                    for c in range(len(shard))]
         test = TensorDataset(*job["test"])
-        sample = next(ds for ds in clients if not isinstance(ds, _Elsewhere))
         out = []
         for k in job["per_round"]:
             times: Dict[int, List[float]] = {i: [] for i in range(len(VARIANTS))}
@@ -53,7 +52,7 @@ def _worker(job: Dict[str, Any]):
                 for i, (name, extra) in enumerate(VARIANTS):
                     cfg = FedConfig(rounds=job["rounds"], clients=len(clients), clients_per_round=k, local_epochs=5,
                                     lr=0.05, seed=rep, **extra)
-                    hist = run_federated(lambda: digits_model(128, 1, job["mean"], job["std"], sample), clients,
+                    hist = run_federated(lambda: digits_model(128, 1, job["mean"], job["std"], test), clients,
                                          test, cfg)
                     times[i] += [h["seconds"] for h in hist[1:] if "aborted" not in h]
                     last[i] = hist

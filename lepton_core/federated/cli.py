@@ -126,7 +126,8 @@ class _Elsewhere:
 
 def digits_model(hidden: int, depth: int, mean: float, std: float, sample):
     """The digits MLP (lepton_core.train.digits.build_model, no dropout) with fixed standardization
-    constants (public hyperparameters, so every process builds the same model from its own data)."""
+    constants (public hyperparameters computed once from the training images, so every process builds
+    the same model; `sample` is any digits dataset, used only to build the layers)."""
     from ..train import digits
 
     model = digits.build_model(sample, hidden=hidden, depth=depth, dropout=0.0)
@@ -181,11 +182,10 @@ def run_worker(job: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
 
             all_clients, _, test = digits_clients(cfg.clients, job["alpha"], cfg.seed)
             clients = [ds if c % world == rank else _Elsewhere(len(ds)) for c, ds in enumerate(all_clients)]
-        sample = next(ds for ds in clients if not isinstance(ds, _Elsewhere))
         m = job["model"]
 
         def model_fn():
-            return digits_model(m["hidden"], m["depth"], m["mean"], m["std"], sample)
+            return digits_model(m["hidden"], m["depth"], m["mean"], m["std"], test)
 
         def on_round(rec):
             print(_format_round(rec, cfg), flush=True)
@@ -248,9 +248,6 @@ def main(args: argparse.Namespace) -> int:
     pixels = train.tensors[0]
     job = _job(args, cfg, (pixels.mean().item(), pixels.std().item()))
     job["sizes"], job["test"] = [len(c) for c in clients], list(test.tensors)
-    os.makedirs(args.out, exist_ok=True)
-    if not args.resume:
-        open(os.path.join(args.out, "metrics.jsonl"), "w").close()
     mode = "secure aggregation" if cfg.secure_aggregation else ("fixed point" if cfg.uses_fixed_point else "plain")
     print(f"{PROG}: digits, {cfg.clients} clients (Dirichlet alpha {args.alpha:g}, {min(job['sizes'])}.."
           f"{max(job['sizes'])} examples each), {cfg.clients_per_round} per round, {cfg.rounds} rounds, "

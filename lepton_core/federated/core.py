@@ -278,6 +278,9 @@ def run_federated(model_fn: Callable[[], torch.nn.Module], client_datasets: Sequ
         if global_vec.numel() != local.numel:
             raise FedError(f"--resume: {ckpt_path} holds {global_vec.numel()} parameters, the model has {local.numel}")
         history, start = list(state["history"]), int(state["rounds_done"])
+    elif ckpt_path and comm.rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        open(os.path.join(checkpoint_dir, "metrics.jsonl"), "w").close()  # a fresh run: fresh metrics
     accountant = dpmod.Accountant(cfg.dp_noise_multiplier, cfg.sampling_rate, cfg.dp_delta) if cfg.dp else None
     fp = _fixed_point_setup(cfg, sizes) if cfg.uses_fixed_point else None
 
