@@ -9,7 +9,7 @@ process trains it and only it touches the client's data. One round:
      float path: float32 sums of n_c * delta_c and n_c;
      fixed-point path: encode() of each delta (secagg.py) times n_c, summed as int32 mod 2^32;
      secure aggregation: the fixed-point vectors masked by the Bonawitz protocol (secagg.py), the key
-     and share exchanges through all-gathers;
+     and share exchanges as all-gathers of fixed-size slots through the same ld.all_reduce (3 per round);
      DP: deltas clipped to L2 norm C, weight 1 each, Gaussian noise on the sum (dp.py);
   4. global += sum / (total weight) (DP: / clients_per_round), evaluated on the test set.
 The aggregator role (unmasking, noise) is replicated: each rank computes the same result.
@@ -17,7 +17,6 @@ The aggregator role (unmasking, noise) is replicated: each rank computes the sam
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import dp as dpmod
-from . import secagg
+from . import secagg, shamir
 from .config import FedConfig
 from .errors import FedError, SecAggAbort
 
@@ -137,19 +136,25 @@ class _Comm:
         except (RuntimeError, OSError) as exc:
             raise self._fail(rnd, "all_reduce", exc) from exc
 
-    def gather(self, obj: Dict, rnd: int, what: str) -> Dict:
-        """The union of every rank's dict (an all-gather standing in for the server's relay)."""
-        if self.world == 1:
-            return dict(obj)
-        out: List[Any] = [None] * self.world
-        try:
-            dist.all_gather_object(out, obj)
-        except (RuntimeError, OSError) as exc:
-            raise self._fail(rnd, what, exc) from exc
-        merged: Dict = {}
-        for part in out:
-            merged.update(part)
-        return merged
+
+    def sum_uint32(self, buf: np.ndarray, rnd: int, what: str) -> np.ndarray:
+        """Sum mod 2^32 over the ranks of a uint32 vector (ld.all_reduce of its int32 view: integer sums
+        wrap around in two's complement, which is addition mod 2^32)."""
+        t = torch.from_numpy(buf.view(np.int32))
+        if self.world > 1:
+            import lepton_core.distributed as ld
+
+            try:
+                ld.all_reduce(t, "sum")
+            except (RuntimeError, OSError) as exc:
+                raise self._fail(rnd, f"all_reduce ({what})", exc) from exc
+        return t.numpy().view(np.uint32)
+
+
+def _slots(buf: np.ndarray, offset: int, count: int, nbytes: int) -> np.ndarray:
+    """Rows of `nbytes` bytes in buf[offset:] (uint32 words): message slots of an all-gather done as a
+    sum (each slot written by one rank, zero elsewhere)."""
+    return buf[offset:offset + count * (nbytes // 4)].view(np.uint8).reshape(count, nbytes)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,47 +201,71 @@ def _aggregate(cfg: FedConfig, comm: _Comm, r: _Round, deltas: Dict[int, np.ndar
         total = np.zeros(numel + 1, dtype=np.uint32)
         for v in enc.values():
             total += v
-        t = torch.from_numpy(total.view(np.int32))
-        comm.sum_(t, r.rnd)  # int32 sum wraps mod 2^32 (two's complement): exactly the uint32 sum
+        summed = comm.sum_uint32(total, r.rnd, "fixed-point sum")
         r.bytes_per_client = 4.0 * (numel + 1)
-        summed = t.numpy().view(np.uint32)
     else:
         summed = _secure_sum(cfg, comm, r, enc, numel + 1)
     return secagg.decode(summed[:numel], bits), float(summed[numel])
 
 
 def _secure_sum(cfg: FedConfig, comm: _Comm, r: _Round, enc: Dict[int, np.ndarray], length: int) -> np.ndarray:
+    """Bonawitz et al.'s rounds over three ld.all_reduce calls. Messages the server would relay travel as
+    all-gathers done by summing fixed-size slots (each written by its sender's rank, zero elsewhere):
+      1. public keys (64 bytes per sampled client);
+      2. the masked inputs' sum, who sent one (the server sees that anyway) and the encrypted shares
+         (n x n slots). Masking needs only the public keys, so the ShareKeys messages ride in this
+         collective: a dropped client's shares are delivered and its masked input is not, exactly as
+         if it dropped between the two rounds;
+      3. the survivors' unmasking shares (n_survivors x n slots; which secret each one is follows from
+         the survivor set).
+    """
     mine = [c for c in r.sampled if c % comm.world == comm.rank]
     n = len(r.sampled)
     t = cfg.secagg_threshold or secagg.default_threshold(n)
     if t > n:
         raise SecAggAbort(f"secure aggregation: threshold t = {t} exceeds the {n} sampled clients; the round is aborted")
+    index = {c: i for i, c in enumerate(r.sampled)}
     clients = {c: secagg.Client(c) for c in mine}
-    roster = comm.gather({c: cl.public_keys() for c, cl in clients.items()}, r.rnd, "key advertisement")
-    outbox = {}
+
+    keys = np.zeros(16 * n, dtype=np.uint32)
+    for c, cl in clients.items():
+        c_pk, s_pk = cl.public_keys()
+        _slots(keys, 0, n, 64)[index[c]] = np.frombuffer(c_pk + s_pk, dtype=np.uint8)
+    key_rows = _slots(comm.sum_uint32(keys, r.rnd, "key advertisement"), 0, n, 64)
+    roster = {c: (key_rows[i, :32].tobytes(), key_rows[i, 32:].tobytes()) for c, i in index.items()}
+
+    ct_bytes = secagg.CIPHERTEXT_BYTES
+    ct_at = length + n
+    buf = np.zeros(ct_at + n * n * ct_bytes // 4, dtype=np.uint32)
+    cts = _slots(buf, ct_at, n * n, ct_bytes)
     for u, cl in clients.items():
         for v, ct in cl.share_keys(roster, t).items():
-            outbox[(u, v)] = ct
-    mail = comm.gather(outbox, r.rnd, "share exchange")
-    for v, cl in clients.items():
-        cl.receive_shares(roster, {u: ct for (u, w), ct in mail.items() if w == v})
-    # Masked inputs of this rank's survivors, summed mod 2^32, then a presence vector (who sent: the
-    # server sees that anyway) so the one all_reduce also tells every rank the survivor set.
-    index = {c: i for i, c in enumerate(r.sampled)}
-    buf = np.zeros(length + n, dtype=np.uint32)
-    for c, x in enc.items():
+            cts[index[u] * n + index[v]] = np.frombuffer(ct, dtype=np.uint8)
+    for c, x in enc.items():  # this rank's survivors
         buf[:length] += clients[c].masked_input(x, roster)
         buf[length + index[c]] = 1
-    tb = torch.from_numpy(buf.view(np.int32))
-    comm.sum_(tb, r.rnd)
-    buf = tb.numpy().view(np.uint32)
+    buf = comm.sum_uint32(buf, r.rnd, "masked inputs and shares")
+    cts = _slots(buf, ct_at, n * n, ct_bytes)
+    for v, cl in clients.items():
+        cl.receive_shares(roster, {u: cts[index[u] * n + index[v]].tobytes() for u in r.sampled if u != v})
     survivors = [c for c in r.sampled if buf[length + index[c]]]
     dropped = [c for c in r.sampled if not buf[length + index[c]]]
     if len(survivors) < t:
         raise SecAggAbort(f"secure aggregation: {len(survivors)} of {n} sampled clients survived, below the "
                           f"threshold t = {t}; the round is aborted and the model is unchanged")
-    shares = comm.gather({v: clients[v].unmask_shares(survivors, dropped) for v in mine if v in set(survivors)},
-                         r.rnd, "unmasking")
+
+    m = len(survivors)
+    pos = {c: i for i, c in enumerate(survivors)}
+    sh = np.zeros(m * n * 8, dtype=np.uint32)
+    rows = _slots(sh, 0, m * n, 32)
+    for v in mine:
+        if v in pos:
+            for u, (_, share) in clients[v].unmask_shares(survivors, dropped).items():
+                rows[pos[v] * n + index[u]] = np.frombuffer(shamir.to_bytes(share), dtype=np.uint8)
+    rows = _slots(comm.sum_uint32(sh, r.rnd, "unmasking"), 0, m * n, 32)
+    kind = {u: "b" for u in survivors} | {u: "s" for u in dropped}
+    shares = {v: {u: (kind[u], int.from_bytes(rows[pos[v] * n + index[u]].tobytes(), "little")) for u in r.sampled}
+              for v in survivors}
     total = secagg.unmask(buf[:length].copy(), roster, survivors, dropped, shares, t)
     r.bytes_per_client = float(secagg.upload_bytes(n, length))
     return total
