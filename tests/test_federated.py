@@ -98,6 +98,24 @@ def test_fewer_than_t_survivors_abort(rng):
         secagg.simulate(enc, t, drop=[0, 2, 4, 6, 7])
 
 
+def test_secagg_plus_graph_sum_and_abort(rng):
+    ids = list(range(3, 23))
+    g = secagg.harary_graph(ids, 6, np.random.default_rng(1))
+    assert g == secagg.harary_graph(ids, 6, np.random.default_rng(1))
+    assert all(len(g[u]) == 6 and u not in g[u] and all(u in g[v] for v in g[u]) for u in ids)
+    assert secagg.harary_graph(ids, 7, np.random.default_rng(1)) != g  # rounded up to 8
+    assert secagg.harary_graph(ids, 19, np.random.default_rng(1)) == secagg.complete_graph(ids)
+    enc = {c: v for c, v in zip(ids, _encoded(rng, len(ids), 65).values())}
+    t = 4  # of 7 holders (6 neighbours + itself)
+    for drop in ([], [3, 9], rng.choice(ids, 3, replace=False).tolist()):
+        got = secagg.simulate(enc, t, drop=drop, graph=g)
+        assert np.array_equal(got, _plain_sum(enc, [c for c in ids if c not in drop])), drop
+    victim = ids[0]
+    with pytest.raises(SecAggAbort, match="holders of client"):
+        secagg.simulate(enc, t, drop=g[victim][:4], graph=g)  # 3 of the victim's 7 holders are left
+    assert secagg.upload_bytes(6, 65) == 64 + 6 * secagg.CIPHERTEXT_BYTES + 4 * 65 + 7 * secagg.SHARE_BYTES
+
+
 def test_client_never_reveals_both_secrets():
     c, d = secagg.Client(0), secagg.Client(1)
     roster = {0: c.public_keys(), 1: d.public_keys()}
@@ -203,6 +221,8 @@ def test_secure_aggregation_run_equals_fixed_point_run_and_is_deterministic():
     assert torch.equal(m_sec, m_fix)
     assert [h["test_loss"] for h in h_sec] == [h["test_loss"] for h in h_fix]
     assert [h["survivors"] for h in h_sec] != [h["clients"] for h in h_sec]  # some dropped out
+    _, m_plus = _run(FedConfig(secure_aggregation=True, secagg_neighbors=2, **base), clients, test)
+    assert torch.equal(m_plus, m_fix)  # SecAgg+ (each client masks with 2 neighbours): the same sums
     h_again, m_again = _run(FedConfig(secure_aggregation=True, **base), clients, test)
     assert torch.equal(m_again, m_sec)
     _, m_other = _run(FedConfig(secure_aggregation=True, **{**base, "seed": 4}), clients, test)

@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_int_at_least(0), default=0, help="(default: %(default)s)")
     s = parser.add_argument_group("privacy")
     s.add_argument("--secure-agg", action="store_true", help="secure aggregation (Bonawitz et al. 2017)")
+    s.add_argument("--secagg-neighbors", type=_int_at_least(2), default=None, metavar="K",
+                   help="SecAgg+ (Bell et al. 2020): mask with and share to K neighbours only (default: all)")
     s.add_argument("--fixed-point", action="store_true",
                    help="aggregate in fixed point mod 2^32 without masks (what --secure-agg sums)")
     s.add_argument("--dropout", type=_float_in(0.0, 1.0, lo_open=False), default=0.0,
@@ -103,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> FedConfig:
         prox_mu=args.prox_mu if args.algorithm == "fedprox" else 0.0, secure_aggregation=args.secure_agg,
         dropout=args.dropout, dp_clip=args.dp_clip, dp_noise_multiplier=args.dp_noise, dp_delta=args.dp_delta,
         seed=args.seed, fixed_point=True if args.fixed_point else None, timeout_s=args.timeout,
+        secagg_neighbors=args.secagg_neighbors,
     ).validate()
 
 

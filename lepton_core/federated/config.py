@@ -17,7 +17,9 @@ class FedConfig:
     sampling, as DP-FedAvg and its accountant assume). `dropout`: the probability that a sampled client
     drops out after the key exchange (before sending its update), for testing recovery.
     `fixed_point`: aggregate fixed-point integers mod 2^32 (always with secure aggregation; None = only
-    then); `secagg_threshold`: Shamir threshold t (None = a majority of the sampled clients).
+    then); `secagg_threshold`: Shamir threshold t (None = a majority of the holders of each secret: the
+    sampled clients, or a client's neighbours and itself); `secagg_neighbors`: k of the SecAgg+ graph
+    (None = the complete graph of Bonawitz et al.).
     """
     rounds: int = 200
     clients: int = 100
@@ -35,6 +37,7 @@ class FedConfig:
     seed: int = 0
     fixed_point: Optional[bool] = None
     secagg_threshold: Optional[int] = None
+    secagg_neighbors: Optional[int] = None  # SecAgg+ neighbour count k (None: all other sampled clients)
     clip_range: float = 1.0  # per-coordinate range of the fixed-point encoding (without DP)
     timeout_s: float = 60.0  # collectives: a peer silent this long is an error
 
@@ -89,4 +92,8 @@ class FedConfig:
         if self.secagg_threshold is not None and (not isinstance(self.secagg_threshold, int)
                                                   or self.secagg_threshold < 1):
             raise bad("secagg_threshold", "must be an int >= 1 or None")
+        if self.secagg_neighbors is not None and (isinstance(self.secagg_neighbors, bool)
+                                                  or not isinstance(self.secagg_neighbors, int)
+                                                  or self.secagg_neighbors < 2):
+            raise bad("secagg_neighbors", "must be an int >= 2 or None")
         return self

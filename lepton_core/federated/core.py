@@ -34,7 +34,7 @@ from .errors import FedError, SecAggAbort
 CHECKPOINT_FORMAT = "lepton_core.federated/1"
 _RESUME_FIELDS = ("clients", "clients_per_round", "seed", "algorithm", "secure_aggregation", "dp_clip",
                   "dp_noise_multiplier", "local_epochs", "local_batch_size", "lr", "prox_mu", "dropout",
-                  "fixed_point", "clip_range")
+                  "fixed_point", "clip_range", "secagg_threshold", "secagg_neighbors")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -221,9 +221,12 @@ def _secure_sum(cfg: FedConfig, comm: _Comm, r: _Round, enc: Dict[int, np.ndarra
     """
     mine = [c for c in r.sampled if c % comm.world == comm.rank]
     n = len(r.sampled)
-    t = cfg.secagg_threshold or secagg.default_threshold(n)
-    if t > n:
-        raise SecAggAbort(f"secure aggregation: threshold t = {t} exceeds the {n} sampled clients; the round is aborted")
+    graph = secagg.harary_graph(r.sampled, cfg.secagg_neighbors, np.random.default_rng([cfg.seed, r.rnd, 5]))
+    peers = max((len(v) for v in graph.values()), default=0)
+    t = cfg.secagg_threshold or secagg.default_threshold(peers + 1)
+    if t > peers + 1:
+        raise SecAggAbort(f"secure aggregation: threshold t = {t} exceeds the {peers + 1} holders of each secret; "
+                          "the round is aborted")
     index = {c: i for i, c in enumerate(r.sampled)}
     clients = {c: secagg.Client(c) for c in mine}
 
@@ -239,15 +242,15 @@ def _secure_sum(cfg: FedConfig, comm: _Comm, r: _Round, enc: Dict[int, np.ndarra
     buf = np.zeros(ct_at + n * n * ct_bytes // 4, dtype=np.uint32)
     cts = _slots(buf, ct_at, n * n, ct_bytes)
     for u, cl in clients.items():
-        for v, ct in cl.share_keys(roster, t).items():
+        for v, ct in cl.share_keys(roster, t, graph[u]).items():
             cts[index[u] * n + index[v]] = np.frombuffer(ct, dtype=np.uint8)
     for c, x in enc.items():  # this rank's survivors
-        buf[:length] += clients[c].masked_input(x, roster)
+        buf[:length] += clients[c].masked_input(x, roster, graph[c])
         buf[length + index[c]] = 1
     buf = comm.sum_uint32(buf, r.rnd, "masked inputs and shares")
     cts = _slots(buf, ct_at, n * n, ct_bytes)
     for v, cl in clients.items():
-        cl.receive_shares(roster, {u: cts[index[u] * n + index[v]].tobytes() for u in r.sampled if u != v})
+        cl.receive_shares(roster, {u: cts[index[u] * n + index[v]].tobytes() for u in graph[v]})
     survivors = [c for c in r.sampled if buf[length + index[c]]]
     dropped = [c for c in r.sampled if not buf[length + index[c]]]
     if len(survivors) < t:
@@ -260,14 +263,16 @@ def _secure_sum(cfg: FedConfig, comm: _Comm, r: _Round, enc: Dict[int, np.ndarra
     rows = _slots(sh, 0, m * n, 32)
     for v in mine:
         if v in pos:
-            for u, (_, share) in clients[v].unmask_shares(survivors, dropped).items():
+            held = set(graph[v]) | {v}
+            for u, (_, share) in clients[v].unmask_shares([u for u in survivors if u in held],
+                                                          [u for u in dropped if u in held]).items():
                 rows[pos[v] * n + index[u]] = np.frombuffer(shamir.to_bytes(share), dtype=np.uint8)
     rows = _slots(comm.sum_uint32(sh, r.rnd, "unmasking"), 0, m * n, 32)
     kind = {u: "b" for u in survivors} | {u: "s" for u in dropped}
-    shares = {v: {u: (kind[u], int.from_bytes(rows[pos[v] * n + index[u]].tobytes(), "little")) for u in r.sampled}
-              for v in survivors}
-    total = secagg.unmask(buf[:length].copy(), roster, survivors, dropped, shares, t)
-    r.bytes_per_client = float(secagg.upload_bytes(n, length))
+    shares = {v: {u: (kind[u], int.from_bytes(rows[pos[v] * n + index[u]].tobytes(), "little"))
+                  for u in graph[v] + [v]} for v in survivors}
+    total = secagg.unmask(buf[:length].copy(), roster, survivors, dropped, shares, t, graph)
+    r.bytes_per_client = float(secagg.upload_bytes(peers, length))
     return total
 
 

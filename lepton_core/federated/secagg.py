@@ -30,6 +30,14 @@ Protocol (one round, n sampled clients, threshold t):
      both. The server rebuilds b_u (removes PRG(b_u)) and s_u^SK (re-derives and removes u's pairwise
      masks with every survivor).
 
+Sparse variant (SecAgg+, Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic
+Overhead"): with a neighbour count k < n - 1 each client masks with, and shares its secrets (threshold t
+among its k neighbours and itself) to, only its k neighbours in a Harary graph on a random relabelling
+(harary_graph), so a client's cost is O(k) instead of O(n). Correctness needs t surviving holders for
+every secret; privacy against the server with colluding clients holds with high probability over the
+graph when k is large enough relative to log n and to the fractions of dropped and corrupt clients
+(Bell et al., Theorems 3.5 and 3.6 give the bounds); k = n - 1 is exactly the protocol above.
+
 Fixed point: an update x (float) is clipped to [-clip_range, clip_range] per coordinate and truncated
 toward zero at `bits` fraction bits: q = trunc(x * 2^bits), an integer mod 2^32 (two's complement).
 Truncation error is below 2^-bits per coordinate and never increases |x| (so an L2 clip survives it).
@@ -40,7 +48,7 @@ from __future__ import annotations
 import hmac
 import math
 import struct
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -115,9 +123,39 @@ def _share_nonce(sender: int, receiver: int) -> bytes:
 Roster = Dict[int, Tuple[bytes, bytes]]  # client id -> (c public key, s public key), raw 32 bytes each
 
 
+Graph = Dict[int, List[int]]  # client id -> its neighbours (sorted, without itself)
+
+
 def share_points(roster: Iterable[int]) -> Dict[int, int]:
     """Client id -> its Shamir x coordinate (1..n, by id)."""
     return {cid: i + 1 for i, cid in enumerate(sorted(roster))}
+
+
+def complete_graph(ids: Iterable[int]) -> Graph:
+    ids = sorted(ids)
+    return {u: [v for v in ids if v != u] for u in ids}
+
+
+def harary_graph(ids: Iterable[int], k: Optional[int], rng: np.random.Generator) -> Graph:
+    """SecAgg+ (Bell et al. 2020): the Harary graph H(k, n) (a ring where each node links to its k/2
+    nearest on either side; k rounded up to even) on a random relabelling of the clients. k None or
+    >= n - 1: the complete graph (Bonawitz et al.)."""
+    ids = sorted(ids)
+    n = len(ids)
+    if k is None or k >= n - 1:
+        return complete_graph(ids)
+    half = (k + 1) // 2
+    ring = [ids[i] for i in rng.permutation(n)]
+    graph = {u: set() for u in ids}
+    for i, u in enumerate(ring):
+        for j in range(1, half + 1):
+            graph[u].update((ring[(i + j) % n], ring[(i - j) % n]))
+    return {u: sorted(vs) for u, vs in graph.items()}
+
+
+def holders(graph: Graph, u: int) -> List[int]:
+    """The clients holding shares of u's secrets: its neighbours and itself."""
+    return sorted(graph[u] + [u])
 
 
 class Client:
@@ -143,9 +181,11 @@ class Client:
             cipher = self._ciphers[peer] = ChaCha20Poly1305(_hkdf(shared, _INFO_SHARE))
         return cipher
 
-    def share_keys(self, roster: Roster, t: int) -> Dict[int, bytes]:
-        """Encrypted shares of (s_u^SK, b_u) for every other client of the roster: {receiver: ciphertext}."""
-        xs = share_points(roster)
+    def share_keys(self, roster: Roster, t: int, peers: Optional[Sequence[int]] = None) -> Dict[int, bytes]:
+        """Encrypted shares of (s_u^SK, b_u) for each peer (default: every other client of the roster):
+        {receiver: ciphertext}."""
+        peers = [v for v in roster if v != self.cid] if peers is None else list(peers)
+        xs = share_points(peers + [self.cid])
         s_shares = shamir.split(self._s_secret, t, list(xs.values()))
         b_shares = shamir.split(self._b, t, list(xs.values()))
         out = {}
@@ -167,13 +207,15 @@ class Client:
                                   f"in the slot of {u}->{self.cid}")
             self._held[u] = (int.from_bytes(s_share, "little"), int.from_bytes(b_share, "little"))
 
-    def masked_input(self, x: np.ndarray, roster: Roster) -> np.ndarray:
-        """y_u = x + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv), all mod 2^32."""
+    def masked_input(self, x: np.ndarray, roster: Roster, peers: Optional[Sequence[int]] = None) -> np.ndarray:
+        """y_u = x + PRG(b_u) + sum_{v>u} PRG(s_uv) - sum_{v<u} PRG(s_uv) over the peers (default: every
+        other client of the roster), all mod 2^32."""
         x = np.asarray(x, dtype=np.uint32)
         y = x + prg_uint32(shamir.to_bytes(self._b), x.size, _INFO_SELF)
-        for v, (_, s_pk) in roster.items():
+        for v in (roster if peers is None else peers):
             if v == self.cid:
                 continue
+            s_pk = roster[v][1]
             m = prg_uint32(self._s_sk.exchange(X25519PublicKey.from_public_bytes(s_pk)), x.size)
             if self.cid < v:
                 y += m
@@ -198,22 +240,31 @@ class Client:
 
 
 def unmask(masked_sum: np.ndarray, roster: Roster, survivors: Sequence[int], dropped: Sequence[int],
-           shares: Dict[int, Dict[int, Tuple[str, int]]], t: int) -> np.ndarray:
+           shares: Dict[int, Dict[int, Tuple[str, int]]], t: int, graph: Optional[Graph] = None) -> np.ndarray:
     """The server's last step: sum of the survivors' inputs mod 2^32 from the sum of their masked inputs
-    and the survivors' unmasking shares {survivor: {u: (kind, share)}}. Raises SecAggAbort when fewer
-    than t clients survived or answered."""
+    and the survivors' unmasking shares {survivor: {u: (kind, share)}}. `graph`: who masked with and
+    shared to whom (default: everyone). Raises SecAggAbort when fewer than t clients answered, or fewer
+    than t holders of some secret survived."""
     survivors, dropped = sorted(survivors), sorted(dropped)
+    graph = complete_graph(roster) if graph is None else graph
     responders = sorted(v for v in survivors if v in shares)
     if len(responders) < t:
         raise SecAggAbort(f"secure aggregation: {len(responders)} of {len(roster)} clients survived, below the "
                           f"threshold t = {t}; the round is aborted")
-    xs = share_points(roster)
-    use = responders[:t]
-    lag = shamir.lagrange_at_zero(xs[v] for v in use)
     n = masked_sum.size
     total = np.array(masked_sum, dtype=np.uint32)
+    lag_cache: Dict[Tuple[int, ...], Dict[int, int]] = {}  # one set of coefficients per set of points
 
     def secret_of(u: int, kind: str) -> int:
+        xs = share_points(holders(graph, u))
+        use = [v for v in responders if v in xs and u in shares[v]][:t]
+        if len(use) < t:
+            raise SecAggAbort(f"secure aggregation: only {len(use)} holders of client {u}'s shares answered, "
+                              f"below the threshold t = {t}; the round is aborted")
+        key = tuple(xs[v] for v in use)
+        lag = lag_cache.get(key)
+        if lag is None:
+            lag = lag_cache[key] = shamir.lagrange_at_zero(key)
         pts = {}
         for v in use:
             k, share = shares[v][u]
@@ -231,6 +282,8 @@ def unmask(masked_sum: np.ndarray, roster: Roster, survivors: Sequence[int], dro
             raise SecAggAbort(f"secure aggregation: the shares of dropped client {u}'s key do not match its "
                               "public key")
         for v in survivors:
+            if v not in graph[u]:
+                continue
             m = prg_uint32(s_sk.exchange(X25519PublicKey.from_public_bytes(roster[v][1])), n)
             if v < u:
                 total -= m  # v added +PRG(s_vu)
@@ -240,15 +293,16 @@ def unmask(masked_sum: np.ndarray, roster: Roster, survivors: Sequence[int], dro
 
 
 def simulate(inputs: Dict[int, np.ndarray], t: int, drop: Iterable[int] = (),
-             masked_out: Optional[Dict[int, np.ndarray]] = None) -> np.ndarray:
+             masked_out: Optional[Dict[int, np.ndarray]] = None, graph: Optional[Graph] = None) -> np.ndarray:
     """The whole protocol in one process: the sum mod 2^32 of the inputs of clients not in `drop` (those
     drop after the share exchange, before sending their masked input). `masked_out` receives each
-    survivor's masked vector (what the server sees)."""
+    survivor's masked vector (what the server sees); `graph` as in unmask()."""
     clients = {cid: Client(cid) for cid in sorted(inputs)}
     roster = {cid: c.public_keys() for cid, c in clients.items()}
+    graph = complete_graph(roster) if graph is None else graph
     mail: Dict[int, Dict[int, bytes]] = {cid: {} for cid in clients}
     for u, c in clients.items():
-        for v, ct in c.share_keys(roster, t).items():
+        for v, ct in c.share_keys(roster, t, graph[u]).items():
             mail[v][u] = ct
     for v, c in clients.items():
         c.receive_shares(roster, mail[v])
@@ -256,22 +310,23 @@ def simulate(inputs: Dict[int, np.ndarray], t: int, drop: Iterable[int] = (),
     survivors = [cid for cid in clients if cid not in set(dropped)]
     total = np.zeros(next(iter(inputs.values())).size, dtype=np.uint32)
     for u in survivors:
-        y = clients[u].masked_input(inputs[u], roster)
+        y = clients[u].masked_input(inputs[u], roster, graph[u])
         if masked_out is not None:
             masked_out[u] = y
         total += y
-    shares = {v: clients[v].unmask_shares(survivors, dropped) for v in survivors}
-    return unmask(total, roster, survivors, dropped, shares, t)
+    shares = {v: clients[v].unmask_shares([u for u in survivors if u in clients[v]._held],
+                                          [u for u in dropped if u in clients[v]._held]) for v in survivors}
+    return unmask(total, roster, survivors, dropped, shares, t, graph)
 
 
 CIPHERTEXT_BYTES = struct.calcsize(_SHARE_FMT) + 16  # + the Poly1305 tag
 SHARE_BYTES = 33  # a field element and its kind
 
 
-def upload_bytes(n: int, length: int) -> int:
-    """What one surviving client sends in a round of n clients with vectors of `length` uint32: two
-    public keys, n - 1 encrypted share pairs, the masked vector, n unmasking shares."""
-    return 64 + (n - 1) * CIPHERTEXT_BYTES + 4 * length + SHARE_BYTES * n
+def upload_bytes(peers: int, length: int) -> int:
+    """What one surviving client with `peers` neighbours sends in a round, vectors of `length` uint32:
+    two public keys, an encrypted share pair per neighbour, the masked vector, peers + 1 unmasking shares."""
+    return 64 + peers * CIPHERTEXT_BYTES + 4 * length + SHARE_BYTES * (peers + 1)
 
 
 def default_threshold(n: int) -> int:
@@ -279,5 +334,6 @@ def default_threshold(n: int) -> int:
     return n // 2 + 1
 
 
-__all__ = ["Client", "Roster", "decode", "default_threshold", "encode", "fixed_point_bits", "prg_uint32",
-           "share_points", "simulate", "unmask", "upload_bytes"]
+__all__ = ["Client", "Graph", "Roster", "complete_graph", "decode", "default_threshold", "encode",
+           "fixed_point_bits", "harary_graph", "holders", "prg_uint32", "share_points", "simulate", "unmask",
+           "upload_bytes"]
