@@ -9,10 +9,12 @@ without and with 10% dropout. The variants take turns (short runs A B C D A B C 
 the machine's load hits all of them alike. Rows show the median round time on rank 0 (training +
 aggregation + test evaluation; each short run's first round left out) and the ratio to the plain
 fixed-point round; `kB_per_client` is what a surviving client uploads (keys, encrypted shares, masked
-vector, unmasking shares).
+vector, unmasking shares). `secagg+ k=K`: the SecAgg+ graph (Bell et al. 2020), each client masking
+with and sharing to K = 2 ceil(log2 n) neighbours.
 """
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any, Dict, List
 
@@ -20,12 +22,18 @@ COLUMNS = ["clients_per_round", "variant", "dropout", "rounds", "ms_per_round", 
 WORLD_SIZE = 2
 FULL = {"per_round": (10, 50), "rounds": 6, "repeats": 5}
 QUICK = {"per_round": (10,), "rounds": 3, "repeats": 2}
-VARIANTS = [  # name, FedConfig overrides
+VARIANTS = [  # name, FedConfig overrides ("k": SecAgg+ with k = 2 ceil(log2 n) neighbours)
     ("float", {}),
     ("fixed point", {"fixed_point": True}),
     ("secure agg", {"secure_aggregation": True}),
     ("secure agg", {"secure_aggregation": True, "dropout": 0.1}),
+    ("secagg+ k", {"secure_aggregation": True, "secagg_neighbors": "k"}),
+    ("secagg+ k", {"secure_aggregation": True, "secagg_neighbors": "k", "dropout": 0.1}),
 ]
+
+
+def _neighbours(n: int) -> int:
+    return 2 * math.ceil(math.log2(n))
 
 
 def _worker(job: Dict[str, Any]):
@@ -50,6 +58,8 @@ def _worker(job: Dict[str, Any]):
             last: Dict[int, Any] = {}
             for rep in range(job["repeats"]):
                 for i, (name, extra) in enumerate(VARIANTS):
+                    if extra.get("secagg_neighbors") == "k":
+                        extra = {**extra, "secagg_neighbors": _neighbours(k)}
                     cfg = FedConfig(rounds=job["rounds"], clients=len(clients), clients_per_round=k, local_epochs=5,
                                     lr=0.05, seed=rep, **extra)
                     hist = run_federated(lambda: digits_model(128, 1, job["mean"], job["std"], test), clients,
@@ -58,6 +68,7 @@ def _worker(job: Dict[str, Any]):
                     last[i] = hist
             for i, (name, extra) in enumerate(VARIANTS):
                 done = [h for h in last[i] if "aborted" not in h]
+                name = name.replace(" k", f" k={_neighbours(k)}")
                 out.append({"clients_per_round": k, "variant": name, "dropout": extra.get("dropout", 0.0),
                             "rounds": len(times[i]), "ms_per_round": 1e3 * statistics.median(times[i]),
                             "kB_per_client": statistics.mean(h["bytes_sent_per_client"] for h in done) / 1e3})

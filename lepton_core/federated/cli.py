@@ -2,6 +2,7 @@
 
     lepton federated --clients 100 --clients-per-round 10 --rounds 100            # FedAvg, Dirichlet(0.5)
     lepton federated --secure-agg --dropout 0.1                                    # Bonawitz et al. 2017
+    lepton federated --clients-per-round 50 --secure-agg --secagg-neighbors 12     # SecAgg+ (Bell et al.)
     lepton federated --dp-clip 1.0 --dp-noise 1.2                                  # DP-FedAvg, epsilon reported
     lepton federated --resume                                                      # continue from --out
     torchrun --nproc-per-node 4 -m lepton_core.federated [same options]            # under torchrun
