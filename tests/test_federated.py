@@ -329,6 +329,7 @@ def test_two_processes_secure_equals_fixed_and_int32_sums_wrap():
     # ld.all_reduce of int32 wraps around in two's complement: (2^31-1)*2 = -2, (-2^31)*2 = 0 mod 2^32
     assert r0["wrap"].tolist() == [-2, 0, 14]
     assert torch.equal(r0["secure"], r0["fixed"]) and torch.equal(r0["secure"], r1["secure"])
+    assert r0["secure_history"] == r1["secure_history"]  # every rank returns the same history
     assert r0["secure_history"] == r0["fixed_history"]
     assert any(h["survivors"] < h["clients"] for h in r0["secure_history"])
 

@@ -349,9 +349,8 @@ def run_federated(model_fn: Callable[[], torch.nn.Module], client_datasets: Sequ
             global_vec = global_vec + torch.from_numpy(update).to(global_vec.dtype)
         if "aborted" not in record:
             record["bytes_sent_per_client"] = r.bytes_per_client
-        if comm.rank == 0:
-            local.load(global_vec)
-            record["test_loss"], record["test_accuracy"] = local.evaluate(test_x, test_y)
+        local.load(global_vec)  # every rank evaluates (cheap), so every rank returns the same history
+        record["test_loss"], record["test_accuracy"] = local.evaluate(test_x, test_y)
         if accountant is not None:
             done = sum(1 for h in history if "aborted" not in h) + ("aborted" not in record)
             record["epsilon"] = accountant.epsilon(done)

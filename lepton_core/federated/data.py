@@ -10,8 +10,9 @@ from torch.utils.data import TensorDataset
 
 def dirichlet_split(labels: np.ndarray, clients: int, alpha: float, seed: int, min_size: int = 2) -> List[np.ndarray]:
     """Indices of each client's examples: for every class, its examples are divided among the clients in
-    proportions drawn from Dirichlet(alpha) (small alpha: each client sees few classes). Redrawn (with
-    the next seed stream) until every client has at least `min_size` examples; deterministic for a seed."""
+    proportions drawn from Dirichlet(alpha) (small alpha: each client sees few classes). A client left
+    with fewer than `min_size` examples then takes random ones from the largest client (so hundreds of
+    clients can share a small dataset). Deterministic for a seed."""
     labels = np.asarray(labels)
     if clients < 1:
         raise ValueError(f"dirichlet_split: clients must be >= 1, got {clients}")
@@ -20,19 +21,18 @@ def dirichlet_split(labels: np.ndarray, clients: int, alpha: float, seed: int, m
     if clients * min_size > len(labels):
         raise ValueError(f"dirichlet_split: {len(labels)} examples cannot give {clients} clients {min_size} each")
     rng = np.random.default_rng([seed, 0xD1])
-    for _ in range(1000):
-        parts: List[List[int]] = [[] for _ in range(clients)]
-        for c in np.unique(labels):
-            idx = np.flatnonzero(labels == c)
-            rng.shuffle(idx)
-            props = rng.dirichlet(np.full(clients, alpha))
-            cuts = (np.cumsum(props)[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"dirichlet_split: no split with >= {min_size} examples per client for alpha={alpha}, "
-                     f"{clients} clients; use a larger alpha or fewer clients")
+    parts: List[List[int]] = [[] for _ in range(clients)]
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        cuts = (np.cumsum(rng.dirichlet(np.full(clients, alpha)))[:-1] * len(idx)).astype(int)
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            parts[k].extend(chunk.tolist())
+    for k in range(clients):
+        while len(parts[k]) < min_size:
+            donor = max(range(clients), key=lambda j: (len(parts[j]), -j))
+            parts[k].append(parts[donor].pop(int(rng.integers(len(parts[donor])))))
+    return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 
 def digits_clients(clients: int, alpha: float, seed: int) -> Tuple[List[TensorDataset], TensorDataset, TensorDataset]:
