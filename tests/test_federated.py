@@ -135,7 +135,11 @@ def test_prg_is_chacha20_keystream():
     a = secagg.prg_uint32(seed, 1000)
     assert np.array_equal(a, secagg.prg_uint32(seed, 1000))
     assert not np.array_equal(a, secagg.prg_uint32(bytes(32), 1000))
-    key = secagg._hkdf(seed, secagg._INFO_PAIR)
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    key = secagg._hkdf(seed, secagg._INFO_PAIR)  # RFC 5869 on the stdlib's HMAC: cryptography's bytes
+    assert key == HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=secagg._INFO_PAIR).derive(seed)
     stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8))
     assert a[:2].tobytes() == stream
 
