@@ -230,6 +230,12 @@ def main(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except (TypeError, ValueError) as exc:
         return _error(str(exc).replace("FedConfig: ", ""))
+    from .._arrays import require_torch
+
+    try:
+        require_torch(PROG)
+    except ImportError as exc:
+        return _error(str(exc))
     if args.resume:
         from .core import load_checkpoint
         from .errors import FedError
