@@ -5,7 +5,17 @@ Each client's model delta is clipped to L2 norm C (`clip_l2`); the round's updat
 (sum of clipped deltas + N(0, (z C)^2 I)) / (q N), q N = clients_per_round the expected number of
 sampled clients (the fixed-denominator estimator, sensitivity C for adding or removing one user). With
 Poisson sampling at rate q the privacy loss is that of the Poisson-subsampled Gaussian mechanism,
-composed over the completed rounds; `Accountant` asks dp-accounting's RDP accountant for epsilon at delta.
+composed over the completed rounds (an aborted round releases nothing and is not counted); `Accountant`
+asks dp-accounting's RDP accountant for epsilon at delta.
+
+Who adds the noise: the aggregator, once per round, to the sum: after unmasking with secure
+aggregation. The fixed-point encoding truncates toward zero, so each client's encoded (clipped) delta
+still has L2 norm <= C and the exact integer sum keeps sensitivity C; the noise is added in float64 to
+the decoded sum. The released model is DP; the aggregator itself sees the sum before the noise
+(distributed noise added by the clients before masking would hide it from the aggregator too, but a
+sum of rounded Gaussians is not Gaussian: the distributed discrete Gaussian of Kairouz et al. 2021 is
+the correct form, not implemented). The noise generator is seeded by (seed, round) so runs are
+reproducible; a deployment must draw it from a CSPRNG.
 """
 from __future__ import annotations
 
