@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = SuggestingParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training",
                          epilog="`python -m lepton_core` alone is `lepton info` (paste it into bug reports).")
     p.add_argument("--version", action="version", version=f"lepton_core {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,train,bench}", parser_class=SuggestingParser)
+    sub = p.add_subparsers(dest="command", metavar="{info,train,federated,bench}", parser_class=SuggestingParser)
     sub.required = True
 
     pi = sub.add_parser("info", help="what this build and machine offer (lc.info())")
@@ -188,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     train_cli.add_arguments(pt)
     pt.set_defaults(func=train_cli.main)
+
+    fed_cli = importlib.import_module("lepton_core.federated.cli")  # needs no torch to build its parser
+    pf = fed_cli.add_arguments(sub.add_parser("federated", help="federated averaging on digits (secure aggregation, DP)"))
+    pf.set_defaults(func=fed_cli.main)
 
     pb = sub.add_parser("bench", help="side-by-side benchmarks against the usual baselines",
                         description="Times lepton_core against the baseline a user would otherwise pick, "

@@ -53,7 +53,7 @@ def test_bench_unknown_family_is_a_usage_error(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "lepton bench: error: argument family: invalid choice: 'gemx' (choose from gemm, quant, " \
-           "allreduce, train, all)" in err
+           "allreduce, train, federated, all)" in err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def _main_without_torch(*argv, module="lepton_core.cli"):
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--help"], "{info,train,bench}"),
+    (["--help"], "{info,train,federated,bench}"),
     (["info"], "cpu isa"),
     (["info", "--json"], '"cpu_isa"'),
     (["train", "--help"], "--precision"),
