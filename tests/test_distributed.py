@@ -256,6 +256,37 @@ def test_q8_non_finite_block_dequantizes_to_nan(isa):
     assert torch.equal(y[:32], torch.ones(32)) and torch.isnan(y[32:]).all()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_error_feedback_passes_non_finite_blocks_through_and_keeps_their_residual(bad, rng):
+    """Issue 9.8: a block whose gradient holds Inf/NaN used to turn its residual NaN for good (every
+    later step NaN there, the scaler never stepping again). Now x = g + r carries the non-finite
+    value on to the reduction and the residual of that block stays as it was; the other blocks
+    are updated as usual. Every ISA gives the same bytes."""
+    from lepton_core import _runtime
+
+    n, block = 1000, 64  # blocks 3 and 7 get a non-finite value, block 15 (short, 40 long) too
+    g = _random(torch.float32, n, rng)
+    for i in (3 * block + 5, 7 * block + 63, n - 1):
+        g[i] = bad
+    r0 = _random(torch.float32, n, rng, 0.1)
+    outs = {}
+    for isa in [_isa_code(i) for i in _runtime.available_isas()]:
+        x, r = g.clone(), r0.clone()
+        _C.q8_error_feedback(isa, x.data_ptr(), r.data_ptr(), n, block)
+        xr = g + r0
+        assert _bits(x) == _bits(xr), isa
+        for b, off in enumerate(range(0, n, block)):
+            blk = slice(off, min(off + block, n))
+            if not torch.isfinite(xr[blk]).all():
+                assert b in (3, 7, 15) and _bits(r[blk]) == _bits(r0[blk]), (isa, b)
+            else:
+                q, s = ref_q8(xr[blk], block)
+                assert _bits(r[blk]) == _bits(xr[blk] - ref_deq(q, s, block)), (isa, b)
+        assert torch.isfinite(r).all()
+        outs[isa] = (_bits(x), _bits(r))
+    assert len(set(outs.values())) == 1, "ISA paths differ"
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_q8_kernels_simd_equals_scalar_on_any_bits(dtype, rng):
     from lepton_core import _runtime
@@ -456,3 +487,16 @@ def test_ddp_with_hook_keeps_replicas_identical_and_trains():
         for kind in ("hook-none", "hook-int8"):
             assert final[kind] < 0.25 * first, (kind, final[kind], first)
             assert abs(final[kind] - final["default"]) <= 0.1 * final["default"], final
+
+
+@pytest.mark.distributed
+def test_int8_non_finite_blocks_reach_every_rank_and_fp16_scaler_steps_with_error_feedback(rng):
+    """Issue 9.8: with error feedback, one overflow used to make the residual NaN for good, and the
+    fp16 + GradScaler recipe never stepped again (0 of 40 steps)."""
+    res = _run("nonfinite", 4, args={"seed": int(rng.integers(1 << 30))}, timeout_s=200)
+    _assert_same_bits(res)
+    for r in res.results:
+        assert r["transports"] == {"shm": "shm", "torch": "torch", "hier": "hier"}
+        assert r["residuals_finite"]
+        # init_scale 2**24 overflows for the first few steps (skipped), then training goes on
+        assert 20 <= r["steps_taken"] < 40, r["steps_taken"]

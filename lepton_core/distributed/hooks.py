@@ -5,7 +5,9 @@
 Error feedback: before its bucket is reduced, each rank adds to it the residual it kept from the
 previous step, x = g + r, and keeps r' = x - D(Q(x)): what its own blockwise-int8 quantization of x
 loses (csrc/cpu/reduce/reduce.h, q8_error_feedback). Over steps, what one step's quantization drops
-is sent in a later one instead of being lost.
+is sent in a later one instead of being lost. A block of x holding NaN/Inf (an fp16 overflow) is
+reduced as it is, non-finite on every rank, so a GradScaler skips the step; its residual stays
+unchanged rather than turning NaN for every later step.
 
 Residuals are kept per parameter, not per bucket: DDP rebuilds its buckets after the first step
 (in the order gradients became ready), so a bucket's index and layout change while a parameter's

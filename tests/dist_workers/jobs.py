@@ -457,3 +457,73 @@ def ddp(ctx) -> None:
     sd2 = fresh.state_dict()
     assert sd2["residuals"].keys() == sd["residuals"].keys()
     assert all(torch.equal(sd2["residuals"][k], sd["residuals"][k]) for k in sd["residuals"])
+
+
+def nonfinite(ctx) -> None:
+    """Issue 9.8: NaN/Inf under int8 compression, on every transport (shm latency and ring paths,
+    torch, hierarchical with 4 ranks): a block holding a non-finite input on any rank is
+    non-finite on every rank (the same bits), the other blocks stay finite and within the bound.
+    Then the fp16 autocast + GradScaler recipe through DDP with error feedback: the scaler skips
+    the overflowing steps and trains on, and the residuals stay finite."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    w, r, seed = ctx.world, ctx.rank, ctx.args["seed"]
+    hashes = ctx.record.setdefault("hashes", {})
+    groups = {"shm": dist.group.WORLD}
+    os.environ["LEPTON_TRANSPORT"] = "torch"  # read when the group's communicator is made
+    groups["torch"] = dist.new_group(list(range(w)))
+    _comm_of(groups["torch"])
+    del os.environ["LEPTON_TRANSPORT"]
+    if w == 4:
+        os.environ["LEPTON_HOST_ID"] = f"host{r // 2}"
+        groups["hier"] = dist.new_group(list(range(w)))
+        _comm_of(groups["hier"])
+        del os.environ["LEPTON_HOST_ID"]
+    transports = {}
+    for tag, g in groups.items():
+        transports[tag] = _comm_of(g).transport
+        for case, (n, block) in enumerate([(1000, 64), (300007, 256)]):
+            xs = [make_input(seed, 900 + case, k, torch.float32, n) for k in range(w)]
+            bad_blocks = set()
+            for k in range(w):  # rank k spoils block 3k + 1 with +Inf, -Inf or NaN
+                xs[k][(3 * k + 1) * block + 17] = (float("inf"), float("-inf"), float("nan"))[k % 3]
+                bad_blocks.add(3 * k + 1)
+            t = xs[r].clone()
+            ld.all_reduce(t, "avg", compression="int8", block_size=block, group=g)
+            finite = torch.ones(n, dtype=torch.bool)
+            for b in range((n + block - 1) // block):
+                blk = t[b * block:(b + 1) * block]
+                if b in bad_blocks:
+                    assert not torch.isfinite(blk).any(), f"{tag} n={n}: block {b} lost its non-finite value"
+                    finite[b * block:(b + 1) * block] = False
+                else:
+                    assert torch.isfinite(blk).all(), f"{tag} n={n}: block {b} turned non-finite"
+            clean = [x.masked_fill(~finite, 0.0) for x in xs]
+            err = abs_err(t.masked_fill(~finite, 0.0), reference(clean, "avg"))
+            assert bool((err <= q8_bound(clean, block, "avg")).all()), f"{tag} n={n}: over the bound"
+            hashes[f"{tag} nonfinite {n}"] = _bits(t)
+    ctx.record["transports"] = transports
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4))
+    ddp_model = DDP(model, bucket_cap_mb=0.01)
+    state = ld.HookState(compression="int8", error_feedback=True)
+    ddp_model.register_comm_hook(state, ld.allreduce_hook)
+    opt = torch.optim.SGD(ddp_model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # overflows for the first few steps
+    taken = 0
+    for step in range(40):
+        g = torch.Generator().manual_seed(10 * step + r)
+        x, y = torch.randn(64, 32, generator=g), torch.randn(64, 4, generator=g)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.mse_loss(ddp_model(x).float(), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        taken += any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    ctx.record["steps_taken"] = taken
+    ctx.record["residuals_finite"] = all(bool(torch.isfinite(v).all()) for v in state.state_dict()["residuals"].values())
+    hashes["ddp fp16 params"] = _bits(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    del ddp_model

@@ -112,12 +112,17 @@ template <class P> struct Q8Kernels {
     });
   }
 
+  // A block whose x + r holds NaN/Inf keeps its residual: the non-finite values go on to the
+  // reduction (which makes that block non-finite on every rank, so a loss scaler skips the step)
+  // while the residual stays what it was, instead of turning NaN for every later step.
   static void error_feedback(float* x, float* r, int64_t n, int64_t block) {
     alignas(64) int8_t q[reduce_generic::kMaxBlockElems];
     for (int64_t off = 0; off < n; off += block) {
       int64_t len = std::min(block, n - off);
       P::add_f32(x + off, r + off, len);
-      float scale = P::stat(x + off, len).scale();
+      Stat st = P::stat(x + off, len);
+      if (st.non_finite) continue;
+      float scale = st.scale();
       P::codes(q, x + off, len, scale);
       P::residual(r + off, x + off, q, scale, len);
     }
