@@ -364,37 +364,61 @@ def test_segment_that_dev_shm_cannot_hold_is_an_error_at_creation_not_sigbus_lat
     assert not os.path.exists("/dev/shm" + name)
 
 
-class _FakeBucket:
-    def __init__(self, params):
-        self._params = params
-
-    def parameters(self):
-        return self._params
-
-
 def test_hook_residuals_follow_parameters_across_bucket_rebuilds():
     import lepton_core.distributed as ld
 
     p = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 3, 7)]
     state = ld.HookState()
-    # Step 0: DDP's initial buckets [p2, p1], [p0]; give each parameter's residual its own values.
-    r21 = state.residual_for([p[2], p[1]], 10)
-    r0 = state.residual_for([p[0]], 5)
+    # Step 0: DDP's initial buckets 0: [p2, p1], 1: [p0]; give each parameter's residual its own values.
+    r21 = state.residual_for(0, [p[2], p[1]], 10)
+    r0 = state.residual_for(1, [p[0]], 5)
     r21.copy_(torch.arange(10.0) + 100)
     r0.copy_(torch.arange(5.0))
-    # Step 1: rebuilt buckets [p0, p1], [p2]: every parameter keeps its residual.
-    r01 = state.residual_for([p[0], p[1]], 8)
-    r2 = state.residual_for([p[2]], 7)
+    # Step 1: rebuilt buckets 0: [p0, p1], 1: [p2]: every parameter keeps its residual.
+    r01 = state.residual_for(0, [p[0], p[1]], 8)
+    r2 = state.residual_for(1, [p[2]], 7)
     assert torch.equal(r01, torch.cat([torch.arange(5.0), torch.arange(7.0, 10.0) + 100]))
     assert torch.equal(r2, torch.arange(7.0) + 100)
-    # Stable keys (first-seen order) for checkpoints, and a round trip into a fresh state.
+    # Keys are positions in the first bucket order met, for checkpoints; a round trip into a fresh state.
     sd = state.state_dict()
     assert sorted(sd["residuals"]) == [0, 1, 2]
+    assert torch.equal(sd["residuals"][0], torch.arange(7.0) + 100)  # p2 came first
     fresh = ld.HookState()
     fresh.load_state_dict(sd)
-    assert torch.equal(fresh.residual_for([p[2], p[1]], 10), torch.arange(10.0) + 100)
+    assert torch.equal(fresh.residual_for(0, [p[2], p[1]], 10), torch.arange(10.0) + 100)
     with pytest.raises(ValueError, match="does not hold its parameters"):
-        state.residual_for([p[0], p[2]], 11)
+        state.residual_for(1, [p[0], p[2]], 11)
+
+
+def test_hook_state_continues_on_a_re_created_model_and_holds_no_parameter():
+    """Issue 9.3: residuals were keyed by id(parameter): a model re-created from a checkpoint got new
+    keys (its residuals silently dropped) and the state kept every old parameter alive."""
+    import gc
+    import weakref
+
+    import lepton_core.distributed as ld
+
+    def model():
+        return [torch.nn.Parameter(torch.zeros(n)) for n in (5, 3, 7)]
+
+    p = model()
+    state = ld.HookState()
+    state.residual_for(0, [p[2], p[1]], 10).copy_(torch.arange(10.0) + 100)
+    state.residual_for(1, [p[0]], 5).copy_(torch.arange(5.0))
+    state.residual_for(0, [p[0], p[1]], 8)  # the rebuilt buckets
+    state.residual_for(1, [p[2]], 7)
+    gone = weakref.ref(p[0])
+    del p
+    gc.collect()
+    assert gone() is None, "HookState keeps an old parameter alive"
+    # The re-created model's first step (DDP's initial buckets again): the same residuals.
+    q = model()
+    assert torch.equal(state.residual_for(0, [q[2], q[1]], 10), torch.arange(10.0) + 100)
+    assert torch.equal(state.residual_for(1, [q[0]], 5), torch.arange(5.0))
+    # A different model in the same state: a clear error, not a silent mix-up.
+    other = [torch.nn.Parameter(torch.zeros(n)) for n in (4, 3)]
+    with pytest.raises(ValueError, match="the residual at position 0 has 7 elements, the parameter there has 4"):
+        state.residual_for(0, other, 7)
 
 
 # ======================= multi-process jobs =======================
@@ -500,3 +524,17 @@ def test_int8_non_finite_blocks_reach_every_rank_and_fp16_scaler_steps_with_erro
         assert r["residuals_finite"]
         # init_scale 2**24 overflows for the first few steps (skipped), then training goes on
         assert 20 <= r["steps_taken"] < 40, r["steps_taken"]
+
+
+@pytest.mark.distributed
+def test_hook_state_continues_bitwise_on_a_re_created_ddp_model():
+    """Issue 9.3: a HookState continuing on a model re-built from a snapshot dropped its residuals
+    (keyed by id(parameter)) and kept the old model alive."""
+    res = _run("resume", 2, timeout_s=120)
+    _assert_same_bits(res)
+    for r in res.results:
+        p = r["params"]
+        assert p["plain same state"] == p["plain restored state"]
+        assert p["settled same state"] == p["settled restored state"] == p["uninterrupted"]
+        assert r["old model collected (plain)"] and r["old model collected (settled)"]
+        assert r["old_model_collected_before"]

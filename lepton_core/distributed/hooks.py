@@ -9,12 +9,20 @@ is sent in a later one instead of being lost. A block of x holding NaN/Inf (an f
 reduced as it is, non-finite on every rank, so a GradScaler skips the step; its residual stays
 unchanged rather than turning NaN for every later step.
 
-Residuals are kept per parameter, not per bucket: DDP rebuilds its buckets after the first step
-(in the order gradients became ready), so a bucket's index and layout change while a parameter's
-gradient keeps its meaning. Each parameter gets a stable index, the order in which the hook first
-meets it (DDP's initial buckets, in order: the same in a resumed run), which is also the key of
-state_dict()["residuals"].
+Residuals are kept per parameter, keyed by the parameter's position in DDP's bucket order (also the
+key of state_dict()["residuals"]). DDP rebuilds its buckets after the first step (in the order
+gradients became ready), so a bucket's index and layout change while a parameter's gradient keeps its
+meaning: positions are given once, in the order of the first buckets the state meets (bucket 0's
+parameters first), and followed through rebuilds by parameter identity, held weakly. A DDP wrapper
+the state has not met (a model re-created from a checkpoint, in this process or a new one) shows
+itself by parameters the state does not know in bucket 0 of its first step: positions start again
+from 0, in its bucket order, which is the same for the same model definition (DDP's initial buckets
+follow the parameters' order and sizes; the trainer's bucket warm-up makes it the rebuilt order
+in both runs). So the same HookState, or one restored with load_state_dict, continues bitwise
+identically on a re-created model and optimizer, and no old model is kept alive.
+One HookState serves one DDP model at a time.
 """
+import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -42,9 +50,10 @@ class HookState:
             raise TypeError(f"{_OP}: error_feedback must be a bool, got {type(error_feedback).__name__}")
         self.group = group
         self.error_feedback = error_feedback
-        self._index: Dict[int, int] = {}           # id(parameter) -> stable index
-        self._params: List[torch.Tensor] = []      # keeps ids valid (index -> parameter)
-        self._views: Dict[int, torch.Tensor] = {}  # stable index -> its residual (a view into a flat)
+        # id(parameter) -> (weak reference to it, its position); see the module docstring
+        self._positions: Dict[int, Tuple[weakref.ref, int]] = {}
+        self._next_position = 0
+        self._views: Dict[int, torch.Tensor] = {}  # position -> its residual (a view into a flat)
         self._flats: Dict[Tuple[int, ...], torch.Tensor] = {}  # bucket layout -> flat residual
         self._loaded: Dict[int, torch.Tensor] = {}  # residuals from load_state_dict, not yet placed
 
@@ -87,19 +96,32 @@ class HookState:
                 self._views[i].zero_()
 
     # ---- residuals of a bucket ----
-    def _stable_index(self, p: torch.Tensor) -> int:
-        i = self._index.get(id(p))
-        if i is None:
-            i = len(self._params)
-            self._index[id(p)] = i
-            self._params.append(p)
-        return i
+    def _known_position(self, p: torch.Tensor) -> Optional[int]:
+        entry = self._positions.get(id(p))
+        return entry[1] if entry is not None and entry[0]() is p else None  # (an id may be reused)
 
-    def residual_for(self, params: List[torch.Tensor], n_elems: int) -> torch.Tensor:
-        """The flat float32 residual of a bucket whose buffer holds `params`' gradients in order."""
-        ids = tuple(self._stable_index(p) for p in params)
-        flat = self._flats.get(ids)
-        if flat is not None:
+    def _bucket_positions(self, bucket_index: int, params: List[torch.Tensor]) -> Tuple[int, ...]:
+        known = [self._known_position(p) for p in params]
+        if bucket_index == 0 and None in known:
+            # DDP runs a step's buckets in index order: a new model's first bucket. Number again.
+            self._positions.clear()
+            self._next_position = 0
+            known = [None] * len(params)
+        out = []
+        for p, pos in zip(params, known):
+            if pos is None:
+                pos = self._next_position
+                self._next_position += 1
+                self._positions[id(p)] = (weakref.ref(p), pos)
+            out.append(pos)
+        return tuple(out)
+
+    def residual_for(self, bucket_index: int, params: List[torch.Tensor], n_elems: int) -> torch.Tensor:
+        """The flat float32 residual of bucket `bucket_index`, whose buffer holds `params`'
+        gradients in order."""
+        positions = self._bucket_positions(bucket_index, params)
+        flat = self._flats.get(positions)
+        if flat is not None and flat.numel() == n_elems:
             return flat
         sizes = [p.numel() for p in params]
         if sum(sizes) != n_elems:
@@ -108,23 +130,23 @@ class HookState:
         # A new layout (first step, or DDP's bucket rebuild): carry every parameter's residual over.
         flat = torch.zeros(n_elems, dtype=torch.float32)
         off = 0
-        for i, size in zip(ids, sizes):
+        for i, size in zip(positions, sizes):
             view = flat[off:off + size]
             old = self._views.get(i)
             if old is None:
                 old = self._loaded.pop(i, None)
-                if old is not None and old.numel() != size:
-                    raise ValueError(f"ld.allreduce_hook: the loaded residual {i} has {old.numel()} elements, "
-                                     f"the parameter has {size}")
             if old is not None:
+                if old.numel() != size:
+                    raise ValueError(f"ld.allreduce_hook: the residual at position {i} has {old.numel()} "
+                                     f"elements, the parameter there has {size} (a different model?)")
                 view.copy_(old)
             self._views[i] = view
             off += size
         # Layouts that lost a parameter to this one are stale.
-        moved = set(ids)
+        moved = set(positions)
         for key in [k for k in self._flats if moved.intersection(k)]:
             del self._flats[key]
-        self._flats[ids] = flat
+        self._flats[positions] = flat
         return flat
 
 
@@ -136,7 +158,7 @@ def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tenso
     if not state.uses_error_feedback or buf.dtype not in FLOAT_DTYPES:
         return all_reduce(buf, "avg", group=state.group, compression=state.compression,
                           block_size=state.block_size, async_op=True)
-    r = state.residual_for(list(bucket.parameters()), buf.numel())
+    r = state.residual_for(bucket.index(), list(bucket.parameters()), buf.numel())
     staged = buf.dtype != torch.float32 or buf.device.type != "cpu" or not buf.is_contiguous()
     x = buf.detach().to("cpu", torch.float32, copy=True).contiguous() if staged else buf
     # x += r; r = x - D(Q(x))   (in place, one pass)

@@ -527,3 +527,96 @@ def nonfinite(ctx) -> None:
     ctx.record["residuals_finite"] = all(bool(torch.isfinite(v).all()) for v in state.state_dict()["residuals"].values())
     hashes["ddp fp16 params"] = _bits(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     del ddp_model
+
+
+def resume(ctx) -> None:
+    """Issue 9.3: training continues bitwise identically after the model, its DDP wrapper and the
+    optimizer are re-created from a snapshot, with (a) the same HookState object and (b) a fresh
+    one restored with load_state_dict, and (c), when both runs let DDP settle its buckets first
+    (as the trainer does), exactly as the uninterrupted run. The old model is garbage-collected."""
+    import copy
+    import gc
+    import io
+    import weakref
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    r = ctx.rank
+    hashes = ctx.record.setdefault("hashes", {})
+    n_steps = 4  # before and after the snapshot
+
+    def data(step):
+        g = torch.Generator().manual_seed(1000 * step + r)
+        return torch.randn(16, 24, generator=g), torch.randn(16, 3, generator=g)
+
+    bypass = [False]
+
+    def hook(state, bucket):  # the trainer's way of letting DDP settle its buckets without communicating
+        if bypass[0]:
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        return ld.allreduce_hook(state, bucket)
+
+    def build(state, snapshot=None, settle=False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                                    torch.nn.Tanh(), torch.nn.Linear(64, 3))
+        if snapshot is not None:
+            model.load_state_dict(snapshot["model"])
+        ddp_model = DDP(model, bucket_cap_mb=0.01)  # several buckets, rebuilt after the first backward
+        ddp_model.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9)
+        if snapshot is not None:
+            opt.load_state_dict(copy.deepcopy(snapshot["opt"]))  # (it adopts the momentum tensors)
+        if settle:
+            bypass[0] = True
+            x, y = data(-1)
+            torch.nn.functional.mse_loss(ddp_model(x), y).backward()
+            bypass[0] = False
+            opt.zero_grad(set_to_none=True)
+        return model, ddp_model, opt
+
+    def train(model, ddp_model, opt, steps):
+        for step in steps:
+            x, y = data(step)
+            loss = torch.nn.functional.mse_loss(ddp_model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return _bits(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+    def snapshot_of(model, opt, state):
+        buf = io.BytesIO()
+        torch.save(state.state_dict(), buf)  # through a file, as a checkpoint would go
+        buf.seek(0)
+        return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                "opt": copy.deepcopy(opt.state_dict()), "hook": torch.load(buf)}
+
+    results = {}
+    for settle in (False, True):
+        tag = "settled" if settle else "plain"
+        if settle:
+            state = ld.HookState(compression="int8")
+            results["uninterrupted"] = train(*build(state, settle=True), range(2 * n_steps))
+        state = ld.HookState(compression="int8")
+        model, ddp_model, opt = build(state, settle=settle)
+        train(model, ddp_model, opt, range(n_steps))
+        snap = snapshot_of(model, opt, state)
+        old = weakref.ref(model[0].weight)
+        if settle:  # the old model goes before the new one is built, and must really go
+            del model, ddp_model, opt
+            gc.collect()
+            ctx.record["old_model_collected_before"] = old() is None
+        # (a) the same HookState object continues on the re-created model
+        results[f"{tag} same state"] = train(*build(state, snap, settle), range(n_steps, 2 * n_steps))
+        # (b) a fresh HookState restored from the snapshot
+        fresh = ld.HookState(compression="int8")
+        fresh.load_state_dict(snap["hook"])
+        results[f"{tag} restored state"] = train(*build(fresh, snap, settle), range(n_steps, 2 * n_steps))
+        if not settle:
+            del model, ddp_model, opt
+        gc.collect()
+        ctx.record[f"old model collected ({tag})"] = old() is None
+    ctx.record["params"] = results
+    hashes.update({f"resume {k}": v for k, v in results.items()})
