@@ -364,6 +364,36 @@ def test_segment_that_dev_shm_cannot_hold_is_an_error_at_creation_not_sigbus_lat
     assert not os.path.exists("/dev/shm" + name)
 
 
+def test_crafted_segment_headers_owners_and_modes_are_refused_not_trusted():
+    """Issue 9.12: an attaching rank checked magic, rank count and size, then trusted the header's
+    offsets (a crafted segment made it segfault). Every field is now checked against the mapping,
+    and the file's owner and mode before use: each crafted case is a CommError. In a subprocess,
+    so a crash fails this test instead of killing the run."""
+    import json
+    import subprocess
+
+    import lepton_core
+
+    script = Path(__file__).with_name("dist_workers") / "crafted_segments.py"
+    env = dict(os.environ, PYTHONPATH=str(Path(lepton_core.__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    results = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert proc.returncode == 0, f"exit {proc.returncode} after {list(results)}\n{proc.stderr[-3000:]}"
+    assert results.pop("untouched") == {"case": "untouched", "header_ok": True, "result": "attached", "sum_ok": True}
+    assert results.pop("left in /dev/shm")["result"] == []
+    expect = {"writable by others": "is writable by group or others (mode 0666)",
+              "writable by group": "is writable by group or others (mode 0620)",
+              "owned by another user": "is owned by uid 4242",
+              "sizes that overflow": "sizes overflow",
+              "shorter than its header": "smaller than its header"}
+    assert len(results) >= 16
+    for case, r in results.items():
+        if r["result"].startswith("skipped") and case == "owned by another user":
+            continue
+        assert r["result"].startswith("CommError: ld.all_reduce: shared-memory segment "), (case, r)
+        assert expect.get(case, "does not have the expected layout") in r["result"], (case, r)
+
+
 def test_hook_residuals_follow_parameters_across_bucket_rebuilds():
     import lepton_core.distributed as ld
 

@@ -1,5 +1,7 @@
 #include "comm/transport.h"
 
+#include "cpu/reduce/reduce.h"
+
 #include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
@@ -28,7 +30,21 @@ namespace lp {
 namespace {
 
 constexpr uint64_t kAlign = 4096;
-uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+// Size arithmetic on values read from a segment header: an overflow is an error, not a wrap.
+[[noreturn]] void size_overflow() {
+  throw CommFault("ld.all_reduce: shared-memory segment sizes overflow", true);
+}
+uint64_t add(uint64_t a, uint64_t b) {
+  uint64_t r = 0;
+  if (__builtin_add_overflow(a, b, &r)) size_overflow();
+  return r;
+}
+uint64_t mul(uint64_t a, uint64_t b) {
+  uint64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) size_overflow();
+  return r;
+}
+uint64_t page_up(uint64_t v) { return mul(add(v, kAlign - 1) / kAlign, kAlign); }
 
 long futex_wait(std::atomic<uint32_t>* addr, uint32_t expected, int64_t timeout_ns) {
   struct timespec ts;
@@ -78,16 +94,64 @@ constexpr int64_t kStaleHeartbeatNs = 500000000;  // a waiting rank refreshes it
 }  // namespace
 
 ShmLayout ShmLayout::plan(int n_ranks, uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes) {
+  // A ring slot must hold one piece: one block of the largest int8 block size (ring_allreduce.cc).
+  const uint64_t min_slot_bytes = uint64_t(q8_message_bytes(kQ8MaxBlockElems, kQ8MaxBlockElems));
+  if (n_ranks < 1 || ring_slots < 2 || ring_slot_bytes < min_slot_bytes || lat_bytes == 0)
+    throw CommFault("ld.all_reduce: unusable shared-memory geometry: " + std::to_string(n_ranks) + " ranks, " +
+                        std::to_string(ring_slots) + " ring slots of " + std::to_string(ring_slot_bytes) +
+                        " bytes (at least 2 of " + std::to_string(min_slot_bytes) + "), latency slots of " +
+                        std::to_string(lat_bytes) + " bytes",
+                    true);
   ShmLayout l;
   l.n_ranks = n_ranks;
   l.ring_slots = ring_slots;
-  l.ring_slot_bytes = round_up(ring_slot_bytes, kAlign);
-  l.lat_bytes = round_up(lat_bytes, kAlign);
-  l.ctl_offset = round_up(sizeof(SegHeader), kAlign);
-  l.data_offset = round_up(l.ctl_offset + uint64_t(n_ranks) * sizeof(RankCtl), kAlign);
-  l.rank_data_bytes = 2 * l.lat_bytes + uint64_t(ring_slots) * l.ring_slot_bytes;
-  l.total_bytes = l.data_offset + uint64_t(n_ranks) * l.rank_data_bytes;
+  l.ring_slot_bytes = page_up(ring_slot_bytes);
+  l.lat_bytes = page_up(lat_bytes);
+  l.ctl_offset = page_up(sizeof(SegHeader));
+  l.data_offset = page_up(add(l.ctl_offset, mul(uint64_t(n_ranks), sizeof(RankCtl))));
+  l.rank_data_bytes = add(mul(2, l.lat_bytes), mul(uint64_t(ring_slots), l.ring_slot_bytes));
+  l.total_bytes = add(l.data_offset, mul(uint64_t(n_ranks), l.rank_data_bytes));
   return l;
+}
+
+ShmLayout ShmLayout::read(const ShmSegment& seg, int n_ranks) {
+  auto bad = [&](const std::string& why) {
+    return CommFault("ld.all_reduce: shared-memory segment " + seg.name() +
+                         " does not have the expected layout (another job's segment?): " + why,
+                     true);
+  };
+  if (seg.n_bytes() < sizeof(SegHeader))
+    throw bad(std::to_string(seg.n_bytes()) + " bytes, smaller than its header");
+  // Each field is read once, into this rank's own copy: what is checked is what is used.
+  const SegHeader* h = static_cast<const SegHeader*>(seg.base());
+  if (h->magic != kSegMagic) throw bad("wrong magic number");
+  if (h->n_ranks != n_ranks)
+    throw bad("made for " + std::to_string(h->n_ranks) + " ranks, not " + std::to_string(n_ranks));
+  ShmLayout got;
+  got.n_ranks = n_ranks;
+  got.ring_slots = h->ring_slots;
+  got.ring_slot_bytes = h->ring_slot_bytes;
+  got.lat_bytes = h->lat_bytes;
+  got.ctl_offset = h->ctl_offset;
+  got.data_offset = h->data_offset;
+  got.rank_data_bytes = h->rank_data_bytes;
+  got.total_bytes = h->total_bytes;
+  ShmLayout want;
+  try {
+    want = plan(n_ranks, got.ring_slot_bytes, got.ring_slots, got.lat_bytes);
+  } catch (const CommFault& e) {
+    std::string why = e.what();
+    const std::string prefix = "ld.all_reduce: ";
+    throw bad(why.compare(0, prefix.size(), prefix) == 0 ? why.substr(prefix.size()) : why);
+  }
+  if (want.ring_slot_bytes != got.ring_slot_bytes || want.lat_bytes != got.lat_bytes ||
+      want.ctl_offset != got.ctl_offset || want.data_offset != got.data_offset ||
+      want.rank_data_bytes != got.rank_data_bytes || want.total_bytes != got.total_bytes)
+    throw bad("offsets or sizes in its header do not match its geometry");
+  if (got.total_bytes != seg.n_bytes())
+    throw bad("its header says " + std::to_string(got.total_bytes) + " bytes, the mapping has " +
+              std::to_string(seg.n_bytes()));
+  return got;
 }
 
 ShmTransport::ShmTransport(const std::string& name, bool create, int rank, int n_ranks,
@@ -115,22 +179,13 @@ ShmTransport::ShmTransport(const std::string& name, bool create, int rank, int n
     head_->magic = kSegMagic;
   } else {
     seg_ = ShmSegment::open(name);
-    head_ = static_cast<SegHeader*>(seg_.base());
-    if (seg_.n_bytes() < sizeof(SegHeader) || head_->magic != kSegMagic || head_->n_ranks != n_ranks ||
-        head_->total_bytes != seg_.n_bytes()) {
+    try {
+      layout_ = ShmLayout::read(seg_, n_ranks);
+    } catch (const CommFault&) {
       seg_.unlink();
-      throw CommFault("ld.all_reduce: shared-memory segment " + name +
-                          " does not have the expected layout (another job's segment?)",
-                      true);
+      throw;
     }
-    layout_.n_ranks = n_ranks;
-    layout_.ring_slots = head_->ring_slots;
-    layout_.ring_slot_bytes = head_->ring_slot_bytes;
-    layout_.lat_bytes = head_->lat_bytes;
-    layout_.ctl_offset = head_->ctl_offset;
-    layout_.data_offset = head_->data_offset;
-    layout_.rank_data_bytes = head_->rank_data_bytes;
-    layout_.total_bytes = head_->total_bytes;
+    head_ = static_cast<SegHeader*>(seg_.base());
   }
   uint8_t* base = static_cast<uint8_t*>(seg_.base());
   ctls_ = reinterpret_cast<RankCtl*>(base + layout_.ctl_offset);
@@ -342,7 +397,7 @@ int ShmTransport::stalled_rank(int peer) const {
   for (int hops = 0; hops < n_ranks_; ++hops) {
     const RankCtl& c = ctl(r);
     int w = c.waiting_on.load(std::memory_order_relaxed);
-    if (w < 0 || w == rank_) return r;
+    if (w < 0 || w >= n_ranks_ || w == rank_) return r;  // (read from a peer: checked before use)
     if (now - c.heartbeat_ns.load(std::memory_order_relaxed) > kStaleHeartbeatNs) return r;
     r = w;
   }

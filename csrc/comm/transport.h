@@ -3,6 +3,9 @@
 //
 // Layout (one segment per communicator, created by local rank 0):
 //   SegHeader | RankCtl x n_ranks | per rank: 2 latency slots of lat_bytes, ring_slots ring slots
+// A rank that maps the segment trusts nothing in it: the owner and mode of the file are checked
+// (ShmSegment::open), the header's layout against the mapping (ShmLayout::read), and indices read
+// from peers' control blocks against n_ranks.
 // Every RankCtl field is written only by its own rank (except `sleepers`, a counter of waiters).
 // A rank's slots are written only by that rank and read by the others.
 //
@@ -77,7 +80,14 @@ struct ShmLayout {
   int ring_slots;
   uint64_t ring_slot_bytes, lat_bytes;
   uint64_t ctl_offset, data_offset, rank_data_bytes, total_bytes;
+  // The layout for a geometry (sizes rounded up to pages). Throws CommFault when the geometry
+  // cannot work: fewer than 2 ring slots (the ring's queue depth), a slot smaller than one int8
+  // block of the largest size, or sizes that overflow.
   static ShmLayout plan(int n_ranks, uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes);
+  // The layout in an existing segment's header, checked before any offset in it is used: it must
+  // be exactly what plan() gives for the header's geometry and fill the mapping, so every control
+  // block and slot lies inside it. Throws CommFault saying what does not fit.
+  static ShmLayout read(const ShmSegment& seg, int n_ranks);
 };
 
 class ShmTransport {

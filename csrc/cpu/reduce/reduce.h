@@ -86,6 +86,9 @@ const ReduceKernels& reduce_kernels();
 // The table for a given lp_isa level (for tests), capped at what the build and CPU offer.
 const ReduceKernels& reduce_kernels_for(int isa);
 
+// Largest block the q8 kernels take (Python checks block_size against the same bound, MAX_BLOCK).
+constexpr int64_t kQ8MaxBlockElems = 4096;
+
 // Bytes of a q8 message of n_elems: codes, then the scales at a 64-byte aligned offset.
 static inline int64_t q8_scales_offset(int64_t n_elems) { return (n_elems + 63) / 64 * 64; }
 static inline int64_t q8_n_blocks(int64_t n_elems, int64_t block_elems) {
