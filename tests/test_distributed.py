@@ -568,3 +568,14 @@ def test_hook_state_continues_bitwise_on_a_re_created_ddp_model():
         assert p["settled same state"] == p["settled restored state"] == p["uninterrupted"]
         assert r["old model collected (plain)"] and r["old model collected (settled)"]
         assert r["old_model_collected_before"]
+
+
+@pytest.mark.distributed
+def test_two_groups_set_up_from_two_threads_in_opposite_orders_do_not_wait_for_each_other():
+    """Issue 9.10: the setup of one group no longer holds up another's (the old global lock made
+    this wait out the whole timeout, then fail)."""
+    res = _run("setup_in_two_threads", 2, pg_timeout_s=8.0, timeout_s=60)
+    for r in res.results:
+        assert r["errors"] == {}, r["errors"]
+        assert r["sums"] == {"0": 1.0, "1": 21.0}
+        assert r["transports"] == ["shm", "shm"]

@@ -148,26 +148,53 @@ class _Setup:
                              f"{self.timeout_s:g} s ({type(e).__name__}: {e})") from None
 
 
+class _Slot:
+    """A group's communicator, made at most once. Its setup runs under the slot's own lock, so the
+    setups of two groups (first used from two threads, in any order on any rank) never wait for
+    each other: only the dict of slots is behind the global lock."""
+
+    def __init__(self, generation: int):
+        self.lock = threading.Lock()
+        self.generation = generation
+        self.comm: Optional["GroupComm"] = None
+        self.error: Optional[BaseException] = None
+
+
 _generations: Dict[str, int] = {}
-_comms: Dict[object, "GroupComm"] = {}
-_comms_lock = threading.Lock()
+_comms: Dict[object, _Slot] = {}
+_comms_lock = threading.Lock()  # guards _comms and _generations; never held through a setup
 
 
 def get_comm(group) -> "GroupComm":
     with _comms_lock:
-        comm = _comms.get(group)
-        if comm is None:
+        slot = _comms.get(group)
+        if slot is None:
             name = getattr(group, "group_name", "") or "group"
             gen = _generations.get(name, 0)
             _generations[name] = gen + 1
-            comm = GroupComm(group, gen)
-            _comms[group] = comm
+            slot = _Slot(gen)
+            _comms[group] = slot
+    comm = slot.comm
+    if comm is not None:
         return comm
+    with slot.lock:
+        if slot.comm is None:
+            if slot.error is not None:  # this very setup failed in another thread
+                raise slot.error
+            try:
+                slot.comm = GroupComm(group, slot.generation)
+            except BaseException as e:
+                slot.error = e
+                with _comms_lock:  # the next call sets up afresh (a new generation)
+                    if _comms.get(group) is slot:
+                        del _comms[group]
+                raise
+        return slot.comm
 
 
 def _shutdown_all() -> None:
     with _comms_lock:
-        comms = list(_comms.values())
+        comms = [slot.comm for slot in _comms.values() if slot.comm is not None]
         _comms.clear()
     for c in comms:
         c.shutdown()

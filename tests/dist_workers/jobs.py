@@ -620,3 +620,35 @@ def resume(ctx) -> None:
         ctx.record[f"old model collected ({tag})"] = old() is None
     ctx.record["params"] = results
     hashes.update({f"resume {k}": v for k, v in results.items()})
+
+
+def setup_in_two_threads(ctx) -> None:
+    """Issue 9.10: two groups first used from two threads, in opposite orders on the two ranks.
+    One global lock held through a whole setup made each rank's second setup wait for its first,
+    which waited for the other rank's first use of that group: both waited out the timeout."""
+    import datetime
+
+    w, r = ctx.world, ctx.rank
+    timeout = datetime.timedelta(seconds=ctx.pg_timeout_s)
+    groups = [dist.new_group(list(range(w)), timeout=timeout) for _ in range(2)]
+    order = [0, 1] if r % 2 == 0 else [1, 0]
+    sums, errors = {}, {}
+
+    def use(i):
+        try:
+            t = torch.full((1000,), float(r + 10 * i))
+            ld.all_reduce(t, group=groups[i])
+            sums[i] = float(t[0])
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            errors[i] = f"{type(e).__name__}: {e}"
+
+    first = threading.Thread(target=use, args=(order[0],))
+    first.start()
+    time.sleep(1.0)  # (so that the first setup is under way, waiting for the other rank)
+    second = threading.Thread(target=use, args=(order[1],))
+    second.start()
+    first.join()
+    second.join()
+    ctx.record["errors"] = errors
+    ctx.record["sums"] = sums
+    ctx.record["transports"] = [_comm_of(g).transport for g in groups]
