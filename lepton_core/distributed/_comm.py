@@ -22,11 +22,17 @@ host. torch runs torch.distributed alone (16-bit types in float32; int8: an all-
 rank's quantized input, summed in rank order). hier and torch run asynchronous calls on one Python
 thread per group, in order. A small header all-gather precedes hier and torch calls so that ranks
 that disagree on the call raise CommError instead of corrupting or hanging a collective.
+
+Lifetime: a communicator is made at its group's first use (each group's setup under its own lock)
+and released with the group: when the group object goes (a weakref finalizer: after
+destroy_process_group when nothing else holds it), or, for a destroyed group still referenced
+somewhere, at the next first use of another group. Its segment, threads and descriptors go with it.
 """
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import datetime
 import os
 import secrets
@@ -34,6 +40,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -158,22 +165,41 @@ class _Slot:
         self.generation = generation
         self.comm: Optional["GroupComm"] = None
         self.error: Optional[BaseException] = None
+        self.released = False
 
 
+# Slots by id(group): the group itself is held weakly, so that a destroyed group (and its Gloo
+# threads and sockets) can go, and its communicator with it (_release).
 _generations: Dict[str, int] = {}
-_comms: Dict[object, _Slot] = {}
-_comms_lock = threading.Lock()  # guards _comms and _generations; never held through a setup
+_comms: Dict[int, _Slot] = {}
+_comms_lock = threading.Lock()  # guards _comms, _generations and fast_comms; never held through a setup
+# ld.all_reduce's fast path: the group argument as given (None, or id of the group) -> its shm
+# communicator. Emptied of a communicator when it is released.
+fast_comms: Dict[Optional[int], "GroupComm"] = {}
+# (key, slot) of groups that went, to release outside _comms_lock (see _on_group_gone).
+_gone: List = []
+
+
+@contextlib.contextmanager
+def _registry():
+    """_comms_lock, then the releases that group finalizers left while it was held."""
+    with _comms_lock:
+        yield
+    _release_gone()
 
 
 def get_comm(group) -> "GroupComm":
-    with _comms_lock:
-        slot = _comms.get(group)
+    key = id(group)
+    with _registry():
+        slot = _comms.get(key)
         if slot is None:
+            _gone.extend(_destroyed_slots())
             name = getattr(group, "group_name", "") or "group"
             gen = _generations.get(name, 0)
             _generations[name] = gen + 1
             slot = _Slot(gen)
-            _comms[group] = slot
+            _comms[key] = slot
+            weakref.finalize(group, _on_group_gone, key, slot)
     comm = slot.comm
     if comm is not None:
         return comm
@@ -185,19 +211,72 @@ def get_comm(group) -> "GroupComm":
                 slot.comm = GroupComm(group, slot.generation)
             except BaseException as e:
                 slot.error = e
-                with _comms_lock:  # the next call sets up afresh (a new generation)
-                    if _comms.get(group) is slot:
-                        del _comms[group]
+                with _registry():  # the next call sets up afresh (a new generation)
+                    if _comms.get(key) is slot:
+                        del _comms[key]
                 raise
+            if slot.released:  # the group was destroyed meanwhile
+                slot.comm.shutdown()
         return slot.comm
+
+
+def remember_fast(key: Optional[int], comm: "GroupComm") -> None:
+    with _registry():
+        if not comm.closed:
+            fast_comms[key] = comm
+
+
+def _destroyed_slots():
+    """(key, slot) of groups that torch.distributed no longer knows (destroy_process_group) but that
+    are still alive, held by someone (a model wrapper, a variable), so their finalizer has not run."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        live = {id(g) for g in c10d._world.pg_map}
+    except Exception:  # noqa: BLE001 - a torch without this registry: groups go by their finalizer only
+        return []
+    return [(k, slot) for k, slot in _comms.items() if k not in live]
+
+
+def _on_group_gone(key: int, slot: _Slot) -> None:
+    """Finalizer of a process group object. It may run in any thread at any allocation (the cyclic
+    garbage collector), even inside _comms_lock: it only queues the release, and releases at once
+    when the lock is free; otherwise whoever holds the lock does on leaving it (_registry)."""
+    _gone.append((key, slot))
+    if _comms_lock.acquire(blocking=False):
+        _comms_lock.release()
+        _release_gone()
+
+
+def _release_gone() -> None:
+    while _gone:
+        try:
+            key, slot = _gone.pop()
+        except IndexError:  # another thread took the last one
+            return
+        _release(key, slot)
+
+
+def _release(key: int, slot: _Slot) -> None:
+    """Shuts a group's communicator down and frees it (segment, threads, descriptors): when the
+    group object goes (its finalizer) or once torch.distributed no longer knows it. torch offers no
+    destroy callback for a process group; nothing of torch is patched."""
+    with _comms_lock:
+        slot.released = True  # (set before reading slot.comm; get_comm checks in the other order)
+        if _comms.get(key) is slot:
+            del _comms[key]
+        comm = slot.comm
+        for k in [k for k, c in fast_comms.items() if c is comm]:
+            del fast_comms[k]
+    if comm is not None:
+        comm.shutdown()
 
 
 def _shutdown_all() -> None:
     with _comms_lock:
-        comms = [slot.comm for slot in _comms.values() if slot.comm is not None]
-        _comms.clear()
-    for c in comms:
-        c.shutdown()
+        slots = list(_comms.items())
+    for key, slot in slots:
+        _release(key, slot)
 
 
 atexit.register(_shutdown_all)
@@ -205,7 +284,8 @@ atexit.register(_shutdown_all)
 
 class GroupComm:
     def __init__(self, group, generation: int):
-        self.group = group
+        self.group_ref = weakref.ref(group)  # (a strong reference would keep a destroyed group alive)
+        self.closed = False
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.global_ranks = [dist.get_global_rank(group, r) for r in range(self.size)] \
@@ -320,17 +400,30 @@ class GroupComm:
         self.shm = shm
         return True
 
+    @property
+    def group(self):
+        group = self.group_ref()
+        if group is None or self.closed:
+            raise _fail_comm("the process group was destroyed")
+        return group
+
     def shutdown(self) -> None:
-        if self.shm is not None:
-            self.shm.shutdown()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Ends the communication threads (after the calls queued on them) and frees the segment
+        and descriptors. Idempotent."""
+        self.closed = True
+        shm, self.shm = self.shm, None
+        if shm is not None:
+            shm.shutdown()  # the native ShmComm goes with its last reference (an in-flight call's)
+        if self._executor is not None:  # (not waiting for itself, when a finalizer runs on it)
+            self._executor.shutdown(wait=threading.current_thread() not in getattr(self._executor, "_threads", ()))
 
     # ---- calls ----
     def all_reduce(self, work: torch.Tensor, op: str, comp: Optional[str], block: int, async_op: bool,
                    finish: Callable[[], None], result: torch.Tensor):
         """Reduces the contiguous CPU tensor `work` in place; `finish` copies it back to the user's
         tensor (when they differ); returns None, or a Future of `result` for async_op."""
+        if self.closed:
+            raise _fail_comm("the process group was destroyed")
         if self.transport == "shm":
             return self._shm_call(work, op, comp, block, async_op, finish, result)
         fn = self._hier_call if self.transport == "hier" else self._torch_call

@@ -622,6 +622,57 @@ def resume(ctx) -> None:
     hashes.update({f"resume {k}": v for k, v in results.items()})
 
 
+def _resources() -> dict:
+    """This process's open file descriptors, threads and shared-memory segments still mapped."""
+    with open("/proc/self/maps") as f:
+        shm = {line.split()[-2] if line.rstrip().endswith("(deleted)") else line.split()[-1]
+               for line in f if "/dev/shm/lepton-" in line}
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": len(os.listdir("/proc/self/task")),
+            "shm_segments": len(shm)}
+
+
+def cycles(ctx) -> None:
+    """Issue 9.9: init_process_group / destroy_process_group cycles, each using the shared-memory
+    and the torch.distributed transports (synchronous and asynchronous calls, a subgroup): file
+    descriptors, threads and mapped segments must stay flat. Then cycles whose group objects the
+    caller keeps (as a model wrapper would): their communicators go at the next group's first use."""
+    import datetime
+
+    w, r = ctx.world, ctx.rank
+    dist.destroy_process_group()  # the worker's own group; each cycle makes its own
+    timeout = datetime.timedelta(seconds=ctx.pg_timeout_s)
+
+    def cycle(i):
+        dist.init_process_group("gloo", init_method=f"file://{ctx.out}/store-cycle{i}", rank=r, world_size=w,
+                                timeout=timeout)
+        t = torch.full((1000,), float(r + 1))
+        ld.all_reduce(t)
+        mid = _resources()
+        fut = ld.all_reduce(torch.ones(100000), async_op=True)
+        assert torch.equal(fut.wait(), torch.full((100000,), float(w)))
+        os.environ["LEPTON_TRANSPORT"] = "torch"
+        g = dist.new_group(list(range(w)))
+        ld.all_reduce(t, group=g)
+        del os.environ["LEPTON_TRANSPORT"]
+        ld.all_reduce(t, group=g, async_op=True).wait()
+        assert torch.equal(t, torch.full((1000,), float(w * w * w * (w + 1) / 2)))
+        return mid
+
+    samples = []
+    for i in range(ctx.args["cycles"]):
+        cycle(i)
+        dist.destroy_process_group()
+        samples.append(_resources())
+    ctx.record["samples"] = samples
+    held, kept = [], []
+    for i in range(ctx.args["cycles"], ctx.args["cycles"] + 4):
+        mid = cycle(i)
+        held.append(dist.group.WORLD)
+        dist.destroy_process_group()
+        kept.append({"segments_in_next_cycle": mid["shm_segments"], "communicators": len(_comm._comms)})
+    ctx.record["held"] = kept
+    ctx.record["skip_destroy"] = True  # no group left for the worker to destroy
+
 def setup_in_two_threads(ctx) -> None:
     """Issue 9.10: two groups first used from two threads, in opposite orders on the two ranks.
     One global lock held through a whole setup made each rank's second setup wait for its first,
