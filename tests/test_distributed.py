@@ -596,3 +596,44 @@ def test_communicators_are_released_with_their_process_group():
         # Groups still referenced after destroy_process_group: released at the next group's first use.
         assert [h["segments_in_next_cycle"] for h in r["held"]] == [1, 1, 1, 1], r["held"]
         assert max(h["communicators"] for h in r["held"]) <= 3, r["held"]
+
+
+def _first_rank_named(msg: str) -> int:
+    import re
+
+    m = re.search(r"rank (\d+)", msg)
+    assert m, msg
+    return int(m.group(1))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("transport,world", [("shm", 2), ("torch", 3), ("hier", 4)])
+def test_dead_peer_through_ddp_raises_commerror_naming_it(transport, world):
+    """Issue 9.11: through DDP the CommError used to arrive as 'RuntimeError: Unable to cast ... to
+    Tensor'; on the torch / hierarchical transports the missing rank was not (or wrongly) named."""
+    pg_timeout = 10.0
+    res = _run("ddp_dead_peer", world, args={"transport": transport}, pg_timeout_s=pg_timeout,
+               expect_codes=[0] * (world - 1) + [-9], timeout_s=120)
+    for r in res.results[:-1]:
+        assert r["transport"] == transport
+        assert r["at_step"] == 5, r
+        assert r["is_comm_error"], (r["error_type"], r["error"])
+        assert _first_rank_named(r["error"]) == world - 1, r["error"]
+        assert r["error_after_s"] <= pg_timeout + 5, r["error_after_s"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("transport,world", [("torch", 3), ("hier", 4)])
+def test_silent_or_frozen_rank_is_named_on_torch_and_hierarchical_transports(transport, world):
+    """Issue 9.11: Gloo's 'Timed out waiting ...' named nobody; in a hierarchical run a survivor
+    blamed another survivor. Heartbeats in the group's store name the right rank."""
+    pg_timeout = 3.0
+    res = _run("silent_rank", world, args={"transport": transport}, pg_timeout_s=pg_timeout,
+               expect_codes=[0] * (world - 1) + [-9], timeout_s=120)
+    for i, r in enumerate(res.results[:-1]):
+        assert r["transports"] == [transport, transport]
+        if i != 1:
+            assert "rank 1 did not take part" in r["error"], r["error"]
+            assert r["error_after_s"] <= pg_timeout + 5, r["error_after_s"]
+        assert _first_rank_named(r["error2"]) == world - 1, r["error2"]
+        assert r["error2_after_s"] <= pg_timeout + 5, r["error2_after_s"]

@@ -49,15 +49,16 @@ void bind_comm(py::module_& m) {
 
   py::class_<ShmComm>(m, "ShmComm")
       .def(py::init([](const std::string& name, bool create, int rank, int n_ranks, uint64_t ring_slot_bytes,
-                       int ring_slots, uint64_t lat_bytes) {
+                       int ring_slots, uint64_t lat_bytes, const std::vector<int>& rank_names) {
              ShmCommConfig cfg;
              cfg.ring_slot_bytes = ring_slot_bytes;
              cfg.ring_slots = ring_slots;
              cfg.lat_bytes = lat_bytes;
-             return std::make_unique<ShmComm>(name, create, rank, n_ranks, cfg);
+             return std::make_unique<ShmComm>(name, create, rank, n_ranks, cfg, rank_names);
            }),
            py::arg("name"), py::arg("create"), py::arg("rank"), py::arg("n_ranks"), py::arg("ring_slot_bytes"),
-           py::arg("ring_slots"), py::arg("lat_bytes"), py::call_guard<py::gil_scoped_release>())
+           py::arg("ring_slots"), py::arg("lat_bytes"), py::arg("rank_names") = std::vector<int>{},
+           py::call_guard<py::gil_scoped_release>())
       .def("attach", &ShmComm::attach, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
       .def("unlink", &ShmComm::unlink, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &ShmComm::rank)
@@ -86,6 +87,7 @@ void bind_comm(py::module_& m) {
                }
              });
            })
+      .def("abort", &ShmComm::abort, py::arg("why"), py::call_guard<py::gil_scoped_release>())
       .def("shutdown", &ShmComm::shutdown, py::call_guard<py::gil_scoped_release>());
 
   // ---- reduce kernels on raw pointers (isa: an lp_isa level, or -1 for the active one) ----

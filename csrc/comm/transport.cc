@@ -155,8 +155,13 @@ ShmLayout ShmLayout::read(const ShmSegment& seg, int n_ranks) {
 }
 
 ShmTransport::ShmTransport(const std::string& name, bool create, int rank, int n_ranks,
-                           uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes)
-    : rank_(rank), n_ranks_(n_ranks) {
+                           uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes,
+                           const std::vector<int>& rank_names)
+    : rank_(rank), n_ranks_(n_ranks), rank_names_(rank_names) {
+  if (!rank_names_.empty() && int(rank_names_.size()) != n_ranks)
+    throw CommFault("ld.all_reduce: " + std::to_string(rank_names_.size()) + " rank names for " +
+                        std::to_string(n_ranks) + " ranks",
+                    true);
   // 1. Map the segment; its creator writes the layout every rank reads back.
   if (create) {
     layout_ = ShmLayout::plan(n_ranks, ring_slot_bytes, ring_slots, lat_bytes);
@@ -207,11 +212,11 @@ void ShmTransport::attach(double timeout_s) {
     if (now_ns() > deadline) {
       std::string missing;
       for (int r = 0; r < n_ranks_; ++r)
-        if (ctl(r).pid == 0) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        if (ctl(r).pid == 0) missing += (missing.empty() ? "" : ", ") + rank_text(r);
       seg_.unlink();
       char secs[32];
       std::snprintf(secs, sizeof(secs), "%g", timeout_s);
-      throw CommFault("ld.all_reduce: local rank(s) " + missing +
+      throw CommFault("ld.all_reduce: " + missing +
                           " did not map the shared-memory segment within the timeout of " + secs + " s",
                       true);
     }
@@ -413,14 +418,14 @@ void ShmTransport::check_faults(int peer, const char* what) {
       char why[sizeof(c.reason)];
       std::memcpy(why, c.reason, sizeof(why));
       why[sizeof(why) - 1] = 0;
-      fail(c.culprit, why, " (reported by rank " + std::to_string(r) + ")");
+      fail(c.culprit, why, " (reported by " + rank_text(r) + ")");
     }
   }
   // 2. A peer exited before completing this call.
   for (int r = 0; r < n_ranks_; ++r) {
     if (r == rank_) continue;
     if (ctl(r).done.load(std::memory_order_acquire) < call_ + 1 && peer_dead(r))
-      fail(r, std::string(op_name_) + ": rank " + std::to_string(r) + " (pid " + std::to_string(ctl(r).pid) +
+      fail(r, std::string(op_name_) + ": " + rank_text(r) + " (pid " + std::to_string(ctl(r).pid) +
                   ") died or exited during call " + std::to_string(call_));
   }
   // 3. The deadline.
@@ -428,10 +433,24 @@ void ShmTransport::check_faults(int peer, const char* what) {
     int culprit = stalled_rank(peer);
     char secs[32];
     std::snprintf(secs, sizeof(secs), "%g", timeout_s_);
-    fail(culprit, std::string(op_name_) + ": rank " + std::to_string(culprit) + " did not take part in call " +
-                      std::to_string(call_) + " within the timeout of " + secs + " s (rank " +
-                      std::to_string(rank_) + " was waiting for rank " + std::to_string(peer) + " to " + what +
+    fail(culprit, std::string(op_name_) + ": " + rank_text(culprit) + " did not take part in call " +
+                      std::to_string(call_) + " within the timeout of " + secs + " s (" + rank_text(rank_) +
+                      " was waiting for " + rank_text(peer) + " to " + what +
                       ")");
+  }
+}
+
+std::string ShmTransport::rank_text(int r) const {
+  return "rank " + std::to_string(rank_names_.empty() ? r : rank_names_[size_t(r)]);
+}
+
+void ShmTransport::abort(const std::string& why) {
+  RankCtl& me = ctl(rank_);
+  if (!me.aborted.load(std::memory_order_relaxed)) {
+    me.culprit = -1;
+    std::snprintf(me.reason, sizeof(me.reason), "%s", why.c_str());
+    me.aborted.store(1, std::memory_order_release);
+    ring_bell();
   }
 }
 

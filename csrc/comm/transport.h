@@ -93,8 +93,9 @@ struct ShmLayout {
 class ShmTransport {
  public:
   // Maps the segment (creating it on `create`). Throws CommFault.
+  // rank_names: how messages name each local rank (the process group's global ranks; empty: 0..n-1).
   ShmTransport(const std::string& name, bool create, int rank, int n_ranks, uint64_t ring_slot_bytes,
-               int ring_slots, uint64_t lat_bytes);
+               int ring_slots, uint64_t lat_bytes, const std::vector<int>& rank_names = {});
   // Waits until all n_ranks ranks have mapped the segment, then unlinks its name. Throws CommFault
   // (naming the ranks that never came, after unlinking) after timeout_s.
   void attach(double timeout_s);
@@ -106,6 +107,8 @@ class ShmTransport {
 
   int rank() const { return rank_; }
   int n_ranks() const { return n_ranks_; }
+  // "rank <global rank>" of local rank r, for messages.
+  std::string rank_text(int r) const;
   int next() const { return (rank_ + 1) % n_ranks_; }
   int prev() const { return (rank_ + n_ranks_ - 1) % n_ranks_; }
   uint64_t ring_slot_bytes() const { return layout_.ring_slot_bytes; }
@@ -139,6 +142,9 @@ class ShmTransport {
   // Records a fault for the peers (they raise with the same culprit), then throws it.
   // `note` is added to the raised message only (not to the record the peers read).
   [[noreturn]] void fail(int culprit, const std::string& why, const std::string& note = "");
+  // Records a fault found outside this transport (the hierarchical path's torch.distributed part),
+  // so that the peers waiting on this rank raise it at once rather than at their timeout.
+  void abort(const std::string& why);
 
  private:
   template <class Ready> void wait_for(int peer, Ready ready, const char* what);
@@ -151,6 +157,7 @@ class ShmTransport {
   ShmSegment seg_;
   ShmLayout layout_{};
   int rank_ = 0, n_ranks_ = 1;
+  std::vector<int> rank_names_;
   SegHeader* head_ = nullptr;
   RankCtl* ctls_ = nullptr;
   uint8_t* data_ = nullptr;

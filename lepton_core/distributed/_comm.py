@@ -21,7 +21,10 @@ reduced pieces (int8: pieces travel quantized both ways); then the native all-ga
 host. torch runs torch.distributed alone (16-bit types in float32; int8: an all-gather of every
 rank's quantized input, summed in rank order). hier and torch run asynchronous calls on one Python
 thread per group, in order. A small header all-gather precedes hier and torch calls so that ranks
-that disagree on the call raise CommError instead of corrupting or hanging a collective.
+that disagree on the call raise CommError instead of corrupting or hanging a collective. When a
+torch.distributed collective fails, heartbeats in the group's store name the missing rank
+(_liveness.py); the communicator is then broken for good, and on the hierarchical path this host's
+ranks are told through the segment at once.
 
 Lifetime: a communicator is made at its group's first use (each group's setup under its own lock)
 and released with the group: when the group object goes (a weakref finalizer: after
@@ -48,6 +51,7 @@ import torch.distributed as dist
 
 from .. import _C
 from ._checks import COMPRESSIONS, KIND_ALL_GATHER, KIND_ALLREDUCE, KIND_REDUCE_SCATTER, OP_NAME, OPS, dtype_code
+from ._liveness import Heartbeat
 
 CommError = _C.CommError
 
@@ -299,7 +303,12 @@ class GroupComm:
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self._store = None       # the setup's PrefixStore (heartbeats live there too)
+        self.broken: Optional[str] = None  # why a torch.distributed collective failed (fatal)
         self.transport = self._setup(generation)
+        # torch.distributed does not say which rank is missing when a collective fails: heartbeats do.
+        self.heartbeat = Heartbeat(self._store, self.rank, self.size) if self.transport in ("torch", "hier") \
+            else None
 
     # ---- setup ----
     def _setup(self, generation: int) -> str:
@@ -307,6 +316,7 @@ class GroupComm:
         if self.size == 1:
             return "single"
         setup = _Setup(self.group, generation, self.timeout_s)
+        self._store = setup.store
         setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}\n{_pid_namespace()}")
         hosts: List[str] = []
         transports: List[str] = []
@@ -356,13 +366,14 @@ class GroupComm:
         self.local_size = len(local)
         self.local_rank = local.index(self.rank)
         leader = local[0]
+        names = [self.global_ranks[r] for r in local]  # how the native layer names the ranks
         shm, problem = None, ""
         if self.rank == leader:
             _C.shm_sweep_orphans(SEGMENT_PREFIX)
             name = f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
             try:
                 shm = _C.ShmComm(name, True, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
-                                 LAT_BYTES)
+                                 LAT_BYTES, rank_names=names)
                 setup.put(f"{tag}/segment", name)
             except CommError as e:
                 problem = str(e)
@@ -374,7 +385,7 @@ class GroupComm:
             else:
                 try:
                     shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES,
-                                     RING_SLOTS, LAT_BYTES)
+                                     RING_SLOTS, LAT_BYTES, rank_names=names)
                 except CommError as e:
                     problem = str(e)
         try:
@@ -411,6 +422,8 @@ class GroupComm:
         """Ends the communication threads (after the calls queued on them) and frees the segment
         and descriptors. Idempotent."""
         self.closed = True
+        if getattr(self, "heartbeat", None) is not None:
+            self.heartbeat.stop()
         shm, self.shm = self.shm, None
         if shm is not None:
             shm.shutdown()  # the native ShmComm goes with its last reference (an in-flight call's)
@@ -504,9 +517,28 @@ class GroupComm:
         except CommError:
             raise
         except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
-            dead = [str(self.global_ranks[r]) for r in self._dead_local_ranks()]
-            who = f"rank{'s' if len(dead) > 1 else ''} {', '.join(dead)} died or exited; " if dead else ""
-            raise _fail_comm(f"{who}torch.distributed {what} failed: {type(e).__name__}: {e}") from None
+            raise self._fault(what, e) from None
+
+    def _fault(self, what: str, e: BaseException) -> Exception:
+        """The CommError of a torch.distributed collective that failed, naming the rank(s) to blame:
+        a dead process on this host, else what the heartbeats say (_liveness.py). The communicator
+        cannot be used again; this host's shared-memory peers (hierarchical path) are told at once."""
+        ranks, how = self._dead_local_ranks(), "died or exited"
+        if not ranks and self.heartbeat is not None:
+            ranks, how = self.heartbeat.missing()
+        names = ", ".join(str(self.global_ranks[r]) for r in ranks)
+        who = f"rank{'s' if len(ranks) > 1 else ''} {names} {how}; " if ranks else f"{how}; "
+        msg = f"{OP_NAME}: {who}torch.distributed {what} failed: {type(e).__name__}: {e}"
+        self.broken = msg
+        if self.shm is not None:
+            self.shm.abort(msg)
+        return CommError(msg)
+
+    def _begin_torch_call(self) -> None:
+        """Start of a torch / hier call (on the thread that runs it, in call order)."""
+        if self.broken is not None:
+            raise _fail_comm(f"this process group's communicator failed earlier and cannot be used: {self.broken}")
+        self.heartbeat.calls += 1
 
     def _dead_local_ranks(self) -> List[int]:
         """Ranks of this host whose process is gone (a zombie counts as gone): torch.distributed's
@@ -543,6 +575,7 @@ class GroupComm:
         return rows
 
     def _torch_call(self, work, op, comp, block) -> None:
+        self._begin_torch_call()
         self._check_headers([work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp], block])
         if work.numel() == 0:
             return
@@ -561,6 +594,7 @@ class GroupComm:
         gather_q8(work, list(msgs.view(self.size, -1)), block, self.size if op == "avg" else 1)
 
     def _hier_call(self, work, op, comp, block) -> None:
+        self._begin_torch_call()
         n, dt, op_code, comp_code = work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp]
         acc_dtype = torch.float32 if (comp or work.dtype in (torch.float16, torch.bfloat16)) else work.dtype
         b, e = self.shm.owned_range(n, dt, comp_code, block)

@@ -21,11 +21,16 @@ follow the parameters' order and sizes; the trainer's bucket warm-up makes it th
 in both runs). So the same HookState, or one restored with load_state_dict, continues bitwise
 identically on a re-created model and optimizer, and no old model is kept alive.
 One HookState serves one DDP model at a time.
+
+Failures: a call that fails (a dead or silent peer) makes loss.backward() raise its ld.CommError
+itself, naming the missing rank (see _to_ddp for how, and the one case DDP turns it into a
+RuntimeError carrying the same message).
 """
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
+from torch.autograd import Variable
 
 from .. import _C
 from ._allreduce import all_reduce
@@ -150,14 +155,37 @@ class HookState:
         return flat
 
 
+def _to_ddp(fut: torch.futures.Future, then=None) -> torch.futures.Future:
+    """The future DDP gets for a bucket: the call's result (passed through `then`), or an error.
+
+    A failed ld.all_reduce future holds its CommError as its value (torch.futures.Future has no
+    other way to fail from Python), which DDP would try to cast to a tensor ("Unable to cast ... to
+    Tensor"). Chained through .then, a failure is a real error of the future: DDP re-raises it as
+    RuntimeError("... CommError: <message>"). To hand the CommError itself to loss.backward(), a
+    final autograd callback per bucket waits for the call and re-raises it: queued during the
+    backward pass, it runs before DDP's own finalization (queued after the last bucket), and the
+    autograd engine passes an exception raised in Python through unchanged. Where DDP finalizes
+    inside its own final callback (the first step with static_graph=True), the RuntimeError
+    carrying the message is what arrives."""
+    def result(f: torch.futures.Future) -> torch.Tensor:
+        value = f.value()  # raises the call's CommError
+        return then(value) if then is not None else value
+
+    try:
+        Variable._execution_engine.queue_callback(fut.wait)
+    except RuntimeError:  # not inside a backward pass (the hook called directly)
+        pass
+    return fut.then(result)
+
+
 # No `from __future__ import annotations` in this file: DDP checks the hook's return annotation object.
 def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
     """DDP communication hook: averages the bucket with ld.all_reduce (state.compression), with
     error feedback when state.error_feedback and compression is on."""
     buf = bucket.buffer()
     if not state.uses_error_feedback or buf.dtype not in FLOAT_DTYPES:
-        return all_reduce(buf, "avg", group=state.group, compression=state.compression,
-                          block_size=state.block_size, async_op=True)
+        return _to_ddp(all_reduce(buf, "avg", group=state.group, compression=state.compression,
+                                  block_size=state.block_size, async_op=True))
     r = state.residual_for(bucket.index(), list(bucket.parameters()), buf.numel())
     staged = buf.dtype != torch.float32 or buf.device.type != "cpu" or not buf.is_contiguous()
     x = buf.detach().to("cpu", torch.float32, copy=True).contiguous() if staged else buf
@@ -166,10 +194,10 @@ def allreduce_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tenso
     fut = all_reduce(x, "avg", group=state.group, compression=state.compression,
                      block_size=state.block_size, async_op=True)
     if not staged:
-        return fut
+        return _to_ddp(fut)
 
-    def copy_back(f: torch.futures.Future) -> torch.Tensor:
-        buf.copy_(f.value())
+    def copy_back(reduced: torch.Tensor) -> torch.Tensor:
+        buf.copy_(reduced)
         return buf
 
-    return fut.then(copy_back)
+    return _to_ddp(fut, copy_back)

@@ -703,3 +703,105 @@ def setup_in_two_threads(ctx) -> None:
     ctx.record["errors"] = errors
     ctx.record["sums"] = sums
     ctx.record["transports"] = [_comm_of(g).transport for g in groups]
+
+
+def _host_ids(ctx, layout: str) -> None:
+    """LEPTON_HOST_ID for a simulated layout: "torch" one host per rank (torch.distributed alone,
+    no process to look at for a peer), "hier" two ranks per host, "shm" one host."""
+    if layout == "torch":
+        os.environ["LEPTON_HOST_ID"] = f"host{ctx.rank}"
+    elif layout == "hier":
+        os.environ["LEPTON_HOST_ID"] = f"host{ctx.rank // 2}"
+
+
+def _leave_together(ctx, survivors, tag: str) -> None:
+    """Survivors wait for each other before exiting (one that exits first is a dead peer)."""
+    open(os.path.join(ctx.out, f"{tag}{ctx.rank}"), "w").close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(os.path.exists(os.path.join(ctx.out, f"{tag}{k}")) for k in survivors):
+        time.sleep(0.01)
+
+
+def ddp_dead_peer(ctx) -> None:
+    """Issue 9.11: the last rank is killed during training through DDP with ld.allreduce_hook on
+    the shm, torch (a host per rank: only heartbeats tell who is gone) or hierarchical transport.
+    loss.backward() on the survivors must raise ld.CommError itself, naming the killed rank."""
+    import datetime
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    w, r = ctx.world, ctx.rank
+    victim = w - 1
+    ctx.record["skip_destroy"] = True
+    _host_ids(ctx, ctx.args["transport"])
+    g = dist.new_group(list(range(w)), timeout=datetime.timedelta(seconds=ctx.pg_timeout_s))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    ddp_model = DDP(model, process_group=g, bucket_cap_mb=0.005)
+    ddp_model.register_comm_hook(ld.HookState(group=g, compression="int8"), ld.allreduce_hook)
+    ctx.record["transport"] = _comm_of(g).transport
+    opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01)
+    for step in range(10):
+        if step == 5 and r == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        gen = torch.Generator().manual_seed(step * 10 + r)
+        loss = torch.nn.functional.mse_loss(ddp_model(torch.randn(8, 16, generator=gen)),
+                                            torch.randn(8, 4, generator=gen))
+        opt.zero_grad()
+        t0 = time.monotonic()
+        try:
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - what reaches the user is the point
+            ctx.record.update(error_type=f"{type(e).__module__}.{type(e).__name__}",
+                              is_comm_error=isinstance(e, ld.CommError), error=str(e), at_step=step,
+                              error_after_s=time.monotonic() - t0)
+            break
+        opt.step()
+    _leave_together(ctx, [k for k in range(w) if k != victim], "left")
+
+
+def silent_rank(ctx) -> None:
+    """Issue 9.11 on the torch (a host per rank) and hierarchical transports: (1) rank 1 stops
+    calling: the others name it once the timeout has passed; (2) on a second group, the last rank
+    freezes (SIGSTOP) inside a stream of calls: the others name it. Gloo's own errors say neither."""
+    import datetime
+
+    w, r = ctx.world, ctx.rank
+    ctx.record["skip_destroy"] = True
+    _host_ids(ctx, ctx.args["transport"])
+    timeout = datetime.timedelta(seconds=ctx.pg_timeout_s)
+    first, second = (dist.new_group(list(range(w)), timeout=timeout) for _ in range(2))
+    ld.all_reduce(torch.ones(10), group=first)
+    ld.all_reduce(torch.ones(10), group=second)
+    ctx.record["transports"] = [_comm_of(first).transport, _comm_of(second).transport]
+    # 1. Rank 1 does not call (until the others have had their error and named it).
+    if r != 1:
+        t0 = time.monotonic()
+        try:
+            ld.all_reduce(torch.ones(1000), group=first)
+        except ld.CommError as e:
+            ctx.record.update(error=str(e), error_after_s=time.monotonic() - t0)
+        else:
+            raise AssertionError("no CommError although rank 1 did not call")
+    ctx.save()
+    _leave_together(ctx, range(w), "phase2-")
+    # 2. The last rank freezes inside a call.
+    victim = w - 1
+    with open(os.path.join(ctx.out, f"pid{r}"), "w") as f:
+        f.write(str(os.getpid()))
+    big = torch.ones(1 << 18)
+    if r == victim:
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
+    t0 = time.monotonic()
+    try:
+        for _ in range(1000000):
+            ld.all_reduce(big, group=second)
+    except ld.CommError as e:
+        ctx.record.update(error2=str(e), error2_after_s=time.monotonic() - t0)
+    else:
+        raise AssertionError("no CommError although a rank froze")
+    ctx.save()
+    _leave_together(ctx, [k for k in range(w) if k != victim], "done")
+    if r == 0:  # end the frozen rank once every survivor has its error
+        with open(os.path.join(ctx.out, f"pid{victim}")) as f:
+            os.kill(int(f.read()), signal.SIGKILL)
