@@ -524,7 +524,8 @@ def nonfinite(ctx) -> None:
         scaler.update()
         taken += any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
     ctx.record["steps_taken"] = taken
-    ctx.record["residuals_finite"] = all(bool(torch.isfinite(v).all()) for v in state.state_dict()["residuals"].values())
+    residuals = state.state_dict()["residuals"].values()
+    ctx.record["residuals_finite"] = all(bool(torch.isfinite(v).all()) for v in residuals)
     hashes["ddp fp16 params"] = _bits(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
     del ddp_model
 
@@ -718,7 +719,8 @@ def _leave_together(ctx, survivors, tag: str) -> None:
     """Survivors wait for each other before exiting (one that exits first is a dead peer)."""
     open(os.path.join(ctx.out, f"{tag}{ctx.rank}"), "w").close()
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not all(os.path.exists(os.path.join(ctx.out, f"{tag}{k}")) for k in survivors):
+    while time.monotonic() < deadline and not all(os.path.exists(os.path.join(ctx.out, f"{tag}{k}"))
+                                                  for k in survivors):
         time.sleep(0.01)
 
 
