@@ -449,6 +449,9 @@ def test_hook_state_continues_on_a_re_created_model_and_holds_no_parameter():
     other = [torch.nn.Parameter(torch.zeros(n)) for n in (4, 3)]
     with pytest.raises(ValueError, match="the residual at position 0 has 7 elements, the parameter there has 4"):
         state.residual_for(0, other, 7)
+    swapped = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 7)]  # the same bucket size, other shapes
+    with pytest.raises(ValueError, match="the residual at position 0 has 7 elements, the parameter there has 3"):
+        state.residual_for(0, swapped, 10)
 
 
 # ======================= multi-process jobs =======================

@@ -59,7 +59,7 @@ class HookState:
         self._positions: Dict[int, Tuple[weakref.ref, int]] = {}
         self._next_position = 0
         self._views: Dict[int, torch.Tensor] = {}  # position -> its residual (a view into a flat)
-        self._flats: Dict[Tuple[int, ...], torch.Tensor] = {}  # bucket layout -> flat residual
+        self._flats: Dict[Tuple[Tuple[int, ...], Tuple[int, ...]], torch.Tensor] = {}  # (positions, sizes) -> flat
         self._loaded: Dict[int, torch.Tensor] = {}  # residuals from load_state_dict, not yet placed
 
     @property
@@ -125,10 +125,10 @@ class HookState:
         """The flat float32 residual of bucket `bucket_index`, whose buffer holds `params`'
         gradients in order."""
         positions = self._bucket_positions(bucket_index, params)
-        flat = self._flats.get(positions)
-        if flat is not None and flat.numel() == n_elems:
+        sizes = tuple(p.numel() for p in params)
+        flat = self._flats.get((positions, sizes))
+        if flat is not None:
             return flat
-        sizes = [p.numel() for p in params]
         if sum(sizes) != n_elems:
             raise ValueError(f"ld.allreduce_hook: bucket of {n_elems} elements does not hold its "
                              f"parameters' {sum(sizes)} gradient elements back to back")
@@ -149,9 +149,9 @@ class HookState:
             off += size
         # Layouts that lost a parameter to this one are stale.
         moved = set(positions)
-        for key in [k for k in self._flats if moved.intersection(k)]:
+        for key in [k for k in self._flats if moved.intersection(k[0])]:
             del self._flats[key]
-        self._flats[positions] = flat
+        self._flats[(positions, sizes)] = flat
         return flat
 
 
