@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +393,37 @@ def test_crafted_segment_headers_owners_and_modes_are_refused_not_trusted():
             continue
         assert r["result"].startswith("CommError: ld.all_reduce: shared-memory segment "), (case, r)
         assert expect.get(case, "does not have the expected layout") in r["result"], (case, r)
+
+
+def test_heartbeats_name_a_stopped_rank_first_then_one_that_did_not_start_the_call(monkeypatch):
+    """The diagnosis of _liveness.py on an in-process store: a rank whose heartbeat stopped (and that
+    did not report the failure itself) is named first; else one that has not started the call."""
+    import torch.distributed as dist
+
+    from lepton_core.distributed import _liveness
+
+    monkeypatch.setattr(_liveness, "PERIOD_S", 0.2)  # (a live thread beats twice in a diagnosis)
+    store = dist.HashStore()
+    beats = [_liveness.Heartbeat(store, r, 4) for r in range(4)]
+    try:
+        for hb in beats:
+            hb.calls = 5
+        beats[3].calls = 4          # alive, but has not started call 4
+        beats[2].missing()          # a survivor that saw the failure ...
+        beats[2].stop()             # ... and exited: not to blame
+        beats[1].stop()             # frozen or killed inside the call
+        assert beats[0].missing() == ([1], "stopped responding during call 4 (no heartbeat for 0.5 s: "
+                                           "killed, frozen or cut off)")
+        beats[1] = _liveness.Heartbeat(store, 1, 4)  # it beats again
+        beats[1].calls = 5
+        time.sleep(0.5)
+        assert beats[0].missing() == ([3], "did not take part in call 4")
+        beats[3].calls = 5
+        time.sleep(0.5)
+        assert beats[0].missing() == ([], "every rank is alive and took part in call 4")
+    finally:
+        for hb in beats:
+            hb.stop()
 
 
 def test_hook_residuals_follow_parameters_across_bucket_rebuilds():

@@ -524,10 +524,10 @@ class GroupComm:
         a dead process on this host, else what the heartbeats say (_liveness.py). The communicator
         cannot be used again; this host's shared-memory peers (hierarchical path) are told at once."""
         ranks, how = self._dead_local_ranks(), "died or exited"
-        if not ranks and self.heartbeat is not None:
-            ranks, how = self.heartbeat.missing()
+        if not ranks:
+            ranks, how = self.heartbeat.missing() if self.heartbeat is not None else ([], "")
         names = ", ".join(str(self.global_ranks[r]) for r in ranks)
-        who = f"rank{'s' if len(ranks) > 1 else ''} {names} {how}; " if ranks else f"{how}; "
+        who = f"rank{'s' if len(ranks) > 1 else ''} {names} {how}; " if ranks else (f"{how}; " if how else "")
         msg = f"{OP_NAME}: {who}torch.distributed {what} failed: {type(e).__name__}: {e}"
         self.broken = msg
         if self.shm is not None:
