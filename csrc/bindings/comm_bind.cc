@@ -63,6 +63,7 @@ void bind_comm(py::module_& m) {
       .def("unlink", &ShmComm::unlink, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &ShmComm::rank)
       .def_property_readonly("n_ranks", &ShmComm::n_ranks)
+      .def_property_readonly("broken", &ShmComm::broken)
       .def("owned_range", &ShmComm::owned_range)
       .def("latency_path", &ShmComm::latency_path)
       .def(
@@ -88,6 +89,8 @@ void bind_comm(py::module_& m) {
              });
            })
       .def("abort", &ShmComm::abort, py::arg("why"), py::call_guard<py::gil_scoped_release>())
+      .def("set_remote", &ShmComm::set_remote, py::arg("inside"))
+      .def("keep_alive", &ShmComm::keep_alive)
       .def("shutdown", &ShmComm::shutdown, py::call_guard<py::gil_scoped_release>());
 
   // ---- reduce kernels on raw pointers (isa: an lp_isa level, or -1 for the active one) ----

@@ -90,6 +90,12 @@ constexpr int kYieldRounds = 2, kYieldRoundsOversubscribed = 2;
 constexpr int64_t kSleepNs = 1000000;       // futex timeout: fault checks at least this often
 constexpr int64_t kCheckPeriodNs = 1000000;
 constexpr int64_t kStaleHeartbeatNs = 500000000;  // a waiting rank refreshes it every ~ms
+// How long past its deadline a rank waits for a live peer that is inside a collective between
+// hosts: that peer's own timeout ends by about the same deadline, then the heartbeat diagnosis
+// (lepton_core/distributed/_liveness.py: 2.5 s) names the missing rank and it aborts. Such a peer
+// counts as live while its heartbeat thread (a beat per second) refreshes heartbeat_ns.
+constexpr int64_t kRemoteGraceNs = 5000000000;
+constexpr int64_t kRemoteStaleNs = 2500000000;
 
 }  // namespace
 
@@ -429,8 +435,13 @@ void ShmTransport::check_faults(int peer, const char* what) {
                   ") died or exited during call " + std::to_string(call_));
   }
   // 3. The deadline.
-  if (now_ns() > deadline_ns_) {
+  int64_t now = now_ns();
+  if (now > deadline_ns_) {
     int culprit = stalled_rank(peer);
+    const RankCtl& c = ctl(culprit);
+    if (c.waiting_on.load(std::memory_order_relaxed) == kWaitingRemote &&
+        now - c.heartbeat_ns.load(std::memory_order_relaxed) < kRemoteStaleNs && now < deadline_ns_ + kRemoteGraceNs)
+      return;  // alive between hosts: its verdict on who is missing there is due (set_remote)
     char secs[32];
     std::snprintf(secs, sizeof(secs), "%g", timeout_s_);
     fail(culprit, std::string(op_name_) + ": " + rank_text(culprit) + " did not take part in call " +
@@ -442,6 +453,18 @@ void ShmTransport::check_faults(int peer, const char* what) {
 
 std::string ShmTransport::rank_text(int r) const {
   return "rank " + std::to_string(rank_names_.empty() ? r : rank_names_[size_t(r)]);
+}
+
+void ShmTransport::set_remote(bool inside) {
+  RankCtl& me = ctl(rank_);
+  me.heartbeat_ns.store(now_ns(), std::memory_order_relaxed);
+  me.waiting_on.store(inside ? kWaitingRemote : -1, std::memory_order_relaxed);
+}
+
+void ShmTransport::keep_alive() {
+  RankCtl& me = ctl(rank_);
+  if (me.waiting_on.load(std::memory_order_relaxed) == kWaitingRemote)
+    me.heartbeat_ns.store(now_ns(), std::memory_order_relaxed);
 }
 
 void ShmTransport::abort(const std::string& why) {

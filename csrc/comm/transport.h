@@ -37,6 +37,10 @@
 namespace lp {
 
 constexpr uint64_t kSegMagic = 0x31474e4952504c4cull;  // "LLPRING1"
+// RankCtl::waiting_on of a rank inside a collective between hosts (the hierarchical path): its own
+// timeout and diagnosis name whoever is missing there, so its local peers give it time to (see
+// ShmTransport::set_remote) instead of blaming it.
+constexpr int32_t kWaitingRemote = -2;
 
 struct alignas(64) SegHeader {
   uint64_t magic;
@@ -67,7 +71,7 @@ struct RankCtl {
   alignas(64) std::atomic<uint64_t> consumed;
   alignas(64) std::atomic<uint32_t> bell;
   std::atomic<uint32_t> sleepers;
-  alignas(64) std::atomic<int32_t> waiting_on;  // rank this one waits for, -1 when not waiting
+  alignas(64) std::atomic<int32_t> waiting_on;  // rank this one waits for, -1 when not, or kWaitingRemote
   std::atomic<int64_t> heartbeat_ns;            // CLOCK_MONOTONIC, refreshed while waiting
   std::atomic<uint64_t> done;                   // calls this rank has completed
   alignas(64) std::atomic<int32_t> aborted;
@@ -145,6 +149,12 @@ class ShmTransport {
   // Records a fault found outside this transport (the hierarchical path's torch.distributed part),
   // so that the peers waiting on this rank raise it at once rather than at their timeout.
   void abort(const std::string& why);
+  // Says whether this rank is inside a collective between hosts (between calls of this transport).
+  // A peer whose deadline passes while waiting on such a rank waits up to kRemoteGraceNs more for
+  // its verdict (abort), since that rank only learns who is missing at its own timeout, as long as
+  // it stays alive: keep_alive() (from its heartbeat thread) refreshes its heartbeat meanwhile.
+  void set_remote(bool inside);
+  void keep_alive();
 
  private:
   template <class Ready> void wait_for(int peer, Ready ready, const char* what);

@@ -307,8 +307,10 @@ class GroupComm:
         self.broken: Optional[str] = None  # why a torch.distributed collective failed (fatal)
         self.transport = self._setup(generation)
         # torch.distributed does not say which rank is missing when a collective fails: heartbeats do.
-        self.heartbeat = Heartbeat(self._store, self.rank, self.size) if self.transport in ("torch", "hier") \
-            else None
+        self.heartbeat = None
+        if self.transport in ("torch", "hier"):
+            self.heartbeat = Heartbeat(self._store, self.rank, self.size,
+                                       on_beat=self.shm.keep_alive if self.shm is not None else None)
 
     # ---- setup ----
     def _setup(self, generation: int) -> str:
@@ -605,7 +607,25 @@ class GroupComm:
             self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_REDUCE_SCATTER,
                          shard.data_ptr(), self.size, self.timeout_s)
         except CommError as ex:
-            local_error = ex
+            if self.shm.broken:  # a local rank is missing: no agreement between hosts is possible
+                self.broken = str(ex)
+                self.heartbeat.report_failure()
+                raise
+            local_error = ex  # a disagreement inside the host: all hosts raise together (step 2)
+        # 2.-3. Between hosts. Marked in the segment, so that a local peer that times out waiting for
+        #    this rank meanwhile gives it the time to name the missing rank (see ShmComm.set_remote).
+        self.shm.set_remote(True)
+        try:
+            if not self._between_hosts(n, dt, op, op_code, comp, comp_code, block, shard, acc_dtype, local_error):
+                return
+        finally:
+            self.shm.set_remote(False)
+        # 4. All-gather inside the host (finishes avg and the rounding of 16-bit types).
+        self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_ALL_GATHER, shard.data_ptr(),
+                     self.size, self.timeout_s)
+
+    def _between_hosts(self, n, dt, op, op_code, comp, comp_code, block, shard, acc_dtype, local_error) -> bool:
+        """Steps 2 and 3 of a hierarchical call (see _hier_call); False when there is nothing more to do."""
         # 2. Everyone agrees? Each rank's verdict travels with its header, so all raise together.
         rows = self._check_headers([n, dt, op_code, comp_code, block, int(local_error is not None)])
         if local_error is not None:
@@ -615,7 +635,7 @@ class GroupComm:
             raise _fail_comm(f"rank {self.global_ranks[bad[0]]} failed this call inside its host "
                              "(see the error raised there)")
         if n == 0:
-            return
+            return False
         # 3. Between hosts: my shard's piece h goes to the peer on host h, which reduces it in rank
         #    order; then every peer gets every reduced piece (all_to_all on the group, zero bytes to
         #    the ranks of other local indices).
@@ -654,9 +674,7 @@ class GroupComm:
             for k, (o0, o1) in zip(self.peers, offs):
                 p0, p1 = pieces[self.host_of[k]]
                 gather_q8(shard[p0:p1], [recv[o0:o1]], block, 1)
-        # 4. All-gather inside the host (finishes avg and the rounding of 16-bit types).
-        self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_ALL_GATHER, shard.data_ptr(),
-                     self.size, self.timeout_s)
+        return True
 
     def _exchange(self, recv, send, send_range, recv_range) -> None:
         """all_to_all_single on the group: to / from each peer k the sizes of send_range(k) /

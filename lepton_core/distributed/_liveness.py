@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 PERIOD_S = 1.0
 WAIT_PERIODS = 2.5  # how long a diagnosis watches the heartbeats: over two beats of a live rank
@@ -26,8 +26,10 @@ WAIT_PERIODS = 2.5  # how long a diagnosis watches the heartbeats: over two beat
 class Heartbeat:
     """This rank's heartbeat in `store` (a PrefixStore of the group's store), and the diagnosis."""
 
-    def __init__(self, store, rank: int, size: int):
-        self._store, self.rank, self.size = store, rank, size
+    def __init__(self, store, rank: int, size: int, on_beat: Optional[Callable[[], None]] = None):
+        """on_beat: also called on every beat (the hierarchical path tells its host's ranks that this
+        rank is alive while it is inside a collective between hosts: ShmComm.keep_alive)."""
+        self._store, self.rank, self.size, self._on_beat = store, rank, size, on_beat
         self._lock = threading.Lock()
         self._beats = 0
         self.calls = 0    # calls started (the communicator counts them)
@@ -41,6 +43,8 @@ class Heartbeat:
         with self._lock:
             self._beats += 1
             self._store.set(f"hb/{self.rank}", f"{self._beats} {self.calls} {self._failed}")
+        if self._on_beat is not None:
+            self._on_beat()
 
     def _run(self) -> None:
         while not self._stop.wait(PERIOD_S):
@@ -69,15 +73,19 @@ class Heartbeat:
                 out.append(None)
         return out
 
+    def report_failure(self) -> None:
+        """Tells the others that this rank saw the current call fail (it is not to blame)."""
+        self._failed = self.calls
+        try:
+            self._post()
+        except Exception:  # noqa: BLE001 - the store is gone: nothing to tell
+            pass
+
     def missing(self) -> Tuple[List[int], str]:
         """After the current call (number self.calls) failed: (group ranks, what they did) of the
         ranks to blame, or ([], why nobody can be named). Takes WAIT_PERIODS heartbeat periods."""
         call = self.calls
-        self._failed = call
-        try:
-            self._post()
-        except Exception:  # noqa: BLE001
-            return [], "the group's store cannot be reached"
+        self.report_failure()
         before = self._read()
         time.sleep(WAIT_PERIODS * PERIOD_S)
         after = self._read()
