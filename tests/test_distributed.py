@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -257,6 +258,37 @@ def test_q8_non_finite_block_dequantizes_to_nan(isa):
     assert torch.equal(y[:32], torch.ones(32)) and torch.isnan(y[32:]).all()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_error_feedback_passes_non_finite_blocks_through_and_keeps_their_residual(bad, rng):
+    """Issue 9.8: a block whose gradient holds Inf/NaN used to turn its residual NaN for good (every
+    later step NaN there, the scaler never stepping again). Now x = g + r carries the non-finite
+    value on to the reduction and the residual of that block stays as it was; the other blocks
+    are updated as usual. Every ISA gives the same bytes."""
+    from lepton_core import _runtime
+
+    n, block = 1000, 64  # blocks 3 and 7 get a non-finite value, block 15 (short, 40 long) too
+    g = _random(torch.float32, n, rng)
+    for i in (3 * block + 5, 7 * block + 63, n - 1):
+        g[i] = bad
+    r0 = _random(torch.float32, n, rng, 0.1)
+    outs = {}
+    for isa in [_isa_code(i) for i in _runtime.available_isas()]:
+        x, r = g.clone(), r0.clone()
+        _C.q8_error_feedback(isa, x.data_ptr(), r.data_ptr(), n, block)
+        xr = g + r0
+        assert _bits(x) == _bits(xr), isa
+        for b, off in enumerate(range(0, n, block)):
+            blk = slice(off, min(off + block, n))
+            if not torch.isfinite(xr[blk]).all():
+                assert b in (3, 7, 15) and _bits(r[blk]) == _bits(r0[blk]), (isa, b)
+            else:
+                q, s = ref_q8(xr[blk], block)
+                assert _bits(r[blk]) == _bits(xr[blk] - ref_deq(q, s, block)), (isa, b)
+        assert torch.isfinite(r).all()
+        outs[isa] = (_bits(x), _bits(r))
+    assert len(set(outs.values())) == 1, "ISA paths differ"
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_q8_kernels_simd_equals_scalar_on_any_bits(dtype, rng):
     from lepton_core import _runtime
@@ -334,12 +366,65 @@ def test_segment_that_dev_shm_cannot_hold_is_an_error_at_creation_not_sigbus_lat
     assert not os.path.exists("/dev/shm" + name)
 
 
-class _FakeBucket:
-    def __init__(self, params):
-        self._params = params
+def test_crafted_segment_headers_owners_and_modes_are_refused_not_trusted():
+    """Issue 9.12: an attaching rank checked magic, rank count and size, then trusted the header's
+    offsets (a crafted segment made it segfault). Every field is now checked against the mapping,
+    and the file's owner and mode before use: each crafted case is a CommError. In a subprocess,
+    so a crash fails this test instead of killing the run."""
+    import json
+    import subprocess
 
-    def parameters(self):
-        return self._params
+    import lepton_core
+
+    script = Path(__file__).with_name("dist_workers") / "crafted_segments.py"
+    env = dict(os.environ, PYTHONPATH=str(Path(lepton_core.__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    results = {r["case"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert proc.returncode == 0, f"exit {proc.returncode} after {list(results)}\n{proc.stderr[-3000:]}"
+    assert results.pop("untouched") == {"case": "untouched", "header_ok": True, "result": "attached", "sum_ok": True}
+    assert results.pop("left in /dev/shm")["result"] == []
+    expect = {"writable by others": "is writable by group or others (mode 0666)",
+              "writable by group": "is writable by group or others (mode 0620)",
+              "owned by another user": "is owned by uid 4242",
+              "sizes that overflow": "sizes overflow",
+              "shorter than its header": "smaller than its header"}
+    assert len(results) >= 16
+    for case, r in results.items():
+        if r["result"].startswith("skipped") and case == "owned by another user":
+            continue
+        assert r["result"].startswith("CommError: ld.all_reduce: shared-memory segment "), (case, r)
+        assert expect.get(case, "does not have the expected layout") in r["result"], (case, r)
+
+
+def test_heartbeats_name_a_stopped_rank_first_then_one_that_did_not_start_the_call(monkeypatch):
+    """The diagnosis of _liveness.py on an in-process store: a rank whose heartbeat stopped (and that
+    did not report the failure itself) is named first; else one that has not started the call."""
+    import torch.distributed as dist
+
+    from lepton_core.distributed import _liveness
+
+    monkeypatch.setattr(_liveness, "PERIOD_S", 0.2)  # (a live thread beats twice in a diagnosis)
+    store = dist.HashStore()
+    beats = [_liveness.Heartbeat(store, r, 4) for r in range(4)]
+    try:
+        for hb in beats:
+            hb.calls = 5
+        beats[3].calls = 4          # alive, but has not started call 4
+        beats[2].missing()          # a survivor that saw the failure ...
+        beats[2].stop()             # ... and exited: not to blame
+        beats[1].stop()             # frozen or killed inside the call
+        assert beats[0].missing() == ([1], "stopped responding during call 4 (no heartbeat for 0.5 s: "
+                                           "killed, frozen or cut off)")
+        beats[1] = _liveness.Heartbeat(store, 1, 4)  # it beats again
+        beats[1].calls = 5
+        time.sleep(0.5)
+        assert beats[0].missing() == ([3], "did not take part in call 4")
+        beats[3].calls = 5
+        time.sleep(0.5)
+        assert beats[0].missing() == ([], "every rank is alive and took part in call 4")
+    finally:
+        for hb in beats:
+            hb.stop()
 
 
 def test_hook_residuals_follow_parameters_across_bucket_rebuilds():
@@ -347,24 +432,59 @@ def test_hook_residuals_follow_parameters_across_bucket_rebuilds():
 
     p = [torch.nn.Parameter(torch.zeros(n)) for n in (5, 3, 7)]
     state = ld.HookState()
-    # Step 0: DDP's initial buckets [p2, p1], [p0]; give each parameter's residual its own values.
-    r21 = state.residual_for([p[2], p[1]], 10)
-    r0 = state.residual_for([p[0]], 5)
+    # Step 0: DDP's initial buckets 0: [p2, p1], 1: [p0]; give each parameter's residual its own values.
+    r21 = state.residual_for(0, [p[2], p[1]], 10)
+    r0 = state.residual_for(1, [p[0]], 5)
     r21.copy_(torch.arange(10.0) + 100)
     r0.copy_(torch.arange(5.0))
-    # Step 1: rebuilt buckets [p0, p1], [p2]: every parameter keeps its residual.
-    r01 = state.residual_for([p[0], p[1]], 8)
-    r2 = state.residual_for([p[2]], 7)
+    # Step 1: rebuilt buckets 0: [p0, p1], 1: [p2]: every parameter keeps its residual.
+    r01 = state.residual_for(0, [p[0], p[1]], 8)
+    r2 = state.residual_for(1, [p[2]], 7)
     assert torch.equal(r01, torch.cat([torch.arange(5.0), torch.arange(7.0, 10.0) + 100]))
     assert torch.equal(r2, torch.arange(7.0) + 100)
-    # Stable keys (first-seen order) for checkpoints, and a round trip into a fresh state.
+    # Keys are positions in the first bucket order met, for checkpoints; a round trip into a fresh state.
     sd = state.state_dict()
     assert sorted(sd["residuals"]) == [0, 1, 2]
+    assert torch.equal(sd["residuals"][0], torch.arange(7.0) + 100)  # p2 came first
     fresh = ld.HookState()
     fresh.load_state_dict(sd)
-    assert torch.equal(fresh.residual_for([p[2], p[1]], 10), torch.arange(10.0) + 100)
+    assert torch.equal(fresh.residual_for(0, [p[2], p[1]], 10), torch.arange(10.0) + 100)
     with pytest.raises(ValueError, match="does not hold its parameters"):
-        state.residual_for([p[0], p[2]], 11)
+        state.residual_for(1, [p[0], p[2]], 11)
+
+
+def test_hook_state_continues_on_a_re_created_model_and_holds_no_parameter():
+    """Issue 9.3: residuals were keyed by id(parameter): a model re-created from a checkpoint got new
+    keys (its residuals silently dropped) and the state kept every old parameter alive."""
+    import gc
+    import weakref
+
+    import lepton_core.distributed as ld
+
+    def model():
+        return [torch.nn.Parameter(torch.zeros(n)) for n in (5, 3, 7)]
+
+    p = model()
+    state = ld.HookState()
+    state.residual_for(0, [p[2], p[1]], 10).copy_(torch.arange(10.0) + 100)
+    state.residual_for(1, [p[0]], 5).copy_(torch.arange(5.0))
+    state.residual_for(0, [p[0], p[1]], 8)  # the rebuilt buckets
+    state.residual_for(1, [p[2]], 7)
+    gone = weakref.ref(p[0])
+    del p
+    gc.collect()
+    assert gone() is None, "HookState keeps an old parameter alive"
+    # The re-created model's first step (DDP's initial buckets again): the same residuals.
+    q = model()
+    assert torch.equal(state.residual_for(0, [q[2], q[1]], 10), torch.arange(10.0) + 100)
+    assert torch.equal(state.residual_for(1, [q[0]], 5), torch.arange(5.0))
+    # A different model in the same state: a clear error, not a silent mix-up.
+    other = [torch.nn.Parameter(torch.zeros(n)) for n in (4, 3)]
+    with pytest.raises(ValueError, match="the residual at position 0 has 7 elements, the parameter there has 4"):
+        state.residual_for(0, other, 7)
+    swapped = [torch.nn.Parameter(torch.zeros(n)) for n in (3, 7)]  # the same bucket size, other shapes
+    with pytest.raises(ValueError, match="the residual at position 0 has 7 elements, the parameter there has 3"):
+        state.residual_for(0, swapped, 10)
 
 
 # ======================= multi-process jobs =======================
@@ -457,3 +577,99 @@ def test_ddp_with_hook_keeps_replicas_identical_and_trains():
         for kind in ("hook-none", "hook-int8"):
             assert final[kind] < 0.25 * first, (kind, final[kind], first)
             assert abs(final[kind] - final["default"]) <= 0.1 * final["default"], final
+
+
+@pytest.mark.distributed
+def test_int8_non_finite_blocks_reach_every_rank_and_fp16_scaler_steps_with_error_feedback(rng):
+    """Issue 9.8: with error feedback, one overflow used to make the residual NaN for good, and the
+    fp16 + GradScaler recipe never stepped again (0 of 40 steps)."""
+    res = _run("nonfinite", 4, args={"seed": int(rng.integers(1 << 30))}, timeout_s=200)
+    _assert_same_bits(res)
+    for r in res.results:
+        assert r["transports"] == {"shm": "shm", "torch": "torch", "hier": "hier"}
+        assert r["residuals_finite"]
+        # init_scale 2**24 overflows for the first few steps (skipped), then training goes on
+        assert 20 <= r["steps_taken"] < 40, r["steps_taken"]
+
+
+@pytest.mark.distributed
+def test_hook_state_continues_bitwise_on_a_re_created_ddp_model():
+    """Issue 9.3: a HookState continuing on a model re-built from a snapshot dropped its residuals
+    (keyed by id(parameter)) and kept the old model alive."""
+    res = _run("resume", 2, timeout_s=120)
+    _assert_same_bits(res)
+    for r in res.results:
+        p = r["params"]
+        assert p["plain same state"] == p["plain restored state"]
+        assert p["settled same state"] == p["settled restored state"] == p["uninterrupted"]
+        assert r["old model collected (plain)"] and r["old model collected (settled)"]
+        assert r["old_model_collected_before"]
+
+
+@pytest.mark.distributed
+def test_two_groups_set_up_from_two_threads_in_opposite_orders_do_not_wait_for_each_other():
+    """Issue 9.10: the setup of one group no longer holds up another's (the old global lock made
+    this wait out the whole timeout, then fail)."""
+    res = _run("setup_in_two_threads", 2, pg_timeout_s=8.0, timeout_s=60)
+    for r in res.results:
+        assert r["errors"] == {}, r["errors"]
+        assert r["sums"] == {"0": 1.0, "1": 21.0}
+        assert r["transports"] == ["shm", "shm"]
+
+
+@pytest.mark.distributed
+def test_communicators_are_released_with_their_process_group():
+    """Issue 9.9: every init/destroy cycle kept ~6 descriptors, 3 threads and 2.3 MiB of /dev/shm
+    (and, through the group, Gloo's own threads and sockets)."""
+    res = _run("cycles", 2, args={"cycles": 32}, timeout_s=240)
+    for r in res.results:
+        samples = r["samples"]
+        base = samples[2]  # after the first cycles (lazily made pools, imports)
+        for key in ("fds", "threads"):
+            worst = max(s[key] for s in samples[3:])
+            assert worst <= base[key] + 2, (key, [s[key] for s in samples])
+        assert all(s["shm_segments"] == 0 for s in samples), samples
+        # Groups still referenced after destroy_process_group: released at the next group's first use.
+        assert [h["segments_in_next_cycle"] for h in r["held"]] == [1, 1, 1, 1], r["held"]
+        assert max(h["communicators"] for h in r["held"]) <= 3, r["held"]
+
+
+def _first_rank_named(msg: str) -> int:
+    import re
+
+    m = re.search(r"rank (\d+)", msg)
+    assert m, msg
+    return int(m.group(1))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("transport,world", [("shm", 2), ("torch", 3), ("hier", 4)])
+def test_dead_peer_through_ddp_raises_commerror_naming_it(transport, world):
+    """Issue 9.11: through DDP the CommError used to arrive as 'RuntimeError: Unable to cast ... to
+    Tensor'; on the torch / hierarchical transports the missing rank was not (or wrongly) named."""
+    pg_timeout = 10.0
+    res = _run("ddp_dead_peer", world, args={"transport": transport}, pg_timeout_s=pg_timeout,
+               expect_codes=[0] * (world - 1) + [-9], timeout_s=120)
+    for r in res.results[:-1]:
+        assert r["transport"] == transport
+        assert r["at_step"] == 5, r
+        assert r["is_comm_error"], (r["error_type"], r["error"])
+        assert _first_rank_named(r["error"]) == world - 1, r["error"]
+        assert r["error_after_s"] <= pg_timeout + 5, r["error_after_s"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("transport,world", [("torch", 3), ("hier", 4)])
+def test_silent_or_frozen_rank_is_named_on_torch_and_hierarchical_transports(transport, world):
+    """Issue 9.11: Gloo's 'Timed out waiting ...' named nobody; in a hierarchical run a survivor
+    blamed another survivor. Heartbeats in the group's store name the right rank."""
+    pg_timeout = 3.0
+    res = _run("silent_rank", world, args={"transport": transport}, pg_timeout_s=pg_timeout,
+               expect_codes=[0] * (world - 1) + [-9], timeout_s=120)
+    for i, r in enumerate(res.results[:-1]):
+        assert r["transports"] == [transport, transport]
+        if i != 1:
+            assert "rank 1 did not take part" in r["error"], r["error"]
+            assert r["error_after_s"] <= pg_timeout + 5, r["error_after_s"]
+        assert _first_rank_named(r["error2"]) == world - 1, r["error2"]
+        assert r["error2_after_s"] <= pg_timeout + 5, r["error2_after_s"]

@@ -32,8 +32,10 @@ def _doc(obj) -> str:
     return f'    """{text}"""\n' if text else ""
 
 
-def _annot(value) -> str:
-    return type(value).__name__ if value is not None else "typing.Optional[str]"
+def _annot(name: str, value) -> str:
+    if name == "git_revision":  # None in a build from outside a git checkout
+        return "typing.Optional[str]"
+    return type(value).__name__
 
 
 def stub_text(mod_name: str) -> str:
@@ -65,7 +67,7 @@ def stub_text(mod_name: str) -> str:
             body = _doc(obj)
             out.append(f"def {sig}:\n{body}    ...\n" if body else f"def {sig}: ...\n")
         else:
-            out.append(f"{name}: {_annot(obj)}\n")
+            out.append(f"{name}: {_annot(name, obj)}\n")
     return "".join(out)
 
 

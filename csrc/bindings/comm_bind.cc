@@ -49,27 +49,33 @@ void bind_comm(py::module_& m) {
 
   py::class_<ShmComm>(m, "ShmComm")
       .def(py::init([](const std::string& name, bool create, int rank, int n_ranks, uint64_t ring_slot_bytes,
-                       int ring_slots, uint64_t lat_bytes) {
+                       int ring_slots, uint64_t lat_bytes, const std::vector<int>& rank_names) {
              ShmCommConfig cfg;
              cfg.ring_slot_bytes = ring_slot_bytes;
              cfg.ring_slots = ring_slots;
              cfg.lat_bytes = lat_bytes;
-             return std::make_unique<ShmComm>(name, create, rank, n_ranks, cfg);
+             return std::make_unique<ShmComm>(name, create, rank, n_ranks, cfg, rank_names);
            }),
            py::arg("name"), py::arg("create"), py::arg("rank"), py::arg("n_ranks"), py::arg("ring_slot_bytes"),
-           py::arg("ring_slots"), py::arg("lat_bytes"), py::call_guard<py::gil_scoped_release>())
+           py::arg("ring_slots"), py::arg("lat_bytes"), py::arg("rank_names") = std::vector<int>{},
+           py::call_guard<py::gil_scoped_release>())
       .def("attach", &ShmComm::attach, py::arg("timeout_s"), py::call_guard<py::gil_scoped_release>())
       .def("unlink", &ShmComm::unlink, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &ShmComm::rank)
       .def_property_readonly("n_ranks", &ShmComm::n_ranks)
-      .def("owned_range", &ShmComm::owned_range)
-      .def("latency_path", &ShmComm::latency_path)
+      .def_property_readonly("broken", &ShmComm::broken)
+      .def("owned_range", &ShmComm::owned_range, py::arg("n_elems"), py::arg("dtype"), py::arg("compression"),
+           py::arg("block_elems"))
+      .def("latency_path", &ShmComm::latency_path, py::arg("n_elems"), py::arg("dtype"), py::arg("compression"),
+           py::arg("block_elems"))
       .def(
           "run",
           [](ShmComm& c, uintptr_t data, int64_t n, int dtype, int op, int compression, int64_t block, int kind,
              uintptr_t shard, int divisor, double timeout_s) {
             c.run(make_args(data, n, dtype, op, compression, block, kind, shard, divisor), timeout_s);
           },
+      py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("op"), py::arg("compression"), py::arg("block"),
+      py::arg("kind"), py::arg("shard"), py::arg("divisor"), py::arg("timeout_s"),
           py::call_guard<py::gil_scoped_release>())
       .def("submit",
            [](ShmComm& c, uintptr_t data, int64_t n, int dtype, int op, int compression, int64_t block, int kind,
@@ -85,23 +91,29 @@ void bind_comm(py::module_& m) {
                  e.discard_as_unraisable("lepton_core.distributed completion callback");
                }
              });
-           })
+           },
+           py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("op"), py::arg("compression"), py::arg("block"),
+           py::arg("kind"), py::arg("shard"), py::arg("divisor"), py::arg("timeout_s"), py::arg("callback"))
+      .def("abort", &ShmComm::abort, py::arg("why"), py::call_guard<py::gil_scoped_release>())
+      .def("set_remote", &ShmComm::set_remote, py::arg("inside"))
+      .def("keep_alive", &ShmComm::keep_alive)
       .def("shutdown", &ShmComm::shutdown, py::call_guard<py::gil_scoped_release>());
 
   // ---- reduce kernels on raw pointers (isa: an lp_isa level, or -1 for the active one) ----
-  m.def("reduce_kernels_name", [](int isa) { return std::string(kernels(isa).name); });
   m.def("q8_message_bytes", &q8_message_bytes, py::arg("n_elems"), py::arg("block_elems"));
   m.def(
       "reduce_widen",
       [](int isa, uintptr_t acc, uintptr_t x, int64_t n, int dtype) {
         kernels(isa).widen(as_ptr<void>(acc), as_ptr<const void>(x), n, dtype);
       },
+      py::arg("isa"), py::arg("acc"), py::arg("x"), py::arg("n"), py::arg("dtype"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "reduce_accumulate",
       [](int isa, uintptr_t out, uintptr_t in, uintptr_t x, int64_t n, int dtype, int op) {
         kernels(isa).accumulate(as_ptr<void>(out), as_ptr<const void>(in), as_ptr<const void>(x), n, dtype, op);
       },
+      py::arg("isa"), py::arg("out"), py::arg("in_"), py::arg("x"), py::arg("n"), py::arg("dtype"), py::arg("op"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "reduce_finish",
@@ -109,12 +121,16 @@ void bind_comm(py::module_& m) {
         kernels(isa).finish(as_ptr<void>(y), as_ptr<void>(y2), as_ptr<const void>(in), as_ptr<const void>(x), n,
                             dtype, op, n_ranks);
       },
+      py::arg("isa"), py::arg("y"), py::arg("y2"), py::arg("in_"), py::arg("x"), py::arg("n"), py::arg("dtype"),
+      py::arg("op"), py::arg("n_ranks"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "reduce_narrow",
       [](int isa, uintptr_t y, uintptr_t y2, uintptr_t acc, int64_t n, int dtype, int op, int n_ranks) {
         kernels(isa).narrow(as_ptr<void>(y), as_ptr<void>(y2), as_ptr<const void>(acc), n, dtype, op, n_ranks);
       },
+      py::arg("isa"), py::arg("y"), py::arg("y2"), py::arg("acc"), py::arg("n"), py::arg("dtype"), py::arg("op"),
+      py::arg("n_ranks"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "reduce_gather",
@@ -123,18 +139,22 @@ void bind_comm(py::module_& m) {
         for (size_t i = 0; i < srcs.size(); ++i) p[i] = as_ptr<const void>(srcs[i]);
         kernels(isa).gather(as_ptr<void>(y), p.data(), int(p.size()), n, dtype, op, n_ranks);
       },
+      py::arg("isa"), py::arg("y"), py::arg("srcs"), py::arg("n"), py::arg("dtype"), py::arg("op"),
+      py::arg("n_ranks"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_widen",
       [](int isa, uintptr_t acc, uintptr_t x, int64_t n, int dtype) {
         kernels(isa).q8_widen(as_ptr<float>(acc), as_ptr<const void>(x), n, dtype);
       },
+      py::arg("isa"), py::arg("acc"), py::arg("x"), py::arg("n"), py::arg("dtype"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_quantize",
       [](int isa, uintptr_t q, uintptr_t s, uintptr_t x, int64_t n, int dtype, int64_t block) {
         kernels(isa).q8_quantize(as_ptr<int8_t>(q), as_ptr<float>(s), as_ptr<const void>(x), n, dtype, block);
       },
+      py::arg("isa"), py::arg("q"), py::arg("s"), py::arg("x"), py::arg("n"), py::arg("dtype"), py::arg("block"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_accumulate",
@@ -143,6 +163,8 @@ void bind_comm(py::module_& m) {
         kernels(isa).q8_accumulate(as_ptr<int8_t>(q_out), as_ptr<float>(s_out), as_ptr<const int8_t>(q_in),
                                    as_ptr<const float>(s_in), as_ptr<const void>(x), n, dtype, block);
       },
+      py::arg("isa"), py::arg("q_out"), py::arg("s_out"), py::arg("q_in"), py::arg("s_in"), py::arg("x"),
+      py::arg("n"), py::arg("dtype"), py::arg("block"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_partial",
@@ -150,6 +172,8 @@ void bind_comm(py::module_& m) {
         kernels(isa).q8_partial(as_ptr<float>(acc), as_ptr<const int8_t>(q_in), as_ptr<const float>(s_in),
                                 as_ptr<const void>(x), n, dtype, block);
       },
+      py::arg("isa"), py::arg("acc"), py::arg("q_in"), py::arg("s_in"), py::arg("x"), py::arg("n"),
+      py::arg("dtype"), py::arg("block"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_finish",
@@ -159,6 +183,8 @@ void bind_comm(py::module_& m) {
                                as_ptr<const int8_t>(q_in), as_ptr<const float>(s_in), as_ptr<const void>(x), n,
                                dtype, block, divisor);
       },
+      py::arg("isa"), py::arg("q_out"), py::arg("s_out"), py::arg("y"), py::arg("q_in"), py::arg("s_in"),
+      py::arg("x"), py::arg("n"), py::arg("dtype"), py::arg("block"), py::arg("divisor"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_dequantize",
@@ -166,6 +192,8 @@ void bind_comm(py::module_& m) {
         kernels(isa).q8_dequantize(as_ptr<void>(y), as_ptr<const int8_t>(q), as_ptr<const float>(s), n, dtype,
                                    block, divisor);
       },
+      py::arg("isa"), py::arg("y"), py::arg("q"), py::arg("s"), py::arg("n"), py::arg("dtype"), py::arg("block"),
+      py::arg("divisor"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_gather",
@@ -177,12 +205,15 @@ void bind_comm(py::module_& m) {
         for (size_t i = 0; i < ss.size(); ++i) s[i] = as_ptr<const float>(ss[i]);
         kernels(isa).q8_gather(as_ptr<void>(y), q.data(), s.data(), int(q.size()), n, dtype, block, divisor);
       },
+      py::arg("isa"), py::arg("y"), py::arg("qs"), py::arg("ss"), py::arg("n"), py::arg("dtype"), py::arg("block"),
+      py::arg("divisor"),
       py::call_guard<py::gil_scoped_release>());
   m.def(
       "q8_error_feedback",
       [](int isa, uintptr_t x, uintptr_t r, int64_t n, int64_t block) {
         kernels(isa).q8_error_feedback(as_ptr<float>(x), as_ptr<float>(r), n, block);
       },
+      py::arg("isa"), py::arg("x"), py::arg("r"), py::arg("n"), py::arg("block"),
       py::call_guard<py::gil_scoped_release>());
 }
 

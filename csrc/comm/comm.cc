@@ -2,8 +2,9 @@
 
 namespace lp {
 
-ShmComm::ShmComm(const std::string& name, bool create, int rank, int n_ranks, const ShmCommConfig& cfg)
-    : t_(name, create, rank, n_ranks, cfg.ring_slot_bytes, cfg.ring_slots, cfg.lat_bytes),
+ShmComm::ShmComm(const std::string& name, bool create, int rank, int n_ranks, const ShmCommConfig& cfg,
+                 const std::vector<int>& rank_names)
+    : t_(name, create, rank, n_ranks, cfg.ring_slot_bytes, cfg.ring_slots, cfg.lat_bytes, rank_names),
       ring_(t_) {}
 
 ShmComm::~ShmComm() { shutdown(); }
@@ -86,6 +87,15 @@ void ShmComm::worker_loop() {
     busy_ = false;
     cv_.notify_all();
   }
+}
+
+void ShmComm::abort(const std::string& why) {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return !busy_; });
+  if (broken_) return;
+  broken_ = true;
+  broken_why_ = why;
+  t_.abort(why);
 }
 
 void ShmComm::shutdown() {

@@ -11,6 +11,7 @@
 #include <string>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "comm/ring_allreduce.h"
 #include "comm/transport.h"
@@ -30,7 +31,8 @@ class ShmComm {
   using Done = std::function<void(bool ok, bool fatal, const std::string& error)>;
 
   // Maps the segment (creating it on `create`); attach() completes the setup (see ShmTransport).
-  ShmComm(const std::string& name, bool create, int rank, int n_ranks, const ShmCommConfig& cfg);
+  ShmComm(const std::string& name, bool create, int rank, int n_ranks, const ShmCommConfig& cfg,
+          const std::vector<int>& rank_names = {});
   ~ShmComm();
   void attach(double timeout_s) { t_.attach(timeout_s); }
   void unlink() { t_.unlink(); }
@@ -41,9 +43,21 @@ class ShmComm {
   void submit(const AllreduceArgs& a, double timeout_s, Done done);
   // Waits for queued calls, then stops the thread (queued calls still run). Idempotent.
   void shutdown();
+  // Marks the communicator failed for a reason found elsewhere (see ShmTransport::abort): the
+  // peers raise it at once, and every later call here raises too. Waits for a running call.
+  void abort(const std::string& why);
+  // See ShmTransport::set_remote (called between calls, by the hierarchical path; keep_alive from
+  // any thread).
+  void set_remote(bool inside) { t_.set_remote(inside); }
+  void keep_alive() { t_.keep_alive(); }
 
   int rank() const { return t_.rank(); }
   int n_ranks() const { return t_.n_ranks(); }
+  // Whether a fatal fault ended this communicator (see CommFault).
+  bool broken() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return broken_;
+  }
   std::pair<int64_t, int64_t> owned_range(int64_t n_elems, int dtype, int compression, int64_t block) const {
     return ring_.owned_range(n_elems, dtype, compression, block);
   }

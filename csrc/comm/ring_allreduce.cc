@@ -116,8 +116,8 @@ void RingAllreduce::check_headers(uint64_t call) const {
     } else {
       continue;
     }
-    throw CommFault("ld.all_reduce: ranks disagree on " + field + ": rank 0 has " + v0 + ", rank " +
-                        std::to_string(r) + " has " + v,
+    throw CommFault("ld.all_reduce: ranks disagree on " + field + ": " + t_.rank_text(0) + " has " + v0 + ", " +
+                        t_.rank_text(r) + " has " + v,
                     false);
   }
 }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -21,6 +22,12 @@ namespace lp {
 static std::string errno_text(const char* what, const std::string& name) {
   return std::string("ld.all_reduce: ") + what + " of shared-memory segment " + name + " failed: " +
          std::strerror(errno);
+}
+
+static std::string octal_mode(mode_t mode) {
+  char buf[8];
+  std::snprintf(buf, sizeof(buf), "0%03o", unsigned(mode & 0777));
+  return buf;
 }
 
 ShmSegment& ShmSegment::operator=(ShmSegment&& o) noexcept {
@@ -74,10 +81,24 @@ ShmSegment ShmSegment::open(const std::string& name) {
   int fd = shm_open(name.c_str(), O_RDWR, 0600);
   if (fd < 0) throw CommFault(errno_text("opening", name), true);
   struct stat st;
-  if (fstat(fd, &st) != 0 || st.st_size <= 0) {
+  if (fstat(fd, &st) != 0) {
     std::string msg = errno_text("stat", name);
     close(fd);
     throw CommFault(msg, true);
+  }
+  // Only a segment this user made, and that nobody else may write, is used: its contents steer
+  // pointers and the ranks' agreement (the creator makes it 0600).
+  std::string refuse;
+  if (st.st_uid != geteuid())
+    refuse = "is owned by uid " + std::to_string(st.st_uid) + ", not by this process's uid " +
+             std::to_string(geteuid());
+  else if (st.st_mode & (S_IWGRP | S_IWOTH))
+    refuse = "is writable by group or others (mode " + octal_mode(st.st_mode) + ")";
+  else if (st.st_size <= 0)
+    refuse = "is empty";
+  if (!refuse.empty()) {
+    close(fd);
+    throw CommFault("ld.all_reduce: shared-memory segment " + name + " " + refuse + ": not using it", true);
   }
   void* p = mmap(nullptr, size_t(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   close(fd);

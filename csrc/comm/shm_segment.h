@@ -22,7 +22,8 @@ class ShmSegment {
 
   // Creates a zero-filled segment of n_bytes and maps it (throws CommFault on failure).
   static ShmSegment create(const std::string& name, size_t n_bytes);
-  // Opens and maps an existing segment, whatever its size (throws CommFault on failure).
+  // Opens and maps an existing segment, whatever its size; refuses (CommFault) one that another
+  // user owns or that group or others may write.
   static ShmSegment open(const std::string& name);
 
   // Removes the name (idempotent; the mapping stays valid).

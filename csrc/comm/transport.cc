@@ -1,5 +1,7 @@
 #include "comm/transport.h"
 
+#include "cpu/reduce/reduce.h"
+
 #include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
@@ -28,7 +30,21 @@ namespace lp {
 namespace {
 
 constexpr uint64_t kAlign = 4096;
-uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+// Size arithmetic on values read from a segment header: an overflow is an error, not a wrap.
+[[noreturn]] void size_overflow() {
+  throw CommFault("ld.all_reduce: shared-memory segment sizes overflow", true);
+}
+uint64_t add(uint64_t a, uint64_t b) {
+  uint64_t r = 0;
+  if (__builtin_add_overflow(a, b, &r)) size_overflow();
+  return r;
+}
+uint64_t mul(uint64_t a, uint64_t b) {
+  uint64_t r = 0;
+  if (__builtin_mul_overflow(a, b, &r)) size_overflow();
+  return r;
+}
+uint64_t page_up(uint64_t v) { return mul(add(v, kAlign - 1) / kAlign, kAlign); }
 
 long futex_wait(std::atomic<uint32_t>* addr, uint32_t expected, int64_t timeout_ns) {
   struct timespec ts;
@@ -74,25 +90,84 @@ constexpr int kYieldRounds = 2, kYieldRoundsOversubscribed = 2;
 constexpr int64_t kSleepNs = 1000000;       // futex timeout: fault checks at least this often
 constexpr int64_t kCheckPeriodNs = 1000000;
 constexpr int64_t kStaleHeartbeatNs = 500000000;  // a waiting rank refreshes it every ~ms
+// How long past its deadline a rank waits for a live peer that is inside a collective between
+// hosts: that peer's own timeout ends by about the same deadline, then the heartbeat diagnosis
+// (lepton_core/distributed/_liveness.py: 2.5 s) names the missing rank and it aborts. Such a peer
+// counts as live while its heartbeat thread (a beat per second) refreshes heartbeat_ns.
+constexpr int64_t kRemoteGraceNs = 5000000000;
+constexpr int64_t kRemoteStaleNs = 2500000000;
 
 }  // namespace
 
 ShmLayout ShmLayout::plan(int n_ranks, uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes) {
+  // A ring slot must hold one piece: one block of the largest int8 block size (ring_allreduce.cc).
+  const uint64_t min_slot_bytes = uint64_t(q8_message_bytes(kMaxBlockElems, kMaxBlockElems));
+  if (n_ranks < 1 || ring_slots < 2 || ring_slot_bytes < min_slot_bytes || lat_bytes == 0)
+    throw CommFault("ld.all_reduce: unusable shared-memory geometry: " + std::to_string(n_ranks) + " ranks, " +
+                        std::to_string(ring_slots) + " ring slots of " + std::to_string(ring_slot_bytes) +
+                        " bytes (at least 2 of " + std::to_string(min_slot_bytes) + "), latency slots of " +
+                        std::to_string(lat_bytes) + " bytes",
+                    true);
   ShmLayout l;
   l.n_ranks = n_ranks;
   l.ring_slots = ring_slots;
-  l.ring_slot_bytes = round_up(ring_slot_bytes, kAlign);
-  l.lat_bytes = round_up(lat_bytes, kAlign);
-  l.ctl_offset = round_up(sizeof(SegHeader), kAlign);
-  l.data_offset = round_up(l.ctl_offset + uint64_t(n_ranks) * sizeof(RankCtl), kAlign);
-  l.rank_data_bytes = 2 * l.lat_bytes + uint64_t(ring_slots) * l.ring_slot_bytes;
-  l.total_bytes = l.data_offset + uint64_t(n_ranks) * l.rank_data_bytes;
+  l.ring_slot_bytes = page_up(ring_slot_bytes);
+  l.lat_bytes = page_up(lat_bytes);
+  l.ctl_offset = page_up(sizeof(SegHeader));
+  l.data_offset = page_up(add(l.ctl_offset, mul(uint64_t(n_ranks), sizeof(RankCtl))));
+  l.rank_data_bytes = add(mul(2, l.lat_bytes), mul(uint64_t(ring_slots), l.ring_slot_bytes));
+  l.total_bytes = add(l.data_offset, mul(uint64_t(n_ranks), l.rank_data_bytes));
   return l;
 }
 
+ShmLayout ShmLayout::read(const ShmSegment& seg, int n_ranks) {
+  auto bad = [&](const std::string& why) {
+    return CommFault("ld.all_reduce: shared-memory segment " + seg.name() +
+                         " does not have the expected layout (another job's segment?): " + why,
+                     true);
+  };
+  if (seg.n_bytes() < sizeof(SegHeader))
+    throw bad(std::to_string(seg.n_bytes()) + " bytes, smaller than its header");
+  // Each field is read once, into this rank's own copy: what is checked is what is used.
+  const SegHeader* h = static_cast<const SegHeader*>(seg.base());
+  if (h->magic != kSegMagic) throw bad("wrong magic number");
+  if (h->n_ranks != n_ranks)
+    throw bad("made for " + std::to_string(h->n_ranks) + " ranks, not " + std::to_string(n_ranks));
+  ShmLayout got;
+  got.n_ranks = n_ranks;
+  got.ring_slots = h->ring_slots;
+  got.ring_slot_bytes = h->ring_slot_bytes;
+  got.lat_bytes = h->lat_bytes;
+  got.ctl_offset = h->ctl_offset;
+  got.data_offset = h->data_offset;
+  got.rank_data_bytes = h->rank_data_bytes;
+  got.total_bytes = h->total_bytes;
+  ShmLayout want;
+  try {
+    want = plan(n_ranks, got.ring_slot_bytes, got.ring_slots, got.lat_bytes);
+  } catch (const CommFault& e) {
+    std::string why = e.what();
+    const std::string prefix = "ld.all_reduce: ";
+    throw bad(why.compare(0, prefix.size(), prefix) == 0 ? why.substr(prefix.size()) : why);
+  }
+  if (want.ring_slot_bytes != got.ring_slot_bytes || want.lat_bytes != got.lat_bytes ||
+      want.ctl_offset != got.ctl_offset || want.data_offset != got.data_offset ||
+      want.rank_data_bytes != got.rank_data_bytes || want.total_bytes != got.total_bytes)
+    throw bad("offsets or sizes in its header do not match its geometry");
+  if (got.total_bytes != seg.n_bytes())
+    throw bad("its header says " + std::to_string(got.total_bytes) + " bytes, the mapping has " +
+              std::to_string(seg.n_bytes()));
+  return got;
+}
+
 ShmTransport::ShmTransport(const std::string& name, bool create, int rank, int n_ranks,
-                           uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes)
-    : rank_(rank), n_ranks_(n_ranks) {
+                           uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes,
+                           const std::vector<int>& rank_names)
+    : rank_(rank), n_ranks_(n_ranks), rank_names_(rank_names) {
+  if (!rank_names_.empty() && int(rank_names_.size()) != n_ranks)
+    throw CommFault("ld.all_reduce: " + std::to_string(rank_names_.size()) + " rank names for " +
+                        std::to_string(n_ranks) + " ranks",
+                    true);
   // 1. Map the segment; its creator writes the layout every rank reads back.
   if (create) {
     layout_ = ShmLayout::plan(n_ranks, ring_slot_bytes, ring_slots, lat_bytes);
@@ -115,22 +190,13 @@ ShmTransport::ShmTransport(const std::string& name, bool create, int rank, int n
     head_->magic = kSegMagic;
   } else {
     seg_ = ShmSegment::open(name);
-    head_ = static_cast<SegHeader*>(seg_.base());
-    if (seg_.n_bytes() < sizeof(SegHeader) || head_->magic != kSegMagic || head_->n_ranks != n_ranks ||
-        head_->total_bytes != seg_.n_bytes()) {
+    try {
+      layout_ = ShmLayout::read(seg_, n_ranks);
+    } catch (const CommFault&) {
       seg_.unlink();
-      throw CommFault("ld.all_reduce: shared-memory segment " + name +
-                          " does not have the expected layout (another job's segment?)",
-                      true);
+      throw;
     }
-    layout_.n_ranks = n_ranks;
-    layout_.ring_slots = head_->ring_slots;
-    layout_.ring_slot_bytes = head_->ring_slot_bytes;
-    layout_.lat_bytes = head_->lat_bytes;
-    layout_.ctl_offset = head_->ctl_offset;
-    layout_.data_offset = head_->data_offset;
-    layout_.rank_data_bytes = head_->rank_data_bytes;
-    layout_.total_bytes = head_->total_bytes;
+    head_ = static_cast<SegHeader*>(seg_.base());
   }
   uint8_t* base = static_cast<uint8_t*>(seg_.base());
   ctls_ = reinterpret_cast<RankCtl*>(base + layout_.ctl_offset);
@@ -152,11 +218,11 @@ void ShmTransport::attach(double timeout_s) {
     if (now_ns() > deadline) {
       std::string missing;
       for (int r = 0; r < n_ranks_; ++r)
-        if (ctl(r).pid == 0) missing += (missing.empty() ? "" : ", ") + std::to_string(r);
+        if (ctl(r).pid == 0) missing += (missing.empty() ? "" : ", ") + rank_text(r);
       seg_.unlink();
       char secs[32];
       std::snprintf(secs, sizeof(secs), "%g", timeout_s);
-      throw CommFault("ld.all_reduce: local rank(s) " + missing +
+      throw CommFault("ld.all_reduce: " + missing +
                           " did not map the shared-memory segment within the timeout of " + secs + " s",
                       true);
     }
@@ -342,7 +408,7 @@ int ShmTransport::stalled_rank(int peer) const {
   for (int hops = 0; hops < n_ranks_; ++hops) {
     const RankCtl& c = ctl(r);
     int w = c.waiting_on.load(std::memory_order_relaxed);
-    if (w < 0 || w == rank_) return r;
+    if (w < 0 || w >= n_ranks_ || w == rank_) return r;  // (read from a peer: checked before use)
     if (now - c.heartbeat_ns.load(std::memory_order_relaxed) > kStaleHeartbeatNs) return r;
     r = w;
   }
@@ -358,25 +424,56 @@ void ShmTransport::check_faults(int peer, const char* what) {
       char why[sizeof(c.reason)];
       std::memcpy(why, c.reason, sizeof(why));
       why[sizeof(why) - 1] = 0;
-      fail(c.culprit, why, " (reported by rank " + std::to_string(r) + ")");
+      fail(c.culprit, why, " (reported by " + rank_text(r) + ")");
     }
   }
   // 2. A peer exited before completing this call.
   for (int r = 0; r < n_ranks_; ++r) {
     if (r == rank_) continue;
     if (ctl(r).done.load(std::memory_order_acquire) < call_ + 1 && peer_dead(r))
-      fail(r, std::string(op_name_) + ": rank " + std::to_string(r) + " (pid " + std::to_string(ctl(r).pid) +
+      fail(r, std::string(op_name_) + ": " + rank_text(r) + " (pid " + std::to_string(ctl(r).pid) +
                   ") died or exited during call " + std::to_string(call_));
   }
   // 3. The deadline.
-  if (now_ns() > deadline_ns_) {
+  int64_t now = now_ns();
+  if (now > deadline_ns_) {
     int culprit = stalled_rank(peer);
+    const RankCtl& c = ctl(culprit);
+    if (c.waiting_on.load(std::memory_order_relaxed) == kWaitingRemote &&
+        now - c.heartbeat_ns.load(std::memory_order_relaxed) < kRemoteStaleNs && now < deadline_ns_ + kRemoteGraceNs)
+      return;  // alive between hosts: its verdict on who is missing there is due (set_remote)
     char secs[32];
     std::snprintf(secs, sizeof(secs), "%g", timeout_s_);
-    fail(culprit, std::string(op_name_) + ": rank " + std::to_string(culprit) + " did not take part in call " +
-                      std::to_string(call_) + " within the timeout of " + secs + " s (rank " +
-                      std::to_string(rank_) + " was waiting for rank " + std::to_string(peer) + " to " + what +
+    fail(culprit, std::string(op_name_) + ": " + rank_text(culprit) + " did not take part in call " +
+                      std::to_string(call_) + " within the timeout of " + secs + " s (" + rank_text(rank_) +
+                      " was waiting for " + rank_text(peer) + " to " + what +
                       ")");
+  }
+}
+
+std::string ShmTransport::rank_text(int r) const {
+  return "rank " + std::to_string(rank_names_.empty() ? r : rank_names_[size_t(r)]);
+}
+
+void ShmTransport::set_remote(bool inside) {
+  RankCtl& me = ctl(rank_);
+  me.heartbeat_ns.store(now_ns(), std::memory_order_relaxed);
+  me.waiting_on.store(inside ? kWaitingRemote : -1, std::memory_order_relaxed);
+}
+
+void ShmTransport::keep_alive() {
+  RankCtl& me = ctl(rank_);
+  if (me.waiting_on.load(std::memory_order_relaxed) == kWaitingRemote)
+    me.heartbeat_ns.store(now_ns(), std::memory_order_relaxed);
+}
+
+void ShmTransport::abort(const std::string& why) {
+  RankCtl& me = ctl(rank_);
+  if (!me.aborted.load(std::memory_order_relaxed)) {
+    me.culprit = -1;
+    std::snprintf(me.reason, sizeof(me.reason), "%s", why.c_str());
+    me.aborted.store(1, std::memory_order_release);
+    ring_bell();
   }
 }
 

@@ -3,6 +3,9 @@
 //
 // Layout (one segment per communicator, created by local rank 0):
 //   SegHeader | RankCtl x n_ranks | per rank: 2 latency slots of lat_bytes, ring_slots ring slots
+// A rank that maps the segment trusts nothing in it: the owner and mode of the file are checked
+// (ShmSegment::open), the header's layout against the mapping (ShmLayout::read), and indices read
+// from peers' control blocks against n_ranks.
 // Every RankCtl field is written only by its own rank (except `sleepers`, a counter of waiters).
 // A rank's slots are written only by that rank and read by the others.
 //
@@ -34,6 +37,10 @@
 namespace lp {
 
 constexpr uint64_t kSegMagic = 0x31474e4952504c4cull;  // "LLPRING1"
+// RankCtl::waiting_on of a rank inside a collective between hosts (the hierarchical path): its own
+// timeout and diagnosis name whoever is missing there, so its local peers give it time to (see
+// ShmTransport::set_remote) instead of blaming it.
+constexpr int32_t kWaitingRemote = -2;
 
 struct alignas(64) SegHeader {
   uint64_t magic;
@@ -64,7 +71,7 @@ struct RankCtl {
   alignas(64) std::atomic<uint64_t> consumed;
   alignas(64) std::atomic<uint32_t> bell;
   std::atomic<uint32_t> sleepers;
-  alignas(64) std::atomic<int32_t> waiting_on;  // rank this one waits for, -1 when not waiting
+  alignas(64) std::atomic<int32_t> waiting_on;  // rank this one waits for, -1 when not, or kWaitingRemote
   std::atomic<int64_t> heartbeat_ns;            // CLOCK_MONOTONIC, refreshed while waiting
   std::atomic<uint64_t> done;                   // calls this rank has completed
   alignas(64) std::atomic<int32_t> aborted;
@@ -77,14 +84,22 @@ struct ShmLayout {
   int ring_slots;
   uint64_t ring_slot_bytes, lat_bytes;
   uint64_t ctl_offset, data_offset, rank_data_bytes, total_bytes;
+  // The layout for a geometry (sizes rounded up to pages). Throws CommFault when the geometry
+  // cannot work: fewer than 2 ring slots (the ring's queue depth), a slot smaller than one int8
+  // block of the largest size, or sizes that overflow.
   static ShmLayout plan(int n_ranks, uint64_t ring_slot_bytes, int ring_slots, uint64_t lat_bytes);
+  // The layout in an existing segment's header, checked before any offset in it is used: it must
+  // be exactly what plan() gives for the header's geometry and fill the mapping, so every control
+  // block and slot lies inside it. Throws CommFault saying what does not fit.
+  static ShmLayout read(const ShmSegment& seg, int n_ranks);
 };
 
 class ShmTransport {
  public:
   // Maps the segment (creating it on `create`). Throws CommFault.
+  // rank_names: how messages name each local rank (the process group's global ranks; empty: 0..n-1).
   ShmTransport(const std::string& name, bool create, int rank, int n_ranks, uint64_t ring_slot_bytes,
-               int ring_slots, uint64_t lat_bytes);
+               int ring_slots, uint64_t lat_bytes, const std::vector<int>& rank_names = {});
   // Waits until all n_ranks ranks have mapped the segment, then unlinks its name. Throws CommFault
   // (naming the ranks that never came, after unlinking) after timeout_s.
   void attach(double timeout_s);
@@ -96,6 +111,8 @@ class ShmTransport {
 
   int rank() const { return rank_; }
   int n_ranks() const { return n_ranks_; }
+  // "rank <global rank>" of local rank r, for messages.
+  std::string rank_text(int r) const;
   int next() const { return (rank_ + 1) % n_ranks_; }
   int prev() const { return (rank_ + n_ranks_ - 1) % n_ranks_; }
   uint64_t ring_slot_bytes() const { return layout_.ring_slot_bytes; }
@@ -129,6 +146,15 @@ class ShmTransport {
   // Records a fault for the peers (they raise with the same culprit), then throws it.
   // `note` is added to the raised message only (not to the record the peers read).
   [[noreturn]] void fail(int culprit, const std::string& why, const std::string& note = "");
+  // Records a fault found outside this transport (the hierarchical path's torch.distributed part),
+  // so that the peers waiting on this rank raise it at once rather than at their timeout.
+  void abort(const std::string& why);
+  // Says whether this rank is inside a collective between hosts (between calls of this transport).
+  // A peer whose deadline passes while waiting on such a rank waits up to kRemoteGraceNs more for
+  // its verdict (abort), since that rank only learns who is missing at its own timeout, as long as
+  // it stays alive: keep_alive() (from its heartbeat thread) refreshes its heartbeat meanwhile.
+  void set_remote(bool inside);
+  void keep_alive();
 
  private:
   template <class Ready> void wait_for(int peer, Ready ready, const char* what);
@@ -141,6 +167,7 @@ class ShmTransport {
   ShmSegment seg_;
   ShmLayout layout_{};
   int rank_ = 0, n_ranks_ = 1;
+  std::vector<int> rank_names_;
   SegHeader* head_ = nullptr;
   RankCtl* ctls_ = nullptr;
   uint8_t* data_ = nullptr;

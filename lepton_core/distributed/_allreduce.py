@@ -9,15 +9,14 @@ import torch.distributed as dist
 
 from .._arrays import fail
 from ._checks import COMPRESSIONS, DTYPES, FLOAT_DTYPES, KIND_ALLREDUCE, OP_NAME, OPS, check_all, dtype_code
-from ._comm import CommError, get_comm
+from ._comm import CommError, fast_comms, get_comm, remember_fast
 
 __all__ = ["CommError", "all_reduce"]
 
 # Fast-path caches. _parsed: (op, compression, block_size and their types) -> (op code, compression
 # code, block size, whether integer tensors may take it) for argument sets that passed the checks.
-# _fast: the group argument as given (None for the default group) -> its shm communicator.
+# _comm.fast_comms: the group argument as given (None, or the group's id) -> its shm communicator.
 _parsed: dict = {}
-_fast: dict = {}
 _codes = {d: dtype_code(d) for d in DTYPES}
 _FLOAT_CODES = frozenset(dtype_code(d) for d in FLOAT_DTYPES)
 
@@ -78,11 +77,11 @@ def all_reduce(tensor: torch.Tensor, op: Any = "sum", *, group=None, compression
             parsed = _parsed.get((op, type(op), compression, block_size, type(block_size)))
         except TypeError:  # an unhashable op: the full checks below say what is wrong
             parsed = None
-        comm = _fast.get(group)
+        comm = fast_comms.get(None if group is None else id(group))
         if parsed is not None and comm is not None and tensor.layout is torch.strided:
             code = _codes.get(tensor.dtype)
-            if (code is not None and tensor.is_cpu and tensor.is_contiguous()
-                    and (code in _FLOAT_CODES or parsed[3]) and (group is not None or comm.group is dist.GroupMember.WORLD)):
+            if (code is not None and tensor.is_cpu and tensor.is_contiguous() and (code in _FLOAT_CODES or parsed[3])
+                    and comm.group_ref() is (group if group is not None else dist.GroupMember.WORLD)):
                 comm.shm.run(tensor.data_ptr(), tensor.numel(), code, parsed[0], parsed[1], parsed[2], KIND_ALLREDUCE,
                              0, comm.size, comm.timeout_s)
                 return tensor
@@ -103,7 +102,7 @@ def all_reduce(tensor: torch.Tensor, op: Any = "sum", *, group=None, compression
         except TypeError:
             pass
     if comm.transport == "shm":
-        _fast[caller_group] = comm
+        remember_fast(None if caller_group is None else id(caller_group), comm)
     work, finish = _stage(t)
     with torch.no_grad():
         fut = comm.all_reduce(work, op_name, comp, block, async_op, finish, t)

@@ -8,25 +8,22 @@ import torch
 
 from .._arrays import TORCH_DTYPE, fail, type_desc
 from .._arrays import name_of as dtype_name
-from .._codes import DTYPE_CODES
+from .. import _C
+from .._codes import COMPRESSIONS, DTYPE_CODES, MAX_BLOCK, MIN_BLOCK
+from .._codes import REDUCE_OPS as OPS
 
 # lp_dtype code of each torch dtype (lepton_core/_codes.py)
 LP_DTYPE = {TORCH_DTYPE[name]: code for name, code in DTYPE_CODES.items()}
 
 OP_NAME = "ld.all_reduce"
 
-# lp_reduce_op codes (csrc/cpu/reduce/reduce.h)
-OPS = {"sum": 0, "avg": 1, "max": 2, "min": 3}
-# lp_compression codes (csrc/comm/ring_allreduce.h)
-COMPRESSIONS = {None: 0, "int8": 1}
-# lp_call_kind codes
-KIND_ALLREDUCE, KIND_REDUCE_SCATTER, KIND_ALL_GATHER = 0, 1, 2
+# lp_call_kind codes (csrc/common/codes.h)
+KIND_ALLREDUCE, KIND_REDUCE_SCATTER, KIND_ALL_GATHER = (_C.codes["call_kind"][k] for k in
+                                                        ("all_reduce", "reduce_scatter", "all_gather"))
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.int32, torch.int64)
 DTYPES = FLOAT_DTYPES + INT_DTYPES
-
-MIN_BLOCK, MAX_BLOCK = 32, 4096
 
 
 def _op_from_reduce_op(op: Any) -> Optional[str]:

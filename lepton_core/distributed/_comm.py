@@ -21,12 +21,21 @@ reduced pieces (int8: pieces travel quantized both ways); then the native all-ga
 host. torch runs torch.distributed alone (16-bit types in float32; int8: an all-gather of every
 rank's quantized input, summed in rank order). hier and torch run asynchronous calls on one Python
 thread per group, in order. A small header all-gather precedes hier and torch calls so that ranks
-that disagree on the call raise CommError instead of corrupting or hanging a collective.
+that disagree on the call raise CommError instead of corrupting or hanging a collective. When a
+torch.distributed collective fails, heartbeats in the group's store name the missing rank
+(_liveness.py); the communicator is then broken for good, and on the hierarchical path this host's
+ranks are told through the segment at once.
+
+Lifetime: a communicator is made at its group's first use (each group's setup under its own lock)
+and released with the group: when the group object goes (a weakref finalizer: after
+destroy_process_group when nothing else holds it), or, for a destroyed group still referenced
+somewhere, at the next first use of another group. Its segment, threads and descriptors go with it.
 """
 from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import contextlib
 import datetime
 import os
 import secrets
@@ -34,6 +43,7 @@ import socket
 import threading
 import time
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -41,6 +51,7 @@ import torch.distributed as dist
 
 from .. import _C
 from ._checks import COMPRESSIONS, KIND_ALL_GATHER, KIND_ALLREDUCE, KIND_REDUCE_SCATTER, OP_NAME, OPS, dtype_code
+from ._liveness import Heartbeat
 
 CommError = _C.CommError
 
@@ -148,29 +159,128 @@ class _Setup:
                              f"{self.timeout_s:g} s ({type(e).__name__}: {e})") from None
 
 
+class _Slot:
+    """A group's communicator, made at most once. Its setup runs under the slot's own lock, so the
+    setups of two groups (first used from two threads, in any order on any rank) never wait for
+    each other: only the dict of slots is behind the global lock."""
+
+    def __init__(self, generation: int):
+        self.lock = threading.Lock()
+        self.generation = generation
+        self.comm: Optional["GroupComm"] = None
+        self.error: Optional[BaseException] = None
+        self.released = False
+
+
+# Slots by id(group): the group itself is held weakly, so that a destroyed group (and its Gloo
+# threads and sockets) can go, and its communicator with it (_release).
 _generations: Dict[str, int] = {}
-_comms: Dict[object, "GroupComm"] = {}
-_comms_lock = threading.Lock()
+_comms: Dict[int, _Slot] = {}
+_comms_lock = threading.Lock()  # guards _comms, _generations and fast_comms; never held through a setup
+# ld.all_reduce's fast path: the group argument as given (None, or id of the group) -> its shm
+# communicator. Emptied of a communicator when it is released.
+fast_comms: Dict[Optional[int], "GroupComm"] = {}
+# (key, slot) of groups that went, to release outside _comms_lock (see _on_group_gone).
+_gone: List = []
+
+
+@contextlib.contextmanager
+def _registry():
+    """_comms_lock, then the releases that group finalizers left while it was held."""
+    with _comms_lock:
+        yield
+    _release_gone()
 
 
 def get_comm(group) -> "GroupComm":
-    with _comms_lock:
-        comm = _comms.get(group)
-        if comm is None:
+    key = id(group)
+    with _registry():
+        slot = _comms.get(key)
+        if slot is None:
+            _gone.extend(_destroyed_slots())
             name = getattr(group, "group_name", "") or "group"
             gen = _generations.get(name, 0)
             _generations[name] = gen + 1
-            comm = GroupComm(group, gen)
-            _comms[group] = comm
+            slot = _Slot(gen)
+            _comms[key] = slot
+            weakref.finalize(group, _on_group_gone, key, slot)
+    comm = slot.comm
+    if comm is not None:
         return comm
+    with slot.lock:
+        if slot.comm is None:
+            if slot.error is not None:  # this very setup failed in another thread
+                raise slot.error
+            try:
+                slot.comm = GroupComm(group, slot.generation)
+            except BaseException as e:
+                slot.error = e
+                with _registry():  # the next call sets up afresh (a new generation)
+                    if _comms.get(key) is slot:
+                        del _comms[key]
+                raise
+            if slot.released:  # the group was destroyed meanwhile
+                slot.comm.shutdown()
+        return slot.comm
+
+
+def remember_fast(key: Optional[int], comm: "GroupComm") -> None:
+    with _registry():
+        if not comm.closed:
+            fast_comms[key] = comm
+
+
+def _destroyed_slots():
+    """(key, slot) of groups that torch.distributed no longer knows (destroy_process_group) but that
+    are still alive, held by someone (a model wrapper, a variable), so their finalizer has not run."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        live = {id(g) for g in c10d._world.pg_map}
+    except Exception:  # noqa: BLE001 - a torch without this registry: groups go by their finalizer only
+        return []
+    return [(k, slot) for k, slot in _comms.items() if k not in live]
+
+
+def _on_group_gone(key: int, slot: _Slot) -> None:
+    """Finalizer of a process group object. It may run in any thread at any allocation (the cyclic
+    garbage collector), even inside _comms_lock: it only queues the release, and releases at once
+    when the lock is free; otherwise whoever holds the lock does on leaving it (_registry)."""
+    _gone.append((key, slot))
+    if _comms_lock.acquire(blocking=False):
+        _comms_lock.release()
+        _release_gone()
+
+
+def _release_gone() -> None:
+    while _gone:
+        try:
+            key, slot = _gone.pop()
+        except IndexError:  # another thread took the last one
+            return
+        _release(key, slot)
+
+
+def _release(key: int, slot: _Slot) -> None:
+    """Shuts a group's communicator down and frees it (segment, threads, descriptors): when the
+    group object goes (its finalizer) or once torch.distributed no longer knows it. torch offers no
+    destroy callback for a process group; nothing of torch is patched."""
+    with _comms_lock:
+        slot.released = True  # (set before reading slot.comm; get_comm checks in the other order)
+        if _comms.get(key) is slot:
+            del _comms[key]
+        comm = slot.comm
+        for k in [k for k, c in fast_comms.items() if c is comm]:
+            del fast_comms[k]
+    if comm is not None:
+        comm.shutdown()
 
 
 def _shutdown_all() -> None:
     with _comms_lock:
-        comms = list(_comms.values())
-        _comms.clear()
-    for c in comms:
-        c.shutdown()
+        slots = list(_comms.items())
+    for key, slot in slots:
+        _release(key, slot)
 
 
 atexit.register(_shutdown_all)
@@ -178,7 +288,8 @@ atexit.register(_shutdown_all)
 
 class GroupComm:
     def __init__(self, group, generation: int):
-        self.group = group
+        self.group_ref = weakref.ref(group)  # (a strong reference would keep a destroyed group alive)
+        self.closed = False
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.global_ranks = [dist.get_global_rank(group, r) for r in range(self.size)] \
@@ -192,7 +303,14 @@ class GroupComm:
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self._store = None       # the setup's PrefixStore (heartbeats live there too)
+        self.broken: Optional[str] = None  # why a torch.distributed collective failed (fatal)
         self.transport = self._setup(generation)
+        # torch.distributed does not say which rank is missing when a collective fails: heartbeats do.
+        self.heartbeat = None
+        if self.transport in ("torch", "hier"):
+            self.heartbeat = Heartbeat(self._store, self.rank, self.size,
+                                       on_beat=self.shm.keep_alive if self.shm is not None else None)
 
     # ---- setup ----
     def _setup(self, generation: int) -> str:
@@ -200,6 +318,7 @@ class GroupComm:
         if self.size == 1:
             return "single"
         setup = _Setup(self.group, generation, self.timeout_s)
+        self._store = setup.store
         setup.put(f"rank{self.rank}", f"{host_id()}\n{os.getpid()}\n{forced or 'auto'}\n{_pid_namespace()}")
         hosts: List[str] = []
         transports: List[str] = []
@@ -249,13 +368,14 @@ class GroupComm:
         self.local_size = len(local)
         self.local_rank = local.index(self.rank)
         leader = local[0]
+        names = [self.global_ranks[r] for r in local]  # how the native layer names the ranks
         shm, problem = None, ""
         if self.rank == leader:
             _C.shm_sweep_orphans(SEGMENT_PREFIX)
             name = f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
             try:
                 shm = _C.ShmComm(name, True, self.local_rank, self.local_size, RING_SLOT_BYTES, RING_SLOTS,
-                                 LAT_BYTES)
+                                 LAT_BYTES, rank_names=names)
                 setup.put(f"{tag}/segment", name)
             except CommError as e:
                 problem = str(e)
@@ -267,7 +387,7 @@ class GroupComm:
             else:
                 try:
                     shm = _C.ShmComm(name, False, self.local_rank, self.local_size, RING_SLOT_BYTES,
-                                     RING_SLOTS, LAT_BYTES)
+                                     RING_SLOTS, LAT_BYTES, rank_names=names)
                 except CommError as e:
                     problem = str(e)
         try:
@@ -293,17 +413,32 @@ class GroupComm:
         self.shm = shm
         return True
 
+    @property
+    def group(self):
+        group = self.group_ref()
+        if group is None or self.closed:
+            raise _fail_comm("the process group was destroyed")
+        return group
+
     def shutdown(self) -> None:
-        if self.shm is not None:
-            self.shm.shutdown()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        """Ends the communication threads (after the calls queued on them) and frees the segment
+        and descriptors. Idempotent."""
+        self.closed = True
+        if getattr(self, "heartbeat", None) is not None:
+            self.heartbeat.stop()
+        shm, self.shm = self.shm, None
+        if shm is not None:
+            shm.shutdown()  # the native ShmComm goes with its last reference (an in-flight call's)
+        if self._executor is not None:  # (not waiting for itself, when a finalizer runs on it)
+            self._executor.shutdown(wait=threading.current_thread() not in getattr(self._executor, "_threads", ()))
 
     # ---- calls ----
     def all_reduce(self, work: torch.Tensor, op: str, comp: Optional[str], block: int, async_op: bool,
                    finish: Callable[[], None], result: torch.Tensor):
         """Reduces the contiguous CPU tensor `work` in place; `finish` copies it back to the user's
         tensor (when they differ); returns None, or a Future of `result` for async_op."""
+        if self.closed:
+            raise _fail_comm("the process group was destroyed")
         if self.transport == "shm":
             return self._shm_call(work, op, comp, block, async_op, finish, result)
         fn = self._hier_call if self.transport == "hier" else self._torch_call
@@ -384,9 +519,28 @@ class GroupComm:
         except CommError:
             raise
         except Exception as e:  # noqa: BLE001 - Gloo/NCCL report peers' failures as RuntimeError
-            dead = [str(self.global_ranks[r]) for r in self._dead_local_ranks()]
-            who = f"rank{'s' if len(dead) > 1 else ''} {', '.join(dead)} died or exited; " if dead else ""
-            raise _fail_comm(f"{who}torch.distributed {what} failed: {type(e).__name__}: {e}") from None
+            raise self._fault(what, e) from None
+
+    def _fault(self, what: str, e: BaseException) -> Exception:
+        """The CommError of a torch.distributed collective that failed, naming the rank(s) to blame:
+        a dead process on this host, else what the heartbeats say (_liveness.py). The communicator
+        cannot be used again; this host's shared-memory peers (hierarchical path) are told at once."""
+        ranks, how = self._dead_local_ranks(), "died or exited"
+        if not ranks:
+            ranks, how = self.heartbeat.missing() if self.heartbeat is not None else ([], "")
+        names = ", ".join(str(self.global_ranks[r]) for r in ranks)
+        who = f"rank{'s' if len(ranks) > 1 else ''} {names} {how}; " if ranks else (f"{how}; " if how else "")
+        msg = f"{OP_NAME}: {who}torch.distributed {what} failed: {type(e).__name__}: {e}"
+        self.broken = msg
+        if self.shm is not None:
+            self.shm.abort(msg)
+        return CommError(msg)
+
+    def _begin_torch_call(self) -> None:
+        """Start of a torch / hier call (on the thread that runs it, in call order)."""
+        if self.broken is not None:
+            raise _fail_comm(f"this process group's communicator failed earlier and cannot be used: {self.broken}")
+        self.heartbeat.calls += 1
 
     def _dead_local_ranks(self) -> List[int]:
         """Ranks of this host whose process is gone (a zombie counts as gone): torch.distributed's
@@ -423,6 +577,7 @@ class GroupComm:
         return rows
 
     def _torch_call(self, work, op, comp, block) -> None:
+        self._begin_torch_call()
         self._check_headers([work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp], block])
         if work.numel() == 0:
             return
@@ -441,6 +596,7 @@ class GroupComm:
         gather_q8(work, list(msgs.view(self.size, -1)), block, self.size if op == "avg" else 1)
 
     def _hier_call(self, work, op, comp, block) -> None:
+        self._begin_torch_call()
         n, dt, op_code, comp_code = work.numel(), dtype_code(work.dtype), OPS[op], COMPRESSIONS[comp]
         acc_dtype = torch.float32 if (comp or work.dtype in (torch.float16, torch.bfloat16)) else work.dtype
         b, e = self.shm.owned_range(n, dt, comp_code, block)
@@ -451,7 +607,25 @@ class GroupComm:
             self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_REDUCE_SCATTER,
                          shard.data_ptr(), self.size, self.timeout_s)
         except CommError as ex:
-            local_error = ex
+            if self.shm.broken:  # a local rank is missing: no agreement between hosts is possible
+                self.broken = str(ex)
+                self.heartbeat.report_failure()
+                raise
+            local_error = ex  # a disagreement inside the host: all hosts raise together (step 2)
+        # 2.-3. Between hosts. Marked in the segment, so that a local peer that times out waiting for
+        #    this rank meanwhile gives it the time to name the missing rank (see ShmComm.set_remote).
+        self.shm.set_remote(True)
+        try:
+            if not self._between_hosts(n, dt, op, op_code, comp, comp_code, block, shard, acc_dtype, local_error):
+                return
+        finally:
+            self.shm.set_remote(False)
+        # 4. All-gather inside the host (finishes avg and the rounding of 16-bit types).
+        self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_ALL_GATHER, shard.data_ptr(),
+                     self.size, self.timeout_s)
+
+    def _between_hosts(self, n, dt, op, op_code, comp, comp_code, block, shard, acc_dtype, local_error) -> bool:
+        """Steps 2 and 3 of a hierarchical call (see _hier_call); False when there is nothing more to do."""
         # 2. Everyone agrees? Each rank's verdict travels with its header, so all raise together.
         rows = self._check_headers([n, dt, op_code, comp_code, block, int(local_error is not None)])
         if local_error is not None:
@@ -461,7 +635,7 @@ class GroupComm:
             raise _fail_comm(f"rank {self.global_ranks[bad[0]]} failed this call inside its host "
                              "(see the error raised there)")
         if n == 0:
-            return
+            return False
         # 3. Between hosts: my shard's piece h goes to the peer on host h, which reduces it in rank
         #    order; then every peer gets every reduced piece (all_to_all on the group, zero bytes to
         #    the ranks of other local indices).
@@ -500,9 +674,7 @@ class GroupComm:
             for k, (o0, o1) in zip(self.peers, offs):
                 p0, p1 = pieces[self.host_of[k]]
                 gather_q8(shard[p0:p1], [recv[o0:o1]], block, 1)
-        # 4. All-gather inside the host (finishes avg and the rounding of 16-bit types).
-        self.shm.run(work.data_ptr(), n, dt, op_code, comp_code, block, KIND_ALL_GATHER, shard.data_ptr(),
-                     self.size, self.timeout_s)
+        return True
 
     def _exchange(self, recv, send, send_range, recv_range) -> None:
         """all_to_all_single on the group: to / from each peer k the sizes of send_range(k) /
@@ -557,10 +729,13 @@ def _narrow_into(work: torch.Tensor, acc: torch.Tensor) -> None:
     _C.reduce_narrow(-1, work.data_ptr(), 0, acc.data_ptr(), work.numel(), dtype_code(work.dtype), OPS["sum"], 1)
 
 
-def q8_message_bytes(n: int, block: int) -> int:
-    """Bytes of one int8 message of n elements: codes, then float32 scales at a 64-byte boundary
-    (csrc/cpu/reduce/reduce.h)."""
-    return (n + 63) // 64 * 64 + 4 * ((n + block - 1) // block)
+# The int8 wire layout (csrc/common/codes.h): codes, then float32 scales at an aligned offset.
+q8_message_bytes = _C.q8_message_bytes
+_Q8_ALIGN = _C.codes["q8_scales_align"]
+
+
+def q8_scales_offset(n: int) -> int:
+    return -(-n // _Q8_ALIGN) * _Q8_ALIGN
 
 
 def pack_q8(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -568,13 +743,13 @@ def pack_q8(x: torch.Tensor, block: int) -> torch.Tensor:
     n = x.numel()
     msg = torch.zeros(q8_message_bytes(n, block), dtype=torch.uint8)
     base = msg.data_ptr()
-    _C.q8_quantize(-1, base, base + (n + 63) // 64 * 64, x.data_ptr(), n, dtype_code(x.dtype), block)
+    _C.q8_quantize(-1, base, base + q8_scales_offset(n), x.data_ptr(), n, dtype_code(x.dtype), block)
     return msg
 
 
 def gather_q8(y: torch.Tensor, msgs, block: int, divisor: int) -> None:
     """y = (sum of the messages' dequantized values, in order) / divisor, rounded once to y's dtype."""
     n = y.numel()
-    off = (n + 63) // 64 * 64
+    off = q8_scales_offset(n)
     _C.q8_gather(-1, y.data_ptr(), [m.data_ptr() for m in msgs], [m.data_ptr() + off for m in msgs], n,
                  dtype_code(y.dtype), block, divisor)

@@ -457,3 +457,353 @@ def ddp(ctx) -> None:
     sd2 = fresh.state_dict()
     assert sd2["residuals"].keys() == sd["residuals"].keys()
     assert all(torch.equal(sd2["residuals"][k], sd["residuals"][k]) for k in sd["residuals"])
+
+
+def nonfinite(ctx) -> None:
+    """Issue 9.8: NaN/Inf under int8 compression, on every transport (shm latency and ring paths,
+    torch, hierarchical with 4 ranks): a block holding a non-finite input on any rank is
+    non-finite on every rank (the same bits), the other blocks stay finite and within the bound.
+    Then the fp16 autocast + GradScaler recipe through DDP with error feedback: the scaler skips
+    the overflowing steps and trains on, and the residuals stay finite."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    w, r, seed = ctx.world, ctx.rank, ctx.args["seed"]
+    hashes = ctx.record.setdefault("hashes", {})
+    groups = {"shm": dist.group.WORLD}
+    os.environ["LEPTON_TRANSPORT"] = "torch"  # read when the group's communicator is made
+    groups["torch"] = dist.new_group(list(range(w)))
+    _comm_of(groups["torch"])
+    del os.environ["LEPTON_TRANSPORT"]
+    if w == 4:
+        os.environ["LEPTON_HOST_ID"] = f"host{r // 2}"
+        groups["hier"] = dist.new_group(list(range(w)))
+        _comm_of(groups["hier"])
+        del os.environ["LEPTON_HOST_ID"]
+    transports = {}
+    for tag, g in groups.items():
+        transports[tag] = _comm_of(g).transport
+        for case, (n, block) in enumerate([(1000, 64), (300007, 256)]):
+            xs = [make_input(seed, 900 + case, k, torch.float32, n) for k in range(w)]
+            bad_blocks = set()
+            for k in range(w):  # rank k spoils block 3k + 1 with +Inf, -Inf or NaN
+                xs[k][(3 * k + 1) * block + 17] = (float("inf"), float("-inf"), float("nan"))[k % 3]
+                bad_blocks.add(3 * k + 1)
+            t = xs[r].clone()
+            ld.all_reduce(t, "avg", compression="int8", block_size=block, group=g)
+            finite = torch.ones(n, dtype=torch.bool)
+            for b in range((n + block - 1) // block):
+                blk = t[b * block:(b + 1) * block]
+                if b in bad_blocks:
+                    assert not torch.isfinite(blk).any(), f"{tag} n={n}: block {b} lost its non-finite value"
+                    finite[b * block:(b + 1) * block] = False
+                else:
+                    assert torch.isfinite(blk).all(), f"{tag} n={n}: block {b} turned non-finite"
+            clean = [x.masked_fill(~finite, 0.0) for x in xs]
+            err = abs_err(t.masked_fill(~finite, 0.0), reference(clean, "avg"))
+            assert bool((err <= q8_bound(clean, block, "avg")).all()), f"{tag} n={n}: over the bound"
+            hashes[f"{tag} nonfinite {n}"] = _bits(t)
+    ctx.record["transports"] = transports
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 4))
+    ddp_model = DDP(model, bucket_cap_mb=0.01)
+    state = ld.HookState(compression="int8", error_feedback=True)
+    ddp_model.register_comm_hook(state, ld.allreduce_hook)
+    opt = torch.optim.SGD(ddp_model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # overflows for the first few steps
+    taken = 0
+    for step in range(40):
+        g = torch.Generator().manual_seed(10 * step + r)
+        x, y = torch.randn(64, 32, generator=g), torch.randn(64, 4, generator=g)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = torch.nn.functional.mse_loss(ddp_model(x).float(), y)
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        taken += any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    ctx.record["steps_taken"] = taken
+    residuals = state.state_dict()["residuals"].values()
+    ctx.record["residuals_finite"] = all(bool(torch.isfinite(v).all()) for v in residuals)
+    hashes["ddp fp16 params"] = _bits(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    del ddp_model
+
+
+def resume(ctx) -> None:
+    """Issue 9.3: training continues bitwise identically after the model, its DDP wrapper and the
+    optimizer are re-created from a snapshot, with (a) the same HookState object and (b) a fresh
+    one restored with load_state_dict, and (c), when both runs let DDP settle its buckets first
+    (as the trainer does), exactly as the uninterrupted run. The old model is garbage-collected."""
+    import copy
+    import gc
+    import io
+    import weakref
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    r = ctx.rank
+    hashes = ctx.record.setdefault("hashes", {})
+    n_steps = 4  # before and after the snapshot
+
+    def data(step):
+        g = torch.Generator().manual_seed(1000 * step + r)
+        return torch.randn(16, 24, generator=g), torch.randn(16, 3, generator=g)
+
+    bypass = [False]
+
+    def hook(state, bucket):  # the trainer's way of letting DDP settle its buckets without communicating
+        if bypass[0]:
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        return ld.allreduce_hook(state, bucket)
+
+    def build(state, snapshot=None, settle=False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64),
+                                    torch.nn.Tanh(), torch.nn.Linear(64, 3))
+        if snapshot is not None:
+            model.load_state_dict(snapshot["model"])
+        ddp_model = DDP(model, bucket_cap_mb=0.01)  # several buckets, rebuilt after the first backward
+        ddp_model.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(ddp_model.parameters(), lr=0.05, momentum=0.9)
+        if snapshot is not None:
+            opt.load_state_dict(copy.deepcopy(snapshot["opt"]))  # (it adopts the momentum tensors)
+        if settle:
+            bypass[0] = True
+            x, y = data(-1)
+            torch.nn.functional.mse_loss(ddp_model(x), y).backward()
+            bypass[0] = False
+            opt.zero_grad(set_to_none=True)
+        return model, ddp_model, opt
+
+    def train(model, ddp_model, opt, steps):
+        for step in steps:
+            x, y = data(step)
+            loss = torch.nn.functional.mse_loss(ddp_model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return _bits(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+
+    def snapshot_of(model, opt, state):
+        buf = io.BytesIO()
+        torch.save(state.state_dict(), buf)  # through a file, as a checkpoint would go
+        buf.seek(0)
+        return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                "opt": copy.deepcopy(opt.state_dict()), "hook": torch.load(buf)}
+
+    results = {}
+    for settle in (False, True):
+        tag = "settled" if settle else "plain"
+        if settle:
+            state = ld.HookState(compression="int8")
+            results["uninterrupted"] = train(*build(state, settle=True), range(2 * n_steps))
+        state = ld.HookState(compression="int8")
+        model, ddp_model, opt = build(state, settle=settle)
+        train(model, ddp_model, opt, range(n_steps))
+        snap = snapshot_of(model, opt, state)
+        old = weakref.ref(model[0].weight)
+        if settle:  # the old model goes before the new one is built, and must really go
+            del model, ddp_model, opt
+            gc.collect()
+            ctx.record["old_model_collected_before"] = old() is None
+        # (a) the same HookState object continues on the re-created model
+        results[f"{tag} same state"] = train(*build(state, snap, settle), range(n_steps, 2 * n_steps))
+        # (b) a fresh HookState restored from the snapshot
+        fresh = ld.HookState(compression="int8")
+        fresh.load_state_dict(snap["hook"])
+        results[f"{tag} restored state"] = train(*build(fresh, snap, settle), range(n_steps, 2 * n_steps))
+        if not settle:
+            del model, ddp_model, opt
+        gc.collect()
+        ctx.record[f"old model collected ({tag})"] = old() is None
+    ctx.record["params"] = results
+    hashes.update({f"resume {k}": v for k, v in results.items()})
+
+
+def _resources() -> dict:
+    """This process's open file descriptors, threads and shared-memory segments still mapped."""
+    with open("/proc/self/maps") as f:
+        shm = {line.split()[-2] if line.rstrip().endswith("(deleted)") else line.split()[-1]
+               for line in f if "/dev/shm/lepton-" in line}
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": len(os.listdir("/proc/self/task")),
+            "shm_segments": len(shm)}
+
+
+def cycles(ctx) -> None:
+    """Issue 9.9: init_process_group / destroy_process_group cycles, each using the shared-memory
+    and the torch.distributed transports (synchronous and asynchronous calls, a subgroup): file
+    descriptors, threads and mapped segments must stay flat. Then cycles whose group objects the
+    caller keeps (as a model wrapper would): their communicators go at the next group's first use."""
+    import datetime
+
+    w, r = ctx.world, ctx.rank
+    dist.destroy_process_group()  # the worker's own group; each cycle makes its own
+    timeout = datetime.timedelta(seconds=ctx.pg_timeout_s)
+
+    def cycle(i):
+        dist.init_process_group("gloo", init_method=f"file://{ctx.out}/store-cycle{i}", rank=r, world_size=w,
+                                timeout=timeout)
+        t = torch.full((1000,), float(r + 1))
+        ld.all_reduce(t)
+        mid = _resources()
+        fut = ld.all_reduce(torch.ones(100000), async_op=True)
+        assert torch.equal(fut.wait(), torch.full((100000,), float(w)))
+        os.environ["LEPTON_TRANSPORT"] = "torch"
+        g = dist.new_group(list(range(w)))
+        ld.all_reduce(t, group=g)
+        del os.environ["LEPTON_TRANSPORT"]
+        ld.all_reduce(t, group=g, async_op=True).wait()
+        assert torch.equal(t, torch.full((1000,), float(w * w * w * (w + 1) / 2)))
+        return mid
+
+    samples = []
+    for i in range(ctx.args["cycles"]):
+        cycle(i)
+        dist.destroy_process_group()
+        samples.append(_resources())
+    ctx.record["samples"] = samples
+    held, kept = [], []
+    for i in range(ctx.args["cycles"], ctx.args["cycles"] + 4):
+        mid = cycle(i)
+        held.append(dist.group.WORLD)
+        dist.destroy_process_group()
+        kept.append({"segments_in_next_cycle": mid["shm_segments"], "communicators": len(_comm._comms)})
+    ctx.record["held"] = kept
+    ctx.record["skip_destroy"] = True  # no group left for the worker to destroy
+
+def setup_in_two_threads(ctx) -> None:
+    """Issue 9.10: two groups first used from two threads, in opposite orders on the two ranks.
+    One global lock held through a whole setup made each rank's second setup wait for its first,
+    which waited for the other rank's first use of that group: both waited out the timeout."""
+    import datetime
+
+    w, r = ctx.world, ctx.rank
+    timeout = datetime.timedelta(seconds=ctx.pg_timeout_s)
+    groups = [dist.new_group(list(range(w)), timeout=timeout) for _ in range(2)]
+    order = [0, 1] if r % 2 == 0 else [1, 0]
+    sums, errors = {}, {}
+
+    def use(i):
+        try:
+            t = torch.full((1000,), float(r + 10 * i))
+            ld.all_reduce(t, group=groups[i])
+            sums[i] = float(t[0])
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            errors[i] = f"{type(e).__name__}: {e}"
+
+    first = threading.Thread(target=use, args=(order[0],))
+    first.start()
+    time.sleep(1.0)  # (so that the first setup is under way, waiting for the other rank)
+    second = threading.Thread(target=use, args=(order[1],))
+    second.start()
+    first.join()
+    second.join()
+    ctx.record["errors"] = errors
+    ctx.record["sums"] = sums
+    ctx.record["transports"] = [_comm_of(g).transport for g in groups]
+
+
+def _host_ids(ctx, layout: str) -> None:
+    """LEPTON_HOST_ID for a simulated layout: "torch" one host per rank (torch.distributed alone,
+    no process to look at for a peer), "hier" two ranks per host, "shm" one host."""
+    if layout == "torch":
+        os.environ["LEPTON_HOST_ID"] = f"host{ctx.rank}"
+    elif layout == "hier":
+        os.environ["LEPTON_HOST_ID"] = f"host{ctx.rank // 2}"
+
+
+def _leave_together(ctx, survivors, tag: str) -> None:
+    """Survivors wait for each other before exiting (one that exits first is a dead peer)."""
+    open(os.path.join(ctx.out, f"{tag}{ctx.rank}"), "w").close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not all(os.path.exists(os.path.join(ctx.out, f"{tag}{k}"))
+                                                  for k in survivors):
+        time.sleep(0.01)
+
+
+def ddp_dead_peer(ctx) -> None:
+    """Issue 9.11: the last rank is killed during training through DDP with ld.allreduce_hook on
+    the shm, torch (a host per rank: only heartbeats tell who is gone) or hierarchical transport.
+    loss.backward() on the survivors must raise ld.CommError itself, naming the killed rank."""
+    import datetime
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    w, r = ctx.world, ctx.rank
+    victim = w - 1
+    ctx.record["skip_destroy"] = True
+    _host_ids(ctx, ctx.args["transport"])
+    g = dist.new_group(list(range(w)), timeout=datetime.timedelta(seconds=ctx.pg_timeout_s))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    ddp_model = DDP(model, process_group=g, bucket_cap_mb=0.005)
+    ddp_model.register_comm_hook(ld.HookState(group=g, compression="int8"), ld.allreduce_hook)
+    ctx.record["transport"] = _comm_of(g).transport
+    opt = torch.optim.SGD(ddp_model.parameters(), lr=0.01)
+    for step in range(10):
+        if step == 5 and r == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        gen = torch.Generator().manual_seed(step * 10 + r)
+        loss = torch.nn.functional.mse_loss(ddp_model(torch.randn(8, 16, generator=gen)),
+                                            torch.randn(8, 4, generator=gen))
+        opt.zero_grad()
+        t0 = time.monotonic()
+        try:
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - what reaches the user is the point
+            ctx.record.update(error_type=f"{type(e).__module__}.{type(e).__name__}",
+                              is_comm_error=isinstance(e, ld.CommError), error=str(e), at_step=step,
+                              error_after_s=time.monotonic() - t0)
+            break
+        opt.step()
+    _leave_together(ctx, [k for k in range(w) if k != victim], "left")
+
+
+def silent_rank(ctx) -> None:
+    """Issue 9.11 on the torch (a host per rank) and hierarchical transports: (1) rank 1 stops
+    calling: the others name it once the timeout has passed; (2) on a second group, the last rank
+    freezes (SIGSTOP) inside a stream of calls: the others name it. Gloo's own errors say neither."""
+    import datetime
+
+    w, r = ctx.world, ctx.rank
+    ctx.record["skip_destroy"] = True
+    _host_ids(ctx, ctx.args["transport"])
+    timeout = datetime.timedelta(seconds=ctx.pg_timeout_s)
+    first, second = (dist.new_group(list(range(w)), timeout=timeout) for _ in range(2))
+    ld.all_reduce(torch.ones(10), group=first)
+    ld.all_reduce(torch.ones(10), group=second)
+    ctx.record["transports"] = [_comm_of(first).transport, _comm_of(second).transport]
+    # 1. Rank 1 does not call (until the others have had their error and named it).
+    if r != 1:
+        t0 = time.monotonic()
+        try:
+            ld.all_reduce(torch.ones(1000), group=first)
+        except ld.CommError as e:
+            ctx.record.update(error=str(e), error_after_s=time.monotonic() - t0)
+        else:
+            raise AssertionError("no CommError although rank 1 did not call")
+    ctx.save()
+    _leave_together(ctx, range(w), "phase2-")
+    # 2. The last rank freezes inside a call.
+    victim = w - 1
+    with open(os.path.join(ctx.out, f"pid{r}"), "w") as f:
+        f.write(str(os.getpid()))
+    big = torch.ones(1 << 18)
+    if r == victim:
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
+    t0 = time.monotonic()
+    try:
+        for _ in range(1000000):
+            ld.all_reduce(big, group=second)
+    except ld.CommError as e:
+        ctx.record.update(error2=str(e), error2_after_s=time.monotonic() - t0)
+    else:
+        raise AssertionError("no CommError although a rank froze")
+    ctx.save()
+    _leave_together(ctx, [k for k in range(w) if k != victim], "done")
+    if r == 0:  # end the frozen rank once every survivor has its error
+        with open(os.path.join(ctx.out, f"pid{victim}")) as f:
+            os.kill(int(f.read()), signal.SIGKILL)

@@ -73,7 +73,8 @@ struct ReduceKernels {
   // y = narrow((D(q0, s0) + D(q1, s1) + ...) / divisor), summed in source order
   void (*q8_gather)(void* y, const int8_t* const* qs, const float* const* ss, int n_srcs,
                     int64_t n_elems, int dtype, int64_t block_elems, int divisor);
-  // Error feedback: x += residual; residual = x - D(Q(x)) (both float32, in place).
+  // Error feedback: x += residual; residual = x - D(Q(x)) (both float32, in place), block by block;
+  // a block of x that is non-finite after the addition leaves its residual unchanged.
   void (*q8_error_feedback)(float* x, float* residual, int64_t n_elems, int64_t block_elems);
 };
 

@@ -11,8 +11,6 @@ namespace reduce_generic {
 
 using namespace reduce_elem;
 
-// Largest block the q8 kernels take (Python checks block_size against it).
-constexpr int64_t kMaxBlockElems = 4096;
 
 template <int DT> static inline void widen(void* acc_, const void* x_, int64_t i0, int64_t n) {
   using T = typename Ty<DT>::T; using A = typename Ty<DT>::A;

@@ -31,7 +31,7 @@ template <class P> struct Q8Kernels {
     reduce_dispatch::on_float_dtype(dtype, [&](auto dt) {
       constexpr int DT = decltype(dt)::value;
       const T<DT>* xs = static_cast<const T<DT>*>(x);
-      alignas(64) float v[reduce_generic::kMaxBlockElems];
+      alignas(64) float v[kMaxBlockElems];
       for (int64_t b = 0, off = 0; off < n; ++b, off += block) {
         int64_t len = std::min(block, n - off);
         s[b] = P::template to_f32_stat<DT>(v, xs + off, len).scale();
@@ -45,7 +45,7 @@ template <class P> struct Q8Kernels {
     reduce_dispatch::on_float_dtype(dtype, [&](auto dt) {
       constexpr int DT = decltype(dt)::value;
       const T<DT>* xs = static_cast<const T<DT>*>(x);
-      alignas(64) float v[reduce_generic::kMaxBlockElems];
+      alignas(64) float v[kMaxBlockElems];
       for (int64_t b = 0, off = 0; off < n; ++b, off += block) {
         int64_t len = std::min(block, n - off);
         float scale = P::template sum_stat<DT>(v, q_in + off, s_in[b], xs + off, len).scale();
@@ -73,7 +73,7 @@ template <class P> struct Q8Kernels {
       constexpr int DT = decltype(dt)::value;
       const T<DT>* xs = static_cast<const T<DT>*>(x);
       T<DT>* ys = static_cast<T<DT>*>(y);
-      alignas(64) float v[reduce_generic::kMaxBlockElems];
+      alignas(64) float v[kMaxBlockElems];
       for (int64_t b = 0, off = 0; off < n; ++b, off += block) {
         int64_t len = std::min(block, n - off);
         float scale = P::template sum_stat<DT>(v, q_in + off, s_in[b], xs + off, len).scale();
@@ -102,7 +102,7 @@ template <class P> struct Q8Kernels {
     reduce_dispatch::on_float_dtype(dtype, [&](auto dt) {
       constexpr int DT = decltype(dt)::value;
       T<DT>* ys = static_cast<T<DT>*>(y);
-      alignas(64) float v[reduce_generic::kMaxBlockElems];
+      alignas(64) float v[kMaxBlockElems];
       for (int64_t b = 0, off = 0; off < n; ++b, off += block) {
         int64_t len = std::min(block, n - off);
         P::dequant_f32(v, qs[0] + off, ss[0][b], len);
@@ -112,12 +112,17 @@ template <class P> struct Q8Kernels {
     });
   }
 
+  // A block whose x + r holds NaN/Inf keeps its residual: the non-finite values go on to the
+  // reduction (which makes that block non-finite on every rank, so a loss scaler skips the step)
+  // while the residual stays what it was, instead of turning NaN for every later step.
   static void error_feedback(float* x, float* r, int64_t n, int64_t block) {
-    alignas(64) int8_t q[reduce_generic::kMaxBlockElems];
+    alignas(64) int8_t q[kMaxBlockElems];
     for (int64_t off = 0; off < n; off += block) {
       int64_t len = std::min(block, n - off);
       P::add_f32(x + off, r + off, len);
-      float scale = P::stat(x + off, len).scale();
+      Stat st = P::stat(x + off, len);
+      if (st.non_finite) continue;
+      float scale = st.scale();
       P::codes(q, x + off, len, scale);
       P::residual(r + off, x + off, q, scale, len);
     }
