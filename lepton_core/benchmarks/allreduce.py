@@ -175,8 +175,8 @@ def _worker_allreduce(a, rank: int, world: int, dist) -> None:
         if "mpi" in t:
             row["x_mpi"] = t["mpi"] / t["ours"]
         rows.append(row)
-        if rank == 0:
-            print(json.dumps(row), flush=True)
+        if rank == 0:  # progress, on stderr: stdout holds only the tables
+            print(json.dumps(row), file=sys.stderr, flush=True)
     if rank == 0:
         with open(os.path.join(a.out, f"allreduce-{world}.json"), "w") as f:
             json.dump(rows, f)
@@ -221,7 +221,7 @@ def _worker_ddp(a, rank: int, world: int, dist) -> None:
            "note": f"no comm {t['none'] * 1e3:.1f} ms; int8 x_gloo {t['default'] / t['int8']:.2f}; "
                    f"load {os.getloadavg()[0]:.1f}"}
     if rank == 0:
-        print(json.dumps(row), flush=True)
+        print(json.dumps(row), file=sys.stderr, flush=True)
         with open(os.path.join(a.out, f"ddp-{world}.json"), "w") as f:
             json.dump([row], f)
 
