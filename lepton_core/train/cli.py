@@ -101,7 +101,7 @@ def _add_option(group, f: dataclasses.Field) -> None:
         kw["metavar"] = m.get("metavar") or flag[2:].replace("-", "_").upper()
         if f.type in ("int", "Optional[int]"):
             kw["type"] = _int_at_least(m["min"])
-        elif f.type == "float":
+        elif f.type in ("float", "Optional[float]"):
             kw["type"] = _positive_float
     group.add_argument(flag, **kw)
 
@@ -236,6 +236,9 @@ def _print_summary(s: Dict[str, Any], cfg: TrainConfig) -> None:
           f"test accuracy {acc_txt} (loss {s['eval_loss']:.4f}); train loss {s['train_loss']:.4f}; "
           f"{(s.get('samples_per_s') or 0):,.0f} samples/s; gradients sent {s['comm_bytes'] / 1e6:.1f} MB "
           f"per worker ({cfg.compression})", flush=True)
+    if cfg.dp and s["history"][-1].get("epsilon") is not None:
+        print(f"{PROG}: DP-SGD: epsilon {s['history'][-1]['epsilon']:.3f} at delta {cfg.dp_delta:g} (clip "
+              f"{cfg.dp_clip:g})", flush=True)
     if cfg.checkpoint_path:
         print(f"{PROG}: checkpoint {cfg.checkpoint_path}, metrics {cfg.resolved_metrics_path}", flush=True)
 
