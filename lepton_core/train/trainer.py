@@ -481,7 +481,8 @@ class Trainer:
         """One DP-SGD step (train/dp.py): this rank's clipped per-example gradients summed, all-reduced
         (int8-compressed or not), the shared noise draw added, divided by the expected batch size."""
         dp, cfg = self.dp, self.config
-        scale = float(self.scaler.get_scale()) if self.scaler.is_enabled() else 1.0
+        # fp16: the loss scale (scaling a unit tensor also readies the scaler for step())
+        scale = float(self.scaler.scale(torch.ones((), device=self.device))) if self.scaler.is_enabled() else 1.0
         lv, n = 0.0, len(idx)
         with dp.capture() as cap:
             loss_sum = None
