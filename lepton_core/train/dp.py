@@ -162,14 +162,24 @@ class DPSGD:
             for p in frozen:
                 p.requires_grad_(True)
 
-    def clipped_grads(self, cap: _Capture, loss_sum: Optional[torch.Tensor], scale: float) -> List[torch.Tensor]:
-        """Sum over this rank's examples of their clipped gradients, one float32 tensor per parameter
-        (self.params order). loss_sum: the SUM over the examples of their losses (times `scale`, the
+    def clipped_grads(self, cap: _Capture, loss_sum: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """Sum over this rank's examples of their clipped gradients: one flat float32 tensor, the
+        parameters (self.params order) one after the other, ready for the all-reduce. loss_sum: the SUM over the examples of their losses (times `scale`, the
         fp16 loss scale; 1 otherwise), None for an empty batch."""
-        grads = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params}
+        dev = self.params[0].device
         if loss_sum is None:
-            return [grads[id(p)] for p in self.params]
+            return torch.zeros(sum(p.numel() for p in self.params), dtype=torch.float32, device=dev)
+        flat = torch.empty(sum(p.numel() for p in self.params), dtype=torch.float32, device=dev)
+        grads, off = {}, 0
+        for p in self.params:  # views of `flat`: each is written once below
+            grads[id(p)] = flat[off:off + p.numel()].view(p.shape)
+            off += p.numel()
         layers = [m for m in self.layers if cap.calls[id(m)]]
+        for m in self.layers:
+            if not cap.calls[id(m)]:  # not called in this forward: zero gradient
+                for p in m.parameters(recurse=False):
+                    if id(p) in grads:
+                        grads[id(p)].zero_()
         outputs = [o for m in layers for _, o in cap.calls[id(m)]]
         out_grads = torch.autograd.grad(loss_sum, outputs, allow_unused=True)
         saved, k, out_dtype = [], 0, {}
@@ -195,10 +205,10 @@ class DPSGD:
                 cd = out_dtype[id(m)]  # the layer's compute dtype (autocast's), as in the non-private backward
                 rows_g = gc.reshape(-1, gc.shape[2]).to(cd)
                 rows_a = a.reshape(-1, a.shape[2]).to(cd)
-                grads[id(m.weight)] += lc.gemm(rows_g.t(), rows_a, out_dtype=torch.float32)
+                grads[id(m.weight)].copy_(lc.gemm(rows_g.t(), rows_a, out_dtype=torch.float32))
             if m.bias is not None and id(m.bias) in grads:
-                grads[id(m.bias)] += gc.sum((0, 1))
-        return [grads[id(p)] for p in self.params]
+                torch.sum(gc, (0, 1), out=grads[id(m.bias)])
+        return flat
 
     def add_noise(self, flat_sum: torch.Tensor, step: int) -> None:
         """Adds N(0, (Z C)^2) to every element of the all-reduced sum, the same draw on every rank."""

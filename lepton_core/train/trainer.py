@@ -501,8 +501,7 @@ class Trainer:
                 self._sums["samples"] += n
                 if correct is not None:
                     self._sums["correct"] += float(correct)
-            grads = dp.clipped_grads(cap, loss_sum, scale)
-        flat = torch.cat([g.reshape(-1) for g in grads])
+            flat = dp.clipped_grads(cap, loss_sum, scale)
         if self.scaler.is_enabled():  # fp16 overflow: every rank skips the step (the scaler lowers the scale)
             bad = torch.tensor([0 if bool(torch.isfinite(flat).all()) else 1], dtype=torch.int32, device=self.device)
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -516,7 +515,7 @@ class Trainer:
             flat.mul_(scale / dp.expected_batch)
         offset = 0
         for p in dp.params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            p.grad = flat[offset:offset + p.numel()].view_as(p)  # float32 masters (lc.nn.Linear)
             offset += p.numel()
         self.scaler.step(self.optimizer)
         self.scaler.update()
