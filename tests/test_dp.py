@@ -55,8 +55,37 @@ def test_per_example_norms_match_torch_func(b, t, d_in, d_out, bias):
 
 
 def test_both_sequence_forms_are_exercised():
-    """The cases above cover the Gram form (T (in + out) <= in out) and the materialized one."""
+    """The cases above cover the Gram form (T (in + out) < in out) and the materialized one."""
     assert dpmod.gram_is_cheaper(4, 32, 33) and not dpmod.gram_is_cheaper(40, 3, 6)
+
+
+def test_clipped_sequence_gradients_match_torch_func():
+    """Both sequence forms through the clipping: per-example clipped gradients of a 2-layer token-wise
+    model (layer 1: Gram, layer 2: materialized and reused) summed, against torch.func in float64."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(lnn.Linear(24, 20), nn.Tanh(), lnn.Linear(20, 3))
+    assert dpmod.gram_is_cheaper(5, 24, 20) and not dpmod.gram_is_cheaper(5, 20, 3)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(6, 5, 24, generator=g), torch.randint(0, 3, (6,), generator=g)
+    clip = 0.1
+    engine = dpmod.DPSGD(model, TrainConfig(dp_clip=clip, dp_noise_multiplier=1.0, batch_size=6).validate(), 12, 1)
+    with engine.capture() as cap:
+        out = model(x.detach().requires_grad_(True))
+        got = engine.clipped_grads(cap, nn.functional.cross_entropy(out.mean(1), y) * 6, 1.0)
+    ref = nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 3)).double()
+    ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    params = {k: v.detach() for k, v in ref.named_parameters()}
+
+    def loss(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(ref, p, (xi,)).mean(0, keepdim=True), yi.unsqueeze(0))
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.double(), y)
+    flat = torch.cat([per[k].reshape(6, -1) for k, _ in ref.named_parameters()], 1)
+    want = (flat * (clip / flat.norm(dim=1)).clamp(max=1.0)[:, None]).sum(0)
+    assert (flat.norm(dim=1) > clip).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-7)
 
 
 def _mlp(bias=True):

@@ -80,27 +80,38 @@ def _as_btf(t: torch.Tensor) -> torch.Tensor:
 
 
 def gram_is_cheaper(tokens: int, d_in: int, d_out: int) -> bool:
-    """Per example: the Gram form costs T^2 (in + out) multiply-adds, the materialized gradient
-    T in out (and an (out, in) buffer per example)."""
-    return tokens * (d_in + d_out) <= d_in * d_out
+    """Whether a sequence layer takes the Gram form. Per example, materializing the (out, in) gradient
+    costs T in out multiply-adds, and the clipped weight gradient is then a weighted sum of those (no
+    further GEMM); the Gram form costs T^2 (in + out) plus the clipping GEMM (T in out): more work, but
+    T^2 floats per example instead of in * out. Memory decides: materialize while an example's gradient
+    is no larger than what autograd keeps for it anyway (its input and output gradient, T (in + out))."""
+    return d_in * d_out > tokens * (d_in + d_out)
 
 
-def per_example_sq_norms(a: torch.Tensor, g: torch.Tensor, with_bias: bool) -> torch.Tensor:
+def per_example_sq_norms(a: torch.Tensor, g: torch.Tensor, with_bias: bool,
+                         keep: bool = False) -> "torch.Tensor | Tuple[torch.Tensor, Optional[torch.Tensor]]":
     """Squared L2 norm of each example's gradient of an lc.nn.Linear (weight, and bias when
-    `with_bias`) from its input a (B, T, in) and output gradient g (B, T, out), float32, shape (B,)."""
+    `with_bias`) from its input a (B, T, in) and output gradient g (B, T, out), float32, shape (B,).
+    keep: also return the materialized per-example weight gradients (B, out, in) when this layer's
+    norms made them (sequences below the Gram threshold), else None."""
     a, g = a.float(), g.float()
     b, t = a.shape[0], a.shape[1]
+    per = None
     if t == 1:
         sq = a.square().sum((1, 2)) * g.square().sum((1, 2))
     elif gram_is_cheaper(t, a.shape[2], g.shape[2]):
         ga = lc.gemm(a, a.transpose(1, 2))                      # (B, T, T): a_s . a_t
         gg = lc.gemm(g, g.transpose(1, 2))                      # (B, T, T): g_s . g_t
-        sq = (ga * gg).sum((1, 2))
+        sq = torch.linalg.vecdot(ga.reshape(b, -1), gg.reshape(b, -1))
     else:
-        sq = lc.gemm(g.transpose(1, 2), a).square().sum((1, 2))  # (B, out, in): each example's gradient
+        per = lc.gemm(g.transpose(1, 2), a)                      # (B, out, in): each example's gradient
+        flat = per.reshape(b, -1)
+        sq = torch.linalg.vecdot(flat, flat)
     if with_bias:
-        sq = sq + g.sum(1).square().sum(1)
-    return sq.reshape(b)
+        gb = g.sum(1)
+        sq = sq + torch.linalg.vecdot(gb, gb)
+    sq = sq.reshape(b)
+    return (sq, per) if keep else sq
 
 
 class _Capture:
@@ -193,21 +204,23 @@ class DPSGD:
             a, g = (acts[0], gs[0]) if len(acts) == 1 else (torch.cat(acts, 1), torch.cat(gs, 1))
             saved.append((m, a, g))
             out_dtype[id(m)] = cap.calls[id(m)][0][1].dtype
-        sq = None
+        sq, kept = None, []
         for m, a, g in saved:
             with_bias = m.bias is not None and id(m.bias) in grads  # (frozen inside capture(): not requires_grad)
-            s = per_example_sq_norms(a, g, with_bias)
+            s, per = per_example_sq_norms(a, g, with_bias, keep=True)
+            kept.append(per)
             sq = s if sq is None else sq + s
         factors = (self.clip / (sq.sqrt() + _EPS)).clamp(max=1.0)
-        for m, a, g in saved:
-            gc = g.float() * factors[:, None, None]
-            if id(m.weight) in grads:
-                cd = out_dtype[id(m)]  # the layer's compute dtype (autocast's), as in the non-private backward
-                rows_g = gc.reshape(-1, gc.shape[2]).to(cd)
-                rows_a = a.reshape(-1, a.shape[2]).to(cd)
-                grads[id(m.weight)].copy_(lc.gemm(rows_g.t(), rows_a, out_dtype=torch.float32))
+        for (m, a, g), per in zip(saved, kept):
+            w = grads.get(id(m.weight))
+            if w is not None and per is not None:  # sum_i c_i G_i of the kept gradients: one GEMV
+                w.copy_(lc.gemm(factors[None, :], per.reshape(per.shape[0], -1)).view(w.shape))
+            elif w is not None:  # (c * g)^T a: rows of g scaled, in the layer's compute dtype (as its backward)
+                cd = out_dtype[id(m)]
+                rows_g = (g.float() * factors[:, None, None]).reshape(-1, g.shape[2]).to(cd)
+                w.copy_(lc.gemm(rows_g.t(), a.reshape(-1, a.shape[2]).to(cd), out_dtype=torch.float32))
             if m.bias is not None and id(m.bias) in grads:
-                torch.sum(gc, (0, 1), out=grads[id(m.bias)])
+                grads[id(m.bias)].copy_(factors @ g.float().sum(1))
         return flat
 
     def add_noise(self, flat_sum: torch.Tensor, step: int) -> None:
