@@ -126,14 +126,14 @@ def _step_fn(case: str, variant: str) -> Callable[[], None]:
 
 def _peak_mb(case: str, variant: str) -> float:
     """Growth of the peak RSS over 5 steps, in a fresh process (after one warm-up step)."""
-    code = (f"import resource, json, torch\nfrom lepton_core.benchmarks.dp import _step_fn\n"
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {repo!r})\n"
+            f"import resource, json, torch\nfrom lepton_core.benchmarks.dp import _step_fn\n"
             f"torch.set_num_threads({_threads()})\nfn = _step_fn({case!r}, {variant!r}); fn()\n"
             f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"[fn() for _ in range(5)]\n"
             f"print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024))")
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
 
