@@ -125,11 +125,13 @@ def _step_fn(case: str, variant: str) -> Callable[[], None]:
 
 
 def _peak_mb(case: str, variant: str) -> float:
-    """Growth of the peak RSS over 5 steps, in a fresh process (after one warm-up step)."""
+    """Growth of the peak RSS over the first 5 steps, in a fresh process, from the model and its batch
+    built (so it counts what a step allocates: saved activations, per-example gradients, optimizer
+    state)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (f"import sys; sys.path.insert(0, {repo!r})\n"
             f"import resource, json, torch\nfrom lepton_core.benchmarks.dp import _step_fn\n"
-            f"torch.set_num_threads({_threads()})\nfn = _step_fn({case!r}, {variant!r}); fn()\n"
+            f"torch.set_num_threads({_threads()})\nfn = _step_fn({case!r}, {variant!r})\n"
             f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             f"[fn() for _ in range(5)]\n"
             f"print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024))")
