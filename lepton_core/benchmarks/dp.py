@@ -124,17 +124,36 @@ def _step_fn(case: str, variant: str) -> Callable[[], None]:
     return step
 
 
+_PEAK_CODE = """
+import sys, json, os, threading, time
+sys.path.insert(0, {repo!r})
+import torch
+from lepton_core.benchmarks.dp import _step_fn
+torch.set_num_threads({threads})
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+fn = _step_fn({case!r}, {variant!r})
+base, peak, done = rss(), [0], []
+def watch():
+    while not done:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+t = threading.Thread(target=watch); t.start()
+for _ in range(5):
+    fn()
+done.append(1); t.join()
+print(json.dumps((max(peak[0], rss()) - base) / 2**20))
+"""
+
+
 def _peak_mb(case: str, variant: str) -> float:
-    """Growth of the peak RSS over the first 5 steps, in a fresh process, from the model and its batch
-    built (so it counts what a step allocates: saved activations, per-example gradients, optimizer
-    state)."""
+    """Peak growth of the resident set over the first 5 steps (sampled every 0.5 ms by a thread), in a
+    fresh process, from the model and its batch built: what a step allocates (saved activations,
+    per-example gradients or norms, optimizer state)."""
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = (f"import sys; sys.path.insert(0, {repo!r})\n"
-            f"import resource, json, torch\nfrom lepton_core.benchmarks.dp import _step_fn\n"
-            f"torch.set_num_threads({_threads()})\nfn = _step_fn({case!r}, {variant!r})\n"
-            f"r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            f"[fn() for _ in range(5)]\n"
-            f"print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024))")
+    code = _PEAK_CODE.format(repo=repo, threads=_threads(), case=case, variant=variant)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     return json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else float("nan")
 
