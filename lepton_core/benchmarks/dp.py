@@ -99,9 +99,9 @@ def _step_fn(case: str, variant: str) -> Callable[[], None]:
     model, x, y = _model(case, False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(x, y), batch_size=x.shape[0])
-    engine = PrivacyEngine(accountant="rdp")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # Opacus warns that its secure RNG is off (as benchmarks want)
         warnings.simplefilter("ignore")
+        engine = PrivacyEngine(accountant="rdp")
         if variant == "opacus hooks":
             model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
                                                      noise_multiplier=NOISE, max_grad_norm=CLIP, poisson_sampling=False)
