@@ -11,13 +11,14 @@ How the per-example work is done without per-example gradients (Li et al. 2021, 
     forward hook keeps each layer's input a (B, T, in) and output; one torch.autograd.grad call gives
     the output gradients g (B, T, out), and computes no weight gradient at all;
   - per-example squared norms of the weight gradient sum_t g_t^T a_t are, for T = 1,
-    ||a||^2 ||g||^2; for sequences either the Gram form sum_{s,t} (a_s . a_t)(g_s . g_t) (two batched
-    lc.gemm of (B, T, T)) or the materialized (B, out, in) gradient, whichever costs less
-    (T (in + out) against in * out multiply-adds per token); the bias gradient is sum_t g_t. All in
-    float32, whatever the autocast dtype;
+    ||a||^2 ||g||^2; for sequences either the materialized (B, out, in) gradients (one batched lc.gemm,
+    kept for the clipped sum) or, where they would outgrow what autograd keeps per example
+    (in * out > T (in + out)), the Gram form sum_{s,t} (a_s . a_t)(g_s . g_t) (two batched lc.gemm of
+    (B, T, T)); the bias gradient is sum_t g_t. All in float32, whatever the autocast dtype;
   - with the factors c_i = min(1, C / ||grad_i||) known, each layer's clipped weight gradient is one
     GEMM, (c * g)^T a, from the saved a and g, in the layer's compute dtype with float32 accumulation,
-    as the non-private backward computes it: no second backward through the network.
+    as the non-private backward computes it (or a GEMV c^T G over the kept per-example gradients):
+    no second backward through the network. Measurements: bench/notes_dp.md.
 A layer called several times in one forward (shared weights) concatenates its calls along T.
 
 Ranks stay bitwise identical: each adds nothing, the (optionally int8-compressed) all-reduce sums the
