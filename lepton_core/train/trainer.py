@@ -108,6 +108,8 @@ class Trainer:
     train_data / eval_data: datasets of (input, target) pairs; targets of integer dtype make the
                 trainer report accuracy (argmax of the output) besides the loss.
     loss_fn:    (output, target) -> scalar loss; default cross-entropy. Outputs are cast to float32 first.
+                With DP-SGD (config.dp_clip) it must be the mean over the batch of per-example losses
+                (as the default is): per-example gradients are those of batch size x the loss.
     augment:    optional (inputs, generator) -> inputs, applied to training batches with a per-worker
                 torch.Generator that is seeded from config.seed and saved in checkpoints.
     optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay), fused where available.
