@@ -2,8 +2,11 @@
 per-example gradients (float64), the clipping bound per example, the noise's calibration, ranks
 bitwise identical, exact resume with the accountant's state, epsilon against a published value, and
 the errors."""
+import importlib.util
+import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -299,3 +302,20 @@ def test_two_ranks_stay_bitwise_identical(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     init = _model().state_dict()
     assert not all(torch.equal(a[k], init[k]) for k in a)  # it trained
+
+
+@pytest.mark.distributed
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn (the digits data) is not installed")
+def test_lepton_train_reports_epsilon_every_epoch(tmp_path):
+    """`lepton train --dp-clip --dp-epsilon` on 2 workers (bf16, int8): epsilon at the end of each epoch's
+    line, in metrics.jsonl and in the final lines; the run spends the target."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "lepton_core.train", "--dp-clip", "1", "--dp-epsilon", "4", "--epochs",
+                        "2", "--hidden", "32", "--batch-size", "64", "--no-progress", "--checkpoint-dir", "ck"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and all(re.search(r"  epsilon \d+\.\d+$", line) for line in lines)
+    recs = [json.loads(line) for line in (tmp_path / "ck" / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["epoch"] for rec in recs] == [1, 2] and 0 < recs[0]["epsilon"] < recs[1]["epsilon"] <= 4.0
+    assert f"DP-SGD: epsilon {recs[1]['epsilon']:.3f} at delta 1e-05 (clip 1)" in r.stdout
