@@ -34,6 +34,7 @@ examples:
   lepton train --nproc 4 --threads 2 --batch-size 64
   lepton train --max-steps 100                      # stop after 100 steps, with a checkpoint
   lepton train --resume                             # continue from lepton-train/checkpoint.pt
+  lepton train --dp-clip 1.0 --dp-epsilon 8          # DP-SGD, epsilon 8 at delta 1e-5
   torchrun --nnodes 2 --nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
       -m lepton_core.train --precision bf16         # several hosts: one command per host"""
 
