@@ -195,7 +195,7 @@ def test_train_help_has_a_description_and_examples_that_parse(capsys):
     out = capsys.readouterr().out
     assert "scikit-learn's bundled 8x8 digits" in out and "examples:" in out
     examples = _help_examples(out)
-    assert len(examples) == 6
+    assert len(examples) == 7
     for line in examples:
         words = line.split()
         if words[0] == "lepton":
