@@ -53,7 +53,7 @@ def test_bench_unknown_family_is_a_usage_error(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "lepton bench: error: argument family: invalid choice: 'gemx' (choose from gemm, quant, " \
-           "allreduce, train, federated, all)" in err
+           "allreduce, train, federated, dp, all)" in err
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_train_help_has_a_description_and_examples_that_parse(capsys):
     out = capsys.readouterr().out
     assert "scikit-learn's bundled 8x8 digits" in out and "examples:" in out
     examples = _help_examples(out)
-    assert len(examples) == 6
+    assert len(examples) == 7
     for line in examples:
         words = line.split()
         if words[0] == "lepton":

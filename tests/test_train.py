@@ -900,7 +900,7 @@ def test_every_config_option_reaches_the_config():
     defaults = cli._config_from_args(cli.build_parser().parse_args([]))
     assert defaults == TrainConfig(checkpoint_dir=cli.DEFAULT_CHECKPOINT_DIR).validate()
     fields = option_fields(TrainConfig)
-    assert len(fields) == 17 and all(f.metadata["group"] in OPTION_GROUPS for f in fields)
+    assert len(fields) == 21 and all(f.metadata["group"] in OPTION_GROUPS for f in fields)
     for f in fields:
         flag, default = option_flag(f), getattr(defaults, f.name)
         if f.type == "bool":
@@ -911,9 +911,11 @@ def test_every_config_option_reaches_the_config():
         elif f.type in ("int", "Optional[int]"):
             want = (default or 1) * 2 if f.name != "block_size" else 512
             argv = [flag, str(want)]
-        elif f.type == "float":
+        elif f.type in ("float", "Optional[float]"):
             want = 0.5
             argv = [flag, "0.5"]
+            if f.name.startswith("dp_") and f.name != "dp_delta":  # DP-SGD: a clip and one noise option
+                argv += ["--dp-noise", "1"] if f.name == "dp_clip" else ["--dp-clip", "1"]
         else:
             want = "somewhere"
             argv = [flag, want]

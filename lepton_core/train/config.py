@@ -14,7 +14,7 @@ LR_SCHEDULES = ("cosine", "constant")
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 DEFAULT_CHECKPOINT_DIR = "lepton-train"  # `lepton train`'s (the library's default is no checkpoints)
-OPTION_GROUPS = ("job", "checkpoints and output", "distributed")  # the --help sections, in order
+OPTION_GROUPS = ("job", "checkpoints and output", "distributed", "differential privacy")  # the --help sections, in order
 
 
 def option(default: Any, help: str, *, group: str, **meta: Any) -> Any:
@@ -88,6 +88,16 @@ class TrainConfig:
                                   "%(default)s)", group="distributed", choices=BACKENDS)
     timeout_s: float = option(60.0, "seconds before a dead or stuck worker is reported as an error (default: "
                                     "%(default)s)", group="distributed", flag="--timeout")  # process-group timeout
+    # DP-SGD (train/dp.py): on when dp_clip is set, with exactly one of dp_noise_multiplier, dp_target_epsilon
+    dp_clip: Optional[float] = option(None, "DP-SGD: clip every example's gradient to this L2 norm; needs --dp-noise "
+                                            "or --dp-epsilon", group="differential privacy", metavar="C")
+    dp_noise_multiplier: Optional[float] = option(None, "DP-SGD: Gaussian noise std as a multiple of --dp-clip",
+                                                  group="differential privacy", flag="--dp-noise", metavar="Z")
+    dp_target_epsilon: Optional[float] = option(None, "DP-SGD: choose the noise so that the planned run spends "
+                                                      "this epsilon", group="differential privacy",
+                                                flag="--dp-epsilon", metavar="E")
+    dp_delta: float = option(1e-5, "DP-SGD: the delta of (epsilon, delta)-DP (default: %(default)s)",
+                             group="differential privacy", metavar="D")
 
     def validate(self) -> "TrainConfig":
         """Raises ValueError/TypeError naming the field and the value; returns self."""
@@ -106,6 +116,8 @@ class TrainConfig:
             v = getattr(self, f.name)
             if f.type in ("int", "Optional[int]") and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
                 raise TypeError(f"TrainConfig: {f.name} must be an int, got {v!r}")
+            if f.type == "Optional[float]" and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"TrainConfig: {f.name} must be a number or None, got {v!r}")
             if f.type == "float" and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError(f"TrainConfig: {f.name} must be a number, got {v!r}")
             if f.type == "bool" and not isinstance(v, bool):
@@ -127,9 +139,26 @@ class TrainConfig:
         need(self.eval_batch_size >= 1, "eval_batch_size", ">= 1")
         need(self.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}")
         need(math.isfinite(self.timeout_s) and self.timeout_s > 0, "timeout_s", "a positive number of seconds")
+        for field in ("dp_clip", "dp_noise_multiplier", "dp_target_epsilon"):
+            v = getattr(self, field)
+            need(v is None or (math.isfinite(v) and v > 0), field, "None or a positive number")
+        need(0 < self.dp_delta < 1, "dp_delta", "in (0, 1)")
+        if self.dp_clip is not None:
+            if (self.dp_noise_multiplier is None) == (self.dp_target_epsilon is None):
+                raise ValueError("TrainConfig: dp_clip (DP-SGD) needs exactly one of dp_noise_multiplier and "
+                                 f"dp_target_epsilon, got {self.dp_noise_multiplier!r} and {self.dp_target_epsilon!r}")
+            need(self.grad_accum == 1, "grad_accum", "1 with DP-SGD (dp_clip): a Poisson-sampled batch is one step")
+        elif self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None:
+            raise ValueError("TrainConfig: dp_clip must be set (DP-SGD) when dp_noise_multiplier or "
+                             "dp_target_epsilon is, got None")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("TrainConfig: resume=True needs a checkpoint_dir")
         return self
+
+    @property
+    def dp(self) -> bool:
+        """DP-SGD is on."""
+        return self.dp_clip is not None
 
     @property
     def checkpoint_path(self) -> Optional[str]:

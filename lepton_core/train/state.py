@@ -32,8 +32,10 @@ REQUIRED_KEYS = ("world_size", "epoch", "step_in_epoch", "global_step", "model",
                  "history_json", "ranks")
 # On resume, these options must be those of the run that wrote the checkpoint: they fix the order of
 # the samples and the position in it (world_size too), or the layout of saved state (precision: the
-# fp16 loss scaler; compression, block_size, error_feedback: the gradient hook's residuals).
-MUST_MATCH = ("batch_size", "grad_accum", "seed", "precision", "compression", "block_size", "error_feedback")
+# fp16 loss scaler; compression, block_size, error_feedback: the gradient hook's residuals), or the
+# privacy of the run (dp_*: the accountant composes steps of one mechanism; files without them: not DP).
+MUST_MATCH = ("batch_size", "grad_accum", "seed", "precision", "compression", "block_size", "error_feedback",
+              "dp_clip", "dp_noise_multiplier", "dp_target_epsilon", "dp_delta")
 # These may change on resume (to train longer, or on with another rate), which changes the result.
 MAY_CHANGE = ("epochs", "lr", "weight_decay", "lr_schedule")
 

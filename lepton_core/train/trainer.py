@@ -9,6 +9,8 @@ Each optimizer step:
   2. DDP averages the gradients through our comm hook -> ld.allreduce_hook (int8 with error feedback,
      or uncompressed), counting the bytes;
   3. the optimizer (AdamW) steps with the learning rate of the schedule at this step.
+With DP-SGD (config.dp_clip) a step is instead one Poisson-sampled batch whose per-example gradients
+are clipped and noised (train/dp.py, Trainer._dp_step); DDP then only broadcasts the initial model.
 At the end of each epoch the model is evaluated, the epoch's metrics go to the console and a JSONL
 file, and a checkpoint is written. Resuming restores every piece of state a step depends on, so a run
 stopped and resumed ends with the same parameters, bit for bit, as one that ran through.
@@ -106,6 +108,8 @@ class Trainer:
     train_data / eval_data: datasets of (input, target) pairs; targets of integer dtype make the
                 trainer report accuracy (argmax of the output) besides the loss.
     loss_fn:    (output, target) -> scalar loss; default cross-entropy. Outputs are cast to float32 first.
+                With DP-SGD (config.dp_clip) it must be the mean over the batch of per-example losses
+                (as the default is): per-example gradients are those of batch size x the loss.
     augment:    optional (inputs, generator) -> inputs, applied to training batches with a per-worker
                 torch.Generator that is seeded from config.seed and saved in checkpoints.
     optimizer:  optional factory params -> torch.optim.Optimizer; default AdamW(lr, weight_decay), fused where available.
@@ -151,6 +155,12 @@ class Trainer:
                                   guard_nonfinite=cfg.precision == "fp16" and cfg.compression != "none")
             self.ddp.register_comm_hook(self.comm, comm_hook)
 
+            self.dp = None
+            if cfg.dp:
+                from .dp import DPAccounting, DPSGD
+
+                self.dp = DPSGD(self.model, cfg, len(train_data), self.world_size)
+                self.callbacks = Callbacks(self.callbacks.items + [DPAccounting(self.dp)])
             params = list(self.model.parameters())
             self.optimizer = optimizer(params) if optimizer is not None else _default_optimizer(params, cfg)
             self.amp_dtype = _AMP_DTYPES[cfg.precision]
@@ -162,7 +172,7 @@ class Trainer:
             self.sampler = DistributedSampler(train_data, num_replicas=self.world_size, rank=self.rank, shuffle=True,
                                               seed=cfg.seed, drop_last=False)
             n_micro = math.ceil(len(self.sampler) / cfg.batch_size)
-            self.steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+            self.steps_per_epoch = math.ceil(n_micro / cfg.grad_accum) if self.dp is None else self.dp.steps_per_epoch
             self.total_steps = cfg.epochs * self.steps_per_epoch
 
             # Position in the run and what has been measured so far (all saved in checkpoints).
@@ -248,6 +258,8 @@ class Trainer:
         return t.tolist()
 
     def _micro_batches(self, epoch: int) -> List[List[int]]:
+        if self.dp is not None:  # one Poisson-sampled batch per step (grad_accum is 1)
+            return self.dp.epoch_batches(epoch, self.rank, self.world_size)
         self.sampler.set_epoch(epoch)
         indices = list(self.sampler)
         b = self.config.batch_size
@@ -259,7 +271,7 @@ class Trainer:
         its resumption must see the same layout on every step, so both start with one backward pass
         that lets DDP rebuild its buckets without communicating (hook bypassed) and without touching
         parameters, optimizer, RNG streams or buffers (eval mode: no dropout draws, no BN updates)."""
-        if self._buckets_settled:
+        if self._buckets_settled or self.dp is not None:  # DP steps do not use DDP's backward
             return
         was_training = self.model.training
         self.model.eval()
@@ -401,7 +413,7 @@ class Trainer:
         cfg = self.config
         micro = self._micro_batches(self.epoch)
         groups = [micro[i:i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
-        if not self._buckets_settled:
+        if not self._buckets_settled and self.dp is None:
             self._settle_buckets(_fetch(self.train_data, micro[0]))
         if self._pending_rng is not None:
             schema.set_rng_state(self._pending_rng, self.device, self.generator)
@@ -441,6 +453,8 @@ class Trainer:
     def _train_step(self, group: List[List[int]], lr: float) -> float:
         for pg in self.optimizer.param_groups:
             pg["lr"] = lr
+        if self.dp is not None:
+            return self._dp_step(group[0])
         step_loss = 0.0
         for i, idx in enumerate(group):
             x, y = _to(_fetch(self.train_data, idx), self.device)
@@ -464,6 +478,51 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss
+
+    def _dp_step(self, idx: List[int]) -> float:
+        """One DP-SGD step (train/dp.py): this rank's clipped per-example gradients summed, all-reduced
+        (int8-compressed or not), the shared noise draw added, divided by the expected batch size."""
+        dp, cfg = self.dp, self.config
+        # fp16: the loss scale (scaling a unit tensor also readies the scaler for step())
+        scale = float(self.scaler.scale(torch.ones((), device=self.device))) if self.scaler.is_enabled() else 1.0
+        lv, n = 0.0, len(idx)
+        with dp.capture() as cap:
+            loss_sum = None
+            if n:
+                x, y = _to(_fetch(self.train_data, idx), self.device)
+                if self.augment is not None:
+                    x = self.augment(x, self.generator)
+                x = x.detach().requires_grad_(True)  # the layers' outputs carry grad with frozen weights
+                with self._autocast():
+                    out = self.model(x)
+                loss, correct = self._loss_and_correct(out, y)
+                loss_sum = loss * (n * scale)  # loss_fn is a mean over the batch: per-example terms summed
+                lv = float(loss.detach())
+                self._sums["loss"] += lv * n
+                self._sums["count"] += n
+                self._sums["samples"] += n
+                if correct is not None:
+                    self._sums["correct"] += float(correct)
+            flat = dp.clipped_grads(cap, loss_sum, scale)
+        if self.scaler.is_enabled():  # fp16 overflow: every rank skips the step (the scaler lowers the scale)
+            bad = torch.tensor([0 if bool(torch.isfinite(flat).all()) else 1], dtype=torch.int32, device=self.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if int(bad.item()):
+                flat.fill_(float("inf"))
+        if bool(torch.isfinite(flat[:1]).all()):
+            self.comm.count(flat)
+            ld.all_reduce(flat, "sum", compression=None if cfg.compression == "none" else cfg.compression,
+                          block_size=cfg.block_size)
+            dp.add_noise(flat, self.global_step)
+            flat.mul_(scale / dp.expected_batch)
+        offset = 0
+        for p in dp.params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)  # float32 masters (lc.nn.Linear)
+            offset += p.numel()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lv
 
     def _end_epoch(self) -> None:
         cfg = self.config
