@@ -340,13 +340,11 @@ def test_two_processes_secure_equals_fixed_and_int32_sums_wrap():
 
 def test_killed_process_is_a_clear_error_not_a_hang():
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.monotonic()
         codes, outs = _launch("kill", 2, tmp, timeout_s=10, job_timeout_s=60)
-        elapsed = time.monotonic() - t0
     assert codes[1] == -9, outs[1]
+    # the survivor exits by itself with the error (a hang would end in the job timeout's kill instead)
     assert codes[0] == 3, outs[0]
     assert "FedError: federated round" in outs[0] and "a peer process died or stopped answering" in outs[0]
-    assert elapsed < 60
 
 
 def test_cli_runs_resumes_and_reports(tmp_path, capfd):

@@ -21,6 +21,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
+from ..train.cli import _int_at_least  # one parser type for both commands
 from .config import ALGORITHMS, FedConfig
 
 PROG = "lepton federated"
@@ -28,16 +29,6 @@ DEFAULT_OUT = "lepton-federated"
 DEFAULTS = dict(clients=100, clients_per_round=10, rounds=100, local_epochs=5, lr=0.05, hidden=128, depth=1)
 
 
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-    return parse
 
 
 def _float_in(lo: float, hi: float, lo_open: bool = True, hi_open: bool = True):
