@@ -20,6 +20,11 @@ U = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 # ||out - ref|| / ||ref|| bounds of API.md §1, by output dtype name.
 GEMM_REL_NORM = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
 
+# Spacing of the output dtype's subnormals. A result that lands in that range is rounded to a multiple
+# of it, an absolute error of up to half of it per element that no relative bound covers (a float16
+# output of 1.69e-6 is 28 * 2^-24: 1.3% off, and correctly rounded).
+SUBNORMAL_SPACING = {"float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}
+
 
 def gemm_rel_norm_bound(out_dtype: str, k: int) -> float:
     """The contract bound; asserts it is at least the derived typical error for this K (so a test
