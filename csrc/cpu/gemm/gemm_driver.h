@@ -1,7 +1,8 @@
-// The macro-loop of the packed (BLIS/GotoBLAS-style) GEMM kernels, shared by every SIMD ISA file.
+// What the packed (BLIS/GotoBLAS-style) GEMM kernels of every SIMD ISA share; an ISA file adds only
+// its packing, its microkernels and its kernel sets (see "Traits from an ISA's kernel set" below).
 //
-// One "unit" = a batch index, a row range and a column range of the output; threads own disjoint
-// units and never split K:
+// The macro-loop (gemm_run_units). One "unit" = a batch index, a row range and a column range of the
+// output; threads own disjoint units and never split K:
 //   for each K block of depth kc:                    B block (kc x nu) packed into NR-column panels
 //     for each A block of mc rows:                   A block (mc x kc) packed into MR-row panels (L2)
 //       for each NR-column panel of B (in L1):
@@ -9,7 +10,7 @@
 // Unit edges are multiples of MR / NR, so whether an element sits in an edge tile (and hence its
 // bits) never depends on the thread count.
 //
-// A Traits type supplies what is ISA- and dtype-specific:
+// The macro-loop takes a Traits type (GemmTraits<K, Args> below):
 //   Traits::Packed         packed element type
 //   Traits::kMr, kNr       register tile
 //   Traits::kKGroup        k values packed together per lane (1: float, 2: int16 / bf16 pairs, 4: int8 quads);
@@ -17,6 +18,8 @@
 //   tr.b_panel_elems(kc_panel)   Packed elements of one B panel (NR * kc_panel, plus any per-panel extras)
 //   tr.pack_a(batch, i0, mc, p0, kc, Packed* dst) / tr.pack_b(batch, p0, kc, j0, nc, Packed* dst)
 //   tr.tile(kc_panel, ap, bp, unit, row, col, rows, cols, first, last, ws)   (row / col: global)
+// Also here: where a tile's results go (GemmFloatTile / GemmInt8Tile), the tile epilogues written
+// once against the vector interface of simd256.h, edge tiles, and the scalar rest of packing.
 //
 // Everything here is in an anonymous namespace on purpose: each ISA file compiles its own copy
 // with its own -m flags, and the linker must never merge them (see common/dtypes.h).
@@ -187,9 +190,14 @@ struct GemmInt8Tile {
   const float* bias = nullptr;     // at the tile's first column, or null
 };
 
+// Whether the 32-bit partial sums can live in the output itself: a float32 output, or the plain
+// int8 GEMM's int32 one. Otherwise they go to a per-thread workspace when K spans several blocks.
+static inline bool gemm_sums_in_out(const GemmFloatArgs& g) { return g.out_dtype == LP_DTYPE_F32; }
+static inline bool gemm_sums_in_out(const GemmInt8Args& g) { return g.scale_a == nullptr; }
+
 // Where the tile at (row, col) of unit w keeps its 32-bit partial sums: in the output itself
-// (c32_is_out: a float32 output, or the plain int8 GEMM's int32 one), else in the unit's workspace
-// ws (row length ws_ld); prev points at them after the first K block.
+// (c32_is_out), else in the unit's workspace ws (row length ws_ld); prev points at them after the
+// first K block.
 template <class Tile, class Args>
 static inline void gemm_tile_sums(Tile& t, const Args& g, bool c32_is_out, int64_t ws_ld, void* ws, const GemmUnit& w,
                                   int64_t row, int64_t col, bool first, bool last) {
@@ -205,14 +213,20 @@ static inline void gemm_tile_sums(Tile& t, const Args& g, bool c32_is_out, int64
   t.final = last;
 }
 
+// The output of the tile at (row, col), rounded to out_dtype.
+template <class Args>
+static inline void* gemm_tile_out(const Args& g, const GemmUnit& w, int64_t row, int64_t col) {
+  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+  return static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+}
+
 // The float tile at (row, col): partial sums as above; the final K block adds the bias and rounds
 // once into the output.
-static inline GemmFloatTile gemm_float_tile(const GemmFloatArgs& g, bool c32_is_out, int64_t ws_ld, void* ws,
-                                            const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
-  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+static inline GemmFloatTile gemm_tile_at(const GemmFloatArgs& g, bool c32_is_out, int64_t ws_ld, void* ws,
+                                         const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
   GemmFloatTile t;
   gemm_tile_sums(t, g, c32_is_out, ws_ld, ws, w, row, col, first, last);
-  t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+  t.out = gemm_tile_out(g, w, row, col);
   t.out_ld = g.n;
   t.out_dtype = g.out_dtype;
   t.bias = g.bias ? g.bias + col : nullptr;
@@ -221,14 +235,13 @@ static inline GemmFloatTile gemm_float_tile(const GemmFloatArgs& g, bool c32_is_
 
 // The int8 tile at (row, col): int32 partial sums as above; scaled_gemm's final tiles also get the
 // epilogue's scales, bias and output.
-static inline GemmInt8Tile gemm_int8_tile(const GemmInt8Args& g, bool c32_is_out, int64_t ws_ld, void* ws,
-                                          const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
-  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+static inline GemmInt8Tile gemm_tile_at(const GemmInt8Args& g, bool c32_is_out, int64_t ws_ld, void* ws,
+                                        const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
   GemmInt8Tile t;
   gemm_tile_sums(t, g, c32_is_out, ws_ld, ws, w, row, col, first, last);
   if (g.scale_a) {
     t.scaled = true;
-    t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+    t.out = gemm_tile_out(g, w, row, col);
     t.out_ld = g.n;
     t.out_dtype = g.out_dtype;
     t.scale_a_stride = g.scale_a_n_elems == 1 ? 0 : 1;
@@ -238,6 +251,71 @@ static inline GemmInt8Tile gemm_int8_tile(const GemmInt8Args& g, bool c32_is_out
     t.bias = g.bias ? g.bias + col : nullptr;
   }
   return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile epilogues, written once against the vector interface of simd256.h (S = Simd256 or Simd512):
+// the microkernel hands over its MR x NV accumulators (NV vectors per row, NR = NV * S::kLanes).
+// ---------------------------------------------------------------------------------------------
+
+// The tile's fields are copied to locals first: stores through `out` could alias `t` as far as the
+// compiler knows, and would otherwise make it reload them after every store.
+
+// Float tile: partial sums to c32 (not the last K block), else bias added and rounded once to out.
+template <class S, int64_t MR, int NV>
+static inline void gemm_float_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
+  constexpr int L = S::kLanes;
+  if (!t.final) {
+    float* c32 = t.c32;
+    const int64_t ld = t.c32_ld;
+    for (int64_t i = 0; i < MR; ++i)
+      for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * L, c[i][h]);
+    return;
+  }
+  const bool has_bias = t.bias != nullptr;
+  typename S::F bias[NV];
+  for (int h = 0; h < NV; ++h) bias[h] = has_bias ? S::loadu(t.bias + h * L) : S::zero();
+  const int dtype = t.out_dtype;
+  const int64_t elem_bytes = dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = t.out_ld * elem_bytes;
+  char* o = static_cast<char*>(t.out);
+  for (int64_t i = 0; i < MR; ++i) {
+    for (int h = 0; h < NV; ++h) {
+      const typename S::F v = has_bias ? S::add(c[i][h], bias[h]) : c[i][h];
+      S::store_as(dtype, o + i * row_bytes + h * L * elem_bytes, v);
+    }
+  }
+}
+
+// int8 tile: int32 sums to c32 (not the last K block, or the plain int8 GEMM), else scaled_gemm's
+// epilogue (gemm_scaled_epilogue) rounded once to out.
+template <class S, int64_t MR, int NV>
+static inline void gemm_int8_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV]) {
+  constexpr int L = S::kLanes;
+  if (!t.final || !t.scaled) {
+    int32_t* c32 = t.c32;
+    const int64_t ld = t.c32_ld;
+    for (int64_t i = 0; i < MR; ++i)
+      for (int h = 0; h < NV; ++h) S::storeu_i32(c32 + i * ld + h * L, c[i][h]);
+    return;
+  }
+  const bool has_bias = t.bias != nullptr;
+  typename S::F sb[NV], bias[NV];
+  for (int h = 0; h < NV; ++h) {
+    sb[h] = t.scale_b_stride == 0 ? S::set1(t.scale_b[0]) : S::loadu(t.scale_b + h * L);
+    bias[h] = has_bias ? S::loadu(t.bias + h * L) : S::zero();
+  }
+  const float* scale_a = t.scale_a;
+  const int64_t scale_a_stride = t.scale_a_stride;
+  const int dtype = t.out_dtype;
+  const int64_t elem_bytes = dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = t.out_ld * elem_bytes;
+  char* o = static_cast<char*>(t.out);
+  for (int64_t i = 0; i < MR; ++i) {
+    const typename S::F sa = S::set1(scale_a[i * scale_a_stride]);
+    for (int h = 0; h < NV; ++h) {
+      const typename S::F v = gemm_scaled_epilogue<S>(c[i][h], sa, sb[h], has_bias, bias[h]);
+      S::store_as(dtype, o + i * row_bytes + h * L * elem_bytes, v);
+    }
+  }
 }
 
 // An edge tile (rows < MR or cols < NR valid): the full-tile microkernel `uk(lt)` runs on a local
@@ -270,18 +348,136 @@ static inline void gemm_edge_tile(const Tile& t, int64_t rows, int64_t cols, con
 }
 
 template <int64_t MR, int64_t NR, class Ukernel>
-static inline void gemm_edge_tile_float(const GemmFloatTile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
+static inline void gemm_edge_tile(const GemmFloatTile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
   gemm_edge_tile<MR, NR, float>(t, rows, cols, uk, !t.final, [&](int64_t i, int64_t j, float v) {
     gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, t.bias ? v + t.bias[j] : v);
   });
 }
 
 template <int64_t MR, int64_t NR, class Ukernel>
-static inline void gemm_edge_tile_int8(const GemmInt8Tile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
+static inline void gemm_edge_tile(const GemmInt8Tile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
   gemm_edge_tile<MR, NR, int32_t>(t, rows, cols, uk, !t.final || !t.scaled, [&](int64_t i, int64_t j, int32_t v) {
     const float sa = t.scale_a[i * t.scale_a_stride], sb = t.scale_b[j * t.scale_b_stride];
-    gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, gemm_scaled_value(v, sa, sb, t.bias, j));
+    const float bias = t.bias ? t.bias[j] : 0.0f;
+    gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j,
+                     gemm_scaled_epilogue<GemmScalarVec>(v, sa, sb, t.bias != nullptr, bias));
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing: the scalar remainder every packing routine shares
+// ---------------------------------------------------------------------------------------------
+
+// Packs k groups [k0, kc rounded up to KG) of one panel of LANES lines (rows of A or columns of B),
+// of which the first n_lines are valid: element (line, k) goes to d[k * LANES + line * KG + k % KG]
+// (k - k % KG for the first term), elem(line, k) for a valid line and k < kc, else zero. k0 is a
+// multiple of KG: where the ISA's vector packing of the panel stopped.
+template <int64_t LANES, int64_t KG, class Packed, class Elem>
+static inline void gemm_pack_rest(Packed* d, int64_t k0, int64_t kc, int64_t n_lines, const Elem& elem) {
+  const int64_t kc_panel = gemm_round_up(kc, KG);
+  for (int64_t k = k0; k < kc_panel; k += KG) {
+    Packed* dk = d + k * LANES;
+    int64_t line = 0;
+    for (; line < n_lines; ++line)
+      for (int64_t t = 0; t < KG; ++t) dk[line * KG + t] = k + t < kc ? Packed(elem(line, k + t)) : Packed(0);
+    for (; line < LANES; ++line)
+      for (int64_t t = 0; t < KG; ++t) dk[line * KG + t] = Packed(0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traits from an ISA's kernel set, and the packed GEMM
+// ---------------------------------------------------------------------------------------------
+// What an ISA supplies per kind of packed input, a kernel set K:
+//   K::Packed, K::kMr, K::kNr, K::kKGroup         as for Traits (top of this file)
+//   K::b_panel_elems(kc_panel)                    Packed elements of one B panel
+//                                                 (these three from GemmKernelSet, normally)
+//   K::takes(dtype)                               constexpr: the input dtypes it packs
+//   K::pack_a<DT>(src, rs, cs, mc, kc, dst)       A rows [0, mc) x depth [0, kc) at src (element type
+//                                                 GemmElem<DT>, strides rs / cs) -> MR-row panels
+//   K::pack_b<DT>(src, rs, cs, kc, nc, dst)       B depth [0, kc) x columns [0, nc) -> NR-column panels
+//   K::ukernel(kc_panel, ap, bp, tile)            one full MR x NR tile (a GemmFloatTile or GemmInt8Tile)
+// GemmTraits<K, Args> is the rest, the same for every ISA: operand offsets, the dtype switch, tile
+// setup and edge tiles.
+
+// The common part of a kernel set: packed type, register tile, k grouping, and B panels of
+// NR * kc_panel elements (a set whose panels carry extras defines its own b_panel_elems).
+template <class PackedT, int64_t MR, int64_t NR, int64_t KG>
+struct GemmKernelSet {
+  using Packed = PackedT;
+  static constexpr int64_t kMr = MR, kNr = NR, kKGroup = KG;
+  static int64_t b_panel_elems(int64_t kc_panel) { return NR * kc_panel; }
+};
+
+// The element type of an input dtype.
+template <int DT>
+struct GemmElemOf {
+  using T = uint16_t;  // f16, bf16
+};
+template <>
+struct GemmElemOf<LP_DTYPE_F32> {
+  using T = float;
+};
+template <>
+struct GemmElemOf<LP_DTYPE_I8> {
+  using T = int8_t;
+};
+template <int DT>
+using GemmElem = typename GemmElemOf<DT>::T;
+
+// pack(std::integral_constant<int, DT>, typed pointer to o's element at (batch, row, col)) for the
+// dtype of o, when the kernel set K takes it.
+template <class K, class Pack>
+static inline void gemm_with_operand(const GemmOperand& o, int64_t batch, int64_t row, int64_t col, const Pack& pack) {
+  const int64_t off = batch * o.stride_batch_elems + row * o.stride_row_elems + col * o.stride_col_elems;
+  auto as = [&](auto dt) {
+    if constexpr (K::takes(decltype(dt)::value)) pack(dt, static_cast<const GemmElem<decltype(dt)::value>*>(o.ptr) + off);
+  };
+  switch (o.dtype) {
+    case LP_DTYPE_F16: return as(std::integral_constant<int, LP_DTYPE_F16>{});
+    case LP_DTYPE_BF16: return as(std::integral_constant<int, LP_DTYPE_BF16>{});
+    case LP_DTYPE_I8: return as(std::integral_constant<int, LP_DTYPE_I8>{});
+    default: return as(std::integral_constant<int, LP_DTYPE_F32>{});
+  }
+}
+
+template <class K, class Args>
+struct GemmTraits {
+  using Packed = typename K::Packed;
+  static constexpr int64_t kMr = K::kMr, kNr = K::kNr, kKGroup = K::kKGroup;
+  const Args& g;
+  bool c32_is_out;  // partial sums in the output (else in the unit's workspace)
+  int64_t ws_ld;
+
+  int64_t b_panel_elems(int64_t kc_panel) const { return K::b_panel_elems(kc_panel); }
+  void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
+    gemm_with_operand<K>(g.a, batch, i0, p0, [&](auto dt, auto src) {
+      K::template pack_a<decltype(dt)::value>(src, g.a.stride_row_elems, g.a.stride_col_elems, mc, kc, dst);
+    });
+  }
+  void pack_b(int64_t batch, int64_t p0, int64_t kc, int64_t j0, int64_t nc, Packed* dst) const {
+    gemm_with_operand<K>(g.b, batch, p0, j0, [&](auto dt, auto src) {
+      K::template pack_b<decltype(dt)::value>(src, g.b.stride_row_elems, g.b.stride_col_elems, kc, nc, dst);
+    });
+  }
+  void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
+            int64_t rows, int64_t cols, bool first, bool last, void* ws) const {
+    const auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
+    if (rows == kMr && cols == kNr)
+      K::ukernel(kc_panel, ap, bp, t);
+    else
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { K::ukernel(kc_panel, ap, bp, lt); });
+  }
+};
+
+// The packed GEMM with kernel set K and blocking blk (m, n, k, n_batch >= 1).
+template <class K, class Args>
+void gemm_packed(const Args& g, const GemmBlocking& blk) {
+  const bool sums_in_out = gemm_sums_in_out(g);
+  const bool need_ws = !sums_in_out && g.k > blk.kc;
+  const GemmPlan plan = gemm_make_plan<K::kMr, K::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const GemmTraits<K, Args> tr{g, sums_in_out, gemm_ws_ld(plan)};
+  gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
 }  // namespace

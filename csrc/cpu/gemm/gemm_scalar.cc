@@ -91,12 +91,21 @@ void gemm_int8_scalar(const GemmInt8Args& g) {
         }
         const float sa = g.scale_a[g.scale_a_n_elems == 1 ? 0 : i];
         for (int64_t j = 0; j < n; ++j) {
-          const float sb = g.scale_b[g.scale_b_n_elems == 1 ? 0 : j];
-          gemm_store_float(g.out, g.out_dtype, out_base + i * n + j, gemm_scaled_value(acc[j], sa, sb, g.bias, j));
+          const float sb = g.scale_b[g.scale_b_n_elems == 1 ? 0 : j], bias = g.bias ? g.bias[j] : 0.0f;
+          const float v = gemm_scaled_epilogue<GemmScalarVec>(acc[j], sa, sb, g.bias != nullptr, bias);
+          gemm_store_float(g.out, g.out_dtype, out_base + i * n + j, v);
         }
       }
     });
   }
 }
+
+namespace {
+// The scalar kernels take every shape themselves: no special paths, no blocking, no peak probe.
+const GemmKernels kGemmScalar = {"scalar", LP_ISA_SCALAR, gemm_float_scalar, gemm_int8_scalar,
+                                 nullptr,  nullptr,       nullptr,           nullptr};
+}  // namespace
+
+const GemmKernels* gemm_kernels_scalar() { return &kGemmScalar; }
 
 }  // namespace lp
