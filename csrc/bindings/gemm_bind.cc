@@ -17,14 +17,9 @@ template <class Args>
 Args gemm_args(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmOperand& a, const GemmOperand& b,
                uintptr_t out_ptr, int out_dtype) {
   Args g;
-  g.n_batch = n_batch;
-  g.m = m;
-  g.n = n;
-  g.k = k;
-  g.a = a;
-  g.b = b;
-  g.out = as_ptr<void>(out_ptr);
-  g.out_dtype = out_dtype;
+  g.n_batch = n_batch, g.m = m, g.n = n, g.k = k;
+  g.a = a, g.b = b;
+  g.out = as_ptr<void>(out_ptr), g.out_dtype = out_dtype;
   return g;
 }
 
@@ -33,10 +28,10 @@ Args gemm_args(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmOpera
 void bind_gemm(py::module_& m) {
   m.def(
       "gemm_float",
-      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int in_dtype,
-         int64_t a_stride_batch, int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr,
-         int64_t b_stride_batch, int64_t b_stride_row, int64_t b_stride_col, uintptr_t bias_ptr,
-         uintptr_t out_ptr, int out_dtype) {
+      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth,
+         uintptr_t a_ptr, int in_dtype, int64_t a_stride_batch, int64_t a_stride_row, int64_t a_stride_col,
+         uintptr_t b_ptr, int64_t b_stride_batch, int64_t b_stride_row, int64_t b_stride_col,
+         uintptr_t bias_ptr, uintptr_t out_ptr, int out_dtype) {
         auto g = gemm_args<GemmFloatArgs>(n_batch, rows, cols, depth,
                                           operand(a_ptr, in_dtype, a_stride_batch, a_stride_row, a_stride_col),
                                           operand(b_ptr, in_dtype, b_stride_batch, b_stride_row, b_stride_col),
@@ -51,9 +46,9 @@ void bind_gemm(py::module_& m) {
       py::arg("out_dtype"), "out[b] = round_once(a[b] @ b[b] + bias): f32/f16/bf16 inputs, float32 accumulation");
   m.def(
       "gemm_int8",
-      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_batch,
-         int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr, int64_t b_stride_batch,
-         int64_t b_stride_row, int64_t b_stride_col, uintptr_t out_ptr) {
+      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth,
+         uintptr_t a_ptr, int64_t a_stride_batch, int64_t a_stride_row, int64_t a_stride_col,
+         uintptr_t b_ptr, int64_t b_stride_batch, int64_t b_stride_row, int64_t b_stride_col, uintptr_t out_ptr) {
         const auto g = gemm_args<GemmInt8Args>(
             n_batch, rows, cols, depth, operand(a_ptr, LP_DTYPE_I8, a_stride_batch, a_stride_row, a_stride_col),
             operand(b_ptr, LP_DTYPE_I8, b_stride_batch, b_stride_row, b_stride_col), out_ptr, LP_DTYPE_I32);
@@ -65,10 +60,10 @@ void bind_gemm(py::module_& m) {
       py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("out"), "out[b] = a[b] @ b[b], int8 x int8 -> int32, exact");
   m.def(
       "scaled_gemm_int8",
-      [](int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_row, int64_t a_stride_col,
-         uintptr_t b_ptr, int64_t b_stride_row, int64_t b_stride_col, uintptr_t scale_a_ptr,
-         int64_t scale_a_n_elems, uintptr_t scale_b_ptr, int64_t scale_b_n_elems, uintptr_t bias_ptr,
-         uintptr_t out_ptr, int out_dtype) {
+      [](int64_t rows, int64_t cols, int64_t depth,
+         uintptr_t a_ptr, int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr, int64_t b_stride_row,
+         int64_t b_stride_col, uintptr_t scale_a_ptr, int64_t scale_a_n_elems, uintptr_t scale_b_ptr,
+         int64_t scale_b_n_elems, uintptr_t bias_ptr, uintptr_t out_ptr, int out_dtype) {
         auto g = gemm_args<GemmInt8Args>(1, rows, cols, depth, operand(a_ptr, LP_DTYPE_I8, 0, a_stride_row, a_stride_col),
                                          operand(b_ptr, LP_DTYPE_I8, 0, b_stride_row, b_stride_col), out_ptr, out_dtype);
         g.scale_a = as_ptr<const float>(scale_a_ptr);

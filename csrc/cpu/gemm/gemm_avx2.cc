@@ -1,8 +1,9 @@
 // GEMM, AVX2 + FMA + F16C: BLIS/GotoBLAS-style packed kernels (contract in gemm.h).
 //
-// This file has what is AVX2's own: the packing, the microkernels and the kernel sets; the macro-loop
-// (units, K blocks, A / B blocks, threads), the tile epilogues and edge tiles are gemm_driver.h, the
-// matrix-vector path gemm_gemv_avx2.cc, the peak probe gemm_peak_avx2.cc.
+// This file has what is AVX2's own: two kernel sets (packing + microkernel) and the table. The
+// macro-loop (units, K blocks, A / B blocks, threads), the tile epilogues, edge tiles and the scalar
+// rest of packing are gemm_driver.h; the matrix-vector path is gemm_gemv_avx2.cc, the peak probe
+// gemm_peak_avx2.cc.
 // Register tiles are MR x NR = 6 x 16: 12 ymm accumulators (6 rows x 2 vectors of 8 columns), two
 // for the B row and one for the broadcast A element.
 //   float: A and B are widened to float32 while packing (16-bit products are then exact in
@@ -34,45 +35,78 @@ constexpr int64_t MR = kGemmAvx2Mr;  // 6
 constexpr int64_t NR = kGemmAvx2Nr;  // 16
 static_assert(MR == 6 && NR == 16, "the microkernels below are written for 6 x 16 tiles");
 
-// Kernel sets for the driver (gemm_driver.h): packing and microkernel per kind of input.
-// f32 / f16 / bf16, widened to float32 panels (A: [k][MR], B: [k][NR]), FMA.
-struct FloatKernel : GemmKernelSet<float, MR, NR, 1> {
+// 16 int8 -> 16 int16 (8 k-pairs when the bytes run along k).
+static inline __m256i widen16(const int8_t* p) {
+  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Broadcast of one int16 pair (32 bits) through the float broadcast, a plain load on AMD cores.
+static inline __m256i bcast32(const int32_t* p) {
+  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// float: f32 / f16 / bf16 widened to float32 panels (A: [k][MR], B: [k][NR]), FMA
+// ---------------------------------------------------------------------------------------------
+struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   static constexpr bool takes(int dtype) { return dtype != LP_DTYPE_I8; }
-  template <int DT>
-  static void pack_a(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, float* dst);
-  template <int DT>
-  static void pack_b(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, float* dst);
-  static void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t);
-};
 
-// int8 as int16 k-pairs (A: [k/2][MR][2], B: [k/2][NR][2]), madd_epi16 + add_epi32.
-struct Int8Kernel : GemmKernelSet<int16_t, MR, NR, 2> {
-  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_I8; }
-  template <int DT>
-  static void pack_a(const int8_t* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, int16_t* dst);
-  template <int DT>
-  static void pack_b(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, int16_t* dst);
-  static void ukernel(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp,
-                      const GemmInt8Tile& t);
-};
-
-// ---------------------------------------------------------------------------------------------
-// Float packing
-// ---------------------------------------------------------------------------------------------
-
-// A rows [0, mc) x depth [0, kc) starting at `src` -> panels of MR rows, dst[panel][k][MR] (float32),
-// rows past mc zero. Strides in elements.
-template <int DT>
-void FloatKernel::pack_a(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, float* dst) {
-  using In = FloatIn<DT>;
-  for (int64_t ip = 0; ip < mc; ip += MR) {
-    const int64_t rows = std::min(MR, mc - ip);
-    float* d = dst + ip * kc;
-    const GemmElem<DT>* s = src + ip * rs;
+  // acc(MR x NR) = prev + A_panel(MR x kc) * B_panel(kc x NR), then the tile's epilogue.
+  // ap: [kc][MR] float32, bp: [kc][NR] float32 (32-byte aligned).
+  static void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
+    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    if (t.prev) {
+      const float* p = t.prev;
+      const int64_t ld = t.prev_ld;
+      c00 = _mm256_loadu_ps(p + 0 * ld), c01 = _mm256_loadu_ps(p + 0 * ld + 8);
+      c10 = _mm256_loadu_ps(p + 1 * ld), c11 = _mm256_loadu_ps(p + 1 * ld + 8);
+      c20 = _mm256_loadu_ps(p + 2 * ld), c21 = _mm256_loadu_ps(p + 2 * ld + 8);
+      c30 = _mm256_loadu_ps(p + 3 * ld), c31 = _mm256_loadu_ps(p + 3 * ld + 8);
+      c40 = _mm256_loadu_ps(p + 4 * ld), c41 = _mm256_loadu_ps(p + 4 * ld + 8);
+      c50 = _mm256_loadu_ps(p + 5 * ld), c51 = _mm256_loadu_ps(p + 5 * ld + 8);
+    } else {
+      c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+    }
+#define LP_FMA_STEP(K)                                                                         \
+    {                                                                                          \
+      const __m256 b0 = _mm256_load_ps(bp + (K) * NR), b1 = _mm256_load_ps(bp + (K) * NR + 8); \
+      __m256 a = _mm256_broadcast_ss(ap + (K) * MR + 0);                                       \
+      c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);                    \
+      a = _mm256_broadcast_ss(ap + (K) * MR + 1);                                              \
+      c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);                    \
+      a = _mm256_broadcast_ss(ap + (K) * MR + 2);                                              \
+      c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);                    \
+      a = _mm256_broadcast_ss(ap + (K) * MR + 3);                                              \
+      c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);                    \
+      a = _mm256_broadcast_ss(ap + (K) * MR + 4);                                              \
+      c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);                    \
+      a = _mm256_broadcast_ss(ap + (K) * MR + 5);                                              \
+      c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);                    \
+    }
     int64_t k = 0;
-    if (rows == MR && cs == 1) {
-      // Rows contiguous along k: load 8 k of each row, transpose, store 8 columns of the panel (each
-      // store writes 8 lanes where the panel has 6; the next store overwrites the extra 2).
+    for (; k + 4 <= kc; k += 4) {
+      LP_FMA_STEP(0) LP_FMA_STEP(1) LP_FMA_STEP(2) LP_FMA_STEP(3)
+      ap += 4 * MR;
+      bp += 4 * NR;
+    }
+    for (; k < kc; ++k) {
+      LP_FMA_STEP(0)
+      ap += MR;
+      bp += NR;
+    }
+#undef LP_FMA_STEP
+    const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    gemm_float_tile_store<Simd256>(t, acc);
+  }
+
+  // Vector code for one full panel (gemm_driver.h: K::pack_a_panel / pack_b_panel).
+  template <int DT>
+  static int64_t pack_a_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
+    using In = FloatIn<DT>;
+    int64_t k = 0;
+    if (cs == 1) {
+      // Rows contiguous along k: load 8 k of each row, transpose, store 8 columns of the panel
+      // (each store writes 8 lanes where the panel has 6; the next store overwrites the extra 2).
       for (; k + 8 <= kc; k += 8) {
         __m256 r[8];
         for (int i = 0; i < 6; ++i) r[i] = In::eight(s + i * rs + k);
@@ -81,30 +115,23 @@ void FloatKernel::pack_a(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_
         for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(d + (k + kk) * MR, r[kk]);
       }
     }
-    if (rows == MR && rs == 1) {  // a transposed view: the 6 rows of one k are contiguous
+    if (rs == 1) {  // a transposed view: the 6 rows of one k are contiguous
       for (; k < kc; ++k)
         for (int64_t i = 0; i < MR; ++i) d[k * MR + i] = In::one(s + k * cs + i);
     }
-    gemm_pack_rest<MR, 1>(d, k, kc, rows, [&](int64_t i, int64_t kk) { return In::one(s + i * rs + kk * cs); });
+    return k;
   }
-}
 
-// B depth [0, kc) x columns [0, nc) starting at `src` -> panels of NR columns, dst[panel][k][NR]
-// (float32), columns past nc zero.
-template <int DT>
-void FloatKernel::pack_b(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, float* dst) {
-  using In = FloatIn<DT>;
-  for (int64_t jp = 0; jp < nc; jp += NR) {
-    const int64_t cols = std::min(NR, nc - jp);
-    float* d = dst + jp * kc;
-    const GemmElem<DT>* s = src + jp * cs;
+  template <int DT>
+  static int64_t pack_b_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
+    using In = FloatIn<DT>;
     int64_t k = 0;
-    if (cols == NR && cs == 1) {  // row-major B: each k row of the panel is 16 contiguous elements
+    if (cs == 1) {  // row-major B: each k row of the panel is 16 contiguous elements
       for (; k < kc; ++k) {
         _mm256_store_ps(d + k * NR, In::eight(s + k * rs));
         _mm256_store_ps(d + k * NR + 8, In::eight(s + k * rs + 8));
       }
-    } else if (cols == NR && rs == 1) {  // B = W^T with W row-major: columns contiguous along k
+    } else if (rs == 1) {  // B = W^T with W row-major: columns contiguous along k
       for (; k + 8 <= kc; k += 8) {
         for (int h = 0; h < 2; ++h) {
           __m256 r[8];
@@ -114,82 +141,71 @@ void FloatKernel::pack_b(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_
         }
       }
     }
-    gemm_pack_rest<NR, 1>(d, k, kc, cols, [&](int64_t j, int64_t kk) { return In::one(s + kk * rs + j * cs); });
+    return k;
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------------
-// Float microkernel
+// int8: int16 k-pairs (A: [k/2][MR][2], B: [k/2][NR][2], kc rounded up to even with a zero k),
+// madd_epi16 + add_epi32
 // ---------------------------------------------------------------------------------------------
+struct Int8Kernel : GemmKernelSet<int16_t, MR, NR, 2> {
+  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_I8; }
 
-// acc(MR x NR) = prev + A_panel(MR x kc) * B_panel(kc x NR), then the tile's epilogue.
-// ap: [kc][MR] float32, bp: [kc][NR] float32 (32-byte aligned).
-void FloatKernel::ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
-  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  if (t.prev) {
-    const float* p = t.prev;
-    const int64_t ld = t.prev_ld;
-    c00 = _mm256_loadu_ps(p + 0 * ld), c01 = _mm256_loadu_ps(p + 0 * ld + 8);
-    c10 = _mm256_loadu_ps(p + 1 * ld), c11 = _mm256_loadu_ps(p + 1 * ld + 8);
-    c20 = _mm256_loadu_ps(p + 2 * ld), c21 = _mm256_loadu_ps(p + 2 * ld + 8);
-    c30 = _mm256_loadu_ps(p + 3 * ld), c31 = _mm256_loadu_ps(p + 3 * ld + 8);
-    c40 = _mm256_loadu_ps(p + 4 * ld), c41 = _mm256_loadu_ps(p + 4 * ld + 8);
-    c50 = _mm256_loadu_ps(p + 5 * ld), c51 = _mm256_loadu_ps(p + 5 * ld + 8);
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  // acc(MR x NR) = prev + A_panel * B_panel; ap: [kc_even/2][MR][2] int16, bp: [kc_even/2][NR][2].
+  static void ukernel(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp,
+                      const GemmInt8Tile& t) {
+    __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+    if (t.prev) {
+      const int32_t* p = t.prev;
+      const int64_t ld = t.prev_ld;
+      auto ld8 = [](const int32_t* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); };
+      c00 = ld8(p + 0 * ld), c01 = ld8(p + 0 * ld + 8);
+      c10 = ld8(p + 1 * ld), c11 = ld8(p + 1 * ld + 8);
+      c20 = ld8(p + 2 * ld), c21 = ld8(p + 2 * ld + 8);
+      c30 = ld8(p + 3 * ld), c31 = ld8(p + 3 * ld + 8);
+      c40 = ld8(p + 4 * ld), c41 = ld8(p + 4 * ld + 8);
+      c50 = ld8(p + 5 * ld), c51 = ld8(p + 5 * ld + 8);
+    } else {
+      c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
+    }
+    const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
+    const __m256i* b256 = reinterpret_cast<const __m256i*>(bp);
+#define LP_MADD_STEP(P)                                                                                             \
+    {                                                                                                               \
+      const __m256i b0 = _mm256_load_si256(b256 + 2 * (P)), b1 = _mm256_load_si256(b256 + 2 * (P) + 1);             \
+      __m256i a = bcast32(a32 + (P) * MR + 0);                                                                      \
+      c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, b0)), c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, b1)); \
+      a = bcast32(a32 + (P) * MR + 1);                                                                              \
+      c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, b0)), c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, b1)); \
+      a = bcast32(a32 + (P) * MR + 2);                                                                              \
+      c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, b0)), c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, b1)); \
+      a = bcast32(a32 + (P) * MR + 3);                                                                              \
+      c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(a, b0)), c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(a, b1)); \
+      a = bcast32(a32 + (P) * MR + 4);                                                                              \
+      c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(a, b0)), c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(a, b1)); \
+      a = bcast32(a32 + (P) * MR + 5);                                                                              \
+      c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(a, b0)), c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(a, b1)); \
+    }
+    // One k-pair per iteration, the accumulators pinned to registers after each: integer adds are
+    // associative, and left alone the compiler regroups them across steps and spills accumulators.
+    const int64_t n_pairs = kc_even / 2;
+    for (int64_t p = 0; p < n_pairs; ++p) {
+      LP_MADD_STEP(0)
+      __asm__("" : "+x"(c00), "+x"(c01), "+x"(c10), "+x"(c11), "+x"(c20), "+x"(c21));
+      __asm__("" : "+x"(c30), "+x"(c31), "+x"(c40), "+x"(c41), "+x"(c50), "+x"(c51));
+      a32 += MR;
+      b256 += 2;
+    }
+#undef LP_MADD_STEP
+    const __m256i acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+    gemm_int8_tile_store<Simd256>(t, acc);
   }
-#define LP_FMA_STEP(K)                                                          \
-  {                                                                             \
-    const __m256 b0 = _mm256_load_ps(bp + (K) * NR), b1 = _mm256_load_ps(bp + (K) * NR + 8); \
-    __m256 a = _mm256_broadcast_ss(ap + (K) * MR + 0);                          \
-    c00 = _mm256_fmadd_ps(a, b0, c00), c01 = _mm256_fmadd_ps(a, b1, c01);      \
-    a = _mm256_broadcast_ss(ap + (K) * MR + 1);                                 \
-    c10 = _mm256_fmadd_ps(a, b0, c10), c11 = _mm256_fmadd_ps(a, b1, c11);      \
-    a = _mm256_broadcast_ss(ap + (K) * MR + 2);                                 \
-    c20 = _mm256_fmadd_ps(a, b0, c20), c21 = _mm256_fmadd_ps(a, b1, c21);      \
-    a = _mm256_broadcast_ss(ap + (K) * MR + 3);                                 \
-    c30 = _mm256_fmadd_ps(a, b0, c30), c31 = _mm256_fmadd_ps(a, b1, c31);      \
-    a = _mm256_broadcast_ss(ap + (K) * MR + 4);                                 \
-    c40 = _mm256_fmadd_ps(a, b0, c40), c41 = _mm256_fmadd_ps(a, b1, c41);      \
-    a = _mm256_broadcast_ss(ap + (K) * MR + 5);                                 \
-    c50 = _mm256_fmadd_ps(a, b0, c50), c51 = _mm256_fmadd_ps(a, b1, c51);      \
-  }
-  int64_t k = 0;
-  for (; k + 4 <= kc; k += 4) {
-    LP_FMA_STEP(0) LP_FMA_STEP(1) LP_FMA_STEP(2) LP_FMA_STEP(3)
-    ap += 4 * MR;
-    bp += 4 * NR;
-  }
-  for (; k < kc; ++k) {
-    LP_FMA_STEP(0)
-    ap += MR;
-    bp += NR;
-  }
-#undef LP_FMA_STEP
-  const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  gemm_float_tile_store<Simd256>(t, acc);
-}
 
-// ---------------------------------------------------------------------------------------------
-// int8 packing: int16 k-pairs
-// ---------------------------------------------------------------------------------------------
-
-// 16 int8 -> 16 int16 (8 k-pairs when the bytes run along k).
-static inline __m256i widen16(const int8_t* p) {
-  return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-// A rows [0, mc) x depth [0, kc) -> panels of MR rows, dst[panel][k/2][MR][2] int16 (kc rounded up
-// to even with a zero k; rows past mc zero). Panel size MR * kc_even.
-template <int DT>
-void Int8Kernel::pack_a(const int8_t* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, int16_t* dst) {
-  const int64_t kc_even = (kc + 1) & ~int64_t(1);
-  for (int64_t ip = 0; ip < mc; ip += MR) {
-    const int64_t rows = std::min(MR, mc - ip);
-    int16_t* d = dst + ip * kc_even;
-    const int8_t* s = src + ip * rs;
+  template <int DT>
+  static int64_t pack_a_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, int16_t* d) {
     int64_t k = 0;
-    if (rows == MR && cs == 1) {
+    if (cs == 1) {
       // 16 k of each row = 8 pairs as 32-bit lanes; transpose 8 x 8 lanes (rows 6, 7 are padding)
       // and store 8 pair-columns of 6 rows, each store spilling 2 lanes the next one overwrites.
       for (; k + 16 <= kc; k += 16) {
@@ -200,27 +216,20 @@ void Int8Kernel::pack_a(const int8_t* src, int64_t rs, int64_t cs, int64_t mc, i
         for (int kp = 0; kp < 8; ++kp) _mm256_storeu_ps(reinterpret_cast<float*>(d + (k / 2 + kp) * 2 * MR), r[kp]);
       }
     }
-    gemm_pack_rest<MR, 2>(d, k, kc, rows, [&](int64_t i, int64_t kk) { return s[i * rs + kk * cs]; });
+    return k;
   }
-}
 
-// B depth [0, kc) x columns [0, nc) -> panels of NR columns, dst[panel][k/2][NR][2] int16.
-template <int DT>
-void Int8Kernel::pack_b(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, int16_t* dst) {
-  const int64_t kc_even = (kc + 1) & ~int64_t(1);
-  for (int64_t jp = 0; jp < nc; jp += NR) {
-    const int64_t cols = std::min(NR, nc - jp);
-    int16_t* d = dst + jp * kc_even;
-    const int8_t* s = src + jp * cs;
+  template <int DT>
+  static int64_t pack_b_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, int16_t* d) {
     int64_t k = 0;
-    if (cols == NR && cs == 1) {  // row-major: interleave rows k and k+1 byte by byte, widen
+    if (cs == 1) {  // row-major: interleave rows k and k+1 byte by byte, widen
       for (; k + 2 <= kc; k += 2) {
         __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k * rs));
         __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + (k + 1) * rs));
         _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1)));
         _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR + 16), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(r0, r1)));
       }
-    } else if (cols == NR && rs == 1) {  // B = W^T: a column's k-pairs are adjacent bytes
+    } else if (rs == 1) {  // B = W^T: a column's k-pairs are adjacent bytes
       for (; k + 16 <= kc; k += 16) {
         for (int h = 0; h < 2; ++h) {
           __m256 r[8];
@@ -230,68 +239,9 @@ void Int8Kernel::pack_b(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, i
         }
       }
     }
-    gemm_pack_rest<NR, 2>(d, k, kc, cols, [&](int64_t j, int64_t kk) { return s[kk * rs + j * cs]; });
+    return k;
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// int8 microkernel
-// ---------------------------------------------------------------------------------------------
-
-// Broadcast of one int16 pair (32 bits) through the float broadcast, a plain load on AMD cores.
-static inline __m256i bcast32(const int32_t* p) {
-  return _mm256_castps_si256(_mm256_broadcast_ss(reinterpret_cast<const float*>(p)));
-}
-
-// acc(MR x NR) = prev + A_panel * B_panel; ap: [kc_even/2][MR][2] int16, bp: [kc_even/2][NR][2].
-void Int8Kernel::ukernel(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp,
-                         const GemmInt8Tile& t) {
-  __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-  if (t.prev) {
-    const int32_t* p = t.prev;
-    const int64_t ld = t.prev_ld;
-    auto ld8 = [](const int32_t* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); };
-    c00 = ld8(p + 0 * ld), c01 = ld8(p + 0 * ld + 8);
-    c10 = ld8(p + 1 * ld), c11 = ld8(p + 1 * ld + 8);
-    c20 = ld8(p + 2 * ld), c21 = ld8(p + 2 * ld + 8);
-    c30 = ld8(p + 3 * ld), c31 = ld8(p + 3 * ld + 8);
-    c40 = ld8(p + 4 * ld), c41 = ld8(p + 4 * ld + 8);
-    c50 = ld8(p + 5 * ld), c51 = ld8(p + 5 * ld + 8);
-  } else {
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
-  }
-  const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
-  const __m256i* b256 = reinterpret_cast<const __m256i*>(bp);
-#define LP_MADD_STEP(P)                                                                         \
-  {                                                                                             \
-    const __m256i b0 = _mm256_load_si256(b256 + 2 * (P)), b1 = _mm256_load_si256(b256 + 2 * (P) + 1); \
-    __m256i a = bcast32(a32 + (P) * MR + 0);                                                     \
-    c00 = _mm256_add_epi32(c00, _mm256_madd_epi16(a, b0)), c01 = _mm256_add_epi32(c01, _mm256_madd_epi16(a, b1)); \
-    a = bcast32(a32 + (P) * MR + 1);                                                           \
-    c10 = _mm256_add_epi32(c10, _mm256_madd_epi16(a, b0)), c11 = _mm256_add_epi32(c11, _mm256_madd_epi16(a, b1)); \
-    a = bcast32(a32 + (P) * MR + 2);                                                           \
-    c20 = _mm256_add_epi32(c20, _mm256_madd_epi16(a, b0)), c21 = _mm256_add_epi32(c21, _mm256_madd_epi16(a, b1)); \
-    a = bcast32(a32 + (P) * MR + 3);                                                           \
-    c30 = _mm256_add_epi32(c30, _mm256_madd_epi16(a, b0)), c31 = _mm256_add_epi32(c31, _mm256_madd_epi16(a, b1)); \
-    a = bcast32(a32 + (P) * MR + 4);                                                           \
-    c40 = _mm256_add_epi32(c40, _mm256_madd_epi16(a, b0)), c41 = _mm256_add_epi32(c41, _mm256_madd_epi16(a, b1)); \
-    a = bcast32(a32 + (P) * MR + 5);                                                           \
-    c50 = _mm256_add_epi32(c50, _mm256_madd_epi16(a, b0)), c51 = _mm256_add_epi32(c51, _mm256_madd_epi16(a, b1)); \
-  }
-  // One k-pair per iteration, the accumulators pinned to registers after each: integer adds are
-  // associative, and left alone the compiler regroups them across steps and spills accumulators.
-  const int64_t n_pairs = kc_even / 2;
-  for (int64_t p = 0; p < n_pairs; ++p) {
-    LP_MADD_STEP(0)
-    __asm__("" : "+x"(c00), "+x"(c01), "+x"(c10), "+x"(c11), "+x"(c20), "+x"(c21));
-    __asm__("" : "+x"(c30), "+x"(c31), "+x"(c40), "+x"(c41), "+x"(c50), "+x"(c51));
-    a32 += MR;
-    b256 += 2;
-  }
-#undef LP_MADD_STEP
-  const __m256i acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  gemm_int8_tile_store<Simd256>(t, acc);
-}
+};
 
 GemmBlocking gemm_blocking_avx2(bool is_int8) { return gemm_blocking(MR, NR, is_int8 ? 2 : 4); }
 void gemm_float_avx2(const GemmFloatArgs& g) { gemm_packed<FloatKernel>(g, gemm_blocking_avx2(false)); }

@@ -1,7 +1,7 @@
 // GEMM, AVX-512 (F / BW / DQ / VL + BF16 + VNNI): packed kernels on a 12 x 32 register tile
-// (contract in gemm.h). This file has what is AVX-512's own: the packing, the microkernels and the
-// kernel sets; the macro-loop over units, K blocks and A / B blocks, the tile epilogues and edge
-// tiles are gemm_driver.h. Other paths of the AVX-512 table: matrix-vector products (m == 1 or
+// (contract in gemm.h). This file has what is AVX-512's own: three kernel sets (packing +
+// microkernel) and the table. The macro-loop over units, K blocks and A / B blocks, the tile
+// epilogues, edge tiles and the scalar rest of packing are gemm_driver.h. Other paths of the AVX-512 table: matrix-vector products (m == 1 or
 // n == 1) are memory-bound and use the AVX2 matrix-vector path (gemm_gemv_avx2.cc); a few rows times
 // a transposed weight skip packing (gemm_small_m_avx512.cc); the peak probe is gemm_peak_avx512.cc.
 //
@@ -44,40 +44,6 @@ constexpr int64_t MR = kGemmAvx512Mr;  // 12
 constexpr int64_t NR = kGemmAvx512Nr;  // 32
 static_assert(MR == 12 && NR == 32, "the packing and microkernels below are written for 12 x 32 tiles");
 
-// Kernel sets for the driver (gemm_driver.h): packing and microkernel per kind of input.
-// f32 / f16, widened to float32 panels (A: [k][MR], B: [k][NR]), vfmadd231ps.
-struct FloatKernel : GemmKernelSet<float, MR, NR, 1> {
-  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_F32 || dtype == LP_DTYPE_F16; }
-  template <int DT>
-  static void pack_a(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, float* dst);
-  template <int DT>
-  static void pack_b(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, float* dst);
-  static void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t);
-};
-
-// bf16 as k-pairs (A: [k/2][MR][2], B: [k/2][NR][2]), vdpbf16ps.
-struct Bf16Kernel : GemmKernelSet<uint16_t, MR, NR, 2> {
-  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_BF16; }
-  template <int DT>
-  static void pack_a(const uint16_t* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, uint16_t* dst);
-  template <int DT>
-  static void pack_b(const uint16_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, uint16_t* dst);
-  static void ukernel(int64_t kc2, const uint16_t* __restrict ap, const uint16_t* __restrict bp,
-                      const GemmFloatTile& t);
-};
-
-// int8 as k-quads (A: [k/4][MR][4] as a ^ 0x80, B: [k/4][NR][4] then NR int32 corrections), vpdpbusd.
-struct Int8Kernel : GemmKernelSet<uint8_t, MR, NR, 4> {
-  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_I8; }
-  // Bytes of one packed B panel of depth kc4 (a multiple of 4): the quads, then NR int32 corrections.
-  static int64_t b_panel_elems(int64_t kc4) { return NR * kc4 + NR * 4; }
-  template <int DT>
-  static void pack_a(const int8_t* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, uint8_t* dst);
-  template <int DT>
-  static void pack_b(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, uint8_t* dst);
-  static void ukernel(int64_t kc4, const uint8_t* __restrict ap, const uint8_t* __restrict bp, const GemmInt8Tile& t);
-};
-
 static inline __m256 load8_u32(const void* p) { return _mm256_loadu_ps(static_cast<const float*>(p)); }
 
 // 12 lines (rows of A) of 8 32-bit units each, starting at line0 with line_bytes between lines, stored
@@ -106,20 +72,52 @@ static inline void pack32_transposed(const char* line0, int64_t line_bytes, floa
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Float32 / float16 packing: dst[panel][k][MR or NR] float32
-// ---------------------------------------------------------------------------------------------
+// The 24 accumulators are named variables (c<row>_<half>), written out by these macros: an array
+// of vectors whose address escapes to a helper is kept in memory by the compiler, and every k step
+// would then store and reload all 24.
+#define LP_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define LP_DECL(i) V c##i##_0, c##i##_1;
+#define LP_GATHER(i) {c##i##_0, c##i##_1},
 
-template <int DT>
-void FloatKernel::pack_a(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, float* dst) {
-  using In = FloatIn<DT>;
-  using T = typename In::T;
-  for (int64_t ip = 0; ip < mc; ip += MR) {
-    const int64_t rows = std::min(MR, mc - ip);
-    float* d = dst + ip * kc;
-    const T* s = src + ip * rs;
+// float32 partial sums of earlier K blocks (or zeros) into the accumulators.
+#define LP_LOAD_FLOAT(i)                                           \
+  c##i##_0 = t.prev ? _mm512_loadu_ps(t.prev + i * t.prev_ld) : z; \
+  c##i##_1 = t.prev ? _mm512_loadu_ps(t.prev + i * t.prev_ld + 16) : z;
+
+// ---------------------------------------------------------------------------------------------
+// float32 / float16: widened to float32 panels (A: [k][MR], B: [k][NR]), vfmadd231ps
+// ---------------------------------------------------------------------------------------------
+struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
+  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_F32 || dtype == LP_DTYPE_F16; }
+
+  // float32 panels: ap [kc][MR], bp [kc][NR] (64-byte aligned).
+  static void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
+    using V = __m512;
+    const V z = _mm512_setzero_ps();
+    LP_ROWS(LP_DECL)
+    LP_ROWS(LP_LOAD_FLOAT)
+#define LP_STEP(i)                                 \
+    {                                              \
+      const __m512 a = _mm512_set1_ps(ap[i]);      \
+      c##i##_0 = _mm512_fmadd_ps(a, b0, c##i##_0); \
+      c##i##_1 = _mm512_fmadd_ps(a, b1, c##i##_1); \
+    }
+    for (int64_t k = 0; k < kc; ++k) {
+      const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+      LP_ROWS(LP_STEP)
+      ap += MR;
+      bp += NR;
+    }
+#undef LP_STEP
+    const __m512 c[MR][2] = {LP_ROWS(LP_GATHER)};
+    gemm_float_tile_store<Simd512>(t, c);
+  }
+
+  template <int DT>
+  static int64_t pack_a_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
+    using In = FloatIn<DT>;
     int64_t k = 0;
-    if (rows == MR && cs == 1) {
+    if (cs == 1) {
       if (DT == LP_DTYPE_F32) {
         for (; k + 8 <= kc; k += 8)
           pack12_transposed(reinterpret_cast<const char*>(s + k), rs * 4, d + k * MR, [](__m256 v) { return v; });
@@ -130,9 +128,9 @@ void FloatKernel::pack_a(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_
           pack12_transposed(reinterpret_cast<const char*>(rows_f32), 32, d + k * MR, [](__m256 v) { return v; });
         }
       }
-    } else if (rows == MR && rs == 1) {  // transposed A: the 12 rows of one k are contiguous
+    } else if (rs == 1) {  // transposed A: the 12 rows of one k are contiguous
       for (; k < kc; ++k) {
-        const T* sk = s + k * cs;
+        const GemmElem<DT>* sk = s + k * cs;
         __m512 v;
         if (DT == LP_DTYPE_F32)
           v = _mm512_maskz_loadu_ps(0x0fff, sk);
@@ -141,23 +139,17 @@ void FloatKernel::pack_a(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_
         _mm512_mask_storeu_ps(d + k * MR, 0x0fff, v);
       }
     }
-    gemm_pack_rest<MR, 1>(d, k, kc, rows, [&](int64_t i, int64_t kk) { return In::one(s + i * rs + kk * cs); });
+    return k;
   }
-}
 
-template <int DT>
-void FloatKernel::pack_b(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, float* dst) {
-  using In = FloatIn<DT>;
-  using T = typename In::T;
-  for (int64_t jp = 0; jp < nc; jp += NR) {
-    const int64_t cols = std::min(NR, nc - jp);
-    float* d = dst + jp * kc;
-    const T* s = src + jp * cs;
+  template <int DT>
+  static int64_t pack_b_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
+    using In = FloatIn<DT>;
     int64_t k = 0;
-    if (cols == NR && cs == 1) {  // row-major B: each k row of the panel is 32 contiguous elements
+    if (cs == 1) {  // row-major B: each k row of the panel is 32 contiguous elements
       for (; k < kc; ++k)
         for (int h = 0; h < 4; ++h) _mm256_store_ps(d + k * NR + h * 8, In::eight(s + k * rs + h * 8));
-    } else if (cols == NR && rs == 1) {  // B = W^T with W row-major: columns contiguous along k
+    } else if (rs == 1) {  // B = W^T with W row-major: columns contiguous along k
       if (DT == LP_DTYPE_F32) {
         for (; k + 8 <= kc; k += 8) pack32_transposed(reinterpret_cast<const char*>(s + k), cs * 4, d + k * NR);
       } else {
@@ -168,27 +160,49 @@ void FloatKernel::pack_b(const GemmElem<DT>* src, int64_t rs, int64_t cs, int64_
         }
       }
     }
-    gemm_pack_rest<NR, 1>(d, k, kc, cols, [&](int64_t j, int64_t kk) { return In::one(s + kk * rs + j * cs); });
+    return k;
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------------
-// bfloat16 packing: k-pairs, dst[panel][k/2][MR or NR][2] (kc rounded up to even with a zero k)
+// bfloat16: k-pairs (A: [k/2][MR][2], B: [k/2][NR][2], kc rounded up to even with a zero k), vdpbf16ps
 // ---------------------------------------------------------------------------------------------
+struct Bf16Kernel : GemmKernelSet<uint16_t, MR, NR, 2> {
+  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_BF16; }
 
-template <int DT>
-void Bf16Kernel::pack_a(const uint16_t* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, uint16_t* dst) {
-  const int64_t kc2 = gemm_round_up(kc, 2);
-  for (int64_t ip = 0; ip < mc; ip += MR) {
-    const int64_t rows = std::min(MR, mc - ip);
-    uint16_t* d = dst + ip * kc2;
-    const uint16_t* s = src + ip * rs;
+  // bfloat16 pair panels: ap [kc2/2][MR][2], bp [kc2/2][NR][2] (64-byte aligned).
+  static void ukernel(int64_t kc2, const uint16_t* __restrict ap, const uint16_t* __restrict bp,
+                      const GemmFloatTile& t) {
+    using V = __m512;
+    const V z = _mm512_setzero_ps();
+    LP_ROWS(LP_DECL)
+    LP_ROWS(LP_LOAD_FLOAT)
+    const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
+#define LP_STEP(i)                                            \
+    {                                                         \
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(a32[i]); \
+      c##i##_0 = _mm512_dpbf16_ps(c##i##_0, a, b0);           \
+      c##i##_1 = _mm512_dpbf16_ps(c##i##_1, a, b1);           \
+    }
+    for (int64_t p = 0; p < kc2 / 2; ++p) {
+      const __m512bh b0 = (__m512bh)_mm512_load_si512(bp), b1 = (__m512bh)_mm512_load_si512(bp + 32);
+      LP_ROWS(LP_STEP)
+      a32 += MR;
+      bp += 2 * NR;
+    }
+#undef LP_STEP
+    const __m512 c[MR][2] = {LP_ROWS(LP_GATHER)};
+    gemm_float_tile_store<Simd512>(t, c);
+  }
+
+  template <int DT>
+  static int64_t pack_a_panel(const uint16_t* s, int64_t rs, int64_t cs, int64_t kc, uint16_t* d) {
     int64_t k = 0;
-    if (rows == MR && cs == 1) {  // a pair is 32 contiguous bits of a row: transpose 8 pairs at a time
+    if (cs == 1) {  // a pair is 32 contiguous bits of a row: transpose 8 pairs at a time
       for (; k + 16 <= kc; k += 16)
         pack12_transposed(reinterpret_cast<const char*>(s + k), rs * 2, reinterpret_cast<float*>(d + k * MR),
                           [](__m256 v) { return v; });
-    } else if (rows == MR && rs == 1) {  // transposed A: interleave the 12 contiguous rows of k and k+1
+    } else if (rs == 1) {  // transposed A: interleave the 12 contiguous rows of k and k+1
       for (; k + 2 <= kc; k += 2) {
         const __m256i lo = _mm256_maskz_loadu_epi16(0x0fff, s + k * cs);
         const __m256i hi = _mm256_maskz_loadu_epi16(0x0fff, s + (k + 1) * cs);
@@ -197,56 +211,85 @@ void Bf16Kernel::pack_a(const uint16_t* src, int64_t rs, int64_t cs, int64_t mc,
         _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k * MR + 16), _mm256_extracti128_si256(u0, 1));
       }
     }
-    gemm_pack_rest<MR, 2>(d, k, kc, rows, [&](int64_t i, int64_t kk) { return s[i * rs + kk * cs]; });
+    return k;
   }
-}
 
-template <int DT>
-void Bf16Kernel::pack_b(const uint16_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, uint16_t* dst) {
-  const int64_t kc2 = gemm_round_up(kc, 2);
-  // Interleave two rows of 32 columns: out_lo = r0[0], r1[0], ..., r0[15], r1[15]; out_hi from column 16.
-  alignas(64) static const uint16_t kIdx[64] = {
-      0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-      11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53,
-      22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i idx_lo = _mm512_load_si512(kIdx), idx_hi = _mm512_load_si512(kIdx + 32);
-  for (int64_t jp = 0; jp < nc; jp += NR) {
-    const int64_t cols = std::min(NR, nc - jp);
-    uint16_t* d = dst + jp * kc2;
-    const uint16_t* s = src + jp * cs;
+  template <int DT>
+  static int64_t pack_b_panel(const uint16_t* s, int64_t rs, int64_t cs, int64_t kc, uint16_t* d) {
+    // Interleave two rows of 32 columns: out_lo = r0[0], r1[0], ..., r0[15], r1[15]; out_hi from column 16.
+    alignas(64) static const uint16_t kIdx[64] = {
+        0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+        11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53,
+        22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+    const __m512i idx_lo = _mm512_load_si512(kIdx), idx_hi = _mm512_load_si512(kIdx + 32);
     int64_t k = 0;
-    if (cols == NR && cs == 1) {  // row-major B: interleave rows k and k + 1
+    if (cs == 1) {  // row-major B: interleave rows k and k + 1
       for (; k + 2 <= kc; k += 2) {
         const __m512i r0 = _mm512_loadu_si512(s + k * rs), r1 = _mm512_loadu_si512(s + (k + 1) * rs);
         _mm512_store_si512(d + k * NR, _mm512_permutex2var_epi16(r0, idx_lo, r1));
         _mm512_store_si512(d + k * NR + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
       }
-    } else if (cols == NR && rs == 1) {  // B = W^T: a column's pairs are 32 contiguous bits
+    } else if (rs == 1) {  // B = W^T: a column's pairs are 32 contiguous bits
       for (; k + 16 <= kc; k += 16)
         pack32_transposed(reinterpret_cast<const char*>(s + k), cs * 2, reinterpret_cast<float*>(d + k * NR));
     }
-    gemm_pack_rest<NR, 2>(d, k, kc, cols, [&](int64_t j, int64_t kk) { return s[kk * rs + j * cs]; });
+    return k;
   }
-}
+};
 
 // ---------------------------------------------------------------------------------------------
-// int8 packing: k-quads, A as a ^ 0x80 (unsigned), B as is plus 128 * column sums per panel
+// int8: k-quads (A: [k/4][MR][4] as a ^ 0x80, unsigned; B: [k/4][NR][4] as is, then 128 * its
+// column sums per panel), vpdpbusd
 // ---------------------------------------------------------------------------------------------
+struct Int8Kernel : GemmKernelSet<uint8_t, MR, NR, 4> {
+  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_I8; }
+  // Bytes of one packed B panel of depth kc4 (a multiple of 4): the quads, then NR int32 corrections.
+  static int64_t b_panel_elems(int64_t kc4) { return NR * kc4 + NR * 4; }
+  // A is stored as a ^ 0x80 = a + 128 (unsigned); its k padding is a zero byte, so it adds nothing.
+  template <int DT>
+  static uint8_t a_value(int8_t a) {
+    return uint8_t(a) ^ 0x80;
+  }
 
-template <int DT>
-void Int8Kernel::pack_a(const int8_t* src, int64_t rs, int64_t cs, int64_t mc, int64_t kc, uint8_t* dst) {
-  const int64_t kc4 = gemm_round_up(kc, 4);
-  const __m256i flip = _mm256_set1_epi8(char(0x80));
-  for (int64_t ip = 0; ip < mc; ip += MR) {
-    const int64_t rows = std::min(MR, mc - ip);
-    uint8_t* d = dst + ip * kc4;
-    const int8_t* s = src + ip * rs;
+  // int8 quad panels: ap [kc4/4][MR][4] (a ^ 0x80), bp [kc4/4][NR][4] then NR int32 corrections.
+  static void ukernel(int64_t kc4, const uint8_t* __restrict ap, const uint8_t* __restrict bp, const GemmInt8Tile& t) {
+    using V = __m512i;
+    const int32_t* corr = reinterpret_cast<const int32_t*>(bp + NR * kc4);
+    const __m512i corr0 = _mm512_load_si512(corr), corr1 = _mm512_load_si512(corr + 16);
+    const __m512i z = _mm512_setzero_si512();
+    LP_ROWS(LP_DECL)
+#define LP_LOAD_INT(i)                                                                           \
+    c##i##_0 = _mm512_sub_epi32(t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld) : z, corr0); \
+    c##i##_1 = _mm512_sub_epi32(t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld + 16) : z, corr1);
+    LP_ROWS(LP_LOAD_INT)
+#undef LP_LOAD_INT
+    const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
+#define LP_STEP(i)                                     \
+    {                                                  \
+      const __m512i a = _mm512_set1_epi32(a32[i]);     \
+      c##i##_0 = _mm512_dpbusd_epi32(c##i##_0, a, b0); \
+      c##i##_1 = _mm512_dpbusd_epi32(c##i##_1, a, b1); \
+    }
+    for (int64_t q = 0; q < kc4 / 4; ++q) {
+      const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64);
+      LP_ROWS(LP_STEP)
+      a32 += MR;
+      bp += 4 * NR;
+    }
+#undef LP_STEP
+    const __m512i c[MR][2] = {LP_ROWS(LP_GATHER)};
+    gemm_int8_tile_store<Simd512>(t, c);
+  }
+
+  template <int DT>
+  static int64_t pack_a_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, uint8_t* d) {
+    const __m256i flip = _mm256_set1_epi8(char(0x80));
     int64_t k = 0;
-    if (rows == MR && cs == 1) {  // a quad is 32 contiguous bits of a row: transpose 8 quads at a time
+    if (cs == 1) {  // a quad is 32 contiguous bits of a row: transpose 8 quads at a time
       for (; k + 32 <= kc; k += 32)
         pack12_transposed(reinterpret_cast<const char*>(s + k), rs, reinterpret_cast<float*>(d + k * MR),
                           [&](__m256 v) { return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), flip)); });
-    } else if (rows == MR && rs == 1) {  // transposed A: interleave the 12 contiguous rows of k .. k+3
+    } else if (rs == 1) {  // transposed A: interleave the 12 contiguous rows of k .. k+3
       const __m128i flip128 = _mm256_castsi256_si128(flip);
       for (; k + 4 <= kc; k += 4) {
         const __m128i r0 = _mm_maskz_loadu_epi8(0x0fff, s + k * cs), r1 = _mm_maskz_loadu_epi8(0x0fff, s + (k + 1) * cs);
@@ -259,19 +302,13 @@ void Int8Kernel::pack_a(const int8_t* src, int64_t rs, int64_t cs, int64_t mc, i
         _mm_storeu_si128(o + 2, _mm_xor_si128(_mm_unpacklo_epi16(p01hi, p23hi), flip128));  // rows 8-11
       }
     }
-    gemm_pack_rest<MR, 4>(d, k, kc, rows, [&](int64_t i, int64_t kk) { return uint8_t(s[i * rs + kk * cs]) ^ 0x80; });
+    return k;
   }
-}
 
-template <int DT>
-void Int8Kernel::pack_b(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, int64_t nc, uint8_t* dst) {
-  const int64_t kc4 = gemm_round_up(kc, 4);
-  for (int64_t jp = 0; jp < nc; jp += NR) {
-    const int64_t cols = std::min(NR, nc - jp);
-    uint8_t* d = dst + (jp / NR) * b_panel_elems(kc4);
-    const int8_t* s = src + jp * cs;
+  template <int DT>
+  static int64_t pack_b_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, uint8_t* d) {
     int64_t k = 0;
-    if (cols == NR && cs == 1) {  // row-major B: interleave 4 rows of 32 bytes into 32 quads
+    if (cs == 1) {  // row-major B: interleave 4 rows of 32 bytes into 32 quads
       for (; k + 4 <= kc; k += 4) {
         auto row = [&](int64_t t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + (k + t) * rs)); };
         const __m256i r0 = row(0), r1 = row(1), r2 = row(2), r3 = row(3);
@@ -285,12 +322,16 @@ void Int8Kernel::pack_b(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, i
         _mm256_store_si256(o + 2, _mm256_permute2x128_si256(q0, q1, 0x31));  // cols 16-23
         _mm256_store_si256(o + 3, _mm256_permute2x128_si256(q2, q3, 0x31));  // cols 24-31
       }
-    } else if (cols == NR && rs == 1) {  // B = W^T: a column's quads are 32 contiguous bits
+    } else if (rs == 1) {  // B = W^T: a column's quads are 32 contiguous bits
       for (; k + 32 <= kc; k += 32)
         pack32_transposed(reinterpret_cast<const char*>(s + k), cs, reinterpret_cast<float*>(d + k * NR));
     }
-    gemm_pack_rest<NR, 4>(d, k, kc, cols, [&](int64_t j, int64_t kk) { return uint8_t(s[kk * rs + j * cs]); });
-    // 128 * column sums of this K block, read back from the panel (still in L1) with vpdpbusd by ones.
+    return k;
+  }
+
+  // 128 * column sums of this K block after the quads, read back from the panel (still in L1) with
+  // vpdpbusd by ones.
+  static void finish_b_panel(uint8_t* d, int64_t kc4) {
     const __m512i ones = _mm512_set1_epi8(1);
     __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
     for (int64_t q = 0; q < kc4 / 4; ++q) {
@@ -301,101 +342,7 @@ void Int8Kernel::pack_b(const int8_t* src, int64_t rs, int64_t cs, int64_t kc, i
     _mm512_store_si512(corr, _mm512_slli_epi32(s0, 7));
     _mm512_store_si512(corr + 16, _mm512_slli_epi32(s1, 7));
   }
-}
-
-// The 24 accumulators are named variables (c<row>_<half>), written out by these macros: an array
-// of vectors whose address escapes to a helper is kept in memory by the compiler, and every k step
-// would then store and reload all 24.
-#define LP_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define LP_DECL(i) V c##i##_0, c##i##_1;
-#define LP_GATHER(i) {c##i##_0, c##i##_1},
-
-// float32 partial sums of earlier K blocks (or zeros) into the accumulators.
-#define LP_LOAD_FLOAT(i)                                              \
-  c##i##_0 = t.prev ? _mm512_loadu_ps(t.prev + i * t.prev_ld) : z;      \
-  c##i##_1 = t.prev ? _mm512_loadu_ps(t.prev + i * t.prev_ld + 16) : z;
-
-// ---------------------------------------------------------------------------------------------
-// Microkernels: one full MR x NR tile
-// ---------------------------------------------------------------------------------------------
-
-// float32 panels: ap [kc][MR], bp [kc][NR] (64-byte aligned).
-void FloatKernel::ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
-  using V = __m512;
-  const V z = _mm512_setzero_ps();
-  LP_ROWS(LP_DECL)
-  LP_ROWS(LP_LOAD_FLOAT)
-#define LP_STEP(i)                                  \
-  {                                                 \
-    const __m512 a = _mm512_set1_ps(ap[i]);         \
-    c##i##_0 = _mm512_fmadd_ps(a, b0, c##i##_0);    \
-    c##i##_1 = _mm512_fmadd_ps(a, b1, c##i##_1);    \
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
-    LP_ROWS(LP_STEP)
-    ap += MR;
-    bp += NR;
-  }
-#undef LP_STEP
-  const __m512 c[MR][2] = {LP_ROWS(LP_GATHER)};
-  gemm_float_tile_store<Simd512>(t, c);
-}
-
-// bfloat16 pair panels: ap [kc2/2][MR][2], bp [kc2/2][NR][2] (64-byte aligned).
-void Bf16Kernel::ukernel(int64_t kc2, const uint16_t* __restrict ap, const uint16_t* __restrict bp,
-                         const GemmFloatTile& t) {
-  using V = __m512;
-  const V z = _mm512_setzero_ps();
-  LP_ROWS(LP_DECL)
-  LP_ROWS(LP_LOAD_FLOAT)
-  const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
-#define LP_STEP(i)                                                   \
-  {                                                                  \
-    const __m512bh a = (__m512bh)_mm512_set1_epi32(a32[i]);          \
-    c##i##_0 = _mm512_dpbf16_ps(c##i##_0, a, b0);                    \
-    c##i##_1 = _mm512_dpbf16_ps(c##i##_1, a, b1);                    \
-  }
-  for (int64_t p = 0; p < kc2 / 2; ++p) {
-    const __m512bh b0 = (__m512bh)_mm512_load_si512(bp), b1 = (__m512bh)_mm512_load_si512(bp + 32);
-    LP_ROWS(LP_STEP)
-    a32 += MR;
-    bp += 2 * NR;
-  }
-#undef LP_STEP
-  const __m512 c[MR][2] = {LP_ROWS(LP_GATHER)};
-  gemm_float_tile_store<Simd512>(t, c);
-}
-
-// int8 quad panels: ap [kc4/4][MR][4] (a ^ 0x80), bp [kc4/4][NR][4] then NR int32 corrections.
-void Int8Kernel::ukernel(int64_t kc4, const uint8_t* __restrict ap, const uint8_t* __restrict bp, const GemmInt8Tile& t) {
-  using V = __m512i;
-  const int32_t* corr = reinterpret_cast<const int32_t*>(bp + NR * kc4);
-  const __m512i corr0 = _mm512_load_si512(corr), corr1 = _mm512_load_si512(corr + 16);
-  const __m512i z = _mm512_setzero_si512();
-  LP_ROWS(LP_DECL)
-#define LP_LOAD_INT(i)                                                                              \
-  c##i##_0 = _mm512_sub_epi32(t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld) : z, corr0);      \
-  c##i##_1 = _mm512_sub_epi32(t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld + 16) : z, corr1);
-  LP_ROWS(LP_LOAD_INT)
-#undef LP_LOAD_INT
-  const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
-#define LP_STEP(i)                                       \
-  {                                                      \
-    const __m512i a = _mm512_set1_epi32(a32[i]);         \
-    c##i##_0 = _mm512_dpbusd_epi32(c##i##_0, a, b0);     \
-    c##i##_1 = _mm512_dpbusd_epi32(c##i##_1, a, b1);     \
-  }
-  for (int64_t q = 0; q < kc4 / 4; ++q) {
-    const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64);
-    LP_ROWS(LP_STEP)
-    a32 += MR;
-    bp += 4 * NR;
-  }
-#undef LP_STEP
-  const __m512i c[MR][2] = {LP_ROWS(LP_GATHER)};
-  gemm_int8_tile_store<Simd512>(t, c);
-}
+};
 
 #undef LP_LOAD_FLOAT
 #undef LP_GATHER

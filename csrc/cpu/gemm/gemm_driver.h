@@ -19,7 +19,8 @@
 //   tr.pack_a(batch, i0, mc, p0, kc, Packed* dst) / tr.pack_b(batch, p0, kc, j0, nc, Packed* dst)
 //   tr.tile(kc_panel, ap, bp, unit, row, col, rows, cols, first, last, ws)   (row / col: global)
 // Also here: where a tile's results go (GemmFloatTile / GemmInt8Tile), the tile epilogues written
-// once against the vector interface of simd256.h, edge tiles, and the scalar rest of packing.
+// once against the vector interface of simd256.h, edge tiles, and the panel loop of packing with its
+// scalar rest and zero padding (gemm_pack_panels).
 //
 // Everything here is in an anonymous namespace on purpose: each ISA file compiles its own copy
 // with its own -m flags, and the linker must never merge them (see common/dtypes.h).
@@ -365,49 +366,53 @@ static inline void gemm_edge_tile(const GemmInt8Tile& t, int64_t rows, int64_t c
 }
 
 // ---------------------------------------------------------------------------------------------
-// Packing: the scalar remainder every packing routine shares
+// Packing into panels: what every packing routine shares
 // ---------------------------------------------------------------------------------------------
 
-// Packs k groups [k0, kc rounded up to KG) of one panel of LANES lines (rows of A or columns of B),
-// of which the first n_lines are valid: element (line, k) goes to d[k * LANES + line * KG + k % KG]
-// (k - k % KG for the first term), elem(line, k) for a valid line and k < kc, else zero. k0 is a
-// multiple of KG: where the ISA's vector packing of the panel stopped.
-template <int64_t LANES, int64_t KG, class Packed, class Elem>
-static inline void gemm_pack_rest(Packed* d, int64_t k0, int64_t kc, int64_t n_lines, const Elem& elem) {
+// Packs lines [0, n_lines) (rows of A, or columns of B) of depth [0, kc) into panels of LANES lines;
+// the panel of lines [p0, p0 + LANES) goes to d = dst + (p0 / LANES) * panel_elems, element
+// (p0 + l, k) at d[(k - k % KG) * LANES + l * KG + k % KG], over k < kc rounded up to KG.
+//   vector(p0, d)  packs a full panel's leading k its own way (the ISA's vector code for the layouts
+//                  it knows) and returns where it stopped, a multiple of KG (0: nothing done);
+//   elem(line, k)  one element, for the rest: scalar code finishes every panel, and writes zeros
+//                  for lines past n_lines and k past kc (so edge tiles and K tails add nothing);
+//   finish(d)      runs on each panel once complete, while it is still in L1.
+template <int64_t LANES, int64_t KG, class Packed, class Vector, class Elem, class Finish>
+static inline void gemm_pack_panels(Packed* dst, int64_t panel_elems, int64_t n_lines, int64_t kc, const Vector& vector,
+                                    const Elem& elem, const Finish& finish) {
   const int64_t kc_panel = gemm_round_up(kc, KG);
-  for (int64_t k = k0; k < kc_panel; k += KG) {
-    Packed* dk = d + k * LANES;
-    int64_t line = 0;
-    for (; line < n_lines; ++line)
-      for (int64_t t = 0; t < KG; ++t) dk[line * KG + t] = k + t < kc ? Packed(elem(line, k + t)) : Packed(0);
-    for (; line < LANES; ++line)
-      for (int64_t t = 0; t < KG; ++t) dk[line * KG + t] = Packed(0);
+  for (int64_t p0 = 0; p0 < n_lines; p0 += LANES) {
+    Packed* d = dst + (p0 / LANES) * panel_elems;
+    const int64_t n_valid = std::min(LANES, n_lines - p0);
+    for (int64_t k = n_valid == LANES ? vector(p0, d) : 0; k < kc_panel; k += KG) {
+      Packed* dk = d + k * LANES;
+      int64_t l = 0;
+      for (; l < n_valid; ++l)
+        for (int64_t t = 0; t < KG; ++t) dk[l * KG + t] = k + t < kc ? Packed(elem(p0 + l, k + t)) : Packed(0);
+      for (; l < LANES; ++l)
+        for (int64_t t = 0; t < KG; ++t) dk[l * KG + t] = Packed(0);
+    }
+    finish(d);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Traits from an ISA's kernel set, and the packed GEMM
 // ---------------------------------------------------------------------------------------------
-// What an ISA supplies per kind of packed input, a kernel set K:
-//   K::Packed, K::kMr, K::kNr, K::kKGroup         as for Traits (top of this file)
-//   K::b_panel_elems(kc_panel)                    Packed elements of one B panel
-//                                                 (these three from GemmKernelSet, normally)
-//   K::takes(dtype)                               constexpr: the input dtypes it packs
-//   K::pack_a<DT>(src, rs, cs, mc, kc, dst)       A rows [0, mc) x depth [0, kc) at src (element type
-//                                                 GemmElem<DT>, strides rs / cs) -> MR-row panels
-//   K::pack_b<DT>(src, rs, cs, kc, nc, dst)       B depth [0, kc) x columns [0, nc) -> NR-column panels
-//   K::ukernel(kc_panel, ap, bp, tile)            one full MR x NR tile (a GemmFloatTile or GemmInt8Tile)
-// GemmTraits<K, Args> is the rest, the same for every ISA: operand offsets, the dtype switch, tile
-// setup and edge tiles.
-
-// The common part of a kernel set: packed type, register tile, k grouping, and B panels of
-// NR * kc_panel elements (a set whose panels carry extras defines its own b_panel_elems).
-template <class PackedT, int64_t MR, int64_t NR, int64_t KG>
-struct GemmKernelSet {
-  using Packed = PackedT;
-  static constexpr int64_t kMr = MR, kNr = NR, kKGroup = KG;
-  static int64_t b_panel_elems(int64_t kc_panel) { return NR * kc_panel; }
-};
+// What an ISA supplies per kind of packed input, a kernel set K (GemmKernelSet gives the defaults):
+//   K::Packed, K::kMr, K::kNr, K::kKGroup     as for Traits (top of this file)
+//   K::takes(dtype)                           constexpr: the input dtypes it packs
+//   K::b_panel_elems(kc_panel)                Packed elements of one B panel (default NR * kc_panel)
+//   K::a_value<DT>(x), K::b_value<DT>(x)      the packed value of one input element (default: Widen)
+//   K::pack_a_panel<DT>(s, rs, cs, kc, d)     one full panel of MR rows of A at s (element strides rs,
+//                                             cs), depth [0, kc): packs a leading run of k with vector
+//                                             code and returns where it stopped (a multiple of
+//                                             kKGroup; 0 when no vector code fits the layout)
+//   K::pack_b_panel<DT>(s, rs, cs, kc, d)     the same for NR columns of B
+//   K::finish_b_panel(d, kc_panel)            runs on each complete B panel (default: nothing)
+//   K::ukernel(kc_panel, ap, bp, tile)        one full MR x NR tile (a GemmFloatTile or GemmInt8Tile)
+// GemmTraits<K, Args> is the rest, the same for every ISA: operand offsets, the dtype switch, the
+// panel loop and its scalar rest (gemm_pack_panels), tile setup and edge tiles.
 
 // The element type of an input dtype.
 template <int DT>
@@ -424,6 +429,30 @@ struct GemmElemOf<LP_DTYPE_I8> {
 };
 template <int DT>
 using GemmElem = typename GemmElemOf<DT>::T;
+
+// An element packed as it is (int8 widened to int16 pairs or kept as bytes, bf16 bits kept).
+template <int DT>
+struct GemmAsIs {
+  static inline GemmElem<DT> one(const GemmElem<DT>* p) { return *p; }
+};
+
+// The defaults of a kernel set: packed type, register tile, k grouping, B panels of NR * kc_panel
+// elements, elements converted by Widen<DT>::one (e.g. FloatIn of simd256.h, widening to float32).
+template <class PackedT, int64_t MR, int64_t NR, int64_t KG, template <int> class Widen = GemmAsIs>
+struct GemmKernelSet {
+  using Packed = PackedT;
+  static constexpr int64_t kMr = MR, kNr = NR, kKGroup = KG;
+  static int64_t b_panel_elems(int64_t kc_panel) { return NR * kc_panel; }
+  template <int DT>
+  static Packed a_value(GemmElem<DT> x) {
+    return Packed(Widen<DT>::one(&x));
+  }
+  template <int DT>
+  static Packed b_value(GemmElem<DT> x) {
+    return Packed(Widen<DT>::one(&x));
+  }
+  static void finish_b_panel(Packed*, int64_t) {}
+};
 
 // pack(std::integral_constant<int, DT>, typed pointer to o's element at (batch, row, col)) for the
 // dtype of o, when the kernel set K takes it.
@@ -451,13 +480,25 @@ struct GemmTraits {
 
   int64_t b_panel_elems(int64_t kc_panel) const { return K::b_panel_elems(kc_panel); }
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
+    const int64_t rs = g.a.stride_row_elems, cs = g.a.stride_col_elems;
     gemm_with_operand<K>(g.a, batch, i0, p0, [&](auto dt, auto src) {
-      K::template pack_a<decltype(dt)::value>(src, g.a.stride_row_elems, g.a.stride_col_elems, mc, kc, dst);
+      constexpr int DT = decltype(dt)::value;
+      gemm_pack_panels<kMr, kKGroup>(
+          dst, kMr * gemm_round_up(kc, kKGroup), mc, kc,
+          [&](int64_t i, Packed* d) { return K::template pack_a_panel<DT>(src + i * rs, rs, cs, kc, d); },
+          [&](int64_t i, int64_t k) { return K::template a_value<DT>(src[i * rs + k * cs]); }, [](Packed*) {});
     });
   }
   void pack_b(int64_t batch, int64_t p0, int64_t kc, int64_t j0, int64_t nc, Packed* dst) const {
+    const int64_t rs = g.b.stride_row_elems, cs = g.b.stride_col_elems;
+    const int64_t kc_panel = gemm_round_up(kc, kKGroup);
     gemm_with_operand<K>(g.b, batch, p0, j0, [&](auto dt, auto src) {
-      K::template pack_b<decltype(dt)::value>(src, g.b.stride_row_elems, g.b.stride_col_elems, kc, nc, dst);
+      constexpr int DT = decltype(dt)::value;
+      gemm_pack_panels<kNr, kKGroup>(
+          dst, K::b_panel_elems(kc_panel), nc, kc,
+          [&](int64_t j, Packed* d) { return K::template pack_b_panel<DT>(src + j * cs, rs, cs, kc, d); },
+          [&](int64_t j, int64_t k) { return K::template b_value<DT>(src[k * rs + j * cs]); },
+          [&](Packed* d) { K::finish_b_panel(d, kc_panel); });
     });
   }
   void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
