@@ -54,19 +54,10 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   // acc(MR x NR) = prev + A_panel(MR x kc) * B_panel(kc x NR), then the tile's epilogue.
   // ap: [kc][MR] float32, bp: [kc][NR] float32 (32-byte aligned).
   static void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
-    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-    if (t.prev) {
-      const float* p = t.prev;
-      const int64_t ld = t.prev_ld;
-      c00 = _mm256_loadu_ps(p + 0 * ld), c01 = _mm256_loadu_ps(p + 0 * ld + 8);
-      c10 = _mm256_loadu_ps(p + 1 * ld), c11 = _mm256_loadu_ps(p + 1 * ld + 8);
-      c20 = _mm256_loadu_ps(p + 2 * ld), c21 = _mm256_loadu_ps(p + 2 * ld + 8);
-      c30 = _mm256_loadu_ps(p + 3 * ld), c31 = _mm256_loadu_ps(p + 3 * ld + 8);
-      c40 = _mm256_loadu_ps(p + 4 * ld), c41 = _mm256_loadu_ps(p + 4 * ld + 8);
-      c50 = _mm256_loadu_ps(p + 5 * ld), c51 = _mm256_loadu_ps(p + 5 * ld + 8);
-    } else {
-      c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
-    }
+    // Partial sums of earlier K blocks (row i, half h), or zeros in the first K block.
+    auto sums = [&](int64_t i, int h) { return t.prev ? Simd256::loadu(t.prev + i * t.prev_ld + 8 * h) : Simd256::zero(); };
+    __m256 c00 = sums(0, 0), c01 = sums(0, 1), c10 = sums(1, 0), c11 = sums(1, 1), c20 = sums(2, 0), c21 = sums(2, 1);
+    __m256 c30 = sums(3, 0), c31 = sums(3, 1), c40 = sums(4, 0), c41 = sums(4, 1), c50 = sums(5, 0), c51 = sums(5, 1);
 #define LP_FMA_STEP(K)                                                                         \
     {                                                                                          \
       const __m256 b0 = _mm256_load_ps(bp + (K) * NR), b1 = _mm256_load_ps(bp + (K) * NR + 8); \
@@ -96,52 +87,53 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
     }
 #undef LP_FMA_STEP
     const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    gemm_float_tile_store<Simd256>(t, acc);
+    gemm_tile_store<Simd256>(t, acc);
   }
 
-  // Vector code for one full panel (gemm_driver.h: K::pack_a_panel / pack_b_panel).
+  // Vector packing of one full panel by layout (gemm_driver.h); each returns the k where it stopped.
+  // A K-major (rows contiguous along k): load 8 k of each row, transpose, store 8 columns of the
+  // panel (each store writes 8 lanes where the panel has 6; the next store overwrites the extra 2).
   template <int DT>
-  static int64_t pack_a_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
-    using In = FloatIn<DT>;
-    int64_t k = 0;
-    if (cs == 1) {
-      // Rows contiguous along k: load 8 k of each row, transpose, store 8 columns of the panel
-      // (each store writes 8 lanes where the panel has 6; the next store overwrites the extra 2).
-      for (; k + 8 <= kc; k += 8) {
+  static int64_t pack_a_kmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
+    const int64_t k_end = kc / 8 * 8;
+    for (int64_t k = 0; k < k_end; k += 8) {
+      __m256 r[8];
+      for (int i = 0; i < 6; ++i) r[i] = FloatIn<DT>::eight(s + i * ld + k);
+      r[6] = r[7] = _mm256_setzero_ps();
+      transpose8(r);
+      for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(d + (k + kk) * MR, r[kk]);
+    }
+    return k_end;
+  }
+  // A M-major (a transposed view): the 6 rows of one k are contiguous.
+  template <int DT>
+  static int64_t pack_a_mmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t i = 0; i < MR; ++i) d[k * MR + i] = FloatIn<DT>::one(s + k * ld + i);
+    return kc;
+  }
+  // B N-major (row-major): each k row of the panel is 16 contiguous elements.
+  template <int DT>
+  static int64_t pack_b_nmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
+    for (int64_t k = 0; k < kc; ++k) {
+      _mm256_store_ps(d + k * NR, FloatIn<DT>::eight(s + k * ld));
+      _mm256_store_ps(d + k * NR + 8, FloatIn<DT>::eight(s + k * ld + 8));
+    }
+    return kc;
+  }
+  // B K-major (B = W^T with W row-major): two 8 x 8 transposes per 8 k.
+  template <int DT>
+  static int64_t pack_b_kmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
+    const int64_t k_end = kc / 8 * 8;
+    for (int64_t k = 0; k < k_end; k += 8) {
+      for (int h = 0; h < 2; ++h) {
         __m256 r[8];
-        for (int i = 0; i < 6; ++i) r[i] = In::eight(s + i * rs + k);
-        r[6] = r[7] = _mm256_setzero_ps();
+        for (int j = 0; j < 8; ++j) r[j] = FloatIn<DT>::eight(s + (h * 8 + j) * ld + k);
         transpose8(r);
-        for (int kk = 0; kk < 8; ++kk) _mm256_storeu_ps(d + (k + kk) * MR, r[kk]);
+        for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(d + (k + kk) * NR + h * 8, r[kk]);
       }
     }
-    if (rs == 1) {  // a transposed view: the 6 rows of one k are contiguous
-      for (; k < kc; ++k)
-        for (int64_t i = 0; i < MR; ++i) d[k * MR + i] = In::one(s + k * cs + i);
-    }
-    return k;
-  }
-
-  template <int DT>
-  static int64_t pack_b_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
-    using In = FloatIn<DT>;
-    int64_t k = 0;
-    if (cs == 1) {  // row-major B: each k row of the panel is 16 contiguous elements
-      for (; k < kc; ++k) {
-        _mm256_store_ps(d + k * NR, In::eight(s + k * rs));
-        _mm256_store_ps(d + k * NR + 8, In::eight(s + k * rs + 8));
-      }
-    } else if (rs == 1) {  // B = W^T with W row-major: columns contiguous along k
-      for (; k + 8 <= kc; k += 8) {
-        for (int h = 0; h < 2; ++h) {
-          __m256 r[8];
-          for (int j = 0; j < 8; ++j) r[j] = In::eight(s + (h * 8 + j) * cs + k);
-          transpose8(r);
-          for (int kk = 0; kk < 8; ++kk) _mm256_store_ps(d + (k + kk) * NR + h * 8, r[kk]);
-        }
-      }
-    }
-    return k;
+    return k_end;
   }
 };
 
@@ -155,20 +147,12 @@ struct Int8Kernel : GemmKernelSet<int16_t, MR, NR, 2> {
   // acc(MR x NR) = prev + A_panel * B_panel; ap: [kc_even/2][MR][2] int16, bp: [kc_even/2][NR][2].
   static void ukernel(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp,
                       const GemmInt8Tile& t) {
-    __m256i c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
-    if (t.prev) {
-      const int32_t* p = t.prev;
-      const int64_t ld = t.prev_ld;
-      auto ld8 = [](const int32_t* q) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)); };
-      c00 = ld8(p + 0 * ld), c01 = ld8(p + 0 * ld + 8);
-      c10 = ld8(p + 1 * ld), c11 = ld8(p + 1 * ld + 8);
-      c20 = ld8(p + 2 * ld), c21 = ld8(p + 2 * ld + 8);
-      c30 = ld8(p + 3 * ld), c31 = ld8(p + 3 * ld + 8);
-      c40 = ld8(p + 4 * ld), c41 = ld8(p + 4 * ld + 8);
-      c50 = ld8(p + 5 * ld), c51 = ld8(p + 5 * ld + 8);
-    } else {
-      c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_si256();
-    }
+    // Partial sums of earlier K blocks (row i, half h), or zeros in the first K block.
+    auto sums = [&](int64_t i, int h) {
+      return t.prev ? Simd256::loadu(t.prev + i * t.prev_ld + 8 * h) : _mm256_setzero_si256();
+    };
+    __m256i c00 = sums(0, 0), c01 = sums(0, 1), c10 = sums(1, 0), c11 = sums(1, 1), c20 = sums(2, 0), c21 = sums(2, 1);
+    __m256i c30 = sums(3, 0), c31 = sums(3, 1), c40 = sums(4, 0), c41 = sums(4, 1), c50 = sums(5, 0), c51 = sums(5, 1);
     const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
     const __m256i* b256 = reinterpret_cast<const __m256i*>(bp);
 #define LP_MADD_STEP(P)                                                                                             \
@@ -199,47 +183,48 @@ struct Int8Kernel : GemmKernelSet<int16_t, MR, NR, 2> {
     }
 #undef LP_MADD_STEP
     const __m256i acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    gemm_int8_tile_store<Simd256>(t, acc);
+    gemm_tile_store<Simd256>(t, acc);
   }
 
+  // A K-major: 16 k of each row = 8 pairs as 32-bit lanes; transpose 8 x 8 lanes (rows 6, 7 are
+  // padding) and store 8 pair-columns of 6 rows, each store spilling 2 lanes the next one overwrites.
   template <int DT>
-  static int64_t pack_a_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, int16_t* d) {
-    int64_t k = 0;
-    if (cs == 1) {
-      // 16 k of each row = 8 pairs as 32-bit lanes; transpose 8 x 8 lanes (rows 6, 7 are padding)
-      // and store 8 pair-columns of 6 rows, each store spilling 2 lanes the next one overwrites.
-      for (; k + 16 <= kc; k += 16) {
+  static int64_t pack_a_kmajor(const int8_t* s, int64_t ld, int64_t kc, int16_t* d) {
+    const int64_t k_end = kc / 16 * 16;
+    for (int64_t k = 0; k < k_end; k += 16) {
+      __m256 r[8];
+      for (int i = 0; i < 6; ++i) r[i] = _mm256_castsi256_ps(widen16(s + i * ld + k));
+      r[6] = r[7] = _mm256_setzero_ps();
+      transpose8(r);
+      for (int kp = 0; kp < 8; ++kp) _mm256_storeu_ps(reinterpret_cast<float*>(d + (k / 2 + kp) * 2 * MR), r[kp]);
+    }
+    return k_end;
+  }
+  // B N-major: interleave rows k and k+1 byte by byte, widen.
+  template <int DT>
+  static int64_t pack_b_nmajor(const int8_t* s, int64_t ld, int64_t kc, int16_t* d) {
+    const int64_t k_end = kc / 2 * 2;
+    for (int64_t k = 0; k < k_end; k += 2) {
+      __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k * ld));
+      __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + (k + 1) * ld));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR + 16), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(r0, r1)));
+    }
+    return k_end;
+  }
+  // B K-major: a column's k-pairs are adjacent bytes; two 8 x 8 transposes of pairs per 16 k.
+  template <int DT>
+  static int64_t pack_b_kmajor(const int8_t* s, int64_t ld, int64_t kc, int16_t* d) {
+    const int64_t k_end = kc / 16 * 16;
+    for (int64_t k = 0; k < k_end; k += 16) {
+      for (int h = 0; h < 2; ++h) {
         __m256 r[8];
-        for (int i = 0; i < 6; ++i) r[i] = _mm256_castsi256_ps(widen16(s + i * rs + k));
-        r[6] = r[7] = _mm256_setzero_ps();
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_castsi256_ps(widen16(s + (h * 8 + j) * ld + k));
         transpose8(r);
-        for (int kp = 0; kp < 8; ++kp) _mm256_storeu_ps(reinterpret_cast<float*>(d + (k / 2 + kp) * 2 * MR), r[kp]);
+        for (int kp = 0; kp < 8; ++kp) _mm256_store_ps(reinterpret_cast<float*>(d + (k + 2 * kp) * NR + h * 16), r[kp]);
       }
     }
-    return k;
-  }
-
-  template <int DT>
-  static int64_t pack_b_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, int16_t* d) {
-    int64_t k = 0;
-    if (cs == 1) {  // row-major: interleave rows k and k+1 byte by byte, widen
-      for (; k + 2 <= kc; k += 2) {
-        __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k * rs));
-        __m128i r1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + (k + 1) * rs));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR), _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(r0, r1)));
-        _mm256_store_si256(reinterpret_cast<__m256i*>(d + k * NR + 16), _mm256_cvtepi8_epi16(_mm_unpackhi_epi8(r0, r1)));
-      }
-    } else if (rs == 1) {  // B = W^T: a column's k-pairs are adjacent bytes
-      for (; k + 16 <= kc; k += 16) {
-        for (int h = 0; h < 2; ++h) {
-          __m256 r[8];
-          for (int j = 0; j < 8; ++j) r[j] = _mm256_castsi256_ps(widen16(s + (h * 8 + j) * cs + k));
-          transpose8(r);
-          for (int kp = 0; kp < 8; ++kp) _mm256_store_ps(reinterpret_cast<float*>(d + (k + 2 * kp) * NR + h * 16), r[kp]);
-        }
-      }
-    }
-    return k;
+    return k_end;
   }
 };
 

@@ -72,17 +72,48 @@ static inline void pack32_transposed(const char* line0, int64_t line_bytes, floa
   }
 }
 
-// The 24 accumulators are named variables (c<row>_<half>), written out by these macros: an array
-// of vectors whose address escapes to a helper is kept in memory by the compiler, and every k step
-// would then store and reload all 24.
-#define LP_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define LP_DECL(i) V c##i##_0, c##i##_1;
-#define LP_GATHER(i) {c##i##_0, c##i##_1},
+// The partial sums of earlier K blocks in a tile (row i, half h), or zeros in its first K block.
+static inline __m512 tile_sums(const GemmFloatTile& t, int64_t i, int h) {
+  return t.prev ? _mm512_loadu_ps(t.prev + i * t.prev_ld + 16 * h) : _mm512_setzero_ps();
+}
+static inline __m512i tile_sums(const GemmInt8Tile& t, int64_t i, int h) {
+  return t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld + 16 * h) : _mm512_setzero_si512();
+}
 
-// float32 partial sums of earlier K blocks (or zeros) into the accumulators.
-#define LP_LOAD_FLOAT(i)                                           \
-  c##i##_0 = t.prev ? _mm512_loadu_ps(t.prev + i * t.prev_ld) : z; \
-  c##i##_1 = t.prev ? _mm512_loadu_ps(t.prev + i * t.prev_ld + 16) : z;
+// The 12 x 32 microkernel of every kernel set K, one full tile: accumulators from start(i, h) (row
+// i, half h), then one step per packed k-group: B's two vectors of the group (K::load_b), and for
+// each row the row's 32-bit group of A broadcast (K::bcast_a) and multiply-added (K::madd); then the
+// tile's epilogue. ap: [kc_panel / G][MR][G], bp: [kc_panel / G][NR][G] (G = K::kKGroup, 64-byte
+// aligned). The 24 accumulators are named variables (c<row>_<half>) written out by the LP_ROWS
+// macros: an array of vectors whose address escapes to a helper is kept in memory by the compiler,
+// and every step would then store and reload all 24.
+template <class K, class Tile, class Start>
+static inline void ukernel_12x32(int64_t kc_panel, const typename K::Packed* __restrict ap,
+                                 const typename K::Packed* __restrict bp, const Tile& t, const Start& start) {
+  constexpr int64_t G = K::kKGroup;
+#define LP_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define LP_START(i) typename K::Acc c##i##_0 = start(i, 0), c##i##_1 = start(i, 1);
+#define LP_STEP(i)                                  \
+  {                                                 \
+    const auto a = K::bcast_a(ap + i * G);          \
+    c##i##_0 = K::madd(c##i##_0, a, b0);            \
+    c##i##_1 = K::madd(c##i##_1, a, b1);            \
+  }
+#define LP_GATHER(i) {c##i##_0, c##i##_1},
+  LP_ROWS(LP_START)
+  for (int64_t q = 0; q < kc_panel / G; ++q) {
+    const auto b0 = K::load_b(bp), b1 = K::load_b(bp + 16 * G);
+    LP_ROWS(LP_STEP)
+    ap += MR * G;
+    bp += NR * G;
+  }
+  const typename K::Acc c[MR][2] = {LP_ROWS(LP_GATHER)};
+#undef LP_GATHER
+#undef LP_STEP
+#undef LP_START
+#undef LP_ROWS
+  gemm_tile_store<Simd512>(t, c);
+}
 
 // ---------------------------------------------------------------------------------------------
 // float32 / float16: widened to float32 panels (A: [k][MR], B: [k][NR]), vfmadd231ps
@@ -90,77 +121,62 @@ static inline void pack32_transposed(const char* line0, int64_t line_bytes, floa
 struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_F32 || dtype == LP_DTYPE_F16; }
 
-  // float32 panels: ap [kc][MR], bp [kc][NR] (64-byte aligned).
+  // vfmadd231ps on float32 panels.
+  using Acc = __m512;
+  static __m512 load_b(const float* p) { return _mm512_load_ps(p); }
+  static __m512 bcast_a(const float* p) { return _mm512_set1_ps(*p); }
+  static __m512 madd(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
   static void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
-    using V = __m512;
-    const V z = _mm512_setzero_ps();
-    LP_ROWS(LP_DECL)
-    LP_ROWS(LP_LOAD_FLOAT)
-#define LP_STEP(i)                                 \
-    {                                              \
-      const __m512 a = _mm512_set1_ps(ap[i]);      \
-      c##i##_0 = _mm512_fmadd_ps(a, b0, c##i##_0); \
-      c##i##_1 = _mm512_fmadd_ps(a, b1, c##i##_1); \
+    ukernel_12x32<FloatKernel>(kc, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); });
+  }
+
+  // Vector packing of one full panel by layout (gemm_driver.h); each returns the k where it stopped.
+  // A K-major: 12 rows x 8 k transposed per step (float16 widened to float32 first).
+  template <int DT>
+  static int64_t pack_a_kmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
+    const int64_t k_end = kc / 8 * 8;
+    for (int64_t k = 0; k < k_end; k += 8) {
+      if (DT == LP_DTYPE_F32) {
+        pack12_transposed(reinterpret_cast<const char*>(s + k), ld * 4, d + k * MR, [](__m256 v) { return v; });
+      } else {
+        alignas(32) float rows_f32[MR * 8];
+        for (int64_t i = 0; i < MR; ++i) _mm256_store_ps(rows_f32 + i * 8, FloatIn<DT>::eight(s + i * ld + k));
+        pack12_transposed(reinterpret_cast<const char*>(rows_f32), 32, d + k * MR, [](__m256 v) { return v; });
+      }
     }
+    return k_end;
+  }
+  // A M-major: the 12 rows of one k are contiguous, one masked load each.
+  template <int DT>
+  static int64_t pack_a_mmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
     for (int64_t k = 0; k < kc; ++k) {
-      const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
-      LP_ROWS(LP_STEP)
-      ap += MR;
-      bp += NR;
+      const __m512 v = DT == LP_DTYPE_F32 ? _mm512_maskz_loadu_ps(0x0fff, s + k * ld)
+                                          : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0x0fff, s + k * ld));
+      _mm512_mask_storeu_ps(d + k * MR, 0x0fff, v);
     }
-#undef LP_STEP
-    const __m512 c[MR][2] = {LP_ROWS(LP_GATHER)};
-    gemm_float_tile_store<Simd512>(t, c);
+    return kc;
   }
-
+  // B N-major (row-major): each k row of the panel is 32 contiguous elements.
   template <int DT>
-  static int64_t pack_a_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
-    using In = FloatIn<DT>;
-    int64_t k = 0;
-    if (cs == 1) {
-      if (DT == LP_DTYPE_F32) {
-        for (; k + 8 <= kc; k += 8)
-          pack12_transposed(reinterpret_cast<const char*>(s + k), rs * 4, d + k * MR, [](__m256 v) { return v; });
-      } else {
-        for (; k + 8 <= kc; k += 8) {  // widen 8 k of each row first, then transpose
-          alignas(32) float rows_f32[MR * 8];
-          for (int64_t i = 0; i < MR; ++i) _mm256_store_ps(rows_f32 + i * 8, In::eight(s + i * rs + k));
-          pack12_transposed(reinterpret_cast<const char*>(rows_f32), 32, d + k * MR, [](__m256 v) { return v; });
-        }
-      }
-    } else if (rs == 1) {  // transposed A: the 12 rows of one k are contiguous
-      for (; k < kc; ++k) {
-        const GemmElem<DT>* sk = s + k * cs;
-        __m512 v;
-        if (DT == LP_DTYPE_F32)
-          v = _mm512_maskz_loadu_ps(0x0fff, sk);
-        else
-          v = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0x0fff, sk));
-        _mm512_mask_storeu_ps(d + k * MR, 0x0fff, v);
-      }
-    }
-    return k;
+  static int64_t pack_b_nmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int h = 0; h < 4; ++h) _mm256_store_ps(d + k * NR + h * 8, FloatIn<DT>::eight(s + k * ld + h * 8));
+    return kc;
   }
-
+  // B K-major (B = W^T with W row-major): 32 columns x 8 k transposed per step.
   template <int DT>
-  static int64_t pack_b_panel(const GemmElem<DT>* s, int64_t rs, int64_t cs, int64_t kc, float* d) {
-    using In = FloatIn<DT>;
-    int64_t k = 0;
-    if (cs == 1) {  // row-major B: each k row of the panel is 32 contiguous elements
-      for (; k < kc; ++k)
-        for (int h = 0; h < 4; ++h) _mm256_store_ps(d + k * NR + h * 8, In::eight(s + k * rs + h * 8));
-    } else if (rs == 1) {  // B = W^T with W row-major: columns contiguous along k
+  static int64_t pack_b_kmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
+    const int64_t k_end = kc / 8 * 8;
+    for (int64_t k = 0; k < k_end; k += 8) {
       if (DT == LP_DTYPE_F32) {
-        for (; k + 8 <= kc; k += 8) pack32_transposed(reinterpret_cast<const char*>(s + k), cs * 4, d + k * NR);
+        pack32_transposed(reinterpret_cast<const char*>(s + k), ld * 4, d + k * NR);
       } else {
-        for (; k + 8 <= kc; k += 8) {
-          alignas(32) float cols_f32[NR * 8];
-          for (int64_t j = 0; j < NR; ++j) _mm256_store_ps(cols_f32 + j * 8, In::eight(s + j * cs + k));
-          pack32_transposed(reinterpret_cast<const char*>(cols_f32), 32, d + k * NR);
-        }
+        alignas(32) float cols_f32[NR * 8];
+        for (int64_t j = 0; j < NR; ++j) _mm256_store_ps(cols_f32 + j * 8, FloatIn<DT>::eight(s + j * ld + k));
+        pack32_transposed(reinterpret_cast<const char*>(cols_f32), 32, d + k * NR);
       }
     }
-    return k;
+    return k_end;
   }
 };
 
@@ -170,70 +186,62 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
 struct Bf16Kernel : GemmKernelSet<uint16_t, MR, NR, 2> {
   static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_BF16; }
 
-  // bfloat16 pair panels: ap [kc2/2][MR][2], bp [kc2/2][NR][2] (64-byte aligned).
+  // vdpbf16ps: both products of a k-pair added to a float32 lane.
+  using Acc = __m512;
+  static __m512bh load_b(const uint16_t* p) { return (__m512bh)_mm512_load_si512(p); }
+  static __m512bh bcast_a(const uint16_t* p) { return (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+  static __m512 madd(__m512 c, __m512bh a, __m512bh b) { return _mm512_dpbf16_ps(c, a, b); }
   static void ukernel(int64_t kc2, const uint16_t* __restrict ap, const uint16_t* __restrict bp,
                       const GemmFloatTile& t) {
-    using V = __m512;
-    const V z = _mm512_setzero_ps();
-    LP_ROWS(LP_DECL)
-    LP_ROWS(LP_LOAD_FLOAT)
-    const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
-#define LP_STEP(i)                                            \
-    {                                                         \
-      const __m512bh a = (__m512bh)_mm512_set1_epi32(a32[i]); \
-      c##i##_0 = _mm512_dpbf16_ps(c##i##_0, a, b0);           \
-      c##i##_1 = _mm512_dpbf16_ps(c##i##_1, a, b1);           \
-    }
-    for (int64_t p = 0; p < kc2 / 2; ++p) {
-      const __m512bh b0 = (__m512bh)_mm512_load_si512(bp), b1 = (__m512bh)_mm512_load_si512(bp + 32);
-      LP_ROWS(LP_STEP)
-      a32 += MR;
-      bp += 2 * NR;
-    }
-#undef LP_STEP
-    const __m512 c[MR][2] = {LP_ROWS(LP_GATHER)};
-    gemm_float_tile_store<Simd512>(t, c);
+    ukernel_12x32<Bf16Kernel>(kc2, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); });
   }
 
+  // A K-major: a pair is 32 contiguous bits of a row, 8 pairs of 12 rows transposed per step.
   template <int DT>
-  static int64_t pack_a_panel(const uint16_t* s, int64_t rs, int64_t cs, int64_t kc, uint16_t* d) {
-    int64_t k = 0;
-    if (cs == 1) {  // a pair is 32 contiguous bits of a row: transpose 8 pairs at a time
-      for (; k + 16 <= kc; k += 16)
-        pack12_transposed(reinterpret_cast<const char*>(s + k), rs * 2, reinterpret_cast<float*>(d + k * MR),
-                          [](__m256 v) { return v; });
-    } else if (rs == 1) {  // transposed A: interleave the 12 contiguous rows of k and k+1
-      for (; k + 2 <= kc; k += 2) {
-        const __m256i lo = _mm256_maskz_loadu_epi16(0x0fff, s + k * cs);
-        const __m256i hi = _mm256_maskz_loadu_epi16(0x0fff, s + (k + 1) * cs);
-        const __m256i u0 = _mm256_unpacklo_epi16(lo, hi), u1 = _mm256_unpackhi_epi16(lo, hi);  // rows 0-3|8-11, 4-7|12-15
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k * MR), _mm256_permute2x128_si256(u0, u1, 0x20));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k * MR + 16), _mm256_extracti128_si256(u0, 1));
-      }
-    }
-    return k;
+  static int64_t pack_a_kmajor(const uint16_t* s, int64_t ld, int64_t kc, uint16_t* d) {
+    const int64_t k_end = kc / 16 * 16;
+    for (int64_t k = 0; k < k_end; k += 16)
+      pack12_transposed(reinterpret_cast<const char*>(s + k), ld * 2, reinterpret_cast<float*>(d + k * MR),
+                        [](__m256 v) { return v; });
+    return k_end;
   }
-
+  // A M-major: interleave the 12 contiguous rows of k and k + 1.
   template <int DT>
-  static int64_t pack_b_panel(const uint16_t* s, int64_t rs, int64_t cs, int64_t kc, uint16_t* d) {
-    // Interleave two rows of 32 columns: out_lo = r0[0], r1[0], ..., r0[15], r1[15]; out_hi from column 16.
+  static int64_t pack_a_mmajor(const uint16_t* s, int64_t ld, int64_t kc, uint16_t* d) {
+    const int64_t k_end = kc / 2 * 2;
+    for (int64_t k = 0; k < k_end; k += 2) {
+      const __m256i lo = _mm256_maskz_loadu_epi16(0x0fff, s + k * ld);
+      const __m256i hi = _mm256_maskz_loadu_epi16(0x0fff, s + (k + 1) * ld);
+      const __m256i u0 = _mm256_unpacklo_epi16(lo, hi), u1 = _mm256_unpackhi_epi16(lo, hi);  // rows 0-3|8-11, 4-7|12-15
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k * MR), _mm256_permute2x128_si256(u0, u1, 0x20));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + k * MR + 16), _mm256_extracti128_si256(u0, 1));
+    }
+    return k_end;
+  }
+  // B N-major: interleave rows k and k + 1 of 32 columns (out_lo = r0[0], r1[0], ..., r0[15],
+  // r1[15]; out_hi from column 16).
+  template <int DT>
+  static int64_t pack_b_nmajor(const uint16_t* s, int64_t ld, int64_t kc, uint16_t* d) {
     alignas(64) static const uint16_t kIdx[64] = {
         0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
         11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53,
         22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
     const __m512i idx_lo = _mm512_load_si512(kIdx), idx_hi = _mm512_load_si512(kIdx + 32);
-    int64_t k = 0;
-    if (cs == 1) {  // row-major B: interleave rows k and k + 1
-      for (; k + 2 <= kc; k += 2) {
-        const __m512i r0 = _mm512_loadu_si512(s + k * rs), r1 = _mm512_loadu_si512(s + (k + 1) * rs);
-        _mm512_store_si512(d + k * NR, _mm512_permutex2var_epi16(r0, idx_lo, r1));
-        _mm512_store_si512(d + k * NR + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
-      }
-    } else if (rs == 1) {  // B = W^T: a column's pairs are 32 contiguous bits
-      for (; k + 16 <= kc; k += 16)
-        pack32_transposed(reinterpret_cast<const char*>(s + k), cs * 2, reinterpret_cast<float*>(d + k * NR));
+    const int64_t k_end = kc / 2 * 2;
+    for (int64_t k = 0; k < k_end; k += 2) {
+      const __m512i r0 = _mm512_loadu_si512(s + k * ld), r1 = _mm512_loadu_si512(s + (k + 1) * ld);
+      _mm512_store_si512(d + k * NR, _mm512_permutex2var_epi16(r0, idx_lo, r1));
+      _mm512_store_si512(d + k * NR + 32, _mm512_permutex2var_epi16(r0, idx_hi, r1));
     }
-    return k;
+    return k_end;
+  }
+  // B K-major: a column's pairs are 32 contiguous bits, 8 pairs of 32 columns transposed per step.
+  template <int DT>
+  static int64_t pack_b_kmajor(const uint16_t* s, int64_t ld, int64_t kc, uint16_t* d) {
+    const int64_t k_end = kc / 16 * 16;
+    for (int64_t k = 0; k < k_end; k += 16)
+      pack32_transposed(reinterpret_cast<const char*>(s + k), ld * 2, reinterpret_cast<float*>(d + k * NR));
+    return k_end;
   }
 };
 
@@ -251,82 +259,73 @@ struct Int8Kernel : GemmKernelSet<uint8_t, MR, NR, 4> {
     return uint8_t(a) ^ 0x80;
   }
 
-  // int8 quad panels: ap [kc4/4][MR][4] (a ^ 0x80), bp [kc4/4][NR][4] then NR int32 corrections.
+  // vpdpbusd: four unsigned x signed byte products added to an int32 lane. The accumulators start
+  // at the partial sums minus the panel's corrections (128 * column sums, after its quads).
+  using Acc = __m512i;
+  static __m512i load_b(const uint8_t* p) { return _mm512_load_si512(p); }
+  static __m512i bcast_a(const uint8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
+  static __m512i madd(__m512i c, __m512i a, __m512i b) { return _mm512_dpbusd_epi32(c, a, b); }
   static void ukernel(int64_t kc4, const uint8_t* __restrict ap, const uint8_t* __restrict bp, const GemmInt8Tile& t) {
-    using V = __m512i;
     const int32_t* corr = reinterpret_cast<const int32_t*>(bp + NR * kc4);
-    const __m512i corr0 = _mm512_load_si512(corr), corr1 = _mm512_load_si512(corr + 16);
-    const __m512i z = _mm512_setzero_si512();
-    LP_ROWS(LP_DECL)
-#define LP_LOAD_INT(i)                                                                           \
-    c##i##_0 = _mm512_sub_epi32(t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld) : z, corr0); \
-    c##i##_1 = _mm512_sub_epi32(t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld + 16) : z, corr1);
-    LP_ROWS(LP_LOAD_INT)
-#undef LP_LOAD_INT
-    const int32_t* a32 = reinterpret_cast<const int32_t*>(ap);
-#define LP_STEP(i)                                     \
-    {                                                  \
-      const __m512i a = _mm512_set1_epi32(a32[i]);     \
-      c##i##_0 = _mm512_dpbusd_epi32(c##i##_0, a, b0); \
-      c##i##_1 = _mm512_dpbusd_epi32(c##i##_1, a, b1); \
-    }
-    for (int64_t q = 0; q < kc4 / 4; ++q) {
-      const __m512i b0 = _mm512_load_si512(bp), b1 = _mm512_load_si512(bp + 64);
-      LP_ROWS(LP_STEP)
-      a32 += MR;
-      bp += 4 * NR;
-    }
-#undef LP_STEP
-    const __m512i c[MR][2] = {LP_ROWS(LP_GATHER)};
-    gemm_int8_tile_store<Simd512>(t, c);
+    const __m512i corr_h[2] = {_mm512_load_si512(corr), _mm512_load_si512(corr + 16)};
+    ukernel_12x32<Int8Kernel>(kc4, ap, bp, t,
+                              [&](int64_t i, int h) { return _mm512_sub_epi32(tile_sums(t, i, h), corr_h[h]); });
   }
 
+  // A K-major: a quad is 32 contiguous bits of a row, 8 quads of 12 rows transposed (and flipped)
+  // per step.
   template <int DT>
-  static int64_t pack_a_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, uint8_t* d) {
+  static int64_t pack_a_kmajor(const int8_t* s, int64_t ld, int64_t kc, uint8_t* d) {
     const __m256i flip = _mm256_set1_epi8(char(0x80));
-    int64_t k = 0;
-    if (cs == 1) {  // a quad is 32 contiguous bits of a row: transpose 8 quads at a time
-      for (; k + 32 <= kc; k += 32)
-        pack12_transposed(reinterpret_cast<const char*>(s + k), rs, reinterpret_cast<float*>(d + k * MR),
-                          [&](__m256 v) { return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), flip)); });
-    } else if (rs == 1) {  // transposed A: interleave the 12 contiguous rows of k .. k+3
-      const __m128i flip128 = _mm256_castsi256_si128(flip);
-      for (; k + 4 <= kc; k += 4) {
-        const __m128i r0 = _mm_maskz_loadu_epi8(0x0fff, s + k * cs), r1 = _mm_maskz_loadu_epi8(0x0fff, s + (k + 1) * cs);
-        const __m128i r2 = _mm_maskz_loadu_epi8(0x0fff, s + (k + 2) * cs), r3 = _mm_maskz_loadu_epi8(0x0fff, s + (k + 3) * cs);
-        const __m128i p01lo = _mm_unpacklo_epi8(r0, r1), p01hi = _mm_unpackhi_epi8(r0, r1);  // rows 0-7, 8-15
-        const __m128i p23lo = _mm_unpacklo_epi8(r2, r3), p23hi = _mm_unpackhi_epi8(r2, r3);
-        __m128i* o = reinterpret_cast<__m128i*>(d + k * MR);
-        _mm_storeu_si128(o, _mm_xor_si128(_mm_unpacklo_epi16(p01lo, p23lo), flip128));      // rows 0-3
-        _mm_storeu_si128(o + 1, _mm_xor_si128(_mm_unpackhi_epi16(p01lo, p23lo), flip128));  // rows 4-7
-        _mm_storeu_si128(o + 2, _mm_xor_si128(_mm_unpacklo_epi16(p01hi, p23hi), flip128));  // rows 8-11
-      }
-    }
-    return k;
+    const int64_t k_end = kc / 32 * 32;
+    for (int64_t k = 0; k < k_end; k += 32)
+      pack12_transposed(reinterpret_cast<const char*>(s + k), ld, reinterpret_cast<float*>(d + k * MR),
+                        [&](__m256 v) { return _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(v), flip)); });
+    return k_end;
   }
-
+  // A M-major: interleave the 12 contiguous rows of k .. k + 3 into quads, flipped.
   template <int DT>
-  static int64_t pack_b_panel(const int8_t* s, int64_t rs, int64_t cs, int64_t kc, uint8_t* d) {
-    int64_t k = 0;
-    if (cs == 1) {  // row-major B: interleave 4 rows of 32 bytes into 32 quads
-      for (; k + 4 <= kc; k += 4) {
-        auto row = [&](int64_t t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + (k + t) * rs)); };
-        const __m256i r0 = row(0), r1 = row(1), r2 = row(2), r3 = row(3);
-        const __m256i p01lo = _mm256_unpacklo_epi8(r0, r1), p01hi = _mm256_unpackhi_epi8(r0, r1);  // cols 0-7|16-23, 8-15|24-31
-        const __m256i p23lo = _mm256_unpacklo_epi8(r2, r3), p23hi = _mm256_unpackhi_epi8(r2, r3);
-        const __m256i q0 = _mm256_unpacklo_epi16(p01lo, p23lo), q1 = _mm256_unpackhi_epi16(p01lo, p23lo);  // 0-3|16-19, 4-7|20-23
-        const __m256i q2 = _mm256_unpacklo_epi16(p01hi, p23hi), q3 = _mm256_unpackhi_epi16(p01hi, p23hi);  // 8-11|24-27, 12-15|28-31
-        __m256i* o = reinterpret_cast<__m256i*>(d + k * NR);
-        _mm256_store_si256(o, _mm256_permute2x128_si256(q0, q1, 0x20));      // cols 0-7
-        _mm256_store_si256(o + 1, _mm256_permute2x128_si256(q2, q3, 0x20));  // cols 8-15
-        _mm256_store_si256(o + 2, _mm256_permute2x128_si256(q0, q1, 0x31));  // cols 16-23
-        _mm256_store_si256(o + 3, _mm256_permute2x128_si256(q2, q3, 0x31));  // cols 24-31
-      }
-    } else if (rs == 1) {  // B = W^T: a column's quads are 32 contiguous bits
-      for (; k + 32 <= kc; k += 32)
-        pack32_transposed(reinterpret_cast<const char*>(s + k), cs, reinterpret_cast<float*>(d + k * NR));
+  static int64_t pack_a_mmajor(const int8_t* s, int64_t ld, int64_t kc, uint8_t* d) {
+    const __m128i flip = _mm_set1_epi8(char(0x80));
+    const int64_t k_end = kc / 4 * 4;
+    for (int64_t k = 0; k < k_end; k += 4) {
+      const __m128i r0 = _mm_maskz_loadu_epi8(0x0fff, s + k * ld), r1 = _mm_maskz_loadu_epi8(0x0fff, s + (k + 1) * ld);
+      const __m128i r2 = _mm_maskz_loadu_epi8(0x0fff, s + (k + 2) * ld), r3 = _mm_maskz_loadu_epi8(0x0fff, s + (k + 3) * ld);
+      const __m128i p01lo = _mm_unpacklo_epi8(r0, r1), p01hi = _mm_unpackhi_epi8(r0, r1);  // rows 0-7, 8-15
+      const __m128i p23lo = _mm_unpacklo_epi8(r2, r3), p23hi = _mm_unpackhi_epi8(r2, r3);
+      __m128i* o = reinterpret_cast<__m128i*>(d + k * MR);
+      _mm_storeu_si128(o, _mm_xor_si128(_mm_unpacklo_epi16(p01lo, p23lo), flip));      // rows 0-3
+      _mm_storeu_si128(o + 1, _mm_xor_si128(_mm_unpackhi_epi16(p01lo, p23lo), flip));  // rows 4-7
+      _mm_storeu_si128(o + 2, _mm_xor_si128(_mm_unpacklo_epi16(p01hi, p23hi), flip));  // rows 8-11
     }
-    return k;
+    return k_end;
+  }
+  // B N-major: interleave 4 rows of 32 bytes into 32 quads.
+  template <int DT>
+  static int64_t pack_b_nmajor(const int8_t* s, int64_t ld, int64_t kc, uint8_t* d) {
+    const int64_t k_end = kc / 4 * 4;
+    for (int64_t k = 0; k < k_end; k += 4) {
+      auto row = [&](int64_t t) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + (k + t) * ld)); };
+      const __m256i r0 = row(0), r1 = row(1), r2 = row(2), r3 = row(3);
+      const __m256i p01lo = _mm256_unpacklo_epi8(r0, r1), p01hi = _mm256_unpackhi_epi8(r0, r1);  // cols 0-7|16-23, 8-15|24-31
+      const __m256i p23lo = _mm256_unpacklo_epi8(r2, r3), p23hi = _mm256_unpackhi_epi8(r2, r3);
+      const __m256i q0 = _mm256_unpacklo_epi16(p01lo, p23lo), q1 = _mm256_unpackhi_epi16(p01lo, p23lo);  // 0-3|16-19, 4-7|20-23
+      const __m256i q2 = _mm256_unpacklo_epi16(p01hi, p23hi), q3 = _mm256_unpackhi_epi16(p01hi, p23hi);  // 8-11|24-27, 12-15|28-31
+      __m256i* o = reinterpret_cast<__m256i*>(d + k * NR);
+      _mm256_store_si256(o, _mm256_permute2x128_si256(q0, q1, 0x20));      // cols 0-7
+      _mm256_store_si256(o + 1, _mm256_permute2x128_si256(q2, q3, 0x20));  // cols 8-15
+      _mm256_store_si256(o + 2, _mm256_permute2x128_si256(q0, q1, 0x31));  // cols 16-23
+      _mm256_store_si256(o + 3, _mm256_permute2x128_si256(q2, q3, 0x31));  // cols 24-31
+    }
+    return k_end;
+  }
+  // B K-major: a column's quads are 32 contiguous bits, 8 quads of 32 columns transposed per step.
+  template <int DT>
+  static int64_t pack_b_kmajor(const int8_t* s, int64_t ld, int64_t kc, uint8_t* d) {
+    const int64_t k_end = kc / 32 * 32;
+    for (int64_t k = 0; k < k_end; k += 32)
+      pack32_transposed(reinterpret_cast<const char*>(s + k), ld, reinterpret_cast<float*>(d + k * NR));
+    return k_end;
   }
 
   // 128 * column sums of this K block after the quads, read back from the panel (still in L1) with
@@ -343,11 +342,6 @@ struct Int8Kernel : GemmKernelSet<uint8_t, MR, NR, 4> {
     _mm512_store_si512(corr + 16, _mm512_slli_epi32(s1, 7));
   }
 };
-
-#undef LP_LOAD_FLOAT
-#undef LP_GATHER
-#undef LP_DECL
-#undef LP_ROWS
 
 GemmBlocking gemm_blocking_avx512(int64_t elem_bytes) {
   // The B micro-panel fills all of L1d (kc 256 float32, 512 bf16, 1024 int8 on a 32 KiB L1d): A

@@ -262,17 +262,18 @@ static inline GemmInt8Tile gemm_tile_at(const GemmInt8Args& g, bool c32_is_out, 
 // The tile's fields are copied to locals first: stores through `out` could alias `t` as far as the
 // compiler knows, and would otherwise make it reload them after every store.
 
+// The accumulators (float32 or int32) as 32-bit partial sums at c32, rows ld elements apart.
+template <class S, int64_t MR, int NV, class Elem, class V>
+static inline void gemm_tile_store_sums(Elem* c32, int64_t ld, const V (&c)[MR][NV]) {
+  for (int64_t i = 0; i < MR; ++i)
+    for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * S::kLanes, c[i][h]);
+}
+
 // Float tile: partial sums to c32 (not the last K block), else bias added and rounded once to out.
 template <class S, int64_t MR, int NV>
-static inline void gemm_float_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
+static inline void gemm_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
+  if (!t.final) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
   constexpr int L = S::kLanes;
-  if (!t.final) {
-    float* c32 = t.c32;
-    const int64_t ld = t.c32_ld;
-    for (int64_t i = 0; i < MR; ++i)
-      for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * L, c[i][h]);
-    return;
-  }
   const bool has_bias = t.bias != nullptr;
   typename S::F bias[NV];
   for (int h = 0; h < NV; ++h) bias[h] = has_bias ? S::loadu(t.bias + h * L) : S::zero();
@@ -290,15 +291,9 @@ static inline void gemm_float_tile_store(const GemmFloatTile& t, const typename 
 // int8 tile: int32 sums to c32 (not the last K block, or the plain int8 GEMM), else scaled_gemm's
 // epilogue (gemm_scaled_epilogue) rounded once to out.
 template <class S, int64_t MR, int NV>
-static inline void gemm_int8_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV]) {
+static inline void gemm_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV]) {
+  if (!t.final || !t.scaled) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
   constexpr int L = S::kLanes;
-  if (!t.final || !t.scaled) {
-    int32_t* c32 = t.c32;
-    const int64_t ld = t.c32_ld;
-    for (int64_t i = 0; i < MR; ++i)
-      for (int h = 0; h < NV; ++h) S::storeu_i32(c32 + i * ld + h * L, c[i][h]);
-    return;
-  }
   const bool has_bias = t.bias != nullptr;
   typename S::F sb[NV], bias[NV];
   for (int h = 0; h < NV; ++h) {
@@ -404,11 +399,13 @@ static inline void gemm_pack_panels(Packed* dst, int64_t panel_elems, int64_t n_
 //   K::takes(dtype)                           constexpr: the input dtypes it packs
 //   K::b_panel_elems(kc_panel)                Packed elements of one B panel (default NR * kc_panel)
 //   K::a_value<DT>(x), K::b_value<DT>(x)      the packed value of one input element (default: Widen)
-//   K::pack_a_panel<DT>(s, rs, cs, kc, d)     one full panel of MR rows of A at s (element strides rs,
-//                                             cs), depth [0, kc): packs a leading run of k with vector
-//                                             code and returns where it stopped (a multiple of
-//                                             kKGroup; 0 when no vector code fits the layout)
-//   K::pack_b_panel<DT>(s, rs, cs, kc, d)     the same for NR columns of B
+//   K::pack_a_kmajor<DT>(s, ld, kc, d)        vector packing of one full panel at s, depth [0, kc),
+//   K::pack_a_mmajor<DT>(s, ld, kc, d)        by layout: A's MR rows each contiguous along k (row i
+//   K::pack_b_kmajor<DT>(s, ld, kc, d)        at s + i * ld), or the MR rows of one k contiguous (k
+//   K::pack_b_nmajor<DT>(s, ld, kc, d)        at s + k * ld); B's NR columns alike (B = W^T is
+//                                             K-major, a row-major B N-major). Each packs a leading
+//                                             run of k and returns where it stopped, a multiple of
+//                                             kKGroup (default: 0, the scalar rest packs it all)
 //   K::finish_b_panel(d, kc_panel)            runs on each complete B panel (default: nothing)
 //   K::ukernel(kc_panel, ap, bp, tile)        one full MR x NR tile (a GemmFloatTile or GemmInt8Tile)
 // GemmTraits<K, Args> is the rest, the same for every ISA: operand offsets, the dtype switch, the
@@ -443,15 +440,14 @@ struct GemmKernelSet {
   using Packed = PackedT;
   static constexpr int64_t kMr = MR, kNr = NR, kKGroup = KG;
   static int64_t b_panel_elems(int64_t kc_panel) { return NR * kc_panel; }
-  template <int DT>
-  static Packed a_value(GemmElem<DT> x) {
-    return Packed(Widen<DT>::one(&x));
-  }
-  template <int DT>
-  static Packed b_value(GemmElem<DT> x) {
-    return Packed(Widen<DT>::one(&x));
-  }
+  template <int DT> static Packed a_value(GemmElem<DT> x) { return Packed(Widen<DT>::one(&x)); }
+  template <int DT> static Packed b_value(GemmElem<DT> x) { return Packed(Widen<DT>::one(&x)); }
   static void finish_b_panel(Packed*, int64_t) {}
+  // No vector packing: the scalar rest packs the whole panel.
+  template <int DT> static int64_t pack_a_kmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
+  template <int DT> static int64_t pack_a_mmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
+  template <int DT> static int64_t pack_b_kmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
+  template <int DT> static int64_t pack_b_nmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
 };
 
 // pack(std::integral_constant<int, DT>, typed pointer to o's element at (batch, row, col)) for the
@@ -485,7 +481,11 @@ struct GemmTraits {
       constexpr int DT = decltype(dt)::value;
       gemm_pack_panels<kMr, kKGroup>(
           dst, kMr * gemm_round_up(kc, kKGroup), mc, kc,
-          [&](int64_t i, Packed* d) { return K::template pack_a_panel<DT>(src + i * rs, rs, cs, kc, d); },
+          [&](int64_t i, Packed* d) -> int64_t {
+            if (cs == 1) return K::template pack_a_kmajor<DT>(src + i * rs, rs, kc, d);
+            if (rs == 1) return K::template pack_a_mmajor<DT>(src + i * rs, cs, kc, d);
+            return 0;
+          },
           [&](int64_t i, int64_t k) { return K::template a_value<DT>(src[i * rs + k * cs]); }, [](Packed*) {});
     });
   }
@@ -496,7 +496,11 @@ struct GemmTraits {
       constexpr int DT = decltype(dt)::value;
       gemm_pack_panels<kNr, kKGroup>(
           dst, K::b_panel_elems(kc_panel), nc, kc,
-          [&](int64_t j, Packed* d) { return K::template pack_b_panel<DT>(src + j * cs, rs, cs, kc, d); },
+          [&](int64_t j, Packed* d) -> int64_t {
+            if (cs == 1) return K::template pack_b_nmajor<DT>(src + j * cs, rs, kc, d);
+            if (rs == 1) return K::template pack_b_kmajor<DT>(src + j * cs, cs, kc, d);
+            return 0;
+          },
           [&](int64_t j, int64_t k) { return K::template b_value<DT>(src[k * rs + j * cs]); },
           [&](Packed* d) { K::finish_b_panel(d, kc_panel); });
     });

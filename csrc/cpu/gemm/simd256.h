@@ -4,8 +4,9 @@
 // Simd256 or Simd512 (simd512.h); GemmScalarVec (gemm_common.h) is the same interface on one float.
 //
 //   F, I, kLanes                    float32 and int32 vectors of kLanes lanes
-//   zero, set1, loadu, storeu       float32 (unaligned loads and stores)
-//   loadu_i32, storeu_i32, to_float int32 (to_float: exact below 2^24, else round to nearest even)
+//   zero, set1                      float32
+//   loadu, storeu                   float32 or int32 by the pointer's type (unaligned)
+//   to_float                        int32 -> float32 (exact below 2^24, else round to nearest even)
 //   add, mul                        one rounding each
 //   no_contract(v)                  an empty asm that claims to change v, so a product is never fused
 //                                   with a following add into an FMA (which would round once, not twice)
@@ -52,8 +53,8 @@ struct Simd256 {
   static inline F set1(float x) { return _mm256_set1_ps(x); }
   static inline F loadu(const float* p) { return _mm256_loadu_ps(p); }
   static inline void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static inline I loadu_i32(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline void storeu_i32(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static inline I loadu(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline void storeu(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static inline F to_float(I v) { return _mm256_cvtepi32_ps(v); }
   static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
   static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }

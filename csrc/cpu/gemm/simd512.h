@@ -35,8 +35,8 @@ struct Simd512 {
   static inline F set1(float x) { return _mm512_set1_ps(x); }
   static inline F loadu(const float* p) { return _mm512_loadu_ps(p); }
   static inline void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
-  static inline I loadu_i32(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static inline void storeu_i32(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
+  static inline I loadu(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static inline void storeu(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
   static inline F to_float(I v) { return _mm512_cvtepi32_ps(v); }
   static inline F add(F a, F b) { return _mm512_add_ps(a, b); }
   static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }
