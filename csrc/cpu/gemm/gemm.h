@@ -15,6 +15,19 @@
 // argument has been checked in Python; kernels do not validate.
 // Threads: the output is cut into tiles whose edges do not depend on the thread count, and K is
 // never split across threads, so results are bitwise identical for any thread count.
+//
+// Files: gemm.cc (kernel table picker, routing of a call), gemm_scalar.cc (the reference kernels),
+// gemm_driver.h (what the packed SIMD kernels share: macro-loop, tiles and their epilogues, edge
+// tiles, packing's panel loop and scalar rest, traits from an ISA's kernel set), simd256.h /
+// simd512.h (one vector vocabulary per register width), gemm_common.h (element loads / stores, the
+// scaled epilogue, scratch). Per ISA, only what is its own: gemm_avx2.cc / gemm_avx512.cc (kernel
+// sets: packing + microkernel, and the table), gemm_gemv_avx2.cc (matrix-vector path),
+// gemm_small_m_avx512.cc (few rows times W^T), gemm_peak_avx2.cc / gemm_peak_avx512.cc (benchmark
+// peak probes).
+// Adding an ISA (e.g. AMX): gemm_amx.cc with its kernel sets (GemmKernelSet + the microkernel and the
+// vector packing it wants; gemm_packed<K> runs them) and its GemmKernels table (it may borrow other
+// tables' entries, e.g. the AVX-512 small-M path); gemm_kernels_amx() declared below, a null stub in
+// gemm.cc for builds without it, and one line in gemm_kernels_for; tests/test_gemm.py's _table_for.
 #pragma once
 #include <cstdint>
 
@@ -97,8 +110,7 @@ struct GemmKernels {
 const GemmKernels& gemm_kernels_for(int isa);
 const GemmKernels& gemm_kernels();
 
-// Per-ISA tables (gemm_<isa>.cc); null when this build lacks the ISA. Adding an ISA: its table, a
-// null stub in gemm.cc for builds without it, and one line in gemm_kernels_for.
+// Per-ISA tables (gemm_<isa>.cc); null when this build lacks the ISA.
 const GemmKernels* gemm_kernels_scalar();
 const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512();
