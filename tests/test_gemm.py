@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lepton_core as lc
-from lepton_core import _C
+from lepton_core import _C, _runtime
 from lepton_core.gemm import INT8_MAX_K
 from tolerances import SUBNORMAL_SPACING, gemm_rel_norm_bound
 
@@ -381,6 +381,37 @@ def test_scaled_gemm_numpy_and_default(rng):
     out16 = lc.scaled_gemm(qt(a, np.asarray(sa), None), qt(b, sb, 1), out_dtype=np.float16)
     assert out16.dtype == np.float16
     assert lc.scaled_gemm(qt(a, np.asarray(sa), None), qt(b, sb, 1), out_dtype=None).dtype == np.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel tables (csrc/cpu/gemm/gemm.cc: one table per ISA, one picker)
+# ---------------------------------------------------------------------------------------------
+
+def _table_for(level):
+    """The table an ISA level should run: capped at this build and CPU; amx has no GEMM kernels of
+    its own (yet) and runs the AVX-512 table."""
+    best = _runtime.ISA_NAMES.index(_runtime.available_isas()[-1])
+    name = _runtime.ISA_NAMES[min(level, best)]
+    return "avx512" if name == "amx" else name
+
+
+def test_kernel_table_follows_the_active_isa(isa):
+    want = _table_for(_runtime.ISA_NAMES.index(isa))
+    assert _C.gemm_kernels_name() == want
+    # Only SIMD tables have a peak probe; the blocking reported is the active packed kernels' tile
+    # (the scalar kernels do not block and report the AVX2 tile's).
+    probe = _C.gemm_peak_probe(1, 1, "int8")
+    if want == "scalar":
+        assert probe is None
+    else:
+        assert probe > 0
+    blk = _C.gemm_blocking(False)
+    assert (blk["mr"], blk["nr"]) == ((12, 32) if want == "avx512" else (6, 16))
+
+
+def test_kernel_table_for_every_level():
+    for level in range(len(_runtime.ISA_NAMES)):
+        assert _C.gemm_kernels_name(level) == _table_for(level)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,24 +6,37 @@
 #include "cpu/gemm/gemm.h"
 
 namespace lp {
+namespace {
+
+GemmOperand operand(uintptr_t ptr, int dtype, int64_t stride_batch, int64_t stride_row, int64_t stride_col) {
+  return {as_ptr<const void>(ptr), dtype, stride_batch, stride_row, stride_col};
+}
+
+// The fields every GEMM call has: sizes, operands and output.
+template <class Args>
+Args gemm_args(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmOperand& a, const GemmOperand& b,
+               uintptr_t out_ptr, int out_dtype) {
+  Args g;
+  g.n_batch = n_batch, g.m = m, g.n = n, g.k = k;
+  g.a = a, g.b = b;
+  g.out = as_ptr<void>(out_ptr), g.out_dtype = out_dtype;
+  return g;
+}
+
+}  // namespace
 
 void bind_gemm(py::module_& m) {
   m.def(
       "gemm_float",
-      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int in_dtype,
-         int64_t a_stride_batch, int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr,
-         int64_t b_stride_batch, int64_t b_stride_row, int64_t b_stride_col, uintptr_t bias_ptr,
-         uintptr_t out_ptr, int out_dtype) {
-        GemmFloatArgs g;
-        g.n_batch = n_batch;
-        g.m = rows;
-        g.n = cols;
-        g.k = depth;
-        g.a = {as_ptr<const void>(a_ptr), in_dtype, a_stride_batch, a_stride_row, a_stride_col};
-        g.b = {as_ptr<const void>(b_ptr), in_dtype, b_stride_batch, b_stride_row, b_stride_col};
+      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth,
+         uintptr_t a_ptr, int in_dtype, int64_t a_stride_batch, int64_t a_stride_row, int64_t a_stride_col,
+         uintptr_t b_ptr, int64_t b_stride_batch, int64_t b_stride_row, int64_t b_stride_col,
+         uintptr_t bias_ptr, uintptr_t out_ptr, int out_dtype) {
+        auto g = gemm_args<GemmFloatArgs>(n_batch, rows, cols, depth,
+                                          operand(a_ptr, in_dtype, a_stride_batch, a_stride_row, a_stride_col),
+                                          operand(b_ptr, in_dtype, b_stride_batch, b_stride_row, b_stride_col),
+                                          out_ptr, out_dtype);
         g.bias = as_ptr<const float>(bias_ptr);
-        g.out = as_ptr<void>(out_ptr);
-        g.out_dtype = out_dtype;
         py::gil_scoped_release release;
         gemm_float(g);
       },
@@ -33,18 +46,12 @@ void bind_gemm(py::module_& m) {
       py::arg("out_dtype"), "out[b] = round_once(a[b] @ b[b] + bias): f32/f16/bf16 inputs, float32 accumulation");
   m.def(
       "gemm_int8",
-      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_batch,
-         int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr, int64_t b_stride_batch,
-         int64_t b_stride_row, int64_t b_stride_col, uintptr_t out_ptr) {
-        GemmInt8Args g;
-        g.n_batch = n_batch;
-        g.m = rows;
-        g.n = cols;
-        g.k = depth;
-        g.a = {as_ptr<const void>(a_ptr), LP_DTYPE_I8, a_stride_batch, a_stride_row, a_stride_col};
-        g.b = {as_ptr<const void>(b_ptr), LP_DTYPE_I8, b_stride_batch, b_stride_row, b_stride_col};
-        g.out = as_ptr<void>(out_ptr);
-        g.out_dtype = LP_DTYPE_I32;
+      [](int64_t n_batch, int64_t rows, int64_t cols, int64_t depth,
+         uintptr_t a_ptr, int64_t a_stride_batch, int64_t a_stride_row, int64_t a_stride_col,
+         uintptr_t b_ptr, int64_t b_stride_batch, int64_t b_stride_row, int64_t b_stride_col, uintptr_t out_ptr) {
+        const auto g = gemm_args<GemmInt8Args>(
+            n_batch, rows, cols, depth, operand(a_ptr, LP_DTYPE_I8, a_stride_batch, a_stride_row, a_stride_col),
+            operand(b_ptr, LP_DTYPE_I8, b_stride_batch, b_stride_row, b_stride_col), out_ptr, LP_DTYPE_I32);
         py::gil_scoped_release release;
         gemm_int8(g);
       },
@@ -53,23 +60,17 @@ void bind_gemm(py::module_& m) {
       py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("out"), "out[b] = a[b] @ b[b], int8 x int8 -> int32, exact");
   m.def(
       "scaled_gemm_int8",
-      [](int64_t rows, int64_t cols, int64_t depth, uintptr_t a_ptr, int64_t a_stride_row, int64_t a_stride_col,
-         uintptr_t b_ptr, int64_t b_stride_row, int64_t b_stride_col, uintptr_t scale_a_ptr,
-         int64_t scale_a_n_elems, uintptr_t scale_b_ptr, int64_t scale_b_n_elems, uintptr_t bias_ptr,
-         uintptr_t out_ptr, int out_dtype) {
-        GemmInt8Args g;
-        g.m = rows;
-        g.n = cols;
-        g.k = depth;
-        g.a = {as_ptr<const void>(a_ptr), LP_DTYPE_I8, 0, a_stride_row, a_stride_col};
-        g.b = {as_ptr<const void>(b_ptr), LP_DTYPE_I8, 0, b_stride_row, b_stride_col};
+      [](int64_t rows, int64_t cols, int64_t depth,
+         uintptr_t a_ptr, int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr, int64_t b_stride_row,
+         int64_t b_stride_col, uintptr_t scale_a_ptr, int64_t scale_a_n_elems, uintptr_t scale_b_ptr,
+         int64_t scale_b_n_elems, uintptr_t bias_ptr, uintptr_t out_ptr, int out_dtype) {
+        auto g = gemm_args<GemmInt8Args>(1, rows, cols, depth, operand(a_ptr, LP_DTYPE_I8, 0, a_stride_row, a_stride_col),
+                                         operand(b_ptr, LP_DTYPE_I8, 0, b_stride_row, b_stride_col), out_ptr, out_dtype);
         g.scale_a = as_ptr<const float>(scale_a_ptr);
         g.scale_a_n_elems = scale_a_n_elems;
         g.scale_b = as_ptr<const float>(scale_b_ptr);
         g.scale_b_n_elems = scale_b_n_elems;
         g.bias = as_ptr<const float>(bias_ptr);
-        g.out = as_ptr<void>(out_ptr);
-        g.out_dtype = out_dtype;
         py::gil_scoped_release release;
         gemm_int8(g);
       },
@@ -77,23 +78,28 @@ void bind_gemm(py::module_& m) {
       py::arg("b"), py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("scale_a"), py::arg("scale_a_n_elems"),
       py::arg("scale_b"), py::arg("scale_b_n_elems"), py::arg("bias"), py::arg("out"), py::arg("out_dtype"),
       "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation");
-#ifdef LP_BUILD_AVX2
   m.def(
       "gemm_peak_probe",
-      [](int64_t n_iters, int n_threads, const std::string& kind) {
-        const int k = kind == "float" ? 0 : kind == "bf16" ? 1 : kind == "int8" ? 2 : -1;
+      [](int64_t n_iters, int n_threads, const std::string& kind) -> py::object {
+        const int k = kind == "float" ? LP_GEMM_PROBE_FLOAT
+                      : kind == "bf16" ? LP_GEMM_PROBE_BF16
+                      : kind == "int8" ? LP_GEMM_PROBE_INT8
+                                       : -1;
         if (k < 0) throw py::value_error("gemm_peak_probe: kind must be 'float', 'bf16' or 'int8', got '" + kind + "'");
-        py::gil_scoped_release release;
-#ifdef LP_BUILD_AVX512
-        if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_peak_probe_avx512(n_iters, n_threads, k);
-#endif
-        return gemm_peak_probe_avx2(n_iters, n_threads, k == 2);  // AVX2 has no bf16 dot: bf16 runs on FMA
+        const GemmKernels& kernels = gemm_kernels();
+        if (!kernels.peak_probe) return py::none();
+        double n_ops;
+        {
+          py::gil_scoped_release release;
+          n_ops = kernels.peak_probe(n_iters, n_threads, k);
+        }
+        return py::float_(n_ops);
       },
       py::arg("n_iters"), py::arg("n_threads"), py::arg("kind") = "float",
-      "Runs the active ISA's microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps "
+      "Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps "
       "on AVX-512, FMA on AVX2, 'int8': vpdpbusd on AVX-512, madd + add on AVX2) for n_iters steps on "
-      "n_threads threads; returns the operations executed (time it to get the peak)");
-#endif
+      "n_threads threads; returns the operations executed (time it to get the peak), or None when the "
+      "active kernels (scalar) have no probe");
   m.def(
       "gemm_blocking",
       [](bool is_int8) {
@@ -107,6 +113,11 @@ void bind_gemm(py::module_& m) {
         return d;
       },
       py::arg("is_int8") = false, "Cache blocking of the packed kernels (for tests and benchmarks)");
+  m.def(
+      "gemm_kernels_name", [](int isa) { return std::string(gemm_kernels_for(isa < 0 ? cpu_isa_active() : isa).name); },
+      py::arg("isa") = -1,
+      "Name of the GEMM kernel table an lp_isa level runs (-1: the active level), capped at what this "
+      "build and CPU offer (for tests)");
 }
 
 }  // namespace lp

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <type_traits>
 
 namespace lp {
 namespace cuda {
@@ -83,44 +84,28 @@ __device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
                : "memory");
 }
 
+// One m16n8 tensor-core mma.sync, c += a * b: INSTR names the shape and types, CC is the asm
+// constraint of the four accumulators ("+f" float32, "+r" int32).
+#define LP_MMA_SYNC(INSTR, CC)                                                              \
+  asm volatile(INSTR " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n" \
+               : CC(c[0]), CC(c[1]), CC(c[2]), CC(c[3])                                    \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+
+// f16 / bf16: m16n8k16 with float32 accumulators; int8: m16n8k32 with int32 accumulators.
 template <int KIND>
-struct Mma;
-template <>
-struct Mma<MMA_F16> {
-  using Acc = float;
-  static constexpr int kElemBytes = 2;
-  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+struct Mma {
+  using Acc = std::conditional_t<KIND == MMA_S8, int32_t, float>;
+  static constexpr int kElemBytes = KIND == MMA_S8 ? 1 : 2;
+  __device__ static void run(Acc (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    if constexpr (KIND == MMA_F16)
+      LP_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "+f");
+    else if constexpr (KIND == MMA_BF16)
+      LP_MMA_SYNC("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", "+f");
+    else
+      LP_MMA_SYNC("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32", "+r");
   }
 };
-template <>
-struct Mma<MMA_BF16> {
-  using Acc = float;
-  static constexpr int kElemBytes = 2;
-  __device__ static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct Mma<MMA_S8> {
-  using Acc = int32_t;
-  static constexpr int kElemBytes = 1;
-  __device__ static void run(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
+#undef LP_MMA_SYNC
 
 // ---- epilogue shared by every GEMM kernel ----
 
@@ -224,24 +209,23 @@ __global__ void __launch_bounds__(WM* WN * 32, BM* BN >= 128 * 128 ? 2 : 1) gemm
     const uint32_t a_smem = smem_base + stage * kStageBytes;
     const uint32_t b_smem = a_smem + kAStageBytes;
     const int64_t kb0 = kt * kRowBytes;
+    // A K-major tile of ROWS rows (row r is row0 + r of its matrix, at tile + r * ld_bytes) x
+    // kRowBytes of K into smem; rows from n_rows on and bytes past k_bytes are zero-filled (`any`:
+    // a valid address for the empty copies).
+    auto load_k_major = [&](auto rows, uint32_t smem, const char* tile, int64_t ld_bytes, int64_t row0,
+                            int64_t n_rows, const char* any) {
 #pragma unroll
-    for (int i = 0; i < kAStageBytes / 16 / kThreads; ++i) {
-      const int chunk = tid + i * kThreads, row = chunk >> 3, col = chunk & 7;
-      const int64_t kb = kb0 + col * 16;
-      const int bytes = m0 + row < p.m ? chunk_bytes(k_bytes - kb) : 0;
-      const char* src = bytes > 0 ? a_tile + row * p.lda_bytes + kb : p.a;
-      cp_async_16(a_smem + row * kRowBytes + ((col ^ (row & 7)) << 4), src, bytes);
-    }
-    if constexpr (B_K_MAJOR) {
-      const char* b_tile = b_batch + n0 * p.ldb_bytes;
-#pragma unroll
-      for (int i = 0; i < kBStageBytes / 16 / kThreads; ++i) {
+      for (int i = 0; i < decltype(rows)::value * kRowBytes / 16 / kThreads; ++i) {
         const int chunk = tid + i * kThreads, row = chunk >> 3, col = chunk & 7;
         const int64_t kb = kb0 + col * 16;
-        const int bytes = n0 + row < p.n ? chunk_bytes(k_bytes - kb) : 0;
-        const char* src = bytes > 0 ? b_tile + row * p.ldb_bytes + kb : p.b;
-        cp_async_16(b_smem + row * kRowBytes + ((col ^ (row & 7)) << 4), src, bytes);
+        const int bytes = row0 + row < n_rows ? chunk_bytes(k_bytes - kb) : 0;
+        const char* src = bytes > 0 ? tile + row * ld_bytes + kb : any;
+        cp_async_16(smem + row * kRowBytes + ((col ^ (row & 7)) << 4), src, bytes);
       }
+    };
+    load_k_major(std::integral_constant<int, BM>{}, a_smem, a_tile, p.lda_bytes, m0, p.m, p.a);
+    if constexpr (B_K_MAJOR) {
+      load_k_major(std::integral_constant<int, BN>{}, b_smem, b_batch + n0 * p.ldb_bytes, p.ldb_bytes, n0, p.n, p.b);
     } else {
       const int64_t n_bytes = p.n * 2, nb0 = n0 * 2, k0 = kt * kBk;
 #pragma unroll
@@ -664,28 +648,25 @@ void gemm(const GemmArgs& g) {
   check_tc_alignment(g, esize);
   GemmParams p = make_params(g, esize);
   const int dev = g.device;
+  // Tile configurations: 128 x 128 (8 warps, 3 stages) for large problems, else 64 x 64 (4 warps, 4
+  // stages); one kernel per input kind and B layout (int8 B is always K-major).
 #define LP_TC(BM, BN, WM, WN, ST, KIND, KMAJ) \
   launch_tc<BM, BN, WM, WN, ST, KIND, KMAJ>(p, g.batch, dev, stream, "gemm_tc_kernel<" #BM "," #BN "," #KIND "," #KMAJ ">")
-  if (g.in_dtype == LP_DTYPE_I8) {
-    if (large) LP_TC(128, 128, 2, 4, 3, MMA_S8, true);
-    else LP_TC(64, 64, 2, 2, 4, MMA_S8, true);
-  } else if (g.in_dtype == LP_DTYPE_F16) {
-    if (large) {
-      if (g.b_k_major) LP_TC(128, 128, 2, 4, 3, MMA_F16, true);
-      else LP_TC(128, 128, 2, 4, 3, MMA_F16, false);
-    } else {
-      if (g.b_k_major) LP_TC(64, 64, 2, 2, 4, MMA_F16, true);
-      else LP_TC(64, 64, 2, 2, 4, MMA_F16, false);
-    }
-  } else {
-    if (large) {
-      if (g.b_k_major) LP_TC(128, 128, 2, 4, 3, MMA_BF16, true);
-      else LP_TC(128, 128, 2, 4, 3, MMA_BF16, false);
-    } else {
-      if (g.b_k_major) LP_TC(64, 64, 2, 2, 4, MMA_BF16, true);
-      else LP_TC(64, 64, 2, 2, 4, MMA_BF16, false);
-    }
-  }
+#define LP_TC_SIZED(KIND, KMAJ)                        \
+  do {                                                 \
+    if (large) LP_TC(128, 128, 2, 4, 3, KIND, KMAJ);   \
+    else LP_TC(64, 64, 2, 2, 4, KIND, KMAJ);           \
+  } while (0)
+#define LP_TC_16BIT(KIND)                                                      \
+  do {                                                                         \
+    if (g.b_k_major) LP_TC_SIZED(KIND, true);                                  \
+    else LP_TC_SIZED(KIND, false);                                             \
+  } while (0)
+  if (g.in_dtype == LP_DTYPE_I8) LP_TC_SIZED(MMA_S8, true);
+  else if (g.in_dtype == LP_DTYPE_F16) LP_TC_16BIT(MMA_F16);
+  else LP_TC_16BIT(MMA_BF16);
+#undef LP_TC_16BIT
+#undef LP_TC_SIZED
 #undef LP_TC
 }
 
@@ -706,24 +687,16 @@ void pack_rows(int device, uintptr_t stream, int elem_bytes, int64_t batch, int6
                   unsigned(std::min<int64_t>(batch, 65535)));
   if ((dst_ld + 31) / 32 > int64_t(INT32_MAX))
     throw std::invalid_argument("lepton_core CUDA pack_rows: rows too long");
+  auto launch = [&](auto elem) {
+    using T = decltype(elem);
+    pack_rows_kernel<T><<<grid, block, 0, s>>>(reinterpret_cast<const T*>(src), reinterpret_cast<T*>(dst), batch, rows,
+                                                cols, src_batch_stride, src_row_stride, src_col_stride, dst_ld,
+                                                col_fast);
+  };
   switch (elem_bytes) {
-    case 1:
-      pack_rows_kernel<uint8_t><<<grid, block, 0, s>>>(reinterpret_cast<const uint8_t*>(src),
-                                                       reinterpret_cast<uint8_t*>(dst), batch, rows, cols,
-                                                       src_batch_stride, src_row_stride, src_col_stride,
-                                                       dst_ld, col_fast);
-      break;
-    case 2:
-      pack_rows_kernel<uint16_t><<<grid, block, 0, s>>>(reinterpret_cast<const uint16_t*>(src),
-                                                         reinterpret_cast<uint16_t*>(dst), batch, rows, cols,
-                                                         src_batch_stride, src_row_stride, src_col_stride,
-                                                         dst_ld, col_fast);
-      break;
-    default:
-      pack_rows_kernel<uint32_t><<<grid, block, 0, s>>>(reinterpret_cast<const uint32_t*>(src),
-                                                        reinterpret_cast<uint32_t*>(dst), batch, rows, cols,
-                                                        src_batch_stride, src_row_stride, src_col_stride,
-                                                        dst_ld, col_fast);
+    case 1: launch(uint8_t()); break;
+    case 2: launch(uint16_t()); break;
+    default: launch(uint32_t()); break;
   }
   check_launch("pack_rows_kernel");
 }

@@ -27,6 +27,17 @@ void bind_runtime(py::module_& m) {
         "'' when the device can run these kernels, else why not");
 }
 
+// The GemmArgs fields that pick a kernel (gemm and gemm_config alike); pointers are set by the caller.
+lp::cuda::GemmArgs gemm_args(int device, int in_dtype, int out_dtype, int64_t batch, int64_t m, int64_t n, int64_t k,
+                             bool b_k_major) {
+  lp::cuda::GemmArgs g;
+  g.device = device;
+  g.in_dtype = in_dtype, g.out_dtype = out_dtype;
+  g.batch = batch, g.m = m, g.n = n, g.k = k;
+  g.b_k_major = b_k_major;
+  return g;
+}
+
 void bind_gemm(py::module_& m) {
   m.def(
       "gemm",
@@ -34,28 +45,12 @@ void bind_gemm(py::module_& m) {
          int64_t k, uintptr_t a, int64_t a_batch_stride, int64_t lda, uintptr_t b, int64_t b_batch_stride,
          int64_t ldb, bool b_k_major, uintptr_t out, uintptr_t bias, uintptr_t scale_a, int64_t scale_a_n,
          uintptr_t scale_b, int64_t scale_b_n) {
-        lp::cuda::GemmArgs g;
-        g.device = device;
+        lp::cuda::GemmArgs g = gemm_args(device, in_dtype, out_dtype, batch, m_, n, k, b_k_major);
         g.stream = stream;
-        g.in_dtype = in_dtype;
-        g.out_dtype = out_dtype;
-        g.batch = batch;
-        g.m = m_;
-        g.n = n;
-        g.k = k;
-        g.a = a;
-        g.a_batch_stride = a_batch_stride;
-        g.lda = lda;
-        g.b = b;
-        g.b_batch_stride = b_batch_stride;
-        g.ldb = ldb;
-        g.b_k_major = b_k_major;
-        g.out = out;
-        g.bias = bias;
-        g.scale_a = scale_a;
-        g.scale_a_n = scale_a_n;
-        g.scale_b = scale_b;
-        g.scale_b_n = scale_b_n;
+        g.a = a, g.a_batch_stride = a_batch_stride, g.lda = lda;
+        g.b = b, g.b_batch_stride = b_batch_stride, g.ldb = ldb;
+        g.out = out, g.bias = bias;
+        g.scale_a = scale_a, g.scale_a_n = scale_a_n, g.scale_b = scale_b, g.scale_b_n = scale_b_n;
         py::gil_scoped_release release;
         lp::cuda::gemm(g);
       },
@@ -65,16 +60,7 @@ void bind_gemm(py::module_& m) {
   m.def(
       "gemm_config",
       [](int device, int in_dtype, int out_dtype, int64_t batch, int64_t m_, int64_t n, int64_t k, bool b_k_major) {
-        lp::cuda::GemmArgs g;
-        g.device = device;
-        g.in_dtype = in_dtype;
-        g.out_dtype = out_dtype;
-        g.batch = batch;
-        g.m = m_;
-        g.n = n;
-        g.k = k;
-        g.b_k_major = b_k_major;
-        return lp::cuda::gemm_config(g);
+        return lp::cuda::gemm_config(gemm_args(device, in_dtype, out_dtype, batch, m_, n, k, b_k_major));
       },
       "device"_a, "in_dtype"_a, "out_dtype"_a, "batch"_a, "m"_a, "n"_a, "k"_a, "b_k_major"_a);
   m.def(
@@ -94,22 +80,12 @@ lp::cuda::QuantArgs quant_args(int device, uintptr_t stream, int in_dtype, int f
                                uint64_t seed, uintptr_t x, uintptr_t data, uintptr_t scale, uintptr_t zero_point,
                                uintptr_t stats, uintptr_t bad_index) {
   lp::cuda::QuantArgs q;
-  q.device = device;
-  q.stream = stream;
-  q.in_dtype = in_dtype;
-  q.format = format;
-  q.n_outer = n_outer;
-  q.n_channels = n_channels;
-  q.n_inner = n_inner;
-  q.block_size = block_size;
-  q.stochastic = stochastic;
-  q.seed = seed;
-  q.x = x;
-  q.data = data;
-  q.scale = scale;
-  q.zero_point = zero_point;
-  q.stats = stats;
-  q.bad_index = bad_index;
+  q.device = device, q.stream = stream;
+  q.in_dtype = in_dtype, q.format = format;
+  q.n_outer = n_outer, q.n_channels = n_channels, q.n_inner = n_inner, q.block_size = block_size;
+  q.stochastic = stochastic, q.seed = seed;
+  q.x = x, q.data = data, q.scale = scale, q.zero_point = zero_point;
+  q.stats = stats, q.bad_index = bad_index;
   return q;
 }
 
@@ -117,18 +93,11 @@ lp::cuda::DequantArgs dequant_args(int device, uintptr_t stream, int format, int
                                    int64_t n_inner, int64_t block_size, uintptr_t data, uintptr_t scale,
                                    uintptr_t zero_point, uintptr_t out, int out_dtype) {
   lp::cuda::DequantArgs d;
-  d.device = device;
-  d.stream = stream;
+  d.device = device, d.stream = stream;
   d.format = format;
-  d.n_outer = n_outer;
-  d.n_channels = n_channels;
-  d.n_inner = n_inner;
-  d.block_size = block_size;
-  d.data = data;
-  d.scale = scale;
-  d.zero_point = zero_point;
-  d.out = out;
-  d.out_dtype = out_dtype;
+  d.n_outer = n_outer, d.n_channels = n_channels, d.n_inner = n_inner, d.block_size = block_size;
+  d.data = data, d.scale = scale, d.zero_point = zero_point;
+  d.out = out, d.out_dtype = out_dtype;
   return d;
 }
 

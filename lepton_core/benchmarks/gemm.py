@@ -42,10 +42,10 @@ def _probe_kind(dtype: torch.dtype) -> str:
 
 def _peak_fn(ops: float, n_threads: int, kind: str) -> Optional[Tuple[Callable[[], object], float]]:
     """A call of the peak probe doing about `ops` operations on n_threads threads, and the exact
-    operation count it does (None without a SIMD build)."""
-    if not hasattr(_C, "gemm_peak_probe"):
-        return None
+    operation count it does (None when the active kernels, the scalar ones, have no probe)."""
     per_iter = _C.gemm_peak_probe(1, n_threads, kind)  # operations of one iteration on every thread
+    if per_iter is None:
+        return None
     n_iters = max(1, int(ops / per_iter))
     return (lambda: _C.gemm_peak_probe(n_iters, n_threads, kind)), n_iters * per_iter
 

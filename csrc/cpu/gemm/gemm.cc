@@ -1,7 +1,9 @@
-// GEMM entry points: cache blocking from the detected caches, and the per-ISA kernel choice.
+// GEMM entry points: cache blocking from the detected caches, the kernel table picker, and the routing
+// of a call through the table (which path takes which shape).
 #include "cpu/gemm/gemm.h"
 
 #include <algorithm>
+#include <initializer_list>
 
 #include "common/cpu_features.h"
 
@@ -26,31 +28,42 @@ GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes, int64_t l
   return b;
 }
 
-GemmBlocking gemm_packed_blocking(bool is_int8) {
-#ifdef LP_BUILD_AVX512
-  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_blocking_avx512(is_int8 ? 1 : 4);
+#ifndef LP_BUILD_AVX2
+const GemmKernels* gemm_kernels_avx2() { return nullptr; }
 #endif
-  return gemm_blocking(kGemmAvx2Mr, kGemmAvx2Nr, is_int8 ? 2 : 4);
+#ifndef LP_BUILD_AVX512
+const GemmKernels* gemm_kernels_avx512() { return nullptr; }
+#endif
+
+const GemmKernels& gemm_kernels_for(int isa) {
+  isa = std::min(isa, cpu_isa_detected());
+  // Best first: the first table built into this module whose level the CPU has and isa allows.
+  for (const GemmKernels* k : {gemm_kernels_avx512(), gemm_kernels_avx2()}) {
+    if (k && k->isa <= isa) return *k;
+  }
+  return *gemm_kernels_scalar();
+}
+
+const GemmKernels& gemm_kernels() { return gemm_kernels_for(cpu_isa_active()); }
+
+GemmBlocking gemm_packed_blocking(bool is_int8) {
+  const GemmKernels& kern = gemm_kernels();
+  return kern.blocking ? kern.blocking(is_int8) : gemm_blocking(kGemmAvx2Mr, kGemmAvx2Nr, is_int8 ? 2 : 4);
 }
 
 void gemm_float(const GemmFloatArgs& args) {
-#ifdef LP_BUILD_AVX512
-  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_float_avx512(args);  // the amx level too
-#endif
-#ifdef LP_BUILD_AVX2
-  if (cpu_isa_active() >= LP_ISA_AVX2) return gemm_float_avx2(args);
-#endif
-  gemm_float_scalar(args);
+  if (args.m <= 0 || args.n <= 0 || args.n_batch <= 0) return;
+  if (args.k <= 0) return gemm_float_scalar(args);  // an empty sum: zeros plus bias
+  const GemmKernels& kern = gemm_kernels();
+  if ((args.m == 1 || args.n == 1) && kern.gemv_float) return kern.gemv_float(args);
+  if (kern.small_m_float && kern.small_m_float(args)) return;
+  kern.gemm_float(args);
 }
 
 void gemm_int8(const GemmInt8Args& args) {
-#ifdef LP_BUILD_AVX512
-  if (cpu_isa_active() >= LP_ISA_AVX512) return gemm_int8_avx512(args);
-#endif
-#ifdef LP_BUILD_AVX2
-  if (cpu_isa_active() >= LP_ISA_AVX2) return gemm_int8_avx2(args);
-#endif
-  gemm_int8_scalar(args);
+  if (args.m <= 0 || args.n <= 0 || args.n_batch <= 0) return;
+  if (args.k <= 0) return gemm_int8_scalar(args);  // zeros (scaled_gemm: the bias)
+  gemm_kernels().gemm_int8(args);
 }
 
 }  // namespace lp

@@ -15,6 +15,19 @@
 // argument has been checked in Python; kernels do not validate.
 // Threads: the output is cut into tiles whose edges do not depend on the thread count, and K is
 // never split across threads, so results are bitwise identical for any thread count.
+//
+// Files: gemm.cc (kernel table picker, routing of a call), gemm_scalar.cc (the reference kernels),
+// gemm_driver.h (what the packed SIMD kernels share: macro-loop, tiles and their epilogues, edge
+// tiles, packing's panel loop and scalar rest, traits from an ISA's kernel set), simd256.h /
+// simd512.h (one vector vocabulary per register width), gemm_common.h (element loads / stores, the
+// scaled epilogue, scratch). Per ISA, only what is its own: gemm_avx2.cc / gemm_avx512.cc (kernel
+// sets: packing + microkernel, and the table), gemm_gemv_avx2.cc (matrix-vector path),
+// gemm_small_m_avx512.cc (few rows times W^T), gemm_peak_avx2.cc / gemm_peak_avx512.cc (benchmark
+// peak probes).
+// Adding an ISA (e.g. AMX): gemm_amx.cc with its kernel sets (GemmKernelSet + the microkernel and the
+// vector packing it wants; gemm_packed<K> runs them) and its GemmKernels table (it may borrow other
+// tables' entries, e.g. the AVX-512 small-M path); gemm_kernels_amx() declared below, a null stub in
+// gemm.cc for builds without it, and one line in gemm_kernels_for; tests/test_gemm.py's _table_for.
 #pragma once
 #include <cstdint>
 
@@ -62,32 +75,57 @@ constexpr int64_t kGemmAvx2Mr = 6, kGemmAvx2Nr = 16;
 // Register tiles of the AVX-512 microkernels (24 of the 32 zmm registers hold accumulators).
 constexpr int64_t kGemmAvx512Mr = 12, kGemmAvx512Nr = 32;
 
-// Entry points: dispatch on cpu_isa_active() (amx runs the AVX-512 kernels).
+// Entry points: route every call through the kernel table of cpu_isa_active() (gemm.cc).
 void gemm_float(const GemmFloatArgs& args);
 void gemm_int8(const GemmInt8Args& args);
-// The blocking of the packed kernels of the active ISA (float path, or int8 when is_int8); the
-// scalar kernels are simpler and do not block.
+// The blocking of the packed kernels of the active ISA (float path, or int8 when is_int8). The scalar
+// kernels do not block; for them this is the AVX2 tile's blocking (tests size their cases by it).
 GemmBlocking gemm_packed_blocking(bool is_int8);
 
-// Per-ISA implementations.
-void gemm_float_scalar(const GemmFloatArgs& args);
+// What a peak probe measures: the arithmetic of the float (FMA), bf16 (pair dot product) or int8
+// microkernel, without its loads.
+enum GemmProbeKind { LP_GEMM_PROBE_FLOAT = 0, LP_GEMM_PROBE_BF16 = 1, LP_GEMM_PROBE_INT8 = 2 };
+
+// One ISA's GEMM kernels. gemm.cc routes a call: empty output -> nothing; k == 0 -> the scalar
+// kernels (zeros plus bias); then the first special path that takes the shape; else the general
+// kernel. Optional entries are null when the ISA has no such path.
+struct GemmKernels {
+  const char* name;
+  int isa;  // the lp_isa level the table needs
+  // The general kernels: any shape with m, n, n_batch, k >= 1 (the scalar ones: any shape).
+  void (*gemm_float)(const GemmFloatArgs& args);
+  void (*gemm_int8)(const GemmInt8Args& args);
+  // Optional special paths of the float GEMM, tried in this order.
+  void (*gemv_float)(const GemmFloatArgs& args);     // m == 1 or n == 1 (a matrix-vector product)
+  bool (*small_m_float)(const GemmFloatArgs& args);  // few rows: returns false (nothing done) when it
+                                                     // does not take the shape
+  GemmBlocking (*blocking)(bool is_int8);            // of the packed kernels (optional)
+  // Runs the microkernel arithmetic of `kind` (GemmProbeKind) without its loads for n_iters steps on
+  // n_threads threads; returns the operations executed (to time for "% of peak"). Optional.
+  double (*peak_probe)(int64_t n_iters, int n_threads, int kind);
+};
+
+// The table for an lp_isa level, capped at what this build and CPU offer; a level without a table of
+// its own runs the one below it (amx: the AVX-512 kernels). gemm_kernels(): for cpu_isa_active().
+const GemmKernels& gemm_kernels_for(int isa);
+const GemmKernels& gemm_kernels();
+
+// Per-ISA tables (gemm_<isa>.cc); null when this build lacks the ISA.
+const GemmKernels* gemm_kernels_scalar();
+const GemmKernels* gemm_kernels_avx2();
+const GemmKernels* gemm_kernels_avx512();
+
+// Pieces one ISA's table borrows from another file.
+void gemm_float_scalar(const GemmFloatArgs& args);  // also the k == 0 path of every ISA
 void gemm_int8_scalar(const GemmInt8Args& args);
 #ifdef LP_BUILD_AVX2
-void gemm_float_avx2(const GemmFloatArgs& args);
-void gemm_int8_avx2(const GemmInt8Args& args);
-// The matrix-vector product (m == 1 or n == 1, float path): memory-bound, so the AVX-512 level uses it too.
+// The matrix-vector product (gemm_gemv_avx2.cc): memory-bound, so the AVX-512 table uses it too.
 void gemm_gemv_float_avx2(const GemmFloatArgs& args);
-// Runs the microkernels' arithmetic without their loads (float FMA chains, or int8 madd + add) for
-// n_iters steps on n_threads threads; returns the operations executed (to time for "% of peak").
-double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, bool int8);
+double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx2.cc
 #endif
 #ifdef LP_BUILD_AVX512
-void gemm_float_avx512(const GemmFloatArgs& args);  // f32 / f16 by FMA, bf16 by vdpbf16ps
-void gemm_int8_avx512(const GemmInt8Args& args);    // vpdpbusd
-// Blocking of the AVX-512 kernels for packed elements of elem_bytes (4: float32 / float16, 2: bf16, 1: int8).
-GemmBlocking gemm_blocking_avx512(int64_t elem_bytes);
-// kind 0: float FMA, 1: vdpbf16ps, 2: vpdpbusd; see gemm_peak_probe_avx2.
-double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);
+bool gemm_small_m_float_avx512(const GemmFloatArgs& args);               // gemm_small_m_avx512.cc
+double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx512.cc
 #endif
 
 }  // namespace lp

@@ -1,8 +1,9 @@
 // Helpers shared by the GEMM kernels of every ISA: element loads/stores with dtype conversion, the
-// scaled int8 epilogue, and per-thread scratch buffers.
+// scaled int8 epilogue (once, for every vector width), and per-thread scratch buffers.
 //
-// Everything is `static inline` on purpose (see common/dtypes.h): this header is compiled into files
-// with different -m flags, and the linker must never pick an AVX2-compiled copy for generic code.
+// Everything is `static inline` or in an anonymous namespace on purpose (see common/dtypes.h): this
+// header is compiled into files with different -m flags, and the linker must never pick an
+// AVX2-compiled copy for generic code.
 #pragma once
 #include <cstdint>
 #include <cstdlib>
@@ -45,11 +46,28 @@ static inline void gemm_store_float(void* base, int dtype, int64_t offset_elems,
   }
 }
 
-// scaled_gemm's epilogue for one element, in the contract's order: (float(acc) * sa) * sb + bias.
-static inline float gemm_scaled_value(int32_t acc, float sa, float sb, const float* bias, int64_t j) {
-  float v = gemm_fp_barrier(float(acc) * sa);
-  v = gemm_fp_barrier(v * sb);
-  return bias ? v + bias[j] : v;
+namespace {
+// The vector interface of simd256.h on one float, so that code written once against it (such as
+// gemm_scaled_epilogue) serves scalar loops too.
+struct GemmScalarVec {
+  using F = float;
+  using I = int32_t;
+  static inline F to_float(I v) { return float(v); }
+  static inline F add(F a, F b) { return a + b; }
+  static inline F mul(F a, F b) { return a * b; }
+  static inline F no_contract(F v) { return gemm_fp_barrier(v); }
+};
+}  // namespace
+
+// scaled_gemm's epilogue in the contract's order, (float(acc) * sa) * sb + bias (bias only when
+// has_bias), each operation rounded on its own: the one definition for every width (Vec is
+// GemmScalarVec, Simd256 or Simd512).
+template <class Vec>
+static inline typename Vec::F gemm_scaled_epilogue(typename Vec::I acc, typename Vec::F sa, typename Vec::F sb,
+                                                   bool has_bias, typename Vec::F bias) {
+  typename Vec::F v = Vec::no_contract(Vec::mul(Vec::to_float(acc), sa));
+  v = Vec::no_contract(Vec::mul(v, sb));
+  return has_bias ? Vec::add(v, bias) : v;
 }
 
 // A 64-byte aligned scratch buffer of the calling thread that only grows: packing buffers and

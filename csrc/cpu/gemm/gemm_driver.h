@@ -1,7 +1,8 @@
-// The macro-loop of the packed (BLIS/GotoBLAS-style) GEMM kernels, shared by every SIMD ISA file.
+// What the packed (BLIS/GotoBLAS-style) GEMM kernels of every SIMD ISA share; an ISA file adds only
+// its packing, its microkernels and its kernel sets (see "Traits from an ISA's kernel set" below).
 //
-// One "unit" = a batch index, a row range and a column range of the output; threads own disjoint
-// units and never split K:
+// The macro-loop (gemm_run_units). One "unit" = a batch index, a row range and a column range of the
+// output; threads own disjoint units and never split K:
 //   for each K block of depth kc:                    B block (kc x nu) packed into NR-column panels
 //     for each A block of mc rows:                   A block (mc x kc) packed into MR-row panels (L2)
 //       for each NR-column panel of B (in L1):
@@ -9,7 +10,7 @@
 // Unit edges are multiples of MR / NR, so whether an element sits in an edge tile (and hence its
 // bits) never depends on the thread count.
 //
-// A Traits type supplies what is ISA- and dtype-specific:
+// The macro-loop takes a Traits type (GemmTraits<K, Args> below):
 //   Traits::Packed         packed element type
 //   Traits::kMr, kNr       register tile
 //   Traits::kKGroup        k values packed together per lane (1: float, 2: int16 / bf16 pairs, 4: int8 quads);
@@ -17,6 +18,9 @@
 //   tr.b_panel_elems(kc_panel)   Packed elements of one B panel (NR * kc_panel, plus any per-panel extras)
 //   tr.pack_a(batch, i0, mc, p0, kc, Packed* dst) / tr.pack_b(batch, p0, kc, j0, nc, Packed* dst)
 //   tr.tile(kc_panel, ap, bp, unit, row, col, rows, cols, first, last, ws)   (row / col: global)
+// Also here: where a tile's results go (GemmFloatTile / GemmInt8Tile), the tile epilogues written
+// once against the vector interface of simd256.h, edge tiles, and the panel loop of packing with its
+// scalar rest and zero padding (gemm_pack_panels).
 //
 // Everything here is in an anonymous namespace on purpose: each ISA file compiles its own copy
 // with its own -m flags, and the linker must never merge them (see common/dtypes.h).
@@ -187,9 +191,14 @@ struct GemmInt8Tile {
   const float* bias = nullptr;     // at the tile's first column, or null
 };
 
+// Whether the 32-bit partial sums can live in the output itself: a float32 output, or the plain
+// int8 GEMM's int32 one. Otherwise they go to a per-thread workspace when K spans several blocks.
+static inline bool gemm_sums_in_out(const GemmFloatArgs& g) { return g.out_dtype == LP_DTYPE_F32; }
+static inline bool gemm_sums_in_out(const GemmInt8Args& g) { return g.scale_a == nullptr; }
+
 // Where the tile at (row, col) of unit w keeps its 32-bit partial sums: in the output itself
-// (c32_is_out: a float32 output, or the plain int8 GEMM's int32 one), else in the unit's workspace
-// ws (row length ws_ld); prev points at them after the first K block.
+// (c32_is_out), else in the unit's workspace ws (row length ws_ld); prev points at them after the
+// first K block.
 template <class Tile, class Args>
 static inline void gemm_tile_sums(Tile& t, const Args& g, bool c32_is_out, int64_t ws_ld, void* ws, const GemmUnit& w,
                                   int64_t row, int64_t col, bool first, bool last) {
@@ -205,14 +214,20 @@ static inline void gemm_tile_sums(Tile& t, const Args& g, bool c32_is_out, int64
   t.final = last;
 }
 
+// The output of the tile at (row, col), rounded to out_dtype.
+template <class Args>
+static inline void* gemm_tile_out(const Args& g, const GemmUnit& w, int64_t row, int64_t col) {
+  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+  return static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+}
+
 // The float tile at (row, col): partial sums as above; the final K block adds the bias and rounds
 // once into the output.
-static inline GemmFloatTile gemm_float_tile(const GemmFloatArgs& g, bool c32_is_out, int64_t ws_ld, void* ws,
-                                            const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
-  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+static inline GemmFloatTile gemm_tile_at(const GemmFloatArgs& g, bool c32_is_out, int64_t ws_ld, void* ws,
+                                         const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
   GemmFloatTile t;
   gemm_tile_sums(t, g, c32_is_out, ws_ld, ws, w, row, col, first, last);
-  t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+  t.out = gemm_tile_out(g, w, row, col);
   t.out_ld = g.n;
   t.out_dtype = g.out_dtype;
   t.bias = g.bias ? g.bias + col : nullptr;
@@ -221,14 +236,13 @@ static inline GemmFloatTile gemm_float_tile(const GemmFloatArgs& g, bool c32_is_
 
 // The int8 tile at (row, col): int32 partial sums as above; scaled_gemm's final tiles also get the
 // epilogue's scales, bias and output.
-static inline GemmInt8Tile gemm_int8_tile(const GemmInt8Args& g, bool c32_is_out, int64_t ws_ld, void* ws,
-                                          const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
-  const int64_t out_off = (w.batch * g.m + row) * g.n + col;
+static inline GemmInt8Tile gemm_tile_at(const GemmInt8Args& g, bool c32_is_out, int64_t ws_ld, void* ws,
+                                        const GemmUnit& w, int64_t row, int64_t col, bool first, bool last) {
   GemmInt8Tile t;
   gemm_tile_sums(t, g, c32_is_out, ws_ld, ws, w, row, col, first, last);
   if (g.scale_a) {
     t.scaled = true;
-    t.out = static_cast<char*>(g.out) + out_off * (g.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+    t.out = gemm_tile_out(g, w, row, col);
     t.out_ld = g.n;
     t.out_dtype = g.out_dtype;
     t.scale_a_stride = g.scale_a_n_elems == 1 ? 0 : 1;
@@ -238,6 +252,66 @@ static inline GemmInt8Tile gemm_int8_tile(const GemmInt8Args& g, bool c32_is_out
     t.bias = g.bias ? g.bias + col : nullptr;
   }
   return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile epilogues, written once against the vector interface of simd256.h (S = Simd256 or Simd512):
+// the microkernel hands over its MR x NV accumulators (NV vectors per row, NR = NV * S::kLanes).
+// ---------------------------------------------------------------------------------------------
+
+// The tile's fields are copied to locals first: stores through `out` could alias `t` as far as the
+// compiler knows, and would otherwise make it reload them after every store.
+
+// The accumulators (float32 or int32) as 32-bit partial sums at c32, rows ld elements apart.
+template <class S, int64_t MR, int NV, class Elem, class V>
+static inline void gemm_tile_store_sums(Elem* c32, int64_t ld, const V (&c)[MR][NV]) {
+  for (int64_t i = 0; i < MR; ++i)
+    for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * S::kLanes, c[i][h]);
+}
+
+// Float tile: partial sums to c32 (not the last K block), else bias added and rounded once to out.
+template <class S, int64_t MR, int NV>
+static inline void gemm_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
+  if (!t.final) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
+  constexpr int L = S::kLanes;
+  const bool has_bias = t.bias != nullptr;
+  typename S::F bias[NV];
+  for (int h = 0; h < NV; ++h) bias[h] = has_bias ? S::loadu(t.bias + h * L) : S::zero();
+  const int dtype = t.out_dtype;
+  const int64_t elem_bytes = dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = t.out_ld * elem_bytes;
+  char* o = static_cast<char*>(t.out);
+  for (int64_t i = 0; i < MR; ++i) {
+    for (int h = 0; h < NV; ++h) {
+      const typename S::F v = has_bias ? S::add(c[i][h], bias[h]) : c[i][h];
+      S::store_as(dtype, o + i * row_bytes + h * L * elem_bytes, v);
+    }
+  }
+}
+
+// int8 tile: int32 sums to c32 (not the last K block, or the plain int8 GEMM), else scaled_gemm's
+// epilogue (gemm_scaled_epilogue) rounded once to out.
+template <class S, int64_t MR, int NV>
+static inline void gemm_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV]) {
+  if (!t.final || !t.scaled) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
+  constexpr int L = S::kLanes;
+  const bool has_bias = t.bias != nullptr;
+  typename S::F sb[NV], bias[NV];
+  for (int h = 0; h < NV; ++h) {
+    sb[h] = t.scale_b_stride == 0 ? S::set1(t.scale_b[0]) : S::loadu(t.scale_b + h * L);
+    bias[h] = has_bias ? S::loadu(t.bias + h * L) : S::zero();
+  }
+  const float* scale_a = t.scale_a;
+  const int64_t scale_a_stride = t.scale_a_stride;
+  const int dtype = t.out_dtype;
+  const int64_t elem_bytes = dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = t.out_ld * elem_bytes;
+  char* o = static_cast<char*>(t.out);
+  for (int64_t i = 0; i < MR; ++i) {
+    const typename S::F sa = S::set1(scale_a[i * scale_a_stride]);
+    for (int h = 0; h < NV; ++h) {
+      const typename S::F v = gemm_scaled_epilogue<S>(c[i][h], sa, sb[h], has_bias, bias[h]);
+      S::store_as(dtype, o + i * row_bytes + h * L * elem_bytes, v);
+    }
+  }
 }
 
 // An edge tile (rows < MR or cols < NR valid): the full-tile microkernel `uk(lt)` runs on a local
@@ -270,18 +344,185 @@ static inline void gemm_edge_tile(const Tile& t, int64_t rows, int64_t cols, con
 }
 
 template <int64_t MR, int64_t NR, class Ukernel>
-static inline void gemm_edge_tile_float(const GemmFloatTile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
+static inline void gemm_edge_tile(const GemmFloatTile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
   gemm_edge_tile<MR, NR, float>(t, rows, cols, uk, !t.final, [&](int64_t i, int64_t j, float v) {
     gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, t.bias ? v + t.bias[j] : v);
   });
 }
 
 template <int64_t MR, int64_t NR, class Ukernel>
-static inline void gemm_edge_tile_int8(const GemmInt8Tile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
+static inline void gemm_edge_tile(const GemmInt8Tile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
   gemm_edge_tile<MR, NR, int32_t>(t, rows, cols, uk, !t.final || !t.scaled, [&](int64_t i, int64_t j, int32_t v) {
     const float sa = t.scale_a[i * t.scale_a_stride], sb = t.scale_b[j * t.scale_b_stride];
-    gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j, gemm_scaled_value(v, sa, sb, t.bias, j));
+    const float bias = t.bias ? t.bias[j] : 0.0f;
+    gemm_store_float(t.out, t.out_dtype, i * t.out_ld + j,
+                     gemm_scaled_epilogue<GemmScalarVec>(v, sa, sb, t.bias != nullptr, bias));
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing into panels: what every packing routine shares
+// ---------------------------------------------------------------------------------------------
+
+// Packs lines [0, n_lines) (rows of A, or columns of B) of depth [0, kc) into panels of LANES lines;
+// the panel of lines [p0, p0 + LANES) goes to d = dst + (p0 / LANES) * panel_elems, element
+// (p0 + l, k) at d[(k - k % KG) * LANES + l * KG + k % KG], over k < kc rounded up to KG.
+//   vector(p0, d)  packs a full panel's leading k its own way (the ISA's vector code for the layouts
+//                  it knows) and returns where it stopped, a multiple of KG (0: nothing done);
+//   elem(line, k)  one element, for the rest: scalar code finishes every panel, and writes zeros
+//                  for lines past n_lines and k past kc (so edge tiles and K tails add nothing);
+//   finish(d)      runs on each panel once complete, while it is still in L1.
+template <int64_t LANES, int64_t KG, class Packed, class Vector, class Elem, class Finish>
+static inline void gemm_pack_panels(Packed* dst, int64_t panel_elems, int64_t n_lines, int64_t kc, const Vector& vector,
+                                    const Elem& elem, const Finish& finish) {
+  const int64_t kc_panel = gemm_round_up(kc, KG);
+  for (int64_t p0 = 0; p0 < n_lines; p0 += LANES) {
+    Packed* d = dst + (p0 / LANES) * panel_elems;
+    const int64_t n_valid = std::min(LANES, n_lines - p0);
+    for (int64_t k = n_valid == LANES ? vector(p0, d) : 0; k < kc_panel; k += KG) {
+      Packed* dk = d + k * LANES;
+      int64_t l = 0;
+      for (; l < n_valid; ++l)
+        for (int64_t t = 0; t < KG; ++t) dk[l * KG + t] = k + t < kc ? Packed(elem(p0 + l, k + t)) : Packed(0);
+      for (; l < LANES; ++l)
+        for (int64_t t = 0; t < KG; ++t) dk[l * KG + t] = Packed(0);
+    }
+    finish(d);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traits from an ISA's kernel set, and the packed GEMM
+// ---------------------------------------------------------------------------------------------
+// What an ISA supplies per kind of packed input, a kernel set K (GemmKernelSet gives the defaults):
+//   K::Packed, K::kMr, K::kNr, K::kKGroup     as for Traits (top of this file)
+//   K::takes(dtype)                           constexpr: the input dtypes it packs
+//   K::b_panel_elems(kc_panel)                Packed elements of one B panel (default NR * kc_panel)
+//   K::a_value<DT>(x), K::b_value<DT>(x)      the packed value of one input element (default: Widen)
+//   K::pack_a_kmajor<DT>(s, ld, kc, d)        vector packing of one full panel at s, depth [0, kc),
+//   K::pack_a_mmajor<DT>(s, ld, kc, d)        by layout: A's MR rows each contiguous along k (row i
+//   K::pack_b_kmajor<DT>(s, ld, kc, d)        at s + i * ld), or the MR rows of one k contiguous (k
+//   K::pack_b_nmajor<DT>(s, ld, kc, d)        at s + k * ld); B's NR columns alike (B = W^T is
+//                                             K-major, a row-major B N-major). Each packs a leading
+//                                             run of k and returns where it stopped, a multiple of
+//                                             kKGroup (default: 0, the scalar rest packs it all)
+//   K::finish_b_panel(d, kc_panel)            runs on each complete B panel (default: nothing)
+//   K::ukernel(kc_panel, ap, bp, tile)        one full MR x NR tile (a GemmFloatTile or GemmInt8Tile)
+// GemmTraits<K, Args> is the rest, the same for every ISA: operand offsets, the dtype switch, the
+// panel loop and its scalar rest (gemm_pack_panels), tile setup and edge tiles.
+
+// The element type of an input dtype.
+template <int DT>
+struct GemmElemOf {
+  using T = uint16_t;  // f16, bf16
+};
+template <>
+struct GemmElemOf<LP_DTYPE_F32> {
+  using T = float;
+};
+template <>
+struct GemmElemOf<LP_DTYPE_I8> {
+  using T = int8_t;
+};
+template <int DT>
+using GemmElem = typename GemmElemOf<DT>::T;
+
+// An element packed as it is (int8 widened to int16 pairs or kept as bytes, bf16 bits kept).
+template <int DT>
+struct GemmAsIs {
+  static inline GemmElem<DT> one(const GemmElem<DT>* p) { return *p; }
+};
+
+// The defaults of a kernel set: packed type, register tile, k grouping, B panels of NR * kc_panel
+// elements, elements converted by Widen<DT>::one (e.g. FloatIn of simd256.h, widening to float32).
+template <class PackedT, int64_t MR, int64_t NR, int64_t KG, template <int> class Widen = GemmAsIs>
+struct GemmKernelSet {
+  using Packed = PackedT;
+  static constexpr int64_t kMr = MR, kNr = NR, kKGroup = KG;
+  static int64_t b_panel_elems(int64_t kc_panel) { return NR * kc_panel; }
+  template <int DT> static Packed a_value(GemmElem<DT> x) { return Packed(Widen<DT>::one(&x)); }
+  template <int DT> static Packed b_value(GemmElem<DT> x) { return Packed(Widen<DT>::one(&x)); }
+  static void finish_b_panel(Packed*, int64_t) {}
+  // No vector packing: the scalar rest packs the whole panel.
+  template <int DT> static int64_t pack_a_kmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
+  template <int DT> static int64_t pack_a_mmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
+  template <int DT> static int64_t pack_b_kmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
+  template <int DT> static int64_t pack_b_nmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
+};
+
+// pack(std::integral_constant<int, DT>, typed pointer to o's element at (batch, row, col)) for the
+// dtype of o, when the kernel set K takes it.
+template <class K, class Pack>
+static inline void gemm_with_operand(const GemmOperand& o, int64_t batch, int64_t row, int64_t col, const Pack& pack) {
+  const int64_t off = batch * o.stride_batch_elems + row * o.stride_row_elems + col * o.stride_col_elems;
+  auto as = [&](auto dt) {
+    if constexpr (K::takes(decltype(dt)::value)) pack(dt, static_cast<const GemmElem<decltype(dt)::value>*>(o.ptr) + off);
+  };
+  switch (o.dtype) {
+    case LP_DTYPE_F16: return as(std::integral_constant<int, LP_DTYPE_F16>{});
+    case LP_DTYPE_BF16: return as(std::integral_constant<int, LP_DTYPE_BF16>{});
+    case LP_DTYPE_I8: return as(std::integral_constant<int, LP_DTYPE_I8>{});
+    default: return as(std::integral_constant<int, LP_DTYPE_F32>{});
+  }
+}
+
+template <class K, class Args>
+struct GemmTraits {
+  using Packed = typename K::Packed;
+  static constexpr int64_t kMr = K::kMr, kNr = K::kNr, kKGroup = K::kKGroup;
+  const Args& g;
+  bool c32_is_out;  // partial sums in the output (else in the unit's workspace)
+  int64_t ws_ld;
+
+  int64_t b_panel_elems(int64_t kc_panel) const { return K::b_panel_elems(kc_panel); }
+  void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
+    const int64_t rs = g.a.stride_row_elems, cs = g.a.stride_col_elems;
+    gemm_with_operand<K>(g.a, batch, i0, p0, [&](auto dt, auto src) {
+      constexpr int DT = decltype(dt)::value;
+      gemm_pack_panels<kMr, kKGroup>(
+          dst, kMr * gemm_round_up(kc, kKGroup), mc, kc,
+          [&](int64_t i, Packed* d) -> int64_t {
+            if (cs == 1) return K::template pack_a_kmajor<DT>(src + i * rs, rs, kc, d);
+            if (rs == 1) return K::template pack_a_mmajor<DT>(src + i * rs, cs, kc, d);
+            return 0;
+          },
+          [&](int64_t i, int64_t k) { return K::template a_value<DT>(src[i * rs + k * cs]); }, [](Packed*) {});
+    });
+  }
+  void pack_b(int64_t batch, int64_t p0, int64_t kc, int64_t j0, int64_t nc, Packed* dst) const {
+    const int64_t rs = g.b.stride_row_elems, cs = g.b.stride_col_elems;
+    const int64_t kc_panel = gemm_round_up(kc, kKGroup);
+    gemm_with_operand<K>(g.b, batch, p0, j0, [&](auto dt, auto src) {
+      constexpr int DT = decltype(dt)::value;
+      gemm_pack_panels<kNr, kKGroup>(
+          dst, K::b_panel_elems(kc_panel), nc, kc,
+          [&](int64_t j, Packed* d) -> int64_t {
+            if (cs == 1) return K::template pack_b_nmajor<DT>(src + j * cs, rs, kc, d);
+            if (rs == 1) return K::template pack_b_kmajor<DT>(src + j * cs, cs, kc, d);
+            return 0;
+          },
+          [&](int64_t j, int64_t k) { return K::template b_value<DT>(src[k * rs + j * cs]); },
+          [&](Packed* d) { K::finish_b_panel(d, kc_panel); });
+    });
+  }
+  void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
+            int64_t rows, int64_t cols, bool first, bool last, void* ws) const {
+    const auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
+    if (rows == kMr && cols == kNr)
+      K::ukernel(kc_panel, ap, bp, t);
+    else
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { K::ukernel(kc_panel, ap, bp, lt); });
+  }
+};
+
+// The packed GEMM with kernel set K and blocking blk (m, n, k, n_batch >= 1).
+template <class K, class Args>
+void gemm_packed(const Args& g, const GemmBlocking& blk) {
+  const bool sums_in_out = gemm_sums_in_out(g);
+  const bool need_ws = !sums_in_out && g.k > blk.kc;
+  const GemmPlan plan = gemm_make_plan<K::kMr, K::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const GemmTraits<K, Args> tr{g, sums_in_out, gemm_ws_ld(plan)};
+  gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
 }  // namespace

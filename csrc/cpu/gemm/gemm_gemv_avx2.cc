@@ -1,0 +1,212 @@
+// GEMM, AVX2 + FMA + F16C: the matrix-vector path of the float GEMM (contract in gemm.h), one output
+// row (m == 1) or column (n == 1). The AVX-512 table uses it too: the product is memory-bound, and
+// 256-bit loads keep up with memory.
+//
+// A single row of A touches every element of B once, so packing B (a read, a write and a re-read)
+// would triple the memory traffic of a memory-bound product. This path reads B in place:
+//   y[j] = round_once( sum_k x[k] * B[k, j] + bias[j * bias_stride] )
+// with x widened to float32 once. n == 1 maps onto it by transposition (y^T = x^T A^T). Columns are
+// split among threads in chunks whose edges are multiples of 64 (and of every vector width used
+// below); a column's arithmetic never depends on its chunk, so its bits do not depend on the thread
+// count. Wide chunks let the row-contiguous case stream whole rows of B. Leftovers: columns past the
+// last whole vector and k past the last whole step run the same fused multiply-adds one element at
+// a time, in the same order.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "common/dtypes.h"
+#include "common/parallel.h"
+#include "cpu/gemm/gemm.h"
+#include "cpu/gemm/gemm_common.h"
+#include "cpu/gemm/gemm_driver.h"
+#include "cpu/gemm/simd256.h"
+
+namespace lp {
+namespace {
+
+constexpr int64_t kGemvMaxChunk = 4096;  // columns; the float32 row accumulator stays in L1
+
+struct Gemv {
+  const float* x;               // k float32 values
+  const void* b;                // k x n, element strides rs / cs, dtype
+  int64_t rs, cs;
+  int dtype;
+  const float* bias;            // null, or bias[j * bias_stride]
+  int64_t bias_stride;
+  void* out;                    // y[j] at out + j * out_stride (elements of out_dtype)
+  int64_t out_stride;
+  int out_dtype;
+  int64_t k, n;
+};
+
+// Scalar fused multiply-add through the intrinsic (not std::fma: a library template instantiated
+// in this AVX2-compiled file could be the copy the linker keeps for generic code).
+static inline float fma1(float a, float b, float c) {
+  return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
+}
+
+static inline void gemv_store(const Gemv& p, int64_t j, float acc) {
+  gemm_store_float(p.out, p.out_dtype, j * p.out_stride, p.bias ? acc + p.bias[j * p.bias_stride] : acc);
+}
+
+// B rows contiguous (cs == 1): y[j0:j1] accumulates x[k] * B[k, j0:j1] for k = 0, 1, ... in order,
+// four rows of B per pass over an L1-resident y.
+template <int DT>
+void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
+  using In = FloatIn<DT>;
+  using T = typename In::T;
+  const T* b = static_cast<const T*>(p.b);
+  alignas(32) float y[kGemvMaxChunk];
+  const int64_t w = j1 - j0, w8 = w / 8 * 8;
+  for (int64_t j = 0; j < w; ++j) y[j] = 0.0f;
+  int64_t k = 0;
+  for (; k + 4 <= p.k; k += 4) {
+    const T* r0 = b + k * p.rs + j0;
+    const T *r1 = r0 + p.rs, *r2 = r1 + p.rs, *r3 = r2 + p.rs;
+    const __m256 x0 = _mm256_set1_ps(p.x[k]), x1 = _mm256_set1_ps(p.x[k + 1]);
+    const __m256 x2 = _mm256_set1_ps(p.x[k + 2]), x3 = _mm256_set1_ps(p.x[k + 3]);
+    for (int64_t j = 0; j < w8; j += 8) {
+      __m256 acc = _mm256_load_ps(y + j);
+      acc = _mm256_fmadd_ps(x0, In::eight(r0 + j), acc);
+      acc = _mm256_fmadd_ps(x1, In::eight(r1 + j), acc);
+      acc = _mm256_fmadd_ps(x2, In::eight(r2 + j), acc);
+      acc = _mm256_fmadd_ps(x3, In::eight(r3 + j), acc);
+      _mm256_store_ps(y + j, acc);
+    }
+    for (int64_t j = w8; j < w; ++j) {
+      float acc = y[j];
+      acc = fma1(p.x[k], In::one(r0 + j), acc);
+      acc = fma1(p.x[k + 1], In::one(r1 + j), acc);
+      acc = fma1(p.x[k + 2], In::one(r2 + j), acc);
+      acc = fma1(p.x[k + 3], In::one(r3 + j), acc);
+      y[j] = acc;
+    }
+  }
+  for (; k < p.k; ++k) {
+    const T* r0 = b + k * p.rs + j0;
+    const __m256 x0 = _mm256_set1_ps(p.x[k]);
+    for (int64_t j = 0; j < w8; j += 8)
+      _mm256_store_ps(y + j, _mm256_fmadd_ps(x0, In::eight(r0 + j), _mm256_load_ps(y + j)));
+    for (int64_t j = w8; j < w; ++j) y[j] = fma1(p.x[k], In::one(r0 + j), y[j]);
+  }
+  for (int64_t j = 0; j < w; ++j) gemv_store(p, j0 + j, y[j]);
+}
+
+// B columns contiguous (rs == 1, e.g. B = W^T with W row-major): y[j] is a dot product of x with
+// column j, 8 lanes of partial sums over k, then a fixed horizontal sum and the k tail in order.
+template <int DT>
+void gemv_cols(const Gemv& p, int64_t j0, int64_t j1) {
+  using In = FloatIn<DT>;
+  using T = typename In::T;
+  const T* b = static_cast<const T*>(p.b);
+  const int64_t k8 = p.k / 8 * 8;
+  auto tail = [&](const T* col, float acc) {
+    for (int64_t k = k8; k < p.k; ++k) acc = fma1(p.x[k], In::one(col + k), acc);
+    return acc;
+  };
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) {  // four columns share each load of x
+    const T* c0 = b + j * p.cs;
+    const T *c1 = c0 + p.cs, *c2 = c1 + p.cs, *c3 = c2 + p.cs;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < k8; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(p.x + k);
+      a0 = _mm256_fmadd_ps(xv, In::eight(c0 + k), a0);
+      a1 = _mm256_fmadd_ps(xv, In::eight(c1 + k), a1);
+      a2 = _mm256_fmadd_ps(xv, In::eight(c2 + k), a2);
+      a3 = _mm256_fmadd_ps(xv, In::eight(c3 + k), a3);
+    }
+    gemv_store(p, j, tail(c0, Simd256::sum_lanes(a0)));
+    gemv_store(p, j + 1, tail(c1, Simd256::sum_lanes(a1)));
+    gemv_store(p, j + 2, tail(c2, Simd256::sum_lanes(a2)));
+    gemv_store(p, j + 3, tail(c3, Simd256::sum_lanes(a3)));
+  }
+  for (; j < j1; ++j) {
+    const T* c0 = b + j * p.cs;
+    __m256 a0 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < k8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.x + k), In::eight(c0 + k), a0);
+    gemv_store(p, j, tail(c0, Simd256::sum_lanes(a0)));
+  }
+}
+
+// Any other strides: one column at a time, k in order.
+template <int DT>
+void gemv_strided(const Gemv& p, int64_t j0, int64_t j1) {
+  using In = FloatIn<DT>;
+  const typename In::T* b = static_cast<const typename In::T*>(p.b);
+  for (int64_t j = j0; j < j1; ++j) {
+    float acc = 0.0f;
+    for (int64_t k = 0; k < p.k; ++k) acc = fma1(p.x[k], In::one(b + k * p.rs + j * p.cs), acc);
+    gemv_store(p, j, acc);
+  }
+}
+
+template <int DT>
+void gemv_chunk(const Gemv& p, int64_t j0, int64_t j1) {
+  if (p.cs == 1 && p.k > 0)
+    gemv_rows<DT>(p, j0, j1);
+  else if (p.rs == 1)
+    gemv_cols<DT>(p, j0, j1);
+  else
+    gemv_strided<DT>(p, j0, j1);
+}
+
+}  // namespace
+
+void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
+  // Orient as y = x @ B: m == 1 reads x from A's row and B as given; n == 1 reads x from B's
+  // column and uses A^T as the matrix (out's column is contiguous, like a row).
+  const bool row = g.m == 1;
+  const GemmOperand& xo = row ? g.a : g.b;
+  const GemmOperand& mo = row ? g.b : g.a;
+  const int64_t n_out = row ? g.n : g.m, k = g.k;
+  const int64_t x_stride = row ? g.a.stride_col_elems : g.b.stride_row_elems;
+  const int64_t rs = row ? mo.stride_row_elems : mo.stride_col_elems;
+  const int64_t cs = row ? mo.stride_col_elems : mo.stride_row_elems;
+  const int64_t out_elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
+  const int64_t nt_want = threads_for(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k), kGemmMinFlopsPerThread);
+  const int64_t chunk_cols = std::min(
+      kGemvMaxChunk, gemm_round_up(gemm_ceil_div(n_out, std::max<int64_t>(1, nt_want / g.n_batch)), 64));
+  const int64_t n_chunks = gemm_ceil_div(n_out, chunk_cols);
+  const int64_t n_items = g.n_batch * n_chunks;
+  const int nt = int(std::min(n_items, nt_want));
+  // Each thread widens the x of the batches it works on into its own buffer.
+  const int64_t x_ld = gemm_round_up(k, 16);
+  float* x_all = static_cast<float*>(gemm_scratch(1, size_t(nt) * size_t(x_ld) * 4));
+  parallel_region(nt, [&](int t, int n_threads) {
+    const int64_t i_begin = n_items * t / n_threads, i_end = n_items * (t + 1) / n_threads;
+    float* x = x_all + int64_t(t) * x_ld;
+    int64_t widened = -1;  // the batch whose x is in this thread's buffer
+    for (int64_t item = i_begin; item < i_end; ++item) {
+      const int64_t bi = item / n_chunks, chunk = item % n_chunks;
+      if (widened != bi) {
+        const int64_t base = bi * xo.stride_batch_elems;
+        for (int64_t kk = 0; kk < k; ++kk) x[kk] = gemm_load_float(xo.ptr, xo.dtype, base + kk * x_stride);
+        widened = bi;
+      }
+      Gemv p;
+      p.x = x;
+      p.b = static_cast<const char*>(mo.ptr) + bi * mo.stride_batch_elems * (mo.dtype == LP_DTYPE_F32 ? 4 : 2);
+      p.rs = rs;
+      p.cs = cs;
+      p.dtype = mo.dtype;
+      p.bias = g.bias;
+      p.bias_stride = row ? 1 : 0;
+      p.out = static_cast<char*>(g.out) + bi * n_out * out_elem;
+      p.out_stride = 1;
+      p.out_dtype = g.out_dtype;
+      p.k = k;
+      p.n = n_out;
+      const int64_t j0 = chunk * chunk_cols, j1 = std::min(n_out, j0 + chunk_cols);
+      switch (mo.dtype) {
+        case LP_DTYPE_F16: gemv_chunk<LP_DTYPE_F16>(p, j0, j1); break;
+        case LP_DTYPE_BF16: gemv_chunk<LP_DTYPE_BF16>(p, j0, j1); break;
+        default: gemv_chunk<LP_DTYPE_F32>(p, j0, j1); break;
+      }
+    }
+  });
+}
+
+}  // namespace lp

@@ -1,0 +1,130 @@
+// The 256-bit vector vocabulary (AVX2 + FMA + F16C), in the spirit of ggml's simd-mappings.h: what a
+// kernel needs from one register width, written once for that width. Code written against the
+// interface below (e.g. the GEMM tile epilogues in gemm_driver.h) is instantiated per width with
+// Simd256 or Simd512 (simd512.h); GemmScalarVec (gemm_common.h) is the same interface on one float.
+//
+//   F, I, kLanes                    float32 and int32 vectors of kLanes lanes
+//   zero, set1                      float32
+//   loadu, storeu                   float32 or int32 by the pointer's type (unaligned)
+//   to_float                        int32 -> float32 (exact below 2^24, else round to nearest even)
+//   add, mul                        one rounding each
+//   no_contract(v)                  an empty asm that claims to change v, so a product is never fused
+//                                   with a following add into an FMA (which would round once, not twice)
+//   store_as(dtype, out, v)         kLanes float32 values rounded once to f32 / f16 / bf16 (round to
+//                                   nearest even, NaNs kept quiet) and stored at out (unaligned)
+//   sum_lanes(v)                    a horizontal sum in a fixed order (so its bits never vary)
+// Beside it: FloatIn<DT> (one or 8 elements of an input dtype widened to float32, exact) and
+// transpose8 (8 x 8 lanes in registers).
+//
+// Include only from files compiled with at least -mavx2 -mfma -mf16c. Everything is in an anonymous
+// namespace so that each ISA file keeps its own copy: the linker must never pick a copy compiled with
+// wider flags for another file (see common/dtypes.h).
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "common/dtypes.h"
+
+namespace lp {
+namespace {
+
+// Round-to-nearest-even float32 -> bfloat16 of 8 lanes, quiet NaNs kept: the same integer arithmetic
+// as the scalar f32_to_bf16, so every width rounds alike (a hardware conversion would flush subnormals).
+static inline __m128i f32x8_to_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i rounded = _mm256_srli_epi32(
+      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))),
+      16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i nan_bits = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  const __m256i bits = _mm256_blendv_epi8(rounded, nan_bits, nan);
+  // Every lane holds 16 bits, so the saturating pack of the two halves is exact.
+  return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+}
+
+struct Simd256 {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+
+  static inline F zero() { return _mm256_setzero_ps(); }
+  static inline F set1(float x) { return _mm256_set1_ps(x); }
+  static inline F loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static inline I loadu(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline void storeu(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static inline F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline F no_contract(F v) {
+    __asm__("" : "+x"(v));
+    return v;
+  }
+  static inline void store_as(int dtype, void* out, F v) {
+    if (dtype == LP_DTYPE_F32)
+      _mm256_storeu_ps(static_cast<float*>(out), v);
+    else if (dtype == LP_DTYPE_F16)
+      _mm_storeu_si128(static_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    else
+      _mm_storeu_si128(static_cast<__m128i*>(out), f32x8_to_bf16(v));
+  }
+  // (lanes 0-3 + lanes 4-7), then pairs, then the last two.
+  static inline float sum_lanes(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element loads: one element or 8 contiguous elements of an input dtype, widened to float32.
+// ---------------------------------------------------------------------------------------------
+template <int DT>
+struct FloatIn;
+template <>
+struct FloatIn<LP_DTYPE_F32> {
+  using T = float;
+  static inline float one(const T* p) { return *p; }
+  static inline __m256 eight(const T* p) { return _mm256_loadu_ps(p); }
+};
+template <>
+struct FloatIn<LP_DTYPE_F16> {
+  using T = uint16_t;
+  static inline float one(const T* p) { return _cvtsh_ss(*p); }
+  static inline __m256 eight(const T* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+};
+template <>
+struct FloatIn<LP_DTYPE_BF16> {
+  using T = uint16_t;
+  static inline float one(const T* p) { return bf16_to_f32(*p); }
+  static inline __m256 eight(const T* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+
+// In-register transpose of 8 vectors of 8 lanes: r[i][j] -> r[j][i].
+static inline void transpose8(__m256 r[8]) {
+  __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+}  // namespace
+}  // namespace lp
