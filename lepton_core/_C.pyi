@@ -49,8 +49,11 @@ def gemm_float(n_batch: typing.SupportsInt | typing.SupportsIndex, m: typing.Sup
 def gemm_int8(n_batch: typing.SupportsInt | typing.SupportsIndex, m: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, a: typing.SupportsInt | typing.SupportsIndex, a_stride_batch: typing.SupportsInt | typing.SupportsIndex, a_stride_row: typing.SupportsInt | typing.SupportsIndex, a_stride_col: typing.SupportsInt | typing.SupportsIndex, b: typing.SupportsInt | typing.SupportsIndex, b_stride_batch: typing.SupportsInt | typing.SupportsIndex, b_stride_row: typing.SupportsInt | typing.SupportsIndex, b_stride_col: typing.SupportsInt | typing.SupportsIndex, out: typing.SupportsInt | typing.SupportsIndex) -> None:
     """out[b] = a[b] @ b[b], int8 x int8 -> int32, exact"""
     ...
-def gemm_peak_probe(n_iters: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex, kind: str = 'float') -> float:
-    """Runs the active ISA's microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps on AVX-512, FMA on AVX2, 'int8': vpdpbusd on AVX-512, madd + add on AVX2) for n_iters steps on n_threads threads; returns the operations executed (time it to get the peak)"""
+def gemm_kernels_name(isa: typing.SupportsInt | typing.SupportsIndex = -1) -> str:
+    """Name of the GEMM kernel table an lp_isa level runs (-1: the active level), capped at what this build and CPU offer (for tests)"""
+    ...
+def gemm_peak_probe(n_iters: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex, kind: str = 'float') -> object:
+    """Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps on AVX-512, FMA on AVX2, 'int8': vpdpbusd on AVX-512, madd + add on AVX2) for n_iters steps on n_threads threads; returns the operations executed (time it to get the peak), or None when the active kernels (scalar) have no probe"""
     ...
 def get_num_threads() -> int: ...
 git_revision: typing.Optional[str]
