@@ -1,4 +1,4 @@
-"""The CUDA backend (lepton_core._C_cuda, lepton_core/_cuda_backend.py).
+"""The CUDA backend (lepton_core._C_cuda, lepton_core/backends/cuda.py).
 
 Two parts:
 1. Tests that run on every machine: the package imports and lc.info() explains a missing GPU; the

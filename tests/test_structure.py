@@ -128,3 +128,8 @@ def test_native_stubs_are_up_to_date():
     spec.loader.exec_module(gen)
     with open(os.path.join(REPO, "lepton_core", "_C.pyi")) as f:
         assert f.read() == gen.stub_text("lepton_core._C"), "lepton_core/_C.pyi is stale: run tools/gen_stubs.py"
+    # The CUDA module imports without a GPU (it only links the CUDA runtime); builds with nvcc have it.
+    if importlib.util.find_spec("lepton_core._C_cuda") is not None:
+        with open(os.path.join(REPO, "lepton_core", "_C_cuda.pyi")) as f:
+            assert f.read() == gen.stub_text("lepton_core._C_cuda"), \
+                "lepton_core/_C_cuda.pyi is stale: run tools/gen_stubs.py with the CUDA module built"
