@@ -112,6 +112,25 @@ def test_output_rounding_bitwise(isa, rng, out_dtype):
         assert torch.equal(got[keep], want[keep])
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16], ids=NAME.get)
+def test_nan_output_bits_same_on_every_isa(isa, out_dtype):
+    """NaN outputs carry the scalar conversion's bits on every ISA (float16: the canonical quiet NaN
+    with its sign; bfloat16: the quieted top half), not whatever a vector conversion makes of the
+    payload. Negative and payload-carrying NaNs arrive through the bias (K = 1, a = 0)."""
+    nans = torch.tensor([0x7FC00000, 0xFFC00000, 0x7FA12345, 0xFF812345, 0x7F800001, 0x3F800000],
+                        dtype=torch.int64).to(torch.int32).view(torch.float32).repeat(7)  # 42: tiles + edge
+    n = nans.numel()
+    a, b = torch.zeros(13, 1), torch.zeros(1, n)
+    got = lc.gemm(a, b, bias=nans, out_dtype=out_dtype).view(torch.int16)
+    before = _runtime.cpu_isa()
+    _runtime._set_cpu_isa("scalar")
+    try:
+        want = lc.gemm(a, b, bias=nans, out_dtype=out_dtype).view(torch.int16)
+    finally:
+        _runtime._set_cpu_isa(before)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.float16, torch.bfloat16, torch.float64],
                          ids=lambda d: "none" if d is None else str(d).replace("torch.", ""))
 @pytest.mark.parametrize("out_dtype", FLOAT_DTYPES, ids=NAME.get)

@@ -6,6 +6,7 @@
 #include <initializer_list>
 
 #include "common/cpu_features.h"
+#include "cpu/kernel_table.h"
 
 namespace lp {
 
@@ -36,12 +37,7 @@ const GemmKernels* gemm_kernels_avx512() { return nullptr; }
 #endif
 
 const GemmKernels& gemm_kernels_for(int isa) {
-  isa = std::min(isa, cpu_isa_detected());
-  // Best first: the first table built into this module whose level the CPU has and isa allows.
-  for (const GemmKernels* k : {gemm_kernels_avx512(), gemm_kernels_avx2()}) {
-    if (k && k->isa <= isa) return *k;
-  }
-  return *gemm_kernels_scalar();
+  return pick_kernel_table(isa, {gemm_kernels_avx512(), gemm_kernels_avx2()}, gemm_kernels_scalar());
 }
 
 const GemmKernels& gemm_kernels() { return gemm_kernels_for(cpu_isa_active()); }

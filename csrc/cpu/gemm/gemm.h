@@ -18,9 +18,9 @@
 //
 // Files: gemm.cc (kernel table picker, routing of a call), gemm_scalar.cc (the reference kernels),
 // gemm_driver.h (what the packed SIMD kernels share: macro-loop, tiles and their epilogues, edge
-// tiles, packing's panel loop and scalar rest, traits from an ISA's kernel set), simd256.h /
-// simd512.h (one vector vocabulary per register width), gemm_common.h (element loads / stores, the
-// scaled epilogue, scratch). Per ISA, only what is its own: gemm_avx2.cc / gemm_avx512.cc (kernel
+// tiles, packing's panel loop and scalar rest, traits from an ISA's kernel set), cpu/simd256.h /
+// cpu/simd512.h (one vector vocabulary per register width, shared with quant and reduce),
+// gemm_common.h (element loads / stores, the scaled epilogue, scratch). Per ISA, only what is its own: gemm_avx2.cc / gemm_avx512.cc (kernel
 // sets: packing + microkernel, and the table), gemm_gemv_avx2.cc (matrix-vector path),
 // gemm_small_m_avx512.cc (few rows times W^T), gemm_peak_avx2.cc / gemm_peak_avx512.cc (benchmark
 // peak probes).

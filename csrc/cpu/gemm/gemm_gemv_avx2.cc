@@ -21,7 +21,7 @@
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
 #include "cpu/gemm/gemm_driver.h"
-#include "cpu/gemm/simd256.h"
+#include "cpu/simd256.h"
 
 namespace lp {
 namespace {

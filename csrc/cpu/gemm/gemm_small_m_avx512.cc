@@ -20,7 +20,7 @@
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
 #include "cpu/gemm/gemm_driver.h"
-#include "cpu/gemm/simd512.h"
+#include "cpu/simd512.h"
 
 namespace lp {
 namespace {

@@ -19,6 +19,7 @@
 
 #include "common/cpu_features.h"
 #include "common/parallel.h"
+#include "cpu/kernel_table.h"
 #include "cpu/quant/quant.h"
 
 namespace lp {
@@ -204,12 +205,15 @@ int64_t quantize_two_pass(const QuantizeArgs& a, const Geometry& g, const QuantK
 
 }  // namespace
 
-const QuantKernels* quant_kernels_active() {
-#if defined(LP_BUILD_AVX2)
-  if (cpu_isa_active() >= LP_ISA_AVX2) return quant_kernels_avx2();  // avx512 / amx: AVX2 kernels
+#ifndef LP_BUILD_AVX2
+const QuantKernels* quant_kernels_avx2() { return nullptr; }
 #endif
-  return quant_kernels_scalar();
+
+const QuantKernels& quant_kernels_for(int isa) {
+  return pick_kernel_table(isa, {quant_kernels_avx2()}, quant_kernels_scalar());
 }
+
+const QuantKernels& quant_kernels() { return quant_kernels_for(cpu_isa_active()); }
 
 int64_t quantize(const QuantizeArgs& a) {
   Geometry g = geometry(a.n_outer, a.n_channels, a.n_inner, a.block_size);
@@ -219,7 +223,7 @@ int64_t quantize(const QuantizeArgs& a) {
     return -1;
   }
   advise_huge_pages(a.data, a.fmt == LP_QFMT_INT4 ? (g.n_elems + 1) / 2 : g.n_elems);
-  const QuantKernels& k = *quant_kernels_active();
+  const QuantKernels& k = quant_kernels();
   return g.mode == SEG_BLOCK ? quantize_blockwise(a, g, k) : quantize_two_pass(a, g, k);
 }
 
@@ -227,7 +231,7 @@ void dequantize(const DequantizeArgs& a) {
   Geometry g = geometry(a.n_outer, a.n_channels, a.n_inner, a.block_size);
   if (g.n_elems == 0) return;
   advise_huge_pages(a.out, g.n_elems * dtype_n_bytes(a.out_dtype));
-  const QuantKernels& k = *quant_kernels_active();
+  const QuantKernels& k = quant_kernels();
   DequantSpanFn deq = k.dequantize(a.fmt, a.out_dtype, g.mode == SEG_ELEM);
   const bool has_zp = a.fmt == LP_QFMT_UINT8;
   const int64_t n_chunks = (g.n_elems + kChunkElems - 1) / kChunkElems;

@@ -91,16 +91,20 @@ struct DequantSpan {
 using DequantSpanFn = void (*)(const DequantSpan& s);
 
 struct QuantKernels {
+  const char* name;
+  int isa;  // the lp_isa level the table needs
   StatsFn (*stats)(int x_dtype, bool minmax);
   StatsElemFn (*stats_elem)(int x_dtype, bool minmax);
   QuantSpanFn (*quantize)(int fmt, int x_dtype, bool stochastic, bool per_elem);
   DequantSpanFn (*dequantize)(int fmt, int out_dtype, bool per_elem);
 };
+// Per-ISA tables (quant_<isa>.cc); null when this build lacks the ISA.
 const QuantKernels* quant_kernels_scalar();
-#if defined(LP_BUILD_AVX2)
 const QuantKernels* quant_kernels_avx2();
-#endif
-const QuantKernels* quant_kernels_active();  // picked by cpu_isa_active()
+// The table for an lp_isa level, capped at what this build and CPU offer (levels above AVX2 run the
+// AVX2 kernels, which run at the copy rate already); quant_kernels(): for cpu_isa_active().
+const QuantKernels& quant_kernels_for(int isa);
+const QuantKernels& quant_kernels();
 
 // ---- element math shared by every ISA (SIMD code must match these bit for bit) ----
 // Scale (and zero point) of a group from its statistics.

@@ -20,50 +20,26 @@
 #include <cstring>
 
 #include "cpu/quant/quant.h"
+#include "cpu/simd256.h"
 
 namespace lp {
 namespace {
 
 constexpr int kRoundNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
-// ---- loads / stores of 8 elements ----
+// ---- loads / stores of 8 elements (the vector layer of cpu/simd256.h) ----
 template <int XDT>
 inline __m256 load8(const void* base, int64_t i) {
-  if (XDT == LP_DTYPE_F32) return _mm256_loadu_ps(static_cast<const float*>(base) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-  if (XDT == LP_DTYPE_F16) return _mm256_cvtph_ps(h);  // exact
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-inline __m128i f32x8_to_bf16(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-  const __m256i is_nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                            _mm256_set1_epi32(0x7f800000));
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, quiet, is_nan);
-  r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);  // 8 x u16 in the low half
-  return _mm256_castsi256_si128(r);
+  return FloatIn<XDT>::eight(static_cast<const typename FloatIn<XDT>::T*>(base) + i);  // exact
 }
 
 template <int ODT>
 inline void store8(void* base, int64_t i, __m256 v) {
-  if (ODT == LP_DTYPE_F32) {
+  if (ODT == LP_DTYPE_F32)
     _mm256_storeu_ps(static_cast<float*>(base) + i, v);
-    return;
-  }
-  uint16_t* dst = static_cast<uint16_t*>(base) + i;
-  if (ODT == LP_DTYPE_BF16) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), f32x8_to_bf16(v));
-    return;
-  }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, kRoundNearest));
-  if (_mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))) {  // NaN: dtypes.h's canonical quiet NaN
-    alignas(32) float tmp[8];
-    _mm256_store_ps(tmp, v);
-    for (int k = 0; k < 8; ++k) dst[k] = f32_to_f16(tmp[k]);
-  }
+  else
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
+                     ODT == LP_DTYPE_BF16 ? f32x8_to_bf16(v) : f32x8_to_f16(v));
 }
 
 // ---- statistics ----
@@ -379,10 +355,12 @@ void span_dequantize(const DequantSpan& s) {
   for (; j < n; ++j) scalar_elem(j);
 }
 
-#include "cpu/quant/quant_resolve.h"  // kKernels, from the span_* templates above
+#include "cpu/quant/quant_resolve.h"  // quant_table(), from the span_* templates above
+
+const QuantKernels kAvx2 = quant_table("avx2", LP_ISA_AVX2);
 
 }  // namespace
 
-const QuantKernels* quant_kernels_avx2() { return &kKernels; }
+const QuantKernels* quant_kernels_avx2() { return &kAvx2; }
 
 }  // namespace lp

@@ -1,5 +1,5 @@
 // The resolvers every ISA's quant file shares: they turn run-time (format, dtype, mode) into one
-// template instance of that file's span kernels and build its QuantKernels table, kKernels.
+// template instance of that file's span kernels, and quant_table() makes its QuantKernels table.
 //
 // Included by quant_<isa>.cc *inside its anonymous namespace*, after its four kernel templates
 //   span_stats<XDT, MINMAX>, span_stats_elem<XDT, MINMAX>,
@@ -77,5 +77,8 @@ DequantSpanFn pick_dequantize(int fmt, int odt, bool per_elem) {
   }
 }
 
-const QuantKernels kKernels = {pick_stats, pick_stats_elem, pick_quantize, pick_dequantize};
+// The including file's table: `name` and `isa` (lp_isa level) as QuantKernels documents.
+constexpr QuantKernels quant_table(const char* name, int isa) {
+  return {name, isa, pick_stats, pick_stats_elem, pick_quantize, pick_dequantize};
+}
 

@@ -60,10 +60,12 @@ void span_dequantize(const DequantSpan& s) {
   }
 }
 
-#include "cpu/quant/quant_resolve.h"  // kKernels, from the span_* templates above
+#include "cpu/quant/quant_resolve.h"  // quant_table(), from the span_* templates above
+
+const QuantKernels kScalar = quant_table("scalar", LP_ISA_SCALAR);
 
 }  // namespace
 
-const QuantKernels* quant_kernels_scalar() { return &kKernels; }
+const QuantKernels* quant_kernels_scalar() { return &kScalar; }
 
 }  // namespace lp

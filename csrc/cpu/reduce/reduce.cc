@@ -3,6 +3,7 @@
 
 #include "common/cpu_features.h"
 #include "common/dtypes.h"
+#include "cpu/kernel_table.h"
 
 namespace lp {
 
@@ -15,11 +16,7 @@ const ReduceKernels* reduce_kernels_avx2() { return nullptr; }
 #endif
 
 const ReduceKernels& reduce_kernels_for(int isa) {
-  // avx512 and amx CPUs all have AVX2: they run the AVX2 kernels.
-  if (isa >= LP_ISA_AVX2 && cpu_isa_detected() >= LP_ISA_AVX2) {
-    if (const ReduceKernels* k = reduce_kernels_avx2()) return *k;
-  }
-  return reduce_kernels_scalar();
+  return pick_kernel_table(isa, {reduce_kernels_avx2()}, reduce_kernels_scalar());
 }
 
 const ReduceKernels& reduce_kernels() { return reduce_kernels_for(cpu_isa_active()); }

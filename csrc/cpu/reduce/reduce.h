@@ -35,6 +35,7 @@ int reduce_acc_dtype(int dtype);
 
 struct ReduceKernels {
   const char* name;
+  int isa;  // the lp_isa level the table needs
   // acc[i] = widen(x[i])
   void (*widen)(void* acc, const void* x, int64_t n_elems, int dtype);
   // acc_out[i] = op(acc_in[i], widen(x[i]))       (acc_out may alias acc_in)
@@ -78,12 +79,12 @@ struct ReduceKernels {
   void (*q8_error_feedback)(float* x, float* residual, int64_t n_elems, int64_t block_elems);
 };
 
-const ReduceKernels& reduce_kernels_scalar();
-// nullptr when this build has no AVX2 kernels.
+// Per-ISA tables (reduce_<isa>.cc); null when this build lacks the ISA.
+const ReduceKernels* reduce_kernels_scalar();
 const ReduceKernels* reduce_kernels_avx2();
-// The table for lp::cpu_isa_active() (levels above AVX2 use the AVX2 kernels).
-const ReduceKernels& reduce_kernels();
-// The table for a given lp_isa level (for tests), capped at what the build and CPU offer.
+// The table for an lp_isa level, capped at what this build and CPU offer (levels above AVX2 run the
+// AVX2 kernels, which move data at the copy rate already); reduce_kernels(): for cpu_isa_active().
 const ReduceKernels& reduce_kernels_for(int isa);
+const ReduceKernels& reduce_kernels();
 
 }  // namespace lp

@@ -13,14 +13,14 @@
 #include <cstring>
 
 #include "cpu/reduce/reduce_generic.h"
+#include "cpu/reduce/reduce_plain.h"
 #include "cpu/reduce/reduce_q8.h"
+#include "cpu/simd256.h"
 
 namespace lp {
 namespace {
 
 using namespace reduce_generic;
-using reduce_dispatch::on_dtype;
-using reduce_dispatch::on_op;
 
 // ---- float32 lanes ----
 static inline __m256 max_nan(__m256 a, __m256 b) {
@@ -36,38 +36,11 @@ static inline __m256d min_nan(__m256d a, __m256d b) {
   return _mm256_blendv_pd(_mm256_min_pd(a, b), a, _mm256_cmp_pd(a, a, _CMP_UNORD_Q));
 }
 
-static inline __m256 load_f16(const uint16_t* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-static inline void store_f16(uint16_t* p, __m256 v) {
-  __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  if (!_mm256_testz_ps(nan, nan)) {  // rare: canonical NaN (sign | 0x7e00), as f32_to_f16
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i canon = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x8000)),
-                                    _mm256_set1_epi32(0x7e00));
-    __m128i canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
-    __m256i nan_i = _mm256_castps_si256(nan);
-    __m128i mask16 = _mm_packs_epi32(_mm256_castsi256_si128(nan_i), _mm256_extracti128_si256(nan_i, 1));
-    h = _mm_blendv_epi8(h, canon16, mask16);
-  }
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-}
-static inline __m256 load_bf16(const uint16_t* p) {
-  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-static inline void store_bf16(uint16_t* p, __m256 v) {
-  __m256i u = _mm256_castps_si256(v);
-  __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-  __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                   _mm256_set1_epi32(0x7f800000));
-  __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, quiet, nan);
-  __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
+// 16-bit loads and stores: the vector layer of cpu/simd256.h (bit for bit dtypes.h, NaNs included).
+static inline __m256 load_f16(const uint16_t* p) { return FloatIn<LP_DTYPE_F16>::eight(p); }
+static inline void store_f16(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32x8_to_f16(v)); }
+static inline __m256 load_bf16(const uint16_t* p) { return FloatIn<LP_DTYPE_BF16>::eight(p); }
+static inline void store_bf16(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32x8_to_bf16(v)); }
 static inline __m256 load_f64_as_f32(const double* p) {
   __m128 lo = _mm256_cvtpd_ps(_mm256_loadu_pd(p)), hi = _mm256_cvtpd_ps(_mm256_loadu_pd(p + 4));
   return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
@@ -148,97 +121,9 @@ template <> struct V<LP_DTYPE_I64> : VIntBase {
   }
 };
 
+using Plain = PlainKernels<V>;  // full AVX2 vectors, then one element at a time
+
 template <int DT> using TT = typename Ty<DT>::T;
-template <int DT> using AT = typename Ty<DT>::A;
-
-template <int DT> void widen_v(void* acc_, const void* x_, int64_t n) {
-  using W = V<DT>;
-  AT<DT>* acc = static_cast<AT<DT>*>(acc_);
-  const TT<DT>* x = static_cast<const TT<DT>*>(x_);
-  int64_t i = 0;
-  for (; i + W::L <= n; i += W::L) W::store_acc(acc + i, W::load(x + i));
-  widen<DT>(acc_, x_, i, n);
-}
-
-template <int DT, int OP> void accumulate_v(void* out_, const void* in_, const void* x_, int64_t n) {
-  using W = V<DT>;
-  AT<DT>* out = static_cast<AT<DT>*>(out_);
-  const AT<DT>* in = static_cast<const AT<DT>*>(in_);
-  const TT<DT>* x = static_cast<const TT<DT>*>(x_);
-  int64_t i = 0;
-  for (; i + W::L <= n; i += W::L)
-    W::store_acc(out + i, W::template apply<OP>(W::load_acc(in + i), W::load(x + i)));
-  accumulate<DT, OP>(out_, in_, x_, i, n);
-}
-
-template <int DT, int OP>
-void finish_v(void* y_, void* y2_, const void* in_, const void* x_, int64_t n, int n_ranks) {
-  using W = V<DT>;
-  TT<DT>* y = static_cast<TT<DT>*>(y_);
-  TT<DT>* y2 = static_cast<TT<DT>*>(y2_);
-  const AT<DT>* in = static_cast<const AT<DT>*>(in_);
-  const TT<DT>* x = static_cast<const TT<DT>*>(x_);
-  int64_t i = 0;
-  for (; i + W::L <= n; i += W::L) {
-    auto v = W::template finalize<OP>(W::template apply<OP>(W::load_acc(in + i), W::load(x + i)), n_ranks);
-    W::store(y + i, v);
-    if (y2) W::store(y2 + i, v);
-  }
-  finish<DT, OP>(y_, y2_, in_, x_, i, n, n_ranks);
-}
-
-template <int DT, int OP> void narrow_v(void* y_, void* y2_, const void* acc_, int64_t n, int n_ranks) {
-  using W = V<DT>;
-  TT<DT>* y = static_cast<TT<DT>*>(y_);
-  TT<DT>* y2 = static_cast<TT<DT>*>(y2_);
-  const AT<DT>* acc = static_cast<const AT<DT>*>(acc_);
-  int64_t i = 0;
-  for (; i + W::L <= n; i += W::L) {
-    auto v = W::template finalize<OP>(W::load_acc(acc + i), n_ranks);
-    W::store(y + i, v);
-    if (y2) W::store(y2 + i, v);
-  }
-  narrow<DT, OP>(y_, y2_, acc_, i, n, n_ranks);
-}
-
-template <int DT, int OP>
-void gather_v(void* y_, const void* const* srcs, int n_srcs, int64_t n, int n_ranks) {
-  using W = V<DT>;
-  TT<DT>* y = static_cast<TT<DT>*>(y_);
-  int64_t i = 0;
-  for (; i + W::L <= n; i += W::L) {
-    auto v = W::load(static_cast<const TT<DT>*>(srcs[0]) + i);
-    for (int k = 1; k < n_srcs; ++k)
-      v = W::template apply<OP>(v, W::load(static_cast<const TT<DT>*>(srcs[k]) + i));
-    W::store(y + i, W::template finalize<OP>(v, n_ranks));
-  }
-  gather<DT, OP>(y_, srcs, n_srcs, i, n, n_ranks);
-}
-
-void widen_avx2(void* acc, const void* x, int64_t n, int dtype) {
-  on_dtype(dtype, [&](auto dt) { widen_v<decltype(dt)::value>(acc, x, n); });
-}
-void accumulate_avx2(void* out, const void* in, const void* x, int64_t n, int dtype, int op) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) { accumulate_v<decltype(dt)::value, decltype(o)::value>(out, in, x, n); });
-  });
-}
-void finish_avx2(void* y, void* y2, const void* in, const void* x, int64_t n, int dtype, int op,
-                 int n_ranks) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) { finish_v<decltype(dt)::value, decltype(o)::value>(y, y2, in, x, n, n_ranks); });
-  });
-}
-void narrow_avx2(void* y, void* y2, const void* acc, int64_t n, int dtype, int op, int n_ranks) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) { narrow_v<decltype(dt)::value, decltype(o)::value>(y, y2, acc, n, n_ranks); });
-  });
-}
-void gather_avx2(void* y, const void* const* srcs, int n_srcs, int64_t n, int dtype, int op, int n_ranks) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) { gather_v<decltype(dt)::value, decltype(o)::value>(y, srcs, n_srcs, n, n_ranks); });
-  });
-}
 
 // ---- int8 compression: block primitives for reduce_q8.h ----
 template <int DT> static inline __m256 load_f32_of(const TT<DT>* p) {
@@ -402,9 +287,9 @@ struct Avx2Blocks {
 using Q8 = Q8Kernels<Avx2Blocks>;
 
 const ReduceKernels kAvx2 = {
-    "avx2",        widen_avx2,     accumulate_avx2, finish_avx2,    narrow_avx2,
-    gather_avx2,   Q8::widen,      Q8::quantize,    Q8::accumulate, Q8::partial,
-    Q8::finish,    Q8::dequantize, Q8::gather,      Q8::error_feedback,
+    "avx2",        LP_ISA_AVX2,   Plain::widen,   Plain::accumulate, Plain::finish, Plain::narrow,
+    Plain::gather, Q8::widen,     Q8::quantize,   Q8::accumulate,    Q8::partial,   Q8::finish,
+    Q8::dequantize, Q8::gather,   Q8::error_feedback,
 };
 
 }  // namespace

@@ -1,6 +1,7 @@
-// Portable bodies of the reduce kernels over an element range [i0, n): the scalar table is made of
-// them, and the SIMD tables call them for the elements left after their last full vector.
-// Semantics: reduce.h; element rules: reduce_elem.h.
+// Portable block bodies of the int8-compressed reduce kernels over an element range [i0, n): the
+// scalar block policy is made of them, and the SIMD policies call them for the elements left after
+// their last full vector. Semantics: reduce.h; element rules: reduce_elem.h. (The uncompressed
+// kernels are written once in reduce_plain.h.)
 #pragma once
 #include <cstdint>
 
@@ -11,57 +12,6 @@ namespace reduce_generic {
 
 using namespace reduce_elem;
 
-
-template <int DT> static inline void widen(void* acc_, const void* x_, int64_t i0, int64_t n) {
-  using T = typename Ty<DT>::T; using A = typename Ty<DT>::A;
-  A* acc = static_cast<A*>(acc_); const T* x = static_cast<const T*>(x_);
-  for (int64_t i = i0; i < n; ++i) acc[i] = Ty<DT>::widen(x[i]);
-}
-
-template <int DT, int OP>
-static inline void accumulate(void* out_, const void* in_, const void* x_, int64_t i0, int64_t n) {
-  using T = typename Ty<DT>::T; using A = typename Ty<DT>::A;
-  A* out = static_cast<A*>(out_); const A* in = static_cast<const A*>(in_);
-  const T* x = static_cast<const T*>(x_);
-  for (int64_t i = i0; i < n; ++i) out[i] = apply<OP>(in[i], Ty<DT>::widen(x[i]));
-}
-
-template <int DT, int OP>
-static inline void finish(void* y_, void* y2_, const void* in_, const void* x_, int64_t i0, int64_t n,
-                          int n_ranks) {
-  using T = typename Ty<DT>::T; using A = typename Ty<DT>::A;
-  T* y = static_cast<T*>(y_); T* y2 = static_cast<T*>(y2_);
-  const A* in = static_cast<const A*>(in_); const T* x = static_cast<const T*>(x_);
-  for (int64_t i = i0; i < n; ++i) {
-    T r = Ty<DT>::narrow(finalize<OP>(apply<OP>(in[i], Ty<DT>::widen(x[i])), n_ranks));
-    y[i] = r;
-    if (y2) y2[i] = r;
-  }
-}
-
-template <int DT, int OP>
-static inline void narrow(void* y_, void* y2_, const void* acc_, int64_t i0, int64_t n, int n_ranks) {
-  using T = typename Ty<DT>::T; using A = typename Ty<DT>::A;
-  T* y = static_cast<T*>(y_); T* y2 = static_cast<T*>(y2_);
-  const A* acc = static_cast<const A*>(acc_);
-  for (int64_t i = i0; i < n; ++i) {
-    T r = Ty<DT>::narrow(finalize<OP>(acc[i], n_ranks));
-    y[i] = r;
-    if (y2) y2[i] = r;
-  }
-}
-
-template <int DT, int OP>
-static inline void gather(void* y_, const void* const* srcs, int n_srcs, int64_t i0, int64_t n,
-                          int n_ranks) {
-  using T = typename Ty<DT>::T; using A = typename Ty<DT>::A;
-  T* y = static_cast<T*>(y_);
-  for (int64_t i = i0; i < n; ++i) {
-    A v = Ty<DT>::widen(static_cast<const T*>(srcs[0])[i]);
-    for (int k = 1; k < n_srcs; ++k) v = apply<OP>(v, Ty<DT>::widen(static_cast<const T*>(srcs[k])[i]));
-    y[i] = Ty<DT>::narrow(finalize<OP>(v, n_ranks));
-  }
-}
 
 // ---- int8 compression, one block at a time ----
 

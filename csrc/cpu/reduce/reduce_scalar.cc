@@ -6,49 +6,13 @@
 #include <cstring>
 
 #include "cpu/reduce/reduce_generic.h"
+#include "cpu/reduce/reduce_plain.h"
 #include "cpu/reduce/reduce_q8.h"
 
 namespace lp {
 namespace {
 
 using namespace reduce_generic;
-using reduce_dispatch::on_dtype;
-using reduce_dispatch::on_op;
-
-void widen_scalar(void* acc, const void* x, int64_t n, int dtype) {
-  on_dtype(dtype, [&](auto dt) { widen<decltype(dt)::value>(acc, x, 0, n); });
-}
-
-void accumulate_scalar(void* out, const void* in, const void* x, int64_t n, int dtype, int op) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) { accumulate<decltype(dt)::value, decltype(o)::value>(out, in, x, 0, n); });
-  });
-}
-
-void finish_scalar(void* y, void* y2, const void* in, const void* x, int64_t n, int dtype, int op,
-                   int n_ranks) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) {
-      finish<decltype(dt)::value, decltype(o)::value>(y, y2, in, x, 0, n, n_ranks);
-    });
-  });
-}
-
-void narrow_scalar(void* y, void* y2, const void* acc, int64_t n, int dtype, int op, int n_ranks) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) { narrow<decltype(dt)::value, decltype(o)::value>(y, y2, acc, 0, n, n_ranks); });
-  });
-}
-
-void gather_scalar(void* y, const void* const* srcs, int n_srcs, int64_t n, int dtype, int op,
-                   int n_ranks) {
-  on_dtype(dtype, [&](auto dt) {
-    on_op(op, [&](auto o) {
-      gather<decltype(dt)::value, decltype(o)::value>(y, srcs, n_srcs, 0, n, n_ranks);
-    });
-  });
-}
-
 // Block primitives of reduce_q8.h, one element at a time.
 struct ScalarBlocks {
   template <int DT> using T = typename Ty<DT>::T;
@@ -101,14 +65,16 @@ struct ScalarBlocks {
 
 using Q8 = Q8Kernels<ScalarBlocks>;
 
+using Plain = PlainKernels<One>;  // one element at a time
+
 const ReduceKernels kScalar = {
-    "scalar",       widen_scalar,  accumulate_scalar, finish_scalar,      narrow_scalar,
-    gather_scalar,  Q8::widen,     Q8::quantize,      Q8::accumulate,     Q8::partial,
-    Q8::finish,     Q8::dequantize, Q8::gather,       Q8::error_feedback,
+    "scalar",      LP_ISA_SCALAR, Plain::widen,   Plain::accumulate, Plain::finish, Plain::narrow,
+    Plain::gather, Q8::widen,     Q8::quantize,   Q8::accumulate,    Q8::partial,   Q8::finish,
+    Q8::dequantize, Q8::gather,   Q8::error_feedback,
 };
 
 }  // namespace
 
-const ReduceKernels& reduce_kernels_scalar() { return kScalar; }
+const ReduceKernels* reduce_kernels_scalar() { return &kScalar; }
 
 }  // namespace lp

@@ -26,6 +26,16 @@ static inline __m256i f32x16_to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, nan_bits));
 }
 
+// float32 -> float16 of 16 lanes, rounded to nearest even with the canonical NaN of f32x8_to_f16.
+static inline __m256i f32x16_to_f16(__m512 v) {
+  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  if (!nan) return h;
+  const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000));
+  const __m256i canon = _mm512_cvtepi32_epi16(_mm512_or_si512(sign, _mm512_set1_epi32(0x7e00)));
+  return _mm256_mask_blend_epi16(nan, h, canon);
+}
+
 struct Simd512 {
   using F = __m512;
   using I = __m512i;
@@ -48,7 +58,7 @@ struct Simd512 {
     if (dtype == LP_DTYPE_F32)
       _mm512_storeu_ps(out, v);
     else if (dtype == LP_DTYPE_F16)
-      _mm256_storeu_si256(static_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm256_storeu_si256(static_cast<__m256i*>(out), f32x16_to_f16(v));
     else
       _mm256_storeu_si256(static_cast<__m256i*>(out), f32x16_to_bf16(v));
   }

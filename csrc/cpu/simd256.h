@@ -13,8 +13,10 @@
 //   store_as(dtype, out, v)         kLanes float32 values rounded once to f32 / f16 / bf16 (round to
 //                                   nearest even, NaNs kept quiet) and stored at out (unaligned)
 //   sum_lanes(v)                    a horizontal sum in a fixed order (so its bits never vary)
-// Beside it: FloatIn<DT> (one or 8 elements of an input dtype widened to float32, exact) and
-// transpose8 (8 x 8 lanes in registers).
+// Beside it: f32x8_to_bf16 / f32x8_to_f16 (the roundings store_as uses, bit for bit the scalar
+// f32_to_bf16 / f32_to_f16 of common/dtypes.h, NaNs included), FloatIn<DT> (one or 8 elements of an
+// input dtype widened to float32, exact) and transpose8 (8 x 8 lanes in registers). The GEMM
+// epilogues, the quantize kernels and the reduce kernels all use these.
 //
 // Include only from files compiled with at least -mavx2 -mfma -mf16c. Everything is in an anonymous
 // namespace so that each ISA file keeps its own copy: the linker must never pick a copy compiled with
@@ -44,6 +46,20 @@ static inline __m128i f32x8_to_bf16(__m256 v) {
   return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
 }
 
+// Round-to-nearest-even float32 -> float16 of 8 lanes (F16C), NaN lanes rewritten to the canonical
+// quiet NaN of the scalar f32_to_f16 (sign | 0x7e00), which F16C would give with the payload's top bits.
+static inline __m128i f32x8_to_f16(__m256 v) {
+  __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  if (_mm256_testz_ps(nan, nan)) return h;  // the common case: no NaN
+  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x8000));
+  const __m256i canon = _mm256_or_si256(sign, _mm256_set1_epi32(0x7e00));
+  const __m128i canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
+  const __m256i nan_i = _mm256_castps_si256(nan);
+  const __m128i mask16 = _mm_packs_epi32(_mm256_castsi256_si128(nan_i), _mm256_extracti128_si256(nan_i, 1));
+  return _mm_blendv_epi8(h, canon16, mask16);
+}
+
 struct Simd256 {
   using F = __m256;
   using I = __m256i;
@@ -66,7 +82,7 @@ struct Simd256 {
     if (dtype == LP_DTYPE_F32)
       _mm256_storeu_ps(static_cast<float*>(out), v);
     else if (dtype == LP_DTYPE_F16)
-      _mm_storeu_si128(static_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+      _mm_storeu_si128(static_cast<__m128i*>(out), f32x8_to_f16(v));
     else
       _mm_storeu_si128(static_cast<__m128i*>(out), f32x8_to_bf16(v));
   }
