@@ -1,29 +1,13 @@
 """The `lepton` command line: parsing of every documented command line, the commands that must work
 without torch (API.md §0), `lepton info`'s report, `--version`, `python -m lepton_core`, and the
 `lepton bench` output plumbing. Nothing here runs a benchmark."""
-import os
-import subprocess
-import sys
-import tempfile
-
 import pytest
+from subprocs import run_python
 
 import lepton_core as lc
 from lepton_core import cli
 
-# Child processes must import the same lepton_core as this process (the installed one in CI, the
-# in-tree build in a dev loop), never a source tree without its native module: point PYTHONPATH at
-# the imported package and run them outside the repo (as tests/test_runtime.py does).
-_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lc.__file__)))
-
-
-def _run(args, **env):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = _PKG_PARENT + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(env)
-    with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=120,
-                              cwd=cwd)
+_run = run_python
 
 
 def _parse(argv):

@@ -1,30 +1,16 @@
 """API.md §0: lc.info, threads, CPU ISA selection, import without a GPU, the `lepton info` CLI."""
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 import pytest
+from subprocs import run_python
 
 import lepton_core as lc
 from lepton_core import _runtime
 
 ISA_NAMES = ["scalar", "avx2", "avx512", "amx"]
-# Child processes must import the same lepton_core as this process (the installed one in CI, the
-# in-tree build in a dev loop), never a source tree without its native module: point PYTHONPATH at
-# the imported package and run them outside the repo.
-_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(lc.__file__)))
-
-
-def _run(args, **env):
-    e = dict(os.environ)
-    e["PYTHONPATH"] = _PKG_PARENT + os.pathsep + e.get("PYTHONPATH", "")
-    e.update(env)
-    with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=120,
-                              cwd=cwd)
+_run = run_python
 
 
 def _py(code: str, **env):

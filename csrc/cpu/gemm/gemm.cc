@@ -29,13 +29,6 @@ GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes, int64_t l
   return b;
 }
 
-#ifndef LP_BUILD_AVX2
-const GemmKernels* gemm_kernels_avx2() { return nullptr; }
-#endif
-#ifndef LP_BUILD_AVX512
-const GemmKernels* gemm_kernels_avx512() { return nullptr; }
-#endif
-
 const GemmKernels& gemm_kernels_for(int isa) {
   return pick_kernel_table(isa, {gemm_kernels_avx512(), gemm_kernels_avx2()}, gemm_kernels_scalar());
 }

@@ -205,10 +205,6 @@ int64_t quantize_two_pass(const QuantizeArgs& a, const Geometry& g, const QuantK
 
 }  // namespace
 
-#ifndef LP_BUILD_AVX2
-const QuantKernels* quant_kernels_avx2() { return nullptr; }
-#endif
-
 const QuantKernels& quant_kernels_for(int isa) {
   return pick_kernel_table(isa, {quant_kernels_avx2()}, quant_kernels_scalar());
 }

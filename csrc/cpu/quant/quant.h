@@ -145,6 +145,37 @@ static inline float load_elem(int x_dtype, const void* base, int64_t i) {
   }
 }
 
+// The statistics rules, element by element: elements [i0, i1) of x merged into *st (the scalar
+// kernels are these loops; SIMD kernels run them on the elements after their last full vector).
+template <bool MINMAX>
+static inline void stats_merge(int xdt, const void* x, int64_t i0, int64_t i1, SpanStats* st) {
+  SpanStats s = *st;
+  for (int64_t i = i0; i < i1; ++i) {
+    float v = load_elem(xdt, x, i);
+    uint32_t a = f32_to_bits(v) & 0x7fffffffu;
+    if (a > s.abs_bits) s.abs_bits = a;
+    if (MINMAX) {
+      if (v < s.min) s.min = v;
+      if (v > s.max) s.max = v;
+    }
+  }
+  *st = s;
+}
+// Per element: slot j (j0 <= j < n) merges element index0 + j.
+template <bool MINMAX>
+static inline void stats_elem_merge(int xdt, const void* x, int64_t index0, int64_t j0, int64_t n,
+                                    uint32_t* abs_bits, float* mn, float* mx) {
+  for (int64_t j = j0; j < n; ++j) {
+    float v = load_elem(xdt, x, index0 + j);
+    uint32_t a = f32_to_bits(v) & 0x7fffffffu;
+    if (a > abs_bits[j]) abs_bits[j] = a;
+    if (MINMAX) {
+      if (v < mn[j]) mn[j] = v;
+      if (v > mx[j]) mx[j] = v;
+    }
+  }
+}
+
 static inline void store_elem(int out_dtype, void* base, int64_t i, float v) {
   switch (out_dtype) {
     case LP_DTYPE_F16: static_cast<uint16_t*>(base)[i] = f32_to_f16(v); break;

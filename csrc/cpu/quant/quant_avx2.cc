@@ -85,15 +85,7 @@ void span_stats(const void* x, int64_t index0, int64_t n, SpanStats* st) {
     s.min = std::min(s.min, hmin_ps(_mm256_min_ps(mn0, mn1)));
     s.max = std::max(s.max, hmax_ps(_mm256_max_ps(mx0, mx1)));
   }
-  for (; j < n; ++j) {
-    float v = load_elem(XDT, x, index0 + j);
-    uint32_t a = f32_to_bits(v) & 0x7fffffffu;
-    if (a > s.abs_bits) s.abs_bits = a;
-    if (MINMAX) {
-      if (v < s.min) s.min = v;
-      if (v > s.max) s.max = v;
-    }
-  }
+  stats_merge<MINMAX>(XDT, x, index0 + j, index0 + n, &s);
   *st = s;
 }
 
@@ -111,15 +103,7 @@ void span_stats_elem(const void* x, int64_t index0, int64_t n, uint32_t* abs_bit
       _mm256_storeu_ps(mx + j, _mm256_max_ps(_mm256_loadu_ps(mx + j), v));
     }
   }
-  for (; j < n; ++j) {
-    float v = load_elem(XDT, x, index0 + j);
-    uint32_t a = f32_to_bits(v) & 0x7fffffffu;
-    if (a > abs_bits[j]) abs_bits[j] = a;
-    if (MINMAX) {
-      if (v < mn[j]) mn[j] = v;
-      if (v > mx[j]) mx[j] = v;
-    }
-  }
+  stats_elem_merge<MINMAX>(XDT, x, index0, j, n, abs_bits, mn, mx);
 }
 
 // ---- quantize ----

@@ -6,35 +6,14 @@
 namespace lp {
 namespace {
 
-// Statistics of elements [index0, index0 + n) merged into *st (see SpanStats).
+// Statistics: the element rules of quant.h, nothing more.
 template <int XDT, bool MINMAX>
 void span_stats(const void* x, int64_t index0, int64_t n, SpanStats* st) {
-  SpanStats s = *st;
-  for (int64_t i = index0; i < index0 + n; ++i) {
-    float v = load_elem(XDT, x, i);
-    uint32_t a = f32_to_bits(v) & 0x7fffffffu;
-    if (a > s.abs_bits) s.abs_bits = a;
-    if (MINMAX) {
-      if (v < s.min) s.min = v;
-      if (v > s.max) s.max = v;
-    }
-  }
-  *st = s;
+  stats_merge<MINMAX>(XDT, x, index0, index0 + n, st);
 }
-
-// Per-element statistics: slot j merges element index0 + j.
 template <int XDT, bool MINMAX>
-void span_stats_elem(const void* x, int64_t index0, int64_t n, uint32_t* abs_bits, float* mn,
-                       float* mx) {
-  for (int64_t j = 0; j < n; ++j) {
-    float v = load_elem(XDT, x, index0 + j);
-    uint32_t a = f32_to_bits(v) & 0x7fffffffu;
-    if (a > abs_bits[j]) abs_bits[j] = a;
-    if (MINMAX) {
-      if (v < mn[j]) mn[j] = v;
-      if (v > mx[j]) mx[j] = v;
-    }
-  }
+void span_stats_elem(const void* x, int64_t index0, int64_t n, uint32_t* abs_bits, float* mn, float* mx) {
+  stats_elem_merge<MINMAX>(XDT, x, index0, 0, n, abs_bits, mn, mx);
 }
 
 template <int FMT, int XDT, bool STOCH, bool PER_ELEM>

@@ -11,10 +11,6 @@ int reduce_acc_dtype(int dtype) {
   return (dtype == LP_DTYPE_F16 || dtype == LP_DTYPE_BF16) ? int(LP_DTYPE_F32) : dtype;
 }
 
-#ifndef LP_BUILD_AVX2
-const ReduceKernels* reduce_kernels_avx2() { return nullptr; }
-#endif
-
 const ReduceKernels& reduce_kernels_for(int isa) {
   return pick_kernel_table(isa, {reduce_kernels_avx2()}, reduce_kernels_scalar());
 }

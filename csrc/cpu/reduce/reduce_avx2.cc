@@ -121,8 +121,6 @@ template <> struct V<LP_DTYPE_I64> : VIntBase {
   }
 };
 
-using Plain = PlainKernels<V>;  // full AVX2 vectors, then one element at a time
-
 template <int DT> using TT = typename Ty<DT>::T;
 
 // ---- int8 compression: block primitives for reduce_q8.h ----
@@ -284,13 +282,7 @@ struct Avx2Blocks {
   }
 };
 
-using Q8 = Q8Kernels<Avx2Blocks>;
-
-const ReduceKernels kAvx2 = {
-    "avx2",        LP_ISA_AVX2,   Plain::widen,   Plain::accumulate, Plain::finish, Plain::narrow,
-    Plain::gather, Q8::widen,     Q8::quantize,   Q8::accumulate,    Q8::partial,   Q8::finish,
-    Q8::dequantize, Q8::gather,   Q8::error_feedback,
-};
+const ReduceKernels kAvx2 = reduce_table<PlainKernels<V>, Q8Kernels<Avx2Blocks>>("avx2", LP_ISA_AVX2);
 
 }  // namespace
 

@@ -129,4 +129,13 @@ template <class P> struct Q8Kernels {
   }
 };
 
+// One ISA's ReduceKernels table from its uncompressed kernels (a PlainKernels of reduce_plain.h) and
+// its int8 kernels (a Q8Kernels).
+template <class Plain, class Q8>
+constexpr ReduceKernels reduce_table(const char* name, int isa) {
+  return {name,         isa,          Plain::widen,   Plain::accumulate, Plain::finish,
+          Plain::narrow, Plain::gather, Q8::widen,     Q8::quantize,      Q8::accumulate,
+          Q8::partial,   Q8::finish,    Q8::dequantize, Q8::gather,        Q8::error_feedback};
+}
+
 }  // namespace lp

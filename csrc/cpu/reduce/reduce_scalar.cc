@@ -63,15 +63,7 @@ struct ScalarBlocks {
   }
 };
 
-using Q8 = Q8Kernels<ScalarBlocks>;
-
-using Plain = PlainKernels<One>;  // one element at a time
-
-const ReduceKernels kScalar = {
-    "scalar",      LP_ISA_SCALAR, Plain::widen,   Plain::accumulate, Plain::finish, Plain::narrow,
-    Plain::gather, Q8::widen,     Q8::quantize,   Q8::accumulate,    Q8::partial,   Q8::finish,
-    Q8::dequantize, Q8::gather,   Q8::error_feedback,
-};
+const ReduceKernels kScalar = reduce_table<PlainKernels<One>, Q8Kernels<ScalarBlocks>>("scalar", LP_ISA_SCALAR);
 
 }  // namespace
 
