@@ -3,7 +3,7 @@
 // interface below (e.g. the GEMM tile epilogues in gemm_driver.h) is instantiated per width with
 // Simd256 or Simd512 (simd512.h); GemmScalarVec (gemm_common.h) is the same interface on one float.
 //
-//   F, I, kLanes                    float32 and int32 vectors of kLanes lanes
+//   F, I, H, kLanes                 float32 and int32 vectors of kLanes lanes, kLanes 16-bit values
 //   zero, set1                      float32
 //   loadu, storeu                   float32 or int32 by the pointer's type (unaligned)
 //   to_float                        int32 -> float32 (exact below 2^24, else round to nearest even)
@@ -12,11 +12,13 @@
 //                                   with a following add into an FMA (which would round once, not twice)
 //   store_as(dtype, out, v)         kLanes float32 values rounded once to f32 / f16 / bf16 (round to
 //                                   nearest even, NaNs kept quiet) and stored at out (unaligned)
+//   to_f16, to_bf16, store_half     the roundings store_as uses (F -> H) and the store of H
 //   sum_lanes(v)                    a horizontal sum in a fixed order (so its bits never vary)
-// Beside it: f32x8_to_bf16 / f32x8_to_f16 (the roundings store_as uses, bit for bit the scalar
-// f32_to_bf16 / f32_to_f16 of common/dtypes.h, NaNs included), FloatIn<DT> (one or 8 elements of an
-// input dtype widened to float32, exact) and transpose8 (8 x 8 lanes in registers). The GEMM
-// epilogues, the quantize kernels and the reduce kernels all use these.
+// What reads the same at every width is written once in simd_common.inc.
+// The roundings are bit for bit the scalar f32_to_f16 / f32_to_bf16 of common/dtypes.h, NaNs included.
+// Beside it: FloatIn<DT> (one or 8 elements of an input dtype widened to float32, exact) and
+// transpose8 (8 x 8 lanes in registers). The GEMM epilogues, the quantize kernels and the reduce
+// kernels all use these.
 //
 // Include only from files compiled with at least -mavx2 -mfma -mf16c. Everything is in an anonymous
 // namespace so that each ISA file keeps its own copy: the linker must never pick a copy compiled with
@@ -31,60 +33,41 @@
 namespace lp {
 namespace {
 
-// Round-to-nearest-even float32 -> bfloat16 of 8 lanes, quiet NaNs kept: the same integer arithmetic
-// as the scalar f32_to_bf16, so every width rounds alike (a hardware conversion would flush subnormals).
-static inline __m128i f32x8_to_bf16(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i rounded = _mm256_srli_epi32(
-      _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))),
-      16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  const __m256i nan_bits = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  const __m256i bits = _mm256_blendv_epi8(rounded, nan_bits, nan);
-  // Every lane holds 16 bits, so the saturating pack of the two halves is exact.
-  return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-}
-
-// Round-to-nearest-even float32 -> float16 of 8 lanes (F16C), NaN lanes rewritten to the canonical
-// quiet NaN of the scalar f32_to_f16 (sign | 0x7e00), which F16C would give with the payload's top bits.
-static inline __m128i f32x8_to_f16(__m256 v) {
-  __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-  if (_mm256_testz_ps(nan, nan)) return h;  // the common case: no NaN
-  const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x8000));
-  const __m256i canon = _mm256_or_si256(sign, _mm256_set1_epi32(0x7e00));
-  const __m128i canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
-  const __m256i nan_i = _mm256_castps_si256(nan);
-  const __m128i mask16 = _mm_packs_epi32(_mm256_castsi256_si128(nan_i), _mm256_extracti128_si256(nan_i, 1));
-  return _mm_blendv_epi8(h, canon16, mask16);
-}
-
 struct Simd256 {
   using F = __m256;
   using I = __m256i;
+  using H = __m128i;  // kLanes 16-bit values
   static constexpr int kLanes = 8;
 
-  static inline F zero() { return _mm256_setzero_ps(); }
-  static inline F set1(float x) { return _mm256_set1_ps(x); }
-  static inline F loadu(const float* p) { return _mm256_loadu_ps(p); }
-  static inline void storeu(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static inline I loadu(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline void storeu(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-  static inline F to_float(I v) { return _mm256_cvtepi32_ps(v); }
-  static inline F add(F a, F b) { return _mm256_add_ps(a, b); }
-  static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static inline I castps_si(F v) { return _mm256_castps_si256(v); }
+#define LP_W(name) _mm256_##name
+#define LP_SI(op) _mm256_##op##_si256
+#include "cpu/simd_common.inc"
+#undef LP_W
+#undef LP_SI
+
+  // Round to nearest even, NaNs kept quiet (bit for bit the scalar f32_to_bf16).
+  static inline H to_bf16(F v) {
+    const I nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const I bits = _mm256_blendv_epi8(bf16_rounded_lanes(v), bf16_nan_lanes(v), nan);
+    // Every lane holds 16 bits, so the saturating pack of the two halves is exact.
+    return _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  }
+  // F16C's round to nearest even, NaN lanes rewritten to the scalar f32_to_f16's canonical NaN (F16C
+  // would keep the payload's top bits).
+  static inline H to_f16(F v) {
+    const H h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const F nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+    if (_mm256_testz_ps(nan, nan)) return h;  // the common case: no NaN
+    const I canon = f16_nan_lanes(v), nan_i = _mm256_castps_si256(nan);
+    const H canon16 = _mm_packus_epi32(_mm256_castsi256_si128(canon), _mm256_extracti128_si256(canon, 1));
+    const H mask16 = _mm_packs_epi32(_mm256_castsi256_si128(nan_i), _mm256_extracti128_si256(nan_i, 1));
+    return _mm_blendv_epi8(h, canon16, mask16);
+  }
+  static inline void store_half(void* out, H h) { _mm_storeu_si128(static_cast<H*>(out), h); }
   static inline F no_contract(F v) {
     __asm__("" : "+x"(v));
     return v;
-  }
-  static inline void store_as(int dtype, void* out, F v) {
-    if (dtype == LP_DTYPE_F32)
-      _mm256_storeu_ps(static_cast<float*>(out), v);
-    else if (dtype == LP_DTYPE_F16)
-      _mm_storeu_si128(static_cast<__m128i*>(out), f32x8_to_f16(v));
-    else
-      _mm_storeu_si128(static_cast<__m128i*>(out), f32x8_to_bf16(v));
   }
   // (lanes 0-3 + lanes 4-7), then pairs, then the last two.
   static inline float sum_lanes(F v) {

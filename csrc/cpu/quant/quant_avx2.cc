@@ -39,7 +39,7 @@ inline void store8(void* base, int64_t i, __m256 v) {
     _mm256_storeu_ps(static_cast<float*>(base) + i, v);
   else
     _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(base) + i),
-                     ODT == LP_DTYPE_BF16 ? f32x8_to_bf16(v) : f32x8_to_f16(v));
+                     ODT == LP_DTYPE_BF16 ? Simd256::to_bf16(v) : Simd256::to_f16(v));
 }
 
 // ---- statistics ----

@@ -38,9 +38,9 @@ static inline __m256d min_nan(__m256d a, __m256d b) {
 
 // 16-bit loads and stores: the vector layer of cpu/simd256.h (bit for bit dtypes.h, NaNs included).
 static inline __m256 load_f16(const uint16_t* p) { return FloatIn<LP_DTYPE_F16>::eight(p); }
-static inline void store_f16(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32x8_to_f16(v)); }
+static inline void store_f16(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), Simd256::to_f16(v)); }
 static inline __m256 load_bf16(const uint16_t* p) { return FloatIn<LP_DTYPE_BF16>::eight(p); }
-static inline void store_bf16(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), f32x8_to_bf16(v)); }
+static inline void store_bf16(uint16_t* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), Simd256::to_bf16(v)); }
 static inline __m256 load_f64_as_f32(const double* p) {
   __m128 lo = _mm256_cvtpd_ps(_mm256_loadu_pd(p)), hi = _mm256_cvtpd_ps(_mm256_loadu_pd(p + 4));
   return _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
