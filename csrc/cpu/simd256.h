@@ -34,17 +34,8 @@ namespace lp {
 namespace {
 
 struct Simd256 {
-  using F = __m256;
-  using I = __m256i;
-  using H = __m128i;  // kLanes 16-bit values
-  static constexpr int kLanes = 8;
-
-  static inline I castps_si(F v) { return _mm256_castps_si256(v); }
-#define LP_W(name) _mm256_##name
-#define LP_SI(op) _mm256_##op##_si256
-#include "cpu/simd_common.inc"
-#undef LP_W
-#undef LP_SI
+#define LP_SIMD_BITS 256
+#include "cpu/simd_common.inc"  // F, I, kLanes and the members every width shares
 
   // Round to nearest even, NaNs kept quiet (bit for bit the scalar f32_to_bf16).
   static inline H to_bf16(F v) {

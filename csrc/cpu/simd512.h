@@ -14,17 +14,9 @@ namespace lp {
 namespace {
 
 struct Simd512 {
-  using F = __m512;
-  using I = __m512i;
-  using H = __m256i;  // kLanes 16-bit values
-  static constexpr int kLanes = 16;
-
-  static inline I castps_si(F v) { return _mm512_castps_si512(v); }
-#define LP_W(name) _mm512_##name
-#define LP_SI(op) _mm512_##op##_si512
-#include "cpu/simd_common.inc"
-#undef LP_W
-#undef LP_SI
+#define LP_SIMD_BITS 512
+#include "cpu/simd_common.inc"  // F, I, kLanes and the members every width shares
+  static inline void store_half(void* out, H h) { _mm256_storeu_si256(static_cast<H*>(out), h); }
 
   static inline H to_bf16(F v) {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -35,7 +27,6 @@ struct Simd512 {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return nan ? _mm256_mask_blend_epi16(nan, h, _mm512_cvtepi32_epi16(f16_nan_lanes(v))) : h;
   }
-  static inline void store_half(void* out, H h) { _mm256_storeu_si256(static_cast<H*>(out), h); }
   static inline F no_contract(F v) {
     __asm__("" : "+v"(v));
     return v;
