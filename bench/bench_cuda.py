@@ -23,53 +23,38 @@ def _synced(fn):
     return call
 
 
-@pytest.fixture(scope="module")
-def bf16_operands():
-    a = torch.randn(N, N, device="cuda").to(torch.bfloat16)
-    w = torch.randn(N, N, device="cuda").to(torch.bfloat16)
-    return a, w.t()
+def _operands(dtype):
+    if dtype == torch.int8:
+        a = torch.randint(-127, 128, (N, N), dtype=torch.int8, device="cuda")
+        w = torch.randint(-127, 128, (N, N), dtype=torch.int8, device="cuda")
+    else:
+        a = torch.randn(N, N, device="cuda").to(dtype)
+        w = torch.randn(N, N, device="cuda").to(dtype)
+    return a, w.t()  # x @ W^T, as a linear layer runs it
 
 
-@pytest.fixture(scope="module")
-def int8_operands():
-    a = torch.randint(-127, 128, (N, N), dtype=torch.int8, device="cuda")
-    w = torch.randint(-127, 128, (N, N), dtype=torch.int8, device="cuda")
-    return a, w.t()
+# (ours, the baseline a user would otherwise call) per input dtype
+GEMMS = {"bf16": (torch.bfloat16, lc.gemm, torch.matmul),
+         "int8": (torch.int8, lc.gemm, torch._int_mm)}
 
 
-@pytest.mark.benchmark(group="gemm bf16 4096^3")
-def test_gemm_bf16_lepton(benchmark, bf16_operands):
-    a, b = bf16_operands
-    benchmark(_synced(lambda: lc.gemm(a, b)))
+@pytest.mark.parametrize("impl", ["lepton", "torch"])
+@pytest.mark.parametrize("name", list(GEMMS))
+def test_gemm(benchmark, name, impl):
+    dtype, ours, theirs = GEMMS[name]
+    a, b = _operands(dtype)
+    fn = ours if impl == "lepton" else theirs
+    benchmark.group = f"gemm {name} {N}^3"
+    benchmark(_synced(lambda: fn(a, b)))
 
 
-@pytest.mark.benchmark(group="gemm bf16 4096^3")
-def test_gemm_bf16_torch(benchmark, bf16_operands):
-    a, b = bf16_operands
-    benchmark(_synced(lambda: torch.matmul(a, b)))
-
-
-@pytest.mark.benchmark(group="gemm int8 4096^3")
-def test_gemm_int8_lepton(benchmark, int8_operands):
-    a, b = int8_operands
-    benchmark(_synced(lambda: lc.gemm(a, b)))
-
-
-@pytest.mark.benchmark(group="gemm int8 4096^3")
-def test_gemm_int8_torch_int_mm(benchmark, int8_operands):
-    a, b = int8_operands
-    benchmark(_synced(lambda: torch._int_mm(a, b)))
-
-
-@pytest.mark.benchmark(group="quantize int8 block256 64M f32")
-def test_quantize_block_lepton(benchmark):
-    x = torch.randn(64 << 20, device="cuda")
-    benchmark(_synced(lambda: lc.quantize(x, "int8", block_size=256)))
-
-
-@pytest.mark.benchmark(group="quantize int8 block256 64M f32")
-def test_quantize_block_eager_torch(benchmark):
+@pytest.mark.parametrize("impl", ["lepton", "eager_torch"])
+def test_quantize_block(benchmark, impl):
     from lepton_core.benchmarks.cuda import _eager_quantize_block
 
     x = torch.randn(64 << 20, device="cuda")
-    benchmark(_synced(lambda: _eager_quantize_block(x, 256)))
+    benchmark.group = "quantize int8 block256 64M f32"
+    if impl == "lepton":
+        benchmark(_synced(lambda: lc.quantize(x, "int8", block_size=256)))
+    else:
+        benchmark(_synced(lambda: _eager_quantize_block(x, 256)))

@@ -5,7 +5,7 @@ Two parts:
    CUDA module (when built) imports without a driver; the probe's reasons; and the *host twins* of
    the quantization kernels (the same __host__ __device__ arithmetic the kernels run, executed on the
    CPU) are byte-identical to a NumPy reference of API.md §2 and to the CPU backend, and the CUDA
-   ports of dtypes.h / rng.h match them bit for bit.
+   ports of dtypes.h match them bit for bit (rng.h is compiled for the device as it is).
 2. GPU tests (marked `cuda`): skipped, with the reason lc.info() gives, unless the CUDA backend is
    usable. They run the contract on CUDA tensors: gemm against a float64 reference (API.md §1
    bounds) for every dtype, layout, batch and tile configuration, int8 exactly, scaled_gemm exactly

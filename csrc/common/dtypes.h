@@ -54,49 +54,43 @@ static inline uint16_t f32_to_f16(float f) {
 // ---- OCP FP8 (E4M3FN: no inf, max 448; E5M2: IEEE-like, max 57344) ----
 // float32 -> fp8 rounds to nearest even and saturates finite values to the largest finite code
 // (the quantizer never produces larger magnitudes; saturation keeps rounding noise at the top safe).
-static inline uint8_t f32_to_fp8_e4m3(float f) {
+// A format's parameters: mantissa bits, exponent bias, the float32 bits from which a value saturates
+// (halfway above the largest finite value), the largest finite code, and whether the all-ones
+// exponent means inf/NaN (E5M2) or only code 0x7f is NaN (E4M3FN).
+struct Fp8E4M3 { static constexpr uint32_t kMant = 3, kBias = 7, kSatBits = 0x43e80000u, kMaxCode = 0x7eu; static constexpr bool kIeee = false; };
+struct Fp8E5M2 { static constexpr uint32_t kMant = 2, kBias = 15, kSatBits = 0x47700000u, kMaxCode = 0x7bu; static constexpr bool kIeee = true; };
+
+template <class FP8> static inline uint8_t f32_to_fp8(float f) {
+  constexpr uint32_t shift = 23 - FP8::kMant;               // float32 mantissa bits dropped
+  constexpr uint32_t min_normal_bits = (128u - FP8::kBias) << 23;  // 2^(1 - bias)
+  constexpr float inv_subnormal_unit = float(1u << (FP8::kBias - 1 + FP8::kMant));
   uint32_t x = f32_to_bits(f);
   uint8_t sign = uint8_t((x >> 24) & 0x80u);
   uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return uint8_t(sign | 0x7fu);  // NaN
-  if (ax >= 0x43e80000u) return uint8_t(sign | 0x7eu); // >= 464: saturate to 448
-  if (ax < 0x3c800000u) {                              // below 2^-6: subnormal, unit 2^-9
-    uint32_t m = uint32_t(std::nearbyint(bits_to_f32(ax) * 512.0f));
-    return uint8_t(sign | m);
+  if (ax > 0x7f800000u) return uint8_t(sign | 0x7fu);       // NaN
+  if (ax >= FP8::kSatBits) return uint8_t(sign | FP8::kMaxCode);
+  if (ax < min_normal_bits) {                              // subnormal: round |x| / unit, exact scaling
+    uint32_t m = uint32_t(std::nearbyint(bits_to_f32(ax) * inv_subnormal_unit));
+    return uint8_t(sign | m);  // m == 1 << kMant is the smallest normal: still the right encoding
   }
-  ax += 0x7ffffu + ((ax >> 20) & 1u);  // round to 3 mantissa bits
-  uint32_t exp = (ax >> 23) - 120u;    // rebias 127 -> 7
-  return uint8_t(sign | (exp << 3) | ((ax >> 20) & 7u));
+  ax += ((1u << shift) >> 1) - 1u + ((ax >> shift) & 1u);  // round to kMant mantissa bits, ties to even
+  uint32_t exp = (ax >> 23) - (127u - FP8::kBias);
+  return uint8_t(sign | (exp << FP8::kMant) | ((ax >> shift) & ((1u << FP8::kMant) - 1u)));
 }
-static inline uint8_t f32_to_fp8_e5m2(float f) {
-  uint32_t x = f32_to_bits(f);
-  uint8_t sign = uint8_t((x >> 24) & 0x80u);
-  uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return uint8_t(sign | 0x7fu);  // NaN
-  if (ax >= 0x47700000u) return uint8_t(sign | 0x7bu); // >= 61440: saturate to 57344
-  if (ax < 0x38800000u) {                              // below 2^-14: subnormal, unit 2^-16
-    uint32_t m = uint32_t(std::nearbyint(bits_to_f32(ax) * 65536.0f));
-    return uint8_t(sign | m);
-  }
-  ax += 0xfffffu + ((ax >> 21) & 1u);  // round to 2 mantissa bits
-  uint32_t exp = (ax >> 23) - 112u;    // rebias 127 -> 15
-  return uint8_t(sign | (exp << 2) | ((ax >> 21) & 3u));
-}
-static inline float fp8_e4m3_to_f32(uint8_t b) {
-  uint32_t exp = (b >> 3) & 0xfu, mant = b & 7u;
+template <class FP8> static inline float fp8_to_f32(uint8_t b) {
+  constexpr uint32_t exp_max = (1u << (7 - FP8::kMant)) - 1u, mant_max = (1u << FP8::kMant) - 1u;
+  constexpr float subnormal_unit = 1.0f / float(1u << (FP8::kBias - 1 + FP8::kMant));  // a power of two
+  uint32_t exp = (b >> FP8::kMant) & exp_max, mant = b & mant_max;
   float v;
-  if (exp == 0) v = float(mant) * 0.001953125f;  // 2^-9
-  else if (exp == 15 && mant == 7) v = std::nanf("");
-  else v = bits_to_f32(((exp + 120u) << 23) | (mant << 20));
+  if (exp == 0) v = float(mant) * subnormal_unit;
+  else if (exp == exp_max && FP8::kIeee) v = mant ? std::nanf("") : INFINITY;
+  else if (exp == exp_max && mant == mant_max) v = std::nanf("");
+  else v = bits_to_f32(((exp + 127u - FP8::kBias) << 23) | (mant << (23 - FP8::kMant)));
   return (b & 0x80u) ? -v : v;
 }
-static inline float fp8_e5m2_to_f32(uint8_t b) {
-  uint32_t exp = (b >> 2) & 0x1fu, mant = b & 3u;
-  float v;
-  if (exp == 0) v = float(mant) * 1.52587890625e-05f;  // 2^-16
-  else if (exp == 31) v = mant ? std::nanf("") : INFINITY;
-  else v = bits_to_f32(((exp + 112u) << 23) | (mant << 21));
-  return (b & 0x80u) ? -v : v;
-}
+static inline uint8_t f32_to_fp8_e4m3(float f) { return f32_to_fp8<Fp8E4M3>(f); }
+static inline uint8_t f32_to_fp8_e5m2(float f) { return f32_to_fp8<Fp8E5M2>(f); }
+static inline float fp8_e4m3_to_f32(uint8_t b) { return fp8_to_f32<Fp8E4M3>(b); }
+static inline float fp8_e5m2_to_f32(uint8_t b) { return fp8_to_f32<Fp8E5M2>(b); }
 
 }  // namespace lp

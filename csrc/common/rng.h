@@ -9,13 +9,23 @@
 //   h        = mix32(mix32(uint32(i) ^ key_hi) + key)
 //   u        = float(h >> 8) * 2^-24        (24 random bits: exact in float32, never 1.0)
 // Stochastic rounding relies on u lying on the 2^-24 grid (stochastic_floor in cpu/quant/quant.h).
-// Any change here changes user-visible bytes: keep the CUDA copy (csrc/cuda) in step.
+// Any change here changes user-visible bytes.
+//
+// The CUDA kernels compile this same file for the device (LP_HOST_DEVICE): it is 32-bit integer
+// arithmetic plus one exact conversion and one multiply by a power of two, so no device rounding
+// mode or contraction can make the GPU's u differ from the CPU's.
 #pragma once
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define LP_HOST_DEVICE __host__ __device__
+#else
+#define LP_HOST_DEVICE
+#endif
+
 namespace lp {
 
-static inline uint32_t rng_mix32(uint32_t x) {
+LP_HOST_DEVICE static inline uint32_t rng_mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7feb352du;
   x ^= x >> 15;
@@ -23,18 +33,22 @@ static inline uint32_t rng_mix32(uint32_t x) {
   x ^= x >> 16;
   return x;
 }
-static inline uint32_t rng_key(uint64_t seed) {
+LP_HOST_DEVICE static inline uint32_t rng_key(uint64_t seed) {
   return rng_mix32(uint32_t(seed) ^ rng_mix32(uint32_t(seed >> 32) + 0x9e3779b9u));
 }
-static inline uint32_t rng_key_hi(uint32_t key, uint64_t index) {
+LP_HOST_DEVICE static inline uint32_t rng_key_hi(uint32_t key, uint64_t index) {
   return rng_mix32(key ^ rng_mix32(uint32_t(index >> 32) + 0x85ebca6bu));
 }
-static inline uint32_t rng_bits(uint32_t key, uint32_t key_hi, uint32_t index_lo) {
+LP_HOST_DEVICE static inline uint32_t rng_bits(uint32_t key, uint32_t key_hi, uint32_t index_lo) {
   return rng_mix32(rng_mix32(index_lo ^ key_hi) + key);
 }
-static inline float rng_uniform(uint64_t seed, uint64_t index) {
+// u for the index whose high word gave key_hi and whose low word is index_lo.
+LP_HOST_DEVICE static inline float rng_uniform_bits(uint32_t key, uint32_t key_hi, uint32_t index_lo) {
+  return float(rng_bits(key, key_hi, index_lo) >> 8) * 5.9604644775390625e-08f;
+}
+LP_HOST_DEVICE static inline float rng_uniform(uint64_t seed, uint64_t index) {
   uint32_t key = rng_key(seed);
-  return float(rng_bits(key, rng_key_hi(key, index), uint32_t(index)) >> 8) * 5.9604644775390625e-08f;
+  return rng_uniform_bits(key, rng_key_hi(key, index), uint32_t(index));
 }
 
 }  // namespace lp

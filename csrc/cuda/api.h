@@ -96,7 +96,7 @@ void dequantize(const DequantArgs& args);
 // the same __host__ __device__ functions the kernels call, run serially over the same indexing.
 void host_quantize(const QuantArgs& args);
 void host_dequantize(const DequantArgs& args);
-// Compares the ported conversions and generator against csrc/common/{dtypes,rng}.h over `n_samples`
+// Compares the ported conversions against csrc/common/dtypes.h over `n_samples`
 // bit patterns; returns "" or a description of the first mismatch.
 std::string host_selftest(int64_t n_samples);
 

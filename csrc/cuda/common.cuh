@@ -1,7 +1,7 @@
 // Shared by the CUDA kernels: error checks, the device guard, and bit-exact ports of the scalar
-// conversions (csrc/common/dtypes.h) and of the stochastic-rounding generator (csrc/common/rng.h).
+// conversions (csrc/common/dtypes.h). The stochastic-rounding generator is csrc/common/rng.h itself.
 //
-// Every function marked __host__ __device__ here computes exactly what its dtypes.h / rng.h twin
+// Every function marked __host__ __device__ here computes exactly what its dtypes.h twin
 // computes, bit for bit, on the GPU and on the host; _C_cuda.host_selftest() compares them over
 // large samples of bit patterns on a machine without a GPU. Keep the two files in step: a change in
 // either changes user-visible bytes.
@@ -15,6 +15,7 @@
 #include <string>
 
 #include "common/codes.h"
+#include "common/rng.h"  // compiled for the device as it is (see there)
 
 namespace lp {
 namespace cuda {
@@ -195,28 +196,6 @@ __host__ __device__ inline float fp8_e5m2_to_f32(uint8_t b) {
   else if (exp == 31) v = mant ? bits_f32(0x7fc00000u) : bits_f32(0x7f800000u);
   else v = bits_f32(((exp + 112u) << 23) | (mant << 21));
   return (b & 0x80u) ? -v : v;
-}
-
-// ---- the counter-based generator: port of csrc/common/rng.h ----
-
-__host__ __device__ inline uint32_t rng_mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-__host__ __device__ inline uint32_t rng_key(uint64_t seed) {
-  return rng_mix32(uint32_t(seed) ^ rng_mix32(uint32_t(seed >> 32) + 0x9e3779b9u));
-}
-__host__ __device__ inline uint32_t rng_key_hi(uint32_t key, uint64_t index) {
-  return rng_mix32(key ^ rng_mix32(uint32_t(index >> 32) + 0x85ebca6bu));
-}
-// u in [0, 1): 24 random bits, exact in float32.
-__host__ __device__ inline float rng_uniform_bits(uint32_t key, uint32_t key_hi, uint32_t index_lo) {
-  uint32_t h = rng_mix32(rng_mix32(index_lo ^ key_hi) + key);
-  return mul_rn(float(h >> 8), 5.9604644775390625e-08f);
 }
 
 // ---- storing one float32 result in an output dtype (lp_dtype codes, rounded once) ----

@@ -158,7 +158,7 @@ void bind_quant(py::module_& m) {
         return lp::cuda::host_selftest(n_samples);
       },
       "n_samples"_a = 1 << 24,
-      "'' when the CUDA ports of dtypes.h / rng.h match them bit for bit, else the first mismatch");
+      "'' when the CUDA ports of dtypes.h match them bit for bit, else the first mismatch");
 }
 
 }  // namespace

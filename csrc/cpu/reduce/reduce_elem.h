@@ -14,11 +14,13 @@ namespace reduce_elem {
 
 // Storage type T and accumulator type A of each dtype, with the conversions between them.
 template <int DT> struct Ty;
-template <> struct Ty<LP_DTYPE_F32> {
-  using T = float; using A = float;
+// A dtype accumulated in its own type.
+template <class X> struct TySame {
+  using T = X; using A = X;
   static inline A widen(T x) { return x; }
   static inline T narrow(A a) { return a; }
 };
+template <> struct Ty<LP_DTYPE_F32> : TySame<float> {};
 template <> struct Ty<LP_DTYPE_F16> {
   using T = uint16_t; using A = float;
   // As F16C's conversion: exact, and a signaling NaN comes out quiet.
@@ -34,21 +36,9 @@ template <> struct Ty<LP_DTYPE_BF16> {
   static inline A widen(T x) { return bf16_to_f32(x); }
   static inline T narrow(A a) { return f32_to_bf16(a); }
 };
-template <> struct Ty<LP_DTYPE_F64> {
-  using T = double; using A = double;
-  static inline A widen(T x) { return x; }
-  static inline T narrow(A a) { return a; }
-};
-template <> struct Ty<LP_DTYPE_I32> {
-  using T = int32_t; using A = int32_t;
-  static inline A widen(T x) { return x; }
-  static inline T narrow(A a) { return a; }
-};
-template <> struct Ty<LP_DTYPE_I64> {
-  using T = int64_t; using A = int64_t;
-  static inline A widen(T x) { return x; }
-  static inline T narrow(A a) { return a; }
-};
+template <> struct Ty<LP_DTYPE_F64> : TySame<double> {};
+template <> struct Ty<LP_DTYPE_I32> : TySame<int32_t> {};
+template <> struct Ty<LP_DTYPE_I64> : TySame<int64_t> {};
 
 template <class A> static inline bool is_nan(A a) {
   if constexpr (std::is_floating_point<A>::value) return a != a;
