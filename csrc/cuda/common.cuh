@@ -15,6 +15,7 @@
 #include <string>
 
 #include "common/codes.h"
+#include "common/dtypes.h"  // host twins (for the self-test) and the fp8 format parameters
 #include "common/rng.h"  // compiled for the device as it is (see there)
 
 namespace lp {
@@ -152,51 +153,37 @@ __host__ __device__ inline uint16_t f32_to_f16(float f) {
   return uint16_t(sign | (ax >> 13));
 }
 
-__host__ __device__ inline uint8_t f32_to_fp8_e4m3(float f) {
+// The fp8 formats through dtypes.h's template and format parameters (lp::Fp8E4M3 / lp::Fp8E5M2),
+// with the device's exact helpers.
+template <class FP8> __host__ __device__ inline uint8_t f32_to_fp8(float f) {
+  constexpr uint32_t shift = 23 - FP8::kMant;
+  constexpr uint32_t min_normal_bits = (128u - FP8::kBias) << 23;
+  constexpr float inv_subnormal_unit = float(1u << (FP8::kBias - 1 + FP8::kMant));
   uint32_t x = f32_bits(f);
   uint8_t sign = uint8_t((x >> 24) & 0x80u);
   uint32_t ax = x & 0x7fffffffu;
   if (ax > 0x7f800000u) return uint8_t(sign | 0x7fu);
-  if (ax >= 0x43e80000u) return uint8_t(sign | 0x7eu);
-  if (ax < 0x3c800000u) {
-    uint32_t m = uint32_t(round_even(mul_rn(bits_f32(ax), 512.0f)));
-    return uint8_t(sign | m);
-  }
-  ax += 0x7ffffu + ((ax >> 20) & 1u);
-  uint32_t exp = (ax >> 23) - 120u;
-  return uint8_t(sign | (exp << 3) | ((ax >> 20) & 7u));
-}
-__host__ __device__ inline uint8_t f32_to_fp8_e5m2(float f) {
-  uint32_t x = f32_bits(f);
-  uint8_t sign = uint8_t((x >> 24) & 0x80u);
-  uint32_t ax = x & 0x7fffffffu;
-  if (ax > 0x7f800000u) return uint8_t(sign | 0x7fu);
-  if (ax >= 0x47700000u) return uint8_t(sign | 0x7bu);
-  if (ax < 0x38800000u) {
-    uint32_t m = uint32_t(round_even(mul_rn(bits_f32(ax), 65536.0f)));
-    return uint8_t(sign | m);
-  }
-  ax += 0xfffffu + ((ax >> 21) & 1u);
-  uint32_t exp = (ax >> 23) - 112u;
-  return uint8_t(sign | (exp << 2) | ((ax >> 21) & 3u));
+  if (ax >= FP8::kSatBits) return uint8_t(sign | FP8::kMaxCode);
+  if (ax < min_normal_bits) return uint8_t(sign | uint32_t(round_even(mul_rn(bits_f32(ax), inv_subnormal_unit))));
+  ax += ((1u << shift) >> 1) - 1u + ((ax >> shift) & 1u);
+  return uint8_t(sign | (((ax >> 23) - (127u - FP8::kBias)) << FP8::kMant) | ((ax >> shift) & ((1u << FP8::kMant) - 1u)));
 }
 // NaN as produced by std::nanf(""): the default quiet NaN 0x7fc00000 on every target we build for.
-__host__ __device__ inline float fp8_e4m3_to_f32(uint8_t b) {
-  uint32_t exp = (b >> 3) & 0xfu, mant = b & 7u;
-  float v;
-  if (exp == 0) v = mul_rn(float(mant), 0.001953125f);
-  else if (exp == 15 && mant == 7) v = bits_f32(0x7fc00000u);
-  else v = bits_f32(((exp + 120u) << 23) | (mant << 20));
+template <class FP8> __host__ __device__ inline float fp8_to_f32(uint8_t b) {
+  constexpr uint32_t exp_max = (1u << (7 - FP8::kMant)) - 1u, mant_max = (1u << FP8::kMant) - 1u;
+  constexpr float subnormal_unit = 1.0f / float(1u << (FP8::kBias - 1 + FP8::kMant));
+  const uint32_t exp = (b >> FP8::kMant) & exp_max, mant = b & mant_max;
+  const bool nan = exp == exp_max && (FP8::kIeee ? mant != 0 : mant == mant_max);
+  float v = exp == 0 ? mul_rn(float(mant), subnormal_unit)
+            : nan ? bits_f32(0x7fc00000u)
+            : (exp == exp_max && FP8::kIeee) ? bits_f32(0x7f800000u)
+            : bits_f32(((exp + 127u - FP8::kBias) << 23) | (mant << (23 - FP8::kMant)));
   return (b & 0x80u) ? -v : v;
 }
-__host__ __device__ inline float fp8_e5m2_to_f32(uint8_t b) {
-  uint32_t exp = (b >> 2) & 0x1fu, mant = b & 3u;
-  float v;
-  if (exp == 0) v = mul_rn(float(mant), 1.52587890625e-05f);
-  else if (exp == 31) v = mant ? bits_f32(0x7fc00000u) : bits_f32(0x7f800000u);
-  else v = bits_f32(((exp + 112u) << 23) | (mant << 21));
-  return (b & 0x80u) ? -v : v;
-}
+__host__ __device__ inline uint8_t f32_to_fp8_e4m3(float f) { return f32_to_fp8<Fp8E4M3>(f); }
+__host__ __device__ inline uint8_t f32_to_fp8_e5m2(float f) { return f32_to_fp8<Fp8E5M2>(f); }
+__host__ __device__ inline float fp8_e4m3_to_f32(uint8_t b) { return fp8_to_f32<Fp8E4M3>(b); }
+__host__ __device__ inline float fp8_e5m2_to_f32(uint8_t b) { return fp8_to_f32<Fp8E5M2>(b); }
 
 // ---- storing one float32 result in an output dtype (lp_dtype codes, rounded once) ----
 
