@@ -238,3 +238,19 @@ def test_readme_links_resolve():
     for target in re.findall(r"\]\(([^)#]+)\)", _read("README.md")):
         if "://" not in target:
             assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_contributing_names_real_files():
+    """CONTRIBUTING.md's layout table and checklists name files that exist: a path must exist as
+    written, a bare file name somewhere in the source tree (placeholders like <isa> are skipped)."""
+    with open(os.path.join(ROOT, "CONTRIBUTING.md")) as f:
+        text = f.read()
+    names = set(re.findall(r"`([A-Za-z0-9_./-]+\.(?:h|cc|cu|cuh|inc|py|md|txt|toml))`", text))
+    assert len(names) > 30, "the pattern no longer finds the file names"
+    tree = set()
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in ("build", "__pycache__")]
+        tree.update(filenames)
+    missing = sorted(n for n in names
+                     if not (os.path.exists(os.path.join(ROOT, n)) if "/" in n else n in tree))
+    assert not missing, f"CONTRIBUTING.md names files that do not exist: {missing}"

@@ -18,16 +18,14 @@
 //
 // Files: gemm.cc (kernel table picker, routing of a call), gemm_scalar.cc (the reference kernels),
 // gemm_driver.h (what the packed SIMD kernels share: macro-loop, tiles and their epilogues, edge
-// tiles, packing's panel loop and scalar rest, traits from an ISA's kernel set), cpu/simd256.h /
-// cpu/simd512.h (one vector vocabulary per register width, shared with quant and reduce),
-// gemm_common.h (element loads / stores, the scaled epilogue, scratch). Per ISA, only what is its own: gemm_avx2.cc / gemm_avx512.cc (kernel
-// sets: packing + microkernel, and the table), gemm_gemv_avx2.cc (matrix-vector path),
-// gemm_small_m_avx512.cc (few rows times W^T), gemm_peak_avx2.cc / gemm_peak_avx512.cc (benchmark
-// peak probes).
-// Adding an ISA (e.g. AMX): gemm_amx.cc with its kernel sets (GemmKernelSet + the microkernel and the
-// vector packing it wants; gemm_packed<K> runs them) and its GemmKernels table (it may borrow other
-// tables' entries, e.g. the AVX-512 small-M path); gemm_kernels_amx() declared below, a null stub in
-// gemm.cc for builds without it, and one line in gemm_kernels_for; tests/test_gemm.py's _table_for.
+// tiles, packing's panel loop and scalar rest, traits from an ISA's kernel set), gemm_common.h
+// (element loads / stores, the scaled epilogue, scratch); shared with quant and reduce:
+// cpu/simd256.h / simd512.h (one vector vocabulary per register width), cpu/kernel_table.h (the
+// picker), cpu/kernel_tables_absent.cc (null tables of ISAs a build leaves out). Per ISA, only what is
+// its own: gemm_avx2.cc / gemm_avx512.cc (kernel sets: packing + microkernel, and the table),
+// gemm_gemv_avx2.cc (matrix-vector path), gemm_small_m_avx512.cc (few rows times W^T),
+// gemm_peak_avx2.cc / gemm_peak_avx512.cc (benchmark peak probes).
+// Adding an ISA (e.g. AMX): CONTRIBUTING.md, "Add an ISA kernel".
 #pragma once
 #include <cstdint>
 
