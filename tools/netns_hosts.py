@@ -97,6 +97,14 @@ class NetnsHosts:
             _ip("-n", ns, "link", "set", IFNAME, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
 
+    def limit_rate(self, rate: str) -> None:
+        """Caps what each host sends (tc's token bucket on its eth0, e.g. "1gbit"): veth alone moves
+        bytes at memory speed, unlike a real link between hosts. Traffic inside a host is not capped."""
+        for ns in self.namespaces:
+            subprocess.run(["tc", "-n", ns, "qdisc", "replace", "dev", IFNAME, "root", "tbf", "rate", rate,
+                            "burst", "256kb", "latency", "50ms"], check=True, capture_output=True, text=True,
+                           timeout=30)
+
     def command(self, i: int, argv: Sequence[str]) -> List[str]:
         """argv run on host i: in its network namespace, under its own host name."""
         return ["ip", "netns", "exec", self.namespaces[i], "unshare", "--uts", "sh", "-c",
