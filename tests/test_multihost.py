@@ -41,9 +41,15 @@ def netns_ok():
 
 
 @pytest.fixture
-def make_hosts(netns_ok):
+def out_dir():
+    with tempfile.TemporaryDirectory(prefix="lepton-multihost-") as d:
+        yield Path(d)
+
+
+@pytest.fixture
+def make_hosts(netns_ok, out_dir):
     """make_hosts(n) -> NetnsHosts; every namespace, veth and process is gone after the test,
-    whether it passed or not."""
+    whether it passed or not (before out_dir goes: nothing writes there any more)."""
     made = []
 
     def make(n: int) -> NetnsHosts:
@@ -54,12 +60,6 @@ def make_hosts(netns_ok):
     yield make
     for hosts in made:
         hosts.close()
-
-
-@pytest.fixture
-def out_dir():
-    with tempfile.TemporaryDirectory(prefix="lepton-multihost-") as d:
-        yield Path(d)
 
 
 def _torchrun(hosts: NetnsHosts, job: str, out: Path, args: dict):

@@ -33,9 +33,9 @@ def _ip(*args: str) -> None:
 
 def unavailable() -> Optional[str]:
     """Why namespaces cannot be made here (None when they can): tries to make and delete one."""
-    for tool in ("ip", "unshare"):
+    for tool, package in (("ip", "iproute2"), ("unshare", "util-linux")):
         if shutil.which(tool) is None:
-            return f"no `{tool}` command (iproute2 / util-linux)"
+            return f"no `{tool}` command ({package})"
     name = f"lepton-probe-{os.getpid()}-{secrets.token_hex(3)}"
     try:
         _ip("netns", "add", name)
