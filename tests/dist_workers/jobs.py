@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import lepton_core.distributed as ld
-from lepton_core.distributed import _comm
+from lepton_core.distributed import _comm, _shm
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INTS = (torch.int32, torch.int64)
@@ -228,20 +228,20 @@ def run_shm_fallback(ctx) -> None:
 
     w, r = ctx.world, ctx.rank
     g = dist.new_group(list(range(w)))
-    real = _comm._C.ShmComm
+    real = _shm._C.ShmComm
 
     def broken(*args, **kwargs):
         raise ld.CommError("simulated: no usable /dev/shm here")
 
     if r == w - 1:
-        _comm._C.ShmComm = broken
+        _shm._C.ShmComm = broken
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t = torch.full((1000,), float(r))
             ld.all_reduce(t, group=g)
     finally:
-        _comm._C.ShmComm = real
+        _shm._C.ShmComm = real
     assert torch.equal(t, torch.full((1000,), float(w * (w - 1) / 2)))
     ctx.record["fallback"] = {"transport": _comm_of(g).transport,
                               "warnings": [str(x.message) for x in caught if x.category is RuntimeWarning]}
