@@ -43,9 +43,11 @@ def all_reduce(tensor: torch.Tensor, op: Any = "sum", *, group=None, compression
             code = _codes.get(tensor.dtype)
             if (code is not None and tensor.is_cpu and tensor.is_contiguous() and (code in _FLOAT_CODES or parsed[3])
                     and comm.group_ref() is (group if group is not None else dist.GroupMember.WORLD)):
-                comm.shm.run(data=tensor.data_ptr(), n=tensor.numel(), dtype=code, op=parsed[0],
-                             compression=parsed[1], block=parsed[2], kind=KIND_ALLREDUCE, out=0, root=0,
-                             divisor=comm.size, timeout_s=comm.timeout_s)
+                # positional: keywords cost ~1.3 us per call here (bench/RESULTS.md, session 4);
+                # the order is ShmComm.run's: data, n, dtype, op, compression, block, kind, out, root,
+                # divisor, timeout_s
+                comm.shm.run(tensor.data_ptr(), tensor.numel(), code, parsed[0], parsed[1], parsed[2], KIND_ALLREDUCE,
+                             0, 0, comm.size, comm.timeout_s)
                 return tensor
     t, op_name, comp, block = check_all(tensor, op, compression, block_size)
     check_async(async_op, OP_NAME)

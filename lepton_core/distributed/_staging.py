@@ -1,6 +1,7 @@
 """What every public collective does around its call: the group argument, and the staging of the
 user's tensors into contiguous CPU tensors (a non-contiguous view, an expanded or a CUDA tensor is
-copied in, and the result copied back into it in place; the rest of its base is untouched)."""
+copied in, and the result copied back into it in place; the rest of its base is untouched); for the
+collectives with an output and an input, all of it (run_output_input)."""
 from __future__ import annotations
 
 from typing import Callable, Tuple
@@ -9,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from .._arrays import fail
+from ._comm import Call, get_comm
 
 
 def resolve_group(group, who: str):
@@ -91,3 +93,33 @@ def done(value) -> torch.futures.Future:
     fut = torch.futures.Future()
     fut.set_result(value)
     return fut
+
+
+def run_output_input(c: Call, output: torch.Tensor, input: torch.Tensor, group, async_op: bool):
+    """reduce_scatter / all_gather on checked arguments (c: the call without its tensors): the
+    sizes (the larger tensor holds W x the other's elements: a ValueError before any
+    communication), staging, a one-rank group, then the group's communicator. Returns what the
+    public function returns."""
+    who = c.who
+    group = resolve_group(group, who)
+    w = dist.get_world_size(group)
+    (big, bname), (small, sname) = ((input, "input"), (output, "output")) if c.kind == "reduce_scatter" \
+        else ((output, "output"), (input, "input"))
+    if big.numel() != w * small.numel():
+        raise fail(ValueError, who, f"{bname} must have world size x {sname}'s elements, {w} x {small.numel()} = "
+                   f"{w * small.numel()}, got {big.numel()} ({bname} shape {tuple(big.shape)}, {sname} shape "
+                   f"{tuple(small.shape)})")
+    if dist.get_rank(group) < 0:  # not a member: nothing to do, as torch.distributed does
+        return done(output) if async_op else output
+    c.data = stage_input(input, output)
+    work_out, finish = stage_output(output, who)
+    c.out = work_out.view(-1)
+    if w == 1:
+        with torch.no_grad():
+            c.out.copy_(c.data)
+            finish()
+        return done(output) if async_op else output
+    comm = get_comm(group, who)
+    with torch.no_grad():
+        fut = comm.run(c, async_op, finish, output)
+    return fut if async_op else output

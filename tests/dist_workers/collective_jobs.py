@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import lepton_core.distributed as ld
-from jobs import FLOATS, INTS, _bits, _comm_of, check_close, make_input, q8_bound, abs_err, reference
+from jobs import FLOATS, INTS, _bits, _comm_of, _leave_together, abs_err, check_close, make_input, q8_bound, record_mismatches, reference
 
 SIZES = [0, 1, 7, 33, 257, 16411, 70001]  # per-rank chunk; 16411 x 4 B x W is past the latency slot
 
@@ -221,15 +221,7 @@ def run_mismatch_and_bad_args(ctx, group, tag: str) -> None:
                                else ld.all_gather(torch.ones(w * 1), torch.ones(1), group=group)),
         "op": lambda: ld.reduce_scatter(torch.ones(3), torch.ones(3 * w), "max" if r == 1 else "sum", group=group),
     }
-    for field, call in cases.items():
-        try:
-            call()
-        except ld.CommError as e:
-            msgs[f"{tag} {field}"] = str(e)
-        else:
-            raise AssertionError(f"{tag}: mismatched {field} did not raise")
-        t = torch.ones(3)
-        ld.broadcast(t, ranks[0], group=group)
+    record_mismatches(msgs, tag, cases, lambda: ld.broadcast(torch.ones(3), ranks[0], group=group))
 
 
 def collectives(ctx) -> None:
@@ -281,8 +273,4 @@ def killed_rank_collectives(ctx) -> None:
         ctx.record["error_after_s"] = time.monotonic() - t0
     else:
         raise AssertionError("no CommError although a rank died")
-    open(os.path.join(ctx.out, f"done{r}"), "w").close()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and not all(
-            os.path.exists(os.path.join(ctx.out, f"done{k}")) for k in range(w) if k != victim):
-        time.sleep(0.01)
+    _leave_together(ctx, [k for k in range(w) if k != victim], "done")

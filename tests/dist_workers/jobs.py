@@ -209,6 +209,18 @@ def run_mismatch(ctx, group, tag: str) -> None:
         "dtype": lambda: ld.all_reduce(torch.ones(10, dtype=torch.float64 if r == 0 else torch.float32), group=group),
         "op": lambda: ld.all_reduce(torch.ones(100000), "max" if r == 1 else "sum", group=group),
     }
+    record_mismatches(msgs, tag, cases, lambda: _all_reduce_works(group, w))
+
+
+def _all_reduce_works(group, w: int) -> None:
+    t = torch.full((3,), 1.0)
+    ld.all_reduce(t, group=group)
+    assert torch.equal(t, torch.full((3,), float(w)))
+
+
+def record_mismatches(msgs: dict, tag: str, cases: dict, after) -> None:
+    """Runs each call of `cases` (field -> call that ranks disagree on), expecting CommError (kept in
+    msgs["<tag> <field>"]), and after each a call that must work again."""
     for field, call in cases.items():
         try:
             call()
@@ -216,9 +228,7 @@ def run_mismatch(ctx, group, tag: str) -> None:
             msgs[f"{tag} {field}"] = str(e)
         else:
             raise AssertionError(f"{tag}: mismatched {field} did not raise")
-        t = torch.full((3,), 1.0)
-        ld.all_reduce(t, group=group)
-        assert torch.equal(t, torch.full((3,), float(w)))
+        after()
 
 
 def run_shm_fallback(ctx) -> None:
