@@ -238,11 +238,11 @@ def test_q8_kernels_match_reference(isa, dtype, n, block, rng):
 
 
 def test_int8_hops_carry_at_least_3_5x_fewer_bytes_than_float32():
-    from lepton_core.distributed import _comm
+    from lepton_core.distributed import _wire
 
     for n in (1, 1000, 65536, 1 << 20):
         for block in (32, 256, 4096):
-            assert _comm.q8_message_bytes(n, block) == _C.q8_message_bytes(n, block)
+            assert _wire.q8_message_bytes(n, block) == _C.q8_message_bytes(n, block)
     # A ring piece fills a 256 KiB slot: 65536 float32 values vs their int8 message.
     assert 4 * 65536 / _C.q8_message_bytes(65536, 256) >= 3.5
     assert 4 * 64000 / _C.q8_message_bytes(64000, 32) >= 3.5

@@ -15,9 +15,9 @@ namespace {
 // The table for an lp_isa level, or the active one for isa < 0.
 const ReduceKernels& kernels(int isa) { return isa < 0 ? reduce_kernels() : reduce_kernels_for(isa); }
 
-AllreduceArgs make_args(uintptr_t data, int64_t n_elems, int dtype, int op, int compression, int64_t block,
-                        int kind, uintptr_t shard, int divisor) {
-  AllreduceArgs a;
+CollArgs make_args(uintptr_t data, int64_t n_elems, int dtype, int op, int compression, int64_t block, int kind,
+                   uintptr_t out, int root, int divisor) {
+  CollArgs a;
   a.data = as_ptr<void>(data);
   a.n_elems = n_elems;
   a.dtype = dtype;
@@ -25,7 +25,8 @@ AllreduceArgs make_args(uintptr_t data, int64_t n_elems, int dtype, int op, int 
   a.compression = compression;
   a.block_elems = block;
   a.kind = kind;
-  a.shard = as_ptr<void>(shard);
+  a.out = as_ptr<void>(out);
+  a.root = root;
   a.divisor = divisor;
   return a;
 }
@@ -66,22 +67,20 @@ void bind_comm(py::module_& m) {
       .def_property_readonly("broken", &ShmComm::broken)
       .def("owned_range", &ShmComm::owned_range, py::arg("n_elems"), py::arg("dtype"), py::arg("compression"),
            py::arg("block_elems"))
-      .def("latency_path", &ShmComm::latency_path, py::arg("n_elems"), py::arg("dtype"), py::arg("compression"),
-           py::arg("block_elems"))
       .def(
           "run",
           [](ShmComm& c, uintptr_t data, int64_t n, int dtype, int op, int compression, int64_t block, int kind,
-             uintptr_t shard, int divisor, double timeout_s) {
-            c.run(make_args(data, n, dtype, op, compression, block, kind, shard, divisor), timeout_s);
+             uintptr_t out, int root, int divisor, double timeout_s) {
+            c.run(make_args(data, n, dtype, op, compression, block, kind, out, root, divisor), timeout_s);
           },
-      py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("op"), py::arg("compression"), py::arg("block"),
-      py::arg("kind"), py::arg("shard"), py::arg("divisor"), py::arg("timeout_s"),
+          py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("op"), py::arg("compression"), py::arg("block"),
+          py::arg("kind"), py::arg("out"), py::arg("root"), py::arg("divisor"), py::arg("timeout_s"),
           py::call_guard<py::gil_scoped_release>())
       .def("submit",
            [](ShmComm& c, uintptr_t data, int64_t n, int dtype, int op, int compression, int64_t block, int kind,
-              uintptr_t shard, int divisor, double timeout_s, py::object callback) {
+              uintptr_t out, int root, int divisor, double timeout_s, py::object callback) {
              std::shared_ptr<py::object> cb = hold(std::move(callback));
-             AllreduceArgs a = make_args(data, n, dtype, op, compression, block, kind, shard, divisor);
+             CollArgs a = make_args(data, n, dtype, op, compression, block, kind, out, root, divisor);
              py::gil_scoped_release nogil;
              c.submit(a, timeout_s, [cb](bool ok, bool fatal, const std::string& err) {
                py::gil_scoped_acquire gil;
@@ -93,7 +92,8 @@ void bind_comm(py::module_& m) {
              });
            },
            py::arg("data"), py::arg("n"), py::arg("dtype"), py::arg("op"), py::arg("compression"), py::arg("block"),
-           py::arg("kind"), py::arg("shard"), py::arg("divisor"), py::arg("timeout_s"), py::arg("callback"))
+           py::arg("kind"), py::arg("out"), py::arg("root"), py::arg("divisor"), py::arg("timeout_s"),
+           py::arg("callback"))
       .def("abort", &ShmComm::abort, py::arg("why"), py::call_guard<py::gil_scoped_release>())
       .def("set_remote", &ShmComm::set_remote, py::arg("inside"))
       .def("keep_alive", &ShmComm::keep_alive)

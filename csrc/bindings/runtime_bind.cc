@@ -35,9 +35,7 @@ py::dict codes_dict() {
   for (int op = 0; op < int(sizeof(kReduceOpNames) / sizeof(kReduceOpNames[0])); ++op) reduce_ops[kReduceOpNames[op]] = op;
   for (int c = 0; c < int(sizeof(kCompressionNames) / sizeof(kCompressionNames[0])); ++c)
     compressions[kCompressionNames[c]] = c;
-  call_kinds["all_reduce"] = int(LP_CALL_ALLREDUCE);
-  call_kinds["reduce_scatter"] = int(LP_CALL_REDUCE_SCATTER);
-  call_kinds["all_gather"] = int(LP_CALL_ALL_GATHER);
+  for (int k = 0; k < kNumCallKinds; ++k) call_kinds[kCallKindNames[k]] = k;
   py::list isas;
   for (const char* name : kIsaNames) isas.append(name);
   codes["isa"] = isas;

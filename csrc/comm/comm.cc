@@ -5,17 +5,18 @@ namespace lp {
 ShmComm::ShmComm(const std::string& name, bool create, int rank, int n_ranks, const ShmCommConfig& cfg,
                  const std::vector<int>& rank_names)
     : t_(name, create, rank, n_ranks, cfg.ring_slot_bytes, cfg.ring_slots, cfg.lat_bytes, rank_names),
-      ring_(t_) {}
+      colls_(t_) {}
 
 ShmComm::~ShmComm() { shutdown(); }
 
-void ShmComm::execute(const AllreduceArgs& a, double timeout_s) {
+void ShmComm::execute(const CollArgs& a, double timeout_s) {
   if (broken_)
-    throw CommFault("ld.all_reduce: this process group's communicator failed earlier and cannot be used: " +
+    throw CommFault(std::string(call_op_name(a.kind)) +
+                        ": this process group's communicator failed earlier and cannot be used: " +
                         broken_why_,
                     true);
   try {
-    ring_.run(a, timeout_s);
+    colls_.run(a, timeout_s);
   } catch (const CommFault& e) {
     if (e.fatal) {
       broken_ = true;
@@ -25,7 +26,7 @@ void ShmComm::execute(const AllreduceArgs& a, double timeout_s) {
   }
 }
 
-void ShmComm::run(const AllreduceArgs& a, double timeout_s) {
+void ShmComm::run(const CollArgs& a, double timeout_s) {
   {
     // Calls queued earlier go first; then this one runs here, holding the communicator.
     std::unique_lock<std::mutex> lk(mu_);
@@ -45,10 +46,10 @@ void ShmComm::run(const AllreduceArgs& a, double timeout_s) {
   cv_.notify_all();
 }
 
-void ShmComm::submit(const AllreduceArgs& a, double timeout_s, Done done) {
+void ShmComm::submit(const CollArgs& a, double timeout_s, Done done) {
   std::lock_guard<std::mutex> lk(mu_);
   if (stop_) {
-    done(false, true, "ld.all_reduce: the communicator was shut down");
+    done(false, true, std::string(call_op_name(a.kind)) + ": the communicator was shut down");
     return;
   }
   if (!worker_.joinable()) worker_ = std::thread([this] { worker_loop(); });

@@ -1,4 +1,4 @@
-// One communicator per (process group, host): the shared-memory transport, the ring all-reduce, and
+// One communicator per (process group, host): the shared-memory transport, the collectives, and
 // a communication thread that runs asynchronous calls in order (DDP's overlap of communication with
 // backward). Synchronous and asynchronous calls share one queue order, so every rank sees the same
 // sequence of calls whatever mix it issues.
@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "comm/ring_allreduce.h"
+#include "comm/collectives.h"
 #include "comm/transport.h"
 
 namespace lp {
@@ -38,9 +38,9 @@ class ShmComm {
   void unlink() { t_.unlink(); }
 
   // Runs a call on the caller's thread, after every call queued before it. Throws CommFault.
-  void run(const AllreduceArgs& a, double timeout_s);
+  void run(const CollArgs& a, double timeout_s);
   // Queues a call for the communication thread; `done` runs on that thread when it ends.
-  void submit(const AllreduceArgs& a, double timeout_s, Done done);
+  void submit(const CollArgs& a, double timeout_s, Done done);
   // Waits for queued calls, then stops the thread (queued calls still run). Idempotent.
   void shutdown();
   // Marks the communicator failed for a reason found elsewhere (see ShmTransport::abort): the
@@ -59,23 +59,20 @@ class ShmComm {
     return broken_;
   }
   std::pair<int64_t, int64_t> owned_range(int64_t n_elems, int dtype, int compression, int64_t block) const {
-    return ring_.owned_range(n_elems, dtype, compression, block);
-  }
-  bool latency_path(int64_t n_elems, int dtype, int compression, int64_t block) const {
-    return ring_.latency_path(n_elems, dtype, compression, block);
+    return colls_.owned_range(n_elems, dtype, compression, block);
   }
 
  private:
   struct Item {
-    AllreduceArgs args;
+    CollArgs args;
     double timeout_s;
     Done done;
   };
-  void execute(const AllreduceArgs& a, double timeout_s);
+  void execute(const CollArgs& a, double timeout_s);
   void worker_loop();
 
   ShmTransport t_;
-  RingAllreduce ring_;
+  ShmCollectives colls_;
   bool broken_ = false;
   std::string broken_why_;
 

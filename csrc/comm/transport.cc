@@ -283,7 +283,7 @@ void ShmTransport::begin_call(uint64_t call, double timeout_s, const char* op_na
 }
 
 void ShmTransport::publish_header(uint64_t call, int64_t numel, int dtype, int op, int compression,
-                                  int block_elems, int kind) {
+                                  int block_elems, int kind, int root) {
   CallHeader& h = ctl(rank_).hdr[call % 2];
   h.numel = numel;
   h.dtype = dtype;
@@ -291,6 +291,7 @@ void ShmTransport::publish_header(uint64_t call, int64_t numel, int dtype, int o
   h.compression = compression;
   h.block_elems = block_elems;
   h.kind = kind;
+  h.root = root;
   h.seq.store(call + 1, std::memory_order_release);
   ring_bell();
 }

@@ -59,7 +59,7 @@ struct alignas(64) SegHeader {
 struct alignas(64) CallHeader {
   std::atomic<uint64_t> seq;  // call + 1 once published
   int64_t numel;
-  int32_t dtype, op, compression, block_elems, kind, reserved;
+  int32_t dtype, op, compression, block_elems, kind, root;  // root: broadcast's source (local rank)
 };
 
 struct RankCtl {
@@ -127,7 +127,7 @@ class ShmTransport {
   // Starts a call: fails fast when a peer has aborted; arms the deadline (now + timeout_s).
   void begin_call(uint64_t call, double timeout_s, const char* op_name);
   void publish_header(uint64_t call, int64_t numel, int dtype, int op, int compression,
-                      int block_elems, int kind);
+                      int block_elems, int kind, int root);
   // Waits until every rank has published its header of `call`.
   void wait_headers(uint64_t call);
   // Marks the call complete (a peer that exits after this is not a fault for the others).

@@ -89,7 +89,25 @@ inline constexpr const char* kReduceOpNames[] = {"sum", "avg", "max", "min"};
 enum lp_compression : int { LP_COMPRESSION_NONE = 0, LP_COMPRESSION_INT8 = 1 };
 inline constexpr const char* kCompressionNames[] = {"none", "int8"};
 
-enum lp_call_kind : int { LP_CALL_ALLREDUCE = 0, LP_CALL_REDUCE_SCATTER = 1, LP_CALL_ALL_GATHER = 2 };
+// One shared-memory call. The two HOST_ kinds are the halves of a hierarchical all-reduce inside one
+// host (csrc/comm/ring_allreduce.cc); the others are the public collectives of the same name.
+enum lp_call_kind : int {
+  LP_CALL_ALLREDUCE = 0,
+  LP_CALL_HOST_REDUCE_SCATTER = 1,
+  LP_CALL_HOST_ALL_GATHER = 2,
+  LP_CALL_REDUCE_SCATTER = 3,
+  LP_CALL_ALL_GATHER = 4,
+  LP_CALL_BROADCAST = 5,
+};
+inline constexpr const char* kCallKindNames[] = {"all_reduce",     "host_reduce_scatter", "host_all_gather",
+                                                 "reduce_scatter", "all_gather",          "broadcast"};
+// The public function a call kind belongs to (error messages name it).
+inline constexpr const char* kCallOpNames[] = {"ld.all_reduce",     "ld.all_reduce", "ld.all_reduce",
+                                               "ld.reduce_scatter", "ld.all_gather", "ld.broadcast"};
+inline constexpr int kNumCallKinds = int(sizeof(kCallKindNames) / sizeof(kCallKindNames[0]));
+inline const char* call_op_name(int kind) {
+  return kind >= 0 && kind < kNumCallKinds ? kCallOpNames[kind] : "lepton_core.distributed";
+}
 
 // The int8 wire layout (a "q8 message") of n_elems values cut into blocks of block_elems: the int8
 // codes, then one float32 scale per block starting at the next 64-byte boundary.

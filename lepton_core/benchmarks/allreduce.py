@@ -1,4 +1,5 @@
-"""`lepton bench allreduce`: ld.all_reduce next to Gloo (torch.distributed) and Open MPI (mpi4py).
+"""`lepton bench allreduce`: ld.all_reduce next to Gloo (torch.distributed) and Open MPI (mpi4py), and
+ld.reduce_scatter / ld.all_gather / ld.broadcast next to Gloo's at 1 MiB.
 
 Each case runs W processes on this machine (under `mpirun` when mpi4py and mpirun are installed, so
 MPI_Allreduce joins the same run; otherwise without the MPI column). In every process the three
@@ -7,7 +8,8 @@ each sample is a block of back-to-back calls on the same float32 tensor (sum), w
 picks from a calibration run and broadcasts, so every rank makes the same calls; rank 0 reports the
 median over rounds. Results are checked once, outside the timing.
 
-busbw = 2 (W - 1) / W * bytes / time (the bytes each rank must send and receive in a ring); the
+busbw = 2 (W - 1) / W * bytes / time (the bytes each rank must send and receive in a ring; (W - 1) / W
+for reduce-scatter and all-gather, 1 for broadcast, with bytes the larger buffer); the
 int8 column counts the float32 bytes, so it is comparable with the others. `of_copy` is our busbw
 over this machine's memcpy rate (bytes copied per second, measured once in the parent).
 The DDP rows time one training step (forward, backward with the hook's communication, SGD) of a
@@ -35,6 +37,7 @@ COLUMNS = ["case", "ranks", "bytes", "ours_us", "gloo_us", "mpi_us", "int8_us", 
 
 FULL_SIZES = [4 << i for i in range(0, 25, 2)]  # 4 B, 16 B, 64 B ... 16 MiB, 64 MiB
 QUICK_SIZES = [4 << 10, 1 << 20, 16 << 20]
+COLLECTIVE_BYTES = 1 << 20  # the reduce-scatter / all-gather / broadcast rows (issue 10's done-when)
 
 
 def _human(n: int) -> str:
@@ -177,9 +180,56 @@ def _worker_allreduce(a, rank: int, world: int, dist) -> None:
         rows.append(row)
         if rank == 0:  # progress, on stderr: stdout holds only the tables
             print(json.dumps(row), file=sys.stderr, flush=True)
+    rows.extend(_other_collectives(a, rank, world, dist))
     if rank == 0:
         with open(os.path.join(a.out, f"allreduce-{world}.json"), "w") as f:
             json.dump(rows, f)
+
+
+def _other_collectives(a, rank: int, world: int, dist) -> List[Dict]:
+    """ld.reduce_scatter / ld.all_gather / ld.broadcast next to Gloo's reduce_scatter_tensor /
+    all_gather_into_tensor / broadcast, all six interleaved in one timing run, at COLLECTIVE_BYTES
+    (the larger buffer: reduce_scatter's input, all_gather's output, the broadcast tensor)."""
+    import torch
+
+    import lepton_core.distributed as ld
+
+    n = COLLECTIVE_BYTES // 4
+    m = n // world
+    base = torch.rand(n, generator=torch.Generator().manual_seed(rank)) + 1
+    # correctness once, outside the timing
+    want = sum(torch.rand(n, generator=torch.Generator().manual_seed(r)) + 1 for r in range(world))
+    out = torch.empty(m)
+    ld.reduce_scatter(out, base, group=None)
+    assert torch.allclose(out, want[rank * m:(rank + 1) * m], rtol=1e-5), "ld.reduce_scatter gave a wrong sum"
+    gathered, theirs = torch.empty(n), torch.empty(n)
+    ld.all_gather(gathered, base[:m])
+    dist.all_gather_into_tensor(theirs, base[:m])
+    assert torch.equal(gathered, theirs), "ld.all_gather differs from Gloo"
+    bufs = {k: torch.empty(m) for k in ("rs_ours", "rs_gloo")}
+    bufs.update({k: torch.empty(n) for k in ("ag_ours", "ag_gloo")})
+    bufs.update({k: base.clone() for k in ("bc_ours", "bc_gloo")})
+    piece = base[:m].clone()
+    fns = {
+        "rs_ours": lambda: ld.reduce_scatter(bufs["rs_ours"], base),
+        "rs_gloo": lambda: dist.reduce_scatter_tensor(bufs["rs_gloo"], base),
+        "ag_ours": lambda: ld.all_gather(bufs["ag_ours"], piece),
+        "ag_gloo": lambda: dist.all_gather_into_tensor(bufs["ag_gloo"], piece),
+        "bc_ours": lambda: ld.broadcast(bufs["bc_ours"], 0),
+        "bc_gloo": lambda: dist.broadcast(bufs["bc_gloo"], 0),
+    }
+    t = _timed(fns, a.rounds, dist)
+    rows = []
+    for key, case, moved in (("rs", "reduce-scatter f32 sum", (world - 1) / world),
+                             ("ag", "all-gather f32", (world - 1) / world), ("bc", "broadcast f32", 1.0)):
+        ours, gloo = t[f"{key}_ours"], t[f"{key}_gloo"]
+        bus = moved * COLLECTIVE_BYTES
+        rows.append({"case": case, "ranks": world, "bytes": _human(COLLECTIVE_BYTES), "ours_us": ours * 1e6,
+                     "gloo_us": gloo * 1e6, "ours_GBs": bus / ours / 1e9, "gloo_GBs": bus / gloo / 1e9,
+                     "x_gloo": gloo / ours, "note": f"load {os.getloadavg()[0]:.1f}"})
+        if rank == 0:
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
 
 
 def _worker_ddp(a, rank: int, world: int, dist) -> None:

@@ -46,11 +46,8 @@ class HookState:
 
     def __init__(self, group=None, compression: Optional[str] = "int8", error_feedback: bool = True,
                  block_size: int = 256):
-        try:
-            self.compression = parse_compression(compression)
-            self.block_size = parse_block_size(block_size)
-        except (TypeError, ValueError) as e:
-            raise type(e)(str(e).replace("ld.all_reduce", _OP)) from None
+        self.compression = parse_compression(compression, _OP)
+        self.block_size = parse_block_size(block_size, _OP)
         if not isinstance(error_feedback, bool):
             raise TypeError(f"{_OP}: error_feedback must be a bool, got {type(error_feedback).__name__}")
         self.group = group

@@ -73,8 +73,9 @@ def ring_all_reduce(comms) -> bool:
 
     def run(r):
         try:
-            comms[r].run(xs[r].data_ptr(), n, _checks.dtype_code(torch.float32), _checks.OPS["sum"], 0, 256,
-                         _checks.KIND_ALLREDUCE, 0, 2, 10.0)
+            comms[r].run(data=xs[r].data_ptr(), n=n, dtype=_checks.dtype_code(torch.float32), op=_checks.OPS["sum"],
+                         compression=0, block=256, kind=_checks.KIND_ALLREDUCE, out=0, root=0, divisor=2,
+                         timeout_s=10.0)
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

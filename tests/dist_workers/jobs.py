@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import lepton_core.distributed as ld
-from lepton_core.distributed import _comm
+from lepton_core.distributed import _comm, _shm
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INTS = (torch.int32, torch.int64)
@@ -209,6 +209,18 @@ def run_mismatch(ctx, group, tag: str) -> None:
         "dtype": lambda: ld.all_reduce(torch.ones(10, dtype=torch.float64 if r == 0 else torch.float32), group=group),
         "op": lambda: ld.all_reduce(torch.ones(100000), "max" if r == 1 else "sum", group=group),
     }
+    record_mismatches(msgs, tag, cases, lambda: _all_reduce_works(group, w))
+
+
+def _all_reduce_works(group, w: int) -> None:
+    t = torch.full((3,), 1.0)
+    ld.all_reduce(t, group=group)
+    assert torch.equal(t, torch.full((3,), float(w)))
+
+
+def record_mismatches(msgs: dict, tag: str, cases: dict, after) -> None:
+    """Runs each call of `cases` (field -> call that ranks disagree on), expecting CommError (kept in
+    msgs["<tag> <field>"]), and after each a call that must work again."""
     for field, call in cases.items():
         try:
             call()
@@ -216,9 +228,7 @@ def run_mismatch(ctx, group, tag: str) -> None:
             msgs[f"{tag} {field}"] = str(e)
         else:
             raise AssertionError(f"{tag}: mismatched {field} did not raise")
-        t = torch.full((3,), 1.0)
-        ld.all_reduce(t, group=group)
-        assert torch.equal(t, torch.full((3,), float(w)))
+        after()
 
 
 def run_shm_fallback(ctx) -> None:
@@ -228,20 +238,20 @@ def run_shm_fallback(ctx) -> None:
 
     w, r = ctx.world, ctx.rank
     g = dist.new_group(list(range(w)))
-    real = _comm._C.ShmComm
+    real = _shm._C.ShmComm
 
     def broken(*args, **kwargs):
         raise ld.CommError("simulated: no usable /dev/shm here")
 
     if r == w - 1:
-        _comm._C.ShmComm = broken
+        _shm._C.ShmComm = broken
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             t = torch.full((1000,), float(r))
             ld.all_reduce(t, group=g)
     finally:
-        _comm._C.ShmComm = real
+        _shm._C.ShmComm = real
     assert torch.equal(t, torch.full((1000,), float(w * (w - 1) / 2)))
     ctx.record["fallback"] = {"transport": _comm_of(g).transport,
                               "warnings": [str(x.message) for x in caught if x.category is RuntimeWarning]}

@@ -37,6 +37,7 @@ def main() -> None:
     rank, world, pg_timeout_s = int(rank), int(world), float(pg_timeout_s)
     import torch.distributed as dist
 
+    import collective_jobs
     import jobs
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
@@ -44,7 +45,7 @@ def main() -> None:
     ctx = Ctx(rank, world, out, pg_timeout_s, json.loads(args))
     result = {"rank": rank, "pid": os.getpid()}
     try:
-        getattr(jobs, job)(ctx)
+        getattr(jobs if hasattr(jobs, job) else collective_jobs, job)(ctx)
         result["ok"] = True
     except BaseException:  # noqa: BLE001 - report everything to the parent
         result["ok"] = False
