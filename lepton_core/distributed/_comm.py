@@ -191,6 +191,7 @@ class GroupComm:
         self.comm_device = comm_device(group)
         self.shm = None          # native ShmComm of this host's ranks (shm, hier)
         self.n_hosts = 1
+        self.local_size = 1      # this host's ranks of the group that share the segment (shm, hier)
         self.same_host: List[bool] = [False] * self.size
         self.pids: List[int] = []
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
@@ -222,6 +223,7 @@ class GroupComm:
         self.shm = _shm.open_segment(setup, tag, self.rank, local, self.global_ranks, self.timeout_s, forced)
         if self.shm is None:
             return "torch"
+        self.local_size = len(local)
         if transport == "hier":
             # Between hosts, the ranks with my local index (one per host) exchange pieces of our
             # shard through all_to_all on the group itself.

@@ -28,7 +28,7 @@ import torch.distributed as dist  # noqa: E402
 
 import lepton_core.distributed as ld  # noqa: E402
 from jobs import _bits, _comm_of, _segments_of_this_process, abs_err, check_close, make_input, q8_bound, reference  # noqa: E402
-from lepton_core.distributed import _comm  # noqa: E402
+from lepton_core.distributed import _rendezvous  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16)
 SIZES = (1, 7, 1000, 70001, 300007)  # latency path, ring path, non-multiples of every split
@@ -120,7 +120,7 @@ def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args["pg_timeout_s"]))
     rank = dist.get_rank()
     out = {"rank": rank, "out": out_dir, "pid": os.getpid(), "hostname": socket.gethostname(),
-           "host_id": _comm.host_id(), "ok": None}
+           "host_id": _rendezvous.host_id(), "ok": None}
     _save(out)
     try:
         ld.all_reduce(torch.ones(4))
