@@ -2,8 +2,8 @@
 
 Three models, one process: the digits MLP (64-256-256-10, batch 256, one row per example) and two
 transformer-shaped stacks of lc.nn.Linear layers over sequences of T = 128 tokens: width 256 (batch
-32; per-example gradients materialized, then reused for the clipped sum) and width 512 (batch 16; the
-Gram form of the per-example norms, in out > T (in + out)). Variants, timed interleaved (A B C D A B C D ...) on the
+32) and width 512 (batch 16), whose hidden layers take the Gram form of the per-example norms
+(in out > T^2) and whose 10-way output layer materializes its per-example gradients. Variants, timed interleaved (A B C D A B C D ...) on the
 same fixed batch, float32: our non-private step (forward, backward, AdamW), our DP-SGD step (ghost
 norms, clipping GEMMs, noise, AdamW), and Opacus's PrivacyEngine on the same model in torch.nn.Linear
 form, in its default hooks mode (per-example gradients materialized) and in ghost clipping mode
@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, List
 COLUMNS = ["case", "variant", "ms_per_step", "vs_nonprivate", "vs_opacus_hooks", "peak_MB", "note"]
 CASES = {  # name: (batch, tokens (0: flat input), width in, hidden, out, layers)
     "digits MLP b256": (256, 0, 64, 256, 10, 3),
-    "seq T=128 d256 b32": (32, 128, 256, 256, 10, 4),  # per-example gradients materialized and reused
-    "seq T=128 d512 b16": (16, 128, 512, 512, 10, 3),  # the Gram form (in out > T (in + out))
+    "seq T=128 d256 b32": (32, 128, 256, 256, 10, 4),  # hidden layers: the Gram form (in out > T^2)
+    "seq T=128 d512 b16": (16, 128, 512, 512, 10, 3),
 }
 VARIANTS = ("ours non-private", "ours DP-SGD", "opacus hooks", "opacus ghost")
 CLIP, NOISE = 1.0, 1.0

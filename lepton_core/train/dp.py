@@ -12,9 +12,8 @@ How the per-example work is done without per-example gradients (Li et al. 2021, 
     the output gradients g (B, T, out), and computes no weight gradient at all;
   - per-example squared norms of the weight gradient sum_t g_t^T a_t are, for T = 1,
     ||a||^2 ||g||^2; for sequences either the materialized (B, out, in) gradients (one batched lc.gemm,
-    kept for the clipped sum) or, where they would outgrow what autograd keeps per example
-    (in * out > T (in + out)), the Gram form sum_{s,t} (a_s . a_t)(g_s . g_t) (two batched lc.gemm of
-    (B, T, T)); the bias gradient is sum_t g_t. All in float32, whatever the autocast dtype;
+    kept for the clipped sum) or, where they are larger than a (T, T) matrix (in * out > T^2), the
+    Gram form sum_{s,t} (a_s . a_t)(g_s . g_t) (two batched lc.gemm of (B, T, T)); the bias gradient is sum_t g_t. All in float32, whatever the autocast dtype;
   - with the factors c_i = min(1, C / ||grad_i||) known, each layer's clipped weight gradient is one
     GEMM, (c * g)^T a, from the saved a and g, in the layer's compute dtype with float32 accumulation,
     as the non-private backward computes it (or a GEMV c^T G over the kept per-example gradients):
@@ -81,12 +80,13 @@ def _as_btf(t: torch.Tensor) -> torch.Tensor:
 
 
 def gram_is_cheaper(tokens: int, d_in: int, d_out: int) -> bool:
-    """Whether a sequence layer takes the Gram form. Per example, materializing the (out, in) gradient
-    costs T in out multiply-adds, and the clipped weight gradient is then a weighted sum of those (no
-    further GEMM); the Gram form costs T^2 (in + out) plus the clipping GEMM (T in out): more work, but
-    T^2 floats per example instead of in * out. Memory decides: materialize while an example's gradient
-    is no larger than what autograd keeps for it anyway (its input and output gradient, T (in + out))."""
-    return d_in * d_out > tokens * (d_in + d_out)
+    """Whether a sequence layer takes the Gram form: per example it holds a (T, T) pair of Gram
+    matrices instead of the (out, in) gradient, so it wins where T^2 < in * out (the per-layer choice
+    of the "mixed ghost clipping" papers). Materializing is less arithmetic (T in out multiply-adds,
+    and the clipped sum is then a weighted sum of the kept gradients), the Gram form T^2 (in + out)
+    plus the clipping GEMM; measured on `lepton bench dp`'s T = 128, width 256 case the two take the
+    same time (bench/notes_dp.md), so memory decides."""
+    return tokens * tokens < d_in * d_out
 
 
 def per_example_sq_norms(a: torch.Tensor, g: torch.Tensor, with_bias: bool,
