@@ -66,6 +66,11 @@ COMPRESSIONS: Dict[Optional[str], int] = {None if k == "none" else k: v for k, v
 MIN_BLOCK, MAX_BLOCK = _C.codes["block_limits"]
 # int8 products are at most 128 * 128 = 2^14 in magnitude, so K * 2^14 < 2^31 keeps int32 exact.
 INT8_MAX_K: int = _C.codes["int8_max_k"]
+# Weight-quantized linear (csrc/cpu/qlinear/qlinear.h): scheme codes of the packed kernels, the width
+# of the packed weight's column panels, and w4's group sizes (powers of two in this range).
+QLINEAR_SCHEMES: Dict[str, int] = dict(_C.codes["qlinear_scheme"])
+QLINEAR_PANEL: int = _C.codes["qlinear_panel"]
+MIN_GROUP, MAX_GROUP = _C.codes["qlinear_group_limits"]
 
 
 def format_by_code(code: int) -> Format:

@@ -7,6 +7,8 @@ backends/cpu.py and backends/cuda.py), so a new device is one module, not an edi
     lepton::quantize(x, fmt, axis?, block_size?, stochastic, seed?) -> (data, scale, zero_point)
     lepton::dequantize(data, scale, zero_point, fmt, shape, axis?, block_size?, dtype)
     lepton::nn_linear(x, weight, bias?, compute_dtype, out_dtype)   lc.nn.Linear's forward
+    lepton::quant_linear(x, codes, scale, zero?, bias?, scheme, group_size, out_features)
+                                                             lc.nn.QuantLinear's forward
 
 The eager-bypass rule (`needs_dispatcher`): a plain eager call on plain tensors runs the backend
 function directly (the dispatcher costs microseconds, which is most of a small GEMM); tracing,
@@ -23,6 +25,7 @@ import torch
 from ._arrays import TORCH_DTYPE, draw_seed, name_of, non_finite_error
 from ._codes import FORMATS
 from ._layout import data_shape, gemm_out_shape, scale_shape
+from ._qpack import unpack
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _U64 = 1 << 64
@@ -57,6 +60,8 @@ _DEFS = {
     "dequantize": "(Tensor data, Tensor scale, Tensor zero_point, str fmt, SymInt[] shape, int? axis, int? block_size, "
                   "ScalarType dtype) -> Tensor",
     "nn_linear": "(Tensor x, Tensor weight, Tensor? bias, ScalarType compute_dtype, ScalarType out_dtype) -> Tensor",
+    "quant_linear": "(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? bias, str scheme, int group_size, "
+                    "int out_features) -> Tensor",
 }
 for _name, _schema in _DEFS.items():
     torch.library.define(f"lepton::{_name}", _schema)
@@ -92,6 +97,11 @@ def _nn_linear_fake(x, weight, bias, compute_dtype, out_dtype):
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
 
 
+@torch.library.register_fake("lepton::quant_linear")
+def _quant_linear_fake(x, codes, scale, zero, bias, scheme, group_size, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 # ---- device kernels: adapters from each schema to the backend functions ----
 def register_kernels(device_type: str, backend) -> None:
     """Registers `backend`'s functions (backends/__init__.py) as `device_type`'s kernels of every op."""
@@ -123,7 +133,7 @@ def register_kernels(device_type: str, backend) -> None:
         return backend.linear(x, weight, bias, name_of(compute_dtype), name_of(out_dtype))
 
     for name, fn in (("gemm", gemm), ("scaled_gemm", scaled_gemm), ("quantize", quantize),
-                     ("dequantize", dequantize), ("nn_linear", nn_linear)):
+                     ("dequantize", dequantize), ("nn_linear", nn_linear), ("quant_linear", backend.quant_linear)):
         torch.library.register_kernel(f"lepton::{name}", device_type, fn)
 
 
@@ -192,3 +202,26 @@ def _linear_backward(ctx, grad_out):
 
 
 torch.library.register_autograd("lepton::nn_linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+def _quant_linear_setup_context(ctx, inputs, output):
+    x, codes, scale, zero, bias, scheme, group_size, out_features = inputs
+    ctx.save_for_backward(codes, scale, zero)
+    ctx.geometry = (scheme, out_features, x.shape[-1], group_size)
+    ctx.x_dtype = x.dtype
+
+
+def _quant_linear_backward(ctx, grad_out):
+    """The input's gradient g W (weights are frozen): W dequantized for the backward only, float32
+    accumulation, rounded once to the input's dtype."""
+    codes, scale, zero = ctx.saved_tensors
+    scheme, n, k, group_size = ctx.geometry
+    w = unpack(scheme, codes, scale, zero, n, k, group_size)
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = (grad_out.to(torch.float32) @ w).to(ctx.x_dtype)
+    return grad_x, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("lepton::quant_linear", _quant_linear_backward,
+                                setup_context=_quant_linear_setup_context)

@@ -37,7 +37,7 @@ def test_bench_unknown_family_is_a_usage_error(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "lepton bench: error: argument family: invalid choice: 'gemx' (choose from gemm, quant, " \
-           "allreduce, train, federated, dp, all)" in err
+           "allreduce, train, federated, dp, infer, all)" in err
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -208,7 +208,7 @@ def test_every_readme_command_line_parses():
     from lepton_core.train import cli as train_cli
 
     lines = _readme_command_lines()
-    for expect in ("lepton bench", "lepton bench gemm quant allreduce train --quick --threads 2 --json FILE "
+    for expect in ("lepton bench", "lepton bench gemm quant allreduce train infer --quick --threads 2 --json FILE "
                    "--markdown FILE", "lepton info", "lepton train", "lepton train --help", "lepton --version"):
         assert expect in lines
     for line in lines:

@@ -17,6 +17,7 @@ static inline T* as_ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 void bind_runtime(py::module_& m);
 void bind_gemm(py::module_& m);
 void bind_quant(py::module_& m);
+void bind_qlinear(py::module_& m);
 void bind_comm(py::module_& m);
 
 }  // namespace lp

@@ -5,5 +5,6 @@ PYBIND11_MODULE(_C, m) {
   lp::bind_runtime(m);
   lp::bind_gemm(m);
   lp::bind_quant(m);
+  lp::bind_qlinear(m);
   lp::bind_comm(m);
 }

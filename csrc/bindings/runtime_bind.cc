@@ -47,6 +47,12 @@ py::dict codes_dict() {
   codes["block_limits"] = py::make_tuple(kMinBlockElems, kMaxBlockElems);
   codes["int8_max_k"] = kInt8MaxK;
   codes["q8_scales_align"] = kQ8ScalesAlign;
+  py::dict qlinear_schemes;
+  for (int s = 0; s < int(sizeof(kQLinearSchemeNames) / sizeof(kQLinearSchemeNames[0])); ++s)
+    qlinear_schemes[kQLinearSchemeNames[s]] = s;
+  codes["qlinear_scheme"] = qlinear_schemes;
+  codes["qlinear_panel"] = kQLinearPanel;
+  codes["qlinear_group_limits"] = py::make_tuple(kQLinearMinGroup, kQLinearMaxGroup);
   return codes;
 }
 

@@ -13,6 +13,13 @@ namespace lp {
 enum lp_isa : int { LP_ISA_SCALAR = 0, LP_ISA_AVX2 = 1, LP_ISA_AVX512 = 2, LP_ISA_AMX = 3 };
 inline constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "amx"};
 
+// ---- weight-quantized linear (API.md §5, csrc/cpu/qlinear/qlinear.h): the packed weight's schemes,
+// the width of its column panels and the group sizes of w4 (powers of two in this range) ----
+enum lp_qlinear_scheme : int { LP_QLINEAR_W8 = 0, LP_QLINEAR_W4 = 1 };
+inline constexpr const char* kQLinearSchemeNames[] = {"w8", "w4"};
+inline constexpr int64_t kQLinearPanel = 32;
+inline constexpr int64_t kQLinearMinGroup = 32, kQLinearMaxGroup = 1024;
+
 // ---- element types (the names are torch's) ----
 enum lp_dtype : int {
   LP_DTYPE_F32 = 0,

@@ -1,6 +1,7 @@
 // The per-ISA table accessors of a build that leaves an ISA out (-DLEPTON_MAX_ISA, or a non-x86
 // target): they return null, and the pickers of kernel_table.h skip them. One place for every family.
 #include "cpu/gemm/gemm.h"
+#include "cpu/qlinear/qlinear.h"
 #include "cpu/quant/quant.h"
 #include "cpu/reduce/reduce.h"
 
@@ -9,10 +10,12 @@ namespace lp {
 #ifndef LP_BUILD_AVX2
 const GemmKernels* gemm_kernels_avx2() { return nullptr; }
 const QuantKernels* quant_kernels_avx2() { return nullptr; }
+const QLinearKernels* qlinear_kernels_avx2() { return nullptr; }
 const ReduceKernels* reduce_kernels_avx2() { return nullptr; }
 #endif
 #ifndef LP_BUILD_AVX512
 const GemmKernels* gemm_kernels_avx512() { return nullptr; }
+const QLinearKernels* qlinear_kernels_avx512() { return nullptr; }
 #endif
 
 }  // namespace lp

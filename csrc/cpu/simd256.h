@@ -8,6 +8,9 @@
 //   loadu, storeu                   float32 or int32 by the pointer's type (unaligned)
 //   to_float                        int32 -> float32 (exact below 2^24, else round to nearest even)
 //   add, mul                        one rounding each
+//   fmadd(a, b, c), fnmadd(a, b, c) a * b + c and c - a * b, rounded once
+//   load_i8, load_u8                kLanes bytes widened to int32 lanes (signed / unsigned)
+//   low_nibble, high_nibble         the 4-bit codes of a byte held in each int32 lane
 //   no_contract(v)                  an empty asm that claims to change v, so a product is never fused
 //                                   with a following add into an FMA (which would round once, not twice)
 //   store_as(dtype, out, v)         kLanes float32 values rounded once to f32 / f16 / bf16 (round to
@@ -56,6 +59,9 @@ struct Simd256 {
     return _mm_blendv_epi8(h, canon16, mask16);
   }
   static inline void store_half(void* out, H h) { _mm_storeu_si128(static_cast<H*>(out), h); }
+  // kLanes bytes widened to int32 lanes (signed / unsigned).
+  static inline I load_i8(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+  static inline I load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
   static inline F no_contract(F v) {
     __asm__("" : "+x"(v));
     return v;

@@ -17,6 +17,9 @@ struct Simd512 {
 #define LP_SIMD_BITS 512
 #include "cpu/simd_common.inc"  // F, I, kLanes and the members every width shares
   static inline void store_half(void* out, H h) { _mm256_storeu_si256(static_cast<H*>(out), h); }
+  // kLanes bytes widened to int32 lanes (signed / unsigned).
+  static inline I load_i8(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static inline I load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
   static inline H to_bf16(F v) {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);

@@ -5,13 +5,15 @@ and lp_dtype / lp_qfmt codes to the native kernels (csrc/cpu), which run without
 """
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
 
 from .. import _C
-from .._arrays import DTYPE_NAME, TORCH, TORCH_DTYPE, contiguous, data_ptr, new_output, strides_elems
-from .._codes import DTYPE_CODES
+from .._arrays import (DTYPE_NAME, TORCH, TORCH_DTYPE, contiguous, data_ptr, new_output, non_finite_error,
+                       strides_elems)
+from .._codes import DTYPE_CODES, FORMATS, QLINEAR_SCHEMES
 from .._layout import quant_geometry
 from . import _common
 
@@ -138,6 +140,33 @@ def dequantize_into(data, scale, zero_point, fmt, shape, axis, block_size, out) 
     # Positional on purpose, as in gemm_into (names: csrc/bindings/quant_bind.cc).
     _C.dequantize_into(data_ptr(data), data_ptr(scale), 0 if zero_point is None else data_ptr(zero_point), fmt.code,
                        n_outer, n_channels, n_inner, block, data_ptr(out), DTYPE_CODES[DTYPE_NAME[out.dtype]])
+
+
+def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: int):
+    """x (..., K) times the packed weight (csrc/cpu/qlinear/qlinear.h; w8a8: int8 codes (N, K) and
+    per-row scales) plus bias, in x's dtype. w8 / w4: the weight-only kernels; w8a8: x quantized to
+    int8 per row, then scaled_gemm's int8 GEMM and epilogue with the bias fused."""
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    x2 = x.reshape(math.prod(lead), k)
+    m = x2.shape[0]
+    out_name = DTYPE_NAME[x.dtype]
+    bias32 = _common.float32_vector(bias)
+    if scheme == "w8a8":
+        if m == 0 or n == 0:
+            return new_output(TORCH, (*lead, n), out_name, x.device)
+        data, scale_x, _, first_bad = quantize(x2, FORMATS["int8"], 0, None, False, 0)
+        if first_bad >= 0:
+            raise non_finite_error(x2.contiguous(), first_bad, "lc.nn.QuantLinear", "input")
+        return scaled_gemm(data, codes.t(), scale_x, scale, bias32, out_name).reshape(*lead, n)
+    out = new_output(TORCH, (*lead, n), out_name, x.device)
+    if m == 0 or n == 0:
+        return out
+    (x_row, x_col) = x2.stride()
+    # Positional on purpose, as in gemm_into (names: csrc/bindings/qlinear_bind.cc).
+    _C.qlinear(m, n, k, x2.data_ptr(), _TORCH_CODES[x2.dtype], x_row, x_col, QLINEAR_SCHEMES[scheme], group_size,
+               codes.data_ptr(), scale.data_ptr(), zero.data_ptr() if scheme == "w4" else 0,
+               0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), _TORCH_CODES[out.dtype])
+    return out
 
 
 def linear(x, weight, bias, compute_dtype: str, out_dtype: str):

@@ -365,6 +365,12 @@ def linear(x, weight, bias, compute_dtype: str, out_dtype: str):
     return _common.linear(gemm, x, weight, bias, compute_dtype, out_dtype)
 
 
+def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: int):
+    """lc.nn.QuantLinear has CPU kernels only (csrc/cpu/qlinear); none are written for CUDA yet."""
+    raise ValueError(f"lc.nn.QuantLinear: scheme {scheme!r} has no CUDA kernel (only the CPU kernels of "
+                     "csrc/cpu/qlinear exist); run the quantized model on the CPU")
+
+
 def register() -> None:
     """Registers this module's functions as the CUDA kernels of the torch.library ops."""
     from .. import _ops

@@ -1,7 +1,8 @@
 """lc.nn.Linear: a drop-in torch.nn.Linear whose matmuls run through lc.gemm, and lc.nn.convert."""
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -78,20 +79,53 @@ class Linear(nn.Linear):
         return f"{super().extra_repr()}, compute_dtype={cd}"
 
 
-def convert(model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:
-    """Swaps every torch.nn.Linear in `model` for an lc.nn.Linear computing in `dtype`, in place.
+def hf_conv1d_type():
+    """transformers' Conv1D (GPT-2's transposed linear) when transformers is loaded, else None (a model
+    holding one has imported it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
+
+
+def linear_from_conv1d(m: nn.Module, compute_dtype) -> Linear:
+    """An lc.nn.Linear computing what an HF Conv1D computes (its weight transposed into a new Parameter)."""
+    new = Linear.__new__(Linear)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = m.weight.shape
+    new.compute_dtype = compute_dtype
+    new.weight = nn.Parameter(m.weight.detach().t().to(torch.float32).contiguous(), requires_grad=m.weight.requires_grad)
+    b = m.bias
+    new.bias = None if b is None else nn.Parameter(b.detach().to(torch.float32), requires_grad=b.requires_grad)
+    new.train(m.training)
+    return new
+
+
+def convert(model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16, *,
+            filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+    """Swaps every torch.nn.Linear (and Hugging Face Conv1D, GPT-2's transposed linear) in `model` for
+    which filter_fn(module, fully_qualified_name) is true (default: all) for an lc.nn.Linear computing
+    in `dtype`, in place.
 
     The new layers take over the old ones' Parameter objects (an optimizer built before still works);
-    non-float32 weights are first converted to float32 masters. lc.nn.Linear layers already there get
-    `dtype` as their compute dtype. Returns `model` (or the replacement, when `model` is a Linear).
-    dtype=None computes in the autocast dtype or the input's dtype.
+    non-float32 weights are first converted to float32 masters, and a Conv1D's weight is transposed into
+    a new Parameter. lc.nn.Linear layers already there get `dtype` as their compute dtype. Returns
+    `model` (or the replacement, when `model` is itself a layer). dtype=None computes in the autocast
+    dtype or the input's dtype.
     """
     op = "lc.nn.convert"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
     dtype = _check_compute_dtype(dtype, op, "dtype")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{op}: filter_fn must be callable(module, name) or None, got {type(filter_fn).__name__}")
+    conv1d = hf_conv1d_type()
+
+    def wanted(m: nn.Module, name: str) -> bool:
+        is_layer = isinstance(m, nn.Linear) or (conv1d is not None and isinstance(m, conv1d))
+        return is_layer and (filter_fn is None or bool(filter_fn(m, name)))
 
     def swap(m: nn.Module, name: str) -> nn.Module:
+        if not isinstance(m, nn.Linear):
+            return linear_from_conv1d(m, dtype)
         if isinstance(m, Linear):
             m.compute_dtype = dtype
             return m
@@ -110,11 +144,11 @@ def convert(model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16) -> 
         new.train(m.training)
         return new
 
-    if isinstance(model, nn.Linear):
+    if wanted(model, ""):
         return swap(model, "")
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                full = f"{parent_name}.{child_name}" if parent_name else child_name
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if wanted(child, full):
                 setattr(parent, child_name, swap(child, full))
     return model

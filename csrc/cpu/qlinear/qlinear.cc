@@ -1,0 +1,67 @@
+// Weight-quantized linear: the kernel table picker, and what every ISA's call shares (activations
+// widened to float32 once, w4's per-group activation sums, the split of output panels over threads).
+#include "cpu/qlinear/qlinear.h"
+
+#include <algorithm>
+
+#include "common/cpu_features.h"
+#include "common/parallel.h"
+#include "cpu/gemm/gemm_common.h"
+#include "cpu/kernel_table.h"
+
+namespace lp {
+
+const QLinearKernels& qlinear_kernels_for(int isa) {
+  return pick_kernel_table(isa, {qlinear_kernels_avx512(), qlinear_kernels_avx2()}, qlinear_kernels_scalar());
+}
+
+void qlinear_store_row(const QLinearCall& c, int64_t row, int64_t col0, int64_t cols, const float* v) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const float b = c.bias ? c.bias[col0 + j] : 0.0f;
+    gemm_store_float(c.out, c.out_dtype, row * c.n + col0 + j, c.bias ? v[j] + b : v[j]);
+  }
+}
+
+// A panel is worth a thread of its own past this many multiply-adds (fork/join costs microseconds).
+constexpr double kQLinearMinWorkPerThread = 1.0e6;
+
+void qlinear(const QLinearArgs& a) {
+  if (a.m <= 0 || a.n <= 0) return;
+  QLinearCall c;
+  c.m = a.m, c.n = a.n, c.k = a.k;
+  c.k_pad = gemm_round_up(std::max<int64_t>(a.k, 1), 2);
+  c.group_size = a.scheme == LP_QLINEAR_W4 ? a.group_size : std::max<int64_t>(a.k, 1);
+  c.n_groups = gemm_ceil_div(a.k, c.group_size);
+  c.codes = a.codes, c.scale = a.scale, c.zero = a.zero, c.bias = a.bias;
+  c.out = a.out, c.out_dtype = a.out_dtype;
+  // The activations as contiguous float32 rows (exact), zero-padded to k_pad, and w4's group sums.
+  const int64_t xsum_elems = a.scheme == LP_QLINEAR_W4 ? a.m * c.n_groups : 0;
+  float* x = static_cast<float*>(gemm_scratch(1, size_t(a.m * c.k_pad + xsum_elems) * sizeof(float)));
+  float* xsum = x + a.m * c.k_pad;
+  for (int64_t i = 0; i < a.m; ++i) {
+    float* xi = x + i * c.k_pad;
+    for (int64_t kk = 0; kk < a.k; ++kk) xi[kk] = gemm_load_float(a.x, a.x_dtype, i * a.x_stride_row + kk * a.x_stride_col);
+    for (int64_t kk = a.k; kk < c.k_pad; ++kk) xi[kk] = 0.0f;
+    for (int64_t g = 0; g < (xsum_elems ? c.n_groups : 0); ++g) {
+      float s = 0.0f;
+      for (int64_t kk = g * c.group_size; kk < std::min(a.k, (g + 1) * c.group_size); ++kk) s += xi[kk];
+      xsum[i * c.n_groups + g] = s;
+    }
+  }
+  c.x = x, c.xsum = xsum_elems ? xsum : nullptr;
+  if (a.k == 0) {  // an empty sum: zeros plus bias
+    const float zeros[kQLinearPanel] = {};
+    for (int64_t i = 0; i < a.m; ++i)
+      for (int64_t j = 0; j < a.n; j += kQLinearPanel) qlinear_store_row(c, i, j, std::min(kQLinearPanel, a.n - j), zeros);
+    return;
+  }
+  const QLinearKernels& kern = qlinear_kernels_for(cpu_isa_active());
+  auto run = a.scheme == LP_QLINEAR_W4 ? kern.w4 : kern.w8;
+  // Threads own contiguous runs of output panels (every row of them): columns never mix, so the
+  // result is the same for any thread count.
+  const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
+  const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
+  parallel_for(nt, nt, [&](int64_t t) { run(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
+}
+
+}  // namespace lp

@@ -1,0 +1,80 @@
+// CPU weight-quantized linear family (API.md §5): out = x W^T + bias with W stored as int8 codes and
+// one float32 scale per output channel ("w8"), or as 4-bit codes with one float32 scale and one zero
+// point per group_size inputs of each output channel ("w4"). Activations f32 / f16 / bf16, float32
+// accumulation, output rounded once to f32 / f16 / bf16. The weight is dequantized in registers
+// inside the inner loop: no float copy of it ever exists, and a call reads each packed byte once per
+// block of rows (decode shapes are memory-bound and stream the packed weight once).
+//
+// Packed layout (written once at conversion by lepton_core/nn/quant_linear.py, `pack_w8` / `pack_w4`;
+// the one description of it is here). Output channels are cut into panels of kQLinearPanel = 32
+// (codes.h; n_pad = n rounded up to 32; padding channels have code 0, scale 0, zero point 0):
+//   w8  codes  int8   [n_pad / 32][k][32]            codes[p][kk][c] = q[32 p + c][kk]
+//       scale  float  [n_pad]
+//   w4  codes  uint8  [n_pad / 32][k_pad / 2][32]    k_pad = k rounded up to even; byte = q[.][2 kk]
+//                                                    | q[.][2 kk + 1] << 4 (padding k: code 0)
+//       scale  float  [n_pad / 32][n_groups][32]     n_groups = ceil(k / group_size)
+//       zero   uint8  [n_pad / 32][n_groups][32]
+// Math (every ISA, float32): w8: out[i][j] = scale[j] * sum_k x[i][k] q[j][k] + bias[j];
+// w4: out[i][j] = sum_g scale[g][j] * (sum_{k in g} x[i][k] q[j][k] - zero[g][j] * xsum[i][g]) + bias[j],
+// which equals sum_k x[i][k] (q - zero) scale over the exact products up to float32 rounding (the
+// contract's tolerance, API.md §1). Sums run over k in order; columns are independent, so the result
+// does not depend on the thread count.
+//
+// Files: qlinear.cc (the table picker, activation conversion, threads), qlinear_scalar.cc (the
+// reference), qlinear_kernel.h (the SIMD panel kernels, written once against the vector interface of
+// cpu/simd256.h), qlinear_avx2.cc / qlinear_avx512.cc (their instantiations and tables).
+#pragma once
+#include <cstdint>
+
+#include "common/codes.h"  // lp_qlinear_scheme, kQLinearPanel
+
+namespace lp {
+
+struct QLinearArgs {
+  int64_t m = 0, n = 0, k = 0;
+  const void* x = nullptr;  // (m, k), any element strides
+  int x_dtype = 0;          // LP_DTYPE_F32 / F16 / BF16
+  int64_t x_stride_row = 0, x_stride_col = 0;
+  int scheme = LP_QLINEAR_W8;
+  int64_t group_size = 0;          // w4 only
+  const void* codes = nullptr;     // packed (layout above)
+  const float* scale = nullptr;
+  const uint8_t* zero = nullptr;   // w4 only
+  const float* bias = nullptr;     // (n,) or null
+  void* out = nullptr;             // contiguous (m, n)
+  int out_dtype = 0;
+};
+
+// What a panel kernel sees: the activations already widened to float32.
+struct QLinearCall {
+  int64_t m, n, k, k_pad, n_groups, group_size;
+  const float* x;     // (m, k_pad) contiguous, zero past k
+  const float* xsum;  // w4: (m, n_groups), sum of x over each group; else null
+  const void* codes;
+  const float* scale;
+  const uint8_t* zero;
+  const float* bias;
+  void* out;
+  int out_dtype;
+};
+
+// One ISA's kernels: every row of output panels [p0, p1).
+struct QLinearKernels {
+  const char* name;
+  int isa;  // the lp_isa level the table needs
+  void (*w8)(const QLinearCall& c, int64_t p0, int64_t p1);
+  void (*w4)(const QLinearCall& c, int64_t p0, int64_t p1);
+};
+
+void qlinear(const QLinearArgs& args);  // through the table of cpu_isa_active()
+const QLinearKernels& qlinear_kernels_for(int isa);
+
+const QLinearKernels* qlinear_kernels_scalar();
+const QLinearKernels* qlinear_kernels_avx2();
+const QLinearKernels* qlinear_kernels_avx512();
+
+// Stores the valid columns [0, cols) of one row of a panel's float32 results, bias added, rounded
+// once (the scalar tail of every ISA, and the scalar reference's store).
+void qlinear_store_row(const QLinearCall& c, int64_t row, int64_t col0, int64_t cols, const float* v);
+
+}  // namespace lp

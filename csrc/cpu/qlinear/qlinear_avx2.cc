@@ -1,0 +1,16 @@
+// Weight-quantized linear, AVX2: the panel kernels of qlinear_kernel.h on 8-lane registers, 16-column
+// sub-panels (2 vectors). Register budget (16 ymm): w8 6 rows x 2 accumulators + 2 widened code
+// vectors + the broadcast; w4 2 rows x 2 x (group sum + total) + 4 widened code vectors + 2 broadcasts.
+#include "common/codes.h"
+#include "cpu/qlinear/qlinear.h"
+#include "cpu/qlinear/qlinear_kernel.h"
+#include "cpu/simd256.h"
+
+namespace lp {
+namespace {
+const QLinearKernels kAvx2 = {"avx2", LP_ISA_AVX2, qlinear_w8_panels<Simd256, 6, 2>, qlinear_w4_panels<Simd256, 2, 2>};
+}  // namespace
+
+const QLinearKernels* qlinear_kernels_avx2() { return &kAvx2; }
+
+}  // namespace lp

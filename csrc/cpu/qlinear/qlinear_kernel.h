@@ -1,0 +1,144 @@
+// The SIMD panel kernels of the weight-quantized linear family (math and layout in qlinear.h), written
+// once against the vector interface of cpu/simd256.h: S = Simd256 (qlinear_avx2.cc) or Simd512
+// (qlinear_avx512.cc). A 32-column panel is processed as sub-panels of NV vectors (NV * kLanes
+// columns); R rows at a time keep R x NV accumulators in registers while the sub-panel's codes are
+// widened to float32 once per k and multiply-added into every row. Rows past a multiple of R run a
+// smaller R. With m <= R the packed weight is read exactly once per call (decode shapes).
+//
+// Anonymous namespace: each ISA file compiles its own copy with its own -m flags (see common/dtypes.h).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/qlinear/qlinear.h"
+
+namespace lp {
+namespace {
+
+// The R x NV results of rows [i0, i0 + R) at columns [col0, col0 + NV * kLanes): bias added and
+// rounded once; a sub-panel past n goes through the scalar tail.
+template <class S, int R, int NV>
+static inline void qlinear_store(const QLinearCall& c, int64_t i0, int64_t col0, const typename S::F (&acc)[R][NV]) {
+  constexpr int L = S::kLanes;
+  const int64_t cols = std::min<int64_t>(NV * L, c.n - col0);
+  if (cols <= 0) return;
+  const int64_t elem_bytes = c.out_dtype == LP_DTYPE_F32 ? 4 : 2;
+  for (int r = 0; r < R; ++r) {
+    if (cols == NV * L) {
+      for (int h = 0; h < NV; ++h) {
+        const typename S::F v = c.bias ? S::add(acc[r][h], S::loadu(c.bias + col0 + h * L)) : acc[r][h];
+        S::store_as(c.out_dtype, static_cast<char*>(c.out) + ((i0 + r) * c.n + col0 + h * L) * elem_bytes, v);
+      }
+    } else {
+      alignas(64) float v[NV * L];
+      for (int h = 0; h < NV; ++h) S::storeu(v + h * L, acc[r][h]);
+      qlinear_store_row(c, i0 + r, col0, cols, v);
+    }
+  }
+}
+
+// w8: R rows of one sub-panel. codes: the sub-panel's first column at k = 0 (rows of k 32 bytes apart).
+template <class S, int R, int NV>
+static inline void qlinear_w8_rows(const QLinearCall& c, const int8_t* codes, int64_t i0, int64_t col0) {
+  using F = typename S::F;
+  constexpr int L = S::kLanes;
+  F acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < NV; ++h) acc[r][h] = S::zero();
+  const float* x = c.x + i0 * c.k_pad;
+  for (int64_t kk = 0; kk < c.k; ++kk) {
+    F w[NV];
+    for (int h = 0; h < NV; ++h) w[h] = S::to_float(S::load_i8(codes + kk * kQLinearPanel + h * L));
+    for (int r = 0; r < R; ++r) {
+      const F xb = S::set1(x[r * c.k_pad + kk]);
+      for (int h = 0; h < NV; ++h) acc[r][h] = S::fmadd(xb, w[h], acc[r][h]);
+    }
+  }
+  for (int h = 0; h < NV; ++h) {
+    const F s = S::loadu(c.scale + col0 + h * L);
+    for (int r = 0; r < R; ++r) acc[r][h] = S::mul(acc[r][h], s);
+  }
+  qlinear_store<S, R, NV>(c, i0, col0, acc);
+}
+
+// w4: R rows of one sub-panel; per group, sum x q in registers, then scale * (that - zero * xsum).
+// codes / scale / zero: the sub-panel's first column in its panel (rows 32 entries apart).
+template <class S, int R, int NV>
+static inline void qlinear_w4_rows(const QLinearCall& c, const uint8_t* codes, const float* scale, const uint8_t* zero,
+                                   int64_t i0, int64_t col0) {
+  using F = typename S::F;
+  constexpr int L = S::kLanes;
+  F acc[R][NV], gacc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < NV; ++h) acc[r][h] = S::zero();
+  const float* x = c.x + i0 * c.k_pad;
+  for (int64_t g = 0; g < c.n_groups; ++g) {
+    for (int r = 0; r < R; ++r)
+      for (int h = 0; h < NV; ++h) gacc[r][h] = S::zero();
+    const int64_t k_end = std::min(c.k_pad, (g + 1) * c.group_size);
+    for (int64_t kk = g * c.group_size; kk < k_end; kk += 2) {
+      F lo[NV], hi[NV];
+      for (int h = 0; h < NV; ++h) {
+        const typename S::I b = S::load_u8(codes + (kk / 2) * kQLinearPanel + h * L);
+        lo[h] = S::to_float(S::low_nibble(b));
+        hi[h] = S::to_float(S::high_nibble(b));
+      }
+      for (int r = 0; r < R; ++r) {
+        const F x0 = S::set1(x[r * c.k_pad + kk]), x1 = S::set1(x[r * c.k_pad + kk + 1]);
+        for (int h = 0; h < NV; ++h) gacc[r][h] = S::fmadd(x1, hi[h], S::fmadd(x0, lo[h], gacc[r][h]));
+      }
+    }
+    for (int h = 0; h < NV; ++h) {
+      const F s = S::loadu(scale + g * kQLinearPanel + h * L);
+      const F z = S::to_float(S::load_u8(zero + g * kQLinearPanel + h * L));
+      for (int r = 0; r < R; ++r) {
+        const F xs = S::set1(c.xsum[(i0 + r) * c.n_groups + g]);
+        acc[r][h] = S::fmadd(s, S::fnmadd(z, xs, gacc[r][h]), acc[r][h]);
+      }
+    }
+  }
+  qlinear_store<S, R, NV>(c, i0, col0, acc);
+}
+
+// Rows [i0, m) of one sub-panel, R rows at a time, then the rest with R - 1, R - 2, ... (fully
+// unrolled instantiations: the accumulators stay in registers).
+template <class S, int R, int NV, class Body>
+static inline void qlinear_row_blocks(int64_t i0, int64_t m, const Body& body) {
+  if constexpr (R >= 1) {
+    for (; i0 + R <= m; i0 += R) body(std::integral_constant<int, R>{}, i0);
+    if (i0 < m) qlinear_row_blocks<S, R - 1, NV>(i0, m, body);
+  }
+}
+
+template <class S, int R, int NV>
+void qlinear_w8_panels(const QLinearCall& c, int64_t p0, int64_t p1) {
+  constexpr int64_t W = NV * S::kLanes;  // columns of a sub-panel
+  const int8_t* codes = static_cast<const int8_t*>(c.codes);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t sub = 0; sub < kQLinearPanel && p * kQLinearPanel + sub < c.n; sub += W) {
+      const int8_t* panel = codes + p * c.k * kQLinearPanel + sub;
+      qlinear_row_blocks<S, R, NV>(0, c.m, [&](auto rows, int64_t i0) {
+        qlinear_w8_rows<S, decltype(rows)::value, NV>(c, panel, i0, p * kQLinearPanel + sub);
+      });
+    }
+  }
+}
+
+template <class S, int R, int NV>
+void qlinear_w4_panels(const QLinearCall& c, int64_t p0, int64_t p1) {
+  constexpr int64_t W = NV * S::kLanes;
+  const uint8_t* codes = static_cast<const uint8_t*>(c.codes);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t sub = 0; sub < kQLinearPanel && p * kQLinearPanel + sub < c.n; sub += W) {
+      const uint8_t* panel = codes + p * (c.k_pad / 2) * kQLinearPanel + sub;
+      const float* scale = c.scale + p * c.n_groups * kQLinearPanel + sub;
+      const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel + sub;
+      qlinear_row_blocks<S, R, NV>(0, c.m, [&](auto rows, int64_t i0) {
+        qlinear_w4_rows<S, decltype(rows)::value, NV>(c, panel, scale, zero, i0, p * kQLinearPanel + sub);
+      });
+    }
+  }
+}
+
+}  // namespace
+}  // namespace lp

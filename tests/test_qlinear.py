@@ -1,0 +1,83 @@
+"""The weight-quantized linear kernels (csrc/cpu/qlinear, API.md §5) against a float64 product of the
+dequantized weight, on every CPU ISA path, thread count, activation dtype and awkward shape.
+
+Tolerance: the reference uses the exact dequantized weight and the activations already in their
+dtype, so only the kernel's float32 accumulation and the final rounding are measured: API.md §1's
+bound per output dtype (tests/tolerances.py). Outputs are poisoned (conftest.py).
+"""
+import pytest
+import torch
+
+from lepton_core import _C, _runtime
+from lepton_core._qpack import pack_w4, pack_w8, quantize_w4, unpack
+from lepton_core.backends import cpu
+import lepton_core as lc
+from tolerances import gemm_rel_norm_bound
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 1), (1, 7, 33), (7, 33, 257), (33, 257, 7), (13, 100, 70), (257, 33, 33), (16, 1030, 65)]
+
+
+def _name(dt):
+    return str(dt).replace("torch.", "")
+
+
+def _packed(scheme, w, group_size):
+    """(codes, scale, zero) of w packed for the kernels."""
+    if scheme == "w4":
+        return pack_w4(*quantize_w4(w, group_size))
+    q = lc.quantize(w, "int8", axis=0)
+    return (*pack_w8(q.data, q.scale), None)
+
+
+def _rel_err(out, ref):
+    den = ref.norm().item()
+    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32), ("w4", 64)])
+@pytest.mark.parametrize("dt", DTYPES, ids=_name)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_matches_dequantized_reference(rng, isa, threads, scheme, group_size, dt, m, k, n):
+    w, x, bias = torch.randn(n, k), torch.randn(m, k).to(dt), torch.randn(n)
+    codes, scale, zero = _packed(scheme, w, group_size)
+    wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()
+    ref = x.double() @ wd.t() + bias.double()
+    out = cpu.quant_linear(x, codes, scale, zero, bias, scheme, group_size, n)
+    assert out.dtype == dt and out.shape == (m, n)
+    assert _rel_err(out, ref) <= gemm_rel_norm_bound(_name(dt), k)
+    # without bias, and the weight is the quantized one (nearest rounding: within half a step)
+    out = cpu.quant_linear(x, codes, scale, zero, None, scheme, group_size, n)
+    assert _rel_err(out, x.double() @ wd.t()) <= gemm_rel_norm_bound(_name(dt), k)
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32)])
+def test_views_and_leading_dims(rng, isa, scheme, group_size):
+    """Transposed and sliced activations and leading dims are read through their strides."""
+    k, n = 70, 45
+    w, bias = torch.randn(n, k), torch.randn(n)
+    codes, scale, zero = _packed(scheme, w, group_size)
+    wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()
+    base = torch.randn(3, k, 9)
+    for x in (base[1].t(), torch.randn(9, 2 * k)[:, ::2], torch.randn(2, 3, 4, k)):
+        out = cpu.quant_linear(x, codes, scale, zero, bias, scheme, group_size, n)
+        ref = x.double() @ wd.t() + bias.double()
+        assert out.shape == (*x.shape[:-1], n)
+        assert _rel_err(out, ref) <= gemm_rel_norm_bound("float32", k)
+
+
+def test_empty_k_and_empty_rows(rng, isa):
+    """K == 0 is an empty sum (bias only); M == 0 an empty result."""
+    bias = torch.randn(5)
+    for scheme, g in (("w8", 0), ("w4", 32)):
+        codes, scale, zero = _packed(scheme, torch.zeros(5, 0), 32)
+        out = cpu.quant_linear(torch.randn(3, 0), codes, scale, zero, bias, scheme, g, 5)
+        assert torch.equal(out, bias.expand(3, 5))
+        assert cpu.quant_linear(torch.randn(0, 4), *_packed(scheme, torch.randn(5, 4), 32), None, scheme, g,
+                                5).shape == (0, 5)
+
+
+def test_kernel_table_follows_the_active_isa(isa):
+    best = _runtime.ISA_NAMES.index(_runtime.available_isas()[-1])
+    want = _runtime.ISA_NAMES[min(_runtime.ISA_NAMES.index(isa), best)]
+    assert _C.qlinear_kernels_name() == ("avx512" if want == "amx" else want)
