@@ -9,10 +9,11 @@
 #include "cpu/simd512.h"
 
 namespace lp {
-namespace {
-const QLinearKernels kAvx512 = {"avx512", LP_ISA_AVX512, qlinear_w8_panels<Simd512, 12, 2>, qlinear_w4_panels<Simd512, 6, 2>};
-}  // namespace
 
-const QLinearKernels* qlinear_kernels_avx512() { return &kAvx512; }
+// The table (its kernels are instances over this file's vector type, which has internal linkage).
+const QLinearKernels* qlinear_kernels_avx512() {
+  static const QLinearKernels kTable = {"avx512", LP_ISA_AVX512, qlinear_w8_panels<Simd512, 12, 2>, qlinear_w4_panels<Simd512, 6, 2>};
+  return &kTable;
+}
 
 }  // namespace lp
