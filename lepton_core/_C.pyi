@@ -56,7 +56,7 @@ def gemm_kernels_name(isa: typing.SupportsInt | typing.SupportsIndex = -1) -> st
     """Name of the GEMM kernel table an lp_isa level runs (-1: the table calls run now), capped at what this build and CPU offer (for tests)"""
     ...
 def gemm_peak_probe(n_iters: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex, kind: str = 'float') -> object:
-    """Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps on AVX-512, FMA on AVX2, 'int8': vpdpbusd on AVX-512, madd + add on AVX2) for n_iters steps on n_threads threads; returns the operations executed (time it to get the peak), or None when the active kernels (scalar) have no probe"""
+    """Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps on AVX-512, tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add on AVX2) for n_iters steps on n_threads threads; returns the operations executed (time it to get the peak), or None when the active kernels (scalar) have no probe"""
     ...
 def gemm_testing_table(name: str) -> None:
     """Testing hook: route every GEMM call through the named table of gemm_testing_tables() ('': back to the active ISA level's table)"""

@@ -97,7 +97,8 @@ void bind_gemm(py::module_& m) {
       },
       py::arg("n_iters"), py::arg("n_threads"), py::arg("kind") = "float",
       "Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps "
-      "on AVX-512, FMA on AVX2, 'int8': vpdpbusd on AVX-512, madd + add on AVX2) for n_iters steps on "
+      "on AVX-512, tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add "
+      "on AVX2) for n_iters steps on "
       "n_threads threads; returns the operations executed (time it to get the peak), or None when the "
       "active kernels (scalar) have no probe");
   m.def(

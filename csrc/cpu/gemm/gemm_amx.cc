@@ -3,13 +3,14 @@
 // (plain and scaled_gemm) tdpbssd, fp16 tdpfp16ps on CPUs with AMX-FP16; float32 (and fp16
 // without AMX-FP16), matrix-vector products and few rows times W^T borrow the AVX-512 table's
 // kernels. What each instruction computes exactly, and how that meets the contract: the top of
-// gemm_amx_kernels.h and amx_tile_model.h.
+// gemm_amx_kernels.h and amx_tile_model.h. Also the level's peak probe (tdpbf16ps / tdpbssd).
 // The level is opt-in (LEPTON_CPU_ISA=amx, csrc/common/cpu_features.cc) until a machine with AMX
 // has run the real path's tests and benchmarks. The process asks Linux for XTILEDATA permission
 // when it detects AMX (cpu_features.cc); the picker gives this table only where that succeeded.
 #include <cstdint>
 
 #include "common/cpu_features.h"
+#include "common/parallel.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_amx_kernels.h"
 #include "cpu/simd512.h"
@@ -57,6 +58,41 @@ void gemm_float_amx(const GemmFloatArgs& g) {
 
 void gemm_int8_amx(const GemmInt8Args& g) { gemm_int8_amx_tiles<AmxTiles, Simd512>(g); }
 
+// The microkernel's four tdp* per step on tiles loaded once (zeros), without the loads; float32
+// runs the AVX-512 probe (the level's float32 kernels are AVX-512's). Returns the operations on all
+// threads: a 16 x 16 x 16-dword tdp* does 16^3 * 2 bf16 or * 4 int8 multiply-adds, 2 operations each.
+double gemm_peak_probe_amx(int64_t n_iters, int n_threads, int kind) {
+  if (kind == LP_GEMM_PROBE_FLOAT) return gemm_peak_probe_avx512(n_iters, n_threads, kind);
+  alignas(64) static const uint8_t kZeros[16 * 64] = {};
+  parallel_region(n_threads, [&](int, int) {
+    AmxTiles::configure(&kAmxGemmConfig);
+    AmxTiles::zero<0>();
+    AmxTiles::zero<1>();
+    AmxTiles::zero<2>();
+    AmxTiles::zero<3>();
+    AmxTiles::load<4>(kZeros, 64);
+    AmxTiles::load<5>(kZeros, 64);
+    AmxTiles::load<6>(kZeros, 64);
+    AmxTiles::load<7>(kZeros, 64);
+    for (int64_t it = 0; it < n_iters; ++it) {
+      if (kind == LP_GEMM_PROBE_BF16) {
+        AmxTiles::dp_bf16<0, 4, 6>();
+        AmxTiles::dp_bf16<1, 4, 7>();
+        AmxTiles::dp_bf16<2, 5, 6>();
+        AmxTiles::dp_bf16<3, 5, 7>();
+      } else {
+        AmxTiles::dp_s8<0, 4, 6>();
+        AmxTiles::dp_s8<1, 4, 7>();
+        AmxTiles::dp_s8<2, 5, 6>();
+        AmxTiles::dp_s8<3, 5, 7>();
+      }
+    }
+    AmxTiles::release();
+  });
+  const double macs_per_dp = 16.0 * 16 * 16 * (kind == LP_GEMM_PROBE_BF16 ? 2 : 4);
+  return double(n_iters) * n_threads * 4 * macs_per_dp * 2;
+}
+
 const GemmKernels kGemmAmx = {"amx",
                               LP_ISA_AMX,
                               gemm_float_amx,
@@ -64,7 +100,7 @@ const GemmKernels kGemmAmx = {"amx",
                               gemm_gemv_float_avx2,
                               gemm_small_m_float_avx512,
                               gemm_packed_blocking_amx,
-                              gemm_peak_probe_avx512};
+                              gemm_peak_probe_amx};
 
 }  // namespace
 
