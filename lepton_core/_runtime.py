@@ -64,7 +64,8 @@ def default_num_threads() -> int:
 
 
 def _apply_isa_cap() -> None:
-    """LEPTON_CPU_ISA caps the automatic choice; an unknown name warns and is ignored."""
+    """LEPTON_CPU_ISA caps the choice (and is the only way to the amx level: the automatic choice stops
+    at avx512 until the AMX kernels have run on AMX hardware); an unknown name warns and is ignored."""
     cap = os.environ.get("LEPTON_CPU_ISA", "").strip().lower()
     if not cap:
         return
@@ -169,10 +170,12 @@ def info() -> dict:
 
 
 def cpu_kernels() -> str:
-    """Which kernels the active ISA level runs, in words (the amx level runs AVX-512 kernels)."""
+    """Which kernels the active ISA level runs, in words (the amx level: AMX tiles for some GEMMs)."""
     isa = cpu_isa()
     if isa == "amx":
-        return "avx512 (no AMX kernels are shipped; the amx level runs the AVX-512 kernels)"
+        fp16 = ", float16 with AMX-FP16" if _C.cpu_features().get("amx_fp16") else ""
+        return (f"amx (AMX tiles for bfloat16{fp16} and int8 GEMM, opt-in and not yet verified on AMX hardware; "
+                "float32 GEMM and the other kernels: AVX-512 / AVX2)")
     return isa
 
 

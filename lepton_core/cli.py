@@ -22,19 +22,16 @@ BENCH_CHOICES = tuple(FAMILIES) + ("all",)
 BENCH_DEFAULT = ("gemm", "quant")
 
 
-# No AMX tile kernels ship: the amx level runs the AVX-512 kernels (csrc/cpu/gemm/gemm.cc), so a
-# build "compiled up to amx" has kernels up to avx512.
-_HIGHEST_KERNEL_ISA = "avx512"
-
-
 def _isa_line(info: dict) -> str:
-    from lepton_core._runtime import ISA_NAMES
-
-    compiled = info["cpu_isa_compiled"]
-    kernels = min(compiled, _HIGHEST_KERNEL_ISA, key=ISA_NAMES.index)
-    note = "; the amx level runs the AVX-512 kernels" if "amx" in (info["cpu_isa"], info["cpu_isa_detected"]) else ""
-    return (f"{info['cpu_isa']} (detected {info['cpu_isa_detected']}; kernels compiled up to {kernels}{note}; "
-            f"cap with LEPTON_CPU_ISA)")
+    # The amx level is opt-in (the automatic choice stops at avx512): say how to get it, or what it runs.
+    if info["cpu_isa"] == "amx":
+        note = "; amx: AMX tiles for bf16 / int8 GEMM, opt-in, not yet verified on AMX hardware"
+    elif info["cpu_isa_detected"] == "amx" and info["cpu_isa_compiled"] == "amx":
+        note = "; the amx level is opt-in: LEPTON_CPU_ISA=amx"
+    else:
+        note = ""
+    return (f"{info['cpu_isa']} (detected {info['cpu_isa_detected']}; kernels compiled up to "
+            f"{info['cpu_isa_compiled']}{note}; cap with LEPTON_CPU_ISA)")
 
 
 def _bytes(n: int) -> str:

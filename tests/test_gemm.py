@@ -20,6 +20,25 @@ FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 BLK = _C.gemm_blocking(False)   # float path: mr, nr, kc, mc, nc
 BLK8 = _C.gemm_blocking(True)   # int8 path (k counted in int8 elements)
+# Kernel tables that are no ISA level: 'amx-model', the AMX kernels compiled against the software
+# tile model (csrc/cpu/gemm/gemm_amx_model_avx2.cc), on every machine with AVX2.
+MODEL_TABLES = _C.gemm_testing_tables()
+
+
+@pytest.fixture(params=_runtime.available_isas() + MODEL_TABLES)
+def isa(request):
+    """conftest's fixture (every ISA level this machine runs) plus the testing tables: every GEMM test
+    also runs the AMX kernels' logic, on the tile model."""
+    before = _runtime.cpu_isa()
+    if request.param in MODEL_TABLES:
+        _C.gemm_testing_table(request.param)
+        assert _C.gemm_kernels_name() == request.param
+    else:
+        _runtime._set_cpu_isa(request.param)
+        assert lc.info()["cpu_isa"] == request.param
+    yield request.param
+    _C.gemm_testing_table("")
+    _runtime._set_cpu_isa(before)
 
 
 def rand(rng, shape, dtype):
@@ -123,11 +142,14 @@ def test_nan_output_bits_same_on_every_isa(isa, out_dtype):
     a, b = torch.zeros(13, 1), torch.zeros(1, n)
     got = lc.gemm(a, b, bias=nans, out_dtype=out_dtype).view(torch.int16)
     before = _runtime.cpu_isa()
+    _C.gemm_testing_table("")
     _runtime._set_cpu_isa("scalar")
     try:
         want = lc.gemm(a, b, bias=nans, out_dtype=out_dtype).view(torch.int16)
     finally:
         _runtime._set_cpu_isa(before)
+        if isa in MODEL_TABLES:
+            _C.gemm_testing_table(isa)
     assert torch.equal(got, want)
 
 
@@ -407,25 +429,25 @@ def test_scaled_gemm_numpy_and_default(rng):
 # ---------------------------------------------------------------------------------------------
 
 def _table_for(level):
-    """The table an ISA level should run: capped at this build and CPU; amx has no GEMM kernels of
-    its own (yet) and runs the AVX-512 table."""
+    """The table an ISA level should run: capped at this build and CPU (every level has a table)."""
     best = _runtime.ISA_NAMES.index(_runtime.available_isas()[-1])
-    name = _runtime.ISA_NAMES[min(level, best)]
-    return "avx512" if name == "amx" else name
+    return _runtime.ISA_NAMES[min(level, best)]
 
 
 def test_kernel_table_follows_the_active_isa(isa):
-    want = _table_for(_runtime.ISA_NAMES.index(isa))
+    want = isa if isa in MODEL_TABLES else _table_for(_runtime.ISA_NAMES.index(isa))
     assert _C.gemm_kernels_name() == want
-    # Only SIMD tables have a peak probe; the blocking reported is the active packed kernels' tile
-    # (the scalar kernels do not block and report the AVX2 tile's).
+    # Only the SIMD levels' tables have a peak probe (not the scalar one, nor the tile model); the
+    # blocking reported is the active packed kernels' tile (the scalar kernels do not block and
+    # report the AVX2 tile's; the AMX tables their bf16 tiles').
     probe = _C.gemm_peak_probe(1, 1, "int8")
-    if want == "scalar":
+    if want in ["scalar"] + MODEL_TABLES:
         assert probe is None
     else:
         assert probe > 0
     blk = _C.gemm_blocking(False)
-    assert (blk["mr"], blk["nr"]) == ((12, 32) if want == "avx512" else (6, 16))
+    tile = {"avx512": (12, 32), "amx": (32, 32), "amx-model": (32, 32)}.get(want, (6, 16))
+    assert (blk["mr"], blk["nr"]) == tile
 
 
 def test_kernel_table_for_every_level():

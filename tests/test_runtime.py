@@ -95,11 +95,26 @@ def test_env_cap(cap):
     assert "RuntimeWarning" not in r.stderr
 
 
+def _automatic_isa():
+    """The automatic choice: the best level available, but never amx (opt-in until AMX hardware has
+    run its kernels' tests)."""
+    best = _runtime.available_isas()[-1]
+    return min(best, "avx512", key=ISA_NAMES.index)
+
+
 def test_env_cap_unknown_warns_and_uses_automatic_choice():
     r = _py("import lepton_core as lc; print(lc.info()['cpu_isa'])", LEPTON_CPU_ISA="avx9000")
     assert r.returncode == 0, r.stderr
     assert "RuntimeWarning" in r.stderr and "avx9000" in r.stderr
-    assert r.stdout.strip() == _runtime.available_isas()[-1]
+    assert r.stdout.strip() == _automatic_isa()
+
+
+def test_automatic_choice_stops_at_avx512():
+    r = _py("import lepton_core as lc; i = lc.info(); print(i['cpu_isa'], i['cpu_isa_detected'])", LEPTON_CPU_ISA="")
+    assert r.returncode == 0, r.stderr
+    active, detected = r.stdout.split()
+    assert active == _automatic_isa() and active != "amx"
+    assert detected == ISA_NAMES[_runtime._C.cpu_isa_detected()]
 
 
 @pytest.mark.parametrize("omp, expect", [("1", 1), ("3", 3), ("2,1", 2), (" 4 ", 4)])

@@ -97,7 +97,8 @@ void bind_gemm(py::module_& m) {
       },
       py::arg("n_iters"), py::arg("n_threads"), py::arg("kind") = "float",
       "Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps "
-      "on AVX-512, FMA on AVX2, 'int8': vpdpbusd on AVX-512, madd + add on AVX2) for n_iters steps on "
+      "on AVX-512, tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add "
+      "on AVX2) for n_iters steps on "
       "n_threads threads; returns the operations executed (time it to get the peak), or None when the "
       "active kernels (scalar) have no probe");
   m.def(
@@ -114,10 +115,38 @@ void bind_gemm(py::module_& m) {
       },
       py::arg("is_int8") = false, "Cache blocking of the packed kernels (for tests and benchmarks)");
   m.def(
-      "gemm_kernels_name", [](int isa) { return std::string(gemm_kernels_for(isa < 0 ? cpu_isa_active() : isa).name); },
+      "gemm_kernels_name", [](int isa) { return std::string((isa < 0 ? gemm_kernels() : gemm_kernels_for(isa)).name); },
       py::arg("isa") = -1,
-      "Name of the GEMM kernel table an lp_isa level runs (-1: the active level), capped at what this "
-      "build and CPU offer (for tests)");
+      "Name of the GEMM kernel table an lp_isa level runs (-1: the table calls run now), capped at what "
+      "this build and CPU offer (for tests)");
+  m.def(
+      "gemm_testing_tables", [] {
+        std::vector<std::string> names;
+        const GemmKernels* model = gemm_kernels_amx_model();
+        if (model && model->isa <= cpu_isa_detected()) names.push_back(model->name);
+        return names;
+      },
+      "Kernel tables that are no ISA level and that tests can route calls through on this machine "
+      "(gemm_testing_table): 'amx-model', the AMX kernels on the software tile model (needs AVX2)");
+  m.def(
+      "gemm_testing_table",
+      [](const std::string& name) {
+        const GemmKernels* model = gemm_kernels_amx_model();
+        if (name.empty()) return gemm_set_testing_table(nullptr);
+        if (!model || name != model->name || model->isa > cpu_isa_detected())
+          throw py::value_error("gemm_testing_table: '" + name + "' is not one of gemm_testing_tables() here");
+        gemm_set_testing_table(model);
+      },
+      py::arg("name"),
+      "Testing hook: route every GEMM call through the named table of gemm_testing_tables() ('': back "
+      "to the active ISA level's table)");
+  m.def(
+      "gemm_amx_model_exec",
+      [](const std::string& op, const std::vector<int64_t>& args) { return gemm_amx_model_exec(op, args); },
+      py::arg("op"), py::arg("args"),
+      "Testing hook: runs one instruction of the software AMX tile model on the calling thread (op: "
+      "ldtilecfg, sttilecfg, tilerelease, tilezero, tileloadd, tilestored, tdpbf16ps, tdpfp16ps, "
+      "tdpb[s|u][s|u]d; args: tile numbers, addresses, strides in bytes); returns '' or the fault");
 }
 
 }  // namespace lp

@@ -12,10 +12,17 @@ const GemmKernels* gemm_kernels_avx2() { return nullptr; }
 const QuantKernels* quant_kernels_avx2() { return nullptr; }
 const QLinearKernels* qlinear_kernels_avx2() { return nullptr; }
 const ReduceKernels* reduce_kernels_avx2() { return nullptr; }
+const GemmKernels* gemm_kernels_amx_model() { return nullptr; }
+std::string gemm_amx_model_exec(const std::string&, const std::vector<int64_t>&) {
+  return "the AMX tile model is not built (it needs the avx2 level)";
+}
 #endif
 #ifndef LP_BUILD_AVX512
 const GemmKernels* gemm_kernels_avx512() { return nullptr; }
 const QLinearKernels* qlinear_kernels_avx512() { return nullptr; }
+#endif
+#ifndef LP_BUILD_AMX
+const GemmKernels* gemm_kernels_amx() { return nullptr; }
 #endif
 
 }  // namespace lp

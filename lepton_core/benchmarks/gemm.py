@@ -4,12 +4,13 @@ Rows: fp32 and bf16 square GEMMs (256 .. 2048, and 4096 unless quick) against to
 same dtype, int8 -> int32 against torch._int_mm, skinny x (M, 4096) @ W^T shapes (M = 1, 8, 32: a
 linear layer at a small batch), and the fixed cost of a 64 x 64 call. Both sides
 use the same thread count (lc.get_num_threads()). `ratio` is torch's time over ours (> 1: we are
-faster). `peak_pct` is our throughput over this machine's measured peak for that arithmetic
-(`peak_gflops`): the peak probe (_C.gemm_peak_probe) runs the active ISA's microkernel instructions
-without loads on every thread (AVX-512: vfmadd231ps for float32 / float16, vdpbf16ps for bf16,
-vpdpbusd for int8; AVX2: FMA for every float dtype, madd + add for int8), and is timed interleaved
-with the row's own samples, so it reflects the clock and core share the row actually had (the
-machine is shared). On a busy machine small 2-thread calls (ours and torch's alike) can wait a
+faster). A roofline against the compute peak: `peak_pct` is our throughput and `torch_peak_pct` the
+baseline's over this machine's measured peak for that arithmetic (`peak_gflops`): the peak probe
+(_C.gemm_peak_probe) runs the active ISA's microkernel instructions without loads on every thread
+(AVX-512: vfmadd231ps for float32 / float16, vdpbf16ps for bf16, vpdpbusd for int8; AVX2: FMA for
+every float dtype, madd + add for int8; amx, opt-in: tdpbf16ps for bf16, tdpbssd for int8), and is
+timed interleaved with the row's own samples, so it reflects the clock and core share the row
+actually had (the machine is shared). On a busy machine small 2-thread calls (ours and torch's alike) can wait a
 scheduler tick for their second OpenMP thread; the probe's calls are long enough not to.
 
 Some torch baselines are very slow on CPUs without native bf16 / int8 dot products (bf16 matmul and
@@ -29,7 +30,7 @@ from lepton_core import _C
 from lepton_core.benchmarks.common import ProgressRows, interleaved, print_table
 
 COLUMNS = ["shape", "dtype", "baseline", "ours_ms", "torch_ms", "ratio", "ours_gflops", "torch_gflops",
-           "peak_gflops", "peak_pct", "note"]
+           "peak_gflops", "peak_pct", "torch_peak_pct", "note"]
 
 _MAX_BASELINE_S = 4.0     # longer single calls are timed once instead of interleaved
 _SKIP_BASELINE_S = 15.0   # projected single calls longer than this are not run at all
@@ -119,6 +120,7 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
         "torch_gflops": _MISSING if t_theirs is None else ops / t_theirs / 1e9,
         "peak_gflops": peak_g,
         "peak_pct": 100.0 * ours_g / peak_g,
+        "torch_peak_pct": _MISSING if t_theirs is None else 100.0 * ops / t_theirs / 1e9 / peak_g,
         "note": note,
     }
     return row

@@ -3,6 +3,7 @@
 #include "cpu/gemm/gemm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <initializer_list>
 
 #include "common/cpu_features.h"
@@ -30,10 +31,20 @@ GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes, int64_t l
 }
 
 const GemmKernels& gemm_kernels_for(int isa) {
-  return pick_kernel_table(isa, {gemm_kernels_avx512(), gemm_kernels_avx2()}, gemm_kernels_scalar());
+  return pick_kernel_table(isa, {gemm_kernels_amx(), gemm_kernels_avx512(), gemm_kernels_avx2()},
+                           gemm_kernels_scalar());
 }
 
-const GemmKernels& gemm_kernels() { return gemm_kernels_for(cpu_isa_active()); }
+namespace {
+std::atomic<const GemmKernels*> g_testing_table{nullptr};
+}  // namespace
+
+void gemm_set_testing_table(const GemmKernels* t) { g_testing_table.store(t, std::memory_order_relaxed); }
+
+const GemmKernels& gemm_kernels() {
+  const GemmKernels* t = g_testing_table.load(std::memory_order_relaxed);
+  return t ? *t : gemm_kernels_for(cpu_isa_active());
+}
 
 GemmBlocking gemm_packed_blocking(bool is_int8) {
   const GemmKernels& kern = gemm_kernels();

@@ -24,10 +24,14 @@
 // picker), cpu/kernel_tables_absent.cc (null tables of ISAs a build leaves out). Per ISA, only what is
 // its own: gemm_avx2.cc / gemm_avx512.cc (kernel sets: packing + microkernel, and the table),
 // gemm_gemv_avx2.cc (matrix-vector path), gemm_small_m_avx512.cc (few rows times W^T),
-// gemm_peak_avx2.cc / gemm_peak_avx512.cc (benchmark peak probes).
-// Adding an ISA (e.g. AMX): CONTRIBUTING.md, "Add an ISA kernel".
+// gemm_peak_avx2.cc / gemm_peak_avx512.cc (benchmark peak probes), gemm_amx.cc (the AMX table) with
+// gemm_amx_kernels.h (the AMX kernels, compiled again against amx_tile_model.h, the software tile
+// model, by gemm_amx_model_avx2.cc for tests on every machine).
+// Adding an ISA: CONTRIBUTING.md, "Add an ISA kernel".
 #pragma once
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace lp {
 
@@ -104,7 +108,7 @@ struct GemmKernels {
 };
 
 // The table for an lp_isa level, capped at what this build and CPU offer; a level without a table of
-// its own runs the one below it (amx: the AVX-512 kernels). gemm_kernels(): for cpu_isa_active().
+// its own runs the one below it. gemm_kernels(): for cpu_isa_active() (or the testing table).
 const GemmKernels& gemm_kernels_for(int isa);
 const GemmKernels& gemm_kernels();
 
@@ -112,6 +116,16 @@ const GemmKernels& gemm_kernels();
 const GemmKernels* gemm_kernels_scalar();
 const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512();
+const GemmKernels* gemm_kernels_amx();  // opt-in level: gemm_amx.cc
+
+// Testing hooks. The AMX kernels compiled against the software tile model (gemm_amx_model_avx2.cc,
+// needs AVX2; null when the build lacks it); it is no ISA level and the picker never returns it.
+const GemmKernels* gemm_kernels_amx_model();
+// Routes every call through `t` instead of the active level's table (null: back to that).
+void gemm_set_testing_table(const GemmKernels* t);
+// Runs one instruction of the tile model on the calling thread (op: its mnemonic; args: tile numbers,
+// addresses, strides in bytes); returns "" or the fault it raises (#GP / #UD and why).
+std::string gemm_amx_model_exec(const std::string& op, const std::vector<int64_t>& args);
 
 // Pieces one ISA's table borrows from another file.
 void gemm_float_scalar(const GemmFloatArgs& args);  // also the k == 0 path of every ISA

@@ -13,7 +13,8 @@
 // The macro-loop takes a Traits type (GemmTraits<K, Args> below):
 //   Traits::Packed         packed element type
 //   Traits::kMr, kNr       register tile
-//   Traits::kKGroup        k values packed together per lane (1: float, 2: int16 / bf16 pairs, 4: int8 quads);
+//   Traits::kKGroup        k values packed together per lane (1: float, 2: int16 / bf16 pairs, 4: int8 quads,
+//                          32 / 64: an AMX tile row);
 //                          a panel's depth is kc rounded up to it (zero-padded)
 //   tr.b_panel_elems(kc_panel)   Packed elements of one B panel (NR * kc_panel, plus any per-panel extras)
 //   tr.pack_a(batch, i0, mc, p0, kc, Packed* dst) / tr.pack_b(batch, p0, kc, j0, nc, Packed* dst)
@@ -115,7 +116,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
                     int64_t k, bool need_ws) {
   using Packed = typename Traits::Packed;
   constexpr int64_t MR = Traits::kMr, NR = Traits::kNr, KG = Traits::kKGroup;
-  const int64_t kc_alloc = gemm_round_up(std::min(blk.kc, k), 16);  // a multiple of every KG
+  const int64_t kc_alloc = gemm_round_up(std::min(blk.kc, k), std::max<int64_t>(16, KG));  // a multiple of KG
   const int64_t a_elems = gemm_round_up(std::min(blk.mc, plan.mu), MR) * kc_alloc;
   const int64_t b_elems = gemm_ceil_div(plan.nu, NR) * tr.b_panel_elems(kc_alloc);
   const int64_t ws_elems = need_ws ? plan.mu * gemm_ws_ld(plan) : 0;
@@ -515,14 +516,21 @@ struct GemmTraits {
   }
 };
 
-// The packed GEMM with kernel set K and blocking blk (m, n, k, n_batch >= 1).
-template <class K, class Args>
-void gemm_packed(const Args& g, const GemmBlocking& blk) {
+// The packed GEMM with the macro-loop's Traits (constructed as {g, c32_is_out, ws_ld}; GemmTraits or
+// an ISA's own, e.g. the AMX kernels' of gemm_amx_kernels.h) and blocking blk (m, n, k, n_batch >= 1).
+template <class Traits, class Args>
+void gemm_packed_with(const Args& g, const GemmBlocking& blk) {
   const bool sums_in_out = gemm_sums_in_out(g);
   const bool need_ws = !sums_in_out && g.k > blk.kc;
-  const GemmPlan plan = gemm_make_plan<K::kMr, K::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
-  const GemmTraits<K, Args> tr{g, sums_in_out, gemm_ws_ld(plan)};
+  const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const Traits tr{g, sums_in_out, gemm_ws_ld(plan)};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
+}
+
+// The packed GEMM with kernel set K.
+template <class K, class Args>
+void gemm_packed(const Args& g, const GemmBlocking& blk) {
+  gemm_packed_with<GemmTraits<K, Args>>(g, blk);
 }
 
 }  // namespace

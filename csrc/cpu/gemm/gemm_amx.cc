@@ -1,0 +1,109 @@
+// GEMM, AMX (AMX-TILE + AMX-BF16 + AMX-INT8, AMX-FP16 where CPUID has it): the kernels of
+// gemm_amx_kernels.h on the real tile instructions, and the table. bf16 runs tdpbf16ps, int8
+// (plain and scaled_gemm) tdpbssd, fp16 tdpfp16ps on CPUs with AMX-FP16; float32 (and fp16
+// without AMX-FP16), matrix-vector products and few rows times W^T borrow the AVX-512 table's
+// kernels. What each instruction computes exactly, and how that meets the contract: the top of
+// gemm_amx_kernels.h and amx_tile_model.h. Also the level's peak probe (tdpbf16ps / tdpbssd).
+// The level is opt-in (LEPTON_CPU_ISA=amx, csrc/common/cpu_features.cc) until a machine with AMX
+// has run the real path's tests and benchmarks. The process asks Linux for XTILEDATA permission
+// when it detects AMX (cpu_features.cc); the picker gives this table only where that succeeded.
+#include <cstdint>
+
+#include "common/cpu_features.h"
+#include "common/parallel.h"
+#include "cpu/gemm/gemm.h"
+#include "cpu/gemm/gemm_amx_kernels.h"
+#include "cpu/simd512.h"
+
+namespace lp {
+namespace {
+
+// The tile instructions as inline assembly (GCC 12's intrinsics take tile numbers as macro tokens
+// and tell the compiler neither what tileloadd reads nor all of what ldtilecfg reads): every load
+// and store is a compiler memory barrier, ldtilecfg reads its whole 64-byte operand.
+struct AmxTiles {
+  static void configure(const AmxTileConfig* c) { asm volatile("ldtilecfg %0" ::"m"(*c)); }
+  static void release() { asm volatile("tilerelease" ::: "memory"); }
+  template <int T>
+  static void zero() {
+    asm volatile("tilezero %%tmm%c0" ::"i"(T));
+  }
+  template <int T>
+  static void load(const void* p, int64_t stride) {
+    asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(p), "r"(stride), "i"(T) : "memory");
+  }
+  template <int T>
+  static void store(void* p, int64_t stride) {
+    asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(p), "r"(stride), "i"(T) : "memory");
+  }
+  template <int C, int A, int B>
+  static void dp_bf16() {
+    asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+  }
+  template <int C, int A, int B>
+  static void dp_s8() {
+    asm volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+  }
+  // tdpfp16ps tmmC, tmmA, tmmB as bytes (no GCC 12 intrinsic; assemblers before binutils 2.40 lack the
+  // mnemonic): VEX.128.F2.0F38.W0 5C /r, vvvv = ~B, ModRM = 11 C A.
+  template <int C, int A, int B>
+  static void dp_fp16() {
+    asm volatile(".byte 0xc4, 0xe2, %c0, 0x5c, %c1" ::"i"(((~B & 15) << 3) | 3), "i"(0xc0 | (C << 3) | A));
+  }
+};
+
+void gemm_float_amx(const GemmFloatArgs& g) {
+  if (!gemm_float_amx_tiles<AmxTiles, Simd512>(g, cpu_features().amx_fp16)) gemm_kernels_avx512()->gemm_float(g);
+}
+
+void gemm_int8_amx(const GemmInt8Args& g) { gemm_int8_amx_tiles<AmxTiles, Simd512>(g); }
+
+// The microkernel's four tdp* per step on tiles loaded once (zeros), without the loads; float32
+// runs the AVX-512 probe (the level's float32 kernels are AVX-512's). Returns the operations on all
+// threads: a 16 x 16 x 16-dword tdp* does 16^3 * 2 bf16 or * 4 int8 multiply-adds, 2 operations each.
+double gemm_peak_probe_amx(int64_t n_iters, int n_threads, int kind) {
+  if (kind == LP_GEMM_PROBE_FLOAT) return gemm_peak_probe_avx512(n_iters, n_threads, kind);
+  alignas(64) static const uint8_t kZeros[16 * 64] = {};
+  parallel_region(n_threads, [&](int, int) {
+    AmxTiles::configure(&kAmxGemmConfig);
+    AmxTiles::zero<0>();
+    AmxTiles::zero<1>();
+    AmxTiles::zero<2>();
+    AmxTiles::zero<3>();
+    AmxTiles::load<4>(kZeros, 64);
+    AmxTiles::load<5>(kZeros, 64);
+    AmxTiles::load<6>(kZeros, 64);
+    AmxTiles::load<7>(kZeros, 64);
+    for (int64_t it = 0; it < n_iters; ++it) {
+      if (kind == LP_GEMM_PROBE_BF16) {
+        AmxTiles::dp_bf16<0, 4, 6>();
+        AmxTiles::dp_bf16<1, 4, 7>();
+        AmxTiles::dp_bf16<2, 5, 6>();
+        AmxTiles::dp_bf16<3, 5, 7>();
+      } else {
+        AmxTiles::dp_s8<0, 4, 6>();
+        AmxTiles::dp_s8<1, 4, 7>();
+        AmxTiles::dp_s8<2, 5, 6>();
+        AmxTiles::dp_s8<3, 5, 7>();
+      }
+    }
+    AmxTiles::release();
+  });
+  const double macs_per_dp = 16.0 * 16 * 16 * (kind == LP_GEMM_PROBE_BF16 ? 2 : 4);
+  return double(n_iters) * n_threads * 4 * macs_per_dp * 2;
+}
+
+const GemmKernels kGemmAmx = {"amx",
+                              LP_ISA_AMX,
+                              gemm_float_amx,
+                              gemm_int8_amx,
+                              gemm_gemv_float_avx2,
+                              gemm_small_m_float_avx512,
+                              gemm_packed_blocking_amx,
+                              gemm_peak_probe_amx};
+
+}  // namespace
+
+const GemmKernels* gemm_kernels_amx() { return &kGemmAmx; }
+
+}  // namespace lp

@@ -1,0 +1,236 @@
+// The AMX GEMM kernels (contract in gemm.h), written once against a policy of tile instructions
+// `Tiles` and a vector layer `S` (simd256.h / simd512.h) for the epilogue, and compiled twice:
+// gemm_amx.cc with the real instructions (inline assembly) and Simd512, and gemm_amx_model_avx2.cc
+// with the software tile model of amx_tile_model.h and Simd256, so that the same kernel logic runs
+// the contract tests on every machine.
+//
+// Tiles supplies (tile numbers are template arguments, as the instructions encode them):
+//   configure(const AmxTileConfig*), release(), zero<T>(), load<T>(ptr, stride_bytes),
+//   store<T>(ptr, stride_bytes), dp_bf16<C, A, B>() (tdpbf16ps), dp_fp16<C, A, B>() (tdpfp16ps),
+//   dp_s8<C, A, B>() (tdpbssd).
+//
+// The register tile is MR x NR = 32 x 32 outputs in four C tiles of 16 x 16 32-bit sums (tmm0..3:
+// C[i][j] = tmm(2i + j)), two A tiles (tmm4, tmm5: rows 0-15 and 16-31) and two B tiles (tmm6, tmm7:
+// columns 0-15 and 16-31): per step of KT k values, four tdp* instructions. KT is one A tile row of
+// 64 bytes: 32 bf16 / fp16 values or 64 int8 values.
+// Packed layouts (gemm_pack_panels' element formula with its k grouping):
+//   A: [k / KT][MR][KT]: a step's A tiles are 16 rows of 64 bytes, row stride 64 bytes;
+//   B: [k / KU][NR][KU] with KU = 2 (a bf16 / fp16 pair) or 4 (an int8 quad), the SDM's VNNI layout:
+//      B tile row r holds k = KU * r .. KU * r + KU - 1 of 16 columns, row stride NR * KU elements
+//      (128 bytes); the second B tile starts 16 columns (64 bytes) further.
+//   Depth padded with zeros to a multiple of KT (A and B alike), rows / columns past the matrix too.
+// Arithmetic, per input dtype (what the instructions do exactly: amx_tile_model.h):
+//   bfloat16 (tdpbf16ps): each bf16 x bf16 product is exact in float32 and every sum is a float32
+//            sum rounded to nearest even, so this is a float32 accumulation as the contract asks, in
+//            a different order from the AVX-512 kernels (per instruction, per output: the even
+//            elements of the 16 pairs summed in k order, the odd ones likewise, the two sums added,
+//            then added to the accumulator). The instruction reads bf16 subnormal inputs and
+//            subnormal accumulators as zero and flushes tiny (below 2^-126) results to zero: an
+//            output moves by less than 2^-126 per flushed operation (vdpbf16ps does the same).
+//   float16  (tdpfp16ps, only on CPUs with AMX-FP16): products of fp16 values are exact in
+//            float32, fp16 subnormal inputs are kept; the sums and the flushing are as for bf16.
+//   int8     (tdpbssd): signed x signed bytes, int32 sums wrapping mod 2^32, hence exact for K <=
+//            131071 (the final sum fits int32, so intermediate wrap-around is harmless).
+// Partial sums across K blocks stay in memory as for the AVX kernels (gemm_driver.h): C tiles are
+// loaded from them (tileloadd) and stored back (tilestored); the last K block goes through a local
+// 32 x 32 buffer to the shared epilogue (bias, rounding once, scaled_gemm's epilogue) in S vectors.
+// Each microkernel call loads the tile configuration and releases the tiles at its end, so no tile
+// state outlives a call (another library's AMX code may run on the same threads between calls).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/gemm/amx_tile_model.h"
+#include "cpu/gemm/gemm.h"
+#include "cpu/gemm/gemm_driver.h"
+
+namespace lp {
+namespace {
+
+constexpr int64_t kAmxMr = 32, kAmxNr = 32;
+
+// Every tile 16 rows x 64 bytes. A constant in memory, 64-byte aligned, that ldtilecfg reads whole
+// (GCC 12's _tile_loadconfig declares an 8-byte read only, so a configuration built on the stack
+// could lose its stores).
+alignas(64) static const AmxTileConfig kAmxGemmConfig = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0}, {16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0}};
+
+// The input kinds: packed element, k values per A tile row (KT) and per B unit (KU), dot product.
+struct AmxBf16 {
+  using Packed = uint16_t;
+  static constexpr int64_t kKTile = 32, kKUnit = 2;
+  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_BF16; }
+  template <class Tiles, int C, int A, int B> static void dp() { Tiles::template dp_bf16<C, A, B>(); }
+};
+struct AmxFp16 {
+  using Packed = uint16_t;
+  static constexpr int64_t kKTile = 32, kKUnit = 2;
+  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_F16; }
+  template <class Tiles, int C, int A, int B> static void dp() { Tiles::template dp_fp16<C, A, B>(); }
+};
+struct AmxInt8 {
+  using Packed = int8_t;
+  static constexpr int64_t kKTile = 64, kKUnit = 4;
+  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_I8; }
+  template <class Tiles, int C, int A, int B> static void dp() { Tiles::template dp_s8<C, A, B>(); }
+};
+
+// Whether a tile's last K block runs the epilogue (bias, rounding, scales) instead of storing sums.
+static inline bool amx_needs_epilogue(const GemmFloatTile& t) { return t.final; }
+static inline bool amx_needs_epilogue(const GemmInt8Tile& t) { return t.final && t.scaled; }
+
+// The macro-loop's traits (gemm_driver.h) for kind Kind.
+template <class Tiles, class S, class Kind, class Args>
+struct AmxTraits {
+  using Packed = typename Kind::Packed;
+  static constexpr int64_t kMr = kAmxMr, kNr = kAmxNr, kKGroup = Kind::kKTile, kKUnit = Kind::kKUnit;
+  static_assert(kKGroup * sizeof(Packed) == 64 && kNr * kKUnit * sizeof(Packed) == 128, "tile rows of 64 bytes");
+  const Args& g;
+  bool c32_is_out;
+  int64_t ws_ld;
+
+  int64_t b_panel_elems(int64_t kc_panel) const { return kNr * kc_panel; }
+
+  void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
+    const int64_t rs = g.a.stride_row_elems, cs = g.a.stride_col_elems;
+    gemm_with_operand<Kind>(g.a, batch, i0, p0, [&](auto, auto src) {
+      gemm_pack_panels<kMr, kKGroup>(
+          dst, kMr * gemm_round_up(kc, kKGroup), mc, kc,
+          [&](int64_t i, Packed* d) -> int64_t {
+            if (cs != 1) return 0;
+            // Rows contiguous along k: a row's KT values are one 64-byte copy.
+            const int64_t k_end = kc / kKGroup * kKGroup;
+            for (int64_t k = 0; k < k_end; k += kKGroup)
+              for (int64_t r = 0; r < kMr; ++r) std::memcpy(d + k * kMr + r * kKGroup, src + (i + r) * rs + k, 64);
+            return k_end;
+          },
+          [&](int64_t i, int64_t k) { return Packed(src[i * rs + k * cs]); }, [](Packed*) {});
+    });
+  }
+
+  void pack_b(int64_t batch, int64_t p0, int64_t kc, int64_t j0, int64_t nc, Packed* dst) const {
+    const int64_t rs = g.b.stride_row_elems, cs = g.b.stride_col_elems;
+    const int64_t kc_panel = gemm_round_up(kc, kKGroup);
+    gemm_with_operand<Kind>(g.b, batch, p0, j0, [&](auto, auto src) {
+      // Packed to depth kc_panel: the scalar rest writes zeros for k past kc.
+      gemm_pack_panels<kNr, kKUnit>(
+          dst, kNr * kc_panel, nc, kc_panel,
+          [&](int64_t j, Packed* d) -> int64_t {
+            const int64_t k_end = kc / kKUnit * kKUnit;
+            if (rs == 1) {  // B = W^T: a column's KU values are contiguous
+              for (int64_t k = 0; k < k_end; k += kKUnit)
+                for (int64_t l = 0; l < kNr; ++l)
+                  std::memcpy(d + k * kNr + l * kKUnit, src + (j + l) * cs + k, kKUnit * sizeof(Packed));
+              return k_end;
+            }
+            if (cs == 1) {  // row-major B: KU rows interleaved
+              for (int64_t k = 0; k < k_end; k += kKUnit)
+                for (int64_t l = 0; l < kNr; ++l)
+                  for (int64_t u = 0; u < kKUnit; ++u) d[k * kNr + l * kKUnit + u] = src[(k + u) * rs + j + l];
+              return k_end;
+            }
+            return 0;
+          },
+          [&](int64_t j, int64_t k) { return k < kc ? Packed(src[k * rs + j * cs]) : Packed(0); }, [](Packed*) {});
+    });
+  }
+
+  // One full 32 x 32 tile (see the top of the file); t is a GemmFloatTile or GemmInt8Tile.
+  template <class Tile>
+  static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t) {
+    using Elem = typename std::remove_pointer<decltype(t.c32)>::type;  // float or int32_t
+    constexpr int64_t kAElems = 16 * kKGroup, kBHalf = 16 * kKUnit;  // one A tile; 16 columns of B
+    constexpr int64_t kARow = kKGroup * sizeof(Packed), kBRow = kNr * kKUnit * sizeof(Packed);
+    Tiles::configure(&kAmxGemmConfig);
+    if (t.prev) {
+      const int64_t ld = t.prev_ld;
+      Tiles::template load<0>(t.prev, ld * 4);
+      Tiles::template load<1>(t.prev + 16, ld * 4);
+      Tiles::template load<2>(t.prev + 16 * ld, ld * 4);
+      Tiles::template load<3>(t.prev + 16 * ld + 16, ld * 4);
+    } else {
+      Tiles::template zero<0>();
+      Tiles::template zero<1>();
+      Tiles::template zero<2>();
+      Tiles::template zero<3>();
+    }
+    for (int64_t k = 0; k < kc_panel; k += kKGroup) {
+      const Packed* a = ap + k * kMr;
+      const Packed* b = bp + k * kNr;
+      Tiles::template load<4>(a, kARow);
+      Tiles::template load<5>(a + kAElems, kARow);
+      Tiles::template load<6>(b, kBRow);
+      Tiles::template load<7>(b + kBHalf, kBRow);
+      Kind::template dp<Tiles, 0, 4, 6>();
+      Kind::template dp<Tiles, 1, 4, 7>();
+      Kind::template dp<Tiles, 2, 5, 6>();
+      Kind::template dp<Tiles, 3, 5, 7>();
+    }
+    if (!amx_needs_epilogue(t)) {
+      const int64_t ld = t.c32_ld;
+      Tiles::template store<0>(t.c32, ld * 4);
+      Tiles::template store<1>(t.c32 + 16, ld * 4);
+      Tiles::template store<2>(t.c32 + 16 * ld, ld * 4);
+      Tiles::template store<3>(t.c32 + 16 * ld + 16, ld * 4);
+      Tiles::release();
+      return;
+    }
+    alignas(64) Elem sums[kMr * kNr];
+    Tiles::template store<0>(sums, kNr * 4);
+    Tiles::template store<1>(sums + 16, kNr * 4);
+    Tiles::template store<2>(sums + 16 * kNr, kNr * 4);
+    Tiles::template store<3>(sums + 16 * kNr + 16, kNr * 4);
+    Tiles::release();
+    constexpr int NV = int(kNr / S::kLanes);
+    using V = decltype(S::loadu(sums));  // S::F or S::I
+    V c[kMr][NV];
+    for (int64_t i = 0; i < kMr; ++i)
+      for (int h = 0; h < NV; ++h) c[i][h] = S::loadu(sums + i * kNr + h * S::kLanes);
+    gemm_tile_store<S>(t, c);
+  }
+
+  void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
+            int64_t rows, int64_t cols, bool first, bool last, void* ws) const {
+    const auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
+    if (rows == kMr && cols == kNr)
+      ukernel(kc_panel, ap, bp, t);
+    else
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
+  }
+};
+
+// Cache blocking: a kc x 32 B panel fills half of L1d (A's tiles stream past it), kc a multiple of
+// KT, mc of the 32-row tile (gemm_blocking caps it at 1020 rows).
+static inline GemmBlocking gemm_amx_blocking(int64_t elem_bytes) {
+  GemmBlocking b = gemm_blocking(kAmxMr, kAmxNr, elem_bytes, 2);
+  const int64_t kt = 64 / elem_bytes;
+  b.kc = std::max(kt, b.kc / kt * kt);
+  b.mc = std::max(kAmxMr, b.mc / kAmxMr * kAmxMr);
+  return b;
+}
+
+// The AMX paths of a table: bf16 (and fp16 when has_fp16) float GEMMs, returning false for the
+// other dtypes (the table's float32 kernels run them); every int8 GEMM.
+template <class Tiles, class S>
+bool gemm_float_amx_tiles(const GemmFloatArgs& g, bool has_fp16) {
+  if (g.a.dtype == LP_DTYPE_BF16) {
+    gemm_packed_with<AmxTraits<Tiles, S, AmxBf16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    return true;
+  }
+  if (g.a.dtype == LP_DTYPE_F16 && has_fp16) {
+    gemm_packed_with<AmxTraits<Tiles, S, AmxFp16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    return true;
+  }
+  return false;
+}
+
+template <class Tiles, class S>
+void gemm_int8_amx_tiles(const GemmInt8Args& g) {
+  gemm_packed_with<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args>>(g, gemm_amx_blocking(1));
+}
+
+static inline GemmBlocking gemm_packed_blocking_amx(bool is_int8) { return gemm_amx_blocking(is_int8 ? 1 : 2); }
+
+}  // namespace
+}  // namespace lp

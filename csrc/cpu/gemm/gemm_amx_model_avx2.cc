@@ -1,0 +1,114 @@
+// The AMX GEMM kernels of gemm_amx_kernels.h compiled against the software tile model
+// (amx_tile_model.h), with the AVX2 vector layer for their epilogue: a table ("amx-model") that runs
+// the AMX kernels' logic on any CPU with AVX2, for tests only (the `gemm_testing_table` hook of the
+// bindings; it is not an ISA level). Unlike the real AMX table it sends every bf16, fp16 and int8
+// shape to the tile kernels (no matrix-vector or few-row paths), fp16 included (the model has
+// tdpfp16ps); float32 runs the AVX2 kernels. Also the model's own unit-test hook, gemm_amx_model_exec.
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/gemm/amx_tile_model.h"
+#include "cpu/gemm/gemm.h"
+#include "cpu/gemm/gemm_amx_kernels.h"
+#include "cpu/simd256.h"
+
+namespace lp {
+namespace {
+
+struct AmxModelTiles {
+  static void configure(const AmxTileConfig* c) { amx_model_ldtilecfg(c); }
+  static void release() { amx_model_release(); }
+  template <int T>
+  static void zero() {
+    amx_model_tilezero(T);
+  }
+  template <int T>
+  static void load(const void* p, int64_t stride) {
+    amx_model_tileloadd(T, p, stride);
+  }
+  template <int T>
+  static void store(void* p, int64_t stride) {
+    amx_model_tilestored(T, p, stride);
+  }
+  template <int C, int A, int B>
+  static void dp_bf16() {
+    amx_model_tdpbf16ps(C, A, B);
+  }
+  template <int C, int A, int B>
+  static void dp_fp16() {
+    amx_model_tdpfp16ps(C, A, B);
+  }
+  template <int C, int A, int B>
+  static void dp_s8() {
+    amx_model_tdpbssd(C, A, B);
+  }
+};
+
+void gemm_float_amx_model(const GemmFloatArgs& g) {
+  if (!gemm_float_amx_tiles<AmxModelTiles, Simd256>(g, true)) gemm_kernels_avx2()->gemm_float(g);
+}
+
+void gemm_int8_amx_model(const GemmInt8Args& g) { gemm_int8_amx_tiles<AmxModelTiles, Simd256>(g); }
+
+const GemmKernels kGemmAmxModel = {"amx-model",
+                                   LP_ISA_AVX2,
+                                   gemm_float_amx_model,
+                                   gemm_int8_amx_model,
+                                   nullptr,
+                                   nullptr,
+                                   gemm_packed_blocking_amx,
+                                   nullptr};
+
+}  // namespace
+
+const GemmKernels* gemm_kernels_amx_model() { return &kGemmAmxModel; }
+
+std::string gemm_amx_model_exec(const std::string& op, const std::vector<int64_t>& args) {
+  auto need = [&](size_t n) {
+    if (args.size() != n)
+      throw std::invalid_argument("gemm_amx_model_exec: " + op + " takes " + std::to_string(n) + " arguments, got " +
+                                  std::to_string(args.size()));
+  };
+  auto ptr = [](int64_t a) { return reinterpret_cast<void*>(static_cast<uintptr_t>(a)); };
+  static const struct {
+    const char* name;
+    void (*fn)(int, int, int);
+  } kDotProducts[] = {{"tdpbf16ps", amx_model_tdpbf16ps}, {"tdpfp16ps", amx_model_tdpfp16ps},
+                      {"tdpbssd", amx_model_tdpbssd},     {"tdpbsud", amx_model_tdpbsud},
+                      {"tdpbusd", amx_model_tdpbusd},     {"tdpbuud", amx_model_tdpbuud}};
+  try {
+    if (op == "ldtilecfg") {
+      need(1);
+      amx_model_ldtilecfg(ptr(args[0]));
+    } else if (op == "sttilecfg") {
+      need(1);
+      amx_model_sttilecfg(ptr(args[0]));
+    } else if (op == "tilerelease") {
+      need(0);
+      amx_model_release();
+    } else if (op == "tilezero") {
+      need(1);
+      amx_model_tilezero(int(args[0]));
+    } else if (op == "tileloadd" || op == "tilestored") {
+      need(3);
+      if (op == "tileloadd")
+        amx_model_tileloadd(int(args[0]), ptr(args[1]), args[2]);
+      else
+        amx_model_tilestored(int(args[0]), ptr(args[1]), args[2]);
+    } else {
+      for (const auto& d : kDotProducts) {
+        if (op != d.name) continue;
+        need(3);
+        d.fn(int(args[0]), int(args[1]), int(args[2]));
+        return "";
+      }
+      throw std::invalid_argument("gemm_amx_model_exec: unknown instruction '" + op + "'");
+    }
+  } catch (const AmxModelFault& f) {
+    return f.what();
+  }
+  return "";
+}
+
+}  // namespace lp
