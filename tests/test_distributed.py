@@ -621,7 +621,9 @@ def test_two_groups_set_up_from_two_threads_in_opposite_orders_do_not_wait_for_e
 def test_communicators_are_released_with_their_process_group():
     """Issue 9.9: every init/destroy cycle kept ~6 descriptors, 3 threads and 2.3 MiB of /dev/shm
     (and, through the group, Gloo's own threads and sockets)."""
-    res = _run("cycles", 2, args={"cycles": 32}, timeout_s=240)
+    # A generous group timeout: each cycle's Gloo rendezvous must not fail on a loaded machine (twice
+    # seen at 20 s under load average 5 on 2 cores); what is tested is resources, not speed.
+    res = _run("cycles", 2, args={"cycles": 32}, timeout_s=300, pg_timeout_s=60)
     for r in res.results:
         samples = r["samples"]
         base = samples[2]  # after the first cycles (lazily made pools, imports)
