@@ -108,3 +108,26 @@ def test_errors_name_the_argument(float_model, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # an unknown scheme is a usage error
         cli.build_parser().parse_args(["quantize", src, "--out", "x", "--scheme", "w2"])
     assert exc.value.code == 2
+
+
+def test_gpt2_conv1d_and_tied_lm_head_round_trip(tmp_path):
+    """A small GPT-2 saved by transformers: Conv1D layers quantized, the lm_head tied to the token
+    embedding kept float (--skip lm_head) and still tied after loading."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    assert cli.main(["quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "q"), "--scheme", "w4",
+                     "--group-size", "32", "--skip", "lm_head"]) == 0
+    model, _, _ = serialize.load_pretrained(tmp_path / "gpt2")
+    expected = lnn.quantize_model(model, "w4", group_size=32, filter_fn=lambda m, name: name != "lm_head")
+    loaded = lnn.load_quantized(tmp_path / "q")
+    assert type(loaded) is transformers.GPT2LMHeadModel
+    assert sum(isinstance(m, lnn.QuantLinear) for m in loaded.modules()) == 2 * 4  # c_attn, c_proj, c_fc, c_proj
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    manifest = serialize.read_manifest(tmp_path / "q", "test")
+    assert manifest["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
