@@ -1,4 +1,5 @@
-"""The `lepton` command line: `lepton info`, `lepton train ...`, `lepton bench [family ...]`.
+"""The `lepton` command line: `lepton info`, `lepton train ...`, `lepton bench [family ...]`,
+`lepton quantize SOURCE --out DIR`.
 
 `lepton --help`, `lepton info` and building every subcommand's parser import neither torch nor the
 trainer nor the benchmarks (API.md §0: they work with NumPy alone); `train` and `bench` import them
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import fnmatch
 import importlib
+import os
 import json
 import math
 import sys
@@ -139,6 +142,58 @@ def _bench_json(info: dict, threads: int, quick: bool, tables) -> dict:
     }
 
 
+QUANTIZE_EXAMPLES = """examples:
+  lepton quantize all-MiniLM-L6-v2 --out minilm-w8
+  lepton quantize all-MiniLM-L6-v2 --out minilm-w4 --scheme w4 --group-size 64
+  lepton quantize ./my-gpt2 --out gpt2-w8a8 --scheme w8a8 --skip lm_head
+
+then, in Python:
+  import lepton_core as lc
+  model = lc.nn.load_quantized("minilm-w8")   # a SentenceTransformer: model.encode([...])
+"""
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def _cmd_quantize(args) -> int:
+    problem = missing(("torch", "transformers", "sentence_transformers"), "lepton quantize", "infer")
+    if problem:
+        print(f"lepton quantize: error: {problem}", file=sys.stderr, flush=True)
+        return 1
+    import lepton_core as lc
+    from lepton_core.nn import serialize
+    from lepton_core.nn.quant_linear import check_scheme
+
+    patterns = args.skip or []
+
+    def keep_quantizing(module, name: str) -> bool:  # --skip: a glob on the full name or its last part
+        return not any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rpartition(".")[2], p)
+                       for p in patterns)
+
+    try:
+        check_scheme(args.scheme, args.group_size, "lepton quantize")
+        model, kind, src = serialize.load_pretrained(args.source)
+        if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
+            raise ValueError(f"--out {args.out!r} exists and is not an empty directory")
+        qmodel = lc.nn.quantize_model(model, args.scheme, group_size=args.group_size, filter_fn=keep_quantizing,
+                                      inplace=True)
+        manifest = lc.nn.save_quantized(qmodel, args.out, source=src)
+    except ValueError as exc:
+        msg = str(exc).removeprefix("lepton quantize: ")
+        print(f"lepton quantize: error: {msg}", file=sys.stderr, flush=True)
+        return 1
+    n = len(manifest["quant_linear"])
+    before = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(src) for f in files
+                 if f.endswith(serialize.WEIGHT_SUFFIXES))
+    print(f"lepton quantize: {kind} model {src}: {n} linear layers -> {args.scheme}"
+          f"{f' (group {args.group_size})' if args.scheme == 'w4' else ''}; saved to {args.out} "
+          f"({_bytes(_dir_bytes(args.out))}; float weight files {_bytes(before)}). "
+          f"Load it with lc.nn.load_quantized({args.out!r}).")
+    return 0
+
+
 def _bench_family(name: str) -> str:
     if name not in BENCH_CHOICES:
         raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {', '.join(BENCH_CHOICES)})")
@@ -172,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = SuggestingParser(prog="lepton", description="lepton_core: kernels and trainer for cheaper training",
                          epilog="`python -m lepton_core` alone is `lepton info` (paste it into bug reports).")
     p.add_argument("--version", action="version", version=f"lepton_core {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{info,train,federated,bench}", parser_class=SuggestingParser)
+    sub = p.add_subparsers(dest="command", metavar="{info,train,federated,bench,quantize}", parser_class=SuggestingParser)
     sub.required = True
 
     pi = sub.add_parser("info", help="what this build and machine offer (lc.info())")
@@ -203,6 +258,24 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("--markdown", metavar="FILE", help="also write the tables to FILE (Markdown)")
     pb.add_argument("--json", metavar="FILE", help="also write the tables to FILE as JSON (one object per row)")
     pb.set_defaults(func=_cmd_bench)
+
+    pq = sub.add_parser("quantize", help="quantize a Hugging Face / sentence-transformers model and save it",
+                        description="Loads a sentence-transformers model (a directory with modules.json, or "
+                                    "all-MiniLM-L6-v2: the one the [infer] extra packages) or a transformers "
+                                    "model directory (config.json), replaces its linear layers by "
+                                    "lc.nn.QuantLinear (lc.nn.quantize_model) and saves it to --out without "
+                                    "their float weights. lc.nn.load_quantized(DIR) rebuilds it.",
+                        epilog=QUANTIZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pq.add_argument("source", help="model directory, or all-MiniLM-L6-v2 (packaged, offline)")
+    pq.add_argument("--out", required=True, metavar="DIR", help="where to save (must not exist or be empty)")
+    pq.add_argument("--scheme", choices=("w8", "w8a8", "w4"), default="w8",
+                    help="w8: int8 weights; w8a8: int8 weights and activations; w4: 4-bit weights (default: w8)")
+    pq.add_argument("--group-size", type=int, default=128, metavar="N",
+                    help="w4: inputs per scale and zero point, a power of two 32..1024 (default: 128)")
+    pq.add_argument("--skip", action="append", metavar="PATTERN",
+                    help="keep the linear layers whose name (or last name part) matches this glob in float, "
+                         "e.g. lm_head or '*.attention.*' (repeatable)")
+    pq.set_defaults(func=_cmd_quantize)
     return p
 
 

@@ -31,6 +31,13 @@ def test_bench_family_parsing(argv, families):
     assert args.command == "bench" and args.family == families
 
 
+@pytest.mark.parametrize("line", [ln.split(None, 1)[1] for ln in cli.QUANTIZE_EXAMPLES.splitlines()
+                                  if ln.strip().startswith("lepton quantize")])
+def test_quantize_help_examples_parse(line):
+    args = _parse(line.split())
+    assert args.command == "quantize" and args.out and args.scheme in ("w8", "w8a8", "w4")
+
+
 def test_bench_unknown_family_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         _parse(["bench", "gemx"])
@@ -52,7 +59,8 @@ def _main_without_torch(*argv, module="lepton_core.cli"):
 
 
 @pytest.mark.parametrize("argv,expect", [
-    (["--help"], "{info,train,federated,bench}"),
+    (["--help"], "{info,train,federated,bench,quantize}"),
+    (["quantize", "--help"], "lc.nn.load_quantized"),
     (["info"], "cpu isa"),
     (["info", "--json"], '"cpu_isa"'),
     (["train", "--help"], "--precision"),
@@ -69,6 +77,7 @@ def test_commands_that_work_without_torch(argv, expect):
     (["train", "--epochs", "1", "--nproc", "1"], "train"),
     (["bench"], "torch"),
     (["bench", "gemm", "--quick"], "torch"),
+    (["quantize", "all-MiniLM-L6-v2", "--out", "q"], "infer"),
 ])
 def test_train_and_bench_without_torch_name_the_extra(argv, extra):
     r = _main_without_torch(*argv)

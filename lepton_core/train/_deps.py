@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Optional, Sequence
 
-_PACKAGE_OF = {"torch": "PyTorch", "sklearn": "scikit-learn"}  # module -> what pip calls it
+_PACKAGE_OF = {"torch": "PyTorch", "sklearn": "scikit-learn", "sentence_transformers": "sentence-transformers"}  # module -> what pip calls it
 
 
 def install_hint(extra: str) -> str:
