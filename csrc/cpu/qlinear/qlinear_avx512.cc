@@ -2,6 +2,13 @@
 // whole 32-column panel at once (2 vectors). Register budget (32 zmm): w8 12 rows x 2 accumulators + 2
 // widened code vectors + the broadcast; w4 6 rows x 2 x (group sum + total) + 4 code vectors + 2
 // broadcasts.
+// And this level's own bf16 kernels (qlinear.h, "bf16 activations"): per panel and K block of
+// kQLinearBf16BlockK, the codes are converted to bf16 k-pairs ([k/2][32][2], the layout of lc.gemm's
+// bf16 B panels) in the thread's workspace; then 12 rows at a time run vdpbf16ps over each segment
+// (a w4 group's part of the block, or the whole block for w8) with 24 accumulators, and add the
+// segment's sums (w4: times its group's scales) into the float32 sums of the panel (m x 32, L1/L2).
+#include <immintrin.h>
+
 #include "common/codes.h"
 #include "cpu/qlinear/qlinear.h"
 #include "cpu/qlinear/qlinear_kernel.h"
@@ -9,10 +16,134 @@
 #include "cpu/simd512.h"
 
 namespace lp {
+namespace {
+
+// Interleaves the two halves of [a0 .. a15 | b0 .. b15] (16-bit lanes) into pairs a0 b0 a1 b1 ...
+static inline __m512i bf16_pair_index() {
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(kIdx);
+}
+
+// w8: the codes of k values [k0, k1) (k0 even) of one panel as bf16 pairs; a k past c.k is a zero.
+static void bf16_convert_w8(const QLinearCall& c, const int8_t* panel, int64_t k0, int64_t k1, uint16_t* d) {
+  const __m512i idx = bf16_pair_index();
+  auto row = [&](int64_t kk, int h) {
+    if (kk >= c.k) return _mm512_setzero_ps();
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + kk * kQLinearPanel + 16 * h))));
+  };
+  for (int64_t kk = k0; kk < k1; kk += 2) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(row(kk + 1, h), row(kk, h));  // exact: |q| <= 127
+      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, _mm512_permutexvar_epi16(idx, both));
+    }
+  }
+}
+
+// w4: the codes of k values [k0, k1) (k0 even, within one group: zero_g its zero points) as bf16 pairs
+// of q - zero, looked up in a table of the bf16 values of -16 .. 15 (exact) with vpermw.
+static void bf16_convert_w4(const uint8_t* panel, const uint8_t* zero_g, int64_t k0, int64_t k1, uint16_t* d) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(iota, _mm512_sub_ps(iota, _mm512_set1_ps(16.0f)));
+  __m512i zz[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_g + 16 * h)));
+    // 16 + 16 * 2^16 - (z + z * 2^16): each 16-bit half of a lane stays in 1 .. 31 after adding q.
+    zz[h] = _mm512_sub_epi32(_mm512_set1_epi32(0x00100010), _mm512_or_si512(z, _mm512_slli_epi32(z, 16)));
+  }
+  const __m512i lo4 = _mm512_set1_epi32(0x0f), hi4 = _mm512_set1_epi32(0xf0);
+  for (int64_t kk = k0; kk < k1; kk += 2) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + (kk / 2) * kQLinearPanel + 16 * h)));
+      const __m512i q = _mm512_or_si512(_mm512_and_si512(b, lo4), _mm512_slli_epi32(_mm512_and_si512(b, hi4), 12));
+      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, _mm512_permutexvar_epi16(_mm512_add_epi32(q, zz[h]), table));
+    }
+  }
+}
+
+// The bf16 sums of R rows over k-pairs [0, pairs) of a segment: x at the rows' first k (rows x_ld
+// apart), b at the segment's first pair; added to the panel's sums ws (rows 32 apart), times s[h]
+// when scaled (w4).
+template <int R>
+static inline __attribute__((always_inline)) void bf16_segment(const uint16_t* x, int64_t x_ld, const uint16_t* b,
+                                                               int64_t pairs, float* ws, bool scaled, const float* s) {
+  __m512 g[R][2];
+  for (int r = 0; r < R; ++r) g[r][0] = g[r][1] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(b + q * 64), b1 = (__m512bh)_mm512_load_si512(b + q * 64 + 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * x_ld + 2 * q));
+      g[r][0] = _mm512_dpbf16_ps(g[r][0], a, b0);
+      g[r][1] = _mm512_dpbf16_ps(g[r][1], a, b1);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m512 sh = scaled ? _mm512_loadu_ps(s + 16 * h) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      float* w = ws + r * kQLinearPanel + 16 * h;
+      _mm512_store_ps(w, scaled ? _mm512_fmadd_ps(sh, g[r][h], _mm512_load_ps(w)) : _mm512_add_ps(g[r][h], _mm512_load_ps(w)));
+    }
+  }
+}
+
+// Every row of panels [p0, p1) with bf16 activations; W4 picks the scheme.
+template <bool W4>
+void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_bytes) {
+  uint16_t* bbuf = static_cast<uint16_t*>(ws_bytes);
+  float* sums = reinterpret_cast<float*>(static_cast<char*>(ws_bytes) + kQLinearBf16BlockK * kQLinearPanel * 2);
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t i = 0; i < c.m * kQLinearPanel; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());
+    for (int64_t k0 = 0; k0 < c.k_pad; k0 += kQLinearBf16BlockK) {
+      const int64_t k1 = std::min(c.k_pad, k0 + kQLinearBf16BlockK);
+      if constexpr (W4) {
+        const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
+        const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
+        for (int64_t s0 = k0; s0 < k1; s0 = std::min(k1, (s0 / c.group_size + 1) * c.group_size))
+          bf16_convert_w4(panel, zero + (s0 / c.group_size) * kQLinearPanel, s0,
+                          std::min(k1, (s0 / c.group_size + 1) * c.group_size), bbuf + (s0 - k0) * kQLinearPanel);
+      } else {
+        bf16_convert_w8(c, static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel, k0, k1, bbuf);
+      }
+      qlinear_row_blocks<Simd512, 12, 2>(0, c.m, [&](auto rows, int64_t i0) {
+        constexpr int R = decltype(rows)::value;
+        const uint16_t* x = c.xb + i0 * c.k_pad;
+        float* ws = sums + i0 * kQLinearPanel;
+        if constexpr (W4) {
+          const float* scale = c.scale + p * c.n_groups * kQLinearPanel;
+          for (int64_t s0 = k0; s0 < k1;) {
+            const int64_t g = s0 / c.group_size, s1 = std::min(k1, (g + 1) * c.group_size);
+            bf16_segment<R>(x + s0, c.k_pad, bbuf + (s0 - k0) * kQLinearPanel, (s1 - s0) / 2, ws, true,
+                            scale + g * kQLinearPanel);
+            s0 = s1;
+          }
+        } else {
+          bf16_segment<R>(x + k0, c.k_pad, bbuf, (k1 - k0) / 2, ws, false, nullptr);
+        }
+      });
+    }
+    // Epilogue: w8's per-channel scale, then the bias and the output dtype (qlinear_store).
+    const int64_t col0 = p * kQLinearPanel;
+    for (int64_t i = 0; i < c.m; ++i) {
+      __m512 acc[1][2];
+      for (int h = 0; h < 2; ++h) {
+        acc[0][h] = _mm512_load_ps(sums + i * kQLinearPanel + 16 * h);
+        if (!W4) acc[0][h] = _mm512_mul_ps(acc[0][h], _mm512_loadu_ps(c.scale + col0 + 16 * h));
+      }
+      qlinear_store<Simd512, 1, 2>(c, i, col0, acc);
+    }
+  }
+}
+
+}  // namespace
 
 // The table (its kernels are instances over this file's vector type, which has internal linkage).
 const QLinearKernels* qlinear_kernels_avx512() {
-  static const QLinearKernels kTable = {"avx512", LP_ISA_AVX512, qlinear_w8_panels<Simd512, 12, 2>, qlinear_w4_panels<Simd512, 6, 2>};
+  static const QLinearKernels kTable = {"avx512",
+                                        LP_ISA_AVX512,
+                                        qlinear_w8_panels<Simd512, 12, 2>,
+                                        qlinear_w4_panels<Simd512, 6, 2>,
+                                        qlinear_bf16_panels<false>,
+                                        qlinear_bf16_panels<true>};
   return &kTable;
 }
 
