@@ -61,7 +61,8 @@ struct QLinearCall {
   int64_t m, n, k, k_pad, n_groups, group_size;
   const float* x;     // (m, k_pad) contiguous, zero past k
   const float* xsum;  // w4: (m, n_groups), sum of x over each group; else null
-  const uint16_t* xb; // bf16 kernels: (m, k_pad) contiguous bf16 rows, zero past k (x, xsum null)
+  const uint16_t* xb; // bf16 kernels: (m, k_pad) bf16 rows xb_ld apart, zero past k (x, xsum null)
+  int64_t xb_ld;      // a multiple of 32 plus 32: the rows of a block fall in distinct L1 sets
   const void* codes;
   const float* scale;
   const uint8_t* zero;
@@ -84,7 +85,7 @@ struct QLinearKernels {
 
 // From this many rows on, bf16 activations take the bf16 kernels (fewer rows are memory-bound:
 // the float32 kernels stream the packed weight once, and converting it would cost more than it saves).
-constexpr int64_t kQLinearBf16MinRows = 16;
+constexpr int64_t kQLinearBf16MinRows = 8;
 
 // The bf16 kernels' K block: the k values of a panel converted at a time (512 k of 32 columns in
 // bf16 are 32 KiB, L1d). A w4 group that straddles blocks is summed in pieces, each scaled.

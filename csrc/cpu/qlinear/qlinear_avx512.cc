@@ -18,24 +18,21 @@
 namespace lp {
 namespace {
 
-// Interleaves the two halves of [a0 .. a15 | b0 .. b15] (16-bit lanes) into pairs a0 b0 a1 b1 ...
-static inline __m512i bf16_pair_index() {
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  return _mm512_load_si512(kIdx);
-}
-
 // w8: the codes of k values [k0, k1) (k0 even) of one panel as bf16 pairs; a k past c.k is a zero.
+// The bytes of k and k + 1 are interleaved first, so the widened floats are already in pair order.
 static void bf16_convert_w8(const QLinearCall& c, const int8_t* panel, int64_t k0, int64_t k1, uint16_t* d) {
-  const __m512i idx = bf16_pair_index();
-  auto row = [&](int64_t kk, int h) {
-    if (kk >= c.k) return _mm512_setzero_ps();
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + kk * kQLinearPanel + 16 * h))));
-  };
+  const __m256i zero_row = _mm256_setzero_si256();
+  auto pairs8 = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
   for (int64_t kk = k0; kk < k1; kk += 2) {
-    for (int h = 0; h < 2; ++h) {
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(row(kk + 1, h), row(kk, h));  // exact: |q| <= 127
-      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, _mm512_permutexvar_epi16(idx, both));
+    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk * kQLinearPanel));
+    const __m256i r1 = kk + 1 < c.k ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (kk + 1) * kQLinearPanel))
+                                    : zero_row;
+    // lo: columns 0-7 | 16-23, hi: 8-15 | 24-31, each as (k, k + 1) byte pairs
+    const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
+    for (int h = 0; h < 2; ++h) {  // columns 16 h .. 16 h + 15; exact: |q| <= 127
+      const __m512 f_lo = pairs8(h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo));
+      const __m512 f_hi = pairs8(h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi));
+      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(f_hi, f_lo));
     }
   }
 }
@@ -106,18 +103,18 @@ void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_
       }
       qlinear_row_blocks<Simd512, 12, 2>(0, c.m, [&](auto rows, int64_t i0) {
         constexpr int R = decltype(rows)::value;
-        const uint16_t* x = c.xb + i0 * c.k_pad;
+        const uint16_t* x = c.xb + i0 * c.xb_ld;
         float* ws = sums + i0 * kQLinearPanel;
         if constexpr (W4) {
           const float* scale = c.scale + p * c.n_groups * kQLinearPanel;
           for (int64_t s0 = k0; s0 < k1;) {
             const int64_t g = s0 / c.group_size, s1 = std::min(k1, (g + 1) * c.group_size);
-            bf16_segment<R>(x + s0, c.k_pad, bbuf + (s0 - k0) * kQLinearPanel, (s1 - s0) / 2, ws, true,
+            bf16_segment<R>(x + s0, c.xb_ld, bbuf + (s0 - k0) * kQLinearPanel, (s1 - s0) / 2, ws, true,
                             scale + g * kQLinearPanel);
             s0 = s1;
           }
         } else {
-          bf16_segment<R>(x + k0, c.k_pad, bbuf, (k1 - k0) / 2, ws, false, nullptr);
+          bf16_segment<R>(x + k0, c.xb_ld, bbuf, (k1 - k0) / 2, ws, false, nullptr);
         }
       });
     }
