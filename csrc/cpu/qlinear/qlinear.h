@@ -26,7 +26,9 @@
 // whole weight, and multiplies the bf16 rows of x by it with vdpbf16ps (each bf16 x bf16 product is
 // exact in float32, summed in float32). w8: out = scale[j] * (sum over K blocks of the block's sum) +
 // bias; w4: out = sum_g scale[g][j] * (sum_{k in g} x[i][k] (q[j][k] - zero[g][j])) + bias, the same
-// exact products as above summed in another float32 order (the contract's tolerance). float32 / f16
+// exact products as above summed in another float32 order (the contract's tolerance). Like lc.gemm's
+// bf16 kernel, vdpbf16ps reads bf16 subnormal activations (|x| < 2^-126) as zero and flushes
+// subnormal partial results (each dropped product is below 2^-119 |scale|, as |q| <= 127). float32 / f16
 // activations stay on the float32 kernels: rounding them to bf16 would change the result beyond
 // API.md §1's float32 tolerance (f16 -> bf16 is not exact either). The choice depends only on the
 // dtype, m and the ISA, never on the thread count.

@@ -58,6 +58,16 @@ static void bf16_convert_w4(const uint8_t* panel, const uint8_t* zero_g, int64_t
   }
 }
 
+// Calls f(s0, s1, g) for each piece [s0, s1) of [k0, k1) that lies in one w4 group g (all edges even).
+template <class F>
+static inline void bf16_group_pieces(const QLinearCall& c, int64_t k0, int64_t k1, const F& f) {
+  for (int64_t s0 = k0; s0 < k1;) {
+    const int64_t g = s0 / c.group_size, s1 = std::min(k1, (g + 1) * c.group_size);
+    f(s0, s1, g);
+    s0 = s1;
+  }
+}
+
 // The bf16 sums of R rows over k-pairs [0, pairs) of a segment: x at the rows' first k (rows x_ld
 // apart), b at the segment's first pair; added to the panel's sums ws (rows 32 apart), times s[h]
 // when scaled (w4).
@@ -95,9 +105,9 @@ void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_
       if constexpr (W4) {
         const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
         const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
-        for (int64_t s0 = k0; s0 < k1; s0 = std::min(k1, (s0 / c.group_size + 1) * c.group_size))
-          bf16_convert_w4(panel, zero + (s0 / c.group_size) * kQLinearPanel, s0,
-                          std::min(k1, (s0 / c.group_size + 1) * c.group_size), bbuf + (s0 - k0) * kQLinearPanel);
+        bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
+          bf16_convert_w4(panel, zero + g * kQLinearPanel, s0, s1, bbuf + (s0 - k0) * kQLinearPanel);
+        });
       } else {
         bf16_convert_w8(c, static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel, k0, k1, bbuf);
       }
@@ -107,12 +117,10 @@ void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_
         float* ws = sums + i0 * kQLinearPanel;
         if constexpr (W4) {
           const float* scale = c.scale + p * c.n_groups * kQLinearPanel;
-          for (int64_t s0 = k0; s0 < k1;) {
-            const int64_t g = s0 / c.group_size, s1 = std::min(k1, (g + 1) * c.group_size);
+          bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
             bf16_segment<R>(x + s0, c.xb_ld, bbuf + (s0 - k0) * kQLinearPanel, (s1 - s0) / 2, ws, true,
                             scale + g * kQLinearPanel);
-            s0 = s1;
-          }
+          });
         } else {
           bf16_segment<R>(x + k0, c.xb_ld, bbuf, (k1 - k0) / 2, ws, false, nullptr);
         }
