@@ -93,48 +93,55 @@ static inline __attribute__((always_inline)) void bf16_segment(const uint16_t* x
   }
 }
 
-// Every row of panels [p0, p1) with bf16 activations; W4 picks the scheme.
+// Every row of panels [p0, p1) with bf16 activations; W4 picks the scheme. Rows go in chunks of about
+// 2 MiB of activations (all of them for the usual shapes): a chunk stays in cache while every panel
+// passes over it, and each panel's codes are converted once per chunk. Rows are independent, so the
+// chunking changes no result.
 template <bool W4>
 void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_bytes) {
   uint16_t* bbuf = static_cast<uint16_t*>(ws_bytes);
   float* sums = reinterpret_cast<float*>(static_cast<char*>(ws_bytes) + kQLinearBf16BlockK * kQLinearPanel * 2);
-  for (int64_t p = p0; p < p1; ++p) {
-    for (int64_t i = 0; i < c.m * kQLinearPanel; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());
-    for (int64_t k0 = 0; k0 < c.k_pad; k0 += kQLinearBf16BlockK) {
-      const int64_t k1 = std::min(c.k_pad, k0 + kQLinearBf16BlockK);
-      if constexpr (W4) {
-        const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
-        const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
-        bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
-          bf16_convert_w4(panel, zero + g * kQLinearPanel, s0, s1, bbuf + (s0 - k0) * kQLinearPanel);
-        });
-      } else {
-        bf16_convert_w8(c, static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel, k0, k1, bbuf);
-      }
-      qlinear_row_blocks<Simd512, 12, 2>(0, c.m, [&](auto rows, int64_t i0) {
-        constexpr int R = decltype(rows)::value;
-        const uint16_t* x = c.xb + i0 * c.xb_ld;
-        float* ws = sums + i0 * kQLinearPanel;
+  const int64_t chunk = std::max<int64_t>(12, (int64_t(2) << 20) / (2 * c.xb_ld) / 12 * 12);
+  for (int64_t r0 = 0; r0 < c.m; r0 += chunk) {
+    const int64_t r1 = std::min(c.m, r0 + chunk);
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t i = r0 * kQLinearPanel; i < r1 * kQLinearPanel; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());
+      for (int64_t k0 = 0; k0 < c.k_pad; k0 += kQLinearBf16BlockK) {
+        const int64_t k1 = std::min(c.k_pad, k0 + kQLinearBf16BlockK);
         if constexpr (W4) {
-          const float* scale = c.scale + p * c.n_groups * kQLinearPanel;
+          const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
+          const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
           bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
-            bf16_segment<R>(x + s0, c.xb_ld, bbuf + (s0 - k0) * kQLinearPanel, (s1 - s0) / 2, ws, true,
-                            scale + g * kQLinearPanel);
+            bf16_convert_w4(panel, zero + g * kQLinearPanel, s0, s1, bbuf + (s0 - k0) * kQLinearPanel);
           });
         } else {
-          bf16_segment<R>(x + k0, c.xb_ld, bbuf, (k1 - k0) / 2, ws, false, nullptr);
+          bf16_convert_w8(c, static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel, k0, k1, bbuf);
         }
-      });
-    }
-    // Epilogue: w8's per-channel scale, then the bias and the output dtype (qlinear_store).
-    const int64_t col0 = p * kQLinearPanel;
-    for (int64_t i = 0; i < c.m; ++i) {
-      __m512 acc[1][2];
-      for (int h = 0; h < 2; ++h) {
-        acc[0][h] = _mm512_load_ps(sums + i * kQLinearPanel + 16 * h);
-        if (!W4) acc[0][h] = _mm512_mul_ps(acc[0][h], _mm512_loadu_ps(c.scale + col0 + 16 * h));
+        qlinear_row_blocks<Simd512, 12, 2>(r0, r1, [&](auto rows, int64_t i0) {
+          constexpr int R = decltype(rows)::value;
+          const uint16_t* x = c.xb + i0 * c.xb_ld;
+          float* ws = sums + i0 * kQLinearPanel;
+          if constexpr (W4) {
+            const float* scale = c.scale + p * c.n_groups * kQLinearPanel;
+            bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
+              bf16_segment<R>(x + s0, c.xb_ld, bbuf + (s0 - k0) * kQLinearPanel, (s1 - s0) / 2, ws, true,
+                              scale + g * kQLinearPanel);
+            });
+          } else {
+            bf16_segment<R>(x + k0, c.xb_ld, bbuf, (k1 - k0) / 2, ws, false, nullptr);
+          }
+        });
       }
-      qlinear_store<Simd512, 1, 2>(c, i, col0, acc);
+      // Epilogue: w8's per-channel scale, then the bias and the output dtype (qlinear_store).
+      const int64_t col0 = p * kQLinearPanel;
+      for (int64_t i = r0; i < r1; ++i) {
+        __m512 acc[1][2];
+        for (int h = 0; h < 2; ++h) {
+          acc[0][h] = _mm512_load_ps(sums + i * kQLinearPanel + 16 * h);
+          if (!W4) acc[0][h] = _mm512_mul_ps(acc[0][h], _mm512_loadu_ps(c.scale + col0 + 16 * h));
+        }
+        qlinear_store<Simd512, 1, 2>(c, i, col0, acc);
+      }
     }
   }
 }
