@@ -53,7 +53,9 @@ void qlinear(const QLinearArgs& a) {
       for (int64_t kk = a.k; kk < c.k_pad; ++kk) xi[kk] = 0;
     }
     c.x = nullptr, c.xsum = nullptr, c.xb = xb;
-    parallel_for(nt, nt, [&](int64_t t) { run_bf16(c, n_panels * t / nt, n_panels * (t + 1) / nt, scratch + x_bytes + t * ws_bytes); });
+    parallel_for(nt, nt, [&](int64_t t) {
+      run_bf16(c, n_panels * t / nt, n_panels * (t + 1) / nt, scratch + x_bytes + t * ws_bytes);
+    });
     return;
   }
   // The activations as contiguous float32 rows (exact), zero-padded to k_pad, and w4's group sums.

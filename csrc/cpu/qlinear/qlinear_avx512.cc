@@ -51,7 +51,8 @@ static void bf16_convert_w4(const uint8_t* panel, const uint8_t* zero_g, int64_t
   const __m512i lo4 = _mm512_set1_epi32(0x0f), hi4 = _mm512_set1_epi32(0xf0);
   for (int64_t kk = k0; kk < k1; kk += 2) {
     for (int h = 0; h < 2; ++h) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + (kk / 2) * kQLinearPanel + 16 * h)));
+      const uint8_t* bytes = panel + (kk / 2) * kQLinearPanel + 16 * h;
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
       const __m512i q = _mm512_or_si512(_mm512_and_si512(b, lo4), _mm512_slli_epi32(_mm512_and_si512(b, hi4), 12));
       _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, _mm512_permutexvar_epi16(_mm512_add_epi32(q, zz[h]), table));
     }
