@@ -51,6 +51,27 @@ def test_matches_dequantized_reference(rng, isa, threads, scheme, group_size, dt
     assert _rel_err(out, x.double() @ wd.t()) <= gemm_rel_norm_bound(_name(dt), k)
 
 
+@pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32), ("w4", 64), ("w4", 1024)])
+@pytest.mark.parametrize("m,k,n", [(7, 600, 33), (8, 2049, 31), (33, 1030, 65), (128, 257, 33), (257, 600, 7), (600, 2049, 7)])
+def test_bf16_activations_many_rows(rng, isa, threads, scheme, group_size, m, k, n):
+    """bf16 activations from 8 rows on take the bf16 k-pair kernels where the ISA has them (AVX-512):
+    K odd, not a multiple of the group or of the 512-deep K block (group 1024 straddles blocks), odd
+    N, row counts past multiples of the 12-row block, 600 rows of K 2049 past one 2 MiB row chunk
+    (504 rows); 7 rows stay on the float32 kernels."""
+    w, x, bias = torch.randn(n, k), torch.randn(m, k).to(torch.bfloat16), torch.randn(n)
+    codes, scale, zero = _packed(scheme, w, group_size)
+    wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()
+    for b in (bias, None):
+        out = cpu.quant_linear(x, codes, scale, zero, b, scheme, group_size, n)
+        ref = x.double() @ wd.t() + (b.double() if b is not None else 0.0)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        assert _rel_err(out, ref) <= gemm_rel_norm_bound("bfloat16", k)
+    # a column-major view and leading dims are read through their strides (the copy into bf16 rows)
+    for xv in (x.t().contiguous().t(), x.reshape(1, m, k)):
+        out = cpu.quant_linear(xv, codes, scale, zero, bias, scheme, group_size, n)
+        assert _rel_err(out.reshape(m, n), x.double() @ wd.t() + bias.double()) <= gemm_rel_norm_bound("bfloat16", k)
+
+
 @pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32)])
 def test_views_and_leading_dims(rng, isa, scheme, group_size):
     """Transposed and sliced activations and leading dims are read through their strides."""

@@ -34,6 +34,30 @@ void qlinear(const QLinearArgs& a) {
   c.n_groups = gemm_ceil_div(a.k, c.group_size);
   c.codes = a.codes, c.scale = a.scale, c.zero = a.zero, c.bias = a.bias;
   c.out = a.out, c.out_dtype = a.out_dtype;
+  const QLinearKernels& kern = qlinear_kernels_for(cpu_isa_active());
+  auto run_bf16 = a.scheme == LP_QLINEAR_W4 ? kern.w4_bf16 : kern.w8_bf16;
+  if (a.x_dtype == LP_DTYPE_BF16 && a.m >= kQLinearBf16MinRows && a.k > 0 && run_bf16) {
+    // The bf16 rows as they are, zero-padded to k_pad (rows 64 bytes past a multiple of 64 apart: a
+    // power-of-two K would put the rows of a 12-row block in one L1 set); each thread gets its own
+    // workspace.
+    const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
+    const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
+    c.xb_ld = gemm_round_up(c.k_pad, 32) + 32;
+    const int64_t x_bytes = gemm_round_up(a.m * c.xb_ld * 2, 64), ws_bytes = gemm_round_up(qlinear_bf16_ws_bytes(c), 64);
+    char* scratch = static_cast<char*>(gemm_scratch(1, size_t(x_bytes + nt * ws_bytes)));
+    uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
+    const uint16_t* x_src = static_cast<const uint16_t*>(a.x);
+    for (int64_t i = 0; i < a.m; ++i) {
+      uint16_t* xi = xb + i * c.xb_ld;
+      for (int64_t kk = 0; kk < a.k; ++kk) xi[kk] = x_src[i * a.x_stride_row + kk * a.x_stride_col];
+      for (int64_t kk = a.k; kk < c.k_pad; ++kk) xi[kk] = 0;
+    }
+    c.x = nullptr, c.xsum = nullptr, c.xb = xb;
+    parallel_for(nt, nt, [&](int64_t t) {
+      run_bf16(c, n_panels * t / nt, n_panels * (t + 1) / nt, scratch + x_bytes + t * ws_bytes);
+    });
+    return;
+  }
   // The activations as contiguous float32 rows (exact), zero-padded to k_pad, and w4's group sums.
   const int64_t xsum_elems = a.scheme == LP_QLINEAR_W4 ? a.m * c.n_groups : 0;
   float* x = static_cast<float*>(gemm_scratch(1, size_t(a.m * c.k_pad + xsum_elems) * sizeof(float)));
@@ -48,14 +72,13 @@ void qlinear(const QLinearArgs& a) {
       xsum[i * c.n_groups + g] = s;
     }
   }
-  c.x = x, c.xsum = xsum_elems ? xsum : nullptr;
+  c.x = x, c.xsum = xsum_elems ? xsum : nullptr, c.xb = nullptr, c.xb_ld = 0;
   if (a.k == 0) {  // an empty sum: zeros plus bias
     const float zeros[kQLinearPanel] = {};
     for (int64_t i = 0; i < a.m; ++i)
       for (int64_t j = 0; j < a.n; j += kQLinearPanel) qlinear_store_row(c, i, j, std::min(kQLinearPanel, a.n - j), zeros);
     return;
   }
-  const QLinearKernels& kern = qlinear_kernels_for(cpu_isa_active());
   auto run = a.scheme == LP_QLINEAR_W4 ? kern.w4 : kern.w8;
   // Threads own contiguous runs of output panels (every row of them): columns never mix, so the
   // result is the same for any thread count.

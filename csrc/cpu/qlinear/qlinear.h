@@ -20,6 +20,19 @@
 // contract's tolerance, API.md §1). Sums run over k in order; columns are independent, so the result
 // does not depend on the thread count.
 //
+// bf16 activations at m >= kQLinearBf16MinRows (ISAs with a bf16 dot product: the AVX-512 level),
+// compute-bound: each thread converts a block of its panel's codes to bf16 k-pairs (exact: int8 codes,
+// and w4's q - zero in -15..15, have at most 8 significant bits) in a per-thread buffer, never the
+// whole weight, and multiplies the bf16 rows of x by it with vdpbf16ps (each bf16 x bf16 product is
+// exact in float32, summed in float32). w8: out = scale[j] * (sum over K blocks of the block's sum) +
+// bias; w4: out = sum_g scale[g][j] * (sum_{k in g} x[i][k] (q[j][k] - zero[g][j])) + bias, the same
+// exact products as above summed in another float32 order (the contract's tolerance). Like lc.gemm's
+// bf16 kernel, vdpbf16ps reads bf16 subnormal activations (|x| < 2^-126) as zero and flushes
+// subnormal partial results (each dropped product is below 2^-119 |scale|, as |q| <= 127). float32 / f16
+// activations stay on the float32 kernels: rounding them to bf16 would change the result beyond
+// API.md §1's float32 tolerance (f16 -> bf16 is not exact either). The choice depends only on the
+// dtype, m and the ISA, never on the thread count.
+//
 // Files: qlinear.cc (the table picker, activation conversion, threads), qlinear_scalar.cc (the
 // reference), qlinear_kernel.h (the SIMD panel kernels, written once against the vector interface of
 // cpu/simd256.h), qlinear_avx2.cc / qlinear_avx512.cc (their instantiations and tables).
@@ -50,6 +63,8 @@ struct QLinearCall {
   int64_t m, n, k, k_pad, n_groups, group_size;
   const float* x;     // (m, k_pad) contiguous, zero past k
   const float* xsum;  // w4: (m, n_groups), sum of x over each group; else null
+  const uint16_t* xb; // bf16 kernels: (m, k_pad) bf16 rows xb_ld apart, zero past k (x, xsum null)
+  int64_t xb_ld;      // a multiple of 32 plus 32: the rows of a block fall in distinct L1 sets
   const void* codes;
   const float* scale;
   const uint8_t* zero;
@@ -64,7 +79,24 @@ struct QLinearKernels {
   int isa;  // the lp_isa level the table needs
   void (*w8)(const QLinearCall& c, int64_t p0, int64_t p1);
   void (*w4)(const QLinearCall& c, int64_t p0, int64_t p1);
+  // bf16 activations (c.xb), m >= kQLinearBf16MinRows; null when the ISA has no bf16 dot product.
+  // ws: this thread's qlinear_bf16_ws_bytes(c) bytes, 64-byte aligned.
+  void (*w8_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
+  void (*w4_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
 };
+
+// From this many rows on, bf16 activations take the bf16 kernels (fewer rows are memory-bound:
+// the float32 kernels stream the packed weight once, and converting it would cost more than it saves).
+constexpr int64_t kQLinearBf16MinRows = 8;
+
+// The bf16 kernels' K block: the k values of a panel converted at a time (512 k of 32 columns in
+// bf16 are 32 KiB, L1d). A w4 group that straddles blocks is summed in pieces, each scaled.
+constexpr int64_t kQLinearBf16BlockK = 512;
+
+// A thread's workspace for the bf16 kernels: the converted block, then float32 sums (m, 32).
+static inline int64_t qlinear_bf16_ws_bytes(const QLinearCall& c) {
+  return kQLinearBf16BlockK * kQLinearPanel * 2 + c.m * kQLinearPanel * 4 + 64;
+}
 
 void qlinear(const QLinearArgs& args);  // through the table of cpu_isa_active()
 const QLinearKernels& qlinear_kernels_for(int isa);

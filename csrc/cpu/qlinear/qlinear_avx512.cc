@@ -2,6 +2,13 @@
 // whole 32-column panel at once (2 vectors). Register budget (32 zmm): w8 12 rows x 2 accumulators + 2
 // widened code vectors + the broadcast; w4 6 rows x 2 x (group sum + total) + 4 code vectors + 2
 // broadcasts.
+// And this level's own bf16 kernels (qlinear.h, "bf16 activations"): per panel and K block of
+// kQLinearBf16BlockK, the codes are converted to bf16 k-pairs ([k/2][32][2], the layout of lc.gemm's
+// bf16 B panels) in the thread's workspace; then 12 rows at a time run vdpbf16ps over each segment
+// (a w4 group's part of the block, or the whole block for w8) with 24 accumulators, and add the
+// segment's sums (w4: times its group's scales) into the float32 sums of the panel (m x 32, L1/L2).
+#include <immintrin.h>
+
 #include "common/codes.h"
 #include "cpu/qlinear/qlinear.h"
 #include "cpu/qlinear/qlinear_kernel.h"
@@ -9,10 +16,147 @@
 #include "cpu/simd512.h"
 
 namespace lp {
+namespace {
+
+// w8: the codes of k values [k0, k1) (k0 even) of one panel as bf16 pairs; a k past c.k is a zero.
+// The bytes of k and k + 1 are interleaved first, so the widened floats are already in pair order.
+static void bf16_convert_w8(const QLinearCall& c, const int8_t* panel, int64_t k0, int64_t k1, uint16_t* d) {
+  const __m256i zero_row = _mm256_setzero_si256();
+  auto pairs8 = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
+  for (int64_t kk = k0; kk < k1; kk += 2) {
+    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk * kQLinearPanel));
+    const __m256i r1 = kk + 1 < c.k ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (kk + 1) * kQLinearPanel))
+                                    : zero_row;
+    // lo: columns 0-7 | 16-23, hi: 8-15 | 24-31, each as (k, k + 1) byte pairs
+    const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
+    for (int h = 0; h < 2; ++h) {  // columns 16 h .. 16 h + 15; exact: |q| <= 127
+      const __m512 f_lo = pairs8(h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo));
+      const __m512 f_hi = pairs8(h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi));
+      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(f_hi, f_lo));
+    }
+  }
+}
+
+// w4: the codes of k values [k0, k1) (k0 even, within one group: zero_g its zero points) as bf16 pairs
+// of q - zero, looked up in a table of the bf16 values of -16 .. 15 (exact) with vpermw.
+static void bf16_convert_w4(const uint8_t* panel, const uint8_t* zero_g, int64_t k0, int64_t k1, uint16_t* d) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(iota, _mm512_sub_ps(iota, _mm512_set1_ps(16.0f)));
+  __m512i zz[2];
+  for (int h = 0; h < 2; ++h) {
+    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_g + 16 * h)));
+    // 16 + 16 * 2^16 - (z + z * 2^16): each 16-bit half of a lane stays in 1 .. 31 after adding q.
+    zz[h] = _mm512_sub_epi32(_mm512_set1_epi32(0x00100010), _mm512_or_si512(z, _mm512_slli_epi32(z, 16)));
+  }
+  const __m512i lo4 = _mm512_set1_epi32(0x0f), hi4 = _mm512_set1_epi32(0xf0);
+  for (int64_t kk = k0; kk < k1; kk += 2) {
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* bytes = panel + (kk / 2) * kQLinearPanel + 16 * h;
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+      const __m512i q = _mm512_or_si512(_mm512_and_si512(b, lo4), _mm512_slli_epi32(_mm512_and_si512(b, hi4), 12));
+      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, _mm512_permutexvar_epi16(_mm512_add_epi32(q, zz[h]), table));
+    }
+  }
+}
+
+// Calls f(s0, s1, g) for each piece [s0, s1) of [k0, k1) that lies in one w4 group g (all edges even).
+template <class F>
+static inline void bf16_group_pieces(const QLinearCall& c, int64_t k0, int64_t k1, const F& f) {
+  for (int64_t s0 = k0; s0 < k1;) {
+    const int64_t g = s0 / c.group_size, s1 = std::min(k1, (g + 1) * c.group_size);
+    f(s0, s1, g);
+    s0 = s1;
+  }
+}
+
+// The bf16 sums of R rows over k-pairs [0, pairs) of a segment: x at the rows' first k (rows x_ld
+// apart), b at the segment's first pair; added to the panel's sums ws (rows 32 apart), times s[h]
+// when scaled (w4).
+template <int R>
+static inline __attribute__((always_inline)) void bf16_segment(const uint16_t* x, int64_t x_ld, const uint16_t* b,
+                                                               int64_t pairs, float* ws, bool scaled, const float* s) {
+  __m512 g[R][2];
+  for (int r = 0; r < R; ++r) g[r][0] = g[r][1] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < pairs; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(b + q * 64), b1 = (__m512bh)_mm512_load_si512(b + q * 64 + 32);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * x_ld + 2 * q));
+      g[r][0] = _mm512_dpbf16_ps(g[r][0], a, b0);
+      g[r][1] = _mm512_dpbf16_ps(g[r][1], a, b1);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m512 sh = scaled ? _mm512_loadu_ps(s + 16 * h) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      float* w = ws + r * kQLinearPanel + 16 * h;
+      _mm512_store_ps(w, scaled ? _mm512_fmadd_ps(sh, g[r][h], _mm512_load_ps(w)) : _mm512_add_ps(g[r][h], _mm512_load_ps(w)));
+    }
+  }
+}
+
+// Every row of panels [p0, p1) with bf16 activations; W4 picks the scheme. Rows go in chunks of about
+// 2 MiB of activations (all of them for the usual shapes): a chunk stays in cache while every panel
+// passes over it, and each panel's codes are converted once per chunk. Rows are independent, so the
+// chunking changes no result.
+template <bool W4>
+void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_bytes) {
+  uint16_t* bbuf = static_cast<uint16_t*>(ws_bytes);
+  float* sums = reinterpret_cast<float*>(static_cast<char*>(ws_bytes) + kQLinearBf16BlockK * kQLinearPanel * 2);
+  const int64_t chunk = std::max<int64_t>(12, (int64_t(2) << 20) / (2 * c.xb_ld) / 12 * 12);
+  for (int64_t r0 = 0; r0 < c.m; r0 += chunk) {
+    const int64_t r1 = std::min(c.m, r0 + chunk);
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t i = r0 * kQLinearPanel; i < r1 * kQLinearPanel; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());
+      for (int64_t k0 = 0; k0 < c.k_pad; k0 += kQLinearBf16BlockK) {
+        const int64_t k1 = std::min(c.k_pad, k0 + kQLinearBf16BlockK);
+        if constexpr (W4) {
+          const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
+          const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
+          bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
+            bf16_convert_w4(panel, zero + g * kQLinearPanel, s0, s1, bbuf + (s0 - k0) * kQLinearPanel);
+          });
+        } else {
+          bf16_convert_w8(c, static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel, k0, k1, bbuf);
+        }
+        qlinear_row_blocks<Simd512, 12, 2>(r0, r1, [&](auto rows, int64_t i0) {
+          constexpr int R = decltype(rows)::value;
+          const uint16_t* x = c.xb + i0 * c.xb_ld;
+          float* ws = sums + i0 * kQLinearPanel;
+          if constexpr (W4) {
+            const float* scale = c.scale + p * c.n_groups * kQLinearPanel;
+            bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
+              bf16_segment<R>(x + s0, c.xb_ld, bbuf + (s0 - k0) * kQLinearPanel, (s1 - s0) / 2, ws, true,
+                              scale + g * kQLinearPanel);
+            });
+          } else {
+            bf16_segment<R>(x + k0, c.xb_ld, bbuf, (k1 - k0) / 2, ws, false, nullptr);
+          }
+        });
+      }
+      // Epilogue: w8's per-channel scale, then the bias and the output dtype (qlinear_store).
+      const int64_t col0 = p * kQLinearPanel;
+      for (int64_t i = r0; i < r1; ++i) {
+        __m512 acc[1][2];
+        for (int h = 0; h < 2; ++h) {
+          acc[0][h] = _mm512_load_ps(sums + i * kQLinearPanel + 16 * h);
+          if (!W4) acc[0][h] = _mm512_mul_ps(acc[0][h], _mm512_loadu_ps(c.scale + col0 + 16 * h));
+        }
+        qlinear_store<Simd512, 1, 2>(c, i, col0, acc);
+      }
+    }
+  }
+}
+
+}  // namespace
 
 // The table (its kernels are instances over this file's vector type, which has internal linkage).
 const QLinearKernels* qlinear_kernels_avx512() {
-  static const QLinearKernels kTable = {"avx512", LP_ISA_AVX512, qlinear_w8_panels<Simd512, 12, 2>, qlinear_w4_panels<Simd512, 6, 2>};
+  static const QLinearKernels kTable = {"avx512",
+                                        LP_ISA_AVX512,
+                                        qlinear_w8_panels<Simd512, 12, 2>,
+                                        qlinear_w4_panels<Simd512, 6, 2>,
+                                        qlinear_bf16_panels<false>,
+                                        qlinear_bf16_panels<true>};
   return &kTable;
 }
 
