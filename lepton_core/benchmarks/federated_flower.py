@@ -214,6 +214,9 @@ def run_variant(variant: str, rounds: int, clients_per_round: int) -> Dict[str, 
 
     os.environ[_ENV] = json.dumps({"rounds": rounds, "clients_per_round": clients_per_round})  # Ray's workers
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # inherit it; no network here: report no usage
+    os.environ.setdefault("RAY_worker_niceness", "0")  # Ray's default 15 would slow Flower's clients against
+    # our processes (nice 0) whenever anything else runs on the machine
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPUs asked for: keep Ray's hands off
     _actor.clear()
     threads = torch.get_num_threads()  # _setup() sets 1 for the server's evaluation, as our workers use
     flwr_log = logging.getLogger("flwr")
