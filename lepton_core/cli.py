@@ -110,6 +110,9 @@ def _cmd_bench(args) -> int:
         runs = [(fam, mod)]
         if fam == "gemm" and "cuda" in info["backends"]:  # the CUDA rows join the gemm table's run
             runs.append(("gemm and quant on CUDA", importlib.import_module("lepton_core.benchmarks.cuda")))
+        for extra in getattr(mod, "MORE_TABLES", ()):  # a family's further tables (e.g. federated vs Flower)
+            m = importlib.import_module(f"lepton_core.benchmarks.{extra}")
+            runs.append((m.TITLE, m))
         for title, m in runs:
             rows = m.run(quick=args.quick)
             if rows:

@@ -18,6 +18,7 @@ import math
 import statistics
 from typing import Any, Dict, List
 
+MORE_TABLES = ("federated_flower",)  # `lepton bench federated` also runs this family module's table
 COLUMNS = ["clients_per_round", "variant", "dropout", "rounds", "ms_per_round", "vs_fixed", "kB_per_client"]
 WORLD_SIZE = 2
 FULL = {"per_round": (10, 50), "rounds": 6, "repeats": 5}
@@ -42,6 +43,7 @@ def _worker(job: Dict[str, Any]):
     from torch.utils.data import TensorDataset
 
     from ..federated import FedConfig, run_federated
+    from ..federated.cli import DEFAULTS as d
     from ..federated.cli import _Elsewhere, digits_model
 
     torch.set_num_threads(1)
@@ -53,41 +55,56 @@ def _worker(job: Dict[str, Any]):
                    for c in range(len(shard))]
         test = TensorDataset(*job["test"])
         out = []
+        variants = job.get("variants", VARIANTS)
         for k in job["per_round"]:
-            times: Dict[int, List[float]] = {i: [] for i in range(len(VARIANTS))}
+            times: Dict[int, List[float]] = {i: [] for i in range(len(variants))}
             last: Dict[int, Any] = {}
             for rep in range(job["repeats"]):
-                for i, (name, extra) in enumerate(VARIANTS):
+                for i, (name, extra) in enumerate(variants):
                     if extra.get("secagg_neighbors") == "k":
                         extra = {**extra, "secagg_neighbors": _neighbours(k)}
-                    cfg = FedConfig(rounds=job["rounds"], clients=len(clients), clients_per_round=k, local_epochs=5,
-                                    lr=0.05, seed=rep, **extra)
-                    hist = run_federated(lambda: digits_model(128, 1, job["mean"], job["std"], test), clients,
+                    cfg = FedConfig(rounds=job["rounds"], clients=len(clients), clients_per_round=k,
+                                    local_epochs=d["local_epochs"], lr=d["lr"], local_batch_size=d["batch_size"],
+                                    seed=job.get("seed", rep), **extra)
+                    hist = run_federated(lambda: digits_model(d["hidden"], d["depth"], job["mean"], job["std"], test), clients,
                                          test, cfg)
                     times[i] += [h["seconds"] for h in hist[1:] if "aborted" not in h]
                     last[i] = hist
-            for i, (name, extra) in enumerate(VARIANTS):
+            for i, (name, extra) in enumerate(variants):
                 done = [h for h in last[i] if "aborted" not in h]
                 name = name.replace(" k", f" k={_neighbours(k)}")
                 out.append({"clients_per_round": k, "variant": name, "dropout": extra.get("dropout", 0.0),
                             "rounds": len(times[i]), "ms_per_round": 1e3 * statistics.median(times[i]),
-                            "kB_per_client": statistics.mean(h["bytes_sent_per_client"] for h in done) / 1e3})
+                            "kB_per_client": statistics.mean(h["bytes_sent_per_client"] for h in done) / 1e3,
+                            "test_accuracy": last[i][-1]["test_accuracy"]})
         return out if rank == 0 else None
     finally:
         dist.destroy_process_group()
 
 
-def run(quick: bool = False) -> List[Dict[str, Any]]:
+def digits_job() -> Dict[str, Any]:
+    """The data part of a worker job: the split of `lepton federated`'s defaults (100 clients,
+    Dirichlet(0.5), seed 0). The benchmark's data is public digits: every process gets all of it and
+    uses its own clients'."""
+    from ..federated.cli import DEFAULTS as d
     from ..federated.data import digits_clients
+
+    clients, train, test = digits_clients(d["clients"], d["alpha"], d["seed"])
+    pixels = train.tensors[0]
+    return {"clients": [list(c.tensors) for c in clients], "test": list(test.tensors),
+            "mean": pixels.mean().item(), "std": pixels.std().item()}
+
+
+def run_variants(job: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """_worker's rows for `job` on WORLD_SIZE fresh local processes."""
     from ..train.launch import launch_local
 
+    return launch_local(_worker, job, WORLD_SIZE, name="lepton-bench-federated")[0]
+
+
+def run(quick: bool = False) -> List[Dict[str, Any]]:
     p = QUICK if quick else FULL
-    clients, train, test = digits_clients(100, 0.5, 0)
-    pixels = train.tensors[0]
-    # the benchmark's own data is public digits: every process gets all of it, and uses its own clients'
-    job = {"clients": [list(c.tensors) for c in clients], "test": list(test.tensors), "per_round": p["per_round"],
-           "rounds": p["rounds"], "repeats": p["repeats"], "mean": pixels.mean().item(), "std": pixels.std().item()}
-    rows = launch_local(_worker, job, WORLD_SIZE, name="lepton-bench-federated")[0]
+    rows = run_variants({**digits_job(), "per_round": p["per_round"], "rounds": p["rounds"], "repeats": p["repeats"]})
     base = {r["clients_per_round"]: r["ms_per_round"] for r in rows if r["variant"] == "fixed point"}
     for r in rows:
         r["vs_fixed"] = r["ms_per_round"] / base[r["clients_per_round"]]
@@ -101,4 +118,8 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    print_table(run(quick=ap.parse_args().quick), COLUMNS, title="federated")
+    from . import federated_flower
+
+    quick = ap.parse_args().quick
+    print_table(run(quick=quick), COLUMNS, title="federated")
+    print_table(federated_flower.run(quick=quick), federated_flower.COLUMNS, title=federated_flower.TITLE)

@@ -26,7 +26,8 @@ from .config import ALGORITHMS, FedConfig
 
 PROG = "lepton federated"
 DEFAULT_OUT = "lepton-federated"
-DEFAULTS = dict(clients=100, clients_per_round=10, rounds=100, local_epochs=5, lr=0.05, hidden=128, depth=1)
+DEFAULTS = dict(clients=100, clients_per_round=10, rounds=100, alpha=0.5, local_epochs=5, batch_size=32, lr=0.05,
+                hidden=128, depth=1, seed=0)
 
 
 
@@ -55,17 +56,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--clients-per-round", type=_int_at_least(1), default=d["clients_per_round"],
                    help="sampled per round (default: %(default)s)")
     g.add_argument("--rounds", type=_int_at_least(1), default=d["rounds"], help="(default: %(default)s)")
-    g.add_argument("--alpha", type=_positive, default=0.5,
+    g.add_argument("--alpha", type=_positive, default=d["alpha"],
                    help="Dirichlet concentration of the non-IID label split (default: %(default)s)")
     g.add_argument("--local-epochs", type=_int_at_least(1), default=d["local_epochs"], help="(default: %(default)s)")
-    g.add_argument("--batch-size", type=_int_at_least(1), default=32, help="local batch size (default: %(default)s)")
+    g.add_argument("--batch-size", type=_int_at_least(1), default=d["batch_size"], help="local batch size (default: %(default)s)")
     g.add_argument("--lr", type=_positive, default=d["lr"], help="local SGD learning rate (default: %(default)s)")
     g.add_argument("--algorithm", choices=ALGORITHMS, default="fedavg", help="(default: %(default)s)")
     g.add_argument("--prox-mu", type=_float_in(0.0, float("inf"), lo_open=False), default=0.01,
                    help="FedProx proximal weight (with --algorithm fedprox; default: %(default)s)")
     g.add_argument("--hidden", type=_int_at_least(1), default=d["hidden"], help="MLP width (default: %(default)s)")
     g.add_argument("--depth", type=_int_at_least(1), default=d["depth"], help="hidden layers (default: %(default)s)")
-    g.add_argument("--seed", type=_int_at_least(0), default=0, help="(default: %(default)s)")
+    g.add_argument("--seed", type=_int_at_least(0), default=d["seed"], help="(default: %(default)s)")
     s = parser.add_argument_group("privacy")
     s.add_argument("--secure-agg", action="store_true", help="secure aggregation (Bonawitz et al. 2017)")
     s.add_argument("--secagg-neighbors", type=_int_at_least(2), default=None, metavar="K",

@@ -45,6 +45,7 @@ Truncation error is below 2^-bits per coordinate and never increases |x| (so an 
 """
 from __future__ import annotations
 
+import functools
 import hmac
 import math
 import struct
@@ -107,6 +108,12 @@ def prg_uint32(seed: bytes, n: int, info: bytes = _INFO_PAIR) -> np.ndarray:
     """n uniform uint32 from the ChaCha20 keystream keyed by HKDF-SHA256(seed, info)."""
     enc = Cipher(algorithms.ChaCha20(_hkdf(seed, info), _ZERO_NONCE16), mode=None).encryptor()
     return np.frombuffer(enc.update(bytes(4 * n)), dtype="<u4")
+
+
+@functools.lru_cache(maxsize=4096)
+def _public_key(raw: bytes) -> X25519PublicKey:
+    """A roster key parsed once per process, not once per client that uses it (7 us a parse)."""
+    return X25519PublicKey.from_public_bytes(raw)
 
 
 def _raw(pk: X25519PublicKey) -> bytes:
@@ -177,7 +184,7 @@ class Client:
     def _share_cipher(self, peer: int, peer_c_pk: bytes) -> ChaCha20Poly1305:
         cipher = self._ciphers.get(peer)
         if cipher is None:
-            shared = self._c_sk.exchange(X25519PublicKey.from_public_bytes(peer_c_pk))
+            shared = self._c_sk.exchange(_public_key(peer_c_pk))
             cipher = self._ciphers[peer] = ChaCha20Poly1305(_hkdf(shared, _INFO_SHARE))
         return cipher
 
@@ -216,7 +223,7 @@ class Client:
             if v == self.cid:
                 continue
             s_pk = roster[v][1]
-            m = prg_uint32(self._s_sk.exchange(X25519PublicKey.from_public_bytes(s_pk)), x.size)
+            m = prg_uint32(self._s_sk.exchange(_public_key(s_pk)), x.size)
             if self.cid < v:
                 y += m
             else:
@@ -284,7 +291,7 @@ def unmask(masked_sum: np.ndarray, roster: Roster, survivors: Sequence[int], dro
         for v in survivors:
             if v not in graph[u]:
                 continue
-            m = prg_uint32(s_sk.exchange(X25519PublicKey.from_public_bytes(roster[v][1])), n)
+            m = prg_uint32(s_sk.exchange(_public_key(roster[v][1])), n)
             if v < u:
                 total -= m  # v added +PRG(s_vu)
             else:
