@@ -118,8 +118,5 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    from . import federated_flower
-
-    quick = ap.parse_args().quick
-    print_table(run(quick=quick), COLUMNS, title="federated")
-    print_table(federated_flower.run(quick=quick), federated_flower.COLUMNS, title=federated_flower.TITLE)
+    # The Flower table (MORE_TABLES): `lepton bench federated`, or python -m ...benchmarks.federated_flower.
+    print_table(run(quick=ap.parse_args().quick), COLUMNS, title="federated")
