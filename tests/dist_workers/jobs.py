@@ -313,6 +313,26 @@ def smoke(ctx) -> None:
 
 
 
+def _freeze_last_rank_in_stream(ctx, group, numel: int, after_s: float, calls: int) -> None:
+    """Every rank writes its pid (the parent resumes the frozen one) and streams all-reduces of `numel`
+    ones on `group`; the last rank SIGSTOPs itself `after_s` in. The others record the CommError
+    (error2) and how long it took (error2_after_s)."""
+    r, w = ctx.rank, ctx.world
+    with open(os.path.join(ctx.out, f"pid{r}"), "w") as f:
+        f.write(str(os.getpid()))
+    big = torch.ones(numel)
+    if r == w - 1:
+        threading.Timer(after_s, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
+    t0 = time.monotonic()
+    try:
+        for _ in range(calls):
+            ld.all_reduce(big, group=group)
+    except ld.CommError as e:
+        ctx.record.update(error2=str(e), error2_after_s=time.monotonic() - t0)
+    else:
+        raise AssertionError("no CommError although a rank froze")
+
+
 def _segments_of_this_process():
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"lepton-{os.getpid()}-"))
 
@@ -388,20 +408,7 @@ def stopped_rank(ctx) -> None:
     # Phase 2 (the ranks are desynchronised by phase 1: line up through the store first).
     dist.barrier(group=second)
     victim = w - 1
-    with open(os.path.join(ctx.out, f"pid{r}"), "w") as f:
-        f.write(str(os.getpid()))
-    big = torch.ones(1 << 21)
-    if r == victim:
-        threading.Timer(0.2, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
-    t0 = time.monotonic()
-    try:
-        for _ in range(100000):
-            ld.all_reduce(big, group=second)
-    except ld.CommError as e:
-        ctx.record["error2"] = str(e)
-        ctx.record["error2_after_s"] = time.monotonic() - t0
-    else:
-        raise AssertionError("no CommError although a rank froze")
+    _freeze_last_rank_in_stream(ctx, second, 1 << 21, 0.2, 100000)
     open(os.path.join(ctx.out, f"done{r}"), "w").close()
     if r == 0:  # once every survivor has its error, end the frozen rank (not the launcher's deadline)
         deadline = time.monotonic() + 20
@@ -799,19 +806,7 @@ def silent_rank(ctx) -> None:
     _leave_together(ctx, range(w), "phase2-")
     # 2. The last rank freezes inside a call.
     victim = w - 1
-    with open(os.path.join(ctx.out, f"pid{r}"), "w") as f:
-        f.write(str(os.getpid()))
-    big = torch.ones(1 << 18)
-    if r == victim:
-        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGSTOP)).start()
-    t0 = time.monotonic()
-    try:
-        for _ in range(1000000):
-            ld.all_reduce(big, group=second)
-    except ld.CommError as e:
-        ctx.record.update(error2=str(e), error2_after_s=time.monotonic() - t0)
-    else:
-        raise AssertionError("no CommError although a rank froze")
+    _freeze_last_rank_in_stream(ctx, second, 1 << 18, 0.5, 1000000)
     ctx.save()
     _leave_together(ctx, [k for k in range(w) if k != victim], "done")
     if r == 0:  # end the frozen rank once every survivor has its error
