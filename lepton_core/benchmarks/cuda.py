@@ -3,7 +3,8 @@ usable; `python -m lepton_core.benchmarks.cuda` prints them alone).
 
 GEMM: lc.gemm (bf16, fp16: mma.sync tensor cores; int8 -> int32) against torch.matmul (cuBLAS) and
 torch._int_mm, in TFLOP/s, with each baseline's rate at 8192^3 standing for the device's measured
-peak. Quantization: lc.quantize int8 blockwise (one pass) and lc.dequantize against the same ops in
+peak; lc.scaled_gemm (int8 W8A8) against torch._int_mm with an eager epilogue and torch._scaled_mm
+(float8 e4m3, where the GPU and torch have it). Quantization: lc.quantize int8 blockwise (one pass) and lc.dequantize against the same ops in
 eager PyTorch, in GB/s of the algorithm's minimum traffic, against the measured device-to-device
 copy bandwidth (bytes read + written).
 
@@ -138,6 +139,41 @@ def _gemm_case(m: int, n: int, k: int, kind: str, b_transposed: bool) -> dict:
             "%peak": 100 * ours_tf / measured_peak_tflops(kind)}
 
 
+def _scaled_case(n: int, base_kind: str) -> dict:
+    """lc.scaled_gemm (int8 W8A8, per-row / per-column scales, bf16 out) at n^3 against what a user
+    would otherwise run: torch._int_mm plus the same epilogue in eager torch ("int_mm"), or
+    torch._scaled_mm on float8 e4m3 with row-wise scales ("fp8", Hopper's 8-bit path)."""
+    import torch
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device="cuda", generator=gen)
+    b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device="cuda", generator=gen).t()  # (K, N) = w.t()
+    sa = torch.rand(n, device="cuda", generator=gen) + 0.01
+    sb = torch.rand(n, device="cuda", generator=gen) + 0.01
+    qa = lc.QTensor(a, sa, None, "int8", (n, n), 0, None)
+    qb = lc.QTensor(b, sb, None, "int8", (n, n), 1, None)
+    ours = lambda: lc.scaled_gemm(qa, qb, out_dtype=torch.bfloat16)  # noqa: E731
+    want = ((torch._int_mm(a, b).float() * sa[:, None]) * sb[None, :]).to(torch.bfloat16)
+    assert torch.equal(ours(), want), "lc.scaled_gemm differs from its float32 formula"
+    if base_kind == "int_mm":
+        base = lambda: ((torch._int_mm(a, b).float() * sa[:, None]) * sb[None, :]).to(torch.bfloat16)  # noqa: E731
+        name = "torch._int_mm + eager scales"
+    else:
+        a8 = torch.randn(n, n, device="cuda", generator=gen).to(torch.float8_e4m3fn)
+        b8 = torch.randn(n, n, device="cuda", generator=gen).to(torch.float8_e4m3fn).t()
+        sa8, sb8 = sa[:, None].contiguous(), sb[None, :].contiguous()
+        base = lambda: torch._scaled_mm(a8, b8, scale_a=sa8, scale_b=sb8, out_dtype=torch.bfloat16)  # noqa: E731
+        base()
+        name = "torch._scaled_mm fp8 e4m3 row-wise"
+    t = _gpu_interleaved({"ours": ours, "base": base})
+    flops = 2.0 * n**3
+    ours_tf = flops / (t["ours"] * 1e-3) / 1e12
+    return {"case": f"scaled_gemm int8 {n}^3 bf16 out vs {name}", "ours_ms": t["ours"], "base_ms": t["base"],
+            "x_base": t["base"] / t["ours"], "ours_rate": ours_tf,
+            "base_rate": flops / (t["base"] * 1e-3) / 1e12, "unit": "TFLOP/s",
+            "%peak": 100 * ours_tf / measured_peak_tflops("int8")}
+
+
 def _eager_quantize_block(x, block: int):
     """What a user would write in eager PyTorch (a division by a Python scalar is a multiplication by
     its reciprocal in torch, so the scale may differ from absmax / 127 in the last bit)."""
@@ -194,12 +230,21 @@ def run(quick: bool = False) -> List[dict]:
         print(f"lepton bench cuda: skipped, {info['cuda_unavailable_reason']}", file=sys.stderr, flush=True)
         return []
     rows = ProgressRows("cuda", COLUMNS)
-    sizes = [(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (8192, 8192, 8192), (16384, 1024, 4096),
-                                                 (128, 4096, 4096)]
+    sizes = [(4096, 4096, 4096), (8192, 8192, 8192)]
+    if not quick:
+        sizes += [(16384, 1024, 4096), (128, 4096, 4096)]
     for kind in ("bf16", "fp16", "int8"):
         for (m, n, k) in sizes:
             rows.append(_gemm_case(m, n, k, kind, b_transposed=True))
         rows.append(_gemm_case(4096, 4096, 4096, kind, b_transposed=False))
+    for n_sq in (4096, 8192):
+        for base_kind in ("int_mm", "fp8"):
+            try:
+                rows.append(_scaled_case(n_sq, base_kind))
+            except (RuntimeError, AttributeError) as e:  # no float8 _scaled_mm in this torch / on this GPU
+                if base_kind != "fp8":
+                    raise
+                print(f"lepton bench cuda: torch._scaled_mm row skipped: {e}", file=sys.stderr, flush=True)
     n = (64 if quick else 256) << 20
     for dtype_name in ("f32", "bf16"):
         for block in ((256,) if quick else (32, 256, 4096)):
