@@ -92,7 +92,7 @@ SAN_K="test_gemm_float and 7 or test_gemm_int8_exact or test_gemm_into_direct or
 stage_sanitizer() {  # $1 = memcheck | racecheck
   (cd "$work" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" --error-exitcode 99 \
      --print-limit 20 "$py" -m pytest -c "$repo/pyproject.toml" --rootdir "$repo" -p no:cacheprovider -q -x \
-     --timeout 600 -W default "$repo/tests/test_cuda.py" -k "$SAN_K" ${SAN_EXTRA:-})
+     --timeout 600 -W default "$repo/tests/test_cuda.py" -k "$SAN_K")
 }
 
 stage_ncu() {

@@ -60,11 +60,28 @@ __device__ inline int chunk_bytes(int64_t bytes_left) {
 __device__ inline uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
-// 16-byte async copy global -> shared; only the first src_bytes are read, the rest is zero-filled
-// (this is how every M/N/K edge of a tile is handled).
-__device__ inline void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes)
-               : "memory");
+// 16-byte async copy global -> shared.
+__device__ inline void cp_async_16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// A 16-byte chunk of a tile: whole chunks through cp.async; an edge chunk (0..15 bytes inside the
+// matrix) is zeroed with one st.shared and its bytes copied one by one with plain loads and stores.
+// cp.async's src-size would zero-fill the tail as well, but compute-sanitizer counts its whole 16-byte
+// window as read (seen on an H200), and a zero-byte copy still needs a source address: this way no
+// instruction addresses memory outside the matrix. The edge loop is not unrolled, so that it costs the
+// main loop no registers. Both kinds of store are complete once cp.async.wait_group and the
+// __syncthreads after it have run, which is when the tile is read.
+__device__ inline void copy_chunk_16(uint32_t dst, const char* src, int src_bytes) {
+  if (src_bytes == 16) {
+    cp_async_16(dst, src);
+    return;
+  }
+  asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0u) : "memory");
+#pragma unroll 1
+  for (int i = 0; i < src_bytes; ++i) {
+    const uint32_t byte = static_cast<uint8_t>(src[i]);
+    asm volatile("st.shared.u8 [%0], %1;\n" ::"r"(dst + i), "r"(byte) : "memory");
+  }
 }
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
@@ -167,11 +184,12 @@ __device__ inline void epilogue_store_pair(const GemmParams& p, size_t batch_off
 //   * Shared memory is XOR-swizzled in 16-byte chunks (chunk ^ (row & 7)) so that the 8 row
 //     addresses of every ldmatrix hit 8 distinct bank groups, and cp.async stores stay conflict-free.
 //   * STAGES-deep cp.async pipeline, one __syncthreads per k-tile. Edges (M, N, K not multiples of
-//     the tile) are zero-filled by cp.async's src-size, so the math never branches.
+//     the tile) are zero-filled while loading (copy_chunk_16), so the math never branches.
 //   * Warps: WM x WN, each owning a (BM/WM) x (BN/WN) sub-tile of m16n8 accumulators.
-// Two CTAs per SM (16 warps) for the 128 x 128 tiles: caps registers at 128 per thread.
+// Two CTAs per SM (16 warps) for the 128 x 128 tiles: caps registers at 128 per thread. The 128 x 256
+// tiles (warp tiles of 64 x 64: 128 accumulators per thread) run one CTA per SM with up to 255.
 template <int BM, int BN, int WM, int WN, int STAGES, int KIND, bool B_K_MAJOR>
-__global__ void __launch_bounds__(WM* WN * 32, BM* BN >= 128 * 128 ? 2 : 1) gemm_tc_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(WM* WN * 32, BM* BN == 128 * 128 ? 2 : 1) gemm_tc_kernel(const GemmParams p) {
   using MmaT = Mma<KIND>;
   using Acc = typename MmaT::Acc;
   constexpr int kThreads = WM * WN * 32;
@@ -210,22 +228,21 @@ __global__ void __launch_bounds__(WM* WN * 32, BM* BN >= 128 * 128 ? 2 : 1) gemm
     const uint32_t b_smem = a_smem + kAStageBytes;
     const int64_t kb0 = kt * kRowBytes;
     // A K-major tile of ROWS rows (row r is row0 + r of its matrix, at tile + r * ld_bytes) x
-    // kRowBytes of K into smem; rows from n_rows on and bytes past k_bytes are zero-filled (`any`:
-    // a valid address for the empty copies).
+    // kRowBytes of K into smem; rows from n_rows on and bytes past k_bytes are zero-filled.
     auto load_k_major = [&](auto rows, uint32_t smem, const char* tile, int64_t ld_bytes, int64_t row0,
-                            int64_t n_rows, const char* any) {
+                            int64_t n_rows) {
 #pragma unroll
       for (int i = 0; i < decltype(rows)::value * kRowBytes / 16 / kThreads; ++i) {
         const int chunk = tid + i * kThreads, row = chunk >> 3, col = chunk & 7;
         const int64_t kb = kb0 + col * 16;
         const int bytes = row0 + row < n_rows ? chunk_bytes(k_bytes - kb) : 0;
-        const char* src = bytes > 0 ? tile + row * ld_bytes + kb : any;
-        cp_async_16(smem + row * kRowBytes + ((col ^ (row & 7)) << 4), src, bytes);
+        const char* src = bytes > 0 ? tile + row * ld_bytes + kb : nullptr;
+        copy_chunk_16(smem + row * kRowBytes + ((col ^ (row & 7)) << 4), src, bytes);
       }
     };
-    load_k_major(std::integral_constant<int, BM>{}, a_smem, a_tile, p.lda_bytes, m0, p.m, p.a);
+    load_k_major(std::integral_constant<int, BM>{}, a_smem, a_tile, p.lda_bytes, m0, p.m);
     if constexpr (B_K_MAJOR) {
-      load_k_major(std::integral_constant<int, BN>{}, b_smem, b_batch + n0 * p.ldb_bytes, p.ldb_bytes, n0, p.n, p.b);
+      load_k_major(std::integral_constant<int, BN>{}, b_smem, b_batch + n0 * p.ldb_bytes, p.ldb_bytes, n0, p.n);
     } else {
       const int64_t n_bytes = p.n * 2, nb0 = n0 * 2, k0 = kt * kBk;
 #pragma unroll
@@ -234,9 +251,9 @@ __global__ void __launch_bounds__(WM* WN * 32, BM* BN >= 128 * 128 ? 2 : 1) gemm
         const int row = chunk / kBChunksPerRowN, col = chunk % kBChunksPerRowN;
         const int64_t nb = nb0 + col * 16;
         const int bytes = k0 + row < p.k ? chunk_bytes(n_bytes - nb) : 0;
-        const char* src = bytes > 0 ? b_batch + (k0 + row) * p.ldb_bytes + nb : p.b;
+        const char* src = bytes > 0 ? b_batch + (k0 + row) * p.ldb_bytes + nb : nullptr;
         const int phys = (col & ~7) | ((col ^ row) & 7);
-        cp_async_16(b_smem + row * kBRowBytesN + (phys << 4), src, bytes);
+        copy_chunk_16(b_smem + row * kBRowBytesN + (phys << 4), src, bytes);
       }
     }
   };
@@ -539,9 +556,19 @@ void launch_simt(GemmParams p, int64_t batch, cudaStream_t stream, const char* n
 // Tile configurations. "large": 128 x 128 tiles (8 warps of 64 x 32, 3 stages, 96 KiB of shared
 // memory: fits every sm_80+ part, 2 CTAs per SM on sm_80/90). "small": 64 x 64 tiles (4 warps of
 // 32 x 32, 4 stages, 64 KiB) when the large tiles would leave SMs idle (small or skinny problems).
+// "wide": 128 x 256 tiles (8 warps of 64 x 64, 3 stages, 144 KiB: sm_80 and sm_90 only, not sm_86 /
+// sm_89), chosen only through LEPTON_CUDA_GEMM_TILES=wide while it is being measured.
 bool use_large_tiles(const GemmArgs& g, int device) {
   const int64_t large_tiles = ((g.m + 127) / 128) * ((g.n + 127) / 128) * g.batch;
   return large_tiles >= sm_count(device);
+}
+
+// LEPTON_CUDA_GEMM_TILES (docs/environment.md): "wide" forces the 128 x 256 tensor-core tiles for
+// every 16-bit and int8 GEMM; unset or anything else keeps the automatic choice. Read on every call
+// (a getenv is cheap next to a launch), so tests can switch it.
+bool wide_tiles_forced() {
+  const char* v = std::getenv("LEPTON_CUDA_GEMM_TILES");
+  return v != nullptr && std::string(v) == "wide";
 }
 
 void check_tc_alignment(const GemmArgs& g, int esize) {
@@ -578,11 +605,12 @@ GemmParams make_params(const GemmArgs& g, int esize) {
   return p;
 }
 
-enum class Path { kSimtLarge, kSimtSmall, kTcLarge, kTcSmall };
+enum class Path { kSimtLarge, kSimtSmall, kTcLarge, kTcSmall, kTcWide };
 
 Path choose_path(const GemmArgs& g) {
   const bool large = use_large_tiles(g, g.device);
   if (g.in_dtype == LP_DTYPE_F32) return large ? Path::kSimtLarge : Path::kSimtSmall;
+  if (wide_tiles_forced()) return Path::kTcWide;
   return large ? Path::kTcLarge : Path::kTcSmall;
 }
 
@@ -620,6 +648,7 @@ std::string gemm_config(const GemmArgs& g) {
     case Path::kSimtSmall: return std::string("f32_simt_64x64_") + layout;
     case Path::kTcLarge: return std::string("mma_sm80_128x128x3_") + layout;
     case Path::kTcSmall: return std::string("mma_sm80_64x64x4_") + layout;
+    case Path::kTcWide: return std::string("mma_sm80_128x256x3_") + layout;
   }
   return "";
 }
@@ -649,13 +678,15 @@ void gemm(const GemmArgs& g) {
   GemmParams p = make_params(g, esize);
   const int dev = g.device;
   // Tile configurations: 128 x 128 (8 warps, 3 stages) for large problems, else 64 x 64 (4 warps, 4
-  // stages); one kernel per input kind and B layout (int8 B is always K-major).
+  // stages), or 128 x 256 when forced; one kernel per input kind and B layout (int8 B is always
+  // K-major).
 #define LP_TC(BM, BN, WM, WN, ST, KIND, KMAJ) \
   launch_tc<BM, BN, WM, WN, ST, KIND, KMAJ>(p, g.batch, dev, stream, "gemm_tc_kernel<" #BM "," #BN "," #KIND "," #KMAJ ">")
-#define LP_TC_SIZED(KIND, KMAJ)                        \
-  do {                                                 \
-    if (large) LP_TC(128, 128, 2, 4, 3, KIND, KMAJ);   \
-    else LP_TC(64, 64, 2, 2, 4, KIND, KMAJ);           \
+#define LP_TC_SIZED(KIND, KMAJ)                                  \
+  do {                                                           \
+    if (path == Path::kTcWide) LP_TC(128, 256, 2, 4, 3, KIND, KMAJ); \
+    else if (large) LP_TC(128, 128, 2, 4, 3, KIND, KMAJ);        \
+    else LP_TC(64, 64, 2, 2, 4, KIND, KMAJ);                     \
   } while (0)
 #define LP_TC_16BIT(KIND)                                                      \
   do {                                                                         \

@@ -84,14 +84,15 @@ _peak: Dict[str, float] = {}
 
 
 def measured_peak_tflops(kind: str) -> float:
-    """The baseline library's rate at 8192^3 (bf16/fp16: torch.matmul, int8: torch._int_mm)."""
+    """The baseline library's rate at 8192^3 (bf16/fp16: torch.matmul, int8: torch._int_mm with B = w.t(),
+    its fastest layout)."""
     import torch
 
     if kind not in _peak:
         n = 8192
         if kind == "int8":
             a = torch.randint(-127, 128, (n, n), dtype=torch.int8, device="cuda")
-            b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device="cuda")
+            b = torch.randint(-127, 128, (n, n), dtype=torch.int8, device="cuda").t()  # K-major: cuBLAS's fast path
             fn = lambda: torch._int_mm(a, b)  # noqa: E731
         else:
             dt = torch.bfloat16 if kind == "bf16" else torch.float16
@@ -108,8 +109,22 @@ def _rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _gemm_case(m: int, n: int, k: int, kind: str, b_transposed: bool) -> dict:
+def _gemm_case(m: int, n: int, k: int, kind: str, b_transposed: bool, tiles: str = "") -> dict:
+    """tiles="wide": LEPTON_CUDA_GEMM_TILES=wide (the 128 x 256 tiles) while this row runs."""
+    import os
+
     import torch
+
+    if tiles:
+        before = os.environ.get("LEPTON_CUDA_GEMM_TILES")
+        os.environ["LEPTON_CUDA_GEMM_TILES"] = tiles
+        try:
+            return _gemm_case(m, n, k, kind, b_transposed)
+        finally:
+            if before is None:
+                del os.environ["LEPTON_CUDA_GEMM_TILES"]
+            else:
+                os.environ["LEPTON_CUDA_GEMM_TILES"] = before
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     if kind == "int8":
@@ -237,6 +252,10 @@ def run(quick: bool = False) -> List[dict]:
         for (m, n, k) in sizes:
             rows.append(_gemm_case(m, n, k, kind, b_transposed=True))
         rows.append(_gemm_case(4096, 4096, 4096, kind, b_transposed=False))
+        for (m, n, k) in sizes[:2]:  # the 128 x 256 tiles, opt-in while measured
+            row = _gemm_case(m, n, k, kind, b_transposed=True, tiles="wide")
+            row["case"] += " [LEPTON_CUDA_GEMM_TILES=wide]"
+            rows.append(row)
     for n_sq in (4096, 8192):
         for base_kind in ("int_mm", "fp8"):
             try:
