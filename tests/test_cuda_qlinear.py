@@ -14,6 +14,8 @@ Two parts:
 """
 import copy
 import importlib.util
+import inspect
+import re
 
 import pytest
 import torch
@@ -123,6 +125,21 @@ def test_split_plan_covers_k_in_whole_units():
                             assert chunk >= k
 
 
+@requires_built
+def test_native_argument_checks_without_a_gpu():
+    """_C_cuda.qlinear checks its arguments on the host before touching a device: ValueErrors."""
+    from lepton_core import _C_cuda
+
+    ok = dict(device=0, stream=0, scheme=QLINEAR_SCHEMES["w4"], m=2, n=40, k=64, group_size=32, x=4096, x_dtype=0,
+              x_row=64, x_col=1, codes=4096, scale=4096, zero=4096, bias=0, out=4096, out_dtype=0, ws=0, splits=1)
+    for bad, match in ((dict(scheme=7), "scheme"), (dict(x_dtype=3), "activations"), (dict(out_dtype=4), "output"),
+                       (dict(x_col=-1), "negative"), (dict(group_size=48), "group_size"),
+                       (dict(splits=2), "splits"), (dict(out=0), "null"), (dict(codes=4104), "aligned")):
+        with pytest.raises(ValueError, match=f"lepton_core CUDA qlinear: .*{match}"):
+            _C_cuda.qlinear(**{**ok, **bad})
+    _C_cuda.qlinear(**{**ok, "m": 0})  # nothing to do: returns before any CUDA call
+
+
 class _EmulatedQLinear:
     """Stands in for _C_cuda: qlinear_plan is the real host function; qlinear runs the CPU kernels on
     the same (host) pointers and checks what the glue passes (workspace size, splits, alignment)."""
@@ -138,6 +155,8 @@ class _EmulatedQLinear:
 
     def qlinear(self, *, device, stream, scheme, m, n, k, group_size, x, x_dtype, x_row, x_col, codes, scale, zero,
                 bias, out, out_dtype, ws, splits):
+        binding = self._C_cuda.qlinear.__doc__.split("->")[0]
+        assert re.findall(r"(\w+): ", binding) == list(inspect.signature(self.qlinear).parameters)
         want_splits, _ = self._C_cuda.qlinear_plan(scheme=scheme, m=m, n=n, k=k, group_size=group_size)
         assert splits == want_splits and (ws != 0) == (splits > 1)
         assert codes % 16 == 0 and (scheme != QLINEAR_SCHEMES["w4"] or (scale % 16 == 0 and zero % 16 == 0))

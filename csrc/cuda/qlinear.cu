@@ -117,31 +117,32 @@ __device__ __forceinline__ void w4_accumulate(const QLinearParams& p, const uint
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t rr = rb + int64_t(u) * kKLanes;
-      if (rr >= r1) break;
-      const int64_t kk = 2 * rr;
-      const int64_t g = kk / p.group_size;  // group_size is even: k and k + 1 share the group
-      const float4* s4 = reinterpret_cast<const float4*>(pscale + g * 32 + half * 16);
-      const uint4 z16 = __ldg(reinterpret_cast<const uint4*>(pzero + g * 32 + half * 16));
-      float xv0[R], xv1[R];
-      const bool has_odd = kk + 1 < p.k;
+      if (rr < r1) {
+        const int64_t kk = 2 * rr;
+        const int64_t g = kk / p.group_size;  // group_size is even: k and k + 1 share the group
+        const float4* s4 = reinterpret_cast<const float4*>(pscale + g * 32 + half * 16);
+        const uint4 z16 = __ldg(reinterpret_cast<const uint4*>(pzero + g * 32 + half * 16));
+        float xv0[R], xv1[R];
+        const bool has_odd = kk + 1 < p.k;
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        xv0[r] = load_x<DT>(p.x, xrow[r] + kk * p.x_col);
-        xv1[r] = has_odd ? load_x<DT>(p.x, xrow[r] + (kk + 1) * p.x_col) : 0.0f;
-      }
+        for (int r = 0; r < R; ++r) {
+          xv0[r] = load_x<DT>(p.x, xrow[r] + kk * p.x_col);
+          xv1[r] = has_odd ? load_x<DT>(p.x, xrow[r] + (kk + 1) * p.x_col) : 0.0f;
+        }
 #pragma unroll
-      for (int c4 = 0; c4 < 4; ++c4) {
-        const float4 s = __ldg(s4 + c4);
-        const float sv[4] = {s.x, s.y, s.z, s.w};
+        for (int c4 = 0; c4 < 4; ++c4) {
+          const float4 s = __ldg(s4 + c4);
+          const float sv[4] = {s.x, s.y, s.z, s.w};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = 4 * c4 + e;
-          const uint32_t b = byte_u8(w[u], c);
-          const float zf = float(byte_u8(z16, c));
-          const float w_lo = (float(b & 15u) - zf) * sv[e];
-          const float w_hi = (float(b >> 4) - zf) * sv[e];
+          for (int e = 0; e < 4; ++e) {
+            const int c = 4 * c4 + e;
+            const uint32_t b = byte_u8(w[u], c);
+            const float zf = float(byte_u8(z16, c));
+            const float w_lo = (float(b & 15u) - zf) * sv[e];
+            const float w_hi = (float(b >> 4) - zf) * sv[e];
 #pragma unroll
-          for (int r = 0; r < R; ++r) acc[r][c] = fmaf(xv1[r], w_hi, fmaf(xv0[r], w_lo, acc[r][c]));
+            for (int r = 0; r < R; ++r) acc[r][c] = fmaf(xv1[r], w_hi, fmaf(xv0[r], w_lo, acc[r][c]));
+          }
         }
       }
     }
