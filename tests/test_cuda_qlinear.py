@@ -15,6 +15,7 @@ Two parts:
 import copy
 import importlib.util
 import inspect
+import math
 import re
 
 import pytest
@@ -26,7 +27,7 @@ import lepton_core as lc
 import lepton_core.nn as lnn
 from lepton_core._codes import QLINEAR_SCHEMES
 from lepton_core.backends import cuda as _cuda_backend
-from tolerances import gemm_rel_norm_bound
+from tolerances import GEMM_REL_NORM, U
 
 INFO = lc.info()
 HAS_CUDA = "cuda" in INFO["backends"]
@@ -65,7 +66,10 @@ def _w8a8_ref(x, q):
 
 
 def _bound(dt, k):
-    return gemm_rel_norm_bound(_name(dt), k)
+    """API.md §1's bound for the output dtype; past the K it covers (float32 beyond K ~ 1750), the
+    typical error tests/tolerances.py derives it from (its 4 sqrt(K) u32 accumulation term)."""
+    name = _name(dt)
+    return max(GEMM_REL_NORM[name], U[name] + 4 * math.sqrt(k) * U["float32"])
 
 
 def _layers(k, n, scheme, group_size, bias=True):
@@ -326,6 +330,7 @@ def test_mixed_devices_and_errors_on_cuda():
 
 @pytest.mark.cuda
 @requires_gpu
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_no_grad_compile_opcheck_input_grad_and_stream(rng):
     q_cpu, q = _layers(96, 40, "w4", 32)
     x = torch.randn(4, 96, device="cuda", requires_grad=True)

@@ -286,7 +286,7 @@ void qlinear(const QLinearGpuArgs& a) {
   const QLinearPlan plan = qlinear_plan(a.scheme, a.m, a.n, a.k, a.group_size);
   if (plan.splits != a.splits)
     throw std::invalid_argument("lepton_core CUDA qlinear: splits does not match qlinear_plan");
-  if (a.out == 0 || a.x == 0 || (a.k > 0 && (a.codes == 0 || a.scale == 0)) ||
+  if (a.out == 0 || (a.k > 0 && (a.x == 0 || a.codes == 0 || a.scale == 0)) ||
       (a.scheme == LP_QLINEAR_W4 && a.k > 0 && a.zero == 0) || (plan.splits > 1 && a.ws == 0))
     throw std::invalid_argument("lepton_core CUDA qlinear: null buffer pointer");
   if (a.codes % 16 || (a.scheme == LP_QLINEAR_W4 && (a.scale % 16 || a.zero % 16)))
