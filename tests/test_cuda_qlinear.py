@@ -236,7 +236,7 @@ def test_views_leading_dims_and_empty(rng, scheme, group_size):
     q_cpu, q_gpu = _layers(k, n, scheme, group_size)
     views = [((2, 3, 5, k), lambda b: b), ((k, 6), lambda b: b.t()), ((4, 2 * k), lambda b: b[:, 1::2]),
              ((3, k + 1), lambda b: b[:, 1:]), ((2, 7, k), lambda b: b.transpose(0, 1)), ((1, 1, k), lambda b: b),
-             ((k, 3, 2), lambda b: b.permute(2, 1, 0))]
+             ((k, 3, 2), lambda b: b.permute(2, 1, 0)), ((k,), lambda b: b)]
     for dt in X_DTYPES:
         for shape, view in views:
             base = torch.randn(shape).to(dt)

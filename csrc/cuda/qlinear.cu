@@ -157,7 +157,7 @@ __global__ void __launch_bounds__(kThreads) qlinear_kernel(const QLinearParams p
   const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
   const int half = t & 1, lane_k = t >> 1;
   const int64_t panel_idx = blockIdx.x;
-  const int64_t k0 = int64_t(blockIdx.z) * p.k_chunk, k1 = min(p.k, k0 + p.k_chunk);
+  const int64_t k0 = int64_t(blockIdx.z) * p.k_chunk, k1 = k0 + p.k_chunk < p.k ? k0 + p.k_chunk : p.k;
   const uint8_t* panel;
   const float* pscale = nullptr;
   const uint8_t* pzero = nullptr;
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) qlinear_kernel(const QLinearParams p
   for (int64_t i0 = int64_t(blockIdx.y) * R; i0 < p.m; i0 += int64_t(gridDim.y) * R) {
     int64_t xrow[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) xrow[r] = min(i0 + r, p.m - 1) * p.x_row;
+    for (int r = 0; r < R; ++r) xrow[r] = (i0 + r < p.m ? i0 + r : p.m - 1) * p.x_row;
     float acc[R][16];
 #pragma unroll
     for (int r = 0; r < R; ++r)

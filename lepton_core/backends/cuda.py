@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Optional
 
+from .. import _arrays
 from .._arrays import DTYPE_NAME, non_finite_error
 from .._codes import DTYPE_CODES, FORMATS, QLINEAR_SCHEMES
 from .._layout import quant_geometry
@@ -394,6 +395,8 @@ def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: i
     splits, _ = mod.qlinear_plan(scheme=code, m=m, n=n, k=k, group_size=group_size)
     # K split across CTAs (decode shapes): float32 partials summed in a fixed order by a second kernel.
     ws = torch.empty(splits * m * n, dtype=torch.float32, device=x.device) if splits > 1 else None
+    if ws is not None and _arrays.POISON_OUTPUTS:
+        ws.fill_(float("nan"))  # tests: a partial the kernel failed to write shows up in the output
     codes, scale = _aligned(codes), _aligned(scale)
     zero = _aligned(zero) if scheme == "w4" else None
     x_row, x_col = x2.stride()
