@@ -100,11 +100,15 @@ def _check(q_cpu, q_gpu, x, scheme):
 # =============================================================================================
 # Part 1: every machine
 # =============================================================================================
-def test_input_and_weights_on_different_devices_is_a_value_error():
+def test_device_errors_and_meta_shapes():
     q = lnn.QuantLinear.from_linear(nn.Linear(6, 3), "w8")
     with pytest.raises(ValueError, match=r"lc.nn.QuantLinear: input and weights must be on the same device; "
                                          r"input is on meta, weights on cpu"):
         q(torch.randn(2, 6, device="meta"))
+    with pytest.raises(ValueError, match="from_linear: the weight must be on the CPU or a CUDA device, got meta"):
+        lnn.QuantLinear.from_linear(nn.Linear(6, 3, device="meta"), "w8")
+    q_meta = lnn.QuantLinear(6, 3, scheme="w4", group_size=32).to("meta")  # shapes only, through the fake kernel
+    assert q_meta(torch.randn(2, 6, device="meta")).shape == (2, 3)
 
 
 @requires_built

@@ -94,6 +94,8 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{op}: the layer's weight is not initialized yet (lazy); run one forward pass first")
         if not w.dtype.is_floating_point:
             raise TypeError(f"{op}: the weight must be floating point, got {dtype_name(w.dtype)}")
+        if w.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: the weight must be on the CPU or a CUDA device, got {w.device}")
         device = w.device
         n, k = w.shape
         b = getattr(linear, "bias", None)
@@ -134,6 +136,8 @@ class QuantLinear(nn.Module):
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"{_OP}: input's last dimension must be in_features={self.in_features}, got shape "
                              f"{tuple(input.shape)}")
+        if input.device.type not in ("cpu", "cuda", "meta"):
+            raise ValueError(f"{_OP}: runs on the CPU and CUDA devices; input is on {input.device}")
         if input.device != self.codes.device:
             raise ValueError(f"{_OP}: input and weights must be on the same device; input is on {input.device}, "
                              f"weights on {self.codes.device} (move one with .to())")
