@@ -3,13 +3,15 @@
 // just moves them). Activations f32 / f16 / bf16 of any element strides, float32 accumulation, output
 // rounded once to out_dtype. The weight is dequantized in registers; no float copy of it exists.
 //
-// One kernel for every M: a CTA owns one 32-column output panel, up to kRowTile rows at a time, and
+// One kernel for every M: a CTA owns one 32-column output panel, up to kRowTileMax rows at a time, and
 // a range of K (a split). Its 256 threads stream the panel's codes with 16-byte loads: thread t reads
 // the 16 columns (t & 1) * 16.. of k row (t >> 1) + 128 j (w4: of nibble-pair row, i.e. k = 2 row and
 // 2 row + 1), so a warp reads 512 contiguous bytes, and 4 loads are in flight before their FMAs.
 // Each thread keeps rows x 16 float32 sums; the block reduces them in a fixed order (warp shuffles
 // with fixed partners, then warps in index order through shared memory), so the result depends only
-// on the shapes and the plan (qlinear_plan), never on scheduling: no atomics.
+// on the shapes and the plan (qlinear_plan), never on scheduling: no atomics. Many-row (prefill)
+// shapes run the same FMA kernel, 8 rows x 16 columns per thread (no tensor cores), the weight panel
+// re-read from L2 once per 8 rows.
 //
 // Math per element (float32):
 //   w8: partial = scale[j] * sum_k x[i][k] * q[j][k]                 (as the CPU kernels)
@@ -17,7 +19,7 @@
 //       dequantize_weight()'s float32 value; the CPU sums per group and subtracts zero * sum(x): the
 //       same exact products in another float32 order, API.md §1's tolerance)
 // With one split the CTA adds the bias and stores; with S splits (decode shapes: too few panels to
-// fill the GPU) each split writes its partial to a float32 workspace (S, m, n) and qlinear_reduce
+// fill the GPU) each split writes its partial to a float32 workspace (S, m, n) and qlinear_reduce_kernel
 // sums the S partials in split order, adds the bias and stores.
 #include "api.h"
 #include "common.cuh"
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) qlinear_kernel(const QLinearParams p
       for (int w = 0; w < kWarps; ++w) v += red[w][r][col];
       const int64_t i = i0 + r, j = panel_idx * 32 + col;
       if (i < p.m && j < p.n) {
-        if constexpr (SCHEME == LP_QLINEAR_W8) v *= __ldg(p.scale + j);
+        if constexpr (SCHEME == LP_QLINEAR_W8) v = mul_rn(v, __ldg(p.scale + j));  // not fused with the bias
         if (p.ws) {
           p.ws[(int64_t(blockIdx.z) * p.m + i) * p.n + j] = v;
         } else {
