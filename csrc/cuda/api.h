@@ -92,6 +92,30 @@ struct DequantArgs {
 };
 void dequantize(const DequantArgs& args);
 
+// ---- weight-quantized linear (qlinear.cu) ----
+// out (m, n) contiguous, out_dtype F32/F16/BF16 = x (m, k) (F32/F16/BF16, element strides x_row,
+// x_col) times the packed w8 / w4 weight of csrc/cpu/qlinear/qlinear.h (codes, scale, zero; 16-byte
+// aligned) plus bias (float32 (n,) or 0), accumulated in float32 and rounded once. `splits` and a
+// float32 workspace `ws` of splits * m * n elements (0 when splits == 1) come from qlinear_plan.
+struct QLinearPlan {
+  int64_t splits = 1;   // K ranges summed by a second kernel in a fixed order
+  int64_t k_chunk = 1;  // k values per range
+};
+QLinearPlan qlinear_plan(int scheme, int64_t m, int64_t n, int64_t k, int64_t group_size);
+struct QLinearGpuArgs {
+  int device = 0;
+  uintptr_t stream = 0;
+  int scheme = LP_QLINEAR_W8;
+  int64_t m = 0, n = 0, k = 0, group_size = 0;
+  uintptr_t x = 0;
+  int x_dtype = 0;
+  int64_t x_row = 0, x_col = 0;
+  uintptr_t codes = 0, scale = 0, zero = 0, bias = 0, out = 0, ws = 0;
+  int out_dtype = 0;
+  int64_t splits = 1;
+};
+void qlinear(const QLinearGpuArgs& args);
+
 // Host twins of the kernels' arithmetic, on host memory, used by tests on machines without a GPU:
 // the same __host__ __device__ functions the kernels call, run serially over the same indexing.
 void host_quantize(const QuantArgs& args);

@@ -161,6 +161,33 @@ void bind_quant(py::module_& m) {
       "'' when the CUDA ports of dtypes.h match them bit for bit, else the first mismatch");
 }
 
+
+void bind_qlinear(py::module_& m) {
+  m.def(
+      "qlinear_plan",
+      [](int scheme, int64_t m_, int64_t n, int64_t k, int64_t group_size) {
+        const lp::cuda::QLinearPlan plan = lp::cuda::qlinear_plan(scheme, m_, n, k, group_size);
+        return py::make_tuple(plan.splits, plan.k_chunk);
+      },
+      "scheme"_a, "m"_a, "n"_a, "k"_a, "group_size"_a,
+      "(splits, k_chunk): the K split qlinear runs for this shape (splits > 1 needs a workspace)");
+  m.def(
+      "qlinear",
+      [](int device, uintptr_t stream, int scheme, int64_t m_, int64_t n, int64_t k, int64_t group_size, uintptr_t x,
+         int x_dtype, int64_t x_row, int64_t x_col, uintptr_t codes, uintptr_t scale, uintptr_t zero, uintptr_t bias,
+         uintptr_t out, int out_dtype, uintptr_t ws, int64_t splits) {
+        lp::cuda::QLinearGpuArgs a;
+        a.device = device, a.stream = stream, a.scheme = scheme;
+        a.m = m_, a.n = n, a.k = k, a.group_size = group_size;
+        a.x = x, a.x_dtype = x_dtype, a.x_row = x_row, a.x_col = x_col;
+        a.codes = codes, a.scale = scale, a.zero = zero, a.bias = bias;
+        a.out = out, a.out_dtype = out_dtype, a.ws = ws, a.splits = splits;
+        py::gil_scoped_release release;
+        lp::cuda::qlinear(a);
+      },
+      "device"_a, "stream"_a, "scheme"_a, "m"_a, "n"_a, "k"_a, "group_size"_a, "x"_a, "x_dtype"_a, "x_row"_a,
+      "x_col"_a, "codes"_a, "scale"_a, "zero"_a, "bias"_a, "out"_a, "out_dtype"_a, "ws"_a, "splits"_a);
+}
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -168,4 +195,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   bind_runtime(m);
   bind_gemm(m);
   bind_quant(m);
+  bind_qlinear(m);
 }

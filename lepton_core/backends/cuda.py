@@ -8,10 +8,13 @@ on `torch.cuda.current_stream()`, like a torch op, except the read-back of quant
 """
 from __future__ import annotations
 
+import math
 import sys
 from typing import Optional
 
-from .._codes import DTYPE_CODES
+from .. import _arrays
+from .._arrays import DTYPE_NAME, non_finite_error
+from .._codes import DTYPE_CODES, FORMATS, QLINEAR_SCHEMES
 from .._layout import quant_geometry
 from . import _common
 
@@ -366,9 +369,51 @@ def linear(x, weight, bias, compute_dtype: str, out_dtype: str):
 
 
 def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: int):
-    """lc.nn.QuantLinear has CPU kernels only (csrc/cpu/qlinear); none are written for CUDA yet."""
-    raise ValueError(f"lc.nn.QuantLinear: scheme {scheme!r} has no CUDA kernel (only the CPU kernels of "
-                     "csrc/cpu/qlinear exist); run the quantized model on the CPU")
+    """x (..., K) times the packed weight (csrc/cpu/qlinear/qlinear.h; w8a8: int8 codes (N, K) and
+    per-row scales) plus bias, in x's dtype. w8 / w4: csrc/cuda/qlinear.cu reading the packed buffers
+    in place; w8a8: x quantized to int8 per row, then scaled_gemm's int8 GEMM and epilogue."""
+    import torch
+
+    lead, k = tuple(x.shape[:-1]), x.shape[-1]
+    x2 = x.reshape(math.prod(lead), k)
+    m = x2.shape[0]
+    out_name = DTYPE_NAME[x.dtype]
+    bias32 = _f32_vector(bias)
+    if scheme == "w8a8":
+        if m == 0 or n == 0:
+            return _common.new_output("torch", (*lead, n), out_name, x.device)
+        data, scale_x, _, first_bad = quantize(x2, FORMATS["int8"], 0, None, False, 0)
+        if first_bad >= 0:
+            raise non_finite_error(x2.contiguous(), first_bad, "lc.nn.QuantLinear", "input")
+        return scaled_gemm(data, codes.t(), scale_x, scale, bias32, out_name).reshape(*lead, n)
+    out = _common.new_output("torch", (*lead, n), out_name, x.device)
+    if m == 0 or n == 0:
+        return out
+    device = _device_index(x)
+    mod = _mod()
+    code = QLINEAR_SCHEMES[scheme]
+    splits, _ = mod.qlinear_plan(scheme=code, m=m, n=n, k=k, group_size=group_size)
+    # K split across CTAs (decode shapes): float32 partials summed in a fixed order by a second kernel.
+    ws = torch.empty(splits * m * n, dtype=torch.float32, device=x.device) if splits > 1 else None
+    if ws is not None and _arrays.POISON_OUTPUTS:
+        ws.fill_(float("nan"))  # tests: a partial the kernel failed to write shows up in the output
+    codes, scale = _aligned(codes), _aligned(scale)
+    zero = _aligned(zero) if scheme == "w4" else None
+    x_row, x_col = x2.stride()
+    mod.qlinear(device=device, stream=_stream(device), scheme=code, m=m, n=n, k=k, group_size=group_size,
+                x=x2.data_ptr(), x_dtype=_dtype_code(x2.dtype), x_row=x_row, x_col=x_col, codes=codes.data_ptr(),
+                scale=scale.data_ptr(), zero=0 if zero is None else zero.data_ptr(),
+                bias=0 if bias32 is None else bias32.data_ptr(), out=out.data_ptr(),
+                out_dtype=_dtype_code(out.dtype), ws=0 if ws is None else ws.data_ptr(), splits=splits)
+    return out
+
+
+def _aligned(t):
+    """t contiguous at a 16-byte aligned address (the packed buffers are; a view into a bigger
+    storage may not be): the kernels read them with 16-byte loads."""
+    if t.is_contiguous() and t.data_ptr() % 16 == 0:
+        return t
+    return t.contiguous().clone()
 
 
 def register() -> None:

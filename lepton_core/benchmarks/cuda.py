@@ -6,7 +6,8 @@ torch._int_mm, in TFLOP/s, with each baseline's rate at 8192^3 standing for the 
 peak; lc.scaled_gemm (int8 W8A8) against torch._int_mm with an eager epilogue and torch._scaled_mm
 (float8 e4m3, where the GPU and torch have it). Quantization: lc.quantize int8 blockwise (one pass) and lc.dequantize against the same ops in
 eager PyTorch, in GB/s of the algorithm's minimum traffic, against the measured device-to-device
-copy bandwidth (bytes read + written).
+copy bandwidth (bytes read + written). lc.nn.QuantLinear w8 / w4 (bf16 activations, 4096 -> 4096 and
+4096 -> 11008, M = 1 .. 128) against F.linear with the bf16 weight, in GB/s of the packed weight read.
 
 Timing (the rules of benchmarks/common.py, on the GPU): CUDA events around a batch of calls, the
 candidates sampled round-robin (A B A B ...) in one process, medians reported; every result is
@@ -238,6 +239,40 @@ def _dequant_case(n: int, block: int) -> dict:
             "base_rate": n_bytes / (t["base"] * 1e-3) / 1e9, "unit": "GB/s", "%peak": 100 * gbps / device_copy_gbps()}
 
 
+def _qlinear_cases(n: int, k: int, scheme: str, ms) -> List[dict]:
+    """lc.nn.QuantLinear (bf16 activations) against F.linear with the bf16 weight, one row per M; the
+    rate is the packed weight's bytes (codes, scales, zero points) read per second, the baseline's its
+    bf16 weight's. The layer is quantized once (on the CPU, as from_linear does) for every M."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..nn import QuantLinear
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    lin = torch.nn.Linear(k, n, bias=False, device="cuda")
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, device="cuda", generator=gen) / k**0.5)
+    q = QuantLinear.from_linear(lin, scheme, 128)
+    wb = lin.weight.detach().to(torch.bfloat16)
+    w_ref = q.dequantize_weight().double()
+    packed = sum(b.numel() * b.element_size() for b in q.buffers())
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
+        with torch.inference_mode():
+            ours = lambda: q(x)  # noqa: E731
+            base = lambda: F.linear(x, wb)  # noqa: E731
+            err = _rel_err(ours(), F.linear(x.double(), w_ref))
+            assert err <= 1e-2, f"QuantLinear {scheme} M={m} relative error {err}"
+            t = _gpu_interleaved({"ours": ours, "base": base}, rounds=5, min_sample_ms=10.0)
+        gbps = packed / (t["ours"] * 1e-3) / 1e9
+        rows.append({"case": f"QuantLinear {scheme} M={m} {k}->{n} bf16 vs F.linear bf16", "ours_ms": t["ours"],
+                     "base_ms": t["base"], "x_base": t["base"] / t["ours"], "ours_rate": gbps,
+                     "base_rate": wb.numel() * 2 / (t["base"] * 1e-3) / 1e9, "unit": "GB/s (weight)",
+                     "%peak": 100 * gbps / device_copy_gbps()})
+    return rows
+
+
 def run(quick: bool = False) -> List[dict]:
     """Rows of COLUMNS; [] (with the reason printed) when the CUDA backend cannot run here."""
     info = lc.info()
@@ -269,6 +304,10 @@ def run(quick: bool = False) -> List[dict]:
         for block in ((256,) if quick else (32, 256, 4096)):
             rows.append(_quant_case(n, dtype_name, block))
     rows.append(_dequant_case(n, 256))
+    for scheme in ("w8", "w4"):
+        for (n_out, k) in ((4096, 4096), (11008, 4096)):
+            for row in _qlinear_cases(n_out, k, scheme, (1, 32) if quick else (1, 8, 32, 128)):
+                rows.append(row)
     return rows
 
 

@@ -94,13 +94,15 @@ class QuantLinear(nn.Module):
             raise ValueError(f"{op}: the layer's weight is not initialized yet (lazy); run one forward pass first")
         if not w.dtype.is_floating_point:
             raise TypeError(f"{op}: the weight must be floating point, got {dtype_name(w.dtype)}")
-        if w.device.type != "cpu":
-            raise ValueError(f"{op}: QuantLinear runs on the CPU only (no CUDA kernels yet); the weight is on "
-                             f"{w.device}")
+        if w.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{op}: the weight must be on the CPU or a CUDA device, got {w.device}")
+        device = w.device
         n, k = w.shape
         b = getattr(linear, "bias", None)
         new = cls(k, n, bias=b is not None, scheme=scheme, group_size=group_size)
-        w = w.detach().to(torch.float32)
+        # Quantized and packed on the CPU (one implementation of the formulas), then moved to the
+        # weight's device: the CUDA kernels read the same packed buffers.
+        w = w.detach().to("cpu", torch.float32)
         if not torch.isfinite(w).all():
             raise ValueError(f"{op}: the weight has non-finite values")
         with torch.no_grad():
@@ -115,9 +117,9 @@ class QuantLinear(nn.Module):
             new.codes.copy_(codes)
             new.scale.copy_(scale)
             if b is not None:
-                new.bias.copy_(b.detach().to(torch.float32))
+                new.bias.copy_(b.detach().to("cpu", torch.float32))
         new.train(linear.training)
-        return new
+        return new.to(device)
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 (out_features, in_features) weight the codes stand for: (code - zero) * scale."""
@@ -134,9 +136,11 @@ class QuantLinear(nn.Module):
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"{_OP}: input's last dimension must be in_features={self.in_features}, got shape "
                              f"{tuple(input.shape)}")
-        if input.device.type != "cpu" or self.codes.device.type != "cpu":
-            raise ValueError(f"{_OP}: scheme {self.scheme!r} has CPU kernels only (no CUDA kernels yet); input is "
-                             f"on {input.device}, weights on {self.codes.device}")
+        if input.device.type not in ("cpu", "cuda", "meta"):
+            raise ValueError(f"{_OP}: runs on the CPU and CUDA devices; input is on {input.device}")
+        if input.device != self.codes.device:
+            raise ValueError(f"{_OP}: input and weights must be on the same device; input is on {input.device}, "
+                             f"weights on {self.codes.device} (move one with .to())")
         x = input
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             x = x.to(torch.float32)  # float64 and others: x.float(), the result widened back exactly
