@@ -85,24 +85,37 @@ stage_train() {
      --checkpoint-dir "$work/run_cpu" && tail -n 2 "$work/run_cpu/metrics.jsonl")
 }
 
-# A short subset for the sanitizer: small shapes of every kernel (float and int8 GEMM, both tile
-# configs, scaled_gemm, quantize / dequantize in every format, stochastic rounding). PyTorch's caching
-# allocator is off so that each tensor is its own allocation and an overrun is seen.
-SAN_K="test_gemm_float and 7 or test_gemm_int8_exact or test_gemm_into_direct or test_scaled_gemm or test_gemm_bias or test_quantize_gpu_equals or test_dequantize_gpu or test_quantize_gpu_stochastic or test_quantize_gpu_extreme or test_quantize_gpu_reports"
+# Short subsets for the sanitizer (it is slow): memcheck runs small shapes of every kernel (float and
+# int8 GEMM in every tile config, scaled_gemm, quantize / dequantize in every format, stochastic
+# rounding, QuantLinear's kernels and its split-K reduction); racecheck, the kernels that use shared
+# memory, on shapes with edges in every dimension. PyTorch's caching allocator is off so that each
+# tensor is its own allocation and an overrun is seen.
+MEM_K="test_gemm_float and 7 or test_gemm_int8_exact or test_gemm_into_direct or test_scaled_gemm or test_gemm_bias or test_gemm_wide or test_quantize_gpu_equals or test_dequantize_gpu or test_quantize_gpu_stochastic or test_quantize_gpu_extreme or test_quantize_gpu_reports"
+MEM_Q="test_matches_cpu_and_reference or test_views or test_deterministic or test_empty_k"
+RACE_K="test_gemm_float and 129-257-65 and nt or test_gemm_float and 257-31-1000 and tn and None or test_gemm_int8_exact and 129-257-65 or test_quantize_gpu_equals and int8"
+RACE_Q="test_matches_cpu_and_reference and (7-1101 or 1-1101 or 33-300) and (w8-128 or w4-32)"
 stage_sanitizer() {  # $1 = memcheck | racecheck
-  (cd "$work" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" --error-exitcode 99 \
-     --print-limit 20 "$py" -m pytest -c "$repo/pyproject.toml" --rootdir "$repo" -p no:cacheprovider -q -x \
-     --timeout 600 -W default "$repo/tests/test_cuda.py" -k "$SAN_K")
+  local k_cuda=$MEM_K k_q=$MEM_Q
+  [[ $1 == racecheck ]] && k_cuda=$RACE_K k_q=$RACE_Q
+  local files=("$repo/tests/test_cuda.py") ks=("$k_cuda")
+  [[ -f $repo/tests/test_cuda_qlinear.py ]] && files+=("$repo/tests/test_cuda_qlinear.py") ks+=("$k_q")
+  local rc=0 i
+  for i in "${!files[@]}"; do
+    (cd "$work" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$1" --error-exitcode 99 \
+       --print-limit 20 "$py" -m pytest -c "$repo/pyproject.toml" --rootdir "$repo" -p no:cacheprovider -q \
+       --timeout 600 -W default "${files[$i]}" -k "${ks[$i]}") || rc=$?
+  done
+  return $rc
 }
 
 stage_ncu() {
-  (cd "$work" && ncu --clock-control none --target-processes all -k "regex:gemm_tc|quant_blockwise|dequant" \
-     --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
+  (cd "$work" && ncu --clock-control none --target-processes all -k "regex:gemm_tc|quant_blockwise|dequant|qlinear" \
+     --launch-skip 7 --launch-count 7 --section SpeedOfLight --section Occupancy --section LaunchStats \
      --section MemoryWorkloadAnalysis "$py" "$repo/tools/gpu_profile.py")
 }
 
 export -f stage_env stage_build pytest_in_work stage_tests stage_bench stage_train stage_sanitizer stage_ncu
-export py repo work tests_cuda SAN_K
+export py repo work tests_cuda MEM_K MEM_Q RACE_K RACE_Q
 run_stage env 30 "$OUT/env.log" stage_env
 if ! run_stage build 240 "$OUT/build.log" stage_build; then
   echo "build failed: see build.log" | tee -a "$summary"
