@@ -775,30 +775,6 @@ def test_gemm_into_direct_both_tile_configs(dtype, rng):
 
 @pytest.mark.cuda
 @requires_gpu
-@pytest.mark.parametrize("dtype", X_DTYPES + [torch.int8])
-def test_gemm_wide_tiles_forced(dtype, monkeypatch, rng):
-    """LEPTON_CUDA_GEMM_TILES=wide (the 128 x 256 tiles, 64 x 64 warp tiles) on edge shapes and a
-    multi-tile one, both B layouts: the float64 reference (int8 exactly), and the config says so."""
-    monkeypatch.setenv("LEPTON_CUDA_GEMM_TILES", "wide")
-    for (m, k, n) in [(1, 1, 1), (7, 33, 5), (129, 257, 300), (300, 1000, 513), (1024, 384, 1024)]:
-        for bt in ("n", "t"):
-            if dtype == torch.int8:
-                a = torch.randint(-128, 128, (m, k), dtype=torch.int8, device="cuda")
-                b = (torch.randint(-128, 128, (n, k), dtype=torch.int8, device="cuda").t() if bt == "t" else
-                     torch.randint(-128, 128, (k, n), dtype=torch.int8, device="cuda"))
-                assert torch.equal(lc.gemm(a, b).cpu().long(), a.cpu().long() @ b.cpu().long())
-                continue
-            a, b = _rand((m, k), dtype), _operand(k, n, dtype, bt)
-            bias = _rand((n,), torch.float32)
-            out = lc.gemm(a, b, bias=bias, out_dtype=torch.float32)
-            assert torch.isfinite(out).all()
-            assert _rel_err(out, _ref_gemm(a, b, bias)) <= gemm_rel_norm_bound("float32", k)
-            if dtype != torch.float32:
-                assert "128x256" in _cuda_backend.gemm_config(a.unsqueeze(0), b.unsqueeze(0), torch.float32)
-
-
-@pytest.mark.cuda
-@requires_gpu
 def test_gemm_empty_dims_and_k0():
     a = _rand((0, 5), torch.bfloat16)
     assert lc.gemm(a, _rand((5, 3), torch.bfloat16)).shape == (0, 3)

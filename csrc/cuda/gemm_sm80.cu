@@ -186,10 +186,9 @@ __device__ inline void epilogue_store_pair(const GemmParams& p, size_t batch_off
 //   * STAGES-deep cp.async pipeline, one __syncthreads per k-tile. Edges (M, N, K not multiples of
 //     the tile) are zero-filled while loading (copy_chunk_16), so the math never branches.
 //   * Warps: WM x WN, each owning a (BM/WM) x (BN/WN) sub-tile of m16n8 accumulators.
-// Two CTAs per SM (16 warps) for the 128 x 128 tiles: caps registers at 128 per thread. The 128 x 256
-// tiles (warp tiles of 64 x 64: 128 accumulators per thread) run one CTA per SM with up to 255.
+// Two CTAs per SM (16 warps) for the 128 x 128 tiles: caps registers at 128 per thread.
 template <int BM, int BN, int WM, int WN, int STAGES, int KIND, bool B_K_MAJOR>
-__global__ void __launch_bounds__(WM* WN * 32, BM* BN == 128 * 128 ? 2 : 1) gemm_tc_kernel(const GemmParams p) {
+__global__ void __launch_bounds__(WM* WN * 32, BM* BN >= 128 * 128 ? 2 : 1) gemm_tc_kernel(const GemmParams p) {
   using MmaT = Mma<KIND>;
   using Acc = typename MmaT::Acc;
   constexpr int kThreads = WM * WN * 32;
@@ -229,10 +228,21 @@ __global__ void __launch_bounds__(WM* WN * 32, BM* BN == 128 * 128 ? 2 : 1) gemm
     const int64_t kb0 = kt * kRowBytes;
     // A K-major tile of ROWS rows (row r is row0 + r of its matrix, at tile + r * ld_bytes) x
     // kRowBytes of K into smem; rows from n_rows on and bytes past k_bytes are zero-filled.
+    // A tile wholly inside the matrix (every tile but the edge ones; the test is uniform across the
+    // CTA) takes the straight cp.async loop.
     auto load_k_major = [&](auto rows, uint32_t smem, const char* tile, int64_t ld_bytes, int64_t row0,
                             int64_t n_rows) {
+      constexpr int kChunks = decltype(rows)::value * kRowBytes / 16 / kThreads;
+      if (row0 + decltype(rows)::value <= n_rows && kb0 + kRowBytes <= k_bytes) {
 #pragma unroll
-      for (int i = 0; i < decltype(rows)::value * kRowBytes / 16 / kThreads; ++i) {
+        for (int i = 0; i < kChunks; ++i) {
+          const int chunk = tid + i * kThreads, row = chunk >> 3, col = chunk & 7;
+          cp_async_16(smem + row * kRowBytes + ((col ^ (row & 7)) << 4), tile + row * ld_bytes + kb0 + col * 16);
+        }
+        return;
+      }
+#pragma unroll
+      for (int i = 0; i < kChunks; ++i) {
         const int chunk = tid + i * kThreads, row = chunk >> 3, col = chunk & 7;
         const int64_t kb = kb0 + col * 16;
         const int bytes = row0 + row < n_rows ? chunk_bytes(k_bytes - kb) : 0;
@@ -245,6 +255,16 @@ __global__ void __launch_bounds__(WM* WN * 32, BM* BN == 128 * 128 ? 2 : 1) gemm
       load_k_major(std::integral_constant<int, BN>{}, b_smem, b_batch + n0 * p.ldb_bytes, p.ldb_bytes, n0, p.n);
     } else {
       const int64_t n_bytes = p.n * 2, nb0 = n0 * 2, k0 = kt * kBk;
+      if (k0 + kBk <= p.k && nb0 + kBRowBytesN <= n_bytes) {  // interior tile: straight cp.async
+#pragma unroll
+        for (int i = 0; i < kBStageBytes / 16 / kThreads; ++i) {
+          const int chunk = tid + i * kThreads;
+          const int row = chunk / kBChunksPerRowN, col = chunk % kBChunksPerRowN;
+          const int phys = (col & ~7) | ((col ^ row) & 7);
+          cp_async_16(b_smem + row * kBRowBytesN + (phys << 4), b_batch + (k0 + row) * p.ldb_bytes + nb0 + col * 16);
+        }
+        return;
+      }
 #pragma unroll
       for (int i = 0; i < kBStageBytes / 16 / kThreads; ++i) {
         const int chunk = tid + i * kThreads;
@@ -556,19 +576,11 @@ void launch_simt(GemmParams p, int64_t batch, cudaStream_t stream, const char* n
 // Tile configurations. "large": 128 x 128 tiles (8 warps of 64 x 32, 3 stages, 96 KiB of shared
 // memory: fits every sm_80+ part, 2 CTAs per SM on sm_80/90). "small": 64 x 64 tiles (4 warps of
 // 32 x 32, 4 stages, 64 KiB) when the large tiles would leave SMs idle (small or skinny problems).
-// "wide": 128 x 256 tiles (8 warps of 64 x 64, 3 stages, 144 KiB: sm_80 and sm_90 only, not sm_86 /
-// sm_89), chosen only through LEPTON_CUDA_GEMM_TILES=wide while it is being measured.
+// (128 x 256 tiles, 8 warps of 64 x 64, one CTA per SM, were measured on an H200 at 0.55-0.7x the
+// 128 x 128 ones' speed: bench/RESULTS.md, "GPU".)
 bool use_large_tiles(const GemmArgs& g, int device) {
   const int64_t large_tiles = ((g.m + 127) / 128) * ((g.n + 127) / 128) * g.batch;
   return large_tiles >= sm_count(device);
-}
-
-// LEPTON_CUDA_GEMM_TILES (docs/environment.md): "wide" forces the 128 x 256 tensor-core tiles for
-// every 16-bit and int8 GEMM; unset or anything else keeps the automatic choice. Read on every call
-// (a getenv is cheap next to a launch), so tests can switch it.
-bool wide_tiles_forced() {
-  const char* v = std::getenv("LEPTON_CUDA_GEMM_TILES");
-  return v != nullptr && std::string(v) == "wide";
 }
 
 void check_tc_alignment(const GemmArgs& g, int esize) {
@@ -605,12 +617,11 @@ GemmParams make_params(const GemmArgs& g, int esize) {
   return p;
 }
 
-enum class Path { kSimtLarge, kSimtSmall, kTcLarge, kTcSmall, kTcWide };
+enum class Path { kSimtLarge, kSimtSmall, kTcLarge, kTcSmall };
 
 Path choose_path(const GemmArgs& g) {
   const bool large = use_large_tiles(g, g.device);
   if (g.in_dtype == LP_DTYPE_F32) return large ? Path::kSimtLarge : Path::kSimtSmall;
-  if (wide_tiles_forced()) return Path::kTcWide;
   return large ? Path::kTcLarge : Path::kTcSmall;
 }
 
@@ -648,7 +659,6 @@ std::string gemm_config(const GemmArgs& g) {
     case Path::kSimtSmall: return std::string("f32_simt_64x64_") + layout;
     case Path::kTcLarge: return std::string("mma_sm80_128x128x3_") + layout;
     case Path::kTcSmall: return std::string("mma_sm80_64x64x4_") + layout;
-    case Path::kTcWide: return std::string("mma_sm80_128x256x3_") + layout;
   }
   return "";
 }
@@ -678,15 +688,13 @@ void gemm(const GemmArgs& g) {
   GemmParams p = make_params(g, esize);
   const int dev = g.device;
   // Tile configurations: 128 x 128 (8 warps, 3 stages) for large problems, else 64 x 64 (4 warps, 4
-  // stages), or 128 x 256 when forced; one kernel per input kind and B layout (int8 B is always
-  // K-major).
+  // stages); one kernel per input kind and B layout (int8 B is always K-major).
 #define LP_TC(BM, BN, WM, WN, ST, KIND, KMAJ) \
   launch_tc<BM, BN, WM, WN, ST, KIND, KMAJ>(p, g.batch, dev, stream, "gemm_tc_kernel<" #BM "," #BN "," #KIND "," #KMAJ ">")
-#define LP_TC_SIZED(KIND, KMAJ)                                  \
-  do {                                                           \
-    if (path == Path::kTcWide) LP_TC(128, 256, 2, 4, 3, KIND, KMAJ); \
-    else if (large) LP_TC(128, 128, 2, 4, 3, KIND, KMAJ);        \
-    else LP_TC(64, 64, 2, 2, 4, KIND, KMAJ);                     \
+#define LP_TC_SIZED(KIND, KMAJ)                        \
+  do {                                                 \
+    if (large) LP_TC(128, 128, 2, 4, 3, KIND, KMAJ);   \
+    else LP_TC(64, 64, 2, 2, 4, KIND, KMAJ);           \
   } while (0)
 #define LP_TC_16BIT(KIND)                                                      \
   do {                                                                         \

@@ -110,22 +110,8 @@ def _rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def _gemm_case(m: int, n: int, k: int, kind: str, b_transposed: bool, tiles: str = "") -> dict:
-    """tiles="wide": LEPTON_CUDA_GEMM_TILES=wide (the 128 x 256 tiles) while this row runs."""
-    import os
-
+def _gemm_case(m: int, n: int, k: int, kind: str, b_transposed: bool) -> dict:
     import torch
-
-    if tiles:
-        before = os.environ.get("LEPTON_CUDA_GEMM_TILES")
-        os.environ["LEPTON_CUDA_GEMM_TILES"] = tiles
-        try:
-            return _gemm_case(m, n, k, kind, b_transposed)
-        finally:
-            if before is None:
-                del os.environ["LEPTON_CUDA_GEMM_TILES"]
-            else:
-                os.environ["LEPTON_CUDA_GEMM_TILES"] = before
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     if kind == "int8":
@@ -239,6 +225,25 @@ def _dequant_case(n: int, block: int) -> dict:
             "base_rate": n_bytes / (t["base"] * 1e-3) / 1e9, "unit": "GB/s", "%peak": 100 * gbps / device_copy_gbps()}
 
 
+def _graphed(fn: Callable[[], object], calls: int = 20) -> Callable[[], object]:
+    """A function replaying a CUDA graph of `calls` calls of fn: decode-shaped layers run this way in
+    practice (torch.compile's cudagraphs, serving engines), and it times the kernels without the
+    Python and launch cost of each call."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream before capture (torch's rule)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 def _qlinear_cases(n: int, k: int, scheme: str, ms) -> List[dict]:
     """lc.nn.QuantLinear (bf16 activations) against F.linear with the bf16 weight, one row per M; the
     rate is the packed weight's bytes (codes, scales, zero points) read per second, the baseline's its
@@ -270,6 +275,17 @@ def _qlinear_cases(n: int, k: int, scheme: str, ms) -> List[dict]:
                      "base_ms": t["base"], "x_base": t["base"] / t["ours"], "ours_rate": gbps,
                      "base_rate": wb.numel() * 2 / (t["base"] * 1e-3) / 1e9, "unit": "GB/s (weight)",
                      "%peak": 100 * gbps / device_copy_gbps()})
+        if m <= 8:  # decode shapes: the same calls replayed from CUDA graphs (kernel time alone)
+            calls = 20
+            with torch.inference_mode():
+                t = _gpu_interleaved({"ours": _graphed(ours, calls), "base": _graphed(base, calls)}, rounds=5,
+                                     min_sample_ms=10.0)
+            t = {name: ms / calls for name, ms in t.items()}
+            gbps = packed / (t["ours"] * 1e-3) / 1e9
+            rows.append({"case": f"QuantLinear {scheme} M={m} {k}->{n} bf16 vs F.linear bf16, CUDA graph",
+                         "ours_ms": t["ours"], "base_ms": t["base"], "x_base": t["base"] / t["ours"],
+                         "ours_rate": gbps, "base_rate": wb.numel() * 2 / (t["base"] * 1e-3) / 1e9,
+                         "unit": "GB/s (weight)", "%peak": 100 * gbps / device_copy_gbps()})
     return rows
 
 
@@ -287,10 +303,6 @@ def run(quick: bool = False) -> List[dict]:
         for (m, n, k) in sizes:
             rows.append(_gemm_case(m, n, k, kind, b_transposed=True))
         rows.append(_gemm_case(4096, 4096, 4096, kind, b_transposed=False))
-        for (m, n, k) in sizes[:2]:  # the 128 x 256 tiles, opt-in while measured
-            row = _gemm_case(m, n, k, kind, b_transposed=True, tiles="wide")
-            row["case"] += " [LEPTON_CUDA_GEMM_TILES=wide]"
-            rows.append(row)
     for n_sq in (4096, 8192):
         for base_kind in ("int_mm", "fp8"):
             try:

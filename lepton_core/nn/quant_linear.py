@@ -19,10 +19,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .. import _ops  # noqa: F401  (declares torch.ops.lepton.quant_linear)
+from .. import _ops  # declares torch.ops.lepton.quant_linear
 from .. import _qpack
 from .._arrays import name_of as dtype_name
 from .._codes import MAX_GROUP, MIN_GROUP, QLINEAR_PANEL
+from .._devices import backend_for
 from .linear import hf_conv1d_type
 
 SCHEMES = ("w8a8", "w8", "w4")
@@ -144,8 +145,11 @@ class QuantLinear(nn.Module):
         x = input
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             x = x.to(torch.float32)  # float64 and others: x.float(), the result widened back exactly
-        y = torch.ops.lepton.quant_linear(x, self.codes, self.scale, self.zero_point, self.bias, self.scheme,
-                                          self.group_size, self.out_features)
+        args = (x, self.codes, self.scale, self.zero_point, self.bias)
+        if _ops.needs_dispatcher(*args):  # autograd, tracing, meta, subclasses: through torch.ops.lepton
+            y = torch.ops.lepton.quant_linear(*args, self.scheme, self.group_size, self.out_features)
+        else:  # _ops's eager-bypass rule: a plain call skips the dispatcher's microseconds (decode shapes)
+            y = backend_for(x).quant_linear(*args, self.scheme, self.group_size, self.out_features)
         return y if y.dtype == input.dtype else y.to(input.dtype)
 
     def extra_repr(self) -> str:
