@@ -205,6 +205,9 @@ def run_mismatch_and_bad_args(ctx, group, tag: str) -> None:
             "rs sizes": lambda: ld.reduce_scatter(torch.empty(3), torch.empty(3 * w + 1), group=group),
             "ag sizes": lambda: ld.all_gather(torch.empty(3 * w - 1), torch.empty(3), group=group),
             "bc src": lambda: ld.broadcast(torch.empty(3), w + 5, group=group),
+            # (after earlier broadcasts armed the fast path, which only takes an int of the group)
+            "bc src bool": lambda: ld.broadcast(torch.empty(3), True, group=group),
+            "bc src float": lambda: ld.broadcast(torch.empty(3), float(ranks[0]), group=group),
             "rs dtype": lambda: ld.reduce_scatter(torch.empty(3), torch.empty(3 * w, dtype=torch.float64), group=group),
             "rs avg int": lambda: ld.reduce_scatter(torch.empty(3, dtype=torch.int32),
                                                     torch.empty(3 * w, dtype=torch.int32), "avg", group=group),
