@@ -65,6 +65,8 @@ def _check_job(res, world, transports):
                                                f"elements, {world} x 3 = {3 * world}, got {3 * world + 1}")
         assert bad[f"{t} ag sizes"].startswith("ValueError: ld.all_gather: output must have world size x input's")
         assert bad[f"{t} bc src"].startswith("ValueError: ld.broadcast: src must be a global rank of the group")
+        for kind in ("bool", "float"):
+            assert bad[f"{t} bc src {kind}"] == f"TypeError: ld.broadcast: src must be an int (a global rank), got {kind}"
         assert bad[f"{t} rs dtype"].startswith("TypeError: ld.reduce_scatter: output and input must have one dtype")
         assert bad[f"{t} rs avg int"].startswith("TypeError: ld.reduce_scatter: op 'avg' needs a floating-point")
 

@@ -1,12 +1,12 @@
 // The collectives of one host's ranks over a ShmTransport (API.md §3): one call of any kind, run by
 // ShmCollectives::run on every rank of the transport in the same order. Each collective lives in a
-// file of its own, written in the ring hops of ring_steps.h:
+// file of its own, written in the ring hops of ring_steps.h (broadcast: the transport's star verbs):
 //   ring_allreduce.cc   all-reduce, and its two halves for the hierarchical path
 //   reduce_scatter.cc   reduce-scatter
 //   all_gather.cc       all-gather
 //   broadcast.cc        broadcast
 // Each has a latency path (one synchronisation through the latency slots) for small payloads and a
-// pipelined ring for large ones; the choice depends only on (kind, sizes, dtype, compression, block
+// pipelined ring (broadcast: star) for large ones; the choice depends only on (kind, sizes, dtype, compression, block
 // size, number of ranks), so every rank picks the same one and results are reproducible.
 //
 // Every call first publishes a header (kind, numel, dtype, op, compression, block size, root) and

@@ -11,7 +11,7 @@
 //       recv_reduce_copy       partial + mine = the result: keep it           (reduce-scatter's last)
 //       recv_reduce_partial    partial + mine, kept in the accumulator type   (a host's half)
 //       finish_send            a partial reduced elsewhere: finish, keep, send
-//       copy_send              a result I hold: send it                       (all-gather, broadcast)
+//       copy_send              a result I hold: send it                       (all-gather)
 //       recv_copy_send         a result: keep it, send it on
 //       recv_copy              a result: keep it                               (the last hop)
 // Every hop posts what it sends before consuming what it received, so a rank's copy of piece p

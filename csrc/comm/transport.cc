@@ -338,6 +338,34 @@ void ShmTransport::consume() {
   ring_bell();
 }
 
+uint8_t* ShmTransport::star_send_slot() {
+  uint64_t s = ctl(rank_).star.load(std::memory_order_relaxed);
+  if (s >= uint64_t(layout_.ring_slots)) {
+    uint64_t need = s - uint64_t(layout_.ring_slots) + 1;
+    for (int r = 0; r < n_ranks_; ++r) {
+      if (r == rank_) continue;
+      const RankCtl& c = ctl(r);
+      wait_for(r, [&] { return c.star.load(std::memory_order_acquire) >= need; }, "free a slot");
+    }
+  }
+  return ring_slot(rank_, s);
+}
+
+void ShmTransport::star_post() {
+  RankCtl& me = ctl(rank_);
+  me.star.store(me.star.load(std::memory_order_relaxed) + 1, std::memory_order_release);
+  ring_bell();
+}
+
+const uint8_t* ShmTransport::star_recv_slot(int root) {
+  uint64_t j = ctl(rank_).star.load(std::memory_order_relaxed);
+  const RankCtl& rc = ctl(root);
+  wait_for(root, [&] { return rc.star.load(std::memory_order_acquire) > j; }, "send a piece");
+  return ring_slot(root, j);
+}
+
+void ShmTransport::star_consume() { star_post(); }
+
 template <class Ready> void ShmTransport::wait_for(int peer, Ready ready, const char* what) {
   if (ready()) return;
   int64_t t0 = now_ns();

@@ -15,6 +15,13 @@
 // Ring slots form a bounded queue from each rank to its successor: `posted` counts the pieces a
 // rank has put in its own slots (piece s lives in slot s % ring_slots), `consumed` counts the
 // pieces it has taken from its predecessor's slots. Counters only grow, across calls.
+// Star (broadcast): the root's ring slots form a bounded queue from the root to every other rank at
+// once. `star` counts the star pieces a rank is done with, over all calls: as the root, those it
+// has put in its slots (piece s in slot s % ring_slots); otherwise those it has read from the
+// root's. Every rank of a call moves the same pieces, so all start each call at the same count, and
+// the root reuses a slot once every other rank's count has passed the piece in it. A call moves
+// data only after every rank has announced it, so by then every rank has finished the previous
+// call: neither queue holds a piece of another call, and the two may share the slots.
 // Why two header / latency slots suffice: a rank publishes call c + 1 only after it has read
 // everything of call c, and nobody writes slot (c % 2) again before seeing every rank's call c + 1.
 //
@@ -69,6 +76,7 @@ struct RankCtl {
   alignas(64) CallHeader hdr[2];
   alignas(64) std::atomic<uint64_t> posted;
   alignas(64) std::atomic<uint64_t> consumed;
+  alignas(64) std::atomic<uint64_t> star;
   alignas(64) std::atomic<uint32_t> bell;
   std::atomic<uint32_t> sleepers;
   alignas(64) std::atomic<int32_t> waiting_on;  // rank this one waits for, -1 when not, or kWaitingRemote
@@ -142,6 +150,16 @@ class ShmTransport {
   const uint8_t* recv_slot();
   // Releases the piece returned by recv_slot().
   void consume();
+
+  // ---- star verbs (from the root to every other rank at once, through the root's ring slots) ----
+  // The root: the slot its next piece goes to, once every other rank has read what was there.
+  uint8_t* star_send_slot();
+  // The root: publishes the piece written into star_send_slot().
+  void star_post();
+  // The others: the root's next piece, once it is there.
+  const uint8_t* star_recv_slot(int root);
+  // The others: releases the piece returned by star_recv_slot().
+  void star_consume();
 
   // Records a fault for the peers (they raise with the same culprit), then throws it.
   // `note` is added to the raised message only (not to the record the peers read).

@@ -7,17 +7,16 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ._checks import COMPRESSIONS, DTYPES, FLOAT_DTYPES, KIND_ALLREDUCE, OP_NAME, OPS, check_all, check_async, dtype_code
-from ._comm import Call, CommError, fast_comms, get_comm, remember_fast
+from ._checks import COMPRESSIONS, FLOAT_DTYPES, KIND_ALLREDUCE, OP_NAME, OPS, check_all, check_async, dtype_code
+from ._comm import Call, CommError, fast_shm, get_comm, remember_fast
 from ._staging import done, resolve_group, stage_inout
 
 __all__ = ["CommError", "all_reduce"]
 
-# Fast-path caches. _parsed: (op, compression, block_size and their types) -> (op code, compression
-# code, block size, whether integer tensors may take it) for argument sets that passed the checks.
-# _comm.fast_comms: the group argument as given (None, or the group's id) -> its shm communicator.
+# Fast-path cache (with _comm.fast_shm). _parsed: (op, compression, block_size and their types) ->
+# (op code, compression code, block size, whether integer tensors may take it) for argument sets
+# that passed the checks.
 _parsed: dict = {}
-_codes = {d: dtype_code(d) for d in DTYPES}
 _FLOAT_CODES = frozenset(dtype_code(d) for d in FLOAT_DTYPES)
 
 
@@ -33,22 +32,20 @@ def all_reduce(tensor: torch.Tensor, op: Any = "sum", *, group=None, compression
     """
     # Fast path (small messages are all overhead): a contiguous CPU tensor, arguments already
     # checked once in this process, the group's shared-memory communicator already made.
-    if async_op is False and type(tensor) is torch.Tensor:
+    fast = fast_shm(tensor, group) if async_op is False else None
+    if fast is not None:
         try:
             parsed = _parsed.get((op, type(op), compression, block_size, type(block_size)))
         except TypeError:  # an unhashable op: the full checks below say what is wrong
             parsed = None
-        comm = fast_comms.get(None if group is None else id(group))
-        if parsed is not None and comm is not None and tensor.layout is torch.strided:
-            code = _codes.get(tensor.dtype)
-            if (code is not None and tensor.is_cpu and tensor.is_contiguous() and (code in _FLOAT_CODES or parsed[3])
-                    and comm.group_ref() is (group if group is not None else dist.GroupMember.WORLD)):
-                # positional: keywords cost ~1.3 us per call here (bench/RESULTS.md, session 4);
-                # the order is ShmComm.run's: data, n, dtype, op, compression, block, kind, out, root,
-                # divisor, timeout_s
-                comm.shm.run(tensor.data_ptr(), tensor.numel(), code, parsed[0], parsed[1], parsed[2], KIND_ALLREDUCE,
-                             0, 0, comm.size, comm.timeout_s)
-                return tensor
+        comm, code = fast
+        if parsed is not None and (code in _FLOAT_CODES or parsed[3]):
+            # positional: keywords cost ~1.3 us per call here (bench/RESULTS.md, session 4);
+            # the order is ShmComm.run's: data, n, dtype, op, compression, block, kind, out, root,
+            # divisor, timeout_s
+            comm.shm.run(tensor.data_ptr(), tensor.numel(), code, parsed[0], parsed[1], parsed[2], KIND_ALLREDUCE,
+                         0, 0, comm.size, comm.timeout_s)
+            return tensor
     t, op_name, comp, block = check_all(tensor, op, compression, block_size)
     check_async(async_op, OP_NAME)
     caller_group = group

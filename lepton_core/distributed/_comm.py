@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 
 from . import _hier, _shm, _torch
-from ._checks import COMPRESSIONS, KINDS, OP_NAME, OPS, dtype_code
+from ._checks import COMPRESSIONS, DTYPES, KINDS, OP_NAME, OPS, dtype_code
 from ._liveness import Heartbeat
 from ._rendezvous import CommError, Members, Setup, comm_device, fail_comm, forced_transport, group_timeout_s
 
-__all__ = ["Call", "CommError", "GroupComm", "fast_comms", "get_comm", "remember_fast"]
+__all__ = ["Call", "CommError", "GroupComm", "fast_comms", "fast_shm", "get_comm", "remember_fast"]
 
 
 @dataclass
@@ -121,6 +121,24 @@ def remember_fast(key: Optional[int], comm: "GroupComm") -> None:
     with _registry():
         if not comm.closed:
             fast_comms[key] = comm
+
+
+_FAST_CODES = {d: dtype_code(d) for d in DTYPES}
+
+
+def fast_shm(tensor, group):
+    """(communicator, dtype code) when a synchronous call on `tensor` may go straight to the native
+    collective (small messages are all overhead): a contiguous CPU tensor of a supported dtype and
+    a group whose shm communicator a checked call of this process remembered; otherwise None (the
+    public function's full checks and staging)."""
+    comm = fast_comms.get(None if group is None else id(group))
+    if comm is None or type(tensor) is not torch.Tensor or tensor.layout is not torch.strided:
+        return None
+    code = _FAST_CODES.get(tensor.dtype)
+    if (code is None or not tensor.is_cpu or not tensor.is_contiguous()
+            or comm.group_ref() is not (group if group is not None else dist.GroupMember.WORLD)):
+        return None
+    return comm, code
 
 
 def _destroyed_slots():

@@ -15,6 +15,9 @@ import lepton_core.distributed as ld
 from jobs import FLOATS, INTS, _bits, _comm_of, _leave_together, abs_err, check_close, make_input, q8_bound, record_mismatches, reference
 
 SIZES = [0, 1, 7, 33, 257, 16411, 70001]  # per-rank chunk; 16411 x 4 B x W is past the latency slot
+# A broadcast past the root's ring slots (4 x 256 KiB, lepton_core/distributed/_shm.py) in every
+# dtype: the star reuses each slot once every receiver has read it.
+BROADCAST_WRAP = 655357
 
 
 def _poisoned(n, dtype):
@@ -202,6 +205,9 @@ def run_mismatch_and_bad_args(ctx, group, tag: str) -> None:
             "rs sizes": lambda: ld.reduce_scatter(torch.empty(3), torch.empty(3 * w + 1), group=group),
             "ag sizes": lambda: ld.all_gather(torch.empty(3 * w - 1), torch.empty(3), group=group),
             "bc src": lambda: ld.broadcast(torch.empty(3), w + 5, group=group),
+            # (after earlier broadcasts armed the fast path, which only takes an int of the group)
+            "bc src bool": lambda: ld.broadcast(torch.empty(3), True, group=group),
+            "bc src float": lambda: ld.broadcast(torch.empty(3), float(ranks[0]), group=group),
             "rs dtype": lambda: ld.reduce_scatter(torch.empty(3), torch.empty(3 * w, dtype=torch.float64), group=group),
             "rs avg int": lambda: ld.reduce_scatter(torch.empty(3, dtype=torch.int32),
                                                     torch.empty(3 * w, dtype=torch.int32), "avg", group=group),
@@ -242,7 +248,7 @@ def collectives(ctx) -> None:
         sizes = SIZES if tr == "shm" else [0, 7, 257, 16411]
         run_reduce_scatter(ctx, g, tr, sizes)
         run_all_gather(ctx, g, tr, sizes)
-        run_broadcast(ctx, g, tr, sizes)
+        run_broadcast(ctx, g, tr, sizes + ([BROADCAST_WRAP] if tr == "shm" else []))
         run_views_and_async(ctx, g, tr)
         run_mismatch_and_bad_args(ctx, g, tr)
         ctx.record["transport"][tr] = _comm_of(g).transport
