@@ -77,6 +77,11 @@ def test_clipped_sequence_gradients_match_torch_func():
     with engine.capture() as cap:
         out = model(x.detach().requires_grad_(True))
         got = engine.clipped_grads(cap, nn.functional.cross_entropy(out.mean(1), y) * 6, 1.0)
+    # An input without grad (the trainer's case): the first layer's output becomes a leaf, so no input
+    # gradient is computed for it, and the clipped sum is the same.
+    with engine.capture() as cap:
+        got_leaf = engine.clipped_grads(cap, nn.functional.cross_entropy(model(x).mean(1), y) * 6, 1.0)
+    torch.testing.assert_close(got_leaf, got, rtol=1e-6, atol=1e-8)
     ref = nn.Sequential(nn.Linear(24, 20), nn.Tanh(), nn.Linear(20, 3)).double()
     ref.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     params = {k: v.detach() for k, v in ref.named_parameters()}

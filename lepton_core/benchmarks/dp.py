@@ -78,7 +78,7 @@ def _step_fn(case: str, variant: str) -> Callable[[], None]:
 
         def dp_step():
             with dp.capture() as cap:
-                out = model(x.detach().requires_grad_(True))
+                out = model(x)
                 flat = dp.clipped_grads(cap, _loss(out, y) * x.shape[0], 1.0)
             dp.add_noise(flat, counter[0])
             counter[0] += 1

@@ -98,8 +98,13 @@ def per_example_sq_norms(a: torch.Tensor, g: torch.Tensor, with_bias: bool,
     a, g = a.float(), g.float()
     b, t = a.shape[0], a.shape[1]
     per = None
-    if t == 1:
-        sq = a.square().sum((1, 2)) * g.square().sum((1, 2))
+    if t == 1:  # ||a_i||^2 ||g_i||^2; with one row the bias gradient is g_i itself
+        a2, g2 = a.reshape(b, -1), g.reshape(b, -1)
+        gg = torch.linalg.vecdot(g2, g2)
+        sq = torch.linalg.vecdot(a2, a2) * gg
+        if with_bias:
+            sq = sq + gg
+        return (sq, None) if keep else sq
     elif gram_is_cheaper(t, a.shape[2], g.shape[2]):
         ga = lc.gemm(a, a.transpose(1, 2))                      # (B, T, T): a_s . a_t
         gg = lc.gemm(g, g.transpose(1, 2))                      # (B, T, T): g_s . g_t
@@ -122,8 +127,16 @@ class _Capture:
         self.layers = layers
         self.calls: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {id(m): [] for m in layers}
 
-    def hook(self, module, inputs, output) -> None:
+    def hook(self, module, inputs, output):
+        if torch.is_grad_enabled() and not output.requires_grad:
+            # A layer whose input needs no gradient (the first one: its weights are frozen here): its
+            # output becomes a leaf that requires grad, so the backward reaches it and stops there,
+            # computing no input gradient for this layer (the hook's return value replaces the output).
+            output = output.detach().requires_grad_(True)
+            self.calls[id(module)].append((inputs[0].detach(), output))
+            return output
         self.calls[id(module)].append((inputs[0].detach(), output))
+        return None
 
 
 class DPSGD:
@@ -216,12 +229,17 @@ class DPSGD:
             w = grads.get(id(m.weight))
             if w is not None and per is not None:  # sum_i c_i G_i of the kept gradients: one GEMV
                 w.copy_(lc.gemm(factors[None, :], per.reshape(per.shape[0], -1)).view(w.shape))
-            elif w is not None:  # (c * g)^T a: rows of g scaled, in the layer's compute dtype (as its backward)
+            scaled = None
+            if w is not None and per is None:  # (c * g)^T a: rows of g scaled, in the layer's compute dtype
                 cd = out_dtype[id(m)]
-                rows_g = (g.float() * factors[:, None, None]).reshape(-1, g.shape[2]).to(cd)
-                w.copy_(lc.gemm(rows_g.t(), a.reshape(-1, a.shape[2]).to(cd), out_dtype=torch.float32))
-            if m.bias is not None and id(m.bias) in grads:
-                grads[id(m.bias)].copy_(factors @ g.float().sum(1))
+                scaled = g.float() * factors[:, None, None]
+                w.copy_(lc.gemm(scaled.reshape(-1, g.shape[2]).to(cd).t(), a.reshape(-1, a.shape[2]).to(cd),
+                                out_dtype=torch.float32))
+            if m.bias is not None and id(m.bias) in grads:  # sum_i c_i sum_t g_it
+                if scaled is not None:
+                    grads[id(m.bias)].copy_(scaled.sum((0, 1)))
+                else:
+                    grads[id(m.bias)].copy_(factors @ g.float().sum(1))
         return flat
 
     def add_noise(self, flat_sum: torch.Tensor, step: int) -> None:

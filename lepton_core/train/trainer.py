@@ -492,7 +492,6 @@ class Trainer:
                 x, y = _to(_fetch(self.train_data, idx), self.device)
                 if self.augment is not None:
                     x = self.augment(x, self.generator)
-                x = x.detach().requires_grad_(True)  # the layers' outputs carry grad with frozen weights
                 with self._autocast():
                     out = self.model(x)
                 loss, correct = self._loss_and_correct(out, y)
