@@ -2,7 +2,9 @@
 
 Rows: fp32 and bf16 square GEMMs (256 .. 2048, and 4096 unless quick) against torch.matmul in the
 same dtype, int8 -> int32 against torch._int_mm, skinny x (M, 4096) @ W^T shapes (M = 1, 8, 32: a
-linear layer at a small batch), and the fixed cost of a 64 x 64 call. Both sides
+linear layer at a small batch), the training shapes (lc.nn.Linear's forward, input-gradient and
+weight-gradient GEMMs in bf16 at 32 .. 4096 tokens and 256 .. 4096 features), and the fixed cost of a
+64 x 64 call. Both sides
 use the same thread count (lc.get_num_threads()). `ratio` is torch's time over ours (> 1: we are
 faster). A roofline against the compute peak: `peak_pct` is our throughput and `torch_peak_pct` the
 baseline's over this machine's measured peak for that arithmetic (`peak_gflops`): the peak probe
@@ -37,6 +39,10 @@ _SKIP_BASELINE_S = 15.0   # projected single calls longer than this are not run 
 
 _MISSING = "-"            # table cell of a baseline that was not run
 
+# (tokens = batch x sequence, features in, features out) of the training-shape rows
+_TRAIN_SHAPES = [(32, 1024, 1024), (512, 1024, 1024), (4096, 1024, 1024), (32, 4096, 4096), (512, 256, 256),
+                 (4096, 256, 1024)]
+
 def _probe_kind(dtype: torch.dtype) -> str:
     return "int8" if dtype == torch.int8 else "bf16" if dtype == torch.bfloat16 else "float"
 
@@ -66,10 +72,14 @@ def _time_once(fn: Callable[[], object]) -> float:
 
 
 def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_baseline_s: Optional[float],
-               n_threads: int, weight_t: bool = False) -> dict:
+               n_threads: int, layout: str = "", label: str = "") -> dict:
+    """layout "W^T": b is the transpose of a row-major (n, k) weight (nn.Linear's forward); "A^T": a
+    is the transpose of a row-major (k, m) matrix (the weight gradient g^T @ x); "": both row-major."""
     a, b = _operands(m, k, n, dtype)
-    if weight_t:  # b as W^T of a row-major (n, k) weight: nn.Linear's forward
+    if layout == "W^T":
         b = b.t().contiguous().t()
+    elif layout == "A^T":
+        a = a.t().contiguous().t()
     ours = lambda: lc.gemm(a, b)  # noqa: E731
     theirs = (lambda: torch._int_mm(a, b)) if dtype == torch.int8 else (lambda: torch.matmul(a, b))  # noqa: E731
     # Check once, outside the timed part: int8 exactly, floats against torch in float32.
@@ -110,7 +120,7 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
     else:
         peak_g = float("nan")
     row = {
-        "shape": f"{m}x{k}x{n}" + (" W^T" if weight_t else ""),
+        "shape": (label + " " if label else "") + f"{m}x{k}x{n}" + (f" {layout}" if layout else ""),
         "dtype": str(dtype).replace("torch.", "") + ("->int32" if dtype == torch.int8 else ""),
         "baseline": baseline,
         "ours_ms": t_ours * 1e3,
@@ -151,7 +161,16 @@ def run(quick: bool = False) -> List[dict]:
         # Skinny shapes of a linear layer's forward at a small batch: x (M, 4096) @ W^T.
         for dtype in (torch.float32, torch.bfloat16):
             for m in [1, 8, 32]:
-                rows.append(_bench_one(m, 4096, 4096, dtype, "torch.matmul", None, n_threads, weight_t=True))
+                rows.append(_bench_one(m, 4096, 4096, dtype, "torch.matmul", None, n_threads, layout="W^T"))
+        # Training shapes (issue 14): the three bf16 GEMMs of lc.nn.Linear's step for x (T, f_in), W
+        # (f_out, f_in), g (T, f_out): forward x @ W^T, input gradient g @ W, weight gradient g^T @ x,
+        # in the layouts lc.nn.Linear hands to lc.gemm (see _ops._linear_backward).
+        for tokens, f_in, f_out in _TRAIN_SHAPES[:2] if quick else _TRAIN_SHAPES:
+            for label, (m, k, n), layout in (("fwd x@W^T", (tokens, f_in, f_out), "W^T"),
+                                             ("dx g@W", (tokens, f_out, f_in), ""),
+                                             ("dW g^T@x", (f_out, tokens, f_in), "A^T")):
+                rows.append(_bench_one(m, k, n, torch.bfloat16, "torch.matmul", None, n_threads, layout=layout,
+                                       label=label))
         # Fixed cost: a 64 x 64 x 64 call is mostly Python checks, allocation and dispatch.
         row = _bench_one(64, 64, 64, torch.float32, "torch.matmul", None, n_threads)
         row["note"] = (row["note"] + "; " if row["note"] else "") + "fixed cost of a small call"
