@@ -111,10 +111,8 @@ class QuantLinear(nn.Module):
                 codes, scale, zero = _qpack.pack_w4(*_qpack.quantize_w4(w, group_size))
                 new.zero_point.copy_(zero)
             else:
-                from ..quant import quantize
-
-                q = quantize(w.contiguous(), "int8", axis=0)
-                codes, scale = (q.data, q.scale) if scheme == "w8a8" else _qpack.pack_w8(q.data, q.scale)
+                q, s = _qpack.quantize_w8(w)
+                codes, scale = (q, s) if scheme == "w8a8" else _qpack.pack_w8(q, s)
             new.codes.copy_(codes)
             new.scale.copy_(scale)
             if b is not None:
