@@ -18,16 +18,17 @@ W4_LEVELS = 15  # codes 0..15
 _TINY = 2.0 ** -149  # §2: a group that is not all zeros never gets a zero scale
 
 
-# Clip search (conversion time): each group's range is shrunk by the ratio of its scheme's grid that
-# gives the smallest squared reconstruction error of its weights; ratio 1 (absmax, §2's formula) wins
-# ties, so the error is never above absmax's. Clipping a few outliers buys finer steps for the rest;
-# with 255 levels the best clip is near 1, with 16 far below.
-W4_CLIP_RATIOS = tuple(1.0 - i / 40 for i in range(21))  # 1.0, 0.975, ..., 0.5
-W8_CLIP_RATIOS = tuple(1.0 - i / 200 for i in range(21))  # 1.0, 0.995, ..., 0.9
-
-
-def _w4_group_codes(padded: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """(q float (N, G, B) in 0..15, scale (N, G), zero float (N, G)) of groups with range [lo, hi]."""
+def quantize_w4(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes uint8 (N, K) in 0..15, scale float32 (N, G), zero point uint8 (N, G)) of a float (N, K)
+    weight, per group_size consecutive inputs of each row (the last group possibly short): §2's "uint8"
+    formula with 16 levels, in float32 (round half to even)."""
+    n, k = w.shape
+    g = math.ceil(k / group_size)
+    w = w.detach().to(torch.float32)
+    padded = torch.nn.functional.pad(w, (0, g * group_size - k)).reshape(n, g, group_size)
+    # padding zeros leave min(., 0) and max(., 0) unchanged
+    lo = padded.amin(dim=2).clamp(max=0.0)
+    hi = padded.amax(dim=2).clamp(min=0.0)
     span = hi - lo
     scale = torch.where(torch.isinf(span), hi / W4_LEVELS - lo / W4_LEVELS, span / W4_LEVELS)
     scale = torch.where((scale == 0) & (span > 0), torch.full_like(scale, _TINY), scale)
@@ -35,61 +36,46 @@ def _w4_group_codes(padded: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     zero = torch.where(scale == 0, torch.zeros_like(scale), torch.round(-lo / safe)).clamp(0, W4_LEVELS)
     q = torch.round(padded / safe[..., None]) + zero[..., None]
     q = torch.where(scale[..., None] == 0, torch.zeros_like(q), q).clamp(0, W4_LEVELS)
-    return q, scale, zero
-
-
-def _sq_error(padded: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """Squared reconstruction error per group of the dequantized (q - zero) * scale, summed in float64."""
-    d = (q - zero[..., None]) * scale[..., None] - padded
-    return (d * d).sum(-1, dtype=torch.float64)
-
-
-def _searched(padded: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, codes_of, ratios):
-    """codes_of(padded, lo * r, hi * r) for the ratio r (ratios[0] == 1) of least squared error per
-    group. A ratio must win by more than float32 rounding (1e-6 relative), so ratio 1 keeps near-ties."""
-    err = _sq_error(padded, *codes_of(padded, lo, hi))
-    ratio = torch.ones_like(lo)
-    for r in ratios[1:]:
-        e = _sq_error(padded, *codes_of(padded, lo * r, hi * r))
-        better = e < err * (1 - 1e-6)
-        err = torch.where(better, e, err)
-        ratio = torch.where(better, torch.full_like(ratio, r), ratio)
-    return codes_of(padded, lo * ratio, hi * ratio)
-
-
-def quantize_w4(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes uint8 (N, K) in 0..15, scale float32 (N, G), zero point uint8 (N, G)) of a float (N, K)
-    weight, per group_size consecutive inputs of each row (the last group possibly short): §2's "uint8"
-    formula with 16 levels, in float32 (round half to even), on each group's range [lo, hi] shrunk by
-    its clip-searched ratio (W4_CLIP_RATIOS)."""
-    n, k = w.shape
-    g = math.ceil(k / group_size)
-    w = w.detach().to(torch.float32)
-    padded = torch.nn.functional.pad(w, (0, g * group_size - k)).reshape(n, g, group_size)
-    # padding zeros leave min(., 0) and max(., 0) unchanged, and reconstruct exactly (zero is a code)
-    lo = padded.amin(dim=2).clamp(max=0.0)
-    hi = padded.amax(dim=2).clamp(min=0.0)
-    q, scale, zero = _searched(padded, lo, hi, _w4_group_codes, W4_CLIP_RATIOS)
     codes = q.reshape(n, g * group_size)[:, :k].to(torch.uint8)
     return codes, scale, zero.to(torch.uint8)
 
 
-def _w8_row_codes(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """(q float (N, 1, K) in -127..127, scale (N, 1), zero 0 (N, 1)) of rows with absmax hi (lo = -hi)."""
-    scale = hi / 127
-    scale = torch.where((scale == 0) & (hi > 0), torch.full_like(scale, _TINY), scale)
+# Clip search of the int8 weights (conversion time): each row's absmax is shrunk by the ratio of this grid
+# that gives the smallest squared reconstruction error of the row; ratio 1 (§2's formula) keeps ties and
+# wins within float32 rounding, so the error is never above absmax's. Clipping a row's rare extremes buys
+# a finer step for the rest (with 255 levels the best ratio is near 1). Measured on MiniLM
+# (bench/quant_ceiling.py, bench/RESULTS.md): it raises w8a8 / w8 top-1; the same search on w4 groups
+# (squared error, ratios down to 0.5) raised cosine but lowered top-1, so w4 keeps absmax.
+W8_CLIP_RATIOS = tuple(1.0 - i / 200 for i in range(21))  # 1.0, 0.995, ..., 0.9
+
+
+def _w8_row_codes(w: torch.Tensor, absmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q float (N, K) in -127..127, scale (N,)): §2's "int8" formula on rows with this absmax."""
+    scale = absmax / 127
+    scale = torch.where((scale == 0) & (absmax > 0), torch.full_like(scale, _TINY), scale)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = torch.round(w / safe[..., None]).clamp(-127, 127)
-    return q, scale, torch.zeros_like(scale)
+    return torch.round(w / safe[:, None]).clamp(-127, 127), scale
 
 
 def quantize_w8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 (N, K) in -127..127, scale float32 (N,)) of a float (N, K) weight: §2's "int8"
-    formula per output row on its absmax shrunk by the row's clip-searched ratio (W8_CLIP_RATIOS)."""
-    w = w.detach().to(torch.float32)[:, None, :]
-    hi = w.abs().amax(dim=2) if w.shape[2] else w.new_zeros(w.shape[:2])
-    q, scale, _ = _searched(w, -hi, hi, _w8_row_codes, W8_CLIP_RATIOS)
-    return q[:, 0].to(torch.int8), scale[:, 0]
+    """(codes int8 (N, K) in -127..127, scale float32 (N,)) of a float (N, K) weight: §2's "int8" formula
+    per output row on the row's absmax times its clip-searched ratio (W8_CLIP_RATIOS)."""
+    w = w.detach().to(torch.float32)
+    hi = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+
+    def sq_error(r):  # per row, summed in float64
+        q, scale = _w8_row_codes(w, hi * r)
+        d = q * scale[:, None] - w
+        return (d * d).sum(1, dtype=torch.float64)
+
+    err, ratio = sq_error(1.0), torch.ones_like(hi)
+    for r in W8_CLIP_RATIOS[1:]:
+        e = sq_error(r)
+        better = e < err * (1 - 1e-6)  # a win must exceed float32 rounding
+        err = torch.where(better, e, err)
+        ratio = torch.where(better, torch.full_like(ratio, r), ratio)
+    q, scale = _w8_row_codes(w, hi * ratio)
+    return q.to(torch.int8), scale
 
 
 def _panels(t: torch.Tensor) -> torch.Tensor:
