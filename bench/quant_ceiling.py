@@ -92,7 +92,7 @@ def main() -> None:
                      quality(embed(simulated(fp32, lambda m: wq(m.weight.detach().float()), act), texts, 32), ref)))
     # the activation quantization alone (float weights): how much of w8a8's gap is a8
     rows.append(("sim a8 only (fp32 weights)",
-                quality(embed(simulated(fp32, lambda m: m.weight.detach().float(), True), texts, 32), ref)))
+                 quality(embed(simulated(fp32, lambda m: m.weight.detach().float(), True), texts, 32), ref)))
     sim = ref @ ref.t()
     sim.fill_diagonal_(-2.0)
     top2 = sim.topk(2, dim=1).values
