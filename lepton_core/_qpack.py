@@ -40,6 +40,44 @@ def quantize_w4(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.T
     return codes, scale, zero.to(torch.uint8)
 
 
+# Clip search of the int8 weights (conversion time): each row's absmax is shrunk by the ratio of this grid
+# that gives the smallest squared reconstruction error of the row; ratio 1 (§2's formula) keeps ties and
+# wins within float32 rounding, so the error is never above absmax's. Clipping a row's rare extremes buys
+# a finer step for the rest (with 255 levels the best ratio is near 1). Measured on MiniLM
+# (bench/quant_ceiling.py, bench/RESULTS.md): it raises w8a8 / w8 top-1; the same search on w4 groups
+# (squared error, ratios down to 0.5) raised cosine but lowered top-1, so w4 keeps absmax.
+W8_CLIP_RATIOS = tuple(1.0 - i / 200 for i in range(21))  # 1.0, 0.995, ..., 0.9
+
+
+def _w8_row_codes(w: torch.Tensor, absmax: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(q float (N, K) in -127..127, scale (N,)): §2's "int8" formula on rows with this absmax."""
+    scale = absmax / 127
+    scale = torch.where((scale == 0) & (absmax > 0), torch.full_like(scale, _TINY), scale)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round(w / safe[:, None]).clamp(-127, 127), scale
+
+
+def quantize_w8(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 (N, K) in -127..127, scale float32 (N,)) of a float (N, K) weight: §2's "int8" formula
+    per output row on the row's absmax times its clip-searched ratio (W8_CLIP_RATIOS)."""
+    w = w.detach().to(torch.float32)
+    hi = w.abs().amax(dim=1) if w.shape[1] else w.new_zeros(w.shape[0])
+
+    def sq_error(r):  # per row, summed in float64
+        q, scale = _w8_row_codes(w, hi * r)
+        d = q * scale[:, None] - w
+        return (d * d).sum(1, dtype=torch.float64)
+
+    err, ratio = sq_error(1.0), torch.ones_like(hi)
+    for r in W8_CLIP_RATIOS[1:]:
+        e = sq_error(r)
+        better = e < err * (1 - 1e-6)  # a win must exceed float32 rounding
+        err = torch.where(better, e, err)
+        ratio = torch.where(better, torch.full_like(ratio, r), ratio)
+    q, scale = _w8_row_codes(w, hi * ratio)
+    return q.to(torch.int8), scale
+
+
 def _panels(t: torch.Tensor) -> torch.Tensor:
     """(N, X) -> (N_pad / P, X, P): rows padded with zeros to a multiple of P, then panel-major."""
     n = t.shape[0]

@@ -16,6 +16,7 @@ from torch import nn
 
 import lepton_core as lc
 import lepton_core.nn as lnn
+from lepton_core import _qpack
 from tolerances import gemm_rel_norm_bound
 
 SCHEMES = [("w8", 128), ("w4", 32), ("w4", 64), ("w8a8", 128)]
@@ -50,14 +51,26 @@ def _bound(dt, k):
     return gemm_rel_norm_bound("float32" if dt == torch.float64 else _name(dt), k)
 
 
-# ---- quantization formulas (§5: lc.quantize's nearest rounding per group) ----
+# ---- quantization formulas (§5: lc.quantize's nearest rounding per group; int8 on a clip-searched absmax) ----
 
-def test_w8_codes_are_lc_quantize_per_row(rng):
+def test_w8_codes_are_lc_quantize_per_row(rng, monkeypatch):
     lin = nn.Linear(70, 9)
+    w = lin.weight.detach()
+    for scheme in ("w8", "w8a8"):
+        wd = lnn.QuantLinear.from_linear(lin, scheme).dequantize_weight()
+        for j in range(w.shape[0]):  # §2's "int8" formula on the row's absmax times one of the ratios
+            hits = [r for r in _qpack.W8_CLIP_RATIOS if torch.equal(wd[j], _int8_row(w[j], r))]
+            assert hits, (scheme, j)
+    monkeypatch.setattr(_qpack, "W8_CLIP_RATIOS", (1.0,))  # no search: exactly lc.quantize per row
     for scheme in ("w8", "w8a8"):
         q = lnn.QuantLinear.from_linear(lin, scheme)
-        ref = lc.quantize(lin.weight.detach(), "int8", axis=0)
+        ref = lc.quantize(w, "int8", axis=0)
         assert torch.equal(q.dequantize_weight(), ref.data.float() * ref.scale[:, None])
+
+
+def _int8_row(row, r):
+    scale = row.abs().max() * torch.tensor(r, dtype=torch.float32) / 127
+    return torch.clamp(torch.round(row / scale), -127, 127) * scale
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
@@ -77,6 +90,41 @@ def test_w4_formula_per_group(rng, group_size):
             codes = torch.clamp(torch.round(grp / scale) + zp, 0, 15)
             assert torch.equal(wd[j, g0:g0 + group_size], (codes - zp) * scale)
             assert (wd[j, g0:g0 + group_size] - grp).abs().max() <= scale / 2 * (1 + 1e-5)
+
+
+def _sq_err(wd, w):
+    """Squared reconstruction error per row in float64."""
+    return (wd.double() - w.double()).square().sum(1)
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w8a8"])
+def test_int8_clip_search_never_increases_the_reconstruction_error(rng, monkeypatch, scheme):
+    """The searched scale's error per row is at most absmax's, some rows do clip, codes stay in
+    -127..127, and conversion is deterministic (bitwise the same twice)."""
+    n, k = 48, 2048
+    w = torch.randn(n, k) * torch.rand(n, 1)  # gaussian rows: long rows' rare extremes are worth clipping
+    w[3] = 0  # all-zero row: scale 0, codes 0
+    w[5] = torch.randn(k) * 1e-44  # subnormal row: a positive scale
+    lin = nn.Linear(k, n)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    q1 = lnn.QuantLinear.from_linear(lin, scheme)
+    q2 = lnn.QuantLinear.from_linear(lin, scheme)
+    for name, buf in q1.state_dict().items():
+        assert torch.equal(buf, q2.state_dict()[name]), name
+    with monkeypatch.context() as mp:
+        mp.setattr(_qpack, "W8_CLIP_RATIOS", (1.0,))
+        absmax = lnn.QuantLinear.from_linear(lin, scheme).dequantize_weight()
+    searched = q1.dequantize_weight()
+    e_search, e_absmax = _sq_err(searched, w), _sq_err(absmax, w)
+    assert (e_search <= e_absmax).all()
+    assert (e_search < e_absmax).sum() >= n // 10  # the search does something
+    assert e_search.sum() < e_absmax.sum()
+    assert torch.equal(searched[3], torch.zeros(k))
+    codes, scale = _qpack.quantize_w8(w)
+    assert codes.dtype == torch.int8 and codes.min() >= -127
+    assert scale[3] == 0 and scale[5] > 0 and torch.isfinite(scale).all()
+    assert (scale <= (w.abs().amax(1) / 127).clamp(min=2.0 ** -149)).all()  # a clip, never a widening
 
 
 # ---- forward ----

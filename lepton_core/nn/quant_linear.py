@@ -5,9 +5,10 @@ Schemes:
           time; lc.scaled_gemm's int32 GEMM and epilogue (both scales and the bias in one pass)
   "w8"    weight-only int8, one scale per output channel
   "w4"    weight-only asymmetric 4-bit, one float32 scale and zero point per group_size inputs
-The weight is quantized and packed once (lepton_core/_qpack.py, layout in csrc/cpu/qlinear/qlinear.h);
-codes, scales, zero points and the bias are buffers, so state_dict() round-trips through
-torch.save / torch.load(weights_only=True) into a layer built the same way. No float weight is kept.
+The weight is quantized (int8: per-row clip-searched scales) and packed once (lepton_core/_qpack.py,
+layout in csrc/cpu/qlinear/qlinear.h); codes, scales, zero points and the bias are buffers, so
+state_dict() round-trips through torch.save / torch.load(weights_only=True) into a layer built the same
+way. No float weight is kept.
 """
 from __future__ import annotations
 
@@ -111,10 +112,8 @@ class QuantLinear(nn.Module):
                 codes, scale, zero = _qpack.pack_w4(*_qpack.quantize_w4(w, group_size))
                 new.zero_point.copy_(zero)
             else:
-                from ..quant import quantize
-
-                q = quantize(w.contiguous(), "int8", axis=0)
-                codes, scale = (q.data, q.scale) if scheme == "w8a8" else _qpack.pack_w8(q.data, q.scale)
+                q, s = _qpack.quantize_w8(w)
+                codes, scale = (q, s) if scheme == "w8a8" else _qpack.pack_w8(q, s)
             new.codes.copy_(codes)
             new.scale.copy_(scale)
             if b is not None:
