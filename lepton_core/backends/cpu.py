@@ -81,9 +81,10 @@ def gemm_into(a, b, bias32, out, n_batch: int, m: int, k: int, n: int) -> None:
                       pout, out_code)
 
 
-def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str):
+def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str, b_packed: int = 0):
     """round_once((float(a @ b) * scale_a[:, None]) * scale_b[None, :] + bias): a int8 (M, K), b int8
-    (K, N), any strides; scale_a (M,) or one element, scale_b (N,) or one element."""
+    (K, N), any strides; scale_a (M,) or one element, scale_b (N,) or one element. b_packed: the address
+    of b pre-packed by _packed_b (then b is not read), or 0."""
     m, k = a.shape
     n = b.shape[1]
     kind = _common.kind(a)
@@ -100,8 +101,33 @@ def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str):
                         b_stride_row=b_row, b_stride_col=b_col, scale_a=data_ptr(sa), scale_a_n_elems=sa.shape[0],
                         scale_b=data_ptr(sb), scale_b_n_elems=sb.shape[0],
                         bias=0 if bias32 is None else data_ptr(bias32), out=data_ptr(out),
-                        out_dtype=DTYPE_CODES[DTYPE_NAME[out.dtype]])
+                        out_dtype=DTYPE_CODES[DTYPE_NAME[out.dtype]], b_packed=b_packed)
     return out
+
+
+def _packed_b(codes) -> int:
+    """The address of B = codes.t() (codes: a w8a8 weight, int8 (N, K)) packed once for the active int8
+    GEMM table (csrc/cpu/gemm/gemm.h, gemm_int8_pack_b), or 0 when that table packs B on every call
+    (scalar, AMX) or codes' writes are not tracked (an inference tensor has no version counter). The
+    packing is kept on the codes tensor and redone when the table, its storage or its version change."""
+    n, k = codes.shape
+    table, n_bytes = _C.gemm_int8_packed_b_bytes(k=k, n=n)
+    if n_bytes == 0:
+        return 0
+    try:
+        version = codes._version
+    except RuntimeError:
+        return 0
+    key = (table, codes.data_ptr(), version, tuple(codes.shape), codes.stride())
+    cached = getattr(codes, "_lc_packed_b", None)
+    if cached is not None and cached[0] == key:
+        return cached[2]
+    buf = np.empty(n_bytes + 64, np.uint8)
+    addr = buf.ctypes.data + (-buf.ctypes.data) % 64  # the kernels' aligned panel loads
+    b_row, b_col = strides_elems(codes.t())
+    _C.gemm_int8_pack_b(k=k, n=n, b=codes.data_ptr(), b_stride_row=b_row, b_stride_col=b_col, dst=addr)
+    codes._lc_packed_b = (key, buf, addr)
+    return addr
 
 
 def quantize(x, fmt, axis, block_size, stochastic: bool, seed: int):
@@ -145,7 +171,8 @@ def dequantize_into(data, scale, zero_point, fmt, shape, axis, block_size, out) 
 def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: int):
     """x (..., K) times the packed weight (csrc/cpu/qlinear/qlinear.h; w8a8: int8 codes (N, K) and
     per-row scales) plus bias, in x's dtype. w8 / w4: the weight-only kernels; w8a8: x quantized to
-    int8 per row, then scaled_gemm's int8 GEMM and epilogue with the bias fused."""
+    int8 per row, then scaled_gemm's int8 GEMM (the weight packed once: _packed_b) and epilogue with
+    the bias fused."""
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
     x2 = x.reshape(math.prod(lead), k)
     m = x2.shape[0]
@@ -157,7 +184,7 @@ def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: i
         data, scale_x, _, first_bad = quantize(x2, FORMATS["int8"], 0, None, False, 0)
         if first_bad >= 0:
             raise non_finite_error(x2.contiguous(), first_bad, "lc.nn.QuantLinear", "input")
-        return scaled_gemm(data, codes.t(), scale_x, scale, bias32, out_name).reshape(*lead, n)
+        return scaled_gemm(data, codes.t(), scale_x, scale, bias32, out_name, _packed_b(codes)).reshape(*lead, n)
     out = new_output(TORCH, (*lead, n), out_name, x.device)
     if m == 0 or n == 0:
         return out
