@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 
 import numpy as np
 
@@ -105,11 +106,17 @@ def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str, b_packed: int = 0)
     return out
 
 
+# id(codes tensor) -> (key, packed bytes, their aligned address); an entry leaves with its tensor
+# (weakref.finalize). Not a WeakKeyDictionary: its lookups compare tensors with ==, elementwise.
+_PACKED_B = {}
+
+
 def _packed_b(codes) -> int:
     """The address of B = codes.t() (codes: a w8a8 weight, int8 (N, K)) packed once for the active int8
     GEMM table (csrc/cpu/gemm/gemm.h, gemm_int8_pack_b), or 0 when that table packs B on every call
     (scalar, AMX) or codes' writes are not tracked (an inference tensor has no version counter). The
-    packing is kept on the codes tensor and redone when the table, its storage or its version change."""
+    packing is kept per codes tensor (weakly: it goes with the tensor, and never into its pickle or
+    state_dict) and redone when the table, the tensor's storage or its version change."""
     n, k = codes.shape
     table, n_bytes = _C.gemm_int8_packed_b_bytes(k=k, n=n)
     if n_bytes == 0:
@@ -119,14 +126,16 @@ def _packed_b(codes) -> int:
     except RuntimeError:
         return 0
     key = (table, codes.data_ptr(), version, tuple(codes.shape), codes.stride())
-    cached = getattr(codes, "_lc_packed_b", None)
+    cached = _PACKED_B.get(id(codes))
     if cached is not None and cached[0] == key:
         return cached[2]
     buf = np.empty(n_bytes + 64, np.uint8)
     addr = buf.ctypes.data + (-buf.ctypes.data) % 64  # the kernels' aligned panel loads
     b_row, b_col = strides_elems(codes.t())
     _C.gemm_int8_pack_b(k=k, n=n, b=codes.data_ptr(), b_stride_row=b_row, b_stride_col=b_col, dst=addr)
-    codes._lc_packed_b = (key, buf, addr)
+    if cached is None:
+        weakref.finalize(codes, _PACKED_B.pop, id(codes), None)
+    _PACKED_B[id(codes)] = (key, buf, addr)
     return addr
 
 
