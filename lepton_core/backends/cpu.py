@@ -19,6 +19,7 @@ from .._layout import quant_geometry
 from . import _common
 
 _I8 = DTYPE_CODES["int8"]
+_INT8_FMT = FORMATS["int8"].code
 _TORCH_CODES = {TORCH_DTYPE[name]: code for name, code in DTYPE_CODES.items() if name in TORCH_DTYPE}
 
 
@@ -190,10 +191,10 @@ def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: i
     if scheme == "w8a8":
         if m == 0 or n == 0:
             return new_output(TORCH, (*lead, n), out_name, x.device)
-        data, scale_x, _, first_bad = quantize(x2, FORMATS["int8"], 0, None, False, 0)
-        if first_bad >= 0:
-            raise non_finite_error(x2.contiguous(), first_bad, "lc.nn.QuantLinear", "input")
-        return scaled_gemm(data, codes.t(), scale_x, scale, bias32, out_name, _packed_b(codes)).reshape(*lead, n)
+        if k > 0:
+            return _w8a8(x2.contiguous(), codes, _common.float32_vector(scale), bias32, out_name).reshape(*lead, n)
+        data, scale_x, _, _ = quantize(x2, FORMATS["int8"], 0, None, False, 0)
+        return scaled_gemm(data, codes.t(), scale_x, scale, bias32, out_name).reshape(*lead, n)
     out = new_output(TORCH, (*lead, n), out_name, x.device)
     if m == 0 or n == 0:
         return out
@@ -202,6 +203,25 @@ def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: i
     _C.qlinear(m, n, k, x2.data_ptr(), _TORCH_CODES[x2.dtype], x_row, x_col, QLINEAR_SCHEMES[scheme], group_size,
                codes.data_ptr(), scale.data_ptr(), zero.data_ptr() if scheme == "w4" else 0,
                0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), _TORCH_CODES[out.dtype])
+    return out
+
+
+def _w8a8(x, codes, scale, bias32, out_name: str):
+    """quant_linear's "w8a8" for a contiguous x (M, K >= 1): quantize's per-row int8 and scaled_gemm
+    with the packed weight, straight to the native kernels (a batch-1 call is mostly this overhead)."""
+    m, k = x.shape
+    n = codes.shape[0]
+    data, scale_x = new_output(TORCH, (m, k), "int8"), new_output(TORCH, (m,), "float32")
+    # Positional on purpose, as in gemm_into (names: csrc/bindings/quant_bind.cc, gemm_bind.cc).
+    first_bad = _C.quantize_into(x.data_ptr(), _TORCH_CODES[x.dtype], 1, m, k, 0, _INT8_FMT, False, 0,
+                                 data.data_ptr(), scale_x.data_ptr(), 0)
+    if first_bad >= 0:
+        raise non_finite_error(x, first_bad, "lc.nn.QuantLinear", "input")
+    out = new_output(TORCH, (m, n), out_name)
+    b_row, b_col = codes.stride()[::-1]  # B = codes.t()
+    _C.scaled_gemm_int8(m, n, k, data.data_ptr(), k, 1, codes.data_ptr(), b_row, b_col, scale_x.data_ptr(), m,
+                        scale.data_ptr(), scale.shape[0], 0 if bias32 is None else bias32.data_ptr(),
+                        out.data_ptr(), _TORCH_CODES[out.dtype], _packed_b(codes))
     return out
 
 
