@@ -154,6 +154,42 @@ def test_leading_dims_views_and_no_bias(rng, isa, scheme, group_size):
         assert _rel_err(y, ref) <= _bound(torch.float32, 40)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (20, 384, 96), (13, 1100, 70), (25, 2100, 33)])
+def test_w8a8_packed_weight_is_bitwise_the_per_call_packing(rng, isa, threads, m, k, n):
+    """The w8a8 weight is packed once per kernel table (backends/cpu.py _packed_b): results equal
+    scaled_gemm packing codes^T on every call, bit for bit, also over several K blocks and after the
+    codes are written in place (the packing is redone) or the layer is loaded from a state_dict."""
+    from lepton_core.backends import cpu
+
+    q = lnn.QuantLinear.from_linear(nn.Linear(k, n), "w8a8")
+    x = torch.randn(m, k)
+
+    def per_call(q):
+        xq = lc.quantize(x, "int8", axis=0)
+        return cpu.scaled_gemm(xq.data, q.codes.t(), xq.scale, q.scale, q.bias, "float32")
+
+    assert torch.equal(q(x), per_call(q)) and torch.equal(q(x), per_call(q))
+    with torch.no_grad():
+        q.codes[:, 0] = torch.where(q.codes[:, 0] == 0, 1, 0).to(torch.int8)
+    assert torch.equal(q(x), per_call(q))
+    fresh = lnn.QuantLinear(k, n, scheme="w8a8")
+    fresh(x)  # packs its zero codes first
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), per_call(q))
+
+
+def test_w8a8_packed_weight_stays_out_of_the_state_dict(rng):
+    q = lnn.QuantLinear.from_linear(nn.Linear(64, 32), "w8a8")
+    x = torch.randn(3, 64)
+    y = q(x)  # packs the weight
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    fresh = lnn.QuantLinear(64, 32, scheme="w8a8")
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh(x), y)
+
+
 def test_weight_only_is_close_to_the_float_layer(rng):
     """Sanity of the scale: w8 and w4 outputs stay near the unquantized layer's."""
     lin = nn.Linear(256, 64)

@@ -63,7 +63,7 @@ void bind_gemm(py::module_& m) {
       [](int64_t rows, int64_t cols, int64_t depth,
          uintptr_t a_ptr, int64_t a_stride_row, int64_t a_stride_col, uintptr_t b_ptr, int64_t b_stride_row,
          int64_t b_stride_col, uintptr_t scale_a_ptr, int64_t scale_a_n_elems, uintptr_t scale_b_ptr,
-         int64_t scale_b_n_elems, uintptr_t bias_ptr, uintptr_t out_ptr, int out_dtype) {
+         int64_t scale_b_n_elems, uintptr_t bias_ptr, uintptr_t out_ptr, int out_dtype, uintptr_t b_packed_ptr) {
         auto g = gemm_args<GemmInt8Args>(1, rows, cols, depth, operand(a_ptr, LP_DTYPE_I8, 0, a_stride_row, a_stride_col),
                                          operand(b_ptr, LP_DTYPE_I8, 0, b_stride_row, b_stride_col), out_ptr, out_dtype);
         g.scale_a = as_ptr<const float>(scale_a_ptr);
@@ -71,13 +71,31 @@ void bind_gemm(py::module_& m) {
         g.scale_b = as_ptr<const float>(scale_b_ptr);
         g.scale_b_n_elems = scale_b_n_elems;
         g.bias = as_ptr<const float>(bias_ptr);
+        g.b_packed = as_ptr<const void>(b_packed_ptr);
         py::gil_scoped_release release;
         gemm_int8(g);
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("a"), py::arg("a_stride_row"), py::arg("a_stride_col"),
       py::arg("b"), py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("scale_a"), py::arg("scale_a_n_elems"),
       py::arg("scale_b"), py::arg("scale_b_n_elems"), py::arg("bias"), py::arg("out"), py::arg("out_dtype"),
-      "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation");
+      py::arg("b_packed") = 0,
+      "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation; b_packed: "
+      "b as gemm_int8_pack_b packed it (then b is not read), or 0");
+  m.def(
+      "gemm_int8_packed_b_bytes",
+      [](int64_t k, int64_t n) { return py::make_tuple(std::string(gemm_kernels().name), gemm_int8_packed_b_bytes(k, n)); },
+      py::arg("k"), py::arg("n"),
+      "(active GEMM table's name, bytes of a pre-packed (k, n) int8 B under it; 0: the table takes none)");
+  m.def(
+      "gemm_int8_pack_b",
+      [](int64_t depth, int64_t cols, uintptr_t b_ptr, int64_t b_stride_row, int64_t b_stride_col, uintptr_t dst) {
+        auto g = gemm_args<GemmInt8Args>(1, 1, cols, depth, operand(0, LP_DTYPE_I8, 0, 0, 0),
+                                         operand(b_ptr, LP_DTYPE_I8, 0, b_stride_row, b_stride_col), 0, LP_DTYPE_I32);
+        py::gil_scoped_release release;
+        gemm_int8_pack_b(g, as_ptr<void>(dst));
+      },
+      py::arg("k"), py::arg("n"), py::arg("b"), py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("dst"),
+      "Packs the int8 (k, n) b once into dst (64-byte aligned, gemm_int8_packed_b_bytes bytes) for scaled_gemm_int8");
   m.def(
       "gemm_peak_probe",
       [](int64_t n_iters, int n_threads, const std::string& kind) -> py::object {

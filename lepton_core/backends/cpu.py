@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .._layout import quant_geometry
 from . import _common
 
 _I8 = DTYPE_CODES["int8"]
+_INT8_FMT = FORMATS["int8"].code
 _TORCH_CODES = {TORCH_DTYPE[name]: code for name, code in DTYPE_CODES.items() if name in TORCH_DTYPE}
 
 
@@ -81,9 +83,10 @@ def gemm_into(a, b, bias32, out, n_batch: int, m: int, k: int, n: int) -> None:
                       pout, out_code)
 
 
-def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str):
+def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str, b_packed: int = 0):
     """round_once((float(a @ b) * scale_a[:, None]) * scale_b[None, :] + bias): a int8 (M, K), b int8
-    (K, N), any strides; scale_a (M,) or one element, scale_b (N,) or one element."""
+    (K, N), any strides; scale_a (M,) or one element, scale_b (N,) or one element. b_packed: the address
+    of b pre-packed by _packed_b (then b is not read), or 0."""
     m, k = a.shape
     n = b.shape[1]
     kind = _common.kind(a)
@@ -100,8 +103,41 @@ def scaled_gemm(a, b, scale_a, scale_b, bias, out_dtype: str):
                         b_stride_row=b_row, b_stride_col=b_col, scale_a=data_ptr(sa), scale_a_n_elems=sa.shape[0],
                         scale_b=data_ptr(sb), scale_b_n_elems=sb.shape[0],
                         bias=0 if bias32 is None else data_ptr(bias32), out=data_ptr(out),
-                        out_dtype=DTYPE_CODES[DTYPE_NAME[out.dtype]])
+                        out_dtype=DTYPE_CODES[DTYPE_NAME[out.dtype]], b_packed=b_packed)
     return out
+
+
+# id(codes tensor) -> (key, packed bytes, their aligned address); an entry leaves with its tensor
+# (weakref.finalize). Not a WeakKeyDictionary: its lookups compare tensors with ==, elementwise.
+_PACKED_B = {}
+
+
+def _packed_b(codes) -> int:
+    """The address of B = codes.t() (codes: a w8a8 weight, int8 (N, K)) packed once for the active int8
+    GEMM table (csrc/cpu/gemm/gemm.h, gemm_int8_pack_b), or 0 when that table packs B on every call
+    (scalar, AMX) or codes' writes are not tracked (an inference tensor has no version counter). The
+    packing is kept per codes tensor (weakly: it goes with the tensor, and never into its pickle or
+    state_dict) and redone when the table, the tensor's storage or its version change."""
+    n, k = codes.shape
+    table, n_bytes = _C.gemm_int8_packed_b_bytes(k=k, n=n)
+    if n_bytes == 0:
+        return 0
+    try:
+        version = codes._version
+    except RuntimeError:
+        return 0
+    key = (table, codes.data_ptr(), version, tuple(codes.shape), codes.stride())
+    cached = _PACKED_B.get(id(codes))
+    if cached is not None and cached[0] == key:
+        return cached[2]
+    buf = np.empty(n_bytes + 64, np.uint8)
+    addr = buf.ctypes.data + (-buf.ctypes.data) % 64  # the kernels' aligned panel loads
+    b_row, b_col = strides_elems(codes.t())
+    _C.gemm_int8_pack_b(k=k, n=n, b=codes.data_ptr(), b_stride_row=b_row, b_stride_col=b_col, dst=addr)
+    if cached is None:
+        weakref.finalize(codes, _PACKED_B.pop, id(codes), None)
+    _PACKED_B[id(codes)] = (key, buf, addr)
+    return addr
 
 
 def quantize(x, fmt, axis, block_size, stochastic: bool, seed: int):
@@ -145,7 +181,8 @@ def dequantize_into(data, scale, zero_point, fmt, shape, axis, block_size, out) 
 def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: int):
     """x (..., K) times the packed weight (csrc/cpu/qlinear/qlinear.h; w8a8: int8 codes (N, K) and
     per-row scales) plus bias, in x's dtype. w8 / w4: the weight-only kernels; w8a8: x quantized to
-    int8 per row, then scaled_gemm's int8 GEMM and epilogue with the bias fused."""
+    int8 per row, then scaled_gemm's int8 GEMM (the weight packed once: _packed_b) and epilogue with
+    the bias fused."""
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
     x2 = x.reshape(math.prod(lead), k)
     m = x2.shape[0]
@@ -154,9 +191,9 @@ def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: i
     if scheme == "w8a8":
         if m == 0 or n == 0:
             return new_output(TORCH, (*lead, n), out_name, x.device)
-        data, scale_x, _, first_bad = quantize(x2, FORMATS["int8"], 0, None, False, 0)
-        if first_bad >= 0:
-            raise non_finite_error(x2.contiguous(), first_bad, "lc.nn.QuantLinear", "input")
+        if k > 0:
+            return _w8a8(x2.contiguous(), codes, _common.float32_vector(scale), bias32, out_name).reshape(*lead, n)
+        data, scale_x, _, _ = quantize(x2, FORMATS["int8"], 0, None, False, 0)
         return scaled_gemm(data, codes.t(), scale_x, scale, bias32, out_name).reshape(*lead, n)
     out = new_output(TORCH, (*lead, n), out_name, x.device)
     if m == 0 or n == 0:
@@ -166,6 +203,25 @@ def quant_linear(x, codes, scale, zero, bias, scheme: str, group_size: int, n: i
     _C.qlinear(m, n, k, x2.data_ptr(), _TORCH_CODES[x2.dtype], x_row, x_col, QLINEAR_SCHEMES[scheme], group_size,
                codes.data_ptr(), scale.data_ptr(), zero.data_ptr() if scheme == "w4" else 0,
                0 if bias32 is None else bias32.data_ptr(), out.data_ptr(), _TORCH_CODES[out.dtype])
+    return out
+
+
+def _w8a8(x, codes, scale, bias32, out_name: str):
+    """quant_linear's "w8a8" for a contiguous x (M, K >= 1): quantize's per-row int8 and scaled_gemm
+    with the packed weight, straight to the native kernels (a batch-1 call is mostly this overhead)."""
+    m, k = x.shape
+    n = codes.shape[0]
+    data, scale_x = new_output(TORCH, (m, k), "int8"), new_output(TORCH, (m,), "float32")
+    # Positional on purpose, as in gemm_into (names: csrc/bindings/quant_bind.cc, gemm_bind.cc).
+    first_bad = _C.quantize_into(x.data_ptr(), _TORCH_CODES[x.dtype], 1, m, k, 0, _INT8_FMT, False, 0,
+                                 data.data_ptr(), scale_x.data_ptr(), 0)
+    if first_bad >= 0:
+        raise non_finite_error(x, first_bad, "lc.nn.QuantLinear", "input")
+    out = new_output(TORCH, (m, n), out_name)
+    b_row, b_col = codes.stride()[::-1]  # B = codes.t()
+    _C.scaled_gemm_int8(m, n, k, data.data_ptr(), k, 1, codes.data_ptr(), b_row, b_col, scale_x.data_ptr(), m,
+                        scale.data_ptr(), scale.shape[0], 0 if bias32 is None else bias32.data_ptr(),
+                        out.data_ptr(), _TORCH_CODES[out.dtype], _packed_b(codes))
     return out
 
 

@@ -136,11 +136,12 @@ class QuantLinear(nn.Module):
         if input.dim() < 1 or input.shape[-1] != self.in_features:
             raise ValueError(f"{_OP}: input's last dimension must be in_features={self.in_features}, got shape "
                              f"{tuple(input.shape)}")
-        if input.device.type not in ("cpu", "cuda", "meta"):
-            raise ValueError(f"{_OP}: runs on the CPU and CUDA devices; input is on {input.device}")
-        if input.device != self.codes.device:
-            raise ValueError(f"{_OP}: input and weights must be on the same device; input is on {input.device}, "
-                             f"weights on {self.codes.device} (move one with .to())")
+        if not (input.is_cpu and self.codes.is_cpu):  # both on the CPU: no torch.device objects to build
+            if input.device.type not in ("cpu", "cuda", "meta"):
+                raise ValueError(f"{_OP}: runs on the CPU and CUDA devices; input is on {input.device}")
+            if input.device != self.codes.device:
+                raise ValueError(f"{_OP}: input and weights must be on the same device; input is on "
+                                 f"{input.device}, weights on {self.codes.device} (move one with .to())")
         x = input
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             x = x.to(torch.float32)  # float64 and others: x.float(), the result widened back exactly

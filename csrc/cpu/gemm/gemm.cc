@@ -66,4 +66,11 @@ void gemm_int8(const GemmInt8Args& args) {
   gemm_kernels().gemm_int8(args);
 }
 
+int64_t gemm_int8_packed_b_bytes(int64_t k, int64_t n) {
+  const GemmKernels& kern = gemm_kernels();
+  return kern.int8_pack_b && k > 0 && n > 0 ? kern.int8_packed_b_bytes(k, n) : 0;
+}
+
+void gemm_int8_pack_b(const GemmInt8Args& args, void* dst) { gemm_kernels().int8_pack_b(args, dst); }
+
 }  // namespace lp

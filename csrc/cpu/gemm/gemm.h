@@ -59,6 +59,9 @@ struct GemmInt8Args {
   const float* bias = nullptr;      // (n,) or null (scaled only)
   void* out = nullptr;              // contiguous (n_batch, m, n)
   int out_dtype = 0;                // int32 without scales; f32 / f16 / bf16 with scales
+  // B (n_batch 1) pre-packed by gemm_int8_pack_b under the active kernel table, or null (b is then
+  // not read; a weight packed once instead of on every call: lc.nn.QuantLinear "w8a8").
+  const void* b_packed = nullptr;
 };
 
 // Cache blocking of the packed (BLIS-style) kernels, derived from the detected cache sizes.
@@ -80,6 +83,12 @@ constexpr int64_t kGemmAvx512Mr = 12, kGemmAvx512Nr = 32;
 // Entry points: route every call through the kernel table of cpu_isa_active() (gemm.cc).
 void gemm_float(const GemmFloatArgs& args);
 void gemm_int8(const GemmInt8Args& args);
+// A pre-packed B for gemm_int8 (GemmInt8Args::b_packed): its bytes for a (k, n) B under the active
+// table (0: the table does not take one; then pass b as usual), and the packing of args.b (sizes
+// args.k, args.n) into dst (64-byte aligned, that many bytes). The layout is the table's packed
+// panels, K block by K block: valid only in this process, for this table (gemm_kernels().name).
+int64_t gemm_int8_packed_b_bytes(int64_t k, int64_t n);
+void gemm_int8_pack_b(const GemmInt8Args& args, void* dst);
 // The blocking of the packed kernels of the active ISA (float path, or int8 when is_int8). The scalar
 // kernels do not block; for them this is the AVX2 tile's blocking (tests size their cases by it).
 GemmBlocking gemm_packed_blocking(bool is_int8);
@@ -105,6 +114,9 @@ struct GemmKernels {
   // Runs the microkernel arithmetic of `kind` (GemmProbeKind) without its loads for n_iters steps on
   // n_threads threads; returns the operations executed (to time for "% of peak"). Optional.
   double (*peak_probe)(int64_t n_iters, int n_threads, int kind);
+  // The pre-packed B of gemm_int8 (see gemm_int8_pack_b); optional (null: no pre-packed B).
+  int64_t (*int8_packed_b_bytes)(int64_t k, int64_t n);
+  void (*int8_pack_b)(const GemmInt8Args& args, void* dst);
 };
 
 // The table for an lp_isa level, capped at what this build and CPU offer; a level without a table of

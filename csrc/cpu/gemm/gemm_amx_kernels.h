@@ -91,6 +91,8 @@ struct AmxTraits {
   int64_t ws_ld;
 
   int64_t b_panel_elems(int64_t kc_panel) const { return kNr * kc_panel; }
+  // The AMX table takes no pre-packed B (GemmKernels::int8_pack_b is null).
+  const Packed* prepacked_b(int64_t, int64_t, const GemmBlocking&, int64_t) const { return nullptr; }
 
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
     const int64_t rs = g.a.stride_row_elems, cs = g.a.stride_col_elems;

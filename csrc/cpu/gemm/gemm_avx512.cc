@@ -361,6 +361,10 @@ void gemm_float_avx512(const GemmFloatArgs& g) {
 }
 
 void gemm_int8_avx512(const GemmInt8Args& g) { gemm_packed<Int8Kernel>(g, gemm_blocking_avx512(1)); }
+int64_t int8_packed_b_bytes_avx512(int64_t k, int64_t n) {
+  return gemm_prepacked_b_bytes<Int8Kernel>(k, n, gemm_blocking_avx512(1));
+}
+void int8_pack_b_avx512(const GemmInt8Args& g, void* dst) { gemm_prepack_b<Int8Kernel>(g, gemm_blocking_avx512(1), dst); }
 
 const GemmKernels kGemmAvx512 = {"avx512",
                                  LP_ISA_AVX512,
@@ -369,7 +373,9 @@ const GemmKernels kGemmAvx512 = {"avx512",
                                  gemm_gemv_float_avx2,
                                  gemm_small_m_float_avx512,
                                  gemm_packed_blocking_avx512,
-                                 gemm_peak_probe_avx512};
+                                 gemm_peak_probe_avx512,
+                                 int8_packed_b_bytes_avx512,
+                                 int8_pack_b_avx512};
 
 }  // namespace
 

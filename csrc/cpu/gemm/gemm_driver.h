@@ -28,6 +28,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/parallel.h"
@@ -141,12 +142,13 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
         const int64_t kc_panel = gemm_round_up(kc, KG);
         const int64_t b_panel = tr.b_panel_elems(kc_panel);
         const bool first = p0 == 0, last = p0 + kc == k;
-        tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack);
+        const Packed* b_src = tr.prepacked_b(p0, w.n0, blk, n);
+        if (!b_src) tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack), b_src = b_pack;
         for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
           const int64_t mcur = std::min(blk.mc, w.m1 - i0);
           tr.pack_a(w.batch, i0, mcur, p0, kc, a_pack);
           for (int64_t jr = 0; jr < ncur; jr += NR) {
-            const Packed* bp = b_pack + (jr / NR) * b_panel;
+            const Packed* bp = b_src + (jr / NR) * b_panel;
             for (int64_t ir = 0; ir < mcur; ir += MR) {
               tr.tile(kc_panel, a_pack + ir * kc_panel, bp, w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir),
                       std::min(NR, ncur - jr), first, last, ws);
@@ -353,6 +355,28 @@ static inline void gemm_edge_tile(const GemmFloatTile& t, int64_t rows, int64_t 
 
 template <int64_t MR, int64_t NR, class Ukernel>
 static inline void gemm_edge_tile(const GemmInt8Tile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
+  if (t.final && t.scaled && cols == NR) {
+    // Only rows short (the last rows of a few-row input: every w8a8 QuantLinear call): the
+    // microkernel's own vector epilogue into a local tile, then the valid rows copied out. The same
+    // float32 operations as the scalar path below, so the same bits, at a fraction of its cost.
+    alignas(64) int32_t prev[MR * NR] = {};
+    alignas(64) float out[MR * NR];  // 4 bytes an element: room for every output dtype
+    float scale_a[MR] = {};          // rows past `rows`: scale 0, their results are dropped
+    GemmInt8Tile lt = t;
+    for (int64_t i = 0; i < rows; ++i) {
+      scale_a[i] = t.scale_a[i * t.scale_a_stride];
+      if (t.prev) std::copy(t.prev + i * t.prev_ld, t.prev + i * t.prev_ld + NR, prev + i * NR);
+    }
+    if (t.prev) lt.prev = prev, lt.prev_ld = NR;
+    lt.scale_a = scale_a, lt.scale_a_stride = 1;
+    lt.out = out, lt.out_ld = NR;
+    uk(lt);
+    const int64_t row_bytes = NR * (t.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+    for (int64_t i = 0; i < rows; ++i)
+      std::memcpy(static_cast<char*>(t.out) + i * t.out_ld * (row_bytes / NR), reinterpret_cast<const char*>(out) + i * row_bytes,
+                  size_t(row_bytes));
+    return;
+  }
   gemm_edge_tile<MR, NR, int32_t>(t, rows, cols, uk, !t.final || !t.scaled, [&](int64_t i, int64_t j, int32_t v) {
     const float sa = t.scale_a[i * t.scale_a_stride], sb = t.scale_b[j * t.scale_b_stride];
     const float bias = t.bias ? t.bias[j] : 0.0f;
@@ -411,6 +435,10 @@ static inline void gemm_pack_panels(Packed* dst, int64_t panel_elems, int64_t n_
 //   K::ukernel(kc_panel, ap, bp, tile)        one full MR x NR tile (a GemmFloatTile or GemmInt8Tile)
 // GemmTraits<K, Args> is the rest, the same for every ISA: operand offsets, the dtype switch, the
 // panel loop and its scalar rest (gemm_pack_panels), tile setup and edge tiles.
+
+// GemmInt8Args::b_packed (the float GEMM has none).
+static inline const void* gemm_b_packed(const GemmFloatArgs&) { return nullptr; }
+static inline const void* gemm_b_packed(const GemmInt8Args& g) { return g.b_packed; }
 
 // The element type of an input dtype.
 template <int DT>
@@ -476,6 +504,14 @@ struct GemmTraits {
   int64_t ws_ld;
 
   int64_t b_panel_elems(int64_t kc_panel) const { return K::b_panel_elems(kc_panel); }
+  // The pre-packed B's panels of the K block at p0 from column j0 (a multiple of NR), or null.
+  const Packed* prepacked_b(int64_t p0, int64_t j0, const GemmBlocking& blk, int64_t n) const {
+    const Packed* all = static_cast<const Packed*>(gemm_b_packed(g));
+    if (!all) return nullptr;
+    const int64_t block_elems = gemm_ceil_div(n, kNr) * K::b_panel_elems(gemm_round_up(blk.kc, kKGroup));
+    const int64_t kc_panel = gemm_round_up(std::min(blk.kc, g.k - p0), kKGroup);
+    return all + (p0 / blk.kc) * block_elems + (j0 / kNr) * K::b_panel_elems(kc_panel);
+  }
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
     const int64_t rs = g.a.stride_row_elems, cs = g.a.stride_col_elems;
     gemm_with_operand<K>(g.a, batch, i0, p0, [&](auto dt, auto src) {
@@ -531,6 +567,29 @@ void gemm_packed_with(const Args& g, const GemmBlocking& blk) {
 template <class K, class Args>
 void gemm_packed(const Args& g, const GemmBlocking& blk) {
   gemm_packed_with<GemmTraits<K, Args>>(g, blk);
+}
+
+// The pre-packed B of the int8 GEMM (GemmInt8Args::b_packed) with kernel set K and blocking blk: K
+// block by K block (depth blk.kc, the last one shorter), each block the ceil(n / NR) panels that the
+// macro-loop would pack for the whole width, so a unit's panels start at column j0 / NR.
+template <class K>
+int64_t gemm_prepacked_b_bytes(int64_t k, int64_t n, const GemmBlocking& blk) {
+  const int64_t n_panels = gemm_ceil_div(n, K::kNr), full = k / blk.kc, rest = k % blk.kc;
+  int64_t elems = full * n_panels * K::b_panel_elems(gemm_round_up(blk.kc, K::kKGroup));
+  if (rest) elems += n_panels * K::b_panel_elems(gemm_round_up(rest, K::kKGroup));
+  return elems * int64_t(sizeof(typename K::Packed)) + kGemmPackSlackBytes;
+}
+
+template <class K>
+void gemm_prepack_b(const GemmInt8Args& g, const GemmBlocking& blk, void* dst) {
+  const GemmTraits<K, GemmInt8Args> tr{g, false, 0};
+  auto* d = static_cast<typename K::Packed*>(dst);
+  const int64_t n_panels = gemm_ceil_div(g.n, K::kNr);
+  for (int64_t p0 = 0; p0 < g.k; p0 += blk.kc) {
+    const int64_t kc = std::min(blk.kc, g.k - p0);
+    tr.pack_b(0, p0, kc, 0, g.n, d);
+    d += n_panels * K::b_panel_elems(gemm_round_up(kc, K::kKGroup));
+  }
 }
 
 }  // namespace

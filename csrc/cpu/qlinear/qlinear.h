@@ -14,6 +14,10 @@
 //                                                    | q[.][2 kk + 1] << 4 (padding k: code 0)
 //       scale  float  [n_pad / 32][n_groups][32]     n_groups = ceil(k / group_size)
 //       zero   uint8  [n_pad / 32][n_groups][32]
+// ("w8a8" is not this family: codes int8 [n][k] (the quantized weight as is) and scale float [n], run
+// by the int8 GEMM of cpu/gemm (scaled_gemm), which on the AVX2 / AVX-512 levels packs codes^T once
+// per process into its own panels (gemm_int8_pack_b; lepton_core/backends/cpu.py `_packed_b`), kept
+// beside the buffers and never saved. CUDA reads the [n][k] codes directly.)
 // Math (every ISA, float32): w8: out[i][j] = scale[j] * sum_k x[i][k] q[j][k] + bias[j];
 // w4: out[i][j] = sum_g scale[g][j] * (sum_{k in g} x[i][k] q[j][k] - zero[g][j] * xsum[i][g]) + bias[j],
 // which equals sum_k x[i][k] (q - zero) scale over the exact products up to float32 rounding (the
