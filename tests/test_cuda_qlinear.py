@@ -20,13 +20,13 @@ import re
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lepton_core as lc
 import lepton_core.nn as lnn
 from lepton_core._codes import QLINEAR_SCHEMES
 from lepton_core.backends import cuda as _cuda_backend
+from test_quant_linear import _name, _ref, _rel_err
 from tolerances import GEMM_REL_NORM, U
 
 INFO = lc.info()
@@ -43,19 +43,6 @@ KN = [(1, 1), (7, 33), (33, 257), (257, 7), (100, 40), (300, 65), (1101, 33)]
 MS = [1, 7, 16, 33, 257]
 
 
-def _name(dt):
-    return str(dt).replace("torch.", "")
-
-
-def _rel_err(out, ref):
-    den = ref.norm().item()
-    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
-
-
-def _ref(x, q):
-    """F.linear(x.float(), dequantize_weight(), bias) in float64, on the CPU."""
-    b = None if q.bias is None else q.bias.double().cpu()
-    return F.linear(x.float().double().cpu(), q.dequantize_weight().double().cpu(), b)
 
 
 def _w8a8_ref(x, q):

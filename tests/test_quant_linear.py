@@ -33,9 +33,10 @@ def _rel_err(out, ref):
 
 
 def _ref(x, q):
-    """F.linear(x.float(), dequantize_weight(), bias) in float64."""
-    b = None if q.bias is None else q.bias.double()
-    return F.linear(x.float().double(), q.dequantize_weight().double(), b)
+    """F.linear(x.float(), dequantize_weight(), bias) in float64, on the CPU (also for CUDA layers:
+    tests/test_cuda_qlinear.py uses these helpers)."""
+    b = None if q.bias is None else q.bias.double().cpu()
+    return F.linear(x.float().double().cpu(), q.dequantize_weight().double().cpu(), b)
 
 
 def _w8a8_ref(x, q):

@@ -73,17 +73,24 @@ __device__ __forceinline__ uint32_t byte_u8(const uint4& w, int c) {
   return (word >> (8 * (c & 3))) & 0xffu;
 }
 
+// The 16-byte halves `half` of packed rows rb, rb + kKLanes, ... (kUnroll of them; zero from r_end on),
+// every load issued before any is used.
+__device__ __forceinline__ void load_panel_rows(const uint8_t* panel, int64_t rb, int64_t r_end, int half,
+                                                uint4 (&w)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int64_t rr = rb + int64_t(u) * kKLanes;
+    w[u] = rr < r_end ? __ldg(reinterpret_cast<const uint4*>(panel + rr * 32 + half * 16)) : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // w8: the sums of rows rows[0..R) over this thread's k rows of [k0, k1).
 template <int DT, int R>
 __device__ __forceinline__ void w8_accumulate(const QLinearParams& p, const uint8_t* panel, const int64_t (&xrow)[R],
                                               int64_t k0, int64_t k1, int lane_k, int half, float (&acc)[R][16]) {
   for (int64_t kb = k0 + lane_k; kb < k1; kb += int64_t(kKLanes) * kUnroll) {
     uint4 w[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t kk = kb + int64_t(u) * kKLanes;
-      w[u] = kk < k1 ? __ldg(reinterpret_cast<const uint4*>(panel + kk * 32 + half * 16)) : make_uint4(0, 0, 0, 0);
-    }
+    load_panel_rows(panel, kb, k1, half, w);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t kk = kb + int64_t(u) * kKLanes;
@@ -111,11 +118,7 @@ __device__ __forceinline__ void w4_accumulate(const QLinearParams& p, const uint
   const int64_t r0 = k0 / 2, r1 = (k1 + 1) / 2;
   for (int64_t rb = r0 + lane_k; rb < r1; rb += int64_t(kKLanes) * kUnroll) {
     uint4 w[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t rr = rb + int64_t(u) * kKLanes;
-      w[u] = rr < r1 ? __ldg(reinterpret_cast<const uint4*>(panel + rr * 32 + half * 16)) : make_uint4(0, 0, 0, 0);
-    }
+    load_panel_rows(panel, rb, r1, half, w);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t rr = rb + int64_t(u) * kKLanes;

@@ -257,6 +257,16 @@ def run_shm_fallback(ctx) -> None:
                               "warnings": [str(x.message) for x in caught if x.category is RuntimeWarning]}
 
 
+
+def _transport_checks(ctx, w, name, *checks):
+    """A new group of every rank (its transport chosen by the environment now), the basic cases on it,
+    then each of `checks`; records the transport it got under `name`."""
+    g = dist.new_group(list(range(w)))
+    run_cases(ctx, g, name, full=False)
+    for check in checks:
+        check(ctx, g, name)
+    ctx.record["transport"][name] = _comm_of(g).transport
+
 def correctness(ctx) -> None:
     w = ctx.world
     world = dist.group.WORLD
@@ -278,28 +288,16 @@ def correctness(ctx) -> None:
             ld.all_reduce(t, group=sub)
             assert torch.equal(t, torch.full((1000,), float(w - 1)))
     if ctx.args.get("transports"):
-        # torch.distributed alone
-        os.environ["LEPTON_TRANSPORT"] = "torch"  # read when the group's communicator is made
-        g = dist.new_group(list(range(w)))
-        run_cases(ctx, g, "torch", full=False)
+        # torch.distributed alone (the variable is read when the group's communicator is made)
+        os.environ["LEPTON_TRANSPORT"] = "torch"
+        _transport_checks(ctx, w, "torch", run_compression, run_mismatch)
         del os.environ["LEPTON_TRANSPORT"]
-        run_compression(ctx, g, "torch")
-        run_mismatch(ctx, g, "torch")
-        ctx.record["transport"]["torch"] = _comm_of(g).transport
         # two "hosts" of w/2 ranks: hierarchical
         os.environ["LEPTON_HOST_ID"] = f"host{ctx.rank // 2}"
-        g = dist.new_group(list(range(w)))
-        run_cases(ctx, g, "hier", full=False)
-        run_views(ctx, g, "hier")
-        run_async(ctx, g, "hier")
-        run_compression(ctx, g, "hier")
-        run_mismatch(ctx, g, "hier")
-        ctx.record["transport"]["hier"] = _comm_of(g).transport
+        _transport_checks(ctx, w, "hier", run_views, run_async, run_compression, run_mismatch)
         # uneven hosts (3 + 1): torch.distributed between all ranks
         os.environ["LEPTON_HOST_ID"] = f"host{int(ctx.rank == w - 1)}"
-        g = dist.new_group(list(range(w)))
-        run_cases(ctx, g, "uneven", full=False)
-        ctx.record["transport"]["uneven"] = _comm_of(g).transport
+        _transport_checks(ctx, w, "uneven")
         del os.environ["LEPTON_HOST_ID"]
 
 
