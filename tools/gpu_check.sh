@@ -129,14 +129,17 @@ run_stage train 120 "$OUT/train.log" stage_train
 run_stage memcheck 90 "$OUT/sanitizer.log" stage_sanitizer memcheck
 run_stage racecheck 60 "$OUT/sanitizer.log" stage_sanitizer racecheck
 run_stage ncu 45 "$OUT/ncu.log" stage_ncu
-echo "----- test summary -----"
-grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 3
-grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -n 30
-echo "----- sanitizer -----"
-grep -E "ERROR SUMMARY|passed|failed|========= (Invalid|Race|Error)" "$OUT/sanitizer.log" | head -n 20
-echo "----- bench -----"
-sed -n '/copy .* GB\/s/,$p' "$OUT/bench.log" | tail -n 40
-echo "----- train -----"
-grep -E "accuracy|final|error|Error" "$OUT/train.log" | tail -n 8
+# The short report (the reply carries the end of the output); a stage that did not run says so.
+report() {  # report TITLE LOG COMMAND...: COMMAND reads LOG on stdin
+  local title=$1 log=$2
+  shift 2
+  echo "----- $title -----"
+  if [[ -f $log ]]; then "$@" <"$log"; else echo "(not run)"; fi
+}
+report "test summary" "$OUT/tests.log" bash -c 'grep -E "passed|failed|error" | tail -n 3'
+report "test failures" "$OUT/tests.log" bash -c 'grep -E "^(FAILED|ERROR)" | head -n 30'
+report sanitizer "$OUT/sanitizer.log" bash -c 'grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|========= (Invalid|Race|Error)" | head -n 20'
+report bench "$OUT/bench.log" bash -c "sed -n '/copy .* GB\\/s/,\$p' | tail -n 40"
+report train "$OUT/train.log" bash -c 'grep -E "accuracy|final|error|Error" | tail -n 8'
 echo "----- stages -----"
 cat "$summary"
