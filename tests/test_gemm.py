@@ -14,7 +14,7 @@ import torch
 import lepton_core as lc
 from lepton_core import _C, _runtime
 from lepton_core.gemm import INT8_MAX_K
-from tolerances import SUBNORMAL_SPACING, gemm_rel_norm_bound
+from tolerances import SUBNORMAL_SPACING, gemm_rel_denominator, gemm_rel_norm_bound
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -66,13 +66,8 @@ def ref(a, b, bias=None):
 
 
 def assert_close(out, a, b, bias=None, out_dtype=None):
-    """The contract's normwise bound, ||out - ref|| / ||ref|| <= bound(out dtype, K).
-
-    With only a few outputs one of them can cancel (|ref| much smaller than its terms |a||b|), and
-    then no float32 accumulation meets a relative bound; the denominator is therefore never taken
-    below half the typical size of a random product's output, ||(|A| |B|)|| / sqrt(K). For random
-    data with many outputs that floor sits below ||ref|| and the contract bound applies unchanged.
-    """
+    """The contract's normwise bound, ||out - ref|| / ||ref|| <= bound(out dtype, K), ||ref|| floored
+    against cancellation (tolerances.gemm_rel_denominator)."""
     out_t = torch.as_tensor(out)
     r = ref(a, b, bias)
     assert tuple(out_t.shape) == tuple(r.shape)
@@ -84,11 +79,10 @@ def assert_close(out, a, b, bias=None, out_dtype=None):
     terms = t64(a).abs() @ t64(b).abs()
     if bias is not None:
         terms = terms + t64(bias).abs()
-    floor = 0.5 * torch.linalg.vector_norm(terms) / math.sqrt(max(k, 1))
     # the final rounding's absolute part in the output's subnormal range (tolerances.SUBNORMAL_SPACING)
     sub = 0.5 * SUBNORMAL_SPACING[NAME[out_t.dtype]] * math.sqrt(max(r.numel(), 1))
     diff = max(float(torch.linalg.vector_norm(out_t.double() - r)) - sub, 0.0)
-    err = diff / max(float(torch.linalg.vector_norm(r)), float(floor))
+    err = diff / gemm_rel_denominator(float(torch.linalg.vector_norm(r)), float(torch.linalg.vector_norm(terms)), k)
     assert err <= bound, f"relative error {err:.3g} > {bound:.3g}"
 
 

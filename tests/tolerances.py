@@ -35,6 +35,15 @@ def gemm_rel_norm_bound(out_dtype: str, k: int) -> float:
     return bound
 
 
+def gemm_rel_denominator(ref_norm: float, terms_norm: float, k: int) -> float:
+    """The denominator of the normwise relative error: ||ref||, but never below half the typical size
+    of a random product's output, ||(|A| |B| + |bias|)|| / sqrt(K). With only a few outputs one of
+    them can cancel (|ref| much smaller than its terms), and then no float32 accumulation meets a
+    relative bound; for random data with many outputs the floor sits below ||ref|| and the contract
+    bound applies unchanged."""
+    return max(ref_norm, 0.5 * terms_norm / math.sqrt(max(k, 1)))
+
+
 # Quantization (API.md §2): nearest rounding of integer formats errs by at most scale/2 per element.
 # The quotient x/scale is rounded once in float32 and dequantization multiplies once, so we allow
 # the float32 rounding of those two steps on top: |x - x_hat| <= scale/2 + 2 * u32 * (|x| + scale).

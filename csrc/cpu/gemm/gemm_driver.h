@@ -56,7 +56,8 @@ struct GemmPlan {
 };
 
 template <int64_t MR, int64_t NR>
-GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk, bool need_ws) {
+GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk, bool need_ws,
+                        bool b_prepacked = false) {
   GemmPlan p;
   p.nu = std::min(gemm_round_up(n, NR), blk.nc);
   p.mu = gemm_round_up(m, MR);
@@ -74,8 +75,9 @@ GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const 
   int64_t units = n_batch * p.units_m * p.units_n;
   if (nt > 1 && units < 4 * nt && units % nt != 0) {
     // Too few units to share evenly: cut each into nt pieces along the dimension whose other operand
-    // is cheaper to pack twice (splitting N re-packs A in every thread, splitting M re-packs B).
-    const bool split_n = m <= n ? n >= nt * NR : m < nt * MR;
+    // is cheaper to pack twice (splitting N re-packs A in every thread, splitting M re-packs B; a
+    // pre-packed B is packed by no thread, so then M is cut whenever it has rows enough).
+    const bool split_n = b_prepacked ? m < nt * MR : m <= n ? n >= nt * NR : m < nt * MR;
     if (split_n) {
       p.nu = gemm_round_up(gemm_ceil_div(n, p.units_n * nt), NR);
       p.units_n = gemm_ceil_div(n, p.nu);
@@ -558,7 +560,8 @@ template <class Traits, class Args>
 void gemm_packed_with(const Args& g, const GemmBlocking& blk) {
   const bool sums_in_out = gemm_sums_in_out(g);
   const bool need_ws = !sums_in_out && g.k > blk.kc;
-  const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const GemmPlan plan =
+      gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws, gemm_b_packed(g) != nullptr);
   const Traits tr{g, sums_in_out, gemm_ws_ld(plan)};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
