@@ -8,6 +8,11 @@ the cosine schedule, no augmentation, one process. For each target epsilon the n
 solved once (our accountant) for q = batch / N and the planned steps; both implementations get that Z,
 clip C = 1 and the batches of lepton_core.train.dp (Opacus through GradSampleModule + DPOptimizer, its
 default hooks mode; its RDP accountant then reports its own epsilon).
+
+--same-noise feeds Opacus our noise draws (DPSGD.add_noise's vector of each step, cut per parameter in
+the same order) instead of its own: with the same initial weights, batches and noise, the two runs
+should then end at the same accuracy, which separates an implementation difference from the spread
+of the random draws (bench/notes_dp.md, session 7).
 """
 import argparse
 import math
@@ -29,8 +34,29 @@ def ours(train, test, cfg):
         return s["eval_accuracy"], s["history"][-1].get("epsilon")
 
 
-def opacus_run(train, test, cfg, z):
+class _OurNoise:
+    """Stands in for opacus.optimizers.optimizer._generate_noise: per call, the next parameter's slice
+    of the vector DPSGD.add_noise draws for the current step (Opacus asks parameter by parameter, in
+    the optimizer's order, which is model.parameters(): DPSGD's order too)."""
+
+    def __init__(self, engine):
+        self.engine, self.sizes = engine, [p.numel() for p in engine.params]
+        self.step, self.k, self.flat = 0, 0, None  # step: set by the training loop before each step
+
+    def __call__(self, std, reference, generator=None, secure_mode=False):
+        assert abs(std - self.engine.noise_multiplier * self.engine.clip) < 1e-9 and reference.numel() == self.sizes[self.k]
+        if self.k == 0:
+            self.flat = torch.zeros(sum(self.sizes))
+            self.engine.add_noise(self.flat, self.step)
+        off = sum(self.sizes[:self.k])
+        out = self.flat[off:off + reference.numel()].view_as(reference).clone()
+        self.k = (self.k + 1) % len(self.sizes)
+        return out
+
+
+def opacus_run(train, test, cfg, z, same_noise=False):
     from opacus import GradSampleModule
+    from opacus.optimizers import optimizer as opacus_optimizer
     from opacus.accountants import RDPAccountant
     from opacus.optimizers import DPOptimizer
 
@@ -39,7 +65,7 @@ def opacus_run(train, test, cfg, z):
     plain = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) if isinstance(m, lnn.Linear) else m
                             for m in model])
     plain.load_state_dict(model.state_dict())  # the same initial weights as ours
-    engine = DPSGD(model, cfg, len(train), 1)  # only for its Poisson batches and q
+    engine = DPSGD(model, cfg, len(train), 1)  # only for its Poisson batches and q (and noise with same_noise)
     gsm = GradSampleModule(plain)
     base = torch.optim.AdamW(gsm.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     opt = DPOptimizer(base, noise_multiplier=z, max_grad_norm=cfg.dp_clip, expected_batch_size=round(engine.expected_batch))
@@ -47,19 +73,26 @@ def opacus_run(train, test, cfg, z):
     x, y = train.tensors
     total = cfg.epochs * engine.steps_per_epoch
     step = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for epoch in range(cfg.epochs):
-            gsm.train()
-            for idx in engine.epoch_batches(epoch, 0, 1):
-                for pg in base.param_groups:
-                    pg["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
-                if idx:
-                    nn.functional.cross_entropy(gsm(x[idx]), y[idx]).backward()
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-                acc.step(noise_multiplier=z, sample_rate=engine.q)
-                step += 1
+    saved_noise, noise = opacus_optimizer._generate_noise, _OurNoise(engine)
+    if same_noise:  # DPOptimizer.add_noise looks the function up in its module at each call
+        opacus_optimizer._generate_noise = noise
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for epoch in range(cfg.epochs):
+                gsm.train()
+                for idx in engine.epoch_batches(epoch, 0, 1):
+                    for pg in base.param_groups:
+                        pg["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                    if idx:
+                        nn.functional.cross_entropy(gsm(x[idx]), y[idx]).backward()
+                        noise.step = step  # our trainer's noise of this step (its global step)
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    acc.step(noise_multiplier=z, sample_rate=engine.q)
+                    step += 1
+    finally:
+        opacus_optimizer._generate_noise = saved_noise
     gsm.eval()
     with torch.no_grad():
         xt, yt = test.tensors
@@ -74,6 +107,7 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 3.0, 8.0])
+    ap.add_argument("--same-noise", action="store_true", help="Opacus gets our noise draws (see the top)")
     a = ap.parse_args()
     train, test = digits.load()
     common = dict(epochs=a.epochs, batch_size=a.batch, lr=a.lr, precision="fp32", compression="none",
@@ -90,7 +124,7 @@ def main():
             cfg_z = TrainConfig(seed=seed, dp_clip=1.0, dp_noise_multiplier=z, **common).validate()
             acc, e = ours(train, test, cfg_z)
             try:
-                oacc, oe = opacus_run(train, test, cfg_z, z)
+                oacc, oe = opacus_run(train, test, cfg_z, z, a.same_noise)
                 otxt = f"{100 * oacc:.2f}% | {oe:.3f}"
             except ImportError:
                 otxt = "not installed | -"
