@@ -42,8 +42,8 @@ def dequantize_into(data: typing.SupportsInt | typing.SupportsIndex, scale: typi
 def gemm_amx_model_exec(op: str, args: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex]) -> str:
     """Testing hook: runs one instruction of the software AMX tile model on the calling thread (op: ldtilecfg, sttilecfg, tilerelease, tilezero, tileloadd, tilestored, tdpbf16ps, tdpfp16ps, tdpb[s|u][s|u]d; args: tile numbers, addresses, strides in bytes); returns '' or the fault"""
     ...
-def gemm_blocking(is_int8: bool = False) -> dict:
-    """Cache blocking of the packed kernels (for tests and benchmarks)"""
+def gemm_blocking(is_int8: bool = False, rows: typing.SupportsInt | typing.SupportsIndex = 1) -> dict:
+    """Cache blocking of the packed kernels for a product of `rows` rows (for tests and benchmarks)"""
     ...
 def gemm_float(n_batch: typing.SupportsInt | typing.SupportsIndex, m: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, a: typing.SupportsInt | typing.SupportsIndex, in_dtype: typing.SupportsInt | typing.SupportsIndex, a_stride_batch: typing.SupportsInt | typing.SupportsIndex, a_stride_row: typing.SupportsInt | typing.SupportsIndex, a_stride_col: typing.SupportsInt | typing.SupportsIndex, b: typing.SupportsInt | typing.SupportsIndex, b_stride_batch: typing.SupportsInt | typing.SupportsIndex, b_stride_row: typing.SupportsInt | typing.SupportsIndex, b_stride_col: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, out: typing.SupportsInt | typing.SupportsIndex, out_dtype: typing.SupportsInt | typing.SupportsIndex) -> None:
     """out[b] = round_once(a[b] @ b[b] + bias): f32/f16/bf16 inputs, float32 accumulation"""

@@ -20,6 +20,10 @@ FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAME = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 BLK = _C.gemm_blocking(False)   # float path: mr, nr, kc, mc, nc
 BLK8 = _C.gemm_blocking(True)   # int8 path (k counted in int8 elements)
+# A tall product's float blocking: the AVX-512 kernels take deeper K blocks (and fewer rows per A block)
+# from 256 rows on (kGemmDeepKcMinRows); the other tables block as above.
+ROWS_DEEP = 300
+BLK_DEEP = _C.gemm_blocking(False, rows=ROWS_DEEP)
 # Kernel tables that are no ISA level: 'amx-model', the AMX kernels compiled against the software
 # tile model (csrc/cpu/gemm/gemm_amx_model_avx2.cc), on every machine with AVX2.
 MODEL_TABLES = _C.gemm_testing_tables()
@@ -179,7 +183,19 @@ SHAPES = [
     (257, 600, 33),
     (3, 40, BLK["nc"] + 21),                    # two B blocks
     (70, 1100, 50),
+    (ROWS_DEEP, BLK_DEEP["kc"] + 9, 37),                # tall: two deep K blocks (float32 panels), short last
+    (2 * BLK_DEEP["mc"] + 7, BLK_DEEP["kc"] + 5, 40),   # tall: several of its smaller A blocks
 ]
+
+
+def test_bf16_deep_k_blocks(isa, threads, rng):
+    """A tall bf16 product over several of its deep K blocks (bf16 packs k-pairs, so its kc is twice
+    float32's): partial sums carried from block to block, the last block short; bf16 out, whose
+    contract bound covers this K."""
+    m, k, n = ROWS_DEEP, 4 * BLK_DEEP["kc"] + 9, 37
+    a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
+    bias = rand(rng, (n,), torch.float32)
+    assert_close(lc.gemm(a, b, bias=bias), a, b, bias, torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -121,8 +121,8 @@ void bind_gemm(py::module_& m) {
       "active kernels (scalar) have no probe");
   m.def(
       "gemm_blocking",
-      [](bool is_int8) {
-        GemmBlocking b = gemm_packed_blocking(is_int8);
+      [](bool is_int8, int64_t rows) {
+        GemmBlocking b = gemm_packed_blocking(is_int8, rows);
         py::dict d;
         d["mr"] = b.mr;
         d["nr"] = b.nr;
@@ -131,7 +131,8 @@ void bind_gemm(py::module_& m) {
         d["nc"] = b.nc;
         return d;
       },
-      py::arg("is_int8") = false, "Cache blocking of the packed kernels (for tests and benchmarks)");
+      py::arg("is_int8") = false, py::arg("rows") = 1,
+      "Cache blocking of the packed kernels for a product of `rows` rows (for tests and benchmarks)");
   m.def(
       "gemm_kernels_name", [](int isa) { return std::string((isa < 0 ? gemm_kernels() : gemm_kernels_for(isa)).name); },
       py::arg("isa") = -1,

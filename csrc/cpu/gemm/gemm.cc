@@ -46,9 +46,9 @@ const GemmKernels& gemm_kernels() {
   return t ? *t : gemm_kernels_for(cpu_isa_active());
 }
 
-GemmBlocking gemm_packed_blocking(bool is_int8) {
+GemmBlocking gemm_packed_blocking(bool is_int8, int64_t rows) {
   const GemmKernels& kern = gemm_kernels();
-  return kern.blocking ? kern.blocking(is_int8) : gemm_blocking(kGemmAvx2Mr, kGemmAvx2Nr, is_int8 ? 2 : 4);
+  return kern.blocking ? kern.blocking(is_int8, rows) : gemm_blocking(kGemmAvx2Mr, kGemmAvx2Nr, is_int8 ? 2 : 4);
 }
 
 void gemm_float(const GemmFloatArgs& args) {

@@ -232,7 +232,9 @@ void gemm_int8_amx_tiles(const GemmInt8Args& g) {
   gemm_packed_with<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args>>(g, gemm_amx_blocking(1));
 }
 
-static inline GemmBlocking gemm_packed_blocking_amx(bool is_int8) { return gemm_amx_blocking(is_int8 ? 1 : 2); }
+static inline GemmBlocking gemm_packed_blocking_amx(bool is_int8, int64_t /* rows */) {
+  return gemm_amx_blocking(is_int8 ? 1 : 2);
+}
 
 }  // namespace
 }  // namespace lp

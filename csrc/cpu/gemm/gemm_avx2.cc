@@ -229,6 +229,7 @@ struct Int8Kernel : GemmKernelSet<int16_t, MR, NR, 2> {
 };
 
 GemmBlocking gemm_blocking_avx2(bool is_int8) { return gemm_blocking(MR, NR, is_int8 ? 2 : 4); }
+GemmBlocking gemm_packed_blocking_avx2(bool is_int8, int64_t /* rows */) { return gemm_blocking_avx2(is_int8); }
 void gemm_float_avx2(const GemmFloatArgs& g) { gemm_packed<FloatKernel>(g, gemm_blocking_avx2(false)); }
 void gemm_int8_avx2(const GemmInt8Args& g) { gemm_packed<Int8Kernel>(g, gemm_blocking_avx2(true)); }
 int64_t int8_packed_b_bytes_avx2(int64_t k, int64_t n) {
@@ -237,7 +238,7 @@ int64_t int8_packed_b_bytes_avx2(int64_t k, int64_t n) {
 void int8_pack_b_avx2(const GemmInt8Args& g, void* dst) { gemm_prepack_b<Int8Kernel>(g, gemm_blocking_avx2(true), dst); }
 
 const GemmKernels kGemmAvx2 = {"avx2", LP_ISA_AVX2, gemm_float_avx2, gemm_int8_avx2, gemm_gemv_float_avx2,
-                               nullptr /* small_m_float */, gemm_blocking_avx2, gemm_peak_probe_avx2,
+                               nullptr /* small_m_float */, gemm_packed_blocking_avx2, gemm_peak_probe_avx2,
                                int8_packed_b_bytes_avx2, int8_pack_b_avx2};
 
 }  // namespace
