@@ -1,6 +1,9 @@
 // GEMM bindings: marshalling only (pointers as integers, sizes and strides in elements, lp_dtype
 // codes). lepton_core/gemm.py checks the whole contract before calling; kernels run without the GIL.
+#include <vector>
+
 #include "bindings/bindings.h"
+#include "cpu/quant/quant.h"
 #include "common/cpu_features.h"
 #include "common/dtypes.h"
 #include "cpu/gemm/gemm.h"
@@ -81,6 +84,41 @@ void bind_gemm(py::module_& m) {
       py::arg("b_packed") = 0,
       "out = round_once((float(a @ b) * scale_a[i]) * scale_b[j] + bias[j]), int32 accumulation; b_packed: "
       "b as gemm_int8_pack_b packed it (then b is not read), or 0");
+  m.def(
+      "w8a8_linear",
+      [](int64_t rows, int64_t cols, int64_t depth, uintptr_t x_ptr, int x_dtype, int int8_fmt, uintptr_t b_ptr,
+         int64_t b_stride_row, int64_t b_stride_col, uintptr_t scale_b_ptr, int64_t scale_b_n_elems, uintptr_t bias_ptr,
+         uintptr_t out_ptr, int out_dtype, uintptr_t b_packed_ptr) -> int64_t {
+        // QuantLinear w8a8 in one call (a batch-1 call is mostly fixed cost): x (rows, depth),
+        // contiguous, quantized to int8 per row as quantize_into(x, 1, rows, depth, block 0, int8) would,
+        // into this thread's scratch, then scaled_gemm_int8 with those scales as scale_a. Returns the
+        // first non-finite flat index of x (nothing written) or -1.
+        thread_local std::vector<uint8_t> data;
+        thread_local std::vector<float> scale_a;
+        py::gil_scoped_release release;
+        if (data.size() < size_t(rows * depth)) data.resize(size_t(rows * depth));
+        if (scale_a.size() < size_t(rows)) scale_a.resize(size_t(rows));
+        QuantizeArgs q{as_ptr<const void>(x_ptr), x_dtype, 1, rows, depth, 0, int8_fmt, false, 0,
+                       data.data(), scale_a.data(), nullptr};
+        const int64_t first_bad = quantize(q);
+        if (first_bad >= 0) return first_bad;
+        auto g = gemm_args<GemmInt8Args>(1, rows, cols, depth,
+                                         operand(reinterpret_cast<uintptr_t>(data.data()), LP_DTYPE_I8, 0, depth, 1),
+                                         operand(b_ptr, LP_DTYPE_I8, 0, b_stride_row, b_stride_col), out_ptr, out_dtype);
+        g.scale_a = scale_a.data();
+        g.scale_a_n_elems = rows;
+        g.scale_b = as_ptr<const float>(scale_b_ptr);
+        g.scale_b_n_elems = scale_b_n_elems;
+        g.bias = as_ptr<const float>(bias_ptr);
+        g.b_packed = as_ptr<const void>(b_packed_ptr);
+        gemm_int8(g);
+        return -1;
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("x"), py::arg("x_dtype"), py::arg("int8_fmt"), py::arg("b"),
+      py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("scale_b"), py::arg("scale_b_n_elems"), py::arg("bias"),
+      py::arg("out"), py::arg("out_dtype"), py::arg("b_packed") = 0,
+      "QuantLinear w8a8: x quantized per row to int8 (format code int8_fmt) in a per-thread scratch, then "
+      "scaled_gemm_int8 with B = b (or b_packed); returns x's first non-finite flat index or -1");
   m.def(
       "gemm_int8_packed_b_bytes",
       [](int64_t k, int64_t n) { return py::make_tuple(std::string(gemm_kernels().name), gemm_int8_packed_b_bytes(k, n)); },

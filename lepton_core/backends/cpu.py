@@ -211,17 +211,15 @@ def _w8a8(x, codes, scale, bias32, out_name: str):
     with the packed weight, straight to the native kernels (a batch-1 call is mostly this overhead)."""
     m, k = x.shape
     n = codes.shape[0]
-    data, scale_x = new_output(TORCH, (m, k), "int8"), new_output(TORCH, (m,), "float32")
-    # Positional on purpose, as in gemm_into (names: csrc/bindings/quant_bind.cc, gemm_bind.cc).
-    first_bad = _C.quantize_into(x.data_ptr(), _TORCH_CODES[x.dtype], 1, m, k, 0, _INT8_FMT, False, 0,
-                                 data.data_ptr(), scale_x.data_ptr(), 0)
-    if first_bad >= 0:
-        raise non_finite_error(x, first_bad, "lc.nn.QuantLinear", "input")
     out = new_output(TORCH, (m, n), out_name)
     b_row, b_col = codes.stride()[::-1]  # B = codes.t()
-    _C.scaled_gemm_int8(m, n, k, data.data_ptr(), k, 1, codes.data_ptr(), b_row, b_col, scale_x.data_ptr(), m,
-                        scale.data_ptr(), scale.shape[0], 0 if bias32 is None else bias32.data_ptr(),
-                        out.data_ptr(), _TORCH_CODES[out.dtype], _packed_b(codes))
+    # One native call: quantize's per-row int8 into a scratch, then scaled_gemm_int8 (csrc/bindings/
+    # gemm_bind.cc). Positional on purpose, as in gemm_into.
+    first_bad = _C.w8a8_linear(m, n, k, x.data_ptr(), _TORCH_CODES[x.dtype], _INT8_FMT, codes.data_ptr(), b_row, b_col,
+                               scale.data_ptr(), scale.shape[0], 0 if bias32 is None else bias32.data_ptr(),
+                               out.data_ptr(), _TORCH_CODES[out.dtype], _packed_b(codes))
+    if first_bad >= 0:
+        raise non_finite_error(x, first_bad, "lc.nn.QuantLinear", "input")
     return out
 
 
