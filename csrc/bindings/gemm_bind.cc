@@ -1,12 +1,11 @@
 // GEMM bindings: marshalling only (pointers as integers, sizes and strides in elements, lp_dtype
 // codes). lepton_core/gemm.py checks the whole contract before calling; kernels run without the GIL.
-#include <vector>
-
 #include "bindings/bindings.h"
 #include "cpu/quant/quant.h"
 #include "common/cpu_features.h"
 #include "common/dtypes.h"
 #include "cpu/gemm/gemm.h"
+#include "cpu/gemm/gemm_common.h"
 
 namespace lp {
 namespace {
@@ -91,21 +90,20 @@ void bind_gemm(py::module_& m) {
          uintptr_t out_ptr, int out_dtype, uintptr_t b_packed_ptr) -> int64_t {
         // QuantLinear w8a8 in one call (a batch-1 call is mostly fixed cost): x (rows, depth),
         // contiguous, quantized to int8 per row as quantize_into(x, 1, rows, depth, block 0, int8) would,
-        // into this thread's scratch, then scaled_gemm_int8 with those scales as scale_a. Returns the
-        // first non-finite flat index of x (nothing written) or -1.
-        thread_local std::vector<uint8_t> data;
-        thread_local std::vector<float> scale_a;
+        // into this thread's GEMM scratch (gemm_scratch's slot 2: [codes | scales]), then
+        // scaled_gemm_int8 with those scales as scale_a. Returns the first non-finite flat index of x
+        // (nothing written) or -1.
         py::gil_scoped_release release;
-        if (data.size() < size_t(rows * depth)) data.resize(size_t(rows * depth));
-        if (scale_a.size() < size_t(rows)) scale_a.resize(size_t(rows));
-        QuantizeArgs q{as_ptr<const void>(x_ptr), x_dtype, 1, rows, depth, 0, int8_fmt, false, 0,
-                       data.data(), scale_a.data(), nullptr};
+        const size_t codes_bytes = (size_t(rows * depth) + 63) & ~size_t(63);
+        auto* data = static_cast<uint8_t*>(gemm_scratch(2, codes_bytes + size_t(rows) * sizeof(float)));
+        auto* scale_a = reinterpret_cast<float*>(data + codes_bytes);
+        QuantizeArgs q{as_ptr<const void>(x_ptr), x_dtype, 1, rows, depth, 0, int8_fmt, false, 0, data, scale_a, nullptr};
         const int64_t first_bad = quantize(q);
         if (first_bad >= 0) return first_bad;
         auto g = gemm_args<GemmInt8Args>(1, rows, cols, depth,
-                                         operand(reinterpret_cast<uintptr_t>(data.data()), LP_DTYPE_I8, 0, depth, 1),
+                                         operand(reinterpret_cast<uintptr_t>(data), LP_DTYPE_I8, 0, depth, 1),
                                          operand(b_ptr, LP_DTYPE_I8, 0, b_stride_row, b_stride_col), out_ptr, out_dtype);
-        g.scale_a = scale_a.data();
+        g.scale_a = scale_a;
         g.scale_a_n_elems = rows;
         g.scale_b = as_ptr<const float>(scale_b_ptr);
         g.scale_b_n_elems = scale_b_n_elems;

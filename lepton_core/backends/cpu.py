@@ -119,7 +119,7 @@ def _packed_b(codes) -> int:
     packing is kept per codes tensor (weakly: it goes with the tensor, and never into its pickle or
     state_dict) and redone when the table, the tensor's storage or its version change."""
     n, k = codes.shape
-    table, n_bytes = _C.gemm_int8_packed_b_bytes(k=k, n=n)
+    table, n_bytes = _C.gemm_int8_packed_b_bytes(k, n)  # positional: a per-call cost (as in gemm_into)
     if n_bytes == 0:
         return 0
     try:

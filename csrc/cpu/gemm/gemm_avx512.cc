@@ -364,7 +364,7 @@ static GemmBlocking gemm_float_blocking_avx512(int64_t elem_bytes, int64_t rows,
   GemmBlocking b = gemm_blocking_avx512(elem_bytes);
   if (rows < kGemmDeepKcMinRows) return b;
   b.kc *= kGemmDeepKcFactor;
-  const int64_t kc_used = std::min(b.kc, std::max<int64_t>(16, (k + 15) / 16 * 16));
+  const int64_t kc_used = std::min(b.kc, gemm_round_up(std::max<int64_t>(k, 1), 16));
   const int64_t mc = (cpu_features().l2_bytes / 2) / (kc_used * elem_bytes);
   b.mc = std::max<int64_t>(MR, std::min<int64_t>(1020, mc / MR * MR));
   return b;
