@@ -1,4 +1,4 @@
-// The 512-bit vector vocabulary (AVX-512 F / BW / DQ / VL): the Simd256 interface of simd256.h on
+// The 512-bit vector vocabulary (AVX-512 F / BW / DQ / VL + BF16): the Simd256 interface of simd256.h on
 // 16-lane registers, so that code written once against it runs at either width. See simd256.h for
 // the interface and its contract (roundings, store_as, sum_lanes).
 //
@@ -21,7 +21,14 @@ struct Simd512 {
   static inline I load_i8(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static inline I load_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+  // vcvtneps2bf16 (this level has AVX512-BF16) rounds to nearest even and quiets NaNs exactly as
+  // bf16_rounded_lanes / bf16_nan_lanes do, but treats subnormal inputs as zero: a vector with a
+  // subnormal lane takes the integer rounding instead (bits identical to the scalar f32_to_bf16).
   static inline H to_bf16(F v) {
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0)) return to_bf16_integer(v);
+    return (H)_mm512_cvtneps_pbh(v);
+  }
+  static inline H to_bf16_integer(F v) {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, bf16_rounded_lanes(v), bf16_nan_lanes(v)));
   }

@@ -267,56 +267,96 @@ static inline GemmInt8Tile gemm_tile_at(const GemmInt8Args& g, bool c32_is_out, 
 // The tile's fields are copied to locals first: stores through `out` could alias `t` as far as the
 // compiler knows, and would otherwise make it reload them after every store.
 
+// The epilogues below are unrolled over the whole tile (and the output dtype and bias are template
+// arguments), so the accumulators stay in registers: a loop over the rows with the dtype switched
+// per vector kept all of them in a stack array, ~20% of a K = 32 product's time (bench/notes_gemm.md).
+
 // The accumulators (float32 or int32) as 32-bit partial sums at c32, rows ld elements apart.
 template <class S, int64_t MR, int NV, class Elem, class V>
-static inline void gemm_tile_store_sums(Elem* c32, int64_t ld, const V (&c)[MR][NV]) {
+static inline __attribute__((always_inline)) void gemm_tile_store_sums(Elem* c32, int64_t ld, const V (&c)[MR][NV]) {
+#pragma GCC unroll 16
   for (int64_t i = 0; i < MR; ++i)
+#pragma GCC unroll 4
     for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * S::kLanes, c[i][h]);
+}
+
+// Float tile, last K block: bias added (kBias), rounded once to DT, written to out.
+template <class S, int DT, bool kBias, int64_t MR, int NV>
+static inline __attribute__((always_inline)) void gemm_tile_store_final(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
+  constexpr int L = S::kLanes;
+  constexpr int64_t elem_bytes = DT == LP_DTYPE_F32 ? 4 : 2;
+  typename S::F bias[NV];
+#pragma GCC unroll 4
+  for (int h = 0; h < NV; ++h) bias[h] = kBias ? S::loadu(t.bias + h * L) : S::zero();
+  const int64_t row_bytes = t.out_ld * elem_bytes;
+  char* o = static_cast<char*>(t.out);
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int h = 0; h < NV; ++h)
+      S::store_as(DT, o + i * row_bytes + h * L * elem_bytes, kBias ? S::add(c[i][h], bias[h]) : c[i][h]);
+  }
+}
+
+// Calls store(dt, bias) with the output dtype and whether there is a bias as compile-time constants
+// (std::integral_constant<int, DT>, std::bool_constant), one instantiation each.
+template <class Store>
+static inline __attribute__((always_inline)) void gemm_with_out_kind(int out_dtype, bool has_bias, const Store& store) {
+  auto with_bias = [&](auto dt) __attribute__((always_inline)) {
+    if (has_bias)
+      store(dt, std::true_type{});
+    else
+      store(dt, std::false_type{});
+  };
+  switch (out_dtype) {
+    case LP_DTYPE_F32: return with_bias(std::integral_constant<int, LP_DTYPE_F32>{});
+    case LP_DTYPE_F16: return with_bias(std::integral_constant<int, LP_DTYPE_F16>{});
+    default: return with_bias(std::integral_constant<int, LP_DTYPE_BF16>{});
+  }
 }
 
 // Float tile: partial sums to c32 (not the last K block), else bias added and rounded once to out.
 template <class S, int64_t MR, int NV>
-static inline void gemm_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
+static inline __attribute__((always_inline)) void gemm_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
   if (!t.final) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
+  gemm_with_out_kind(t.out_dtype, t.bias != nullptr, [&](auto dt, auto bias) __attribute__((always_inline)) {
+    gemm_tile_store_final<S, decltype(dt)::value, decltype(bias)::value>(t, c);
+  });
+}
+
+// int8 tile, scaled_gemm's last K block: its epilogue (gemm_scaled_epilogue) rounded once to DT.
+template <class S, int DT, bool kBias, int64_t MR, int NV>
+static inline __attribute__((always_inline)) void gemm_tile_store_scaled(const GemmInt8Tile& t,
+                                                                         const typename S::I (&c)[MR][NV]) {
   constexpr int L = S::kLanes;
-  const bool has_bias = t.bias != nullptr;
-  typename S::F bias[NV];
-  for (int h = 0; h < NV; ++h) bias[h] = has_bias ? S::loadu(t.bias + h * L) : S::zero();
-  const int dtype = t.out_dtype;
-  const int64_t elem_bytes = dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = t.out_ld * elem_bytes;
+  constexpr int64_t elem_bytes = DT == LP_DTYPE_F32 ? 4 : 2;
+  typename S::F sb[NV], bias[NV];
+#pragma GCC unroll 4
+  for (int h = 0; h < NV; ++h) {
+    sb[h] = t.scale_b_stride == 0 ? S::set1(t.scale_b[0]) : S::loadu(t.scale_b + h * L);
+    bias[h] = kBias ? S::loadu(t.bias + h * L) : S::zero();
+  }
+  const float* scale_a = t.scale_a;
+  const int64_t scale_a_stride = t.scale_a_stride;
+  const int64_t row_bytes = t.out_ld * elem_bytes;
   char* o = static_cast<char*>(t.out);
+#pragma GCC unroll 16
   for (int64_t i = 0; i < MR; ++i) {
-    for (int h = 0; h < NV; ++h) {
-      const typename S::F v = has_bias ? S::add(c[i][h], bias[h]) : c[i][h];
-      S::store_as(dtype, o + i * row_bytes + h * L * elem_bytes, v);
-    }
+    const typename S::F sa = S::set1(scale_a[i * scale_a_stride]);
+#pragma GCC unroll 4
+    for (int h = 0; h < NV; ++h)
+      S::store_as(DT, o + i * row_bytes + h * L * elem_bytes, gemm_scaled_epilogue<S>(c[i][h], sa, sb[h], kBias, bias[h]));
   }
 }
 
 // int8 tile: int32 sums to c32 (not the last K block, or the plain int8 GEMM), else scaled_gemm's
-// epilogue (gemm_scaled_epilogue) rounded once to out.
+// epilogue.
 template <class S, int64_t MR, int NV>
-static inline void gemm_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV]) {
+static inline __attribute__((always_inline)) void gemm_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV]) {
   if (!t.final || !t.scaled) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
-  constexpr int L = S::kLanes;
-  const bool has_bias = t.bias != nullptr;
-  typename S::F sb[NV], bias[NV];
-  for (int h = 0; h < NV; ++h) {
-    sb[h] = t.scale_b_stride == 0 ? S::set1(t.scale_b[0]) : S::loadu(t.scale_b + h * L);
-    bias[h] = has_bias ? S::loadu(t.bias + h * L) : S::zero();
-  }
-  const float* scale_a = t.scale_a;
-  const int64_t scale_a_stride = t.scale_a_stride;
-  const int dtype = t.out_dtype;
-  const int64_t elem_bytes = dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = t.out_ld * elem_bytes;
-  char* o = static_cast<char*>(t.out);
-  for (int64_t i = 0; i < MR; ++i) {
-    const typename S::F sa = S::set1(scale_a[i * scale_a_stride]);
-    for (int h = 0; h < NV; ++h) {
-      const typename S::F v = gemm_scaled_epilogue<S>(c[i][h], sa, sb[h], has_bias, bias[h]);
-      S::store_as(dtype, o + i * row_bytes + h * L * elem_bytes, v);
-    }
-  }
+  gemm_with_out_kind(t.out_dtype, t.bias != nullptr, [&](auto dt, auto bias) __attribute__((always_inline)) {
+    gemm_tile_store_scaled<S, decltype(dt)::value, decltype(bias)::value>(t, c);
+  });
 }
 
 // An edge tile (rows < MR or cols < NR valid): the full-tile microkernel `uk(lt)` runs on a local
@@ -497,6 +537,15 @@ static inline void gemm_with_operand(const GemmOperand& o, int64_t batch, int64_
   }
 }
 
+// The microkernel called, not inlined: edge tiles use this copy. Inlined into the edge-tile code as
+// well, the AVX-512 int8 microkernel with its scaled epilogue ran out of registers and kept its
+// accumulators on the stack inside the k loop (w8a8 at 19 or 32 rows: 25% slower).
+template <class K, class Tile>
+__attribute__((noinline)) void gemm_ukernel_outlined(int64_t kc_panel, const typename K::Packed* ap,
+                                                     const typename K::Packed* bp, const Tile& t) {
+  K::ukernel(kc_panel, ap, bp, t);
+}
+
 template <class K, class Args>
 struct GemmTraits {
   using Packed = typename K::Packed;
@@ -550,7 +599,7 @@ struct GemmTraits {
     if (rows == kMr && cols == kNr)
       K::ukernel(kc_panel, ap, bp, t);
     else
-      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { K::ukernel(kc_panel, ap, bp, lt); });
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { gemm_ukernel_outlined<K>(kc_panel, ap, bp, lt); });
   }
 };
 
