@@ -87,7 +87,7 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
     }
 #undef LP_FMA_STEP
     const __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    gemm_tile_store<Simd256>(t, acc);
+    gemm_tile_store_outlined<Simd256>(t, acc);
   }
 
   // Vector packing of one full panel by layout (gemm_driver.h); each returns the k where it stopped.
@@ -183,7 +183,7 @@ struct Int8Kernel : GemmKernelSet<int16_t, MR, NR, 2> {
     }
 #undef LP_MADD_STEP
     const __m256i acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-    gemm_tile_store<Simd256>(t, acc);
+    gemm_tile_store_outlined<Simd256>(t, acc);
   }
 
   // A K-major: 16 k of each row = 8 pairs as 32-bit lanes; transpose 8 x 8 lanes (rows 6, 7 are
