@@ -213,6 +213,28 @@ def test_float_shapes(isa, threads, rng, shape, in_dtype, out_dtype):
     assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
 
 
+@pytest.mark.parametrize("rows_last", range(1, 12))
+def test_last_row_tile_every_height(isa, rng, rows_last):
+    """A last row tile of every height below the register tile's 12 rows (the AVX-512 kernels compute
+    4, 8 or 12 rows of it in place when its columns are full), beside full tiles and a column edge,
+    over two K blocks (partial sums carried), with a bias: float32 / bfloat16 / float16 inputs into
+    each output dtype, int8 exact and scaled."""
+    m, k, n = 12 + rows_last, 2 * BLK["kc"] + 5, 2 * BLK["nr"] + 3
+    bias = rand(rng, (n,), torch.float32)
+    for in_dtype in FLOAT_DTYPES:
+        a, b = rand(rng, (m, k), in_dtype), rand(rng, (k, n), in_dtype)
+        for out_dtype in FLOAT_DTYPES:
+            assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
+    k8 = 2 * BLK8["kc"] + 5
+    a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
+    assert_int_exact(lc.gemm(a8, b8), a8, b8)
+    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
+    for out_dtype in FLOAT_DTYPES:
+        out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=out_dtype)
+        assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, out_dtype))
+
+
 @pytest.mark.parametrize("shape", [(2 * BLK["mc"] + 5, BLK["kc"] + 9, 3 * BLK["nr"] + 7),   # tall: rows split
                                    (7, BLK["kc"] + 9, 9 * BLK["nr"] + 3),                  # wide: columns split
                                    (1, 1100, 3000), (3000, 1100, 1)],                      # matrix-vector

@@ -23,8 +23,9 @@
 // bias and rounds once; scaled_gemm's epilogue runs (float(acc) * sa) * sb + bias without FMA
 // contraction.
 // Leftovers: rows past m, columns past n and k past K are zero in the packed panels (A's k padding
-// is a zero byte, not 0 ^ 0x80, so it adds nothing); edge tiles go through a local tile
-// (gemm_edge_tile in gemm_driver.h).
+// is a zero byte, not 0 ^ 0x80, so it adds nothing). A last row tile of full width is computed in
+// place on 4, 8 or 12 rows (ukernel_rows); other edge tiles go through a local tile (gemm_edge_tile
+// in gemm_driver.h).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -81,21 +82,27 @@ static inline __m512i tile_sums(const GemmInt8Tile& t, int64_t i, int h) {
   return t.prev ? _mm512_loadu_si512(t.prev + i * t.prev_ld + 16 * h) : _mm512_setzero_si512();
 }
 
-// The 12 x 32 microkernel of every kernel set K, one full tile: accumulators from start(i, h) (row
-// i, half h), then one step per packed k-group: B's two vectors of the group (K::load_b), and for
-// each row the row's 32-bit group of A broadcast (K::bcast_a) and multiply-added (K::madd); then the
+// The 12 x 32 microkernel of every kernel set K, one full tile, or the first R rows of one (R = 4, 8:
+// the last row tile of a product whose rows are not a multiple of 12, e.g. 32 = 12 + 12 + 8 tokens,
+// computes R rows instead of 12, of which `rows` are written): accumulators from start(i, h) (row i,
+// half h), then one step per packed k-group: B's two vectors of the group (K::load_b), and for each
+// row the row's 32-bit group of A broadcast (K::bcast_a) and multiply-added (K::madd); then the
 // tile's epilogue. ap: [kc_panel / G][MR][G], bp: [kc_panel / G][NR][G] (G = K::kKGroup, 64-byte
 // aligned). The 24 accumulators are named variables (c<row>_<half>) written out by the LP_ROWS
 // macros: an array of vectors whose address escapes to a helper is kept in memory by the compiler,
 // and every step would then store and reload all 24.
-template <class K, class Tile, class Start>
+template <class K, int64_t R, class Tile, class Start>
 static inline void ukernel_12x32(int64_t kc_panel, const typename K::Packed* __restrict ap,
-                                 const typename K::Packed* __restrict bp, const Tile& t, const Start& start) {
+                                 const typename K::Packed* __restrict bp, const Tile& t, const Start& start,
+                                 int64_t rows) {
+  static_assert(R >= 1 && R <= MR, "R rows of a 12-row tile");
   constexpr int64_t G = K::kKGroup;
 #define LP_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-#define LP_START(i) typename K::Acc c##i##_0 = start(i, 0), c##i##_1 = start(i, 1);
+#define LP_START(i)                                                                         \
+  typename K::Acc c##i##_0{}, c##i##_1{};                                                   \
+  if ((i) < R && (i) < rows) c##i##_0 = start(i, 0), c##i##_1 = start(i, 1);
 #define LP_STEP(i)                                  \
-  {                                                 \
+  if constexpr ((i) < R) {                          \
     const auto a = K::bcast_a(ap + i * G);          \
     c##i##_0 = K::madd(c##i##_0, a, b0);            \
     c##i##_1 = K::madd(c##i##_1, a, b1);            \
@@ -113,7 +120,17 @@ static inline void ukernel_12x32(int64_t kc_panel, const typename K::Packed* __r
 #undef LP_STEP
 #undef LP_START
 #undef LP_ROWS
-  gemm_tile_store<Simd512>(t, c);
+  gemm_tile_store<Simd512, R>(t, c, rows);
+}
+
+// What each kernel set's ukernel / ukernel_rows share: the row bound R for `rows` (4, 8 or 12).
+template <class K, class Tile, class Start>
+static inline void ukernel_rows_12x32(int64_t kc_panel, const typename K::Packed* __restrict ap,
+                                      const typename K::Packed* __restrict bp, const Tile& t, const Start& start,
+                                      int64_t rows) {
+  if (rows <= 4) return ukernel_12x32<K, 4>(kc_panel, ap, bp, t, start, rows);
+  if (rows <= 8) return ukernel_12x32<K, 8>(kc_panel, ap, bp, t, start, rows);
+  ukernel_12x32<K, MR>(kc_panel, ap, bp, t, start, rows);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -128,7 +145,12 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   static __m512 bcast_a(const float* p) { return _mm512_set1_ps(*p); }
   static __m512 madd(__m512 c, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, c); }
   static void ukernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t) {
-    ukernel_12x32<FloatKernel>(kc, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); });
+    ukernel_12x32<FloatKernel, MR>(kc, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); }, MR);
+  }
+  static constexpr bool kRowsKernel = true;
+  static void ukernel_rows(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t,
+                           int64_t rows) {
+    ukernel_rows_12x32<FloatKernel>(kc, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); }, rows);
   }
 
   // Vector packing of one full panel by layout (gemm_driver.h); each returns the k where it stopped.
@@ -194,7 +216,12 @@ struct Bf16Kernel : GemmKernelSet<uint16_t, MR, NR, 2> {
   static __m512 madd(__m512 c, __m512bh a, __m512bh b) { return _mm512_dpbf16_ps(c, a, b); }
   static void ukernel(int64_t kc2, const uint16_t* __restrict ap, const uint16_t* __restrict bp,
                       const GemmFloatTile& t) {
-    ukernel_12x32<Bf16Kernel>(kc2, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); });
+    ukernel_12x32<Bf16Kernel, MR>(kc2, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); }, MR);
+  }
+  static constexpr bool kRowsKernel = true;
+  static void ukernel_rows(int64_t kc2, const uint16_t* __restrict ap, const uint16_t* __restrict bp,
+                           const GemmFloatTile& t, int64_t rows) {
+    ukernel_rows_12x32<Bf16Kernel>(kc2, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); }, rows);
   }
 
   // A K-major: a pair is 32 contiguous bits of a row, 8 pairs of 12 rows transposed per step.
@@ -266,11 +293,19 @@ struct Int8Kernel : GemmKernelSet<uint8_t, MR, NR, 4> {
   static __m512i load_b(const uint8_t* p) { return _mm512_load_si512(p); }
   static __m512i bcast_a(const uint8_t* p) { return _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(p)); }
   static __m512i madd(__m512i c, __m512i a, __m512i b) { return _mm512_dpbusd_epi32(c, a, b); }
-  static void ukernel(int64_t kc4, const uint8_t* __restrict ap, const uint8_t* __restrict bp, const GemmInt8Tile& t) {
+  // The accumulators' start: partial sums minus the panel's corrections.
+  static auto start(int64_t kc4, const uint8_t* bp, const GemmInt8Tile& t) {
     const int32_t* corr = reinterpret_cast<const int32_t*>(bp + NR * kc4);
-    const __m512i corr_h[2] = {_mm512_load_si512(corr), _mm512_load_si512(corr + 16)};
-    ukernel_12x32<Int8Kernel>(kc4, ap, bp, t,
-                              [&](int64_t i, int h) { return _mm512_sub_epi32(tile_sums(t, i, h), corr_h[h]); });
+    const __m512i c0 = _mm512_load_si512(corr), c1 = _mm512_load_si512(corr + 16);
+    return [c0, c1, &t](int64_t i, int h) { return _mm512_sub_epi32(tile_sums(t, i, h), h ? c1 : c0); };
+  }
+  static void ukernel(int64_t kc4, const uint8_t* __restrict ap, const uint8_t* __restrict bp, const GemmInt8Tile& t) {
+    ukernel_12x32<Int8Kernel, MR>(kc4, ap, bp, t, start(kc4, bp, t), MR);
+  }
+  static constexpr bool kRowsKernel = true;
+  static void ukernel_rows(int64_t kc4, const uint8_t* __restrict ap, const uint8_t* __restrict bp,
+                           const GemmInt8Tile& t, int64_t rows) {
+    ukernel_rows_12x32<Int8Kernel>(kc4, ap, bp, t, start(kc4, bp, t), rows);
   }
 
   // A K-major: a quad is 32 contiguous bits of a row, 8 quads of 12 rows transposed (and flipped)

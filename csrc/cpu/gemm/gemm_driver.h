@@ -271,18 +271,24 @@ static inline GemmInt8Tile gemm_tile_at(const GemmInt8Args& g, bool c32_is_out, 
 // arguments), so the accumulators stay in registers: a loop over the rows with the dtype switched
 // per vector kept all of them in a stack array, ~20% of a K = 32 product's time (bench/notes_gemm.md).
 
+// Every epilogue writes the tile's first `rows` rows (rows <= RB <= MR; RB, the rows a microkernel
+// computes, is a compile-time bound: a full tile has rows = RB = MR, and the compiler drops the test).
+
 // The accumulators (float32 or int32) as 32-bit partial sums at c32, rows ld elements apart.
-template <class S, int64_t MR, int NV, class Elem, class V>
-static inline __attribute__((always_inline)) void gemm_tile_store_sums(Elem* c32, int64_t ld, const V (&c)[MR][NV]) {
+template <class S, int64_t RB, int64_t MR, int NV, class Elem, class V>
+static inline __attribute__((always_inline)) void gemm_tile_store_sums(Elem* c32, int64_t ld, const V (&c)[MR][NV],
+                                                                       int64_t rows) {
 #pragma GCC unroll 16
-  for (int64_t i = 0; i < MR; ++i)
+  for (int64_t i = 0; i < RB; ++i)
+    if (i < rows)
 #pragma GCC unroll 4
-    for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * S::kLanes, c[i][h]);
+      for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * S::kLanes, c[i][h]);
 }
 
 // Float tile, last K block: bias added (kBias), rounded once to DT, written to out.
-template <class S, int DT, bool kBias, int64_t MR, int NV>
-static inline __attribute__((always_inline)) void gemm_tile_store_final(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
+template <class S, int64_t RB, int DT, bool kBias, int64_t MR, int NV>
+static inline __attribute__((always_inline)) void gemm_tile_store_final(const GemmFloatTile& t, const typename S::F (&c)[MR][NV],
+                                                                        int64_t rows) {
   constexpr int L = S::kLanes;
   constexpr int64_t elem_bytes = DT == LP_DTYPE_F32 ? 4 : 2;
   typename S::F bias[NV];
@@ -291,7 +297,8 @@ static inline __attribute__((always_inline)) void gemm_tile_store_final(const Ge
   const int64_t row_bytes = t.out_ld * elem_bytes;
   char* o = static_cast<char*>(t.out);
 #pragma GCC unroll 16
-  for (int64_t i = 0; i < MR; ++i) {
+  for (int64_t i = 0; i < RB; ++i) {
+    if (i >= rows) break;
 #pragma GCC unroll 4
     for (int h = 0; h < NV; ++h)
       S::store_as(DT, o + i * row_bytes + h * L * elem_bytes, kBias ? S::add(c[i][h], bias[h]) : c[i][h]);
@@ -316,18 +323,19 @@ static inline __attribute__((always_inline)) void gemm_with_out_kind(int out_dty
 }
 
 // Float tile: partial sums to c32 (not the last K block), else bias added and rounded once to out.
-template <class S, int64_t MR, int NV>
-static inline __attribute__((always_inline)) void gemm_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV]) {
-  if (!t.final) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
+template <class S, int64_t RB, int64_t MR, int NV>
+static inline __attribute__((always_inline)) void gemm_tile_store(const GemmFloatTile& t, const typename S::F (&c)[MR][NV],
+                                                                  int64_t rows) {
+  if (!t.final) return gemm_tile_store_sums<S, RB>(t.c32, t.c32_ld, c, rows);
   gemm_with_out_kind(t.out_dtype, t.bias != nullptr, [&](auto dt, auto bias) __attribute__((always_inline)) {
-    gemm_tile_store_final<S, decltype(dt)::value, decltype(bias)::value>(t, c);
+    gemm_tile_store_final<S, RB, decltype(dt)::value, decltype(bias)::value>(t, c, rows);
   });
 }
 
 // int8 tile, scaled_gemm's last K block: its epilogue (gemm_scaled_epilogue) rounded once to DT.
-template <class S, int DT, bool kBias, int64_t MR, int NV>
+template <class S, int64_t RB, int DT, bool kBias, int64_t MR, int NV>
 static inline __attribute__((always_inline)) void gemm_tile_store_scaled(const GemmInt8Tile& t,
-                                                                         const typename S::I (&c)[MR][NV]) {
+                                                                         const typename S::I (&c)[MR][NV], int64_t rows) {
   constexpr int L = S::kLanes;
   constexpr int64_t elem_bytes = DT == LP_DTYPE_F32 ? 4 : 2;
   typename S::F sb[NV], bias[NV];
@@ -341,7 +349,8 @@ static inline __attribute__((always_inline)) void gemm_tile_store_scaled(const G
   const int64_t row_bytes = t.out_ld * elem_bytes;
   char* o = static_cast<char*>(t.out);
 #pragma GCC unroll 16
-  for (int64_t i = 0; i < MR; ++i) {
+  for (int64_t i = 0; i < RB; ++i) {
+    if (i >= rows) break;
     const typename S::F sa = S::set1(scale_a[i * scale_a_stride]);
 #pragma GCC unroll 4
     for (int h = 0; h < NV; ++h)
@@ -351,12 +360,19 @@ static inline __attribute__((always_inline)) void gemm_tile_store_scaled(const G
 
 // int8 tile: int32 sums to c32 (not the last K block, or the plain int8 GEMM), else scaled_gemm's
 // epilogue.
-template <class S, int64_t MR, int NV>
-static inline __attribute__((always_inline)) void gemm_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV]) {
-  if (!t.final || !t.scaled) return gemm_tile_store_sums<S>(t.c32, t.c32_ld, c);
+template <class S, int64_t RB, int64_t MR, int NV>
+static inline __attribute__((always_inline)) void gemm_tile_store(const GemmInt8Tile& t, const typename S::I (&c)[MR][NV],
+                                                                  int64_t rows) {
+  if (!t.final || !t.scaled) return gemm_tile_store_sums<S, RB>(t.c32, t.c32_ld, c, rows);
   gemm_with_out_kind(t.out_dtype, t.bias != nullptr, [&](auto dt, auto bias) __attribute__((always_inline)) {
-    gemm_tile_store_scaled<S, decltype(dt)::value, decltype(bias)::value>(t, c);
+    gemm_tile_store_scaled<S, RB, decltype(dt)::value, decltype(bias)::value>(t, c, rows);
   });
+}
+
+// A full tile (all MR rows).
+template <class S, class Tile, class V, int64_t MR, int NV>
+static inline __attribute__((always_inline)) void gemm_tile_store(const Tile& t, const V (&c)[MR][NV]) {
+  gemm_tile_store<S, MR>(t, c, MR);
 }
 
 // The epilogue as a call, the accumulators passed through memory once per tile: for a register file
@@ -483,6 +499,8 @@ static inline void gemm_pack_panels(Packed* dst, int64_t panel_elems, int64_t n_
 //                                             kKGroup (default: 0, the scalar rest packs it all)
 //   K::finish_b_panel(d, kc_panel)            runs on each complete B panel (default: nothing)
 //   K::ukernel(kc_panel, ap, bp, tile)        one full MR x NR tile (a GemmFloatTile or GemmInt8Tile)
+//   K::kRowsKernel, K::ukernel_rows(kc_panel, ap, bp, tile, rows)   optional: a full-width tile of
+//                                             rows < MR, in place (default: none, an edge tile)
 // GemmTraits<K, Args> is the rest, the same for every ISA: operand offsets, the dtype switch, the
 // panel loop and its scalar rest (gemm_pack_panels), tile setup and edge tiles.
 
@@ -522,6 +540,9 @@ struct GemmKernelSet {
   template <int DT> static Packed a_value(GemmElem<DT> x) { return Packed(Widen<DT>::one(&x)); }
   template <int DT> static Packed b_value(GemmElem<DT> x) { return Packed(Widen<DT>::one(&x)); }
   static void finish_b_panel(Packed*, int64_t) {}
+  // K::ukernel_rows(kc_panel, ap, bp, tile, rows): a full-width tile's first rows (< MR) in place,
+  // computing fewer rows than MR; without it (false) such a tile is an edge tile.
+  static constexpr bool kRowsKernel = false;
   // No vector packing: the scalar rest packs the whole panel.
   template <int DT> static int64_t pack_a_kmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
   template <int DT> static int64_t pack_a_mmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
@@ -552,6 +573,13 @@ template <class K, class Tile>
 __attribute__((noinline)) void gemm_ukernel_outlined(int64_t kc_panel, const typename K::Packed* ap,
                                                      const typename K::Packed* bp, const Tile& t) {
   K::ukernel(kc_panel, ap, bp, t);
+}
+
+// A tile of full width and fewer rows, in place (kernel sets with K::kRowsKernel).
+template <class K, class Tile>
+__attribute__((noinline)) void gemm_ukernel_rows_outlined(int64_t kc_panel, const typename K::Packed* ap,
+                                                          const typename K::Packed* bp, const Tile& t, int64_t rows) {
+  if constexpr (K::kRowsKernel) K::ukernel_rows(kc_panel, ap, bp, t, rows);
 }
 
 template <class K, class Args>
@@ -606,6 +634,8 @@ struct GemmTraits {
     const auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
     if (rows == kMr && cols == kNr)
       K::ukernel(kc_panel, ap, bp, t);
+    else if (K::kRowsKernel && cols == kNr)
+      gemm_ukernel_rows_outlined<K>(kc_panel, ap, bp, t, rows);
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { gemm_ukernel_outlined<K>(kc_panel, ap, bp, lt); });
   }
