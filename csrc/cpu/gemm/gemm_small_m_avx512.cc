@@ -6,7 +6,8 @@
 // too, every output is a dot product of an A row and a W row: W streams from memory once, untouched,
 // and the few A rows stay in L1 / L2. Register block: 3 W rows x 8 A rows = 24 accumulators of 16
 // float32 lanes over k (16 k per step for float32 by FMA, 32 for bf16 by vdpbf16ps on the natural
-// (k, k+1) pairs), a masked tail, then one fixed lane-sum tree per output (Simd512::sum_lanes).
+// (k, k+1) pairs), a masked tail, then one fixed lane-sum tree per output (Simd512::sum_lanes's,
+// 16 outputs at a time: sum_lanes16).
 // Leftovers: rows past m in the last A group re-read a valid row and are not stored; columns past n
 // likewise. Each output's arithmetic is the same whichever group or thread computes it, so its bits
 // do not depend on the thread count.
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "common/dtypes.h"
 #include "common/parallel.h"
@@ -40,6 +42,25 @@ struct SmallM {
   void* out;
   int out_dtype;
 };
+
+// The lane sums of 16 vectors at once: lane j of the result is the sum of v[j]'s 16 lanes, by the tree
+// of Simd512::sum_lanes (lane i + lane i + 8, then + 4, + 2, + 1; float addition commutes), so the
+// bits are those of 16 sum_lanes calls, in 45 shuffles and adds instead of 128.
+static inline __m512 sum_lanes16(const __m512 (&v)[16]) {
+  // The tree leaves the sum of input slot 4 q + l in lane 4 l + q: the inputs go in transposed.
+  auto in = [&](int slot) { return v[4 * (slot % 4) + slot / 4]; };
+  __m512 s1[8], s2[4], s3[2];
+  for (int p = 0; p < 8; ++p) {  // 128-bit blocks [a0 + a2, a1 + a3, b0 + b2, b1 + b3]: lanes i + i + 8
+    const __m512 a = in(2 * p), b = in(2 * p + 1);
+    s1[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int r = 0; r < 4; ++r)  // blocks [A, B, C, D] of four inputs: lanes i + i + 4
+    s2[r] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * r], s1[2 * r + 1], 0x88),
+                          _mm512_shuffle_f32x4(s1[2 * r], s1[2 * r + 1], 0xDD));
+  for (int t = 0; t < 2; ++t)  // within blocks: lanes i + i + 2
+    s3[t] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * t], s2[2 * t + 1], 0x44), _mm512_shuffle_ps(s2[2 * t], s2[2 * t + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));  // i + i + 1
+}
 
 template <bool BF16>
 void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
@@ -77,18 +98,32 @@ void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
     const __m512 w0 = load(wrow[0], k, left), w1 = load(wrow[1], k, left), w2 = load(wrow[2], k, left);
     LP_SM_ROWS(LP_SM_STEP)
   }
-#define LP_SM_GATHER(r) {c##r##_0, c##r##_1, c##r##_2},
-  const __m512 acc[kSmallMRows][kSmallMCols] = {LP_SM_ROWS(LP_SM_GATHER)};
-#undef LP_SM_GATHER
+  // The 24 lane sums as two vectors, lane j of the first: row j % 8, column j / 8; of the second:
+  // row j, column 2 (lanes 8..15 unused). Bias added after the sum, rounded once to the output dtype
+  // by the vector conversion (the scalar one's bits), then each valid output copied out.
+  const __m512 z = _mm512_setzero_ps();
+  const __m512 first[16] = {c0_0, c1_0, c2_0, c3_0, c4_0, c5_0, c6_0, c7_0, c0_1, c1_1, c2_1, c3_1, c4_1, c5_1, c6_1, c7_1};
+  const __m512 second[16] = {c0_2, c1_2, c2_2, c3_2, c4_2, c5_2, c6_2, c7_2, z, z, z, z, z, z, z, z};
 #undef LP_SM_STEP
 #undef LP_SM_DECL
 #undef LP_SM_ROWS
+  __m512 sums[2] = {sum_lanes16(first), sum_lanes16(second)};
+  if (p.bias) {
+    auto b = [&](int64_t c) { return _mm512_set1_ps(p.bias[std::min(j0 + c, p.n - 1)]); };
+    sums[0] = _mm512_add_ps(sums[0], _mm512_mask_blend_ps(0xFF00, b(0), b(1)));
+    sums[1] = _mm512_add_ps(sums[1], b(2));
+  }
+  alignas(64) uint8_t rounded[2][64];
+  for (int v = 0; v < 2; ++v) Simd512::store_as(p.out_dtype, rounded[v], sums[v]);
   const int64_t rows = std::min(kSmallMRows, p.m - i0), cols = std::min(kSmallMCols, p.n - j0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const float v = Simd512::sum_lanes(acc[r][c]);
-      const int64_t j = j0 + c;
-      gemm_store_float(p.out, p.out_dtype, (batch * p.m + i0 + r) * p.n + j, p.bias ? v + p.bias[j] : v);
+  const bool wide = p.out_dtype == LP_DTYPE_F32;
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t lane = c < 2 ? c * 8 + r : r, at = (batch * p.m + i0 + r) * p.n + j0 + c;
+      if (wide)
+        std::memcpy(static_cast<float*>(p.out) + at, rounded[c / 2] + lane * 4, 4);
+      else
+        std::memcpy(static_cast<uint16_t*>(p.out) + at, rounded[c / 2] + lane * 2, 2);
     }
   }
 }
