@@ -15,6 +15,8 @@
 //                                   with a following add into an FMA (which would round once, not twice)
 //   store_as(dtype, out, v)         kLanes float32 values rounded once to f32 / f16 / bf16 (round to
 //                                   nearest even, NaNs kept quiet) and stored at out (unaligned)
+//   store2_as(dtype, out, v0, v1)   store_as of v0 then v1 (bf16: store_bf16_pair, one conversion of
+//                                   both where the ISA has it)
 //   to_f16, to_bf16, store_half     the roundings store_as uses (F -> H) and the store of H
 //   sum_lanes(v)                    a horizontal sum in a fixed order (so its bits never vary)
 // What reads the same at every width is written once in simd_common.inc.
@@ -59,6 +61,10 @@ struct Simd256 {
     return _mm_blendv_epi8(h, canon16, mask16);
   }
   static inline void store_half(void* out, H h) { _mm_storeu_si128(static_cast<H*>(out), h); }
+  static inline void store_bf16_pair(void* out, F v0, F v1) {
+    store_half(out, to_bf16(v0));
+    store_half(static_cast<char*>(out) + 16, to_bf16(v1));
+  }
   // kLanes bytes widened to int32 lanes (signed / unsigned).
   static inline I load_i8(const int8_t* p) { return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
   static inline I load_u8(const uint8_t* p) { return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }

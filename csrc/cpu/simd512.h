@@ -28,6 +28,15 @@ struct Simd512 {
     if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0)) return to_bf16_integer(v);
     return (H)_mm512_cvtneps_pbh(v);
   }
+  // vcvtne2ps2bf16: both vectors in one conversion and one 64-byte store.
+  static inline void store_bf16_pair(void* out, F v0, F v1) {
+    if (__builtin_expect((_mm512_fpclass_ps_mask(v0, 0x20) | _mm512_fpclass_ps_mask(v1, 0x20)) != 0, 0)) {
+      store_half(out, to_bf16_integer(v0));
+      store_half(static_cast<char*>(out) + 32, to_bf16_integer(v1));
+      return;
+    }
+    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+  }
   static inline H to_bf16_integer(F v) {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, bf16_rounded_lanes(v), bf16_nan_lanes(v)));

@@ -304,9 +304,13 @@ static inline __attribute__((always_inline)) void gemm_tile_store_final(const Ge
 #pragma GCC unroll 16
   for (int64_t i = 0; i < RB; ++i) {
     if (i >= rows) break;
+    auto v = [&](int h) { return kBias ? S::add(c[i][h], bias[h]) : c[i][h]; };
+    if constexpr (NV == 2) {
+      S::store2_as(DT, o + i * row_bytes, v(0), v(1));
+    } else {
 #pragma GCC unroll 4
-    for (int h = 0; h < NV; ++h)
-      S::store_as(DT, o + i * row_bytes + h * L * elem_bytes, kBias ? S::add(c[i][h], bias[h]) : c[i][h]);
+      for (int h = 0; h < NV; ++h) S::store_as(DT, o + i * row_bytes + h * L * elem_bytes, v(h));
+    }
   }
 }
 
