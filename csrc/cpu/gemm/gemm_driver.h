@@ -552,6 +552,8 @@ struct GemmKernelSet {
   // K::ukernel_rows(kc_panel, ap, bp, tile, rows): a full-width tile's first rows (< MR) in place,
   // computing fewer rows than MR; without it (false) such a tile is an edge tile.
   static constexpr bool kRowsKernel = false;
+  // Whether an m-major A block is packed by chunks of k across its panels (GemmTraits::pack_a).
+  static constexpr bool kPackAByKChunks = false;
   // No vector packing: the scalar rest packs the whole panel.
   template <int DT> static int64_t pack_a_kmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
   template <int DT> static int64_t pack_a_mmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
@@ -610,13 +612,29 @@ struct GemmTraits {
   }
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
     const int64_t rs = g.a.stride_row_elems, cs = g.a.stride_col_elems;
+    const int64_t panel_elems = kMr * gemm_round_up(kc, kKGroup);
     gemm_with_operand<K>(g.a, batch, i0, p0, [&](auto dt, auto src) {
       constexpr int DT = decltype(dt)::value;
+      // M-major A (the weight gradient's g^T), kernel sets with K::kPackAByKChunks: chunks of 16 k
+      // outer, the full panels inner, so that each line of A's k-rows is used up while in L1; panel
+      // by panel, every MR rows brought the same lines back from L2.
+      constexpr int64_t kChunk = 16;
+      int64_t k_done = 0;
+      if (K::kPackAByKChunks && rs == 1 && cs != 1 && mc >= 2 * kMr) {
+        const int64_t n_full = mc / kMr;
+        for (int64_t k0 = 0; k0 + kChunk <= kc; k0 += kChunk) {
+          if (K::template pack_a_mmajor<DT>(src + k0 * cs, cs, kChunk, dst + k0 * kMr) != kChunk) break;
+          for (int64_t q = 1; q < n_full; ++q)
+            K::template pack_a_mmajor<DT>(src + q * kMr + k0 * cs, cs, kChunk, dst + q * panel_elems + k0 * kMr);
+          k_done = k0 + kChunk;
+        }
+      }
       gemm_pack_panels<kMr, kKGroup>(
-          dst, kMr * gemm_round_up(kc, kKGroup), mc, kc,
+          dst, panel_elems, mc, kc,
           [&](int64_t i, Packed* d) -> int64_t {
             if (cs == 1) return K::template pack_a_kmajor<DT>(src + i * rs, rs, kc, d);
-            if (rs == 1) return K::template pack_a_mmajor<DT>(src + i * rs, cs, kc, d);
+            if (rs == 1)
+              return k_done + K::template pack_a_mmajor<DT>(src + i * rs + k_done * cs, cs, kc - k_done, d + k_done * kMr);
             return 0;
           },
           [&](int64_t i, int64_t k) { return K::template a_value<DT>(src[i * rs + k * cs]); }, [](Packed*) {});
