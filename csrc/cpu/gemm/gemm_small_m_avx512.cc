@@ -30,10 +30,13 @@ namespace {
 constexpr int64_t kSmallMMaxRows = 48;   // at most this many rows of A
 constexpr int64_t kSmallMMinDepth = 128; // and K at least this (the lane sums are per output)
 constexpr int64_t kSmallMRows = 8, kSmallMCols = 3;
+constexpr int64_t kPackAMinRows = 9;     // A packed in row groups (pack_a_groups) from this many rows
 
 struct SmallM {
   const char* a;   // batch 0, row 0 of A
   int64_t a_row_bytes, a_batch_bytes;
+  const char* a_packed;  // or A packed by pack_a_groups (group g of batch b at (b * a_groups + g) * a_group_bytes)
+  int64_t a_groups, a_group_bytes;
   const char* w;   // batch 0, column 0 of B = row 0 of W
   int64_t w_row_bytes, w_batch_bytes;
   int64_t m, n, k;
@@ -62,13 +65,14 @@ static inline __m512 sum_lanes16(const __m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));  // i + i + 1
 }
 
-template <bool BF16>
+template <bool BF16, bool PACKED_A>
 void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
   constexpr int64_t kStep = BF16 ? 32 : 16;  // k per vector
+  const char* ap = PACKED_A ? p.a_packed + (batch * p.a_groups + i0 / kSmallMRows) * p.a_group_bytes : nullptr;
   const char* arow[kSmallMRows];
-  const char* wrow[kSmallMCols];
   for (int64_t r = 0; r < kSmallMRows; ++r)
-    arow[r] = p.a + batch * p.a_batch_bytes + std::min(i0 + r, p.m - 1) * p.a_row_bytes;
+    arow[r] = PACKED_A ? nullptr : p.a + batch * p.a_batch_bytes + std::min(i0 + r, p.m - 1) * p.a_row_bytes;
+  const char* wrow[kSmallMCols];
   for (int64_t c = 0; c < kSmallMCols; ++c)
     wrow[c] = p.w + batch * p.w_batch_bytes + std::min(j0 + c, p.n - 1) * p.w_row_bytes;
   constexpr int64_t kElemBytes = BF16 ? 2 : 4;
@@ -83,17 +87,21 @@ void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
     if (BF16) return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)y);
     return _mm512_fmadd_ps(x, y, acc);
   };
+  auto a_row = [&](int64_t r, int64_t k, int64_t left) -> __m512 {
+    if constexpr (PACKED_A) return _mm512_load_ps(reinterpret_cast<const float*>(ap + r * 64));
+    return load(arow[r], k, left);
+  };
 #define LP_SM_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 #define LP_SM_DECL(r) __m512 c##r##_0 = _mm512_setzero_ps(), c##r##_1 = c##r##_0, c##r##_2 = c##r##_0;
 #define LP_SM_STEP(r)                            \
   {                                              \
-    const __m512 a = load(arow[r], k, left);     \
+    const __m512 a = a_row(r, k, left);          \
     c##r##_0 = madd(c##r##_0, a, w0);            \
     c##r##_1 = madd(c##r##_1, a, w1);            \
     c##r##_2 = madd(c##r##_2, a, w2);            \
   }
   LP_SM_ROWS(LP_SM_DECL)
-  for (int64_t k = 0; k < p.k; k += kStep) {
+  for (int64_t k = 0; k < p.k; k += kStep, ap += kSmallMRows * 64) {
     const int64_t left = p.k - k;
     const __m512 w0 = load(wrow[0], k, left), w1 = load(wrow[1], k, left), w2 = load(wrow[2], k, left);
     LP_SM_ROWS(LP_SM_STEP)
@@ -134,13 +142,48 @@ bool small_m_applies(const GemmFloatArgs& g) {
          g.a.stride_col_elems == 1 && g.b.stride_row_elems == 1;
 }
 
+// A's rows in groups of 8, each group k-step by k-step: the 8 rows' 64 bytes of one step together
+// (zero past K; rows past m repeat the last one). The block's 8 A vectors of a step are then at fixed
+// offsets from one pointer: with 8 row pointers the loop ran out of general registers, spilled
+// them to vector registers and, short of those, loaded every A vector three times. Taken from two
+// row groups on (kPackAMinRows): with one, the copies made the product slower (2 x 4096 x 4096 bf16:
+// 0.84x, its 8 rows from two distinct ones; 8 rows: 0.92x).
+void pack_a_groups(const GemmFloatArgs& g, int64_t eb, int64_t k_steps, char* dst) {
+  const int64_t step_elems = 64 / eb, groups = gemm_ceil_div(g.m, kSmallMRows);
+  for (int64_t b = 0; b < g.n_batch; ++b) {
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      char* d = dst + (b * groups + grp) * k_steps * kSmallMRows * 64;
+      for (int64_t r = 0; r < kSmallMRows; ++r) {
+        const char* src = static_cast<const char*>(g.a.ptr) +
+                          (b * g.a.stride_batch_elems + std::min(grp * kSmallMRows + r, g.m - 1) * g.a.stride_row_elems) * eb;
+        for (int64_t s = 0; s < k_steps; ++s) {
+          const int64_t left = g.k - s * step_elems;
+          const __m512i v = left >= step_elems ? _mm512_loadu_si512(src + s * 64)
+                                               : _mm512_maskz_loadu_epi8((uint64_t(1) << (left * eb)) - 1, src + s * 64);
+          _mm512_store_si512(d + (s * kSmallMRows + r) * 64, v);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // Takes the product when small_m_applies (returns false otherwise, having done nothing).
 bool gemm_small_m_float_avx512(const GemmFloatArgs& g) {
   if (!small_m_applies(g)) return false;
   const int64_t eb = g.a.dtype == LP_DTYPE_BF16 ? 2 : 4;
-  SmallM p{static_cast<const char*>(g.a.ptr), g.a.stride_row_elems * eb, g.a.stride_batch_elems * eb,
+  const int64_t k_steps = gemm_ceil_div(g.k * eb, 64), a_groups = gemm_ceil_div(g.m, kSmallMRows);
+  const int64_t a_group_bytes = k_steps * kSmallMRows * 64;
+  char* a_packed = nullptr;
+  if (g.m >= kPackAMinRows) {
+    // The calling thread packs A before the parallel region (gemm_scratch: slot 1, the
+    // matrix-vector path's, which never runs in the same call).
+    a_packed = static_cast<char*>(gemm_scratch(1, size_t(g.n_batch * a_groups * a_group_bytes)));
+    pack_a_groups(g, eb, k_steps, a_packed);
+  }
+  SmallM p{static_cast<const char*>(g.a.ptr), g.a.stride_row_elems * eb, g.a.stride_batch_elems * eb, a_packed,
+           a_groups, a_group_bytes,
            static_cast<const char*>(g.b.ptr), g.b.stride_col_elems * eb, g.b.stride_batch_elems * eb,
            g.m, g.n, g.k, g.a.dtype == LP_DTYPE_BF16, g.bias, g.out, g.out_dtype};
   // Work items: (batch, group of 3 W rows); every A row group is done for a W group while its rows
@@ -152,9 +195,9 @@ bool gemm_small_m_float_avx512(const GemmFloatArgs& g) {
     const int64_t batch = item / n_groups, j0 = (item % n_groups) * kSmallMCols;
     for (int64_t i0 = 0; i0 < g.m; i0 += kSmallMRows) {
       if (p.bf16)
-        small_m_block<true>(p, batch, i0, j0);
+        p.a_packed ? small_m_block<true, true>(p, batch, i0, j0) : small_m_block<true, false>(p, batch, i0, j0);
       else
-        small_m_block<false>(p, batch, i0, j0);
+        p.a_packed ? small_m_block<false, true>(p, batch, i0, j0) : small_m_block<false, false>(p, batch, i0, j0);
     }
   });
   return true;
