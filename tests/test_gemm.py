@@ -190,6 +190,7 @@ SHAPES = [
     (70, 1100, 50),
     (ROWS_DEEP, BLK_DEEP["kc"] + 9, 37),                # tall: two deep K blocks (float32 panels), short last
     (2 * BLK_DEEP["mc"] + 7, BLK_DEEP["kc"] + 5, 40),   # tall: several of its smaller A blocks
+    (ROWS_DEEP, 37, BLK_DEEP["nc"] + 21),               # tall: two of its narrower B blocks
 ]
 
 

@@ -394,7 +394,9 @@ GemmBlocking gemm_blocking_avx512(int64_t elem_bytes) {
 // The float kernels of a product of at least kGemmDeepKcMinRows rows take kc kGemmDeepKcFactor times
 // deeper (1024 float32, 2048 bf16 on a 32 KiB L1d): the B micro-panel then streams from L2, which
 // 24 multiply-adds per two B loads afford, and fewer K blocks mean fewer passes over the partial sums
-// and fewer tile prologues. mc shrinks to keep the A block at half of L2 for the depth used.
+// and fewer tile prologues. mc shrinks to keep the A block at half of L2 for the depth used, and nc
+// to keep the B block at a quarter of L3 (4096 columns of depth 2048 were 16 MiB per thread, half of
+// L3: bf16 4096^3 +3-4% with nc 2048, session 8).
 // Measured (2 threads, A/B of the two blockings): bf16 4096 x 1024 x 1024 +9%, 2048^3 +5-15%, float32
 // 1024^3 +5-10%, 1024 x 4096 x 1024 bf16 +8%. Not below that many rows: there packing B dominates,
 // and a deeper B block packs down columns 4x longer (bf16 64 x 4096 x 4096: -11%). Not for int8, whose
@@ -406,6 +408,9 @@ static GemmBlocking gemm_float_blocking_avx512(int64_t elem_bytes, int64_t rows,
   const int64_t kc_used = std::min(b.kc, gemm_round_up(std::max<int64_t>(k, 1), 16));
   const int64_t mc = (cpu_features().l2_bytes / 2) / (kc_used * elem_bytes);
   b.mc = std::max<int64_t>(MR, std::min<int64_t>(1020, mc / MR * MR));
+  // And nc, so that the kc x nc B block keeps to its quarter of L3 (gemm_blocking).
+  const int64_t nc = (cpu_features().l3_bytes / 4) / (kc_used * elem_bytes);
+  b.nc = std::max<int64_t>(NR * 4, std::min<int64_t>(b.nc, nc / NR * NR));
   return b;
 }
 
