@@ -46,23 +46,27 @@ struct SmallM {
   int out_dtype;
 };
 
-// The lane sums of 16 vectors at once: lane j of the result is the sum of v[j]'s 16 lanes, by the tree
-// of Simd512::sum_lanes (lane i + lane i + 8, then + 4, + 2, + 1; float addition commutes), so the
-// bits are those of 16 sum_lanes calls, in 45 shuffles and adds instead of 128.
+// The lane sums of N = 16 (or 8) vectors at once: lane j of the result is the sum of v[j]'s 16 lanes
+// (for N = 8: the j = 4 l + q with q < 2, the other v[j] unused), by the tree of Simd512::sum_lanes
+// (lane i + lane i + 8, then + 4, + 2, + 1; float addition commutes), so the bits are those of
+// sum_lanes, in 45 (24) shuffles and adds instead of 8 per vector.
+template <int N>
 static inline __m512 sum_lanes16(const __m512 (&v)[16]) {
+  static_assert(N == 8 || N == 16, "16 vectors, or the 8 of lanes 4 l + q, q < 2");
   // The tree leaves the sum of input slot 4 q + l in lane 4 l + q: the inputs go in transposed.
   auto in = [&](int slot) { return v[4 * (slot % 4) + slot / 4]; };
   __m512 s1[8], s2[4], s3[2];
-  for (int p = 0; p < 8; ++p) {  // 128-bit blocks [a0 + a2, a1 + a3, b0 + b2, b1 + b3]: lanes i + i + 8
+  for (int p = 0; p < N / 2; ++p) {  // 128-bit blocks [a0 + a2, a1 + a3, b0 + b2, b1 + b3]: lanes i + i + 8
     const __m512 a = in(2 * p), b = in(2 * p + 1);
     s1[p] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
   }
-  for (int r = 0; r < 4; ++r)  // blocks [A, B, C, D] of four inputs: lanes i + i + 4
+  for (int r = 0; r < N / 4; ++r)  // blocks [A, B, C, D] of four inputs: lanes i + i + 4
     s2[r] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * r], s1[2 * r + 1], 0x88),
                           _mm512_shuffle_f32x4(s1[2 * r], s1[2 * r + 1], 0xDD));
-  for (int t = 0; t < 2; ++t)  // within blocks: lanes i + i + 2
+  for (int t = 0; t < N / 8; ++t)  // within blocks: lanes i + i + 2
     s3[t] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * t], s2[2 * t + 1], 0x44), _mm512_shuffle_ps(s2[2 * t], s2[2 * t + 1], 0xEE));
-  return _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));  // i + i + 1
+  const __m512 e = s3[0], f = N == 16 ? s3[1] : s3[0];
+  return _mm512_add_ps(_mm512_shuffle_ps(e, f, 0x88), _mm512_shuffle_ps(e, f, 0xDD));  // lanes i + i + 1
 }
 
 template <bool BF16, bool PACKED_A>
@@ -106,16 +110,17 @@ void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
     const __m512 w0 = load(wrow[0], k, left), w1 = load(wrow[1], k, left), w2 = load(wrow[2], k, left);
     LP_SM_ROWS(LP_SM_STEP)
   }
-  // The 24 lane sums as two vectors, lane j of the first: row j % 8, column j / 8; of the second:
-  // row j, column 2 (lanes 8..15 unused). Bias added after the sum, rounded once to the output dtype
-  // by the vector conversion (the scalar one's bits), then each valid output copied out.
+  // The 24 lane sums as two vectors, lane j of the first: row j % 8, column j / 8; of the second
+  // (sum_lanes16<8>): row r, column 2 in lane 4 (r / 2) + r % 2. Bias added after the sum, rounded
+  // once to the output dtype by the vector conversion (the scalar one's bits), then each valid output
+  // copied out.
   const __m512 z = _mm512_setzero_ps();
   const __m512 first[16] = {c0_0, c1_0, c2_0, c3_0, c4_0, c5_0, c6_0, c7_0, c0_1, c1_1, c2_1, c3_1, c4_1, c5_1, c6_1, c7_1};
-  const __m512 second[16] = {c0_2, c1_2, c2_2, c3_2, c4_2, c5_2, c6_2, c7_2, z, z, z, z, z, z, z, z};
+  const __m512 second[16] = {c0_2, c1_2, z, z, c2_2, c3_2, z, z, c4_2, c5_2, z, z, c6_2, c7_2, z, z};
 #undef LP_SM_STEP
 #undef LP_SM_DECL
 #undef LP_SM_ROWS
-  __m512 sums[2] = {sum_lanes16(first), sum_lanes16(second)};
+  __m512 sums[2] = {sum_lanes16<16>(first), sum_lanes16<8>(second)};
   if (p.bias) {
     auto b = [&](int64_t c) { return _mm512_set1_ps(p.bias[std::min(j0 + c, p.n - 1)]); };
     sums[0] = _mm512_add_ps(sums[0], _mm512_mask_blend_ps(0xFF00, b(0), b(1)));
@@ -127,7 +132,7 @@ void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
   const bool wide = p.out_dtype == LP_DTYPE_F32;
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t lane = c < 2 ? c * 8 + r : r, at = (batch * p.m + i0 + r) * p.n + j0 + c;
+      const int64_t lane = c < 2 ? c * 8 + r : 4 * (r / 2) + r % 2, at = (batch * p.m + i0 + r) * p.n + j0 + c;
       if (wide)
         std::memcpy(static_cast<float*>(p.out) + at, rounded[c / 2] + lane * 4, 4);
       else
