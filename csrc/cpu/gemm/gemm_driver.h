@@ -290,6 +290,17 @@ static inline __attribute__((always_inline)) void gemm_tile_store_sums(Elem* c32
       for (int h = 0; h < NV; ++h) S::storeu(c32 + i * ld + h * S::kLanes, c[i][h]);
 }
 
+// One tile row's NV vectors v(h), rounded once to DT and stored from o (a pair as one store2_as).
+template <class S, int DT, int NV, class Value>
+static inline __attribute__((always_inline)) void gemm_store_row(char* o, const Value& v) {
+  if constexpr (NV == 2) {
+    S::store2_as(DT, o, v(0), v(1));
+  } else {
+#pragma GCC unroll 4
+    for (int h = 0; h < NV; ++h) S::store_as(DT, o + h * S::kLanes * (DT == LP_DTYPE_F32 ? 4 : 2), v(h));
+  }
+}
+
 // Float tile, last K block: bias added (kBias), rounded once to DT, written to out.
 template <class S, int64_t RB, int DT, bool kBias, int64_t MR, int NV>
 static inline __attribute__((always_inline)) void gemm_tile_store_final(const GemmFloatTile& t, const typename S::F (&c)[MR][NV],
@@ -304,13 +315,7 @@ static inline __attribute__((always_inline)) void gemm_tile_store_final(const Ge
 #pragma GCC unroll 16
   for (int64_t i = 0; i < RB; ++i) {
     if (i >= rows) break;
-    auto v = [&](int h) { return kBias ? S::add(c[i][h], bias[h]) : c[i][h]; };
-    if constexpr (NV == 2) {
-      S::store2_as(DT, o + i * row_bytes, v(0), v(1));
-    } else {
-#pragma GCC unroll 4
-      for (int h = 0; h < NV; ++h) S::store_as(DT, o + i * row_bytes + h * L * elem_bytes, v(h));
-    }
+    gemm_store_row<S, DT, NV>(o + i * row_bytes, [&](int h) { return kBias ? S::add(c[i][h], bias[h]) : c[i][h]; });
   }
 }
 
@@ -361,9 +366,8 @@ static inline __attribute__((always_inline)) void gemm_tile_store_scaled(const G
   for (int64_t i = 0; i < RB; ++i) {
     if (i >= rows) break;
     const typename S::F sa = S::set1(scale_a[i * scale_a_stride]);
-#pragma GCC unroll 4
-    for (int h = 0; h < NV; ++h)
-      S::store_as(DT, o + i * row_bytes + h * L * elem_bytes, gemm_scaled_epilogue<S>(c[i][h], sa, sb[h], kBias, bias[h]));
+    gemm_store_row<S, DT, NV>(o + i * row_bytes,
+                              [&](int h) { return gemm_scaled_epilogue<S>(c[i][h], sa, sb[h], kBias, bias[h]); });
   }
 }
 
@@ -431,7 +435,8 @@ static inline void gemm_edge_tile(const GemmFloatTile& t, int64_t rows, int64_t 
 template <int64_t MR, int64_t NR, class Ukernel>
 static inline void gemm_edge_tile(const GemmInt8Tile& t, int64_t rows, int64_t cols, const Ukernel& uk) {
   if (t.final && t.scaled && cols == NR) {
-    // Only rows short (the last rows of a few-row input: every w8a8 QuantLinear call): the
+    // Only rows short (the last rows of a few-row input: every w8a8 QuantLinear call), for kernel
+    // sets without ukernel_rows (AVX2, AMX): the
     // microkernel's own vector epilogue into a local tile, then the valid rows copied out. The same
     // float32 operations as the scalar path below, so the same bits, at a fraction of its cost.
     alignas(64) int32_t prev[MR * NR] = {};
