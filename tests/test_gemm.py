@@ -24,6 +24,7 @@ BLK8 = _C.gemm_blocking(True)   # int8 path (k counted in int8 elements)
 # from 256 rows on (kGemmDeepKcMinRows); the other tables block as above.
 ROWS_DEEP = 300
 BLK_DEEP = _C.gemm_blocking(False, rows=ROWS_DEEP)
+BLK8_DEEP = _C.gemm_blocking(True, rows=ROWS_DEEP)  # int8 with B packed per call (not pre-packed)
 # Kernel tables that are no ISA level: 'amx-model', the AMX kernels compiled against the software
 # tile model (csrc/cpu/gemm/gemm_amx_model_avx2.cc), on every machine with AVX2.
 MODEL_TABLES = _C.gemm_testing_tables()
@@ -202,6 +203,19 @@ def test_bf16_deep_k_blocks(isa, threads, rng):
     a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
     bias = rand(rng, (n,), torch.float32)
     assert_close(lc.gemm(a, b, bias=bias), a, b, bias, torch.bfloat16)
+
+
+def test_int8_deep_k_blocks(isa, threads, rng):
+    """A tall int8 product over its deep K blocks (B packed per call): int32 sums exact across blocks,
+    the last block short; and scaled_gemm, whose partial sums go through the workspace."""
+    m, k, n = ROWS_DEEP, 2 * BLK8_DEEP["kc"] + 5, 37
+    a, b = rand_i8(rng, (m, k)), rand_i8(rng, (k, n))
+    assert_int_exact(lc.gemm(a, b), a, b)
+    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
+    bias = rand(rng, (n,), torch.float32)
+    out = lc.scaled_gemm(qt(a, sa, 0), qt(b, sb, 1), bias=bias, out_dtype=torch.bfloat16)
+    assert torch.equal(out, scaled_reference(a, b, sa, sb, bias, torch.bfloat16))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -1,7 +1,7 @@
 """`lepton bench gemm`: lc.gemm against torch in the same process, timed interleaved.
 
 Rows: fp32 and bf16 square GEMMs (256 .. 2048, and 4096 unless quick) against torch.matmul in the
-same dtype, int8 -> int32 against torch._int_mm, skinny x (M, 4096) @ W^T shapes (M = 1, 8, 32: a
+same dtype, int8 -> int32 (1024, 2048, and 4096 unless quick) against torch._int_mm, skinny x (M, 4096) @ W^T shapes (M = 1, 8, 32: a
 linear layer at a small batch), the training shapes (lc.nn.Linear's forward, input-gradient and
 weight-gradient GEMMs in bf16 at 32 .. 4096 tokens and 256 .. 4096 features), and the fixed cost of a
 64 x 64 call. Both sides
@@ -153,7 +153,7 @@ def run(quick: bool = False) -> List[dict]:
                 # a skipped baseline keeps projecting from its own projection
                 prev = (s, est if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
         prev = None
-        for s in [1024, 2048]:
+        for s in [1024, 2048] + ([] if quick else [4096]):
             est = None if prev is None or prev[1] is None else prev[1] * (s / prev[0]) ** 3
             row = _bench_one(s, s, s, torch.int8, "torch._int_mm", est, n_threads)
             rows.append(row)

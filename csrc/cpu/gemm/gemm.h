@@ -79,7 +79,7 @@ GemmBlocking gemm_blocking(int64_t mr, int64_t nr, int64_t elem_bytes, int64_t l
 constexpr int64_t kGemmAvx2Mr = 6, kGemmAvx2Nr = 16;
 // Register tiles of the AVX-512 microkernels (24 of the 32 zmm registers hold accumulators).
 constexpr int64_t kGemmAvx512Mr = 12, kGemmAvx512Nr = 32;
-// The AVX-512 float kernels' deeper K blocks for tall products (gemm_avx512.cc).
+// The AVX-512 kernels' deeper K blocks for tall products (gemm_avx512.cc).
 constexpr int64_t kGemmDeepKcMinRows = 256, kGemmDeepKcFactor = 4;
 
 // Entry points: route every call through the kernel table of cpu_isa_active() (gemm.cc).
@@ -92,9 +92,9 @@ void gemm_int8(const GemmInt8Args& args);
 int64_t gemm_int8_packed_b_bytes(int64_t k, int64_t n);
 void gemm_int8_pack_b(const GemmInt8Args& args, void* dst);
 // The blocking of the packed kernels of the active ISA (float path, or int8 when is_int8) for a
-// product of `rows` rows (per batch; the AVX-512 float kernels go deeper in K from
-// kGemmDeepKcMinRows rows on). The scalar kernels do not block; for them this is the AVX2 tile's
-// blocking (tests size their cases by it).
+// product of `rows` rows (per batch; the AVX-512 kernels go deeper in K from kGemmDeepKcMinRows
+// rows on, int8 only for a B packed per call, not a pre-packed one). The scalar kernels do not block;
+// for them this is the AVX2 tile's blocking (tests size their cases by it).
 GemmBlocking gemm_packed_blocking(bool is_int8, int64_t rows);
 
 // What a peak probe measures: the arithmetic of the float (FMA), bf16 (pair dot product) or int8

@@ -391,17 +391,18 @@ GemmBlocking gemm_blocking_avx512(int64_t elem_bytes) {
   return gemm_blocking(MR, NR, elem_bytes, 1);
 }
 
-// The float kernels of a product of at least kGemmDeepKcMinRows rows take kc kGemmDeepKcFactor times
-// deeper (1024 float32, 2048 bf16 on a 32 KiB L1d): the B micro-panel then streams from L2, which
-// 24 multiply-adds per two B loads afford, and fewer K blocks mean fewer passes over the partial sums
+// Products of at least kGemmDeepKcMinRows rows take kc kGemmDeepKcFactor times deeper (1024 float32,
+// 2048 bf16, 4096 int8 on a 32 KiB L1d): the B micro-panel then streams from L2, which 24
+// multiply-adds per two B loads afford, and fewer K blocks mean fewer passes over the partial sums
 // and fewer tile prologues. mc shrinks to keep the A block at half of L2 for the depth used, and nc
 // to keep the B block at a quarter of L3 (4096 columns of depth 2048 were 16 MiB per thread, half of
 // L3: bf16 4096^3 +3-4% with nc 2048, session 8).
 // Measured (2 threads, A/B of the two blockings): bf16 4096 x 1024 x 1024 +9%, 2048^3 +5-15%, float32
-// 1024^3 +5-10%, 1024 x 4096 x 1024 bf16 +8%. Not below that many rows: there packing B dominates,
-// and a deeper B block packs down columns 4x longer (bf16 64 x 4096 x 4096: -11%). Not for int8, whose
-// pre-packed weights (QuantLinear) fix kc once for every row count (bench/notes_gemm.md, session 7).
-static GemmBlocking gemm_float_blocking_avx512(int64_t elem_bytes, int64_t rows, int64_t k) {
+// 1024^3 +5-10%, 1024 x 4096 x 1024 bf16 +8%; int8 2048^3 +5%, 4096^3 +8%, 1024 x 4096 x 256 +7%
+// (session 9). Not below that many rows: there packing B dominates, and a deeper B block packs down
+// columns 4x longer (bf16 64 x 4096 x 4096: -11%). Not for an int8 B pre-packed once (QuantLinear):
+// its layout fixes kc for every row count (gemm_blocking_avx512's).
+static GemmBlocking gemm_deep_blocking_avx512(int64_t elem_bytes, int64_t rows, int64_t k) {
   GemmBlocking b = gemm_blocking_avx512(elem_bytes);
   if (rows < kGemmDeepKcMinRows) return b;
   b.kc *= kGemmDeepKcFactor;
@@ -415,17 +416,19 @@ static GemmBlocking gemm_float_blocking_avx512(int64_t elem_bytes, int64_t rows,
 }
 
 GemmBlocking gemm_packed_blocking_avx512(bool is_int8, int64_t rows) {
-  return is_int8 ? gemm_blocking_avx512(1) : gemm_float_blocking_avx512(4, rows, int64_t(1) << 40);
+  return gemm_deep_blocking_avx512(is_int8 ? 1 : 4, rows, int64_t(1) << 40);
 }
 
 void gemm_float_avx512(const GemmFloatArgs& g) {
   if (g.a.dtype == LP_DTYPE_BF16)
-    gemm_packed<Bf16Kernel>(g, gemm_float_blocking_avx512(2, g.m, g.k));
+    gemm_packed<Bf16Kernel>(g, gemm_deep_blocking_avx512(2, g.m, g.k));
   else
-    gemm_packed<FloatKernel>(g, gemm_float_blocking_avx512(4, g.m, g.k));
+    gemm_packed<FloatKernel>(g, gemm_deep_blocking_avx512(4, g.m, g.k));
 }
 
-void gemm_int8_avx512(const GemmInt8Args& g) { gemm_packed<Int8Kernel>(g, gemm_blocking_avx512(1)); }
+void gemm_int8_avx512(const GemmInt8Args& g) {
+  gemm_packed<Int8Kernel>(g, g.b_packed ? gemm_blocking_avx512(1) : gemm_deep_blocking_avx512(1, g.m, g.k));
+}
 int64_t int8_packed_b_bytes_avx512(int64_t k, int64_t n) {
   return gemm_prepacked_b_bytes<Int8Kernel>(k, n, gemm_blocking_avx512(1));
 }
