@@ -155,7 +155,9 @@ def test_leading_dims_views_and_no_bias(rng, isa, scheme, group_size):
         assert _rel_err(y, ref) <= _bound(torch.float32, 40)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (20, 384, 96), (13, 1100, 70), (25, 2100, 33)])
+# K past one and two shallow K blocks (1024 int8), and past two of the deep ones (4096) a pre-packed
+# weight takes on AVX-512.
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (20, 384, 96), (13, 1100, 70), (25, 2100, 33), (9, 8200, 40)])
 def test_w8a8_packed_weight_is_bitwise_the_per_call_packing(rng, isa, threads, m, k, n):
     """The w8a8 weight is packed once per kernel table (backends/cpu.py _packed_b): results equal
     scaled_gemm packing codes^T on every call, bit for bit, also over several K blocks and after the

@@ -92,8 +92,8 @@ void gemm_int8(const GemmInt8Args& args);
 int64_t gemm_int8_packed_b_bytes(int64_t k, int64_t n);
 void gemm_int8_pack_b(const GemmInt8Args& args, void* dst);
 // The blocking of the packed kernels of the active ISA (float path, or int8 when is_int8) for a
-// product of `rows` rows (per batch; the AVX-512 kernels go deeper in K from kGemmDeepKcMinRows
-// rows on, int8 only for a B packed per call, not a pre-packed one). The scalar kernels do not block;
+// product of `rows` rows with B packed per call (per batch; the AVX-512 kernels go deeper in K from
+// kGemmDeepKcMinRows rows on, and a pre-packed int8 B always does). The scalar kernels do not block;
 // for them this is the AVX2 tile's blocking (tests size their cases by it).
 GemmBlocking gemm_packed_blocking(bool is_int8, int64_t rows);
 
