@@ -5,6 +5,7 @@
 // into segments that share one scale (or, per-channel on the last axis, one row of per-element
 // scales). Memory passes:
 //   blockwise          ONE pass: per block, statistics then quantization while the block is in L1.
+//   channel, one row each (quantize_rows): ONE pass, row by row.
 //   tensor / channel   two passes: statistics (per thread, then merged), then quantization.
 // Bytes never depend on the thread count: max / min are exact, so merging partial statistics in any
 // order gives the same scales, and every code depends only on its element, scale and index.
@@ -149,6 +150,39 @@ int64_t quantize_blockwise(const QuantizeArgs& a, const Geometry& g, const Quant
   return -1;
 }
 
+// Per-channel where each channel is one contiguous row (n_outer 1, SEG_ROW: per-row activations of
+// w8a8, per-output-channel weights): ONE pass, a row at a time, its statistics, scale and codes while
+// it is in L1 / L2, on one parallel region. The same bytes as the two passes (a row's max is its
+// chunks' max; a code depends on its element, scale and index only). Not for int4 rows of odd length
+// (a byte would straddle two rows, two threads), nor for fewer rows than kMinRowsPerThread per thread
+// (rows are not split, so few rows would leave threads idle).
+constexpr int64_t kMinRowsPerThread = 4;
+bool rows_one_pass(const QuantizeArgs& a, const Geometry& g) {
+  return g.mode == SEG_ROW && g.n_elems == g.n_channels * g.n_inner && !(a.fmt == LP_QFMT_INT4 && (g.n_inner & 1));
+}
+
+int64_t quantize_rows(const QuantizeArgs& a, const Geometry& g, const QuantKernels& k) {
+  const bool minmax = a.fmt == LP_QFMT_UINT8;
+  StatsFn stats = k.stats(a.x_dtype, minmax);
+  QuantSpanFn quant = k.quantize(a.fmt, a.x_dtype, a.stochastic, false);
+  const uint32_t key = rng_key(a.seed);
+  std::atomic<bool> bad{false};
+  const int nt = threads_for(g.n_channels, double(g.n_inner), kMinElemsPerThread);
+  parallel_for(g.n_channels, nt, [&](int64_t r) {
+    const int64_t i0 = r * g.n_inner;
+    SpanStats st = {0, 0.0f, 0.0f};
+    stats(a.x, i0, g.n_inner, &st);
+    if (st.abs_bits >= kNonFiniteBits) {  // reported below, after the parallel region
+      bad.store(true, std::memory_order_relaxed);
+      return;
+    }
+    group_scale(a.fmt, st, &a.scale[r], minmax ? &a.zero_point[r] : nullptr);
+    quant(QuantSpan{a.x, i0, g.n_inner, &a.scale[r], minmax ? &a.zero_point[r] : nullptr, key, a.data});
+  });
+  if (bad.load()) return first_non_finite(a.x, a.x_dtype, g.n_elems);
+  return -1;
+}
+
 int64_t quantize_two_pass(const QuantizeArgs& a, const Geometry& g, const QuantKernels& k) {
   const bool minmax = a.fmt == LP_QFMT_UINT8;
   const int64_t n_chunks = (g.n_elems + kChunkElems - 1) / kChunkElems;
@@ -220,7 +254,10 @@ int64_t quantize(const QuantizeArgs& a) {
   }
   advise_huge_pages(a.data, a.fmt == LP_QFMT_INT4 ? (g.n_elems + 1) / 2 : g.n_elems);
   const QuantKernels& k = quant_kernels();
-  return g.mode == SEG_BLOCK ? quantize_blockwise(a, g, k) : quantize_two_pass(a, g, k);
+  if (g.mode == SEG_BLOCK) return quantize_blockwise(a, g, k);
+  if (rows_one_pass(a, g) && g.n_channels >= kMinRowsPerThread * threads_for(g.n_channels, double(g.n_inner), kMinElemsPerThread))
+    return quantize_rows(a, g, k);
+  return quantize_two_pass(a, g, k);
 }
 
 void dequantize(const DequantizeArgs& a) {
