@@ -40,8 +40,7 @@ static inline void qlinear_store(const QLinearCall& c, int64_t i0, int64_t col0,
 // w8 with few rows (decode, m = 1..3): R x NV accumulator chains of one FMA per k are too few to
 // cover the FMA latency, so a second set takes the odd k, added at the end (4096 x 4096 at M = 1:
 // AVX-512 +5-12%, AVX2 1.4x / 1.9x at 1 / 2 threads; session 9).
-// Only where the second set fits in the register file beside the codes and the broadcasts. (w4 does
-// not need it: its two FMAs per code byte and their conversions fill the vector pipes already.)
+// Only where the second set fits in the register file beside the codes and the broadcasts.
 template <class S, int R, int NV>
 constexpr bool qlinear_two_chains() {
   return R * NV < 8 && 2 * R * NV + NV + 1 <= (S::kLanes == 16 ? 32 : 16);
@@ -81,6 +80,14 @@ static inline void qlinear_w8_rows(const QLinearCall& c, const int8_t* codes, in
   qlinear_store<S, R, NV>(c, i0, col0, acc);
 }
 
+// w4's form of the same (the low and high nibbles' products in separate sets), when it fits: gacc,
+// gacc_hi and acc, the codes, two broadcasts. 4096 x 4096 at M = 1: AVX2 (one row fits) 1.6x; AVX-512
+// neutral (there the conversions and FMAs fill the vector pipes already), kept for one code path.
+template <class S, int R, int NV>
+constexpr bool qlinear_w4_two_chains() {
+  return R * NV < 8 && 3 * R * NV + 2 * NV + 2 <= (S::kLanes == 16 ? 32 : 16);
+}
+
 // w4: R rows of one sub-panel; per group, sum x q in registers, then scale * (that - zero * xsum).
 // codes / scale / zero: the sub-panel's first column in its panel (rows 32 entries apart).
 template <class S, int R, int NV>
@@ -88,13 +95,17 @@ static inline void qlinear_w4_rows(const QLinearCall& c, const uint8_t* codes, c
                                    int64_t i0, int64_t col0) {
   using F = typename S::F;
   constexpr int L = S::kLanes;
-  F acc[R][NV], gacc[R][NV];
+  constexpr bool kTwo = qlinear_w4_two_chains<S, R, NV>();
+  F acc[R][NV], gacc[R][NV], gacc_hi[kTwo ? R : 1][NV];
   for (int r = 0; r < R; ++r)
     for (int h = 0; h < NV; ++h) acc[r][h] = S::zero();
   const float* x = c.x + i0 * c.k_pad;
   for (int64_t g = 0; g < c.n_groups; ++g) {
     for (int r = 0; r < R; ++r)
       for (int h = 0; h < NV; ++h) gacc[r][h] = S::zero();
+    if constexpr (kTwo)
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < NV; ++h) gacc_hi[r][h] = S::zero();
     const int64_t k_end = std::min(c.k_pad, (g + 1) * c.group_size);
     for (int64_t kk = g * c.group_size; kk < k_end; kk += 2) {
       F lo[NV], hi[NV];
@@ -105,9 +116,19 @@ static inline void qlinear_w4_rows(const QLinearCall& c, const uint8_t* codes, c
       }
       for (int r = 0; r < R; ++r) {
         const F x0 = S::set1(x[r * c.k_pad + kk]), x1 = S::set1(x[r * c.k_pad + kk + 1]);
-        for (int h = 0; h < NV; ++h) gacc[r][h] = S::fmadd(x1, hi[h], S::fmadd(x0, lo[h], gacc[r][h]));
+        for (int h = 0; h < NV; ++h) {
+          if constexpr (kTwo) {
+            gacc[r][h] = S::fmadd(x0, lo[h], gacc[r][h]);
+            gacc_hi[r][h] = S::fmadd(x1, hi[h], gacc_hi[r][h]);
+          } else {
+            gacc[r][h] = S::fmadd(x1, hi[h], S::fmadd(x0, lo[h], gacc[r][h]));
+          }
+        }
       }
     }
+    if constexpr (kTwo)
+      for (int r = 0; r < R; ++r)
+        for (int h = 0; h < NV; ++h) gacc[r][h] = S::add(gacc[r][h], gacc_hi[r][h]);
     for (int h = 0; h < NV; ++h) {
       const F s = S::loadu(scale + g * kQLinearPanel + h * L);
       const F z = S::to_float(S::load_u8(zero + g * kQLinearPanel + h * L));
