@@ -65,7 +65,8 @@ def test_bf16_activations_many_rows(rng, isa, threads, scheme, group_size, m, k,
     """bf16 activations from 8 rows on take the bf16 k-pair kernels where the ISA has them (AVX-512):
     K odd, not a multiple of the group or of the 512-deep K block (group 1024 straddles blocks), odd
     N, row counts past multiples of the 12-row block, 600 rows of K 2049 past one 2 MiB row chunk
-    (504 rows); 7 rows stay on the float32 kernels."""
+    (504 rows); 7 rows stay on the float32 kernels for w8 and take the few-rows bf16 kernel for w4
+    (AVX-512), views and leading dims included."""
     w, x, bias = torch.randn(n, k), torch.randn(m, k).to(torch.bfloat16), torch.randn(n)
     codes, scale, zero = _packed(scheme, w, group_size)
     wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()

@@ -25,6 +25,16 @@ void qlinear_store_row(const QLinearCall& c, int64_t row, int64_t col0, int64_t 
 // A panel is worth a thread of its own past this many multiply-adds (fork/join costs microseconds).
 constexpr double kQLinearMinWorkPerThread = 1.0e6;
 
+// The bf16 rows of x as they are, rows c.xb_ld apart, zero-padded to c.k_pad.
+static void copy_bf16_rows(const QLinearArgs& a, const QLinearCall& c, uint16_t* xb) {
+  const uint16_t* x_src = static_cast<const uint16_t*>(a.x);
+  for (int64_t i = 0; i < a.m; ++i) {
+    uint16_t* xi = xb + i * c.xb_ld;
+    for (int64_t kk = 0; kk < a.k; ++kk) xi[kk] = x_src[i * a.x_stride_row + kk * a.x_stride_col];
+    for (int64_t kk = a.k; kk < c.k_pad; ++kk) xi[kk] = 0;
+  }
+}
+
 void qlinear(const QLinearArgs& a) {
   if (a.m <= 0 || a.n <= 0) return;
   QLinearCall c;
@@ -36,6 +46,30 @@ void qlinear(const QLinearArgs& a) {
   c.out = a.out, c.out_dtype = a.out_dtype;
   const QLinearKernels& kern = qlinear_kernels_for(cpu_isa_active());
   auto run_bf16 = a.scheme == LP_QLINEAR_W4 ? kern.w4_bf16 : kern.w8_bf16;
+  const bool few_rows_bf16 = a.x_dtype == LP_DTYPE_BF16 && a.scheme == LP_QLINEAR_W4 && a.m < kQLinearBf16MinRows &&
+                             a.k > 0 && kern.w4_bf16_few_rows;
+  if (few_rows_bf16) {
+    // The bf16 rows as they are, zero-padded to k_pad, and their float32 group sums (in k order).
+    c.xb_ld = gemm_round_up(c.k_pad, 32) + 32;
+    const int64_t x_bytes = gemm_round_up(a.m * c.xb_ld * 2, 64);
+    char* scratch = static_cast<char*>(gemm_scratch(1, size_t(x_bytes) + size_t(a.m * c.n_groups) * sizeof(float)));
+    uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
+    float* xsum = reinterpret_cast<float*>(scratch + x_bytes);
+    copy_bf16_rows(a, c, xb);
+    for (int64_t i = 0; i < a.m; ++i) {
+      const uint16_t* xi = xb + i * c.xb_ld;
+      for (int64_t g = 0; g < c.n_groups; ++g) {
+        float s = 0.0f;
+        for (int64_t kk = g * c.group_size; kk < std::min(a.k, (g + 1) * c.group_size); ++kk) s += bf16_to_f32(xi[kk]);
+        xsum[i * c.n_groups + g] = s;
+      }
+    }
+    c.x = nullptr, c.xsum = xsum, c.xb = xb;
+    const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
+    const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
+    parallel_for(nt, nt, [&](int64_t t) { kern.w4_bf16_few_rows(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
+    return;
+  }
   if (a.x_dtype == LP_DTYPE_BF16 && a.m >= kQLinearBf16MinRows && a.k > 0 && run_bf16) {
     // The bf16 rows as they are, zero-padded to k_pad (rows 64 bytes past a multiple of 64 apart: a
     // power-of-two K would put the rows of a 12-row block in one L1 set); each thread gets its own
@@ -46,12 +80,7 @@ void qlinear(const QLinearArgs& a) {
     const int64_t x_bytes = gemm_round_up(a.m * c.xb_ld * 2, 64), ws_bytes = gemm_round_up(qlinear_bf16_ws_bytes(c), 64);
     char* scratch = static_cast<char*>(gemm_scratch(1, size_t(x_bytes + nt * ws_bytes)));
     uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
-    const uint16_t* x_src = static_cast<const uint16_t*>(a.x);
-    for (int64_t i = 0; i < a.m; ++i) {
-      uint16_t* xi = xb + i * c.xb_ld;
-      for (int64_t kk = 0; kk < a.k; ++kk) xi[kk] = x_src[i * a.x_stride_row + kk * a.x_stride_col];
-      for (int64_t kk = a.k; kk < c.k_pad; ++kk) xi[kk] = 0;
-    }
+    copy_bf16_rows(a, c, xb);
     c.x = nullptr, c.xsum = nullptr, c.xb = xb;
     parallel_for(nt, nt, [&](int64_t t) {
       run_bf16(c, n_panels * t / nt, n_panels * (t + 1) / nt, scratch + x_bytes + t * ws_bytes);

@@ -36,6 +36,10 @@
 // activations stay on the float32 kernels: rounding them to bf16 would change the result beyond
 // API.md §1's float32 tolerance (f16 -> bf16 is not exact either). The choice depends only on the
 // dtype, m and the ISA, never on the thread count.
+// w4 with bf16 activations at fewer rows (decode) also multiplies with vdpbf16ps, but converts each
+// code byte into its bf16 pair in registers (no workspace: the weight is still read once per call)
+// and keeps the float32 path's per-group formula, sum x q - zero * xsum (the float32 sums of the bf16
+// rows): 4096 x 4096 at M = 1 1.4x, M = 4 2x the float32 kernels (session 9).
 //
 // Files: qlinear.cc (the table picker, activation conversion, threads), qlinear_scalar.cc (the
 // reference), qlinear_kernel.h (the SIMD panel kernels, written once against the vector interface of
@@ -87,10 +91,13 @@ struct QLinearKernels {
   // ws: this thread's qlinear_bf16_ws_bytes(c) bytes, 64-byte aligned.
   void (*w8_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
   void (*w4_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
+  // w4, bf16 activations (c.xb, with c.xsum), m < kQLinearBf16MinRows: the codes turned into bf16 pairs in
+  // registers (no workspace); null where the ISA has no bf16 dot product.
+  void (*w4_bf16_few_rows)(const QLinearCall& c, int64_t p0, int64_t p1);
 };
 
-// From this many rows on, bf16 activations take the bf16 kernels (fewer rows are memory-bound:
-// the float32 kernels stream the packed weight once, and converting it would cost more than it saves).
+// From this many rows on, bf16 activations take the bf16 kernels that convert a block of codes into a
+// workspace (fewer rows would not repay the conversion's stores; w4 there has w4_bf16_few_rows).
 constexpr int64_t kQLinearBf16MinRows = 8;
 
 // The bf16 kernels' K block: the k values of a panel converted at a time (512 k of 32 columns in

@@ -11,7 +11,8 @@ namespace lp {
 // The table (its kernels are instances over this file's vector type, which has internal linkage).
 const QLinearKernels* qlinear_kernels_avx2() {
   static const QLinearKernels kTable = {
-      "avx2", LP_ISA_AVX2, qlinear_w8_panels<Simd256, 6, 2>, qlinear_w4_panels<Simd256, 2, 2>, nullptr, nullptr};
+      "avx2", LP_ISA_AVX2, qlinear_w8_panels<Simd256, 6, 2>, qlinear_w4_panels<Simd256, 2, 2>, nullptr, nullptr,
+      nullptr};
   return &kTable;
 }
 

@@ -7,6 +7,8 @@
 // bf16 B panels) in the thread's workspace; then 12 rows at a time run vdpbf16ps over each segment
 // (a w4 group's part of the block, or the whole block for w8) with 24 accumulators, and add the
 // segment's sums (w4: times its group's scales) into the float32 sums of the panel (m x 32, L1/L2).
+// And w4's kernel for bf16 activations at fewer rows (w4_bf16_rows, at the end): 4 rows x 2 x (group
+// sum + total) + 2 code vectors + the broadcast, the codes converted in registers.
 #include <immintrin.h>
 
 #include "common/codes.h"
@@ -147,6 +149,60 @@ void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_
   }
 }
 
+// w4, bf16 activations, fewer rows than kQLinearBf16MinRows (decode): R rows of one 32-column panel
+// with each code byte turned into its bf16 k-pair in registers and multiplied by vdpbf16ps, no
+// workspace. A byte b in a 32-bit lane as b | b << 12: the low word's 5 index bits are b & 31 and the
+// high word is b >> 4, so one vpermw through a table of bf16(i & 15) gives the pair (q_k, q_k+1). Per
+// group the float32 path's formula, scale * (sum x q - zero * xsum). Five vector instructions per 32
+// weights against the float32 kernel's seven (widen, split the nibbles, two conversions, two FMAs).
+// As in the bf16 kernels above, a bf16 subnormal activation reads as zero in the products (but not in
+// xsum): a difference below 15 * 2^-126 * |scale| per such value.
+template <int R>
+static inline void w4_bf16_rows(const QLinearCall& c, const uint8_t* panel, const float* scale, const uint8_t* zero,
+                                int64_t i0, int64_t col0) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(iota, iota);  // entry i: bf16(i & 15), exact
+  __m512 acc[R][2], gacc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint16_t* x = c.xb + i0 * c.xb_ld;
+  for (int64_t g = 0; g < c.n_groups; ++g) {
+    for (int r = 0; r < R; ++r) gacc[r][0] = gacc[r][1] = _mm512_setzero_ps();
+    const int64_t k_end = std::min(c.k_pad, (g + 1) * c.group_size);
+    for (int64_t kk = g * c.group_size; kk < k_end; kk += 2) {
+      __m512bh w[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + kk / 2 * kQLinearPanel + 16 * h)));
+        w[h] = (__m512bh)_mm512_permutexvar_epi16(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), table);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * c.xb_ld + kk));
+        gacc[r][0] = _mm512_dpbf16_ps(gacc[r][0], a, w[0]);
+        gacc[r][1] = _mm512_dpbf16_ps(gacc[r][1], a, w[1]);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m512 sc = _mm512_loadu_ps(scale + g * kQLinearPanel + 16 * h);
+      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * kQLinearPanel + 16 * h))));
+      for (int r = 0; r < R; ++r) {
+        const __m512 xs = _mm512_set1_ps(c.xsum[(i0 + r) * c.n_groups + g]);
+        acc[r][h] = _mm512_fmadd_ps(sc, _mm512_fnmadd_ps(z, xs, gacc[r][h]), acc[r][h]);
+      }
+    }
+  }
+  qlinear_store<Simd512, R, 2>(c, i0, col0, acc);
+}
+
+void qlinear_w4_bf16_few_rows(const QLinearCall& c, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
+    const float* scale = c.scale + p * c.n_groups * kQLinearPanel;
+    const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
+    qlinear_row_blocks<Simd512, 4, 2>(0, c.m, [&](auto rows, int64_t i0) {
+      w4_bf16_rows<decltype(rows)::value>(c, panel, scale, zero, i0, p * kQLinearPanel);
+    });
+  }
+}
+
 }  // namespace
 
 // The table (its kernels are instances over this file's vector type, which has internal linkage).
@@ -156,7 +212,8 @@ const QLinearKernels* qlinear_kernels_avx512() {
                                         qlinear_w8_panels<Simd512, 12, 2>,
                                         qlinear_w4_panels<Simd512, 6, 2>,
                                         qlinear_bf16_panels<false>,
-                                        qlinear_bf16_panels<true>};
+                                        qlinear_bf16_panels<true>,
+                                        qlinear_w4_bf16_few_rows};
   return &kTable;
 }
 
