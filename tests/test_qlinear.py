@@ -16,9 +16,10 @@ from tolerances import gemm_rel_denominator, gemm_rel_norm_bound
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Row counts 1, 2, 3 and 12 + 3 reach the w8 kernels' two-chain form for few rows (odd and even K), the
-# others the one-chain form and its remainders.
+# others the one-chain form and its remainders; 300 rows of K 1030 span three of the float32 kernels'
+# row chunks (half of L2 of float32 activations: 120 rows at this K on a 1 MiB L2).
 SHAPES = [(1, 1, 1), (1, 7, 33), (2, 65, 40), (3, 64, 35), (7, 33, 257), (33, 257, 7), (13, 100, 70), (15, 129, 33),
-          (257, 33, 33), (16, 1030, 65)]
+          (257, 33, 33), (16, 1030, 65), (300, 1030, 40)]
 
 
 def _name(dt):
