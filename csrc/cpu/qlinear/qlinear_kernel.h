@@ -163,42 +163,41 @@ static inline int64_t qlinear_row_chunk(const QLinearCall& c) {
   return std::max<int64_t>(R, rows / R * R);
 }
 
-template <class S, int R, int NV>
-void qlinear_w8_panels(const QLinearCall& c, int64_t p0, int64_t p1) {
+// body(p, sub, r0, r1) for every row chunk [r0, r1) (outermost), panel p of [p0, p1) and sub-panel
+// (first column sub within the panel) that has columns.
+template <class S, int R, int NV, class Body>
+static inline void qlinear_for_panels(const QLinearCall& c, int64_t p0, int64_t p1, const Body& body) {
   constexpr int64_t W = NV * S::kLanes;  // columns of a sub-panel
-  const int8_t* codes = static_cast<const int8_t*>(c.codes);
   const int64_t chunk = qlinear_row_chunk<R>(c);
   for (int64_t r0 = 0; r0 < c.m; r0 += chunk) {
     const int64_t r1 = std::min(c.m, r0 + chunk);
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t sub = 0; sub < kQLinearPanel && p * kQLinearPanel + sub < c.n; sub += W) {
-        const int8_t* panel = codes + p * c.k * kQLinearPanel + sub;
-        qlinear_row_blocks<S, R, NV>(r0, r1, [&](auto rows, int64_t i0) {
-          qlinear_w8_rows<S, decltype(rows)::value, NV>(c, panel, i0, p * kQLinearPanel + sub);
-        });
-      }
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t sub = 0; sub < kQLinearPanel && p * kQLinearPanel + sub < c.n; sub += W) body(p, sub, r0, r1);
   }
 }
 
 template <class S, int R, int NV>
+void qlinear_w8_panels(const QLinearCall& c, int64_t p0, int64_t p1) {
+  const int8_t* codes = static_cast<const int8_t*>(c.codes);
+  qlinear_for_panels<S, R, NV>(c, p0, p1, [&](int64_t p, int64_t sub, int64_t r0, int64_t r1) {
+    const int8_t* panel = codes + p * c.k * kQLinearPanel + sub;
+    qlinear_row_blocks<S, R, NV>(r0, r1, [&](auto rows, int64_t i0) {
+      qlinear_w8_rows<S, decltype(rows)::value, NV>(c, panel, i0, p * kQLinearPanel + sub);
+    });
+  });
+}
+
+template <class S, int R, int NV>
 void qlinear_w4_panels(const QLinearCall& c, int64_t p0, int64_t p1) {
-  constexpr int64_t W = NV * S::kLanes;
   const uint8_t* codes = static_cast<const uint8_t*>(c.codes);
-  const int64_t chunk = qlinear_row_chunk<R>(c);
-  for (int64_t r0 = 0; r0 < c.m; r0 += chunk) {
-    const int64_t r1 = std::min(c.m, r0 + chunk);
-    for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t sub = 0; sub < kQLinearPanel && p * kQLinearPanel + sub < c.n; sub += W) {
-        const uint8_t* panel = codes + p * (c.k_pad / 2) * kQLinearPanel + sub;
-        const float* scale = c.scale + p * c.n_groups * kQLinearPanel + sub;
-        const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel + sub;
-        qlinear_row_blocks<S, R, NV>(r0, r1, [&](auto rows, int64_t i0) {
-          qlinear_w4_rows<S, decltype(rows)::value, NV>(c, panel, scale, zero, i0, p * kQLinearPanel + sub);
-        });
-      }
-    }
-  }
+  qlinear_for_panels<S, R, NV>(c, p0, p1, [&](int64_t p, int64_t sub, int64_t r0, int64_t r1) {
+    const uint8_t* panel = codes + p * (c.k_pad / 2) * kQLinearPanel + sub;
+    const float* scale = c.scale + p * c.n_groups * kQLinearPanel + sub;
+    const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel + sub;
+    qlinear_row_blocks<S, R, NV>(r0, r1, [&](auto rows, int64_t i0) {
+      qlinear_w4_rows<S, decltype(rows)::value, NV>(c, panel, scale, zero, i0, p * kQLinearPanel + sub);
+    });
+  });
 }
 
 }  // namespace
