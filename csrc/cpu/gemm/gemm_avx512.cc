@@ -401,10 +401,9 @@ GemmBlocking gemm_blocking_avx512(int64_t elem_bytes) {
 // 1024^3 +5-10%, 1024 x 4096 x 1024 bf16 +8%; int8 2048^3 +5%, 4096^3 +8%, 1024 x 4096 x 256 +7%
 // (session 9). Not below that many rows: there packing B dominates, and a deeper B block packs down
 // columns 4x longer (bf16 64 x 4096 x 4096: -11%), except for an int8 B pre-packed once, which
-// always takes the deep kc (gemm_prepacked_blocking_avx512).
-static GemmBlocking gemm_deep_blocking_avx512(int64_t elem_bytes, int64_t rows, int64_t k) {
+// always takes the deep kc (gemm_int8_avx512).
+static GemmBlocking gemm_deep_blocking_avx512(int64_t elem_bytes, int64_t k) {
   GemmBlocking b = gemm_blocking_avx512(elem_bytes);
-  if (rows < kGemmDeepKcMinRows) return b;
   b.kc *= kGemmDeepKcFactor;
   const int64_t kc_used = std::min(b.kc, gemm_round_up(std::max<int64_t>(k, 1), 16));
   const int64_t mc = (cpu_features().l2_bytes / 2) / (kc_used * elem_bytes);
@@ -415,30 +414,33 @@ static GemmBlocking gemm_deep_blocking_avx512(int64_t elem_bytes, int64_t rows, 
   return b;
 }
 
+// The blocking of a product of `rows` rows whose B is packed in the call: deep from
+// kGemmDeepKcMinRows rows on.
+static GemmBlocking gemm_rows_blocking_avx512(int64_t elem_bytes, int64_t rows, int64_t k) {
+  return rows < kGemmDeepKcMinRows ? gemm_blocking_avx512(elem_bytes) : gemm_deep_blocking_avx512(elem_bytes, k);
+}
+
 GemmBlocking gemm_packed_blocking_avx512(bool is_int8, int64_t rows) {
-  return gemm_deep_blocking_avx512(is_int8 ? 1 : 4, rows, int64_t(1) << 40);
+  return gemm_rows_blocking_avx512(is_int8 ? 1 : 4, rows, int64_t(1) << 40);
 }
 
 void gemm_float_avx512(const GemmFloatArgs& g) {
   if (g.a.dtype == LP_DTYPE_BF16)
-    gemm_packed<Bf16Kernel>(g, gemm_deep_blocking_avx512(2, g.m, g.k));
+    gemm_packed<Bf16Kernel>(g, gemm_rows_blocking_avx512(2, g.m, g.k));
   else
-    gemm_packed<FloatKernel>(g, gemm_deep_blocking_avx512(4, g.m, g.k));
+    gemm_packed<FloatKernel>(g, gemm_rows_blocking_avx512(4, g.m, g.k));
 }
 
 // A pre-packed int8 B (QuantLinear's weights) is packed once for every row count, so in deep K
 // blocks whatever the rows: packing it is not in the call, which is what kept few-row products
 // shallow. MiniLM's 1536 -> 384 at 608 rows +3%, 128 x 4096 x 11008 +5%, few rows neutral (session 9).
-static GemmBlocking gemm_prepacked_blocking_avx512(int64_t k) {
-  return gemm_deep_blocking_avx512(1, kGemmDeepKcMinRows, k);
-}
 void gemm_int8_avx512(const GemmInt8Args& g) {
-  gemm_packed<Int8Kernel>(g, g.b_packed ? gemm_prepacked_blocking_avx512(g.k) : gemm_deep_blocking_avx512(1, g.m, g.k));
+  gemm_packed<Int8Kernel>(g, g.b_packed ? gemm_deep_blocking_avx512(1, g.k) : gemm_rows_blocking_avx512(1, g.m, g.k));
 }
 int64_t int8_packed_b_bytes_avx512(int64_t k, int64_t n) {
-  return gemm_prepacked_b_bytes<Int8Kernel>(k, n, gemm_prepacked_blocking_avx512(k));
+  return gemm_prepacked_b_bytes<Int8Kernel>(k, n, gemm_deep_blocking_avx512(1, k));
 }
-void int8_pack_b_avx512(const GemmInt8Args& g, void* dst) { gemm_prepack_b<Int8Kernel>(g, gemm_prepacked_blocking_avx512(g.k), dst); }
+void int8_pack_b_avx512(const GemmInt8Args& g, void* dst) { gemm_prepack_b<Int8Kernel>(g, gemm_deep_blocking_avx512(1, g.k), dst); }
 
 const GemmKernels kGemmAvx512 = {"avx512",
                                  LP_ISA_AVX512,

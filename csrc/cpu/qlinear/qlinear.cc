@@ -35,6 +35,17 @@ static void copy_bf16_rows(const QLinearArgs& a, const QLinearCall& c, uint16_t*
   }
 }
 
+// w4's per-group sums of one row of activations (k values, zero past them), in float32 and k order,
+// into xsum[0 .. n_groups): the same sums whichever kernel reads them.
+template <class T, class ToFloat>
+static void group_sums(const QLinearCall& c, const T* xi, int64_t k, const ToFloat& to_float, float* xsum) {
+  for (int64_t g = 0; g < c.n_groups; ++g) {
+    float s = 0.0f;
+    for (int64_t kk = g * c.group_size; kk < std::min(k, (g + 1) * c.group_size); ++kk) s += to_float(xi[kk]);
+    xsum[g] = s;
+  }
+}
+
 void qlinear(const QLinearArgs& a) {
   if (a.m <= 0 || a.n <= 0) return;
   QLinearCall c;
@@ -56,14 +67,8 @@ void qlinear(const QLinearArgs& a) {
     uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
     float* xsum = reinterpret_cast<float*>(scratch + x_bytes);
     copy_bf16_rows(a, c, xb);
-    for (int64_t i = 0; i < a.m; ++i) {
-      const uint16_t* xi = xb + i * c.xb_ld;
-      for (int64_t g = 0; g < c.n_groups; ++g) {
-        float s = 0.0f;
-        for (int64_t kk = g * c.group_size; kk < std::min(a.k, (g + 1) * c.group_size); ++kk) s += bf16_to_f32(xi[kk]);
-        xsum[i * c.n_groups + g] = s;
-      }
-    }
+    for (int64_t i = 0; i < a.m; ++i)
+      group_sums(c, xb + i * c.xb_ld, a.k, [](uint16_t h) { return bf16_to_f32(h); }, xsum + i * c.n_groups);
     c.x = nullptr, c.xsum = xsum, c.xb = xb;
     const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
     const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
@@ -98,11 +103,7 @@ void qlinear(const QLinearArgs& a) {
     else
       for (int64_t kk = 0; kk < a.k; ++kk) xi[kk] = gemm_load_float(a.x, a.x_dtype, i * a.x_stride_row + kk * a.x_stride_col);
     for (int64_t kk = a.k; kk < c.k_pad; ++kk) xi[kk] = 0.0f;
-    for (int64_t g = 0; g < (xsum_elems ? c.n_groups : 0); ++g) {
-      float s = 0.0f;
-      for (int64_t kk = g * c.group_size; kk < std::min(a.k, (g + 1) * c.group_size); ++kk) s += xi[kk];
-      xsum[i * c.n_groups + g] = s;
-    }
+    if (xsum_elems) group_sums(c, xi, a.k, [](float v) { return v; }, xsum + i * c.n_groups);
   }
   c.x = x, c.xsum = xsum_elems ? xsum : nullptr, c.xb = nullptr, c.xb_ld = 0;
   if (a.k == 0) {  // an empty sum: zeros plus bias

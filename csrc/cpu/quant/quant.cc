@@ -158,7 +158,8 @@ int64_t quantize_blockwise(const QuantizeArgs& a, const Geometry& g, const Quant
 // (rows are not split, so few rows would leave threads idle).
 constexpr int64_t kMinRowsPerThread = 4;
 bool rows_one_pass(const QuantizeArgs& a, const Geometry& g) {
-  return g.mode == SEG_ROW && g.n_elems == g.n_channels * g.n_inner && !(a.fmt == LP_QFMT_INT4 && (g.n_inner & 1));
+  return g.mode == SEG_ROW && g.n_elems == g.n_channels * g.n_inner && !(a.fmt == LP_QFMT_INT4 && (g.n_inner & 1)) &&
+         g.n_channels >= kMinRowsPerThread * threads_for(g.n_channels, double(g.n_inner), kMinElemsPerThread);
 }
 
 int64_t quantize_rows(const QuantizeArgs& a, const Geometry& g, const QuantKernels& k) {
@@ -255,8 +256,7 @@ int64_t quantize(const QuantizeArgs& a) {
   advise_huge_pages(a.data, a.fmt == LP_QFMT_INT4 ? (g.n_elems + 1) / 2 : g.n_elems);
   const QuantKernels& k = quant_kernels();
   if (g.mode == SEG_BLOCK) return quantize_blockwise(a, g, k);
-  if (rows_one_pass(a, g) && g.n_channels >= kMinRowsPerThread * threads_for(g.n_channels, double(g.n_inner), kMinElemsPerThread))
-    return quantize_rows(a, g, k);
+  if (rows_one_pass(a, g)) return quantize_rows(a, g, k);
   return quantize_two_pass(a, g, k);
 }
 
