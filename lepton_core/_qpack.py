@@ -18,6 +18,25 @@ W4_LEVELS = 15  # codes 0..15
 _TINY = 2.0 ** -149  # §2: a group that is not all zeros never gets a zero scale
 
 
+def w4_range(lo: torch.Tensor, hi: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) float32 of groups with minimum lo and maximum hi (zero already included:
+    lo <= 0 <= hi): scale = (hi - lo) / 15, zero = round(-lo / scale); an all-zero group gets 0, 0."""
+    span = hi - lo
+    scale = torch.where(torch.isinf(span), hi / W4_LEVELS - lo / W4_LEVELS, span / W4_LEVELS)
+    scale = torch.where((scale == 0) & (span > 0), torch.full_like(scale, _TINY), scale)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    zero = torch.where(scale == 0, torch.zeros_like(scale), torch.round(-lo / safe)).clamp(0, W4_LEVELS)
+    return scale, zero
+
+
+def w4_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Float codes 0..15 of float32 x under (scale, zero) of the same shape (or broadcast):
+    clamp(round(x / scale) + zero, 0, 15), 0 where the scale is 0."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round(x / safe) + zero
+    return torch.where(scale == 0, torch.zeros_like(q), q).clamp(0, W4_LEVELS)
+
+
 def quantize_w4(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes uint8 (N, K) in 0..15, scale float32 (N, G), zero point uint8 (N, G)) of a float (N, K)
     weight, per group_size consecutive inputs of each row (the last group possibly short): §2's "uint8"
@@ -27,15 +46,8 @@ def quantize_w4(w: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.T
     w = w.detach().to(torch.float32)
     padded = torch.nn.functional.pad(w, (0, g * group_size - k)).reshape(n, g, group_size)
     # padding zeros leave min(., 0) and max(., 0) unchanged
-    lo = padded.amin(dim=2).clamp(max=0.0)
-    hi = padded.amax(dim=2).clamp(min=0.0)
-    span = hi - lo
-    scale = torch.where(torch.isinf(span), hi / W4_LEVELS - lo / W4_LEVELS, span / W4_LEVELS)
-    scale = torch.where((scale == 0) & (span > 0), torch.full_like(scale, _TINY), scale)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    zero = torch.where(scale == 0, torch.zeros_like(scale), torch.round(-lo / safe)).clamp(0, W4_LEVELS)
-    q = torch.round(padded / safe[..., None]) + zero[..., None]
-    q = torch.where(scale[..., None] == 0, torch.zeros_like(q), q).clamp(0, W4_LEVELS)
+    scale, zero = w4_range(padded.amin(dim=2).clamp(max=0.0), padded.amax(dim=2).clamp(min=0.0))
+    q = w4_codes(padded, scale[..., None], zero[..., None])
     codes = q.reshape(n, g * group_size)[:, :k].to(torch.uint8)
     return codes, scale, zero.to(torch.uint8)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import _ops  # declares torch.ops.lepton.quant_linear
-from .. import _qpack
+from .. import _gptq, _qpack
 from .._arrays import name_of as dtype_name
 from .._codes import MAX_GROUP, MIN_GROUP, QLINEAR_PANEL
 from .._devices import backend_for
@@ -38,6 +38,19 @@ def check_scheme(scheme, group_size, op: str):
             MIN_GROUP <= group_size <= MAX_GROUP and group_size & (group_size - 1) == 0):
         raise ValueError(f"{op}: group_size must be a power of two from {MIN_GROUP} to {MAX_GROUP}, "
                          f"got {group_size!r}")
+
+
+def _checked_moment(h, k: int, op: str) -> torch.Tensor:
+    if not isinstance(h, torch.Tensor) or not h.dtype.is_floating_point:
+        got = dtype_name(h.dtype) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise TypeError(f"{op}: input_moment must be a floating-point tensor, got {got}")
+    if tuple(h.shape) != (k, k):
+        raise ValueError(f"{op}: input_moment must have shape (in_features, in_features) = ({k}, {k}), "
+                         f"got {tuple(h.shape)}")
+    h = h.detach().to("cpu", torch.float64)
+    if not torch.isfinite(h).all():
+        raise ValueError(f"{op}: input_moment has non-finite values")
+    return h
 
 
 def linear_weight(m: nn.Module) -> Optional[torch.Tensor]:
@@ -83,8 +96,12 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(n, dtype=torch.float32) if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, scheme: str, group_size: int = 128) -> "QuantLinear":
-        """A QuantLinear holding `linear`'s weight quantized (nn.Linear, lc.nn.Linear or HF Conv1D)."""
+    def from_linear(cls, linear: nn.Module, scheme: str, group_size: int = 128, *,
+                    input_moment: Optional[torch.Tensor] = None) -> "QuantLinear":
+        """A QuantLinear holding `linear`'s weight quantized (nn.Linear, lc.nn.Linear or HF Conv1D).
+        input_moment: E[x x^T] (in_features, in_features) of the inputs the layer sees; given, the codes
+        are rounded to make the output error on such inputs small (lepton_core/_gptq.py) instead of
+        nearest rounding. quantize_model(..., calibrate=...) collects it."""
         op = "lc.nn.QuantLinear.from_linear"
         check_scheme(scheme, group_size, op)
         w = linear_weight(linear) if isinstance(linear, nn.Module) else None
@@ -107,12 +124,14 @@ class QuantLinear(nn.Module):
         w = w.detach().to("cpu", torch.float32)
         if not torch.isfinite(w).all():
             raise ValueError(f"{op}: the weight has non-finite values")
+        h = None if input_moment is None else _checked_moment(input_moment, k, op)
         with torch.no_grad():
             if scheme == "w4":
-                codes, scale, zero = _qpack.pack_w4(*_qpack.quantize_w4(w, group_size))
+                q4 = _qpack.quantize_w4(w, group_size) if h is None else _gptq.quantize_w4(w, h, group_size)
+                codes, scale, zero = _qpack.pack_w4(*q4)
                 new.zero_point.copy_(zero)
             else:
-                q, s = _qpack.quantize_w8(w)
+                q, s = _qpack.quantize_w8(w) if h is None else _gptq.quantize_w8(w, h)
                 codes, scale = (q, s) if scheme == "w8a8" else _qpack.pack_w8(q, s)
             new.codes.copy_(codes)
             new.scale.copy_(scale)
@@ -161,15 +180,23 @@ class QuantLinear(nn.Module):
 
 
 def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128,
-                   filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, inplace: bool = False) -> nn.Module:
+                   filter_fn: Optional[Callable[[nn.Module, str], bool]] = None, inplace: bool = False,
+                   calibrate: Optional[Callable[[nn.Module], object]] = None) -> nn.Module:
     """Replaces each nn.Linear, lc.nn.Linear and HF Conv1D for which filter_fn(module, name) is true
-    (default: all) by a QuantLinear; returns the new model (a deep copy unless inplace=True)."""
+    (default: all) by a QuantLinear; returns the new model (a deep copy unless inplace=True).
+
+    calibrate: a function that runs the (float) model on representative inputs, e.g.
+    `lambda m: m.encode(texts)`. It is called once, under torch.no_grad, before any layer is replaced;
+    each layer's codes are then rounded against the second moment of the inputs it saw
+    (lepton_core/_gptq.py). A layer it never reached keeps nearest rounding, with a UserWarning."""
     op = "lc.nn.quantize_model"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{op}: model must be a torch.nn.Module, got {type(model).__name__}")
     check_scheme(scheme, group_size, op)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"{op}: filter_fn must be callable(module, name) or None, got {type(filter_fn).__name__}")
+    if calibrate is not None and not callable(calibrate):
+        raise TypeError(f"{op}: calibrate must be callable(model) or None, got {type(calibrate).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
 
@@ -177,15 +204,30 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int = 128,
         return linear_weight(m) is not None and (filter_fn is None or bool(filter_fn(m, name)))
 
     if wanted(model, ""):
-        return QuantLinear.from_linear(model, scheme, group_size)
-    n_converted = 0
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if wanted(child, full):
-                setattr(parent, child_name, QuantLinear.from_linear(child, scheme, group_size))
-                n_converted += 1
-    if n_converted == 0:
+        targets = [("", None, "", model)]
+    else:
+        targets = []
+        for parent_name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                full = f"{parent_name}.{child_name}" if parent_name else child_name
+                if wanted(child, full):
+                    targets.append((full, parent, child_name, child))
+    moments = None
+    if calibrate is not None and targets:
+        moments = _gptq.InputMoments({full: child for full, _, _, child in targets}, op)
+        with moments, torch.no_grad():
+            calibrate(model)
+        missed = [full or "<model>" for full, _, _, _ in targets if moments.rows[full] == 0]
+        if missed:
+            warnings.warn(f"{op}: calibrate never ran {len(missed)} layer(s), which keep nearest rounding: "
+                          f"{', '.join(missed[:8])}{' ...' if len(missed) > 8 else ''}", UserWarning, stacklevel=2)
+    for full, parent, child_name, child in targets:
+        h = None if moments is None else moments.second_moment(full)
+        new = QuantLinear.from_linear(child, scheme, group_size, input_moment=h)
+        if parent is None:
+            return new
+        setattr(parent, child_name, new)
+    if not targets:
         found = sorted({type(m).__name__ for m in model.modules()})
         warnings.warn(f"{op}: nothing to convert (no nn.Linear, lc.nn.Linear or Conv1D passed filter_fn); "
                       f"the model has module types: {', '.join(found)}", UserWarning, stacklevel=2)
