@@ -149,6 +149,7 @@ QUANTIZE_EXAMPLES = """examples:
   lepton quantize all-MiniLM-L6-v2 --out minilm-w8
   lepton quantize all-MiniLM-L6-v2 --out minilm-w4 --scheme w4 --group-size 64
   lepton quantize ./my-gpt2 --out gpt2-w8a8 --scheme w8a8 --skip lm_head
+  lepton quantize all-MiniLM-L6-v2 --out minilm-w4c --scheme w4 --group-size 64 --calibration texts.txt
 
 then, in Python:
   import lepton_core as lc
@@ -180,8 +181,12 @@ def _cmd_quantize(args) -> int:
         model, kind, src = serialize.load_pretrained(args.source)
         if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise ValueError(f"--out {args.out!r} exists and is not an empty directory")
+        calibrate, texts = None, []
+        if args.calibration is not None:
+            texts = serialize.read_calibration_texts(args.calibration, "lepton quantize")
+            calibrate = serialize.text_calibration(kind, src, texts, "lepton quantize")
         qmodel = lc.nn.quantize_model(model, args.scheme, group_size=args.group_size, filter_fn=keep_quantizing,
-                                      inplace=True)
+                                      inplace=True, calibrate=calibrate)
         manifest = lc.nn.save_quantized(qmodel, args.out, source=src)
     except ValueError as exc:
         msg = str(exc).removeprefix("lepton quantize: ")
@@ -191,7 +196,8 @@ def _cmd_quantize(args) -> int:
     before = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(src) for f in files
                  if f.endswith(serialize.WEIGHT_SUFFIXES))
     print(f"lepton quantize: {kind} model {src}: {n} linear layers -> {args.scheme}"
-          f"{f' (group {args.group_size})' if args.scheme == 'w4' else ''}; saved to {args.out} "
+          f"{f' (group {args.group_size})' if args.scheme == 'w4' else ''}"
+          f"{f', calibrated on {len(texts)} texts' if texts else ''}; saved to {args.out} "
           f"({_bytes(_dir_bytes(args.out))}; float weight files {_bytes(before)}). "
           f"Load it with lc.nn.load_quantized({args.out!r}).")
     return 0
@@ -278,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--skip", action="append", metavar="PATTERN",
                     help="keep the linear layers whose name (or last name part) matches this glob in float, "
                          "e.g. lm_head or '*.attention.*' (repeatable)")
+    pq.add_argument("--calibration", metavar="FILE",
+                    help="a UTF-8 text file, one sample a line: run the float model on each line alone and round "
+                         "each layer's codes against the inputs it saw (GPTQ; slower to convert, closer to the "
+                         "float model). Use text like what the model will serve, not your evaluation set")
     pq.set_defaults(func=_cmd_quantize)
     return p
 

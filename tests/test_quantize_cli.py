@@ -131,3 +131,63 @@ def test_gpt2_conv1d_and_tied_lm_head_round_trip(tmp_path):
     ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_cli_calibration_file(float_model, tmp_path, capsys, monkeypatch):
+    """--calibration FILE: the same model as quantize_model(calibrate=...) on those lines, one at a time."""
+    model, src = float_model
+    cal = infer.calibration_sentences()[:24]
+    (tmp_path / "cal.txt").write_text("\n".join(cal[:12]) + "\n\n" + "\n".join(cal[12:]) + "\n", encoding="utf-8")
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "all-MiniLM-L6-v2", "--out", str(out), "--scheme", "w4", "--group-size", "64",
+                     "--calibration", str(tmp_path / "cal.txt")]) == 0
+    assert "calibrated on 24 texts" in capsys.readouterr().out
+    expected = lnn.quantize_model(model, "w4", group_size=64,
+                                  calibrate=lambda m: [m.encode([t], show_progress_bar=False) for t in cal])
+    assert torch.equal(_encode(lnn.load_quantized(out)), _encode(expected))
+    assert not torch.equal(_encode(expected), _encode(lnn.quantize_model(model, "w4", group_size=64)))
+    # errors: a missing file, an empty file, a tokenizer that does not load
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    hf_dir = tmp_path / "bert"
+    hf_dir.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(src, f), hf_dir / f)
+    for argv, msg in ((["--calibration", str(tmp_path / "none.txt")], "cannot read the calibration file"),
+                      (["--calibration", str(tmp_path / "empty.txt")], "has no non-blank line")):
+        assert cli.main(["quantize", src, "--out", str(tmp_path / "o"), *argv]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("lepton quantize: error: ") and msg in err and "Traceback" not in err, err
+    import transformers
+
+    def no_tokenizer(*args, **kwargs):
+        raise OSError("no tokenizer here")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_tokenizer)
+    assert cli.main(["quantize", str(hf_dir), "--out", str(tmp_path / "o"), "--calibration",
+                     str(tmp_path / "cal.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "calibration needs the tokenizer files" in err and "no tokenizer here" in err
+
+
+def test_cli_calibration_of_a_transformers_directory(float_model, tmp_path, capsys):
+    """A transformers directory with its tokenizer: each line tokenized alone and run through the model."""
+    _, src = float_model
+    hf_dir = tmp_path / "bert"
+    hf_dir.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+              "special_tokens_map.json"):
+        shutil.copy(os.path.join(src, f), hf_dir / f)
+    cal = infer.calibration_sentences()[:16]
+    (tmp_path / "cal.txt").write_text("\n".join(cal), encoding="utf-8")
+    assert cli.main(["quantize", str(hf_dir), "--out", str(tmp_path / "q"), "--scheme", "w8a8",
+                     "--calibration", str(tmp_path / "cal.txt")]) == 0
+    assert "calibrated on 16 texts" in capsys.readouterr().out
+    import transformers
+
+    model, _, _ = serialize.load_pretrained(hf_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    expected = lnn.quantize_model(model, "w8a8",
+                                  calibrate=lambda m: [m(**tok(t, return_tensors="pt")) for t in cal])
+    loaded = lnn.load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 30000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids).last_hidden_state, expected(input_ids=ids).last_hidden_state)

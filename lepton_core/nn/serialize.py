@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -94,6 +94,43 @@ def load_pretrained(source, op: str = "lepton quantize") -> Tuple[nn.Module, str
     """(float model in eval mode, kind, directory) of `source` (see resolve_source)."""
     directory, kind = resolve_source(source, op)
     return _load(directory, kind, None).eval(), kind, directory
+
+
+def read_calibration_texts(path, op: str) -> List[str]:
+    """The non-blank lines of a UTF-8 text file: one calibration sample each."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{op}: cannot read the calibration file {os.fspath(path)!r}: {exc}") from None
+    if not texts:
+        raise ValueError(f"{op}: the calibration file {os.fspath(path)!r} has no non-blank line")
+    return texts
+
+
+CALIBRATION_MAX_TOKENS = 512  # a transformers model's calibration sample is cut to this many tokens
+
+
+def text_calibration(kind: str, directory: str, texts: List[str], op: str) -> Callable[[nn.Module], None]:
+    """A `calibrate` function for quantize_model that runs a model loaded from `directory` on each text
+    alone, so that no padding enters the statistics (sentence-transformers: encode; transformers: its own
+    tokenizer, truncated to CALIBRATION_MAX_TOKENS)."""
+    if kind == ST_KIND:
+        return lambda m: m.encode(texts, batch_size=1, show_progress_bar=False)
+    import transformers
+
+    try:
+        with _quiet_loaders():
+            tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{op}: calibration needs the tokenizer files in {directory!r}: {exc}") from None
+    limit = min(int(getattr(tok, "model_max_length", CALIBRATION_MAX_TOKENS)), CALIBRATION_MAX_TOKENS)
+
+    def run(model: nn.Module) -> None:
+        for text in texts:
+            model(**tok(text, return_tensors="pt", truncation=True, max_length=limit))
+
+    return run
 
 
 def _kind_of(model: nn.Module) -> Optional[str]:
