@@ -10,7 +10,8 @@
 (b) Decode shapes: nn.Linear(4096, 4096) and a Llama MLP block (gate and up 4096 -> 11008, SiLU, down
     11008 -> 4096) at M = 1, 8, 32, 128: torch bf16 F.linear vs our w8 / w4 / w8a8 on bf16 activations
     (and lc.gemm bf16 for the single linear). GB/s counts the weight bytes each implementation reads
-    once per call; %copy compares it with this machine's copy bandwidth (bytes read + written).
+    once per call; %copy compares it with a 256 MiB memory copy (bytes read + written) timed in the
+    same rounds, shown as its own "memory copy" row.
 Ratios: x_base = baseline time / this time (> 1: faster); the baseline is fp32 torch for (a), torch bf16
 for (b).
 """
@@ -27,7 +28,7 @@ from torch import nn
 
 import lepton_core as lc
 
-from .common import ProgressRows, copy_bandwidth_gbps, interleaved
+from .common import ProgressRows, interleaved
 
 COLUMNS = ["case", "impl", "ms", "x_base", "cos_mean", "cos_min", "top1_%", "MB", "GB/s", "%copy"]
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
@@ -139,7 +140,11 @@ def _weight_bytes(model: nn.Module) -> int:
 
 
 def _decode_rows(rows, quick: bool) -> None:
-    copy = copy_bandwidth_gbps()
+    # The memory copy is timed in the same rounds as the layers: this shared machine's DRAM bandwidth
+    # moves by +-30% over minutes, so a copy measured once per process made %copy drift between runs.
+    copy_bytes = 256 << 20
+    src = torch.ones(copy_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
     cases = {"Linear 4096x4096": nn.Linear(4096, 4096, bias=False), "Llama MLP 4096-11008": _Mlp(4096, 11008)}
     for case, model in cases.items():
         model = model.eval()
@@ -153,13 +158,16 @@ def _decode_rows(rows, quick: bool) -> None:
             if isinstance(model, nn.Linear):
                 wt = model.weight.t()
                 fns["lc.gemm bf16"] = lambda: lc.gemm(x, wt)
+            fns["memory copy"] = lambda: dst.copy_(src)
             with torch.inference_mode():
                 times = interleaved(fns, rounds=3 if quick else 7)
+            copy = 2 * copy_bytes / times.pop("memory copy") / 1e9  # bytes read plus written
             for name, t in times.items():
                 n_bytes = _weight_bytes(impls.get(name, model))
                 gbps = n_bytes / t / 1e9
                 rows.append({"case": f"{case} M={m}", "impl": name, "ms": t * 1e3, "x_base": times["torch bf16"] / t,
                              "MB": n_bytes / 1e6, "GB/s": gbps, "%copy": 100 * gbps / copy})
+            rows.append({"case": f"{case} M={m}", "impl": "memory copy", "GB/s": copy, "%copy": 100.0})
 
 
 def run(quick: bool = False) -> list:
