@@ -59,10 +59,10 @@ class InputMoments:
             xtx = flat.t() @ flat
             self._last = (x, version, xtx)
         rows = x.numel() // x.shape[-1]
-        if name in self.sums:
-            self.sums[name] += xtx.to(self.sums[name].device)
-        else:
-            self.sums[name] = xtx.clone()
+        with torch.inference_mode(False):  # a normal tensor: calibrate may run in and out of inference mode
+            if name not in self.sums:
+                self.sums[name] = torch.zeros_like(xtx)
+            self.sums[name].add_(xtx.to(self.sums[name].device))
         self.rows[name] += rows
 
     def __enter__(self) -> "InputMoments":

@@ -174,3 +174,24 @@ def test_calibrate_with_no_convertible_layer_warns_once():
         warnings.simplefilter("always")
         lnn.quantize_model(nn.Sequential(nn.ReLU()), "w8", calibrate=lambda m: None)
     assert len(caught) == 1 and "nothing to convert" in str(caught[0].message)
+
+
+def test_calibrate_may_mix_inference_mode_and_grad_mode():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(24, 8))
+    x = _correlated_inputs(60, 24)
+
+    def mixed(m):
+        with torch.inference_mode():
+            m(x[:30])
+        m(x[30:])
+
+    def mixed_other_order(m):
+        m(x[:30])
+        with torch.inference_mode():
+            m(x[30:])
+    plain = lnn.quantize_model(model, "w4", group_size=32,
+                               calibrate=lambda m: (m(x[:30]), m(x[30:])))[0].dequantize_weight()
+    for fn in (mixed, mixed_other_order):
+        got = lnn.quantize_model(model, "w4", group_size=32, calibrate=fn)[0].dequantize_weight()
+        assert torch.equal(got, plain)
