@@ -195,3 +195,18 @@ def test_calibrate_may_mix_inference_mode_and_grad_mode():
     for fn in (mixed, mixed_other_order):
         got = lnn.quantize_model(model, "w4", group_size=32, calibrate=fn)[0].dequantize_weight()
         assert torch.equal(got, plain)
+
+
+def test_a_bare_layer_and_an_hf_conv1d_calibrate_like_the_equivalent_linear():
+    torch.manual_seed(6)
+    x = _correlated_inputs(100, 20)
+    lin = nn.Linear(20, 12)
+    want = lnn.QuantLinear.from_linear(lin, "w4", 32, input_moment=_moment(x)).dequantize_weight()
+    bare = lnn.quantize_model(lin, "w4", group_size=32, calibrate=lambda m: m(x))  # the model is the layer
+    assert isinstance(bare, lnn.QuantLinear) and torch.equal(bare.dequantize_weight(), want)
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils", reason="needs the [infer] extra (transformers)")
+    conv = pytorch_utils.Conv1D(12, 20)  # x @ W + b with W (in, out)
+    with torch.no_grad():
+        conv.weight.copy_(lin.weight.t())
+    q = lnn.quantize_model(nn.Sequential(conv), "w4", group_size=32, calibrate=lambda m: m(x))
+    assert torch.equal(q[0].dequantize_weight(), want)
