@@ -191,3 +191,36 @@ def test_cli_calibration_of_a_transformers_directory(float_model, tmp_path, caps
     ids = torch.randint(0, 30000, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         assert torch.equal(loaded(input_ids=ids).last_hidden_state, expected(input_ids=ids).last_hidden_state)
+
+
+def test_cli_calibration_of_gpt2_conv1d_with_its_tokenizer(tmp_path, capsys):
+    """A causal LM with Conv1D layers and a word-level tokenizer saved beside it (no token_type_ids)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = "the a of to and in is it for on with as at by this that be are was model weights".split()
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]"] + words)}, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", model_max_length=32)
+    cfg = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    cal = ["the model is on the way", "weights of a model are in this file", "it was for that",
+           " ".join(words * 3)]  # longer than model_max_length: truncated
+    (tmp_path / "cal.txt").write_text("\n".join(cal), encoding="utf-8")
+    assert cli.main(["quantize", str(tmp_path / "gpt2"), "--out", str(tmp_path / "q"), "--scheme", "w4",
+                     "--group-size", "32", "--skip", "lm_head", "--calibration", str(tmp_path / "cal.txt")]) == 0
+    assert "calibrated on 4 texts" in capsys.readouterr().out
+    model, _, _ = serialize.load_pretrained(tmp_path / "gpt2")
+    t2 = transformers.AutoTokenizer.from_pretrained(tmp_path / "gpt2")
+    expected = lnn.quantize_model(
+        model, "w4", group_size=32, filter_fn=lambda m, name: name != "lm_head",
+        calibrate=lambda m: [m(**t2(t, return_tensors="pt", truncation=True, max_length=32)) for t in cal])
+    nearest = lnn.quantize_model(model, "w4", group_size=32, filter_fn=lambda m, name: name != "lm_head")
+    loaded = lnn.load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(loaded(input_ids=ids).logits, expected(input_ids=ids).logits)
+        assert not torch.equal(loaded(input_ids=ids).logits, nearest(input_ids=ids).logits)

@@ -11,6 +11,7 @@ the recorded shapes and assigns every saved tensor, so the model computes exactl
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -127,8 +128,12 @@ def text_calibration(kind: str, directory: str, texts: List[str], op: str) -> Ca
     limit = min(int(getattr(tok, "model_max_length", CALIBRATION_MAX_TOKENS)), CALIBRATION_MAX_TOKENS)
 
     def run(model: nn.Module) -> None:
+        params = inspect.signature(model.forward).parameters
+        takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         for text in texts:
-            model(**tok(text, return_tensors="pt", truncation=True, max_length=limit))
+            enc = tok(text, return_tensors="pt", truncation=True, max_length=limit)
+            # e.g. token_type_ids from a tokenizer whose model has no such input
+            model(**{k: v for k, v in enc.items() if takes_all or k in params})
 
     return run
 
