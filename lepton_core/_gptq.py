@@ -100,58 +100,59 @@ def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
                      "(non-finite or degenerate calibration inputs)")
 
 
-def _rounded(w: torch.Tensor, h: torch.Tensor, group: int, column_codes) -> torch.Tensor:
-    """The blocked GPTQ loop over the columns of float64 w (N, K). column_codes(j, col, block) returns the
-    dequantized column j of the current block (col = its index in w) and records its codes."""
-    w = w.clone()
-    k = w.shape[1]
+def _rounded(w: torch.Tensor, h: torch.Tensor, group: int, column_codes) -> None:
+    """The blocked GPTQ loop over the input columns of the float (N, K) weight w. The work is on its
+    transpose (K, N) in float64, so that one input column is one contiguous row and the updates stream.
+    column_codes(j, col, cur) gets the current block's rows cur (block, N), rounds row j (input col),
+    records its codes and returns the dequantized row."""
+    wt = w.detach().t().to(torch.float64).contiguous()
+    k = wt.shape[0]
     u = _inverse_factor(h)
     block = max(BLOCK, group)
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        cur = w[:, i1:i2].clone()
+        cur = wt[i1:i2]  # a view: updated in place
         err = torch.empty_like(cur)
         for j in range(i2 - i1):
             col = i1 + j
-            e = (cur[:, j] - column_codes(j, col, cur)) / u[col, col]
-            cur[:, j:] -= e[:, None] * u[col, col:i2][None, :]
-            err[:, j] = e
-        w[:, i2:] -= err @ u[i1:i2, i2:]
-    return w
+            e = (cur[j] - column_codes(j, col, cur)) / u[col, col]
+            cur[j:].addr_(u[col, col:i2], e, alpha=-1)  # the later columns of the block absorb the error
+            err[j] = e
+        wt[i2:].addmm_(u[i1:i2, i2:].t(), err, alpha=-1)  # and, once per block, all columns after it
 
 
 def quantize_w4(w: torch.Tensor, h: torch.Tensor, group_size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """_qpack.quantize_w4's (codes, scale, zero), rounded against the input second moment h."""
     n, k = w.shape
     g = -(-k // group_size)
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    scale = torch.empty(n, g, dtype=torch.float32)
-    zero = torch.empty(n, g, dtype=torch.float32)
+    codes_t = torch.empty(k, n, dtype=torch.uint8)
+    scale = torch.empty(g, n, dtype=torch.float32)
+    zero = torch.empty(g, n, dtype=torch.float32)
 
     def column_codes(j, col, cur):
         grp = col // group_size
         if col % group_size == 0:  # the group's range from its columns as updated so far
-            x = cur[:, j:j + group_size].to(torch.float32)
-            scale[:, grp], zero[:, grp] = _qpack.w4_range(x.amin(1).clamp(max=0.0), x.amax(1).clamp(min=0.0))
-        s, z = scale[:, grp], zero[:, grp]
-        q = _qpack.w4_codes(cur[:, j].to(torch.float32), s, z)
-        codes[:, col] = q.to(torch.uint8)
+            x = cur[j:j + group_size].to(torch.float32)
+            scale[grp], zero[grp] = _qpack.w4_range(x.amin(0).clamp(max=0.0), x.amax(0).clamp(min=0.0))
+        s, z = scale[grp], zero[grp]
+        q = _qpack.w4_codes(cur[j].to(torch.float32), s, z)
+        codes_t[col] = q.to(torch.uint8)
         return ((q - z) * s).to(torch.float64)
 
-    _rounded(w.detach().to(torch.float64), h, group_size, column_codes)
-    return codes, scale, zero.to(torch.uint8)
+    _rounded(w, h, group_size, column_codes)
+    return codes_t.t().contiguous(), scale.t().contiguous(), zero.t().contiguous().to(torch.uint8)
 
 
 def quantize_w8(w: torch.Tensor, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """_qpack.quantize_w8's (codes, scale): the same clip-searched row scales, codes rounded against h."""
     _, scale = _qpack.quantize_w8(w)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = torch.empty(w.shape, dtype=torch.int8)
+    codes_t = torch.empty(w.shape[1], w.shape[0], dtype=torch.int8)
 
     def column_codes(j, col, cur):
-        q = torch.round(cur[:, j].to(torch.float32) / safe).clamp(-127, 127)
-        codes[:, col] = q.to(torch.int8)
+        q = torch.round(cur[j].to(torch.float32) / safe).clamp(-127, 127)
+        codes_t[col] = q.to(torch.int8)
         return (q * scale).to(torch.float64)
 
-    _rounded(w.detach().to(torch.float64), h, BLOCK, column_codes)
-    return codes, scale
+    _rounded(w, h, BLOCK, column_codes)
+    return codes_t.t().contiguous(), scale
