@@ -19,7 +19,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # others the one-chain form and its remainders; 300 rows of K 1030 span three of the float32 kernels'
 # row chunks (half of L2 of float32 activations: 120 rows at this K on a 1 MiB L2).
 SHAPES = [(1, 1, 1), (1, 7, 33), (2, 65, 40), (3, 64, 35), (7, 33, 257), (33, 257, 7), (13, 100, 70), (15, 129, 33),
-          (257, 33, 33), (16, 1030, 65), (300, 1030, 40)]
+          (257, 33, 33), (16, 1030, 65), (300, 1030, 40), (47, 65, 33), (48, 65, 33), (97, 129, 70)]
+# 47 / 48 and 97 rows: either side of the float-GEMM path's row thresholds (w8 48, w4 96 on AVX-512)
 
 
 def _name(dt):
@@ -95,6 +96,27 @@ def test_views_and_leading_dims(rng, isa, scheme, group_size):
         ref = x.double() @ wd.t() + bias.double()
         assert out.shape == (*x.shape[:-1], n)
         assert _rel_err(out, ref) <= gemm_rel_norm_bound("float32", k)
+
+
+# Where the float GEMM with a dequantizing B packer runs (QLinearKernels::float_gemm_min_rows_*).
+FLOAT_GEMM_PATH = {"avx512": ("w8", "w4"), "amx": (), "avx2": ("w4",), "scalar": ()}
+
+
+@pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32), ("w4", 64)])
+def test_many_float32_rows_are_the_float_gemm_of_the_dequantized_weight(rng, isa, threads, scheme, group_size):
+    """From the row threshold on, float32 activations run lc.gemm's float32 kernels with B dequantized
+    while packed: bitwise lc.gemm(x, dequantize_weight().t()) (the same blocking and tiles), views and
+    K past several K blocks included."""
+    m, k, n = 300, 1100, 70
+    w, bias = torch.randn(n, k), torch.randn(n)
+    codes, scale, zero = _packed(scheme, w, group_size)
+    wd = unpack(scheme, codes, scale, zero, n, k, group_size)
+    for x in (torch.randn(m, k), torch.randn(k, m).t(), torch.randn(m, 2 * k)[:, ::2]):
+        out = cpu.quant_linear(x, codes, scale, zero, bias, scheme, group_size, n)
+        ref = x.double() @ wd.double().t() + bias.double()
+        assert _rel_err(out, ref) <= gemm_rel_norm_bound("float32", k)
+        if scheme in FLOAT_GEMM_PATH.get(isa, ()):
+            assert torch.equal(out, lc.gemm(x, wd.t(), bias=bias))
 
 
 def test_empty_k_and_empty_rows(rng, isa):

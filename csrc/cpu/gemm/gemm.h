@@ -64,6 +64,17 @@ struct GemmInt8Args {
   const void* b_packed = nullptr;
 };
 
+// B given as lc.nn.QuantLinear's packed w8 / w4 weight (layout: cpu/qlinear/qlinear.h; B = W^T, k x n)
+// for the float GEMM: each B panel is dequantized to float32 while it is packed, (code - zero) *
+// scale exactly as dequantize_weight computes it, so no float copy of the weight exists.
+struct GemmQuantB {
+  int scheme = 0;                 // LP_QLINEAR_W8 / LP_QLINEAR_W4
+  int64_t group_size = 0;         // w4
+  const void* codes = nullptr;
+  const float* scale = nullptr;
+  const uint8_t* zero = nullptr;  // w4
+};
+
 // Cache blocking of the packed (BLIS-style) kernels, derived from the detected cache sizes.
 struct GemmBlocking {
   int64_t mr, nr;  // register tile
@@ -121,6 +132,8 @@ struct GemmKernels {
   // The pre-packed B of gemm_int8 (see gemm_int8_pack_b); optional (null: no pre-packed B).
   int64_t (*int8_packed_b_bytes)(int64_t k, int64_t n);
   void (*int8_pack_b)(const GemmInt8Args& args, void* dst);
+  // The float GEMM with a quantized B (args.b unused; float32 / float16 A); optional (null: none).
+  void (*float_quant_b)(const GemmFloatArgs& args, const GemmQuantB& qb);
 };
 
 // The table for an lp_isa level, capped at what this build and CPU offer; a level without a table of

@@ -236,10 +236,13 @@ int64_t int8_packed_b_bytes_avx2(int64_t k, int64_t n) {
   return gemm_prepacked_b_bytes<Int8Kernel>(k, n, gemm_blocking_avx2(true));
 }
 void int8_pack_b_avx2(const GemmInt8Args& g, void* dst) { gemm_prepack_b<Int8Kernel>(g, gemm_blocking_avx2(true), dst); }
+void gemm_float_quant_b_avx2(const GemmFloatArgs& g, const GemmQuantB& qb) {
+  gemm_packed_quant_b<FloatKernel>(g, qb, gemm_blocking_avx2(false));
+}
 
 const GemmKernels kGemmAvx2 = {"avx2", LP_ISA_AVX2, gemm_float_avx2, gemm_int8_avx2, gemm_gemv_float_avx2,
                                nullptr /* small_m_float */, gemm_packed_blocking_avx2, gemm_peak_probe_avx2,
-                               int8_packed_b_bytes_avx2, int8_pack_b_avx2};
+                               int8_packed_b_bytes_avx2, int8_pack_b_avx2, gemm_float_quant_b_avx2};
 
 }  // namespace
 

@@ -442,6 +442,10 @@ int64_t int8_packed_b_bytes_avx512(int64_t k, int64_t n) {
 }
 void int8_pack_b_avx512(const GemmInt8Args& g, void* dst) { gemm_prepack_b<Int8Kernel>(g, gemm_deep_blocking_avx512(1, g.k), dst); }
 
+void gemm_float_quant_b_avx512(const GemmFloatArgs& g, const GemmQuantB& qb) {
+  gemm_packed_quant_b<FloatKernel>(g, qb, gemm_rows_blocking_avx512(4, g.m, g.k));
+}
+
 const GemmKernels kGemmAvx512 = {"avx512",
                                  LP_ISA_AVX512,
                                  gemm_float_avx512,
@@ -451,7 +455,8 @@ const GemmKernels kGemmAvx512 = {"avx512",
                                  gemm_packed_blocking_avx512,
                                  gemm_peak_probe_avx512,
                                  int8_packed_b_bytes_avx512,
-                                 int8_pack_b_avx512};
+                                 int8_pack_b_avx512,
+                                 gemm_float_quant_b_avx512};
 
 }  // namespace
 

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "common/codes.h"
 #include "common/parallel.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
@@ -689,6 +690,63 @@ void gemm_packed_with(const Args& g, const GemmBlocking& blk) {
 template <class K, class Args>
 void gemm_packed(const Args& g, const GemmBlocking& blk) {
   gemm_packed_with<GemmTraits<K, Args>>(g, blk);
+}
+
+// The float GEMM whose B is a QuantLinear weight (GemmQuantB): GemmTraits with a pack_b that dequantizes
+// the codes of one K block of NR-column panels (kernel sets of float32 panels: kKGroup 1).
+template <class K>
+struct GemmQuantBTraits : GemmTraits<K, GemmFloatArgs> {
+  static_assert(std::is_same<typename K::Packed, float>::value && K::kKGroup == 1, "float32 panels only");
+  const GemmQuantB* qb;
+
+  void pack_b(int64_t, int64_t p0, int64_t kc, int64_t j0, int64_t nc, float* dst) const {
+    constexpr int64_t NR = K::kNr, P = kQLinearPanel;
+    const int64_t k = this->g.k, k_bytes = (k + 1) / 2, n_groups = qb->scheme == LP_QLINEAR_W4 ? gemm_ceil_div(k, qb->group_size) : 0;
+    for (int64_t jp = 0; jp < nc; jp += NR, dst += NR * kc) {
+      const int64_t col0 = j0 + jp, cols = std::min(NR, nc - jp);
+      const int64_t panel = col0 / P, c0 = col0 % P;  // NR divides P: a GEMM panel lies in one QuantLinear panel
+      if (qb->scheme == LP_QLINEAR_W8) {
+        const int8_t* codes = static_cast<const int8_t*>(qb->codes) + (panel * k + p0) * P + c0;
+        const float* scale = qb->scale + col0;
+        float s[NR] = {};  // zero past the last column: the padding lanes come out 0
+        std::copy_n(scale, cols, s);
+        for (int64_t kk = 0; kk < kc; ++kk) {
+          float* __restrict d = dst + kk * NR;
+          const int8_t* q = codes + kk * P;
+          if (cols == NR) {
+            for (int64_t c = 0; c < NR; ++c) d[c] = float(q[c]) * s[c];
+          } else {
+            for (int64_t c = 0; c < NR; ++c) d[c] = c < cols ? float(q[c]) * s[c] : 0.0f;
+          }
+        }
+      } else {
+        const uint8_t* codes = static_cast<const uint8_t*>(qb->codes) + panel * k_bytes * P + c0;
+        for (int64_t kk = 0; kk < kc; ++kk) {
+          const int64_t kg = p0 + kk, g = kg / qb->group_size;
+          const uint8_t* byte = codes + (kg / 2) * P;
+          const float* scale = qb->scale + (panel * n_groups + g) * P + c0;
+          const uint8_t* zero = qb->zero + (panel * n_groups + g) * P + c0;
+          const int shift = int(kg & 1) * 4;
+          float* __restrict d = dst + kk * NR;
+          if (cols == NR) {
+            for (int64_t c = 0; c < NR; ++c) d[c] = (float((byte[c] >> shift) & 15) - float(zero[c])) * scale[c];
+          } else {
+            for (int64_t c = 0; c < NR; ++c)
+              d[c] = c < cols ? (float((byte[c] >> shift) & 15) - float(zero[c])) * scale[c] : 0.0f;
+          }
+        }
+      }
+    }
+  }
+};
+
+template <class K>
+void gemm_packed_quant_b(const GemmFloatArgs& g, const GemmQuantB& qb, const GemmBlocking& blk) {
+  const bool sums_in_out = gemm_sums_in_out(g);
+  const bool need_ws = !sums_in_out && g.k > blk.kc;
+  const GemmPlan plan = gemm_make_plan<K::kMr, K::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const GemmQuantBTraits<K> tr{{g, sums_in_out, gemm_ws_ld(plan)}, &qb};
+  gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
 // The pre-packed B of the int8 GEMM (GemmInt8Args::b_packed) with kernel set K and blocking blk: K

@@ -6,6 +6,7 @@
 
 #include "common/cpu_features.h"
 #include "common/parallel.h"
+#include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
 #include "cpu/kernel_table.h"
 
@@ -90,6 +91,24 @@ void qlinear(const QLinearArgs& a) {
     parallel_for(nt, nt, [&](int64_t t) {
       run_bf16(c, n_panels * t / nt, n_panels * (t + 1) / nt, scratch + x_bytes + t * ws_bytes);
     });
+    return;
+  }
+  // Many rows of float32 / float16 activations: the float GEMM with each B panel dequantized while it
+  // is packed. The weight-only kernels convert every code for every 12-row block; here each code is
+  // converted once per call, and the float GEMM's tiles run at its FMA peak.
+  const GemmKernels& gk = gemm_kernels_for(cpu_isa_active());
+  const int64_t gemm_min_rows = a.scheme == LP_QLINEAR_W4 ? kern.float_gemm_min_rows_w4 : kern.float_gemm_min_rows_w8;
+  if ((a.x_dtype == LP_DTYPE_F32 || a.x_dtype == LP_DTYPE_F16) && gemm_min_rows > 0 &&
+      a.m >= gemm_min_rows && a.k > 0 &&
+      gk.float_quant_b) {
+    GemmFloatArgs g;
+    g.m = a.m, g.n = a.n, g.k = a.k;
+    g.a = {a.x, a.x_dtype, 0, a.x_stride_row, a.x_stride_col};
+    g.b = {nullptr, LP_DTYPE_F32, 0, 0, 0};
+    g.bias = a.bias, g.out = a.out, g.out_dtype = a.out_dtype;
+    GemmQuantB qb;
+    qb.scheme = a.scheme, qb.group_size = a.group_size, qb.codes = a.codes, qb.scale = a.scale, qb.zero = a.zero;
+    gk.float_quant_b(g, qb);
     return;
   }
   // The activations as contiguous float32 rows (exact), zero-padded to k_pad, and w4's group sums.

@@ -94,6 +94,10 @@ struct QLinearKernels {
   // w4, bf16 activations (c.xb, with c.xsum), m < kQLinearBf16MinRows: the codes turned into bf16 pairs in
   // registers (no workspace); null where the ISA has no bf16 dot product.
   void (*w4_bf16_few_rows)(const QLinearCall& c, int64_t p0, int64_t p1);
+  // From this many rows, float32 / float16 activations take the float GEMM of the same ISA with each B
+  // panel dequantized while it is packed (GemmKernels::float_quant_b) instead of w8 / w4 above: each
+  // code converted once per call rather than once per row block. 0: never.
+  int64_t float_gemm_min_rows_w8, float_gemm_min_rows_w4;
 };
 
 // From this many rows on, bf16 activations take the bf16 kernels that convert a block of codes into a
