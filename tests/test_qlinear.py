@@ -16,7 +16,8 @@ from tolerances import gemm_rel_denominator, gemm_rel_norm_bound
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Row counts 1, 2, 3 and 12 + 3 reach the w8 kernels' two-chain form for few rows (odd and even K), the
-# others the one-chain form and its remainders; 300 rows of K 1030 span three of the float32 kernels'
+# others the one-chain form and its remainders (with bf16 activations on AVX-512, 3 to 19 rows take the
+# few-rows bf16 kernels: 8-row blocks and their remainders for w8); 300 rows of K 1030 span three of the float32 kernels'
 # row chunks (half of L2 of float32 activations: 120 rows at this K on a 1 MiB L2).
 SHAPES = [(1, 1, 1), (1, 7, 33), (2, 65, 40), (3, 64, 35), (7, 33, 257), (33, 257, 7), (13, 100, 70), (15, 129, 33),
           (257, 33, 33), (16, 1030, 65), (300, 1030, 40), (47, 65, 33), (48, 65, 33), (97, 129, 70)]
@@ -62,13 +63,14 @@ def test_matches_dequantized_reference(rng, isa, threads, scheme, group_size, dt
 
 
 @pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32), ("w4", 64), ("w4", 1024)])
-@pytest.mark.parametrize("m,k,n", [(7, 600, 33), (8, 2049, 31), (33, 1030, 65), (128, 257, 33), (257, 600, 7), (600, 2049, 7)])
+@pytest.mark.parametrize("m,k,n", [(7, 600, 33), (8, 2049, 31), (19, 601, 33), (20, 1030, 65), (33, 1030, 65),
+                                   (128, 257, 33), (257, 600, 7), (600, 2049, 7)])
 def test_bf16_activations_many_rows(rng, isa, threads, scheme, group_size, m, k, n):
-    """bf16 activations from 8 rows on take the bf16 k-pair kernels where the ISA has them (AVX-512):
+    """bf16 activations from 20 rows on take the bf16 k-pair kernels where the ISA has them (AVX-512):
     K odd, not a multiple of the group or of the 512-deep K block (group 1024 straddles blocks), odd
     N, row counts past multiples of the 12-row block, 600 rows of K 2049 past one 2 MiB row chunk
-    (504 rows); 7 rows stay on the float32 kernels for w8 and take the few-rows bf16 kernel for w4
-    (AVX-512), views and leading dims included."""
+    (504 rows); 7, 8 and 19 rows take the few-rows bf16 kernels (w8 from 3 rows, in blocks of 8; w4 in
+    blocks of 4; AVX-512), views and leading dims included."""
     w, x, bias = torch.randn(n, k), torch.randn(m, k).to(torch.bfloat16), torch.randn(n)
     codes, scale, zero = _packed(scheme, w, group_size)
     wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()

@@ -57,9 +57,12 @@ void qlinear(const QLinearArgs& a) {
   c.codes = a.codes, c.scale = a.scale, c.zero = a.zero, c.bias = a.bias;
   c.out = a.out, c.out_dtype = a.out_dtype;
   const QLinearKernels& kern = qlinear_kernels_for(cpu_isa_active());
-  auto run_bf16 = a.scheme == LP_QLINEAR_W4 ? kern.w4_bf16 : kern.w8_bf16;
-  const bool few_rows_bf16 = a.x_dtype == LP_DTYPE_BF16 && a.scheme == LP_QLINEAR_W4 && a.m < kQLinearBf16MinRows &&
-                             a.k > 0 && kern.w4_bf16_few_rows;
+  const bool w4 = a.scheme == LP_QLINEAR_W4;
+  auto run_bf16 = w4 ? kern.w4_bf16 : kern.w8_bf16;
+  auto run_bf16_few = w4 ? kern.w4_bf16_few_rows : kern.w8_bf16_few_rows;
+  const int64_t few_min = w4 ? 1 : kQLinearW8Bf16FewMinRows;
+  const bool few_rows_bf16 = a.x_dtype == LP_DTYPE_BF16 && a.m >= few_min && a.m < kQLinearBf16MinRows && a.k > 0 &&
+                             run_bf16_few;
   if (few_rows_bf16) {
     // The bf16 rows as they are, zero-padded to k_pad, and their float32 group sums (in k order).
     c.xb_ld = gemm_round_up(c.k_pad, 32) + 32;
@@ -68,12 +71,13 @@ void qlinear(const QLinearArgs& a) {
     uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
     float* xsum = reinterpret_cast<float*>(scratch + x_bytes);
     copy_bf16_rows(a, c, xb);
-    for (int64_t i = 0; i < a.m; ++i)
-      group_sums(c, xb + i * c.xb_ld, a.k, [](uint16_t h) { return bf16_to_f32(h); }, xsum + i * c.n_groups);
-    c.x = nullptr, c.xsum = xsum, c.xb = xb;
+    if (w4)
+      for (int64_t i = 0; i < a.m; ++i)
+        group_sums(c, xb + i * c.xb_ld, a.k, [](uint16_t h) { return bf16_to_f32(h); }, xsum + i * c.n_groups);
+    c.x = nullptr, c.xsum = w4 ? xsum : nullptr, c.xb = xb;
     const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
     const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
-    parallel_for(nt, nt, [&](int64_t t) { kern.w4_bf16_few_rows(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
+    parallel_for(nt, nt, [&](int64_t t) { run_bf16_few(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
     return;
   }
   if (a.x_dtype == LP_DTYPE_BF16 && a.m >= kQLinearBf16MinRows && a.k > 0 && run_bf16) {

@@ -37,9 +37,10 @@
 // API.md §1's float32 tolerance (f16 -> bf16 is not exact either). The choice depends only on the
 // dtype, m and the ISA, never on the thread count.
 // w4 with bf16 activations at fewer rows (decode) also multiplies with vdpbf16ps, but converts each
-// code byte into its bf16 pair in registers (no workspace: the weight is still read once per call)
+// code byte into its bf16 pair in registers (no workspace: the weight is read once per 4 rows)
 // and keeps the float32 path's per-group formula, sum x q - zero * xsum (the float32 sums of the bf16
-// rows): 4096 x 4096 at M = 1 1.4x, M = 4 2x the float32 kernels (session 9).
+// rows): 4096 x 4096 at M = 1 1.4x, M = 4 2x the float32 kernels (session 9). w8 likewise from 3 rows,
+// 8 rows at a time, with w8's formula (session 11).
 //
 // Files: qlinear.cc (the table picker, activation conversion, threads), qlinear_scalar.cc (the
 // reference), qlinear_kernel.h (the SIMD panel kernels, written once against the vector interface of
@@ -91,8 +92,9 @@ struct QLinearKernels {
   // ws: this thread's qlinear_bf16_ws_bytes(c) bytes, 64-byte aligned.
   void (*w8_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
   void (*w4_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
-  // w4, bf16 activations (c.xb, with c.xsum), m < kQLinearBf16MinRows: the codes turned into bf16 pairs in
-  // registers (no workspace); null where the ISA has no bf16 dot product.
+  // w8 / w4, bf16 activations (c.xb; w4 with c.xsum), m < kQLinearBf16MinRows: the codes turned into bf16
+  // pairs in registers (no workspace); null where the ISA has no bf16 dot product.
+  void (*w8_bf16_few_rows)(const QLinearCall& c, int64_t p0, int64_t p1);
   void (*w4_bf16_few_rows)(const QLinearCall& c, int64_t p0, int64_t p1);
   // From this many rows, float32 / float16 activations take the float GEMM of the same ISA with each B
   // panel dequantized while it is packed (GemmKernels::float_quant_b) instead of w8 / w4 above: each
@@ -101,8 +103,14 @@ struct QLinearKernels {
 };
 
 // From this many rows on, bf16 activations take the bf16 kernels that convert a block of codes into a
-// workspace (fewer rows would not repay the conversion's stores; w4 there has w4_bf16_few_rows).
-constexpr int64_t kQLinearBf16MinRows = 8;
+// workspace; below, the few-rows kernels (codes converted in registers, once per 8 / 4 rows), from
+// kQLinearW8Bf16FewMinRows rows for w8 (1-2 rows stay on the float32 kernel, whose two accumulator
+// sets keep the weight stream at copy speed). Measured on Zen 4, 4096 x 4096, 1 and 2 threads, few-rows
+// against the block kernels: w8 1.4x at 8 rows, 1.2-1.3x at 16, 1.04-1.1x at 20; w4 1.3-1.4x at 8,
+// 1.1-1.2x at 16, 1.0-1.1x at 20; w8 against the float32 kernel: 1.3x at 3 rows, 1.5x at 4, 1.7-1.9x at 7,
+// 0.8-0.9x at 1 (session 11).
+constexpr int64_t kQLinearBf16MinRows = 20;
+constexpr int64_t kQLinearW8Bf16FewMinRows = 3;
 
 // The bf16 kernels' K block: the k values of a panel converted at a time (512 k of 32 columns in
 // bf16 are 32 KiB, L1d). A w4 group that straddles blocks is summed in pieces, each scaled.

@@ -12,7 +12,7 @@ namespace lp {
 const QLinearKernels* qlinear_kernels_avx2() {
   static const QLinearKernels kTable = {
       "avx2", LP_ISA_AVX2, qlinear_w8_panels<Simd256, 6, 2>, qlinear_w4_panels<Simd256, 2, 2>, nullptr, nullptr,
-      nullptr,
+      nullptr, nullptr,
       // 2 threads, against the panel kernels: w8 0.74x at 48 rows, 0.94x at 608 (the 6 x 16 float GEMM
       // tile loses to the w8 kernel here: never); w4 1.23x at 96, 1.67x at 608
       0, 96};

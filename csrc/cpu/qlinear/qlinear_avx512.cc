@@ -7,8 +7,9 @@
 // bf16 B panels) in the thread's workspace; then 12 rows at a time run vdpbf16ps over each segment
 // (a w4 group's part of the block, or the whole block for w8) with 24 accumulators, and add the
 // segment's sums (w4: times its group's scales) into the float32 sums of the panel (m x 32, L1/L2).
-// And w4's kernel for bf16 activations at fewer rows (w4_bf16_rows, at the end): 4 rows x 2 x (group
-// sum + total) + 2 code vectors + the broadcast, the codes converted in registers.
+// And the kernels for bf16 activations at fewer rows (at the end), the codes converted in registers:
+// w4_bf16_rows 4 rows x 2 x (group sum + total) + 2 code vectors + the broadcast; w8_bf16_rows 8 rows
+// x 2 accumulators + 2 bf16 code vectors and the conversion's temporaries.
 #include <immintrin.h>
 
 #include "common/codes.h"
@@ -16,6 +17,7 @@
 #include "cpu/qlinear/qlinear_kernel.h"
 #include "cpu/simd256.h"
 #include "cpu/simd512.h"
+
 
 namespace lp {
 namespace {
@@ -149,7 +151,7 @@ void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_
   }
 }
 
-// w4, bf16 activations, fewer rows than kQLinearBf16MinRows (decode): R rows of one 32-column panel
+// w4, bf16 activations, fewer rows than kQLinearBf16MinRows (decode, small batches): R rows of one 32-column panel
 // with each code byte turned into its bf16 k-pair in registers and multiplied by vdpbf16ps, no
 // workspace. A byte b in a 32-bit lane as b | b << 12: the low word's 5 index bits are b & 31 and the
 // high word is b >> 4, so one vpermw through a table of bf16(i & 15) gives the pair (q_k, q_k+1). Per
@@ -203,6 +205,50 @@ void qlinear_w4_bf16_few_rows(const QLinearCall& c, int64_t p0, int64_t p1) {
   }
 }
 
+// w8, bf16 activations, few rows (decode, small batches): R rows of one 32-column panel, each pair of
+// code rows (k, k + 1) turned into bf16 k-pairs in registers as bf16_convert_w8 does (bytes
+// interleaved, widened, converted exactly: |q| <= 127) and multiplied by vdpbf16ps; no workspace, the
+// codes read once per R rows. The same exact products as the float32 path, summed in pairs (the
+// contract's tolerance), and as in the bf16 kernels above a bf16 subnormal activation reads as zero.
+// Per 2 k x 32 columns: 12 conversion instructions, then 2 vdpbf16ps per row, against the float32
+// kernel's 2 FMAs per row and k (and each its own widening): at 4-15 rows half the multiply issue.
+template <int R>
+static inline void w8_bf16_rows(const QLinearCall& c, const int8_t* panel, int64_t i0, int64_t col0) {
+  auto floats16 = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  const uint16_t* x = c.xb + i0 * c.xb_ld;
+  const __m256i zero_row = _mm256_setzero_si256();
+  for (int64_t kk = 0; kk < c.k; kk += 2) {
+    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk * kQLinearPanel));
+    const __m256i r1 = kk + 1 < c.k ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (kk + 1) * kQLinearPanel))
+                                    : zero_row;
+    // lo: columns 0-7 | 16-23, hi: 8-15 | 24-31, each as (k, k + 1) byte pairs
+    const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
+    const __m512bh w0 = _mm512_cvtne2ps_pbh(floats16(_mm256_castsi256_si128(hi)), floats16(_mm256_castsi256_si128(lo)));
+    const __m512bh w1 = _mm512_cvtne2ps_pbh(floats16(_mm256_extracti128_si256(hi, 1)), floats16(_mm256_extracti128_si256(lo, 1)));
+    for (int r = 0; r < R; ++r) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * c.xb_ld + kk));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    const __m512 sc = _mm512_loadu_ps(c.scale + col0 + 16 * h);
+    for (int r = 0; r < R; ++r) acc[r][h] = _mm512_mul_ps(acc[r][h], sc);
+  }
+  qlinear_store<Simd512, R, 2>(c, i0, col0, acc);
+}
+
+void qlinear_w8_bf16_few_rows(const QLinearCall& c, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int8_t* panel = static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel;
+    qlinear_row_blocks<Simd512, 8, 2>(0, c.m, [&](auto rows, int64_t i0) {
+      w8_bf16_rows<decltype(rows)::value>(c, panel, i0, p * kQLinearPanel);
+    });
+  }
+}
+
 }  // namespace
 
 // The table (its kernels are instances over this file's vector type, which has internal linkage).
@@ -213,6 +259,7 @@ const QLinearKernels* qlinear_kernels_avx512() {
                                         qlinear_w4_panels<Simd512, 6, 2>,
                                         qlinear_bf16_panels<false>,
                                         qlinear_bf16_panels<true>,
+                                        qlinear_w8_bf16_few_rows,
                                         qlinear_w4_bf16_few_rows,
                                         // 2 threads, against the panel kernels: w8 1.0x at 32 rows, 1.18x at
                                         // 48; w4 0.94-0.97x at 64, 1.08x at 96; w8 / w4 1.13 / 1.22x at 608

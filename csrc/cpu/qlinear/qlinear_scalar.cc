@@ -52,7 +52,7 @@ void w4_scalar(const QLinearCall& c, int64_t p0, int64_t p1) {
   });
 }
 
-const QLinearKernels kScalar = {"scalar", LP_ISA_SCALAR, w8_scalar, w4_scalar, nullptr, nullptr, nullptr, 0, 0};
+const QLinearKernels kScalar = {"scalar", LP_ISA_SCALAR, w8_scalar, w4_scalar, nullptr, nullptr, nullptr, nullptr, 0, 0};
 
 }  // namespace
 
