@@ -63,14 +63,14 @@ def test_matches_dequantized_reference(rng, isa, threads, scheme, group_size, dt
 
 
 @pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32), ("w4", 64), ("w4", 1024)])
-@pytest.mark.parametrize("m,k,n", [(7, 600, 33), (8, 2049, 31), (19, 601, 33), (20, 1030, 65), (33, 1030, 65),
+@pytest.mark.parametrize("m,k,n", [(7, 600, 33), (8, 2049, 31), (17, 130, 40), (19, 601, 33), (20, 1030, 65), (33, 1030, 65),
                                    (128, 257, 33), (257, 600, 7), (600, 2049, 7)])
 def test_bf16_activations_many_rows(rng, isa, threads, scheme, group_size, m, k, n):
     """bf16 activations from 20 rows on take the bf16 k-pair kernels where the ISA has them (AVX-512):
     K odd, not a multiple of the group or of the 512-deep K block (group 1024 straddles blocks), odd
     N, row counts past multiples of the 12-row block, 600 rows of K 2049 past one 2 MiB row chunk
     (504 rows); 7, 8 and 19 rows take the few-rows bf16 kernels (w8 from 3 rows, in blocks of 8; w4 in
-    blocks of 4; AVX-512), views and leading dims included."""
+    blocks of 6; AVX-512), views and leading dims included."""
     w, x, bias = torch.randn(n, k), torch.randn(m, k).to(torch.bfloat16), torch.randn(n)
     codes, scale, zero = _packed(scheme, w, group_size)
     wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()

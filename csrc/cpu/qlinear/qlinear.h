@@ -37,7 +37,7 @@
 // API.md §1's float32 tolerance (f16 -> bf16 is not exact either). The choice depends only on the
 // dtype, m and the ISA, never on the thread count.
 // w4 with bf16 activations at fewer rows (decode) also multiplies with vdpbf16ps, but converts each
-// code byte into its bf16 pair in registers (no workspace: the weight is read once per 4 rows)
+// code byte into its bf16 pair in registers (no workspace: the weight is read once per 6 rows)
 // and keeps the float32 path's per-group formula, sum x q - zero * xsum (the float32 sums of the bf16
 // rows): 4096 x 4096 at M = 1 1.4x, M = 4 2x the float32 kernels (session 9). w8 likewise from 3 rows,
 // 8 rows at a time, with w8's formula (session 11).
@@ -103,7 +103,7 @@ struct QLinearKernels {
 };
 
 // From this many rows on, bf16 activations take the bf16 kernels that convert a block of codes into a
-// workspace; below, the few-rows kernels (codes converted in registers, once per 8 / 4 rows), from
+// workspace; below, the few-rows kernels (codes converted in registers, once per 8 / 6 rows), from
 // kQLinearW8Bf16FewMinRows rows for w8 (1-2 rows stay on the float32 kernel, whose two accumulator
 // sets keep the weight stream at copy speed). Measured on Zen 4, 4096 x 4096, 1 and 2 threads, few-rows
 // against the block kernels: w8 1.4x at 8 rows, 1.2-1.3x at 16, 1.04-1.1x at 20; w4 1.3-1.4x at 8,
