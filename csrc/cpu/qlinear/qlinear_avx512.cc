@@ -8,7 +8,7 @@
 // (a w4 group's part of the block, or the whole block for w8) with 24 accumulators, and add the
 // segment's sums (w4: times its group's scales) into the float32 sums of the panel (m x 32, L1/L2).
 // And the kernels for bf16 activations at fewer rows (at the end), the codes converted in registers:
-// w4_bf16_rows 6 rows x 2 x (group sum + total) + 2 code vectors, the table and the broadcast (6 rows
+// w4_bf16_rows 6 rows x 2 x (group sum + total) + 2 code vectors, 2 constants and the broadcast (6 rows
 // against 4: 1.1-1.4x at 6-19 rows, session 11); w8_bf16_rows 8 rows x 2 accumulators + 2 bf16 code
 // vectors and the conversion's temporaries.
 #include <immintrin.h>
@@ -152,19 +152,28 @@ void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_
   }
 }
 
-// w4, bf16 activations, fewer rows than kQLinearBf16MinRows (decode, small batches): R rows of one 32-column panel
-// with each code byte turned into its bf16 k-pair in registers and multiplied by vdpbf16ps, no
-// workspace. A byte b in a 32-bit lane as b | b << 12: the low word's 5 index bits are b & 31 and the
-// high word is b >> 4, so one vpermw through a table of bf16(i & 15) gives the pair (q_k, q_k+1). Per
-// group the float32 path's formula, scale * (sum x q - zero * xsum). Five vector instructions per 32
-// weights against the float32 kernel's seven (widen, split the nibbles, two conversions, two FMAs).
-// As in the bf16 kernels above, a bf16 subnormal activation reads as zero in the products (but not in
-// xsum): a difference below 15 * 2^-126 * |scale| per such value.
+// w4, bf16 activations, fewer rows than kQLinearBf16MinRows (decode, small batches): R rows of one
+// 32-column panel with each code byte turned into its bf16 k-pair in registers and multiplied by
+// vdpbf16ps, no workspace. The 32 bytes of a k-pair row widen to 32 words b; (b & 15) | 0x4300 and
+// (b >> 4) | 0x4300 are the bf16 values 128 + q_k and 128 + q_k+1 (exact: bf16 has unit steps on
+// [128, 256)), and interleaving the two gives the pairs: 6 vector instructions per 64 weights, no
+// table lookup. The interleave works within 128-bit lanes, so the two accumulators hold columns
+// {0-3, 8-11, 16-19, 24-27} and {4-7, 12-15, 20-23, 28-31}; the group's scales and zero points are
+// permuted the same way and the sums back at the end. Per group the float32 path's formula with the
+// offset folded into the zero point: scale * (sum x (128 + q) - (zero + 128) * xsum). The products
+// are exact in float32; the group sum's terms are up to ~10x larger than sum x q's, so its float32
+// rounding error is too, ~2^-24 * 143 * sum |x| per group, far below the bf16 output's rounding. As in
+// the bf16 kernels above, a bf16 subnormal activation reads as zero in the products (but not in
+// xsum): a difference below 143 * 2^-126 * |scale| per such value.
 template <int R>
 static inline void w4_bf16_rows(const QLinearCall& c, const uint8_t* panel, const float* scale, const uint8_t* zero,
                                 int64_t i0, int64_t col0) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(iota, iota);  // entry i: bf16(i & 15), exact
+  const __m512i lo4 = _mm512_set1_epi16(0x000f), bf16_128 = _mm512_set1_epi16(0x4300);
+  // Natural column c of the pair (cols 0-15 | 16-31) at each accumulator lane, and back.
+  const __m512i to_acc[2] = {_mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+                             _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31)};
+  const __m512i to_cols[2] = {_mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+                              _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31)};
   __m512 acc[R][2], gacc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const uint16_t* x = c.xb + i0 * c.xb_ld;
@@ -172,25 +181,35 @@ static inline void w4_bf16_rows(const QLinearCall& c, const uint8_t* panel, cons
     for (int r = 0; r < R; ++r) gacc[r][0] = gacc[r][1] = _mm512_setzero_ps();
     const int64_t k_end = std::min(c.k_pad, (g + 1) * c.group_size);
     for (int64_t kk = g * c.group_size; kk < k_end; kk += 2) {
-      __m512bh w[2];
-      for (int h = 0; h < 2; ++h) {
-        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(panel + kk / 2 * kQLinearPanel + 16 * h)));
-        w[h] = (__m512bh)_mm512_permutexvar_epi16(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), table);
-      }
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk / 2 * kQLinearPanel)));
+      const __m512i lo = _mm512_ternarylogic_epi32(b, lo4, bf16_128, 0xea);  // (b & 15) | 0x4300
+      const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), bf16_128);
+      const __m512bh w0 = (__m512bh)_mm512_unpacklo_epi16(lo, hi), w1 = (__m512bh)_mm512_unpackhi_epi16(lo, hi);
       for (int r = 0; r < R; ++r) {
         const __m512bh a = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * c.xb_ld + kk));
-        gacc[r][0] = _mm512_dpbf16_ps(gacc[r][0], a, w[0]);
-        gacc[r][1] = _mm512_dpbf16_ps(gacc[r][1], a, w[1]);
+        gacc[r][0] = _mm512_dpbf16_ps(gacc[r][0], a, w0);
+        gacc[r][1] = _mm512_dpbf16_ps(gacc[r][1], a, w1);
       }
     }
+    const float* sg = scale + g * kQLinearPanel;
+    const uint8_t* zg = zero + g * kQLinearPanel;
+    auto zf = [&](int h) {  // zero + 128 of columns 16 h .. 16 h + 15, exact
+      return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zg + 16 * h))),
+                                                 _mm512_set1_epi32(128)));
+    };
+    const __m512 s_lo = _mm512_loadu_ps(sg), s_hi = _mm512_loadu_ps(sg + 16), z_lo = zf(0), z_hi = zf(1);
     for (int h = 0; h < 2; ++h) {
-      const __m512 sc = _mm512_loadu_ps(scale + g * kQLinearPanel + 16 * h);
-      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero + g * kQLinearPanel + 16 * h))));
+      const __m512 sc = _mm512_permutex2var_ps(s_lo, to_acc[h], s_hi), z = _mm512_permutex2var_ps(z_lo, to_acc[h], z_hi);
       for (int r = 0; r < R; ++r) {
         const __m512 xs = _mm512_set1_ps(c.xsum[(i0 + r) * c.n_groups + g]);
         acc[r][h] = _mm512_fmadd_ps(sc, _mm512_fnmadd_ps(z, xs, gacc[r][h]), acc[r][h]);
       }
     }
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512 a0 = acc[r][0], a1 = acc[r][1];
+    acc[r][0] = _mm512_permutex2var_ps(a0, to_cols[0], a1);
+    acc[r][1] = _mm512_permutex2var_ps(a0, to_cols[1], a1);
   }
   qlinear_store<Simd512, R, 2>(c, i0, col0, acc);
 }
