@@ -17,8 +17,8 @@ from tolerances import gemm_rel_denominator, gemm_rel_norm_bound
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Row counts 1, 2, 3 and 12 + 3 reach the w8 kernels' two-chain form for few rows (odd and even K), the
 # others the one-chain form and its remainders (with bf16 activations on AVX-512, 3 to 19 rows take the
-# few-rows bf16 kernels: 8-row blocks and their remainders for w8); 300 rows of K 1030 span three of the float32 kernels'
-# row chunks (half of L2 of float32 activations: 120 rows at this K on a 1 MiB L2).
+# few-rows bf16 kernels: 8-row blocks and their remainders for w8); 300 rows of K 1030 span three of
+# the float32 kernels' row chunks (half of L2 of float32 activations: 120 rows at this K on a 1 MiB L2).
 SHAPES = [(1, 1, 1), (1, 7, 33), (2, 65, 40), (3, 64, 35), (7, 33, 257), (33, 257, 7), (13, 100, 70), (15, 129, 33),
           (257, 33, 33), (16, 1030, 65), (300, 1030, 40), (47, 65, 33), (48, 65, 33), (97, 129, 70)]
 # 47 / 48 and 97 rows: either side of the float-GEMM path's row thresholds (w8 48, w4 96 on AVX-512)

@@ -41,8 +41,8 @@
 // and keeps the float32 path's per-group formula with an offset of 128 folded in, sum x (128 + q) -
 // (zero + 128) * xsum (xsum: the float32 sums of the bf16 rows; 128 + q is a bf16 with no table
 // lookup): 4096 x 4096 at M = 1 1.4x, M = 4 2x the float32 kernels (session 9), the offset form
-// another 1.1x at 1 row, 1.25x at 2 (session 11). w8 likewise from 3 rows,
-// 8 rows at a time, with w8's formula (session 11).
+// another 1.1x at 1 row, 1.25x at 2 (session 11). w8 likewise from 3 rows, 8 rows at a time, with
+// w8's formula (session 11).
 //
 // Files: qlinear.cc (the table picker, activation conversion, threads), qlinear_scalar.cc (the
 // reference), qlinear_kernel.h (the SIMD panel kernels, written once against the vector interface of

@@ -19,26 +19,29 @@
 #include "cpu/simd256.h"
 #include "cpu/simd512.h"
 
-
 namespace lp {
 namespace {
 
-// w8: the codes of k values [k0, k1) (k0 even) of one panel as bf16 pairs; a k past c.k is a zero.
-// The bytes of k and k + 1 are interleaved first, so the widened floats are already in pair order.
+// w8: the codes of k and k + 1 (kk even; a k past c.k is a zero) of one panel as bf16 pairs, columns
+// 16 h .. 16 h + 15 in w[h]. The bytes of k and k + 1 are interleaved first, so the widened floats are
+// already in pair order; exact: |q| <= 127.
+static inline void bf16_pairs_w8(const QLinearCall& c, const int8_t* panel, int64_t kk, __m512bh (&w)[2]) {
+  auto floats16 = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
+  const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk * kQLinearPanel));
+  const __m256i r1 = kk + 1 < c.k ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (kk + 1) * kQLinearPanel))
+                                  : _mm256_setzero_si256();
+  // lo: columns 0-7 | 16-23, hi: 8-15 | 24-31, each as (k, k + 1) byte pairs
+  const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
+  w[0] = _mm512_cvtne2ps_pbh(floats16(_mm256_castsi256_si128(hi)), floats16(_mm256_castsi256_si128(lo)));
+  w[1] = _mm512_cvtne2ps_pbh(floats16(_mm256_extracti128_si256(hi, 1)), floats16(_mm256_extracti128_si256(lo, 1)));
+}
+
+// w8: the codes of k values [k0, k1) (k0 even) of one panel as bf16 pairs, into d.
 static void bf16_convert_w8(const QLinearCall& c, const int8_t* panel, int64_t k0, int64_t k1, uint16_t* d) {
-  const __m256i zero_row = _mm256_setzero_si256();
-  auto pairs8 = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
   for (int64_t kk = k0; kk < k1; kk += 2) {
-    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk * kQLinearPanel));
-    const __m256i r1 = kk + 1 < c.k ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (kk + 1) * kQLinearPanel))
-                                    : zero_row;
-    // lo: columns 0-7 | 16-23, hi: 8-15 | 24-31, each as (k, k + 1) byte pairs
-    const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
-    for (int h = 0; h < 2; ++h) {  // columns 16 h .. 16 h + 15; exact: |q| <= 127
-      const __m512 f_lo = pairs8(h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo));
-      const __m512 f_hi = pairs8(h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi));
-      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, (__m512i)_mm512_cvtne2ps_pbh(f_hi, f_lo));
-    }
+    __m512bh w[2];
+    bf16_pairs_w8(c, panel, kk, w);
+    for (int h = 0; h < 2; ++h) _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, (__m512i)w[h]);
   }
 }
 
@@ -226,31 +229,24 @@ void qlinear_w4_bf16_few_rows(const QLinearCall& c, int64_t p0, int64_t p1) {
 }
 
 // w8, bf16 activations, few rows (decode, small batches): R rows of one 32-column panel, each pair of
-// code rows (k, k + 1) turned into bf16 k-pairs in registers as bf16_convert_w8 does (bytes
-// interleaved, widened, converted exactly: |q| <= 127) and multiplied by vdpbf16ps; no workspace, the
-// codes read once per R rows. The same exact products as the float32 path, summed in pairs (the
-// contract's tolerance), and as in the bf16 kernels above a bf16 subnormal activation reads as zero.
-// Per 2 k x 32 columns: 12 conversion instructions, then 2 vdpbf16ps per row, against the float32
-// kernel's 2 FMAs per row and k (and each its own widening): at 4-15 rows half the multiply issue.
+// code rows (k, k + 1) turned into bf16 k-pairs in registers (bf16_pairs_w8, as the block kernels
+// convert them) and multiplied by vdpbf16ps; no workspace, the codes read once per R rows. The same
+// exact products as the float32 path, summed in pairs (the contract's tolerance), and as in the bf16
+// kernels above a bf16 subnormal activation reads as zero. Per 2 k x 32 columns: 12 conversion
+// instructions, then 2 vdpbf16ps per row, against the float32 kernel's 2 FMAs per row and k (and each
+// its own widening): at 4-15 rows half the multiply issue.
 template <int R>
 static inline void w8_bf16_rows(const QLinearCall& c, const int8_t* panel, int64_t i0, int64_t col0) {
-  auto floats16 = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   const uint16_t* x = c.xb + i0 * c.xb_ld;
-  const __m256i zero_row = _mm256_setzero_si256();
   for (int64_t kk = 0; kk < c.k; kk += 2) {
-    const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk * kQLinearPanel));
-    const __m256i r1 = kk + 1 < c.k ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (kk + 1) * kQLinearPanel))
-                                    : zero_row;
-    // lo: columns 0-7 | 16-23, hi: 8-15 | 24-31, each as (k, k + 1) byte pairs
-    const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
-    const __m512bh w0 = _mm512_cvtne2ps_pbh(floats16(_mm256_castsi256_si128(hi)), floats16(_mm256_castsi256_si128(lo)));
-    const __m512bh w1 = _mm512_cvtne2ps_pbh(floats16(_mm256_extracti128_si256(hi, 1)), floats16(_mm256_extracti128_si256(lo, 1)));
+    __m512bh w[2];
+    bf16_pairs_w8(c, panel, kk, w);
     for (int r = 0; r < R; ++r) {
       const __m512bh a = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x + r * c.xb_ld + kk));
-      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w0);
-      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w1);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, w[0]);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, w[1]);
     }
   }
   for (int h = 0; h < 2; ++h) {
