@@ -34,13 +34,15 @@
 // Partial sums across K blocks stay in memory as for the AVX kernels (gemm_driver.h): C tiles are
 // loaded from them (tileloadd) and stored back (tilestored); the last K block goes through a local
 // 32 x 32 buffer to the shared epilogue (bias, rounding once, scaled_gemm's epilogue) in S vectors.
-// Each microkernel call loads the tile configuration and releases the tiles at its end, so no tile
-// state outlives a call (another library's AMX code may run on the same threads between calls).
+// Each thread loads the tile configuration before its first tile of a GEMM call and releases the
+// tiles after its last (the driver's thread hooks), so no tile state outlives a call (another
+// library's AMX code may run on the same threads between calls).
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
+#include "common/cpu_features.h"
 #include "cpu/gemm/amx_tile_model.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_driver.h"
@@ -89,6 +91,9 @@ struct AmxTraits {
   const Args& g;
   bool c32_is_out;
   int64_t ws_ld;
+
+  static void thread_begin() { Tiles::configure(&kAmxGemmConfig); }
+  static void thread_end() { Tiles::release(); }
 
   int64_t b_panel_elems(int64_t kc_panel) const { return kNr * kc_panel; }
   // The AMX table takes no pre-packed B (GemmKernels::int8_pack_b is null).
@@ -139,12 +144,15 @@ struct AmxTraits {
   }
 
   // One full 32 x 32 tile (see the top of the file); t is a GemmFloatTile or GemmInt8Tile.
+  // next_c: the 32-bit sums of the tile this thread runs next (32 rows, next_ld elements apart), or
+  // null; its lines are prefetched while this tile's products run, since the tile loads that read
+  // them stall on L3 otherwise (a quarter of a 2048^3 bf16 product).
   template <class Tile>
-  static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t) {
+  static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t, const void* next_c = nullptr,
+                      int64_t next_ld = 0) {
     using Elem = typename std::remove_pointer<decltype(t.c32)>::type;  // float or int32_t
     constexpr int64_t kAElems = 16 * kKGroup, kBHalf = 16 * kKUnit;  // one A tile; 16 columns of B
     constexpr int64_t kARow = kKGroup * sizeof(Packed), kBRow = kNr * kKUnit * sizeof(Packed);
-    Tiles::configure(&kAmxGemmConfig);
     if (t.prev) {
       const int64_t ld = t.prev_ld;
       Tiles::template load<0>(t.prev, ld * 4);
@@ -157,11 +165,19 @@ struct AmxTraits {
       Tiles::template zero<2>();
       Tiles::template zero<3>();
     }
+    // Rows of next_c to prefetch per step: all 32 rows (2 lines each) within the first 8 steps.
+    const int64_t n_steps = kc_panel / kKGroup, rows_per_step = n_steps >= 8 ? 4 : gemm_ceil_div(kMr, n_steps);
+    const char* pf = static_cast<const char*>(next_c);
+    int64_t pf_row = next_c ? 0 : kMr;
     for (int64_t k = 0; k < kc_panel; k += kKGroup) {
+      for (int64_t r = 0; r < rows_per_step && pf_row < kMr; ++r, ++pf_row) {
+        __builtin_prefetch(pf + pf_row * next_ld * 4, 1, 3);
+        __builtin_prefetch(pf + pf_row * next_ld * 4 + 64, 1, 3);
+      }
       const Packed* a = ap + k * kMr;
       const Packed* b = bp + k * kNr;
-      Tiles::template load<4>(a, kARow);
-      Tiles::template load<5>(a + kAElems, kARow);
+      Tiles::template load_t1<4>(a, kARow);
+      Tiles::template load_t1<5>(a + kAElems, kARow);
       Tiles::template load<6>(b, kBRow);
       Tiles::template load<7>(b + kBHalf, kBRow);
       Kind::template dp<Tiles, 0, 4, 6>();
@@ -175,7 +191,6 @@ struct AmxTraits {
       Tiles::template store<1>(t.c32 + 16, ld * 4);
       Tiles::template store<2>(t.c32 + 16 * ld, ld * 4);
       Tiles::template store<3>(t.c32 + 16 * ld + 16, ld * 4);
-      Tiles::release();
       return;
     }
     alignas(64) Elem sums[kMr * kNr];
@@ -183,7 +198,6 @@ struct AmxTraits {
     Tiles::template store<1>(sums + 16, kNr * 4);
     Tiles::template store<2>(sums + 16 * kNr, kNr * 4);
     Tiles::template store<3>(sums + 16 * kNr + 16, kNr * 4);
-    Tiles::release();
     constexpr int NV = int(kNr / S::kLanes);
     using V = decltype(S::loadu(sums));  // S::F or S::I
     V c[kMr][NV];
@@ -195,20 +209,28 @@ struct AmxTraits {
   void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
             int64_t rows, int64_t cols, bool first, bool last, void* ws) const {
     const auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
+    // The next tile down (the driver's inner loop) reads or writes 32-bit sums unless it only runs the
+    // epilogue of a single K block.
+    const bool next_sums = row + kMr < w.m1 && (!last || !first);
     if (rows == kMr && cols == kNr)
-      ukernel(kc_panel, ap, bp, t);
+      ukernel(kc_panel, ap, bp, t, next_sums ? t.c32 + kMr * t.c32_ld : nullptr, t.c32_ld);
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
   }
 };
 
-// Cache blocking: a kc x 32 B panel fills half of L1d (A's tiles stream past it), kc a multiple of
-// KT, mc of the 32-row tile (gemm_blocking caps it at 1020 rows).
+// Cache blocking (measured on a 2-core Xeon with AMX, L1d 48 KiB, L2 2 MiB: bench/notes_gemm.md session
+// 12). A kc x 32 B panel takes two thirds of L1d: the A tiles are loaded with the T1 hint (tileloaddt1)
+// so that they do not evict it, which made kc = 512 bf16 the best depth (fewer passes of the partial
+// sums than 384; 768 spilled B). The packed A block takes an eighth of L2 (256 rows at that depth):
+// with the full half of L2 (992 rows) the A block, the B panels and the partial sums' lines evicted
+// one another, and 2048^3 bf16 ran 1.3x slower (int8 1.5x).
 static inline GemmBlocking gemm_amx_blocking(int64_t elem_bytes) {
+  const CpuFeatures& f = cpu_features();
   GemmBlocking b = gemm_blocking(kAmxMr, kAmxNr, elem_bytes, 2);
   const int64_t kt = 64 / elem_bytes;
-  b.kc = std::max(kt, b.kc / kt * kt);
-  b.mc = std::max(kAmxMr, b.mc / kAmxMr * kAmxMr);
+  b.kc = std::max(kt, std::min<int64_t>(2048, f.l1d_bytes * 2 / 3 / (kAmxNr * elem_bytes)) / kt * kt);
+  b.mc = std::max(kAmxMr, std::min<int64_t>(1020, f.l2_bytes / 8 / (b.kc * elem_bytes)) / kAmxMr * kAmxMr);
   return b;
 }
 

@@ -27,6 +27,11 @@ struct AmxModelTiles {
   static void load(const void* p, int64_t stride) {
     amx_model_tileloadd(T, p, stride);
   }
+  // tileloaddt1 is tileloadd with a cache hint: the same data.
+  template <int T>
+  static void load_t1(const void* p, int64_t stride) {
+    amx_model_tileloadd(T, p, stride);
+  }
   template <int T>
   static void store(void* p, int64_t stride) {
     amx_model_tilestored(T, p, stride);

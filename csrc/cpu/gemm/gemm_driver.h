@@ -113,6 +113,14 @@ static inline GemmUnit gemm_unit_at(const GemmPlan& p, int64_t u, int64_t m, int
   return w;
 }
 
+// Optional per-thread hooks of a Traits: Traits::thread_begin() before a thread's first tile of a call,
+// Traits::thread_end() after its last (the AMX kernels load their tile configuration once per call and
+// thread: ldtilecfg per tile was a quarter of a 2048^3 bf16 product, bench/notes_gemm.md session 12).
+template <class T, class = void>
+struct GemmHasThreadHooks : std::false_type {};
+template <class T>
+struct GemmHasThreadHooks<T, std::void_t<decltype(T::thread_begin()), decltype(T::thread_end())>> : std::true_type {};
+
 // Runs every unit of the plan (see the top of this file). need_ws: each thread gets an mu x nu
 // float32 / int32 workspace for partial sums (passed to tr.tile).
 template <class Traits>
@@ -137,6 +145,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
     Packed* b_pack = reinterpret_cast<Packed*>(mine + a_bytes);
     void* ws = mine + a_bytes + b_bytes;
     const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
+    if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_begin();
     for (int64_t u = u_begin; u < u_end; ++u) {
       const GemmUnit w = gemm_unit_at(plan, u, m, n);
       const int64_t ncur = w.n1 - w.n0;
@@ -165,6 +174,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
         }
       }
     }
+    if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_end();
   });
 }
 
