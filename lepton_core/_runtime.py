@@ -64,8 +64,8 @@ def default_num_threads() -> int:
 
 
 def _apply_isa_cap() -> None:
-    """LEPTON_CPU_ISA caps the choice (and is the only way to the amx level: the automatic choice stops
-    at avx512 until the AMX kernels have run on AMX hardware); an unknown name warns and is ignored."""
+    """LEPTON_CPU_ISA caps the choice (the automatic one is the best level the CPU, the OS and the build
+    support, amx included); an unknown name warns and is ignored."""
     cap = os.environ.get("LEPTON_CPU_ISA", "").strip().lower()
     if not cap:
         return
@@ -174,7 +174,7 @@ def cpu_kernels() -> str:
     isa = cpu_isa()
     if isa == "amx":
         fp16 = ", float16 with AMX-FP16" if _C.cpu_features().get("amx_fp16") else ""
-        return (f"amx (AMX tiles for bfloat16{fp16} and int8 GEMM, opt-in and not yet verified on AMX hardware; "
+        return (f"amx (AMX tiles for bfloat16{fp16} and int8 GEMM; "
                 "float32 GEMM and the other kernels: AVX-512 / AVX2)")
     return isa
 

@@ -26,13 +26,8 @@ BENCH_DEFAULT = ("gemm", "quant")
 
 
 def _isa_line(info: dict) -> str:
-    # The amx level is opt-in (the automatic choice stops at avx512): say how to get it, or what it runs.
-    if info["cpu_isa"] == "amx":
-        note = "; amx: AMX tiles for bf16 / int8 GEMM, opt-in, not yet verified on AMX hardware"
-    elif info["cpu_isa_detected"] == "amx" and info["cpu_isa_compiled"] == "amx":
-        note = "; the amx level is opt-in: LEPTON_CPU_ISA=amx"
-    else:
-        note = ""
+    # The amx level runs AMX tiles for some GEMMs only: say which.
+    note = "; amx: AMX tiles for bf16 / int8 GEMM, AVX-512 for the rest" if info["cpu_isa"] == "amx" else ""
     return (f"{info['cpu_isa']} (detected {info['cpu_isa_detected']}; kernels compiled up to "
             f"{info['cpu_isa_compiled']}{note}; cap with LEPTON_CPU_ISA)")
 

@@ -146,14 +146,12 @@ def test_info_shows_the_newer_keys_when_present(capsys, monkeypatch):
 
 
 def test_info_isa_wording_matches_the_shipped_kernels(capsys, monkeypatch):
-    """The amx level is opt-in: on an AMX machine the automatic avx512 says how to select it, and the
-    selected amx level says what it runs and that it is unverified."""
+    """The amx level says what it runs (AMX tiles for some GEMMs only); a capped level says nothing of it."""
     lines = _info_lines(capsys, monkeypatch, cpu_isa="amx", cpu_isa_detected="amx", cpu_isa_compiled="amx")
     assert ("  cpu isa       : amx (detected amx; kernels compiled up to amx; amx: AMX tiles for bf16 / int8 GEMM, "
-            "opt-in, not yet verified on AMX hardware; cap with LEPTON_CPU_ISA)") in lines
+            "AVX-512 for the rest; cap with LEPTON_CPU_ISA)") in lines
     lines = _info_lines(capsys, monkeypatch, cpu_isa="avx512", cpu_isa_detected="amx", cpu_isa_compiled="amx")
-    assert ("  cpu isa       : avx512 (detected amx; kernels compiled up to amx; the amx level is opt-in: "
-            "LEPTON_CPU_ISA=amx; cap with LEPTON_CPU_ISA)") in lines
+    assert ("  cpu isa       : avx512 (detected amx; kernels compiled up to amx; cap with LEPTON_CPU_ISA)") in lines
     lines = _info_lines(capsys, monkeypatch, cpu_isa="avx2", cpu_isa_detected="avx512", cpu_isa_compiled="avx2")
     assert "  cpu isa       : avx2 (detected avx512; kernels compiled up to avx2; cap with LEPTON_CPU_ISA)" in lines
 

@@ -180,13 +180,13 @@ def test_developing_command_installs_what_the_dev_build_runs():
         assert tool in script and package in packages, package
 
 
-def test_amx_level_is_opt_in_as_the_readme_says():
-    """README: the amx level is opt-in and its kernels have run on the tile model only; the code: the
-    automatic choice stops at avx512, the AMX table and its model build exist."""
+def test_amx_level_is_automatic_as_the_readme_says():
+    """README: the amx level is the automatic choice where the CPU has AMX, and its kernels also run on
+    the tile model; the code: no cap below amx, the AMX table and its model build exist."""
     text = " ".join(_read("README.md").split())
-    assert "The `amx` level is opt-in: `LEPTON_CPU_ISA=amx` selects it" in text
-    assert "the automatic choice stays at `avx512`" in text and "software model of the tile instructions" in text
-    assert "int(LP_ISA_AVX512)" in _read("csrc", "common", "cpu_features.cc")
+    assert "The `amx` level is the automatic choice on a CPU with AMX" in text
+    assert "software model of the tile instructions" in text
+    assert "LP_ISA_AVX512" not in _read("csrc", "common", "cpu_features.cc").split("int cpu_isa_active()")[1]
     for name in ("gemm_amx.cc", "gemm_amx_model_avx2.cc", "gemm_amx_kernels.h", "amx_tile_model.h"):
         assert os.path.exists(os.path.join(ROOT, "csrc", "cpu", "gemm", name)), name
 

@@ -96,10 +96,8 @@ def test_env_cap(cap):
 
 
 def _automatic_isa():
-    """The automatic choice: the best level available, but never amx (opt-in until AMX hardware has
-    run its kernels' tests)."""
-    best = _runtime.available_isas()[-1]
-    return min(best, "avx512", key=ISA_NAMES.index)
+    """The automatic choice: the best level available, amx included."""
+    return _runtime.available_isas()[-1]
 
 
 def test_env_cap_unknown_warns_and_uses_automatic_choice():
@@ -109,11 +107,13 @@ def test_env_cap_unknown_warns_and_uses_automatic_choice():
     assert r.stdout.strip() == _automatic_isa()
 
 
-def test_automatic_choice_stops_at_avx512():
-    r = _py("import lepton_core as lc; i = lc.info(); print(i['cpu_isa'], i['cpu_isa_detected'])", LEPTON_CPU_ISA="")
+def test_automatic_choice_is_the_best_level():
+    r = _py("import lepton_core as lc; i = lc.info(); print(i['cpu_isa'], i['cpu_isa_detected'], i['cpu_isa_compiled'])",
+            LEPTON_CPU_ISA="")
     assert r.returncode == 0, r.stderr
-    active, detected = r.stdout.split()
-    assert active == _automatic_isa() and active != "amx"
+    active, detected, compiled = r.stdout.split()
+    assert active == _automatic_isa()
+    assert active == min(detected, compiled, key=ISA_NAMES.index)
     assert detected == ISA_NAMES[_runtime._C.cpu_isa_detected()]
 
 

@@ -156,9 +156,7 @@ int cpu_isa_compiled() {
 int cpu_isa_active() {
   int a = g_active.load(std::memory_order_relaxed);
   if (a < 0) {
-    // The automatic choice stops at avx512: the AMX kernels are opt-in (LEPTON_CPU_ISA=amx, through
-    // cpu_isa_set_active) until a machine with AMX has run their tests and benchmarks.
-    a = std::min({cpu_isa_detected(), cpu_isa_compiled(), int(LP_ISA_AVX512)});
+    a = std::min(cpu_isa_detected(), cpu_isa_compiled());
     g_active.store(a, std::memory_order_relaxed);
   }
   return a;

@@ -10,7 +10,7 @@ faster). A roofline against the compute peak: `peak_pct` is our throughput and `
 baseline's over this machine's measured peak for that arithmetic (`peak_gflops`): the peak probe
 (_C.gemm_peak_probe) runs the active ISA's microkernel instructions without loads on every thread
 (AVX-512: vfmadd231ps for float32 / float16, vdpbf16ps for bf16, vpdpbusd for int8; AVX2: FMA for
-every float dtype, madd + add for int8; amx, opt-in: tdpbf16ps for bf16, tdpbssd for int8), and is
+every float dtype, madd + add for int8; amx: tdpbf16ps for bf16, tdpbssd for int8), and is
 timed interleaved with the row's own samples, so it reflects the clock and core share the row
 actually had (the machine is shared). On a busy machine small 2-thread calls (ours and torch's alike) can wait a
 scheduler tick for their second OpenMP thread; the probe's calls are long enough not to.

@@ -145,7 +145,7 @@ const GemmKernels& gemm_kernels();
 const GemmKernels* gemm_kernels_scalar();
 const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512();
-const GemmKernels* gemm_kernels_amx();  // opt-in level: gemm_amx.cc
+const GemmKernels* gemm_kernels_amx();  // gemm_amx.cc
 
 // Testing hooks. The AMX kernels compiled against the software tile model (gemm_amx_model_avx2.cc,
 // needs AVX2; null when the build lacks it); it is no ISA level and the picker never returns it.

@@ -2,11 +2,12 @@
 // gemm_amx_kernels.h on the real tile instructions, and the table. bf16 runs tdpbf16ps, int8
 // (plain and scaled_gemm) tdpbssd, fp16 tdpfp16ps on CPUs with AMX-FP16; float32 (and fp16
 // without AMX-FP16), matrix-vector products and few rows times W^T borrow the AVX-512 table's
-// kernels. What each instruction computes exactly, and how that meets the contract: the top of
-// gemm_amx_kernels.h and amx_tile_model.h. Also the level's peak probe (tdpbf16ps / tdpbssd).
-// The level is opt-in (LEPTON_CPU_ISA=amx, csrc/common/cpu_features.cc) until a machine with AMX
-// has run the real path's tests and benchmarks. The process asks Linux for XTILEDATA permission
-// when it detects AMX (cpu_features.cc); the picker gives this table only where that succeeded.
+// kernels, and so do int8 products with a pre-packed B and float products with a quantized B
+// (gemm_int8_amx below). What each instruction computes exactly, and how that meets the contract:
+// the top of gemm_amx_kernels.h and amx_tile_model.h. Also the level's peak probe (tdpbf16ps /
+// tdpbssd). The automatic choice on CPUs with AMX since session 12, when these kernels first ran on
+// one (a 2-core Xeon: bench/RESULTS.md). The process asks Linux for XTILEDATA permission when it
+// detects AMX (cpu_features.cc); the picker gives this table only where that succeeded.
 #include <cstdint>
 
 #include "common/cpu_features.h"
@@ -60,7 +61,19 @@ void gemm_float_amx(const GemmFloatArgs& g) {
   if (!gemm_float_amx_tiles<AmxTiles, Simd512>(g, cpu_features().amx_fp16)) gemm_kernels_avx512()->gemm_float(g);
 }
 
-void gemm_int8_amx(const GemmInt8Args& g) { gemm_int8_amx_tiles<AmxTiles, Simd512>(g); }
+// An int8 B pre-packed once (QuantLinear w8a8's weight) is in the AVX-512 kernels' layout, and those
+// kernels run it: with no pre-packed B of its own, the AMX path packed the whole weight in every call
+// (a 1-row w8a8 4096 x 4096 product 4x slower than at the avx512 level). So do the products with a
+// quantized B (QuantLinear w8 / w4 with many rows).
+void gemm_int8_amx(const GemmInt8Args& g) {
+  if (g.b_packed) return gemm_kernels_avx512()->gemm_int8(g);
+  gemm_int8_amx_tiles<AmxTiles, Simd512>(g);
+}
+int64_t int8_packed_b_bytes_amx(int64_t k, int64_t n) { return gemm_kernels_avx512()->int8_packed_b_bytes(k, n); }
+void int8_pack_b_amx(const GemmInt8Args& g, void* dst) { gemm_kernels_avx512()->int8_pack_b(g, dst); }
+void gemm_float_quant_b_amx(const GemmFloatArgs& g, const GemmQuantB& qb) {
+  gemm_kernels_avx512()->float_quant_b(g, qb);
+}
 
 // The microkernel's four tdp* per step on tiles loaded once (zeros), without the loads; float32
 // runs the AVX-512 probe (the level's float32 kernels are AVX-512's). Returns the operations on all
@@ -104,7 +117,10 @@ const GemmKernels kGemmAmx = {"amx",
                               gemm_gemv_float_avx2,
                               gemm_small_m_float_avx512,
                               gemm_packed_blocking_amx,
-                              gemm_peak_probe_amx};
+                              gemm_peak_probe_amx,
+                              int8_packed_b_bytes_amx,
+                              int8_pack_b_amx,
+                              gemm_float_quant_b_amx};
 
 }  // namespace
 
