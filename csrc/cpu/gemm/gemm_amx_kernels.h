@@ -7,7 +7,13 @@
 // Tiles supplies (tile numbers are template arguments, as the instructions encode them):
 //   configure(const AmxTileConfig*), release(), zero<T>(), load<T>(ptr, stride_bytes),
 //   store<T>(ptr, stride_bytes), dp_bf16<C, A, B>() (tdpbf16ps), dp_fp16<C, A, B>() (tdpfp16ps),
-//   dp_s8<C, A, B>() (tdpbssd).
+//   dp_s8<C, A, B>() (tdpbssd);
+// and two packing primitives (AVX-512 shuffles in gemm_amx.cc, plain loops in the model, so that the
+// packing logic around them runs the tests everywhere):
+//   transpose_dwords_16x16(src, src_stride_bytes, dst, dst_stride_bytes): dst row q, dword p = src
+//     row p, dword q;
+//   pairs_32x32(src, src_k_stride_elems, dst): 32 rows x 32 k of 16-bit values from an m-major
+//     source (element (r, k) at src[r + k * stride]) into 32 rows of 32 k, 64 bytes apart.
 //
 // The register tile is MR x NR = 32 x 32 outputs in four C tiles of 16 x 16 32-bit sums (tmm0..3:
 // C[i][j] = tmm(2i + j)), two A tiles (tmm4, tmm5: rows 0-15 and 16-31) and two B tiles (tmm6, tmm7:
@@ -96,7 +102,7 @@ struct AmxTraits {
   static void thread_end() { Tiles::release(); }
 
   int64_t b_panel_elems(int64_t kc_panel) const { return kNr * kc_panel; }
-  // The AMX table takes no pre-packed B (GemmKernels::int8_pack_b is null).
+  // A pre-packed int8 B never reaches these kernels (gemm_int8_amx gives it to the AVX-512 ones).
   const Packed* prepacked_b(int64_t, int64_t, const GemmBlocking&, int64_t) const { return nullptr; }
 
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
@@ -105,12 +111,19 @@ struct AmxTraits {
       gemm_pack_panels<kMr, kKGroup>(
           dst, kMr * gemm_round_up(kc, kKGroup), mc, kc,
           [&](int64_t i, Packed* d) -> int64_t {
-            if (cs != 1) return 0;
-            // Rows contiguous along k: a row's KT values are one 64-byte copy.
             const int64_t k_end = kc / kKGroup * kKGroup;
-            for (int64_t k = 0; k < k_end; k += kKGroup)
-              for (int64_t r = 0; r < kMr; ++r) std::memcpy(d + k * kMr + r * kKGroup, src + (i + r) * rs + k, 64);
-            return k_end;
+            if (cs == 1) {  // rows contiguous along k: a row's KT values are one 64-byte copy
+              for (int64_t k = 0; k < k_end; k += kKGroup)
+                for (int64_t r = 0; r < kMr; ++r) std::memcpy(d + k * kMr + r * kKGroup, src + (i + r) * rs + k, 64);
+              return k_end;
+            }
+            if (rs == 1 && sizeof(Packed) == 2) {  // m-major 16-bit A (the weight gradient's g^T)
+              for (int64_t k = 0; k < k_end; k += kKGroup)
+                Tiles::pairs_32x32(reinterpret_cast<const uint16_t*>(src + i + k * cs), cs,
+                                   reinterpret_cast<uint16_t*>(d + k * kMr));
+              return k_end;
+            }
+            return 0;
           },
           [&](int64_t i, int64_t k) { return Packed(src[i * rs + k * cs]); }, [](Packed*) {});
     });
@@ -125,8 +138,16 @@ struct AmxTraits {
           dst, kNr * kc_panel, nc, kc_panel,
           [&](int64_t j, Packed* d) -> int64_t {
             const int64_t k_end = kc / kKUnit * kKUnit;
-            if (rs == 1) {  // B = W^T: a column's KU values are contiguous
-              for (int64_t k = 0; k < k_end; k += kKUnit)
+            if (rs == 1) {
+              // B = W^T: a column's KU values are one dword, and a panel's rows of KU-units are the
+              // transpose of 32 columns' dwords: 16 x 16 blocks, then the dwords left one by one.
+              constexpr int64_t kRowBytes = kNr * kKUnit * sizeof(Packed);
+              const int64_t k_blocks = k_end / (16 * kKUnit) * (16 * kKUnit);
+              for (int64_t k = 0; k < k_blocks; k += 16 * kKUnit)
+                for (int64_t l = 0; l < kNr; l += 16)
+                  Tiles::transpose_dwords_16x16(src + (j + l) * cs + k, cs * int64_t(sizeof(Packed)),
+                                                d + k * kNr + l * kKUnit, kRowBytes);
+              for (int64_t k = k_blocks; k < k_end; k += kKUnit)
                 for (int64_t l = 0; l < kNr; ++l)
                   std::memcpy(d + k * kNr + l * kKUnit, src + (j + l) * cs + k, kKUnit * sizeof(Packed));
               return k_end;

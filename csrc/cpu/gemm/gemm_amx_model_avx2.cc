@@ -48,6 +48,17 @@ struct AmxModelTiles {
   static void dp_s8() {
     amx_model_tdpbssd(C, A, B);
   }
+  // The packing primitives in plain loops (what gemm_amx.cc's shuffles must equal).
+  static void transpose_dwords_16x16(const void* src, int64_t src_stride, void* dst, int64_t dst_stride) {
+    for (int q = 0; q < 16; ++q)
+      for (int p = 0; p < 16; ++p)
+        std::memcpy(static_cast<char*>(dst) + q * dst_stride + 4 * p,
+                    static_cast<const char*>(src) + p * src_stride + 4 * q, 4);
+  }
+  static void pairs_32x32(const uint16_t* src, int64_t k_stride, uint16_t* dst) {
+    for (int r = 0; r < 32; ++r)
+      for (int k = 0; k < 32; ++k) dst[r * 32 + k] = src[r + k * k_stride];
+  }
 };
 
 void gemm_float_amx_model(const GemmFloatArgs& g) {
