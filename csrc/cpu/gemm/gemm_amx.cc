@@ -3,9 +3,9 @@
 // (plain and scaled_gemm) tdpbssd, fp16 tdpfp16ps on CPUs with AMX-FP16; float32 (and fp16
 // without AMX-FP16), matrix-vector products and few rows times W^T (bf16: up to 8) borrow the
 // AVX-512 table's kernels, and so do int8 products with a pre-packed B and float products with a
-// quantized B (gemm_int8_amx below). What each instruction computes exactly, and how that meets the contract:
-// the top of gemm_amx_kernels.h and amx_tile_model.h. Also the level's peak probe (tdpbf16ps /
-// tdpbssd). The automatic choice on CPUs with AMX since session 12, when these kernels first ran on
+// quantized B (gemm_int8_amx below). What each instruction computes exactly, and how that meets the
+// contract: the top of gemm_amx_kernels.h and amx_tile_model.h. Also the level's peak probe
+// (tdpbf16ps / tdpbssd). The automatic choice on CPUs with AMX since session 12, when these kernels first ran on
 // one (a 2-core Xeon: bench/RESULTS.md). The process asks Linux for XTILEDATA permission when it
 // detects AMX (cpu_features.cc); the picker gives this table only where that succeeded.
 #include <cstdint>
@@ -103,10 +103,6 @@ void gemm_float_amx(const GemmFloatArgs& g) {
   if (!gemm_float_amx_tiles<AmxTiles, Simd512>(g, cpu_features().amx_fp16)) gemm_kernels_avx512()->gemm_float(g);
 }
 
-// An int8 B pre-packed once (QuantLinear w8a8's weight) is in the AVX-512 kernels' layout, and those
-// kernels run it: with no pre-packed B of its own, the AMX path packed the whole weight in every call
-// (a 1-row w8a8 4096 x 4096 product 4x slower than at the avx512 level). So do the products with a
-// quantized B (QuantLinear w8 / w4 with many rows).
 // The AVX-512 few-rows kernel (x @ W^T, up to 48 rows) for bf16 only up to 8 rows: beyond, its
 // vdpbf16ps is the bound (215 GFLOP/s on the 2-core Xeon), and the tiles with W^T packed by the dword
 // transposes run 32 x 4096 x 4096 in 1.8 ms where it took 5.6 (4096 x 4096, 2 threads: 12 rows 1.7x,
@@ -118,6 +114,10 @@ bool gemm_small_m_float_amx(const GemmFloatArgs& g) {
   return gemm_kernels_avx512()->small_m_float(g);
 }
 
+// An int8 B pre-packed once (QuantLinear w8a8's weight) is in the AVX-512 kernels' layout, and those
+// kernels run it: with no pre-packed B of its own, the AMX path packed the whole weight in every call
+// (a 1-row w8a8 4096 x 4096 product 4x slower than at the avx512 level). So do the products with a
+// quantized B (QuantLinear w8 / w4 with many rows).
 void gemm_int8_amx(const GemmInt8Args& g) {
   if (g.b_packed) return gemm_kernels_avx512()->gemm_int8(g);
   gemm_int8_amx_tiles<AmxTiles, Simd512>(g);

@@ -117,11 +117,13 @@ struct AmxTraits {
                 for (int64_t r = 0; r < kMr; ++r) std::memcpy(d + k * kMr + r * kKGroup, src + (i + r) * rs + k, 64);
               return k_end;
             }
-            if (rs == 1 && sizeof(Packed) == 2) {  // m-major 16-bit A (the weight gradient's g^T)
-              for (int64_t k = 0; k < k_end; k += kKGroup)
-                Tiles::pairs_32x32(reinterpret_cast<const uint16_t*>(src + i + k * cs), cs,
-                                   reinterpret_cast<uint16_t*>(d + k * kMr));
-              return k_end;
+            if constexpr (sizeof(Packed) == 2) {
+              if (rs == 1) {  // m-major 16-bit A (the weight gradient's g^T); int8 takes the element loop
+                for (int64_t k = 0; k < k_end; k += kKGroup)
+                  Tiles::pairs_32x32(reinterpret_cast<const uint16_t*>(src + i + k * cs), cs,
+                                     reinterpret_cast<uint16_t*>(d + k * kMr));
+                return k_end;
+              }
             }
             return 0;
           },
