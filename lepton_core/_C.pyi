@@ -90,8 +90,17 @@ def q8_widen(isa: typing.SupportsInt | typing.SupportsIndex, acc: typing.Support
 def qlinear(m: typing.SupportsInt | typing.SupportsIndex, n: typing.SupportsInt | typing.SupportsIndex, k: typing.SupportsInt | typing.SupportsIndex, x: typing.SupportsInt | typing.SupportsIndex, x_dtype: typing.SupportsInt | typing.SupportsIndex, x_stride_row: typing.SupportsInt | typing.SupportsIndex, x_stride_col: typing.SupportsInt | typing.SupportsIndex, scheme: typing.SupportsInt | typing.SupportsIndex, group_size: typing.SupportsInt | typing.SupportsIndex, codes: typing.SupportsInt | typing.SupportsIndex, scale: typing.SupportsInt | typing.SupportsIndex, zero: typing.SupportsInt | typing.SupportsIndex, bias: typing.SupportsInt | typing.SupportsIndex, out: typing.SupportsInt | typing.SupportsIndex, out_dtype: typing.SupportsInt | typing.SupportsIndex) -> None:
     """out = round_once(x @ dequantized(W)^T + bias) from a packed w8 / w4 weight, float32 accumulation"""
     ...
+def qlinear_kernels_active_name() -> str:
+    """Name of the table weight-quantized linear calls run now (the testing table while one is set)"""
+    ...
 def qlinear_kernels_name(isa: typing.SupportsInt | typing.SupportsIndex = -1) -> str:
     """Name of the weight-quantized linear kernel table an lp_isa level runs (-1: the active level)"""
+    ...
+def qlinear_testing_table(name: str) -> None:
+    """Testing hook: route every weight-quantized linear call through the named table of qlinear_testing_tables() ('': back to the active ISA level's table)"""
+    ...
+def qlinear_testing_tables() -> list[str]:
+    """Kernel tables that are no ISA level and that tests can route calls through on this machine (qlinear_testing_table): 'amx-model', the AMX kernels on the software tile model (needs AVX2)"""
     ...
 def quantize_into(x: typing.SupportsInt | typing.SupportsIndex, x_dtype: typing.SupportsInt | typing.SupportsIndex, n_outer: typing.SupportsInt | typing.SupportsIndex, n_channels: typing.SupportsInt | typing.SupportsIndex, n_inner: typing.SupportsInt | typing.SupportsIndex, block_size: typing.SupportsInt | typing.SupportsIndex, fmt: typing.SupportsInt | typing.SupportsIndex, stochastic: bool, seed: typing.SupportsInt | typing.SupportsIndex, data: typing.SupportsInt | typing.SupportsIndex, scale: typing.SupportsInt | typing.SupportsIndex, zero_point: typing.SupportsInt | typing.SupportsIndex) -> int:
     """Quantizes contiguous x into data/scale/zero_point; returns the first non-finite flat index or -1."""

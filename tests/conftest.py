@@ -22,6 +22,28 @@ def isa(request):
     _runtime._set_cpu_isa(before)
 
 
+def isa_fixture_with(tables, route, active_name):
+    """An `isa` fixture for a test module of a kernel family that has testing tables (kernel tables
+    that are no ISA level, e.g. 'amx-model': the AMX kernels on the software tile model): conftest's
+    levels, then each of `tables`, routed through with route(name) (route(""): back) and checked with
+    active_name()."""
+
+    @pytest.fixture(params=ISAS + list(tables))
+    def isa(request):
+        before = _runtime.cpu_isa()
+        if request.param in tables:
+            route(request.param)
+            assert active_name() == request.param
+        else:
+            _runtime._set_cpu_isa(request.param)
+            assert lc.info()["cpu_isa"] == request.param
+        yield request.param
+        route("")
+        _runtime._set_cpu_isa(before)
+
+    return isa
+
+
 @pytest.fixture(params=[1, 2])
 def threads(request):
     before = lc.get_num_threads()

@@ -14,6 +14,7 @@ import torch
 import lepton_core as lc
 from lepton_core import _C, _runtime
 from lepton_core.gemm import INT8_MAX_K
+from conftest import isa_fixture_with
 from tolerances import SUBNORMAL_SPACING, gemm_rel_denominator, gemm_rel_norm_bound
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -30,20 +31,9 @@ BLK8_DEEP = _C.gemm_blocking(True, rows=ROWS_DEEP)  # int8 with B packed per cal
 MODEL_TABLES = _C.gemm_testing_tables()
 
 
-@pytest.fixture(params=_runtime.available_isas() + MODEL_TABLES)
-def isa(request):
-    """conftest's fixture (every ISA level this machine runs) plus the testing tables: every GEMM test
-    also runs the AMX kernels' logic, on the tile model."""
-    before = _runtime.cpu_isa()
-    if request.param in MODEL_TABLES:
-        _C.gemm_testing_table(request.param)
-        assert _C.gemm_kernels_name() == request.param
-    else:
-        _runtime._set_cpu_isa(request.param)
-        assert lc.info()["cpu_isa"] == request.param
-    yield request.param
-    _C.gemm_testing_table("")
-    _runtime._set_cpu_isa(before)
+# conftest's levels plus the testing tables: every GEMM test also runs the AMX kernels' logic, on the
+# tile model.
+isa = isa_fixture_with(MODEL_TABLES, _C.gemm_testing_table, lambda: _C.gemm_kernels_name())
 
 
 def rand(rng, shape, dtype):

@@ -12,9 +12,19 @@ from lepton_core import _C, _runtime
 from lepton_core._qpack import pack_w4, pack_w8, quantize_w4, unpack
 from lepton_core.backends import cpu
 import lepton_core as lc
+from conftest import isa_fixture_with
 from tolerances import gemm_rel_denominator, gemm_rel_norm_bound
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Kernel tables that are no ISA level: 'amx-model', the AMX bf16 kernels compiled against the software
+# tile model (csrc/cpu/qlinear/qlinear_amx_model_avx2.cc), on every machine with AVX2; it sends bf16
+# activations of every row count to the tile kernels.
+MODEL_TABLES = _C.qlinear_testing_tables()
+
+
+# conftest's levels plus the testing tables: every test here also runs the AMX kernels' logic.
+isa = isa_fixture_with(MODEL_TABLES, _C.qlinear_testing_table, _C.qlinear_kernels_active_name)
+
 # Row counts 1, 2, 3 and 12 + 3 reach the w8 kernels' two-chain form for few rows (odd and even K), the
 # others the one-chain form and its remainders (with bf16 activations on AVX-512, 3 to 19 rows take the
 # few-rows bf16 kernels: 8-row blocks and their remainders for w8); 300 rows of K 1030 span three of
@@ -63,14 +73,18 @@ def test_matches_dequantized_reference(rng, isa, threads, scheme, group_size, dt
 
 
 @pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32), ("w4", 64), ("w4", 1024)])
-@pytest.mark.parametrize("m,k,n", [(7, 600, 33), (8, 2049, 31), (17, 130, 40), (19, 601, 33), (20, 1030, 65), (33, 1030, 65),
-                                   (128, 257, 33), (257, 600, 7), (600, 2049, 7)])
+@pytest.mark.parametrize("m,k,n", [(3, 64, 32), (7, 600, 33), (8, 2049, 31), (16, 96, 32), (17, 130, 40), (19, 601, 33),
+                                   (20, 1030, 65), (31, 100, 33), (33, 1030, 65), (128, 257, 33), (257, 600, 7),
+                                   (600, 2049, 7)])
 def test_bf16_activations_many_rows(rng, isa, threads, scheme, group_size, m, k, n):
     """bf16 activations from 20 rows on take the bf16 k-pair kernels where the ISA has them (AVX-512):
     K odd, not a multiple of the group or of the 512-deep K block (group 1024 straddles blocks), odd
     N, row counts past multiples of the 12-row block, 600 rows of K 2049 past one 2 MiB row chunk
     (504 rows); 7, 8 and 19 rows take the few-rows bf16 kernels (w8 from 3 rows, in blocks of 8; w4 in
-    blocks of 6; AVX-512), views and leading dims included."""
+    blocks of 6; AVX-512), views and leading dims included. On AMX (and the amx-model table: every row
+    count) the tile kernels from 3 rows: 32-row blocks and a last one of 16 or fewer (3, 16, 17, 31,
+    33 rows), K that is no multiple of the 32-deep tile step (the zero tail), two row chunks at 600
+    rows of K 2049 on a 2 MiB L2."""
     w, x, bias = torch.randn(n, k), torch.randn(m, k).to(torch.bfloat16), torch.randn(n)
     codes, scale, zero = _packed(scheme, w, group_size)
     wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()
@@ -133,6 +147,9 @@ def test_empty_k_and_empty_rows(rng, isa):
 
 
 def test_kernel_table_follows_the_active_isa(isa):
+    if isa in MODEL_TABLES:
+        assert _C.qlinear_kernels_active_name() == isa
+        return
     best = _runtime.ISA_NAMES.index(_runtime.available_isas()[-1])
     want = _runtime.ISA_NAMES[min(_runtime.ISA_NAMES.index(isa), best)]
-    assert _C.qlinear_kernels_name() == ("avx512" if want == "amx" else want)
+    assert _C.qlinear_kernels_name() == want == _C.qlinear_kernels_active_name()

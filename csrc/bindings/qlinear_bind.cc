@@ -32,6 +32,31 @@ void bind_qlinear(py::module_& m) {
       [](int isa) { return std::string(qlinear_kernels_for(isa < 0 ? cpu_isa_active() : isa).name); },
       py::arg("isa") = -1,
       "Name of the weight-quantized linear kernel table an lp_isa level runs (-1: the active level)");
+  m.def(
+      "qlinear_testing_tables",
+      [] {
+        std::vector<std::string> names;
+        const QLinearKernels* model = qlinear_kernels_amx_model();
+        if (model && model->isa <= cpu_isa_detected()) names.push_back(model->name);
+        return names;
+      },
+      "Kernel tables that are no ISA level and that tests can route calls through on this machine "
+      "(qlinear_testing_table): 'amx-model', the AMX kernels on the software tile model (needs AVX2)");
+  m.def(
+      "qlinear_testing_table",
+      [](const std::string& name) {
+        const QLinearKernels* model = qlinear_kernels_amx_model();
+        if (name.empty()) return qlinear_set_testing_table(nullptr);
+        if (!model || name != model->name || model->isa > cpu_isa_detected())
+          throw py::value_error("qlinear_testing_table: '" + name + "' is not one of qlinear_testing_tables() here");
+        qlinear_set_testing_table(model);
+      },
+      py::arg("name"),
+      "Testing hook: route every weight-quantized linear call through the named table of "
+      "qlinear_testing_tables() ('': back to the active ISA level's table)");
+  m.def(
+      "qlinear_kernels_active_name", [] { return std::string(qlinear_kernels().name); },
+      "Name of the table weight-quantized linear calls run now (the testing table while one is set)");
 }
 
 }  // namespace lp

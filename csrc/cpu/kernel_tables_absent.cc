@@ -13,6 +13,7 @@ const QuantKernels* quant_kernels_avx2() { return nullptr; }
 const QLinearKernels* qlinear_kernels_avx2() { return nullptr; }
 const ReduceKernels* reduce_kernels_avx2() { return nullptr; }
 const GemmKernels* gemm_kernels_amx_model() { return nullptr; }
+const QLinearKernels* qlinear_kernels_amx_model() { return nullptr; }
 std::string gemm_amx_model_exec(const std::string&, const std::vector<int64_t>&) {
   return "the AMX tile model is not built (it needs the avx2 level)";
 }
@@ -23,6 +24,7 @@ const QLinearKernels* qlinear_kernels_avx512() { return nullptr; }
 #endif
 #ifndef LP_BUILD_AMX
 const GemmKernels* gemm_kernels_amx() { return nullptr; }
+const QLinearKernels* qlinear_kernels_amx() { return nullptr; }
 #endif
 
 }  // namespace lp

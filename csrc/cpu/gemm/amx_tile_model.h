@@ -56,6 +56,12 @@ struct alignas(64) AmxTileConfig {
 };
 static_assert(sizeof(AmxTileConfig) == 64, "the tile configuration is 64 bytes");
 
+// The configuration every AMX kernel loads: all 8 tiles 16 rows x 64 bytes. A constant in memory, 64-byte aligned, that ldtilecfg reads whole
+// (GCC 12's _tile_loadconfig declares an 8-byte read only, so a configuration built on the stack
+// could lose its stores).
+alignas(64) static const AmxTileConfig kAmxFullTiles = {
+    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0}, {16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0}};
+
 struct AmxModelFault : std::logic_error {
   using std::logic_error::logic_error;
 };
@@ -254,6 +260,53 @@ static inline void amx_model_tdpbssd(int c, int a, int b) { amx_model_dp_int8<tr
 static inline void amx_model_tdpbsud(int c, int a, int b) { amx_model_dp_int8<true, false>("tdpbsud", c, a, b); }
 static inline void amx_model_tdpbusd(int c, int a, int b) { amx_model_dp_int8<false, true>("tdpbusd", c, a, b); }
 static inline void amx_model_tdpbuud(int c, int a, int b) { amx_model_dp_int8<false, false>("tdpbuud", c, a, b); }
+
+// The model as the kernels' tile policy (the members of amx_tiles.h's AmxTiles): what the kernel
+// sources compiled against the model (gemm_amx_model_avx2.cc, qlinear_amx_model_avx2.cc) run.
+struct AmxModelTiles {
+  static void configure(const AmxTileConfig* c) { amx_model_ldtilecfg(c); }
+  static void release() { amx_model_release(); }
+  template <int T>
+  static void zero() {
+    amx_model_tilezero(T);
+  }
+  template <int T>
+  static void load(const void* p, int64_t stride) {
+    amx_model_tileloadd(T, p, stride);
+  }
+  // tileloaddt1 is tileloadd with a cache hint: the same data.
+  template <int T>
+  static void load_t1(const void* p, int64_t stride) {
+    amx_model_tileloadd(T, p, stride);
+  }
+  template <int T>
+  static void store(void* p, int64_t stride) {
+    amx_model_tilestored(T, p, stride);
+  }
+  template <int C, int A, int B>
+  static void dp_bf16() {
+    amx_model_tdpbf16ps(C, A, B);
+  }
+  template <int C, int A, int B>
+  static void dp_fp16() {
+    amx_model_tdpfp16ps(C, A, B);
+  }
+  template <int C, int A, int B>
+  static void dp_s8() {
+    amx_model_tdpbssd(C, A, B);
+  }
+  // The packing primitives in plain loops (what gemm_amx.cc's shuffles must equal).
+  static void transpose_dwords_16x16(const void* src, int64_t src_stride, void* dst, int64_t dst_stride) {
+    for (int q = 0; q < 16; ++q)
+      for (int p = 0; p < 16; ++p)
+        std::memcpy(static_cast<char*>(dst) + q * dst_stride + 4 * p,
+                    static_cast<const char*>(src) + p * src_stride + 4 * q, 4);
+  }
+  static void pairs_32x32(const uint16_t* src, int64_t k_stride, uint16_t* dst) {
+    for (int r = 0; r < 32; ++r)
+      for (int k = 0; k < 32; ++k) dst[r * 32 + k] = src[r + k * k_stride];
+  }
+};
 
 }  // namespace
 }  // namespace lp

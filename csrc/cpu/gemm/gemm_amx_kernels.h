@@ -58,12 +58,6 @@ namespace {
 
 constexpr int64_t kAmxMr = 32, kAmxNr = 32;
 
-// Every tile 16 rows x 64 bytes. A constant in memory, 64-byte aligned, that ldtilecfg reads whole
-// (GCC 12's _tile_loadconfig declares an 8-byte read only, so a configuration built on the stack
-// could lose its stores).
-alignas(64) static const AmxTileConfig kAmxGemmConfig = {
-    1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64, 0, 0, 0, 0, 0, 0, 0, 0}, {16, 16, 16, 16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 0, 0, 0}};
-
 // The input kinds: packed element, k values per A tile row (KT) and per B unit (KU), dot product.
 struct AmxBf16 {
   using Packed = uint16_t;
@@ -98,7 +92,7 @@ struct AmxTraits {
   bool c32_is_out;
   int64_t ws_ld;
 
-  static void thread_begin() { Tiles::configure(&kAmxGemmConfig); }
+  static void thread_begin() { Tiles::configure(&kAmxFullTiles); }
   static void thread_end() { Tiles::release(); }
 
   int64_t b_panel_elems(int64_t kc_panel) const { return kNr * kc_panel; }

@@ -16,51 +16,6 @@
 namespace lp {
 namespace {
 
-struct AmxModelTiles {
-  static void configure(const AmxTileConfig* c) { amx_model_ldtilecfg(c); }
-  static void release() { amx_model_release(); }
-  template <int T>
-  static void zero() {
-    amx_model_tilezero(T);
-  }
-  template <int T>
-  static void load(const void* p, int64_t stride) {
-    amx_model_tileloadd(T, p, stride);
-  }
-  // tileloaddt1 is tileloadd with a cache hint: the same data.
-  template <int T>
-  static void load_t1(const void* p, int64_t stride) {
-    amx_model_tileloadd(T, p, stride);
-  }
-  template <int T>
-  static void store(void* p, int64_t stride) {
-    amx_model_tilestored(T, p, stride);
-  }
-  template <int C, int A, int B>
-  static void dp_bf16() {
-    amx_model_tdpbf16ps(C, A, B);
-  }
-  template <int C, int A, int B>
-  static void dp_fp16() {
-    amx_model_tdpfp16ps(C, A, B);
-  }
-  template <int C, int A, int B>
-  static void dp_s8() {
-    amx_model_tdpbssd(C, A, B);
-  }
-  // The packing primitives in plain loops (what gemm_amx.cc's shuffles must equal).
-  static void transpose_dwords_16x16(const void* src, int64_t src_stride, void* dst, int64_t dst_stride) {
-    for (int q = 0; q < 16; ++q)
-      for (int p = 0; p < 16; ++p)
-        std::memcpy(static_cast<char*>(dst) + q * dst_stride + 4 * p,
-                    static_cast<const char*>(src) + p * src_stride + 4 * q, 4);
-  }
-  static void pairs_32x32(const uint16_t* src, int64_t k_stride, uint16_t* dst) {
-    for (int r = 0; r < 32; ++r)
-      for (int k = 0; k < 32; ++k) dst[r * 32 + k] = src[r + k * k_stride];
-  }
-};
-
 void gemm_float_amx_model(const GemmFloatArgs& g) {
   if (!gemm_float_amx_tiles<AmxModelTiles, Simd256>(g, true)) gemm_kernels_avx2()->gemm_float(g);
 }

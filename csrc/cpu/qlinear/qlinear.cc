@@ -3,6 +3,8 @@
 #include "cpu/qlinear/qlinear.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 
 #include "common/cpu_features.h"
 #include "common/parallel.h"
@@ -13,7 +15,19 @@
 namespace lp {
 
 const QLinearKernels& qlinear_kernels_for(int isa) {
-  return pick_kernel_table(isa, {qlinear_kernels_avx512(), qlinear_kernels_avx2()}, qlinear_kernels_scalar());
+  return pick_kernel_table(isa, {qlinear_kernels_amx(), qlinear_kernels_avx512(), qlinear_kernels_avx2()},
+                           qlinear_kernels_scalar());
+}
+
+namespace {
+std::atomic<const QLinearKernels*> g_testing_table{nullptr};
+}  // namespace
+
+void qlinear_set_testing_table(const QLinearKernels* t) { g_testing_table.store(t, std::memory_order_relaxed); }
+
+const QLinearKernels& qlinear_kernels() {
+  const QLinearKernels* t = g_testing_table.load(std::memory_order_relaxed);
+  return t ? *t : qlinear_kernels_for(cpu_isa_active());
 }
 
 void qlinear_store_row(const QLinearCall& c, int64_t row, int64_t col0, int64_t cols, const float* v) {
@@ -26,14 +40,20 @@ void qlinear_store_row(const QLinearCall& c, int64_t row, int64_t col0, int64_t 
 // A panel is worth a thread of its own past this many multiply-adds (fork/join costs microseconds).
 constexpr double kQLinearMinWorkPerThread = 1.0e6;
 
-// The bf16 rows of x as they are, rows c.xb_ld apart, zero-padded to c.k_pad.
+// Rows of the bf16 activations' copy: m rounded up to the AMX kernels' 32-row blocks, whose tiles
+// read whole blocks (the rows past m are zeros).
+static inline int64_t bf16_rows_alloc(int64_t m) { return gemm_round_up(m, 32); }
+
+// The bf16 rows of x as they are, rows c.xb_ld apart, zero past k to the end of each row and in the
+// rows past m up to bf16_rows_alloc(m) (the AMX tiles read whole steps of 32 k and blocks of 32 rows).
 static void copy_bf16_rows(const QLinearArgs& a, const QLinearCall& c, uint16_t* xb) {
   const uint16_t* x_src = static_cast<const uint16_t*>(a.x);
   for (int64_t i = 0; i < a.m; ++i) {
     uint16_t* xi = xb + i * c.xb_ld;
     for (int64_t kk = 0; kk < a.k; ++kk) xi[kk] = x_src[i * a.x_stride_row + kk * a.x_stride_col];
-    for (int64_t kk = a.k; kk < c.k_pad; ++kk) xi[kk] = 0;
+    std::fill(xi + a.k, xi + c.xb_ld, uint16_t(0));
   }
+  std::memset(xb + a.m * c.xb_ld, 0, size_t((bf16_rows_alloc(a.m) - a.m) * c.xb_ld) * 2);
 }
 
 // w4's per-group sums of one row of activations (k values, zero past them), in float32 and k order,
@@ -56,17 +76,17 @@ void qlinear(const QLinearArgs& a) {
   c.n_groups = gemm_ceil_div(a.k, c.group_size);
   c.codes = a.codes, c.scale = a.scale, c.zero = a.zero, c.bias = a.bias;
   c.out = a.out, c.out_dtype = a.out_dtype;
-  const QLinearKernels& kern = qlinear_kernels_for(cpu_isa_active());
+  const QLinearKernels& kern = qlinear_kernels();
   const bool w4 = a.scheme == LP_QLINEAR_W4;
   auto run_bf16 = w4 ? kern.w4_bf16 : kern.w8_bf16;
   auto run_bf16_few = w4 ? kern.w4_bf16_few_rows : kern.w8_bf16_few_rows;
   const int64_t few_min = w4 ? 1 : kQLinearW8Bf16FewMinRows;
-  const bool few_rows_bf16 = a.x_dtype == LP_DTYPE_BF16 && a.m >= few_min && a.m < kQLinearBf16MinRows && a.k > 0 &&
+  const bool few_rows_bf16 = a.x_dtype == LP_DTYPE_BF16 && a.m >= few_min && a.m < kern.bf16_min_rows && a.k > 0 &&
                              run_bf16_few;
   if (few_rows_bf16) {
     // The bf16 rows as they are, zero-padded to k_pad, and their float32 group sums (in k order).
     c.xb_ld = gemm_round_up(c.k_pad, 32) + 32;
-    const int64_t x_bytes = gemm_round_up(a.m * c.xb_ld * 2, 64);
+    const int64_t x_bytes = gemm_round_up(bf16_rows_alloc(a.m) * c.xb_ld * 2, 64);
     char* scratch = static_cast<char*>(gemm_scratch(1, size_t(x_bytes) + size_t(a.m * c.n_groups) * sizeof(float)));
     uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
     float* xsum = reinterpret_cast<float*>(scratch + x_bytes);
@@ -80,14 +100,14 @@ void qlinear(const QLinearArgs& a) {
     parallel_for(nt, nt, [&](int64_t t) { run_bf16_few(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
     return;
   }
-  if (a.x_dtype == LP_DTYPE_BF16 && a.m >= kQLinearBf16MinRows && a.k > 0 && run_bf16) {
+  if (a.x_dtype == LP_DTYPE_BF16 && a.m >= kern.bf16_min_rows && a.k > 0 && run_bf16) {
     // The bf16 rows as they are, zero-padded to k_pad (rows 64 bytes past a multiple of 64 apart: a
     // power-of-two K would put the rows of a 12-row block in one L1 set); each thread gets its own
     // workspace.
     const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
     const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
     c.xb_ld = gemm_round_up(c.k_pad, 32) + 32;
-    const int64_t x_bytes = gemm_round_up(a.m * c.xb_ld * 2, 64), ws_bytes = gemm_round_up(qlinear_bf16_ws_bytes(c), 64);
+    const int64_t x_bytes = gemm_round_up(bf16_rows_alloc(a.m) * c.xb_ld * 2, 64), ws_bytes = gemm_round_up(qlinear_bf16_ws_bytes(c), 64);
     char* scratch = static_cast<char*>(gemm_scratch(1, size_t(x_bytes + nt * ws_bytes)));
     uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
     copy_bf16_rows(a, c, xb);

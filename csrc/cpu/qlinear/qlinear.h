@@ -24,7 +24,8 @@
 // contract's tolerance, API.md §1). Sums run over k in order; columns are independent, so the result
 // does not depend on the thread count.
 //
-// bf16 activations at m >= kQLinearBf16MinRows (ISAs with a bf16 dot product: the AVX-512 level),
+// bf16 activations at m >= the table's bf16_min_rows (ISAs with a bf16 dot product: the AVX-512 level;
+// the AMX level's tile version of these kernels, qlinear_amx_kernels.h, does the same with tdpbf16ps),
 // compute-bound: each thread converts a block of its panel's codes to bf16 k-pairs (exact: int8 codes,
 // and w4's q - zero in -15..15, have at most 8 significant bits) in a per-thread buffer, never the
 // whole weight, and multiplies the bf16 rows of x by it with vdpbf16ps (each bf16 x bf16 product is
@@ -46,7 +47,11 @@
 //
 // Files: qlinear.cc (the table picker, activation conversion, threads), qlinear_scalar.cc (the
 // reference), qlinear_kernel.h (the SIMD panel kernels, written once against the vector interface of
-// cpu/simd256.h), qlinear_avx2.cc / qlinear_avx512.cc (their instantiations and tables).
+// cpu/simd256.h), qlinear_avx2.cc / qlinear_avx512.cc (their instantiations and tables),
+// qlinear_bf16_avx512.h (the AVX-512 conversion of codes to bf16 k-pairs), qlinear_amx_kernels.h (the
+// AMX bf16 kernels, written against a tile policy) with qlinear_amx.cc (the AMX table: the AVX-512 one
+// with those kernels on the real tiles) and qlinear_amx_model_avx2.cc (the same kernels on the
+// software tile model, a testing table).
 #pragma once
 #include <cstdint>
 
@@ -90,11 +95,11 @@ struct QLinearKernels {
   int isa;  // the lp_isa level the table needs
   void (*w8)(const QLinearCall& c, int64_t p0, int64_t p1);
   void (*w4)(const QLinearCall& c, int64_t p0, int64_t p1);
-  // bf16 activations (c.xb), m >= kQLinearBf16MinRows; null when the ISA has no bf16 dot product.
+  // bf16 activations (c.xb), m >= bf16_min_rows; null when the ISA has no bf16 dot product.
   // ws: this thread's qlinear_bf16_ws_bytes(c) bytes, 64-byte aligned.
   void (*w8_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
   void (*w4_bf16)(const QLinearCall& c, int64_t p0, int64_t p1, void* ws);
-  // w8 / w4, bf16 activations (c.xb; w4 with c.xsum), m < kQLinearBf16MinRows: the codes turned into bf16
+  // w8 / w4, bf16 activations (c.xb; w4 with c.xsum), m < bf16_min_rows: the codes turned into bf16
   // pairs in registers (no workspace); null where the ISA has no bf16 dot product.
   void (*w8_bf16_few_rows)(const QLinearCall& c, int64_t p0, int64_t p1);
   void (*w4_bf16_few_rows)(const QLinearCall& c, int64_t p0, int64_t p1);
@@ -102,10 +107,13 @@ struct QLinearKernels {
   // panel dequantized while it is packed (GemmKernels::float_quant_b) instead of w8 / w4 above: each
   // code converted once per call rather than once per row block. 0: never.
   int64_t float_gemm_min_rows_w8, float_gemm_min_rows_w4;
+  // From this many rows, bf16 activations take w8_bf16 / w4_bf16 (below, the few-rows kernels where
+  // the table has them, else w8 / w4).
+  int64_t bf16_min_rows;
 };
 
-// From this many rows on, bf16 activations take the bf16 kernels that convert a block of codes into a
-// workspace; below, the few-rows kernels (codes converted in registers, once per 8 / 6 rows), from
+// The AVX-512 table's bf16_min_rows: from this many rows on, bf16 activations take the bf16 kernels
+// that convert a block of codes into a workspace; below, the few-rows kernels (codes converted in registers, once per 8 / 6 rows), from
 // kQLinearW8Bf16FewMinRows rows for w8 (1-2 rows stay on the float32 kernel, whose two accumulator
 // sets keep the weight stream at copy speed). Measured on Zen 4, 4096 x 4096, 1 and 2 threads, few-rows
 // against the block kernels: w8 1.4x at 8 rows, 1.2-1.3x at 16, 1.04-1.1x at 20; w4 1.3-1.4x at 8,
@@ -123,12 +131,21 @@ static inline int64_t qlinear_bf16_ws_bytes(const QLinearCall& c) {
   return kQLinearBf16BlockK * kQLinearPanel * 2 + c.m * kQLinearPanel * 4 + 64;
 }
 
-void qlinear(const QLinearArgs& args);  // through the table of cpu_isa_active()
+void qlinear(const QLinearArgs& args);  // through qlinear_kernels()
 const QLinearKernels& qlinear_kernels_for(int isa);
+// The table of cpu_isa_active(), or the testing table while one is set.
+const QLinearKernels& qlinear_kernels();
 
 const QLinearKernels* qlinear_kernels_scalar();
 const QLinearKernels* qlinear_kernels_avx2();
 const QLinearKernels* qlinear_kernels_avx512();
+const QLinearKernels* qlinear_kernels_amx();  // the AVX-512 table with AMX bf16 kernels (qlinear_amx.cc)
+
+// Testing hooks. The AMX kernels compiled against the software tile model (qlinear_amx_model_avx2.cc,
+// needs AVX2; null when the build lacks it): no ISA level, the picker never returns it.
+const QLinearKernels* qlinear_kernels_amx_model();
+// Routes every call through `t` instead of the active level's table (null: back to that).
+void qlinear_set_testing_table(const QLinearKernels* t);
 
 // Stores the valid columns [0, cols) of one row of a panel's float32 results, bias added, rounded
 // once (the scalar tail of every ISA, and the scalar reference's store).

@@ -15,67 +15,13 @@
 
 #include "common/codes.h"
 #include "cpu/qlinear/qlinear.h"
+#include "cpu/qlinear/qlinear_bf16_avx512.h"
 #include "cpu/qlinear/qlinear_kernel.h"
 #include "cpu/simd256.h"
 #include "cpu/simd512.h"
 
 namespace lp {
 namespace {
-
-// w8: the codes of k and k + 1 (kk even; a k past c.k is a zero) of one panel as bf16 pairs, columns
-// 16 h .. 16 h + 15 in w[h]. The bytes of k and k + 1 are interleaved first, so the widened floats are
-// already in pair order; exact: |q| <= 127.
-static inline void bf16_pairs_w8(const QLinearCall& c, const int8_t* panel, int64_t kk, __m512bh (&w)[2]) {
-  auto floats16 = [](__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); };
-  const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk * kQLinearPanel));
-  const __m256i r1 = kk + 1 < c.k ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + (kk + 1) * kQLinearPanel))
-                                  : _mm256_setzero_si256();
-  // lo: columns 0-7 | 16-23, hi: 8-15 | 24-31, each as (k, k + 1) byte pairs
-  const __m256i lo = _mm256_unpacklo_epi8(r0, r1), hi = _mm256_unpackhi_epi8(r0, r1);
-  w[0] = _mm512_cvtne2ps_pbh(floats16(_mm256_castsi256_si128(hi)), floats16(_mm256_castsi256_si128(lo)));
-  w[1] = _mm512_cvtne2ps_pbh(floats16(_mm256_extracti128_si256(hi, 1)), floats16(_mm256_extracti128_si256(lo, 1)));
-}
-
-// w8: the codes of k values [k0, k1) (k0 even) of one panel as bf16 pairs, into d.
-static void bf16_convert_w8(const QLinearCall& c, const int8_t* panel, int64_t k0, int64_t k1, uint16_t* d) {
-  for (int64_t kk = k0; kk < k1; kk += 2) {
-    __m512bh w[2];
-    bf16_pairs_w8(c, panel, kk, w);
-    for (int h = 0; h < 2; ++h) _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, (__m512i)w[h]);
-  }
-}
-
-// w4: the codes of k values [k0, k1) (k0 even, within one group: zero_g its zero points) as bf16 pairs
-// of q - zero, looked up in a table of the bf16 values of -16 .. 15 (exact) with vpermw.
-static void bf16_convert_w4(const uint8_t* panel, const uint8_t* zero_g, int64_t k0, int64_t k1, uint16_t* d) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(iota, _mm512_sub_ps(iota, _mm512_set1_ps(16.0f)));
-  __m512i zz[2];
-  for (int h = 0; h < 2; ++h) {
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zero_g + 16 * h)));
-    // 16 + 16 * 2^16 - (z + z * 2^16): each 16-bit half of a lane stays in 1 .. 31 after adding q.
-    zz[h] = _mm512_sub_epi32(_mm512_set1_epi32(0x00100010), _mm512_or_si512(z, _mm512_slli_epi32(z, 16)));
-  }
-  const __m512i lo4 = _mm512_set1_epi32(0x0f), hi4 = _mm512_set1_epi32(0xf0);
-  for (int64_t kk = k0; kk < k1; kk += 2) {
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* bytes = panel + (kk / 2) * kQLinearPanel + 16 * h;
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-      const __m512i q = _mm512_or_si512(_mm512_and_si512(b, lo4), _mm512_slli_epi32(_mm512_and_si512(b, hi4), 12));
-      _mm512_store_si512(d + (kk - k0) * kQLinearPanel + 32 * h, _mm512_permutexvar_epi16(_mm512_add_epi32(q, zz[h]), table));
-    }
-  }
-}
-
-// Calls f(s0, s1, g) for each piece [s0, s1) of [k0, k1) that lies in one w4 group g (all edges even).
-template <class F>
-static inline void bf16_group_pieces(const QLinearCall& c, int64_t k0, int64_t k1, const F& f) {
-  for (int64_t s0 = k0; s0 < k1;) {
-    const int64_t g = s0 / c.group_size, s1 = std::min(k1, (g + 1) * c.group_size);
-    f(s0, s1, g);
-    s0 = s1;
-  }
-}
 
 // The bf16 sums of R rows over k-pairs [0, pairs) of a segment: x at the rows' first k (rows x_ld
 // apart), b at the segment's first pair; added to the panel's sums ws (rows 32 apart), times s[h]
@@ -117,15 +63,7 @@ void qlinear_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void* ws_
       for (int64_t i = r0 * kQLinearPanel; i < r1 * kQLinearPanel; i += 16) _mm512_store_ps(sums + i, _mm512_setzero_ps());
       for (int64_t k0 = 0; k0 < c.k_pad; k0 += kQLinearBf16BlockK) {
         const int64_t k1 = std::min(c.k_pad, k0 + kQLinearBf16BlockK);
-        if constexpr (W4) {
-          const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
-          const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
-          bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
-            bf16_convert_w4(panel, zero + g * kQLinearPanel, s0, s1, bbuf + (s0 - k0) * kQLinearPanel);
-          });
-        } else {
-          bf16_convert_w8(c, static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel, k0, k1, bbuf);
-        }
+        qlinear_bf16_convert_block<Bf16ConvAvx512, W4>(c, p, k0, k1, bbuf);
         qlinear_row_blocks<Simd512, 12, 2>(r0, r1, [&](auto rows, int64_t i0) {
           constexpr int R = decltype(rows)::value;
           const uint16_t* x = c.xb + i0 * c.xb_ld;
@@ -280,7 +218,8 @@ const QLinearKernels* qlinear_kernels_avx512() {
                                         // 2 threads, against the panel kernels: w8 1.0x at 32 rows, 1.18x at
                                         // 48; w4 0.94-0.97x at 64, 1.08x at 96; w8 / w4 1.13 / 1.22x at 608
                                         48,
-                                        96};
+                                        96,
+                                        kQLinearBf16MinRows};
   return &kTable;
 }
 

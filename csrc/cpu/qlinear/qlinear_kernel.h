@@ -16,6 +16,32 @@
 namespace lp {
 namespace {
 
+// Calls f(s0, s1, g) for each piece [s0, s1) of [k0, k1) that lies in one w4 group g (all edges even).
+template <class F>
+static inline void bf16_group_pieces(const QLinearCall& c, int64_t k0, int64_t k1, const F& f) {
+  for (int64_t s0 = k0; s0 < k1;) {
+    const int64_t g = s0 / c.group_size, s1 = std::min(k1, (g + 1) * c.group_size);
+    f(s0, s1, g);
+    s0 = s1;
+  }
+}
+
+// The codes of k values [k0, k1) of panel p as bf16 k-pairs into d ([k/2][32][2], pair row 0 at k0;
+// k0 even): an ISA's converters Conv::w8(c, panel, k0, k1, d) and Conv::w4(panel, zero_g, s0, s1, d)
+// (one w4 group's piece at a time), for the bf16 kernels of the AVX-512 and AMX levels.
+template <class Conv, bool W4>
+static inline void qlinear_bf16_convert_block(const QLinearCall& c, int64_t p, int64_t k0, int64_t k1, uint16_t* d) {
+  if constexpr (W4) {
+    const uint8_t* panel = static_cast<const uint8_t*>(c.codes) + p * (c.k_pad / 2) * kQLinearPanel;
+    const uint8_t* zero = c.zero + p * c.n_groups * kQLinearPanel;
+    bf16_group_pieces(c, k0, k1, [&](int64_t s0, int64_t s1, int64_t g) {
+      Conv::w4(panel, zero + g * kQLinearPanel, s0, s1, d + (s0 - k0) * kQLinearPanel);
+    });
+  } else {
+    Conv::w8(c, static_cast<const int8_t*>(c.codes) + p * c.k * kQLinearPanel, k0, k1, d);
+  }
+}
+
 // The R x NV results of rows [i0, i0 + R) at columns [col0, col0 + NV * kLanes): bias added and
 // rounded once; a sub-panel past n goes through the scalar tail.
 template <class S, int R, int NV>
