@@ -453,6 +453,29 @@ def test_scaled_gemm_bitwise(isa, threads, rng, granularity, out_dtype):
         assert torch.equal(out, want)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (15, 300, 40), (16, 64, 32), (33, 1030, 65), (100, 2049, 33),
+                                   (70, 2 * BLK8["kc"] + 70, 70)])
+def test_scaled_gemm_prepacked_b_is_bitwise_the_per_call_packing(isa, threads, rng, m, k, n):
+    """B pre-packed once by the active table (gemm_int8_pack_b: QuantLinear w8a8's weight) gives the
+    per-call packing's result bit for bit: the AVX2 / AVX-512 kernels' deep K blocks; on AMX (and the
+    amx-model table) the tiles reading the AVX-512 layout in place from 16 rows, K tails that are no
+    multiple of the 64-deep tile step included."""
+    from lepton_core.backends import cpu
+
+    codes = rand_i8(rng, (n, k))  # a weight (N, K); B = codes.t()
+    a = rand_i8(rng, (m, k))
+    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=(m,)).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=(n,)).astype(np.float32))
+    bias = torch.randn(n)
+    addr = cpu._packed_b(codes)
+    if addr == 0:
+        assert _C.gemm_int8_packed_b_bytes(k, n)[1] == 0  # this table packs B in every call
+        return
+    for out_dtype in ("float32", "bfloat16"):
+        want = cpu.scaled_gemm(a, codes.t(), sa, sb, bias, out_dtype)
+        assert torch.equal(cpu.scaled_gemm(a, codes.t(), sa, sb, bias, out_dtype, b_packed=addr), want)
+
+
 def test_scaled_gemm_numpy_and_default(rng):
     a = rng.integers(-128, 128, size=(9, 50), dtype=np.int8)
     b = rng.integers(-128, 128, size=(50, 11), dtype=np.int8)

@@ -156,8 +156,10 @@ def test_leading_dims_views_and_no_bias(rng, isa, scheme, group_size):
 
 
 # K past one and two shallow K blocks (1024 int8), and past two of the deep ones (4096) a pre-packed
-# weight takes on AVX-512.
-@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (20, 384, 96), (13, 1100, 70), (25, 2100, 33), (9, 8200, 40)])
+# weight takes on AVX-512; on AMX the tiles read the weight from 16 rows (K blocks of 1024 on a 48 KiB
+# L1d, a tail that is no multiple of the 64-deep tile step), the AVX-512 kernels below.
+@pytest.mark.parametrize("m,k,n", [(1, 5, 1), (20, 384, 96), (13, 1100, 70), (25, 2100, 33), (9, 8200, 40),
+                                   (16, 64, 32), (64, 1030, 65), (100, 2049, 33)])
 def test_w8a8_packed_weight_is_bitwise_the_per_call_packing(rng, isa, threads, m, k, n):
     """The w8a8 weight is packed once per kernel table (backends/cpu.py _packed_b): results equal
     scaled_gemm packing codes^T on every call, bit for bit, also over several K blocks and after the

@@ -115,7 +115,7 @@ _PACKED_B = {}
 def _packed_b(codes) -> int:
     """The address of B = codes.t() (codes: a w8a8 weight, int8 (N, K)) packed once for the active int8
     GEMM table (csrc/cpu/gemm/gemm.h, gemm_int8_pack_b), or 0 when that table packs B on every call
-    (scalar, AMX) or codes' writes are not tracked (an inference tensor has no version counter). The
+    (scalar) or codes' writes are not tracked (an inference tensor has no version counter). The
     packing is kept per codes tensor (weakly: it goes with the tensor, and never into its pickle or
     state_dict) and redone when the table, the tensor's storage or its version change."""
     n, k = codes.shape

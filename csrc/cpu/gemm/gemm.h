@@ -167,6 +167,12 @@ double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, int kind);  // gemm_
 #ifdef LP_BUILD_AVX512
 bool gemm_small_m_float_avx512(const GemmFloatArgs& args);               // gemm_small_m_avx512.cc
 double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx512.cc
+// The AVX-512 int8 GEMM's pre-packed B in K blocks of depth kc (a multiple of 64) instead of its deep
+// ones, and the GEMM reading it (gemm_avx512.cc): the AMX table's pre-packed weight, whose panels
+// its tiles read as they are, and its kernels for fewer rows than the tiles take.
+int64_t int8_packed_b_bytes_avx512_kc(int64_t k, int64_t n, int64_t kc);
+void int8_pack_b_avx512_kc(const GemmInt8Args& args, int64_t kc, void* dst);
+void gemm_int8_prepacked_avx512_kc(const GemmInt8Args& args, int64_t kc);
 #endif
 
 }  // namespace lp

@@ -35,16 +35,25 @@ bool gemm_small_m_float_amx(const GemmFloatArgs& g) {
   return gemm_kernels_avx512()->small_m_float(g);
 }
 
-// An int8 B pre-packed once (QuantLinear w8a8's weight) is in the AVX-512 kernels' layout, and those
-// kernels run it: with no pre-packed B of its own, the AMX path packed the whole weight in every call
-// (a 1-row w8a8 4096 x 4096 product 4x slower than at the avx512 level). So do the products with a
-// quantized B (QuantLinear w8 / w4 with many rows).
+// An int8 B pre-packed once (QuantLinear w8a8's weight) is in the AVX-512 int8 kernels' layout, in K
+// blocks of the AMX depth (gemm_amx_kernels.h): from kAmxPrepackedMinRows rows the tiles read it in
+// place, below the AVX-512 kernels do (a few rows stream the weight once at the memory rate either
+// way). QuantLinear w8a8 4096 x 4096, 2 threads, 2-core Xeon (session 13), tiles against the AVX-512
+// kernels on the same packing: 8 / 12 rows 0.9-1.0x / 0.85-0.9x, 16 rows 1.3x, 32 rows 3.4x, 128 rows
+// 2.5x, 512 rows 3.3x; the AVX-512 kernels with these K blocks (1024) ran 0.9-0.94x their own deep ones.
+// Products with a quantized B (QuantLinear w8 / w4, float32 activations, many rows) are the AVX-512
+// kernels'.
+constexpr int64_t kAmxPrepackedMinRows = 16;
+
 void gemm_int8_amx(const GemmInt8Args& g) {
-  if (g.b_packed) return gemm_kernels_avx512()->gemm_int8(g);
-  gemm_int8_amx_tiles<AmxTiles, Simd512>(g);
+  if (!g.b_packed) return gemm_int8_amx_tiles<AmxTiles, Simd512>(g);
+  if (g.m < kAmxPrepackedMinRows) return gemm_int8_prepacked_avx512_kc(g, gemm_amx_blocking(1).kc);
+  gemm_int8_amx_prepacked_tiles<AmxTiles, Simd512>(g);
 }
-int64_t int8_packed_b_bytes_amx(int64_t k, int64_t n) { return gemm_kernels_avx512()->int8_packed_b_bytes(k, n); }
-void int8_pack_b_amx(const GemmInt8Args& g, void* dst) { gemm_kernels_avx512()->int8_pack_b(g, dst); }
+int64_t int8_packed_b_bytes_amx(int64_t k, int64_t n) {
+  return int8_packed_b_bytes_avx512_kc(k, n, gemm_amx_blocking(1).kc) + kAmxPrepackedSlackBytes;
+}
+void int8_pack_b_amx(const GemmInt8Args& g, void* dst) { int8_pack_b_avx512_kc(g, gemm_amx_blocking(1).kc, dst); }
 void gemm_float_quant_b_amx(const GemmFloatArgs& g, const GemmQuantB& qb) {
   gemm_kernels_avx512()->float_quant_b(g, qb);
 }

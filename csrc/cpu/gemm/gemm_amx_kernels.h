@@ -82,8 +82,19 @@ struct AmxInt8 {
 static inline bool amx_needs_epilogue(const GemmFloatTile& t) { return t.final; }
 static inline bool amx_needs_epilogue(const GemmInt8Tile& t) { return t.final && t.scaled; }
 
-// The macro-loop's traits (gemm_driver.h) for kind Kind.
-template <class Tiles, class S, class Kind, class Args>
+// The pre-packed int8 B that the AMX tiles read (kPrepackedB below): the AVX-512 int8 kernels' layout
+// in K blocks of the AMX blocking's depth kc (int8_pack_b_avx512_kc; gemm_prepacked_b_bytes /
+// Int8Kernel in gemm_avx512.cc): per K block, ceil(n / 32) panels of 32 columns, each the k-quads
+// [kc4 / 4][32][4] (kc4: the block's depth rounded up to 4) then 32 int32 column sums of the AVX-512
+// kernels' own (128 bytes). The quads are the AMX B tile layout as it is (rows of 16 columns' quads,
+// 128 bytes apart). A K block that is no multiple of 64 has its last tile step read past its quads
+// (the column sums, the next panel, and after the last panel up to kAmxPrepackedSlackBytes more, which
+// the AMX table allocates); those k meet A's zero padding and add nothing (0 * anything = 0 exactly).
+static inline int64_t amx_int8_prepacked_panel_bytes(int64_t kc) { return kAmxNr * gemm_round_up(kc, 4) + kAmxNr * 4; }
+constexpr int64_t kAmxPrepackedSlackBytes = 16 * kAmxNr * 4;
+
+// The macro-loop's traits (gemm_driver.h) for kind Kind; kPrepackedB: int8 with B pre-packed as above.
+template <class Tiles, class S, class Kind, class Args, bool kPrepackedB = false>
 struct AmxTraits {
   using Packed = typename Kind::Packed;
   static constexpr int64_t kMr = kAmxMr, kNr = kAmxNr, kKGroup = Kind::kKTile, kKUnit = Kind::kKUnit;
@@ -96,8 +107,15 @@ struct AmxTraits {
   static void thread_end() { Tiles::release(); }
 
   int64_t b_panel_elems(int64_t kc_panel) const { return kNr * kc_panel; }
-  // A pre-packed int8 B never reaches these kernels (gemm_int8_amx gives it to the AVX-512 ones).
-  const Packed* prepacked_b(int64_t, int64_t, const GemmBlocking&, int64_t) const { return nullptr; }
+  const Packed* prepacked_b(int64_t p0, int64_t j0, const GemmBlocking& blk, int64_t n) const {
+    if constexpr (kPrepackedB) {
+      const int64_t n_panels = gemm_ceil_div(n, kNr);
+      return static_cast<const Packed*>(g.b_packed) + (p0 / blk.kc) * n_panels * amx_int8_prepacked_panel_bytes(blk.kc) +
+             (j0 / kNr) * amx_int8_prepacked_panel_bytes(std::min(blk.kc, g.k - p0));
+    } else {
+      return nullptr;
+    }
+  }
 
   void pack_a(int64_t batch, int64_t i0, int64_t mc, int64_t p0, int64_t kc, Packed* dst) const {
     const int64_t rs = g.a.stride_row_elems, cs = g.a.stride_col_elems;
@@ -277,6 +295,12 @@ bool gemm_float_amx_tiles(const GemmFloatArgs& g, bool has_fp16) {
 template <class Tiles, class S>
 void gemm_int8_amx_tiles(const GemmInt8Args& g) {
   gemm_packed_with<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args>>(g, gemm_amx_blocking(1));
+}
+
+// The int8 GEMM with B pre-packed as above, in K blocks of gemm_amx_blocking(1).kc.
+template <class Tiles, class S>
+void gemm_int8_amx_prepacked_tiles(const GemmInt8Args& g) {
+  gemm_packed_with<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args, true>>(g, gemm_amx_blocking(1));
 }
 
 static inline GemmBlocking gemm_packed_blocking_amx(bool is_int8, int64_t /* rows */) {

@@ -20,7 +20,37 @@ void gemm_float_amx_model(const GemmFloatArgs& g) {
   if (!gemm_float_amx_tiles<AmxModelTiles, Simd256>(g, true)) gemm_kernels_avx2()->gemm_float(g);
 }
 
-void gemm_int8_amx_model(const GemmInt8Args& g) { gemm_int8_amx_tiles<AmxModelTiles, Simd256>(g); }
+void gemm_int8_amx_model(const GemmInt8Args& g) {
+  if (g.b_packed)
+    gemm_int8_amx_prepacked_tiles<AmxModelTiles, Simd256>(g);
+  else
+    gemm_int8_amx_tiles<AmxModelTiles, Simd256>(g);
+}
+
+// The pre-packed int8 B of the AMX table (gemm_amx_kernels.h) in plain loops, so that the tiles'
+// reading of it runs the tests on every machine: the quads, and zeros where the AVX-512 kernels keep
+// their column sums (the tiles never use them).
+int64_t int8_packed_b_bytes_amx_model(int64_t k, int64_t n) {
+  const int64_t kc = gemm_amx_blocking(1).kc, n_panels = gemm_ceil_div(n, kAmxNr);
+  int64_t bytes = (k / kc) * n_panels * amx_int8_prepacked_panel_bytes(kc);
+  if (k % kc) bytes += n_panels * amx_int8_prepacked_panel_bytes(k % kc);
+  return bytes + kGemmPackSlackBytes + kAmxPrepackedSlackBytes;
+}
+
+void int8_pack_b_amx_model(const GemmInt8Args& g, void* dst) {
+  const int64_t kc = gemm_amx_blocking(1).kc;
+  const auto* b = static_cast<const int8_t*>(g.b.ptr);
+  auto* d = static_cast<int8_t*>(dst);
+  for (int64_t p0 = 0; p0 < g.k; p0 += kc) {
+    const int64_t kcb = std::min(kc, g.k - p0), kc4 = gemm_round_up(kcb, 4);
+    for (int64_t j0 = 0; j0 < g.n; j0 += kAmxNr, d += amx_int8_prepacked_panel_bytes(kcb)) {
+      std::memset(d, 0, size_t(amx_int8_prepacked_panel_bytes(kcb)));
+      for (int64_t q = 0; q < kc4; ++q)
+        for (int64_t c = 0; c < kAmxNr && j0 + c < g.n; ++c)
+          if (q < kcb) d[q / 4 * kAmxNr * 4 + c * 4 + q % 4] = b[(p0 + q) * g.b.stride_row_elems + (j0 + c) * g.b.stride_col_elems];
+    }
+  }
+}
 
 const GemmKernels kGemmAmxModel = {"amx-model",
                                    LP_ISA_AVX2,
@@ -29,6 +59,9 @@ const GemmKernels kGemmAmxModel = {"amx-model",
                                    nullptr,
                                    nullptr,
                                    gemm_packed_blocking_amx,
+                                   nullptr,
+                                   int8_packed_b_bytes_amx_model,
+                                   int8_pack_b_amx_model,
                                    nullptr};
 
 }  // namespace

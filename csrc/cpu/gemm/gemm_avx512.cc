@@ -442,6 +442,13 @@ int64_t int8_packed_b_bytes_avx512(int64_t k, int64_t n) {
 }
 void int8_pack_b_avx512(const GemmInt8Args& g, void* dst) { gemm_prepack_b<Int8Kernel>(g, gemm_deep_blocking_avx512(1, g.k), dst); }
 
+
+// The same with K blocks of depth kc (gemm.h: the AMX table's pre-packed weight).
+static GemmBlocking gemm_int8_blocking_kc_avx512(int64_t k, int64_t kc) {
+  GemmBlocking b = gemm_deep_blocking_avx512(1, k);
+  b.kc = kc;
+  return b;
+}
 void gemm_float_quant_b_avx512(const GemmFloatArgs& g, const GemmQuantB& qb) {
   gemm_packed_quant_b<FloatKernel>(g, qb, gemm_rows_blocking_avx512(4, g.m, g.k));
 }
@@ -461,5 +468,16 @@ const GemmKernels kGemmAvx512 = {"avx512",
 }  // namespace
 
 const GemmKernels* gemm_kernels_avx512() { return &kGemmAvx512; }
+
+// gemm.h: the AMX table's pre-packed int8 weight (K blocks of depth kc) and the GEMM reading it.
+int64_t int8_packed_b_bytes_avx512_kc(int64_t k, int64_t n, int64_t kc) {
+  return gemm_prepacked_b_bytes<Int8Kernel>(k, n, gemm_int8_blocking_kc_avx512(k, kc));
+}
+void int8_pack_b_avx512_kc(const GemmInt8Args& g, int64_t kc, void* dst) {
+  gemm_prepack_b<Int8Kernel>(g, gemm_int8_blocking_kc_avx512(g.k, kc), dst);
+}
+void gemm_int8_prepacked_avx512_kc(const GemmInt8Args& g, int64_t kc) {
+  gemm_packed<Int8Kernel>(g, gemm_int8_blocking_kc_avx512(g.k, kc));
+}
 
 }  // namespace lp

@@ -18,6 +18,8 @@
 //                          a panel's depth is kc rounded up to it (zero-padded)
 //   tr.b_panel_elems(kc_panel)   Packed elements of one B panel (NR * kc_panel, plus any per-panel extras)
 //   tr.pack_a(batch, i0, mc, p0, kc, Packed* dst) / tr.pack_b(batch, p0, kc, j0, nc, Packed* dst)
+//   tr.prepacked_b(p0, j0, blk, n)   the pre-packed B panel of the K block at p0 and column j0 (a
+//                          multiple of NR), or null (B packed in the call)
 //   tr.tile(kc_panel, ap, bp, unit, row, col, rows, cols, first, last, ws)   (row / col: global)
 // Also here: where a tile's results go (GemmFloatTile / GemmInt8Tile), the tile epilogues written
 // once against the vector interface of simd256.h, edge tiles, and the panel loop of packing with its
@@ -154,18 +156,23 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
         const int64_t kc_panel = gemm_round_up(kc, KG);
         const int64_t b_panel = tr.b_panel_elems(kc_panel);
         const bool first = p0 == 0, last = p0 + kc == k;
-        const Packed* b_src = tr.prepacked_b(p0, w.n0, blk, n);
+        // A pre-packed B's panels are found one by one (tr.prepacked_b at each panel's column: its
+        // panels need not be b_panel elements apart).
+        const bool b_pre = tr.prepacked_b(p0, w.n0, blk, n) != nullptr;
+        const Packed* b_src = nullptr;
         // With one A block, each B panel is packed right before its tiles and used from L1: packed
         // all at once, a kc x nc block (4 MiB of bf16 at 4096 columns) is beyond L2 and comes back
         // from L3 (a 32-token input gradient g @ W, bench/notes_gemm.md).
-        const bool b_by_panel = !b_src && w.m1 - w.m0 <= blk.mc;
-        if (!b_src && !b_by_panel) tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack), b_src = b_pack;
+        const bool b_by_panel = !b_pre && w.m1 - w.m0 <= blk.mc;
+        if (!b_pre && !b_by_panel) tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack), b_src = b_pack;
         for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
           const int64_t mcur = std::min(blk.mc, w.m1 - i0);
           tr.pack_a(w.batch, i0, mcur, p0, kc, a_pack);
           for (int64_t jr = 0; jr < ncur; jr += NR) {
             if (b_by_panel) tr.pack_b(w.batch, p0, kc, w.n0 + jr, std::min(NR, ncur - jr), b_pack);
-            const Packed* bp = b_by_panel ? b_pack : b_src + (jr / NR) * b_panel;
+            const Packed* bp = b_by_panel ? b_pack
+                               : b_pre    ? tr.prepacked_b(p0, w.n0 + jr, blk, n)
+                                          : b_src + (jr / NR) * b_panel;
             for (int64_t ir = 0; ir < mcur; ir += MR) {
               tr.tile(kc_panel, a_pack + ir * kc_panel, bp, w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir),
                       std::min(NR, ncur - jr), first, last, ws);
