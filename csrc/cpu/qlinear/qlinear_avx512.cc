@@ -122,6 +122,7 @@ static inline void w4_bf16_rows(const QLinearCall& c, const uint8_t* panel, cons
     for (int r = 0; r < R; ++r) gacc[r][0] = gacc[r][1] = _mm512_setzero_ps();
     const int64_t k_end = std::min(c.k_pad, (g + 1) * c.group_size);
     for (int64_t kk = g * c.group_size; kk < k_end; kk += 2) {
+      __builtin_prefetch(panel + kk / 2 * kQLinearPanel + kQLinearCodesAheadBytes, 0, 3);
       const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + kk / 2 * kQLinearPanel)));
       const __m512i lo = _mm512_ternarylogic_epi32(b, lo4, bf16_128, 0xea);  // (b & 15) | 0x4300
       const __m512i hi = _mm512_or_si512(_mm512_srli_epi16(b, 4), bf16_128);

@@ -9,14 +9,10 @@
 
 #include "common/codes.h"
 #include "cpu/qlinear/qlinear.h"
+#include "cpu/qlinear/qlinear_kernel.h"
 
 namespace lp {
 namespace {
-
-// The conversions prefetch the codes this far ahead: a block's codes are 4 pages that the hardware
-// prefetchers do not follow across, and between blocks the tiles run without loads in flight. AMX,
-// 2 threads, 4096 -> 11008 at 8 rows (session 13): w8 5.2 -> 3.0 ms, w4 3.5 -> 2.4 (1-4 KiB alike).
-constexpr int64_t kQLinearCodesAheadBytes = 2048;
 
 // w8: the codes of k and k + 1 (kk even; a k past c.k is a zero) of one panel as bf16 pairs, columns
 // 16 h .. 16 h + 15 in w[h]. The bytes of k and k + 1 are interleaved first, so the widened floats are
