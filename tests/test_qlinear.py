@@ -135,6 +135,35 @@ def test_many_float32_rows_are_the_float_gemm_of_the_dequantized_weight(rng, isa
             assert torch.equal(out, lc.gemm(x, wd.t(), bias=bias))
 
 
+@pytest.mark.parametrize("scheme", ["w8", "w4"])
+@pytest.mark.parametrize("dt", [torch.float32, torch.float16], ids=_name)
+@pytest.mark.parametrize("m", [1, 11, 12, 16, 33, 257])
+def test_one_term_outputs_are_the_activation_exactly(rng, isa, threads, scheme, dt, m):
+    """A weight with one code of 1 per output column (scale 1, zero point 0) makes each output one
+    activation times 1: exact on every path, whatever the accumulation. On AMX (and the amx-model
+    table) float32 / float16 activations from 16 (w8) / 12 (w4) rows take the bf16 tiles split into
+    three / two bf16 pieces: any lost piece (the 16 low bits of a float32 significand) shows here. An
+    inf or nan activation makes its row's outputs non-finite where the float64 reference's are (inf *
+    0 is nan); w8 gives the same inf / nan, while w4 kernels that subtract the zero point times the
+    group's activation sum after the products (all but the tiles) turn the row's inf into nan. (bf16
+    activations are not exact here by design: AVX-512's few-rows w4 kernel multiplies by 128 + q and
+    takes (128 + zero) times the group sum off, within the float32 bound but not one-term exact.)"""
+    k, n = 70, 75
+    x = (torch.randn(m, k) * torch.exp2(torch.randint(-20, 20, (m, k)).float())).to(dt)
+    x[0, 3], x[-1, 5] = float("inf"), float("nan")
+    q = torch.zeros(n, k, dtype=torch.int8)
+    q[torch.arange(n), torch.arange(n) % k] = 1
+    if scheme == "w8":
+        codes, scale, zero = (*pack_w8(q, torch.ones(n)), None)
+    else:
+        codes, scale, zero = pack_w4(q.to(torch.uint8), torch.ones(n, 3), torch.zeros(n, 3, dtype=torch.uint8))
+    out = cpu.quant_linear(x, codes, scale, zero, None, scheme, 32, n)
+    ref = (x.double() @ q.double().t()).to(dt)
+    assert torch.equal(out.isfinite(), ref.isfinite())
+    fin = ref.isfinite() if scheme == "w4" else torch.ones_like(ref, dtype=torch.bool)
+    torch.testing.assert_close(out[fin], ref[fin], rtol=0, atol=0, equal_nan=True)
+
+
 def test_empty_k_and_empty_rows(rng, isa):
     """K == 0 is an empty sum (bias only); M == 0 an empty result."""
     bias = torch.randn(5)

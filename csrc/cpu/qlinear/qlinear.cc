@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <vector>
 
 #include "common/cpu_features.h"
 #include "common/parallel.h"
@@ -56,6 +57,52 @@ static void copy_bf16_rows(const QLinearArgs& a, const QLinearCall& c, uint16_t*
   std::memset(xb + a.m * c.xb_ld, 0, size_t((bf16_rows_alloc(a.m) - a.m) * c.xb_ld) * 2);
 }
 
+// float32 / float16 activations as xb_pieces exact bf16 pieces (the split_min_rows path): per element
+// v, p1 = v with its significand cut to bf16's 8 bits, p2 = (v - p1) cut likewise, p3 = v - p1 - p2;
+// each difference is exact, and the rest after two cuts has at most 8 significant bits, so p1 + p2 +
+// p3 == v (float16 has 11: p3 is zero, two pieces). A non-finite v is p1 alone. Like bf16 activations
+// in the tiles, a piece below 2^-126 (bf16 subnormal) reads as zero: for a normal v that drops less
+// than 2^-126 per element, relative to v at most 2^-8 only for |v| < 2^-110. Branch-free on the bits
+// so that the compiler vectorizes it (written with branches it did not, and at 1024 x 384 the copy
+// took as long as the tiles).
+template <bool P3>
+static void split_row(const float* x, int64_t k, uint16_t* __restrict p1, uint16_t* __restrict p2, uint16_t* __restrict p3) {
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const uint32_t b = f32_to_bits(x[kk]);
+    const uint32_t finite = uint32_t(-int32_t((b & 0x7f800000u) != 0x7f800000u));  // all ones or zero
+    const uint32_t b1 = b & (0xffff0000u | ~finite);
+    const uint32_t r1 = f32_to_bits(bits_to_f32(b) - bits_to_f32(b1)) & finite;
+    const uint32_t b2 = r1 & 0xffff0000u;
+    p1[kk] = uint16_t(b1 >> 16), p2[kk] = uint16_t(b2 >> 16);
+    if constexpr (P3) p3[kk] = uint16_t(f32_to_bits(bits_to_f32(r1) - bits_to_f32(b2)) >> 16);
+  }
+}
+
+// The rows of x split as above, rows xb_ld apart, piece q at q * xb_piece_ld, zeros past k in each
+// piece and in the rows past m up to bf16_rows_alloc(m).
+static void copy_split_rows(const QLinearArgs& a, const QLinearCall& c, uint16_t* xb) {
+  const bool as_is = a.x_dtype == LP_DTYPE_F32 && a.x_stride_col == 1;
+  const int nt = threads_for(a.m, double(a.k) * 8, kQLinearMinWorkPerThread);
+  parallel_for(nt, nt, [&](int64_t t) {
+    std::vector<float> row(as_is ? 0 : size_t(a.k));  // a strided or float16 row widened first
+    for (int64_t i = a.m * t / nt; i < a.m * (t + 1) / nt; ++i) {
+      const float* xi = static_cast<const float*>(a.x) + i * a.x_stride_row;
+      if (!as_is) {
+        for (int64_t kk = 0; kk < a.k; ++kk) row[kk] = gemm_load_float(a.x, a.x_dtype, i * a.x_stride_row + kk * a.x_stride_col);
+        xi = row.data();
+      }
+      uint16_t* d = xb + i * c.xb_ld;
+      if (c.xb_pieces == 3)
+        split_row<true>(xi, a.k, d, d + c.xb_piece_ld, d + 2 * c.xb_piece_ld);
+      else
+        split_row<false>(xi, a.k, d, d + c.xb_piece_ld, nullptr);
+      for (int64_t q = 0; q < c.xb_pieces; ++q) std::fill(d + q * c.xb_piece_ld + a.k, d + (q + 1) * c.xb_piece_ld, uint16_t(0));
+      std::fill(d + c.xb_pieces * c.xb_piece_ld, d + c.xb_ld, uint16_t(0));
+    }
+  });
+  std::memset(xb + a.m * c.xb_ld, 0, size_t((bf16_rows_alloc(a.m) - a.m) * c.xb_ld) * 2);
+}
+
 // w4's per-group sums of one row of activations (k values, zero past them), in float32 and k order,
 // into xsum[0 .. n_groups): the same sums whichever kernel reads them.
 template <class T, class ToFloat>
@@ -100,17 +147,26 @@ void qlinear(const QLinearArgs& a) {
     parallel_for(nt, nt, [&](int64_t t) { run_bf16_few(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
     return;
   }
-  if (a.x_dtype == LP_DTYPE_BF16 && a.m >= kern.bf16_min_rows && a.k > 0 && run_bf16) {
-    // The bf16 rows as they are, zero-padded to k_pad (rows 64 bytes past a multiple of 64 apart: a
-    // power-of-two K would put the rows of a 12-row block in one L1 set); each thread gets its own
-    // workspace.
+  const int64_t split_min = w4 ? kern.split_min_rows_w4 : kern.split_min_rows_w8;
+  const bool split = (a.x_dtype == LP_DTYPE_F32 || a.x_dtype == LP_DTYPE_F16) && split_min > 0 && a.m >= split_min;
+  if (((a.x_dtype == LP_DTYPE_BF16 && a.m >= kern.bf16_min_rows) || split) && a.k > 0 && run_bf16) {
+    // The bf16 rows as they are (or the bf16 pieces of float32 / float16 rows), zero-padded to k_pad
+    // (rows 64 bytes past a multiple of 64 apart: a power-of-two K would put the rows of a 12-row block
+    // in one L1 set); each thread gets its own workspace.
     const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
     const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
-    c.xb_ld = gemm_round_up(c.k_pad, 32) + 32;
+    if (split) {
+      c.xb_pieces = a.x_dtype == LP_DTYPE_F32 ? 3 : 2;
+      c.xb_piece_ld = gemm_round_up(c.k_pad, 32);
+    }
+    c.xb_ld = c.xb_pieces * gemm_round_up(c.k_pad, 32) + 32;
     const int64_t x_bytes = gemm_round_up(bf16_rows_alloc(a.m) * c.xb_ld * 2, 64), ws_bytes = gemm_round_up(qlinear_bf16_ws_bytes(c), 64);
     char* scratch = static_cast<char*>(gemm_scratch(1, size_t(x_bytes + nt * ws_bytes)));
     uint16_t* xb = reinterpret_cast<uint16_t*>(scratch);
-    copy_bf16_rows(a, c, xb);
+    if (split)
+      copy_split_rows(a, c, xb);
+    else
+      copy_bf16_rows(a, c, xb);
     c.x = nullptr, c.xsum = nullptr, c.xb = xb;
     parallel_for(nt, nt, [&](int64_t t) {
       run_bf16(c, n_panels * t / nt, n_panels * (t + 1) / nt, scratch + x_bytes + t * ws_bytes);

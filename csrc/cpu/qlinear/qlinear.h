@@ -81,6 +81,9 @@ struct QLinearCall {
   const float* xsum;  // w4: (m, n_groups), sum of x over each group; else null
   const uint16_t* xb; // bf16 kernels: (m, k_pad) bf16 rows xb_ld apart, zero past k (x, xsum null)
   int64_t xb_ld;      // a multiple of 32 plus 32: the rows of a block fall in distinct L1 sets
+  // float32 / float16 activations for the AMX kernels (split_min_rows_w8 / _w4): each row of xb holds xb_pieces
+  // bf16 vectors xb_piece_ld elements apart whose sum is the row exactly (else 1 and 0).
+  int64_t xb_pieces = 1, xb_piece_ld = 0;
   const void* codes;
   const float* scale;
   const uint8_t* zero;
@@ -110,6 +113,10 @@ struct QLinearKernels {
   // From this many rows, bf16 activations take w8_bf16 / w4_bf16 (below, the few-rows kernels where
   // the table has them, else w8 / w4).
   int64_t bf16_min_rows;
+  // From this many rows, float32 / float16 activations also take w8_bf16 / w4_bf16, each row split
+  // exactly into 3 / 2 bf16 pieces (QLinearCall::xb_pieces) whose products are summed in float32: the
+  // AMX kernels, where three bf16 tile products cost less than one float32 FMA product. 0: never.
+  int64_t split_min_rows_w8, split_min_rows_w4;
 };
 
 // The AVX-512 table's bf16_min_rows: from this many rows on, bf16 activations take the bf16 kernels

@@ -19,6 +19,13 @@ namespace {
 // same ~1.1 ms from 1 to 6 rows).
 constexpr int64_t kQLinearAmxMinRows = 3;
 
+// From this many rows, float32 / float16 activations take the tiles too, split into exact bf16 pieces
+// (three for float32); below, the AVX-512 float32 kernels. Float32 activations, 2 threads, the same
+// Xeon (session 14), the AVX-512 level's time over the tiles': 4096 x 4096 w8 at 8 / 12 / 16 / 128
+// rows 0.75 / 0.98 / 1.40 / 1.76x, w4 0.97 / 1.22 / 1.66 / 1.91x; MiniLM's 1536 x 384 w8 0.64 / 0.78 /
+// 1.04x at 8 / 12 / 16 rows, w4 0.84 / 1.01 / 1.12x; 384 x 1536 at 64-1024 rows 1.6-1.8x.
+constexpr int64_t kQLinearAmxSplitMinRowsW8 = 16, kQLinearAmxSplitMinRowsW4 = 12;
+
 }  // namespace
 
 const QLinearKernels* qlinear_kernels_amx() {
@@ -29,6 +36,8 @@ const QLinearKernels* qlinear_kernels_amx() {
     t.w8_bf16 = qlinear_amx_bf16_panels<AmxTiles, Simd512, Bf16ConvAvx512, false>;
     t.w4_bf16 = qlinear_amx_bf16_panels<AmxTiles, Simd512, Bf16ConvAvx512, true>;
     t.bf16_min_rows = kQLinearAmxMinRows;
+    t.split_min_rows_w8 = kQLinearAmxSplitMinRowsW8;
+    t.split_min_rows_w4 = kQLinearAmxSplitMinRowsW4;
     return t;
   }();
   return &kTable;

@@ -41,8 +41,11 @@ constexpr int64_t kQLinearAmxStepK = 32; // k of one tile step: a 64-byte A row 
 // The sums of one segment, rows [0, 32) (A2: both A tiles) or [0, 16), of `steps` steps of 32 k: x at
 // the rows' first k (x_ld elements apart), b at the segment's first pair row; into buf (32 x 32 float,
 // rows 32 apart), which the C tiles start from when ACC (else from zero).
+// With pieces > 1 the activations are that many bf16 pieces, piece_ld elements apart in each row, all
+// multiplied by the same B tiles into the same sums.
 template <class Tiles, bool A2, bool ACC>
-static inline void qlinear_amx_segment(const uint16_t* x, int64_t x_ld, const uint16_t* b, int64_t steps, float* buf) {
+static inline void qlinear_amx_segment(const uint16_t* x, int64_t x_ld, const uint16_t* b, int64_t steps, float* buf,
+                                       int64_t pieces, int64_t piece_ld) {
   constexpr int64_t kPairRow = 2 * kQLinearPanel;                         // elements of one pair row
   constexpr int64_t kBStep = kQLinearAmxStepK / 2 * kPairRow;            // elements of one step of B
   const int64_t x_stride = x_ld * 2;
@@ -63,16 +66,18 @@ static inline void qlinear_amx_segment(const uint16_t* x, int64_t x_ld, const ui
   }
   // A (the activations, from L2) with the T1 hint, so as not to evict the converted block from L1.
   for (int64_t s = 0; s < steps; ++s) {
-    const uint16_t* xs = x + s * kQLinearAmxStepK;
-    Tiles::template load_t1<4>(xs, x_stride);
-    if constexpr (A2) Tiles::template load_t1<5>(xs + 16 * x_ld, x_stride);
     Tiles::template load<6>(b + s * kBStep, kPairRow * 2);
     Tiles::template load<7>(b + s * kBStep + 32, kPairRow * 2);
-    Tiles::template dp_bf16<0, 4, 6>();
-    Tiles::template dp_bf16<1, 4, 7>();
-    if constexpr (A2) {
-      Tiles::template dp_bf16<2, 5, 6>();
-      Tiles::template dp_bf16<3, 5, 7>();
+    for (int64_t q = 0; q < pieces; ++q) {
+      const uint16_t* xs = x + q * piece_ld + s * kQLinearAmxStepK;
+      Tiles::template load_t1<4>(xs, x_stride);
+      if constexpr (A2) Tiles::template load_t1<5>(xs + 16 * x_ld, x_stride);
+      Tiles::template dp_bf16<0, 4, 6>();
+      Tiles::template dp_bf16<1, 4, 7>();
+      if constexpr (A2) {
+        Tiles::template dp_bf16<2, 5, 6>();
+        Tiles::template dp_bf16<3, 5, 7>();
+      }
     }
   }
   Tiles::template store<0>(buf, kQLinearPanel * 4);
@@ -125,13 +130,13 @@ void qlinear_amx_bf16_panels(const QLinearCall& c, int64_t p0, int64_t p1, void*
             const uint16_t* b = bbuf + (s0 - k0) * kQLinearPanel;
             if (!W4 && rows == kQLinearAmxRows) {
               // w8, a whole block: the tiles add to the rows' sums in place (they have 32 rows, all valid).
-              qlinear_amx_segment<Tiles, true, true>(x + s0, c.xb_ld, b, steps, ws);
+              qlinear_amx_segment<Tiles, true, true>(x + s0, c.xb_ld, b, steps, ws, c.xb_pieces, c.xb_piece_ld);
               return;
             }
             if (rows > 16)
-              qlinear_amx_segment<Tiles, true, false>(x + s0, c.xb_ld, b, steps, buf);
+              qlinear_amx_segment<Tiles, true, false>(x + s0, c.xb_ld, b, steps, buf, c.xb_pieces, c.xb_piece_ld);
             else
-              qlinear_amx_segment<Tiles, false, false>(x + s0, c.xb_ld, b, steps, buf);
+              qlinear_amx_segment<Tiles, false, false>(x + s0, c.xb_ld, b, steps, buf, c.xb_pieces, c.xb_piece_ld);
             for (int h = 0; h < NV; ++h) {
               const typename S::F sh = s ? S::loadu(s + h * L) : S::zero();
               for (int64_t r = 0; r < rows; ++r) {

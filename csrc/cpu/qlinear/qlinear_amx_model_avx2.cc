@@ -2,7 +2,8 @@
 // (cpu/gemm/amx_tile_model.h), with plain-loop code conversions and the AVX2 vector layer: a table
 // ("amx-model") that runs their logic on any CPU with AVX2, for tests only (the
 // `qlinear_testing_table` hook of the bindings; it is no ISA level). Unlike the real AMX table it
-// sends bf16 activations of every row count to the tile kernels; the rest is the AVX2 table's.
+// sends bf16 activations of every row count to the tile kernels, and float32 / float16 ones split into
+// bf16 pieces; the rest is the AVX2 table's.
 #include <cstdint>
 
 #include "common/codes.h"
@@ -42,6 +43,7 @@ const QLinearKernels* qlinear_kernels_amx_model() {
     t.w8_bf16 = qlinear_amx_bf16_panels<AmxModelTiles, Simd256, AmxConvPlain, false>;
     t.w4_bf16 = qlinear_amx_bf16_panels<AmxModelTiles, Simd256, AmxConvPlain, true>;
     t.bf16_min_rows = 1;
+    t.split_min_rows_w8 = t.split_min_rows_w4 = 1;
     return t;
   }();
   return &kTable;
