@@ -306,6 +306,14 @@ struct AmxModelTiles {
     for (int r = 0; r < 32; ++r)
       for (int k = 0; k < 32; ++k) dst[r * 32 + k] = src[r + k * k_stride];
   }
+  template <int KU>
+  static void interleave_rows_32(const void* src, int64_t src_stride, void* dst) {
+    constexpr int kBytes = 4 / KU;  // one element
+    for (int l = 0; l < 32; ++l)
+      for (int u = 0; u < KU; ++u)
+        std::memcpy(static_cast<char*>(dst) + (l * KU + u) * kBytes,
+                    static_cast<const char*>(src) + u * src_stride + l * kBytes, kBytes);
+  }
 };
 
 }  // namespace

@@ -84,6 +84,38 @@ struct AmxTiles {
     transpose_dwords_16x16(pairs, 128, dst, 64);
     transpose_dwords_16x16(pairs + 16, 128, dst + 16 * 32, 64);
   }
+  // One 128-byte B row of a row-major source: 32 columns of KU rows (src, src_stride bytes apart), each
+  // column's KU values together (bf16 pairs: KU 2, 16-bit elements; int8 quads: KU 4, bytes).
+  template <int KU>
+  static void interleave_rows_32(const void* src, int64_t src_stride, void* dst) {
+    const char* s = static_cast<const char*>(src);
+    char* d = static_cast<char*>(dst);
+    if constexpr (KU == 2) {
+      // pair p of the output: row 0's and row 1's element p (vpermt2w picks them from the two rows)
+      const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37,
+                                          5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+      const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+      const __m512i a = _mm512_loadu_si512(s), b = _mm512_loadu_si512(s + src_stride);
+      _mm512_storeu_si512(d, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(d + 64, _mm512_permutex2var_epi16(a, hi, b));
+    } else {
+      static_assert(KU == 4, "bf16 pairs or int8 quads");
+      // bytes of rows 0 / 1 and 2 / 3 paired, the pairs paired into quads (per 128-bit lane: columns
+      // 0-15 in lane 0, 16-31 in lane 1), then the lanes put in column order
+      const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+      const __m256i r1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + src_stride));
+      const __m256i r2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 2 * src_stride));
+      const __m256i r3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 3 * src_stride));
+      const __m256i a = _mm256_unpacklo_epi8(r0, r1), b = _mm256_unpackhi_epi8(r0, r1);
+      const __m256i c = _mm256_unpacklo_epi8(r2, r3), e = _mm256_unpackhi_epi8(r2, r3);
+      const __m256i q0 = _mm256_unpacklo_epi16(a, c), q1 = _mm256_unpackhi_epi16(a, c);  // columns 0-7 | 16-23
+      const __m256i q2 = _mm256_unpacklo_epi16(b, e), q3 = _mm256_unpackhi_epi16(b, e);  // columns 8-15 | 24-31
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d), _mm256_permute2x128_si256(q0, q1, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 32), _mm256_permute2x128_si256(q2, q3, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 64), _mm256_permute2x128_si256(q0, q1, 0x31));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + 96), _mm256_permute2x128_si256(q2, q3, 0x31));
+    }
+  }
   // tdpfp16ps tmmC, tmmA, tmmB as bytes (no GCC 12 intrinsic; assemblers before binutils 2.40 lack the
   // mnemonic): VEX.128.F2.0F38.W0 5C /r, vvvv = ~B, ModRM = 11 C A.
   template <int C, int A, int B>

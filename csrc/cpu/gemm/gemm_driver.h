@@ -123,6 +123,18 @@ struct GemmHasThreadHooks : std::false_type {};
 template <class T>
 struct GemmHasThreadHooks<T, std::void_t<decltype(T::thread_begin()), decltype(T::thread_end())>> : std::true_type {};
 
+// Optional Traits member tr.b_panel_group(): B panels packed at once when B is packed panel by panel
+// (one A block), for a layout whose packing reads better across several panels; default 1.
+template <class T, class = void>
+struct GemmHasBPanelGroup : std::false_type {};
+template <class T>
+struct GemmHasBPanelGroup<T, std::void_t<decltype(std::declval<const T&>().b_panel_group())>> : std::true_type {};
+template <class Traits>
+int64_t gemm_b_panel_group(const Traits& tr) {
+  if constexpr (GemmHasBPanelGroup<Traits>::value) return std::max<int64_t>(1, tr.b_panel_group());
+  return 1;
+}
+
 // Runs every unit of the plan (see the top of this file). need_ws: each thread gets an mu x nu
 // float32 / int32 workspace for partial sums (passed to tr.tile).
 template <class Traits>
@@ -141,6 +153,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
   const int64_t per_thread = a_bytes + b_bytes + ws_bytes;
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
 
+  const int64_t b_group = gemm_b_panel_group(tr);
   parallel_region(plan.n_threads, [&](int t, int n_threads) {
     char* mine = scratch + int64_t(t) * per_thread;
     Packed* a_pack = reinterpret_cast<Packed*>(mine);
@@ -162,15 +175,17 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
         const Packed* b_src = nullptr;
         // With one A block, each B panel is packed right before its tiles and used from L1: packed
         // all at once, a kc x nc block (4 MiB of bf16 at 4096 columns) is beyond L2 and comes back
-        // from L3 (a 32-token input gradient g @ W, bench/notes_gemm.md).
+        // from L3 (a 32-token input gradient g @ W, bench/notes_gemm.md). Traits may ask for groups
+        // of b_group panels packed together (gemm_b_panel_group).
         const bool b_by_panel = !b_pre && w.m1 - w.m0 <= blk.mc;
         if (!b_pre && !b_by_panel) tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack), b_src = b_pack;
         for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
           const int64_t mcur = std::min(blk.mc, w.m1 - i0);
           tr.pack_a(w.batch, i0, mcur, p0, kc, a_pack);
           for (int64_t jr = 0; jr < ncur; jr += NR) {
-            if (b_by_panel) tr.pack_b(w.batch, p0, kc, w.n0 + jr, std::min(NR, ncur - jr), b_pack);
-            const Packed* bp = b_by_panel ? b_pack
+            if (b_by_panel && (jr / NR) % b_group == 0)
+              tr.pack_b(w.batch, p0, kc, w.n0 + jr, std::min(NR * b_group, ncur - jr), b_pack);
+            const Packed* bp = b_by_panel ? b_pack + ((jr / NR) % b_group) * b_panel
                                : b_pre    ? tr.prepacked_b(p0, w.n0 + jr, blk, n)
                                           : b_src + (jr / NR) * b_panel;
             for (int64_t ir = 0; ir < mcur; ir += MR) {
