@@ -132,8 +132,10 @@ struct AmxTraits {
           [&](int64_t i, Packed* d) -> int64_t {
             const int64_t k_end = kc / kKGroup * kKGroup;
             if (cs == 1) {  // rows contiguous along k: a row's KT values are one 64-byte copy
-              for (int64_t k = 0; k < k_end; k += kKGroup)
-                for (int64_t r = 0; r < kMr; ++r) std::memcpy(d + k * kMr + r * kKGroup, src + (i + r) * rs + k, 64);
+              // Row by row: each source row read in order (k outer read 32 rows apart per step: 2048^3 bf16
+              // 9.5-10.0 -> 9.0-9.3 ms, 4096 x 1024 x 1024 4.6-5.6 -> 4.5-5.3 ms on the 2-core Xeon).
+              for (int64_t r = 0; r < kMr; ++r)
+                for (int64_t k = 0; k < k_end; k += kKGroup) std::memcpy(d + k * kMr + r * kKGroup, src + (i + r) * rs + k, 64);
               return k_end;
             }
             if constexpr (sizeof(Packed) == 2) {
