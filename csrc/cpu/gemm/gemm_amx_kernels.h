@@ -176,8 +176,10 @@ struct AmxTraits {
               // transpose of 32 columns' dwords: 16 x 16 blocks, then the dwords left one by one.
               constexpr int64_t kRowBytes = kNr * kKUnit * sizeof(Packed);
               const int64_t k_blocks = k_end / (16 * kKUnit) * (16 * kKUnit);
-              for (int64_t k = 0; k < k_blocks; k += 16 * kKUnit)
-                for (int64_t l = 0; l < kNr; l += 16)
+              // Each group of 16 columns along all of k before the next (the 16 source rows read in
+              // order: 2048^3 1-15%, 32 / 128 x 4096 x 4096 2-9% faster than k blocks outer).
+              for (int64_t l = 0; l < kNr; l += 16)
+                for (int64_t k = 0; k < k_blocks; k += 16 * kKUnit)
                   Tiles::transpose_dwords_16x16(src + (j + l) * cs + k, cs * int64_t(sizeof(Packed)),
                                                 d + k * kNr + l * kKUnit, kRowBytes);
               for (int64_t k = k_blocks; k < k_end; k += kKUnit)
