@@ -218,6 +218,21 @@ def test_float_shapes(isa, threads, rng, shape, in_dtype, out_dtype):
     assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
 
 
+@pytest.mark.parametrize("k", [7, 55, 1100])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.int8], ids=lambda d: str(d).replace("torch.", ""))
+def test_row_major_b_block_packed_across_panels(isa, threads, rng, dtype, k):
+    """A row-major B whose K block is packed whole (more rows per thread than one A block) goes row chunk by row
+    chunk across its full panels, then each panel's rest (the 7 k past 16-row chunks, the partial last
+    panel of 5 columns): K below one chunk, past a few, and past several K blocks."""
+    m, n = 2 * 1020 + 13, 3 * BLK["nr"] + 5  # past two A blocks of the largest mc (gemm_blocking's cap)
+    if dtype == torch.int8:
+        a, b = rand_i8(rng, (m, k)), rand_i8(rng, (k, n))
+        assert_int_exact(lc.gemm(a, b), a, b)
+    else:
+        a, b = rand(rng, (m, k), dtype), rand(rng, (k, n), dtype)
+        assert_close(lc.gemm(a, b, out_dtype=torch.float32), a, b, None, torch.float32)
+
+
 @pytest.mark.parametrize("rows_last", range(1, 12))
 def test_last_row_tile_every_height(isa, rng, rows_last):
     """A last row tile of every height below the register tile's 12 rows (the AVX-512 kernels compute
