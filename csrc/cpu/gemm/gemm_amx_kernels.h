@@ -156,11 +156,13 @@ struct AmxTraits {
     const int64_t rs = g.b.stride_row_elems, cs = g.b.stride_col_elems;
     const int64_t kc_panel = gemm_round_up(kc, kKGroup);
     gemm_with_operand<Kind>(g.b, batch, p0, j0, [&](auto, auto src) {
-      // Row-major B, several panels: row by row across all full panels (each row's run of nc columns
-      // read in order, where a panel at a time reads one line from each of kc rows 4-8 KiB apart).
-      // On the 2-core Xeon: 2048^3 bf16 9.4 -> 8.4 ms, 4096^3 85 -> 71 ms, int8 2048^3 4.5 -> 4.1 ms.
+      // Row-major B: row by row across all full panels, KU rows interleaved per step (each row's run of
+      // nc columns read in order, where a panel at a time read one line from each of kc rows 4-8 KiB
+      // apart; 2048^3 bf16 9.4 -> 8.4 ms, 4096^3 85 -> 71 ms, int8 2048^3 4.5 -> 4.1 ms on the 2-core
+      // Xeon). Prefetching the rows 64 ahead, which the panel-at-a-time packing needed, no longer
+      // helps (2048^3, 32 x 4096 x 4096, 2048 x 2048 x 48: within noise).
       const int64_t full_panels = nc / kNr, k_end = kc / kKUnit * kKUnit;
-      const bool rows_across = cs == 1 && rs != 1 && full_panels > 1;
+      const bool rows_across = cs == 1 && rs != 1 && full_panels > 0;
       if (rows_across)
         for (int64_t k = 0; k < k_end; k += kKUnit)
           for (int64_t p = 0; p < full_panels; ++p)
@@ -170,7 +172,6 @@ struct AmxTraits {
       gemm_pack_panels<kNr, kKUnit>(
           dst, kNr * kc_panel, nc, kc_panel,
           [&](int64_t j, Packed* d) -> int64_t {
-            const int64_t k_end = kc / kKUnit * kKUnit;
             if (rs == 1) {
               // B = W^T: a column's KU values are one dword, and a panel's rows of KU-units are the
               // transpose of 32 columns' dwords: 16 x 16 blocks, then the dwords left one by one.
@@ -187,21 +188,7 @@ struct AmxTraits {
                   std::memcpy(d + k * kNr + l * kKUnit, src + (j + l) * cs + k, kKUnit * sizeof(Packed));
               return k_end;
             }
-            if (rows_across) return k_end;
-            if (cs == 1) {
-              // Row-major B: KU rows interleaved. A panel takes one line from each of kc rows (rows
-              // 4-8 KiB apart for 2048-4096 columns, which the hardware prefetchers do not follow
-              // across pages), so the rows 64 ahead are prefetched (2048^3 bf16 +6-8%, 4096 x 1024 x
-              // 1024 +2-15%, int8 2048^3 +4%; 32 rows ahead about the same).
-              constexpr int64_t kAheadRows = 64;
-              for (int64_t k = 0; k < k_end; k += kKUnit) {
-                for (int64_t u = 0; u < kKUnit; ++u)
-                  if (k + kAheadRows + u < kc) __builtin_prefetch(src + (k + kAheadRows + u) * rs + j, 0, 3);
-                Tiles::template interleave_rows_32<kKUnit>(src + k * rs + j, rs * int64_t(sizeof(Packed)), d + k * kNr);
-              }
-              return k_end;
-            }
-            return 0;
+            return rows_across ? k_end : 0;
           },
           [&](int64_t j, int64_t k) { return k < kc ? Packed(src[k * rs + j * cs]) : Packed(0); }, [](Packed*) {});
     });
