@@ -233,6 +233,49 @@ def test_row_major_b_block_packed_across_panels(isa, threads, rng, dtype, k):
         assert_close(lc.gemm(a, b, out_dtype=torch.float32), a, b, None, torch.float32)
 
 
+def test_amx_k_chunks(isa, rng):
+    """Where K runs inside each B panel (the AMX tables, for units of several A blocks and K blocks), K past one
+    chunk of an A block with a K block tail in the second chunk: the sums cross the chunks through the
+    output (float32, int32) or the A block's workspace (bf16, scaled int8 into bf16), beside an edge A block
+    and an edge panel."""
+    blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
+    if not blk["kchunk"]:
+        pytest.skip("this kernel table has no K-inside loop")
+    m, n = 2 * blk["mc"] + 37, 3 * blk["nr"] + 5
+    k = blk["kchunk"] + blk["kc"] + 7
+    # Small integers: every float32 sum is exact (|sum| < 2^24) whatever the order, so the output is the
+    # float64 product rounded once, bit for bit (K this deep is past the contract bound's useful range).
+    small = lambda shape: torch.from_numpy(rng.integers(-3, 4, size=shape).astype(np.float32))
+    a, b, bias = small((m, k)).bfloat16(), small((k, n)).bfloat16(), small((n,))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), (ref(a, b, bias)).to(out_dtype))
+    bias = rand(rng, (n,), torch.float32)
+    k8 = blk8["kchunk"] + blk8["kc"] + 7
+    a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
+    assert_int_exact(lc.gemm(a8, b8), a8, b8)
+    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
+    out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=torch.bfloat16)
+    assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, torch.bfloat16))
+
+
+def test_amx_streamed_output(isa, rng):
+    """An output of more bytes than the cores' L2 together with 64-byte aligned rows: the AMX tables' full tiles
+    write it with non-temporal stores (each output dtype, a bias, scaled int8), the edge rows in place."""
+    if not _C.gemm_blocking(False)["kchunk"]:
+        pytest.skip("the streamed epilogue is the AMX tables'")
+    m, k, n = 4096 + 5, 40, 1024  # 16 MiB of float32
+    a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
+    bias = rand(rng, (n,), torch.float32)
+    for out_dtype in FLOAT_DTYPES:
+        assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
+    a8, b8 = rand_i8(rng, (m, k)), rand_i8(rng, (k, n))
+    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
+    out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=torch.bfloat16)
+    assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, torch.bfloat16))
+
+
 @pytest.mark.parametrize("rows_last", range(1, 12))
 def test_last_row_tile_every_height(isa, rng, rows_last):
     """A last row tile of every height below the register tile's 12 rows (the AVX-512 kernels compute

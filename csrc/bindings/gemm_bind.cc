@@ -165,6 +165,7 @@ void bind_gemm(py::module_& m) {
         d["kc"] = b.kc;
         d["mc"] = b.mc;
         d["nc"] = b.nc;
+        d["kchunk"] = b.kchunk;
         return d;
       },
       py::arg("is_int8") = false, py::arg("rows") = 1,

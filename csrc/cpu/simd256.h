@@ -18,6 +18,8 @@
 //   store2_as(dtype, out, v0, v1)   store_as of v0 then v1 (bf16: store_bf16_pair, one conversion of
 //                                   both where the ISA has it)
 //   to_f16, to_bf16, store_half     the roundings store_as uses (F -> H) and the store of H
+//   stream_line(dst, src)           one 64-byte line copied with a non-temporal store (both 64-byte
+//                                   aligned; the caller fences with _mm_sfence before others read dst)
 //   sum_lanes(v)                    a horizontal sum in a fixed order (so its bits never vary)
 // What reads the same at every width is written once in simd_common.inc.
 // The roundings are bit for bit the scalar f32_to_f16 / f32_to_bf16 of common/dtypes.h, NaNs included.
@@ -61,6 +63,11 @@ struct Simd256 {
     return _mm_blendv_epi8(h, canon16, mask16);
   }
   static inline void store_half(void* out, H h) { _mm_storeu_si128(static_cast<H*>(out), h); }
+  static inline void stream_line(void* dst, const void* src) {
+    const __m256i* s = static_cast<const __m256i*>(src);
+    _mm256_stream_si256(static_cast<__m256i*>(dst), _mm256_load_si256(s));
+    _mm256_stream_si256(static_cast<__m256i*>(dst) + 1, _mm256_load_si256(s + 1));
+  }
   static inline void store_bf16_pair(void* out, F v0, F v1) {
     store_half(out, to_bf16(v0));
     store_half(static_cast<char*>(out) + 16, to_bf16(v1));

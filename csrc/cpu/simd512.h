@@ -37,6 +37,9 @@ struct Simd512 {
     }
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
   }
+  static inline void stream_line(void* dst, const void* src) {
+    _mm512_stream_si512(static_cast<__m512i*>(dst), _mm512_load_si512(src));
+  }
   static inline H to_bf16_integer(F v) {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, bf16_rounded_lanes(v), bf16_nan_lanes(v)));

@@ -81,6 +81,8 @@ struct GemmBlocking {
   int64_t kc;      // depth of one packed block: a kc x nr B micro-panel fills about half of L1d
   int64_t mc;      // rows of one packed A block: about half of L2
   int64_t nc;      // columns of one packed B block (shared L3)
+  int64_t kchunk = 0;  // AMX: depth of an A block's chunk where K runs inside each B panel (a multiple
+                       // of kc; amx_run_units_k_inside); 0 for the kernel sets without that loop
 };
 // elem_bytes: bytes of one packed element (4 for float32 panels, 2 for bf16 or int8 packed as int16
 // pairs, 1 for int8 quads). l1_share: the kc x nr B micro-panel takes 1 / l1_share of L1d.

@@ -47,6 +47,7 @@
 // library's AMX code may run on the same threads between calls).
 #pragma once
 #include <cstdint>
+#include <immintrin.h>
 #include <cstring>
 #include <type_traits>
 
@@ -99,14 +100,20 @@ constexpr int64_t kAmxPrepackedSlackBytes = 16 * kAmxNr * 4;
 template <class Tiles, class S, class Kind, class Args, bool kPrepackedB = false>
 struct AmxTraits {
   using Packed = typename Kind::Packed;
+  using Sum = typename std::conditional<std::is_same<Args, GemmInt8Args>::value, int32_t, float>::type;
   static constexpr int64_t kMr = kAmxMr, kNr = kAmxNr, kKGroup = Kind::kKTile, kKUnit = Kind::kKUnit;
   static_assert(kKGroup * sizeof(Packed) == 64 && kNr * kKUnit * sizeof(Packed) == 128, "tile rows of 64 bytes");
   const Args& g;
   bool c32_is_out;
   int64_t ws_ld;
+  bool stream_out = false;  // full tiles' epilogues stream their rows (amx_stream_output)
 
   static void thread_begin() { Tiles::configure(&kAmxFullTiles); }
-  static void thread_end() { Tiles::release(); }
+  // The fence orders the streamed output lines before the thread reports its work done.
+  static void thread_end() {
+    Tiles::release();
+    _mm_sfence();
+  }
 
   int64_t b_panel_elems(int64_t kc_panel) const { return kNr * kc_panel; }
   // A row-major B packed 8 panels at a time (rows read 512 bytes of bf16 at a time, not 64 from rows
@@ -198,9 +205,10 @@ struct AmxTraits {
   // next_c: the 32-bit sums of the tile this thread runs next (32 rows, next_ld elements apart), or
   // null; its lines are prefetched while this tile's products run, since the tile loads that read
   // them stall on L3 otherwise (a quarter of a 2048^3 bf16 product).
+  // pf_b: pf_b_bytes of B (the panel this thread multiplies next) brought to L1 over the steps.
   template <class Tile>
   static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t, const void* next_c = nullptr,
-                      int64_t next_ld = 0) {
+                      int64_t next_ld = 0, const char* pf_b = nullptr, int64_t pf_b_bytes = 0, bool stream = false) {
     using Elem = typename std::remove_pointer<decltype(t.c32)>::type;  // float or int32_t
     constexpr int64_t kAElems = 16 * kKGroup, kBHalf = 16 * kKUnit;  // one A tile; 16 columns of B
     constexpr int64_t kARow = kKGroup * sizeof(Packed), kBRow = kNr * kKUnit * sizeof(Packed);
@@ -220,11 +228,14 @@ struct AmxTraits {
     const int64_t n_steps = kc_panel / kKGroup, rows_per_step = n_steps >= 8 ? 4 : gemm_ceil_div(kMr, n_steps);
     const char* pf = static_cast<const char*>(next_c);
     int64_t pf_row = next_c ? 0 : kMr;
+    const int64_t pf_b_step = gemm_ceil_div(pf_b_bytes, n_steps * 64) * 64;
+    const char* pf_b_end = pf_b + pf_b_bytes;
     for (int64_t k = 0; k < kc_panel; k += kKGroup) {
       for (int64_t r = 0; r < rows_per_step && pf_row < kMr; ++r, ++pf_row) {
         __builtin_prefetch(pf + pf_row * next_ld * 4, 1, 3);
         __builtin_prefetch(pf + pf_row * next_ld * 4 + 64, 1, 3);
       }
+      for (int64_t l = 0; l < pf_b_step && pf_b < pf_b_end; l += 64, pf_b += 64) __builtin_prefetch(pf_b, 0, 3);
       const Packed* a = ap + k * kMr;
       const Packed* b = bp + k * kNr;
       Tiles::template load_t1<4>(a, kARow);
@@ -254,7 +265,38 @@ struct AmxTraits {
     V c[kMr][NV];
     for (int64_t i = 0; i < kMr; ++i)
       for (int h = 0; h < NV; ++h) c[i][h] = S::loadu(sums + i * kNr + h * S::kLanes);
-    gemm_tile_store<S>(t, c);
+    if (!stream) return gemm_tile_store<S>(t, c);
+    // Streamed: the epilogue into a local tile, then its rows (1 or 2 lines each) to the output with
+    // non-temporal stores (aligned rows: amx_stream_output).
+    alignas(64) float local[kMr * kNr];  // 4 bytes an element: room for every output dtype
+    Tile lt = t;
+    lt.out = local;
+    lt.out_ld = kNr;
+    gemm_tile_store<S>(lt, c);
+    const int64_t elem = t.out_dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = kNr * elem;
+    for (int64_t i = 0; i < kMr; ++i)
+      for (int64_t l = 0; l < row_bytes; l += 64)
+        S::stream_line(static_cast<char*>(t.out) + i * t.out_ld * elem + l, reinterpret_cast<const char*>(local) + i * row_bytes + l);
+  }
+
+  // A tile of amx_run_units_k_inside: as tile(), with the partial sums read from `prev` (null: the
+  // unit's own, or none in the first K block) and written to `dst` (null: the unit's own, or the
+  // epilogue in the last K block), 32 rows of NR sums; pf_b: B lines to prefetch (ukernel).
+  void tile_k_inside(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
+                     int64_t rows, int64_t cols, bool first, bool last, void* ws, const Sum* prev, Sum* dst,
+                     const char* pf_b, int64_t pf_b_bytes, bool next_in_block) const {
+    auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
+    // The unit's own sums of the next tile down, where this K block reads or writes its own (the
+    // chunk's edges): prefetched while the products run, as in tile().
+    const bool own_sums = (!prev && !first) || (!dst && !last);
+    const void* next_c = own_sums && next_in_block ? t.c32 + kMr * t.c32_ld : nullptr;
+    const int64_t next_ld = t.c32_ld;
+    if (prev && !first) t.prev = prev, t.prev_ld = kNr;
+    if (dst && !last) t.c32 = dst, t.c32_ld = kNr;
+    if (rows == kMr && cols == kNr)
+      ukernel(kc_panel, ap, bp, t, next_c, next_ld, pf_b, pf_b_bytes, stream_out);
+    else
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
   }
 
   void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
@@ -264,11 +306,98 @@ struct AmxTraits {
     // epilogue of a single K block.
     const bool next_sums = row + kMr < w.m1 && (!last || !first);
     if (rows == kMr && cols == kNr)
-      ukernel(kc_panel, ap, bp, t, next_sums ? t.c32 + kMr * t.c32_ld : nullptr, t.c32_ld);
+      ukernel(kc_panel, ap, bp, t, next_sums ? t.c32 + kMr * t.c32_ld : nullptr, t.c32_ld, nullptr, 0, stream_out);
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
   }
 };
+
+// The macro-loop of a unit with several A blocks and several K blocks (gemm_run_units otherwise): K runs
+// inside each B panel, so that a tile's partial sums between K blocks stay in a small per-thread buffer
+// (mc x 32 32-bit sums, in L2) instead of a unit-wide workspace beyond L2 (whose round trips, and the
+// output lines, cost a 2048^3 bf16 product as much as its tdp* did: bench/notes_gemm.md session 14):
+//   for each unit:  B packed for all of K (its K blocks' panels), unless pre-packed
+//     for each A block of mc rows, for each K chunk (the A block's chunk fills half of L2):
+//       A of the chunk packed, K block after K block
+//       for each 32-column panel:  for each K block of the chunk:  for each 32-row tile: products
+// Across chunks (K beyond one) the sums go through an mc x nu workspace (or the float32 / int32 output).
+// While a panel's K block runs, the B panel multiplied next is prefetched to L1 a slice per tile: the
+// packed B is beyond L2.
+// The packed B of one unit (all of K) is capped at this many bytes per thread: wider units are cut
+// narrower (amx_gemm_packed).
+constexpr int64_t kAmxPackedBMaxBytes = int64_t(16) << 20;
+
+template <class Traits>
+void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n,
+                            int64_t k, bool need_ws) {
+  using Packed = typename Traits::Packed;
+  using Sum = typename Traits::Sum;
+  constexpr int64_t MR = Traits::kMr, NR = Traits::kNr, KG = Traits::kKGroup;
+  const int64_t kc_alloc = gemm_round_up(blk.kc, KG), k_blocks = gemm_ceil_div(k, blk.kc);
+  const int64_t mc_alloc = gemm_round_up(std::min(blk.mc, plan.mu), MR);
+  const int64_t a_block = mc_alloc * kc_alloc, b_block = gemm_ceil_div(plan.nu, NR) * tr.b_panel_elems(kc_alloc);
+  const bool b_pre = tr.prepacked_b(0, 0, blk, n) != nullptr;
+  const int64_t kchunk = std::min(blk.kchunk, gemm_round_up(k, blk.kc));
+  const int64_t a_bytes = gemm_round_up(kchunk / blk.kc * a_block * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
+  const int64_t b_bytes = b_pre ? 0 : gemm_round_up(k_blocks * b_block * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
+  const int64_t sums_bytes = mc_alloc * NR * 4;
+  const int64_t ws_bytes = need_ws ? gemm_round_up(mc_alloc * gemm_ws_ld(plan) * 4, 64) : 0;
+  const int64_t per_thread = a_bytes + b_bytes + sums_bytes + ws_bytes;
+  char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
+
+  parallel_region(plan.n_threads, [&](int t, int n_threads) {
+    char* mine = scratch + int64_t(t) * per_thread;
+    Packed* a_pack = reinterpret_cast<Packed*>(mine);
+    Packed* b_pack = reinterpret_cast<Packed*>(mine + a_bytes);
+    Sum* sums = reinterpret_cast<Sum*>(mine + a_bytes + b_bytes);
+    void* ws = mine + a_bytes + b_bytes + sums_bytes;
+    const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
+    Traits::thread_begin();
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      const GemmUnit w = gemm_unit_at(plan, u, m, n);
+      const int64_t ncur = w.n1 - w.n0;
+      // The K block at p0: its depth; B panel jr of it.
+      auto kc_at = [&](int64_t p0) { return std::min(blk.kc, k - p0); };
+      auto b_at = [&](int64_t p0, int64_t jr) -> const Packed* {
+        if (b_pre) return tr.prepacked_b(p0, w.n0 + jr, blk, n);
+        return b_pack + p0 / blk.kc * b_block + jr / NR * tr.b_panel_elems(gemm_round_up(kc_at(p0), KG));
+      };
+      if (!b_pre)
+        for (int64_t p0 = 0; p0 < k; p0 += blk.kc) tr.pack_b(w.batch, p0, kc_at(p0), w.n0, ncur, b_pack + p0 / blk.kc * b_block);
+      for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
+        // The A block as a unit of its own: the workspace holds its sums across chunks.
+        GemmUnit wb = w;
+        wb.m0 = i0;
+        wb.m1 = std::min(w.m1, i0 + blk.mc);
+        const int64_t mcur = wb.m1 - i0;
+        for (int64_t c0 = 0; c0 < k; c0 += kchunk) {
+          const int64_t c1 = std::min(k, c0 + kchunk);
+          for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) tr.pack_a(w.batch, i0, mcur, p0, kc_at(p0), a_pack + (p0 - c0) / blk.kc * a_block);
+          for (int64_t jr = 0; jr < ncur; jr += NR) {
+            for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) {
+              const int64_t kc_panel = gemm_round_up(kc_at(p0), KG);
+              // The B panel multiplied next: this panel's next K block, else the next panel's first.
+              const int64_t next_p0 = p0 + blk.kc < c1 ? p0 + blk.kc : c0;
+              const Packed* next_b = next_p0 != c0 || jr + NR < ncur ? b_at(next_p0, next_p0 != c0 ? jr : jr + NR) : nullptr;
+              const int64_t next_b_bytes = next_b ? tr.b_panel_elems(gemm_round_up(kc_at(next_p0), KG)) * int64_t(sizeof(Packed)) : 0;
+              const int64_t slice = gemm_ceil_div(next_b_bytes, gemm_ceil_div(mcur, MR) * 64) * 64;
+              for (int64_t ir = 0; ir < mcur; ir += MR) {
+                const int64_t off = ir / MR * slice;
+                // Sums within the chunk in `sums` (row ir of the A block), at its edges the block's own.
+                tr.tile_k_inside(kc_panel, a_pack + (p0 - c0) / blk.kc * a_block + ir * kc_panel, b_at(p0, jr), wb, i0 + ir,
+                                 w.n0 + jr, std::min(MR, mcur - ir), std::min(NR, ncur - jr), p0 == 0, p0 + blk.kc >= k, ws,
+                                 p0 == c0 ? nullptr : sums + ir * NR, p0 + blk.kc >= c1 ? nullptr : sums + ir * NR,
+                                 off < next_b_bytes ? reinterpret_cast<const char*>(next_b) + off : nullptr,
+                                 off < next_b_bytes ? std::min(slice, next_b_bytes - off) : 0, ir + MR < mcur);
+              }
+            }
+          }
+        }
+      }
+    }
+    Traits::thread_end();
+  });
+}
 
 // Cache blocking (measured on a 2-core Xeon with AMX, L1d 48 KiB, L2 2 MiB: bench/notes_gemm.md session
 // 12). A kc x 32 B panel takes two thirds of L1d: the A tiles are loaded with the T1 hint (tileloaddt1)
@@ -282,7 +411,49 @@ static inline GemmBlocking gemm_amx_blocking(int64_t elem_bytes) {
   const int64_t kt = 64 / elem_bytes;
   b.kc = std::max(kt, std::min<int64_t>(2048, f.l1d_bytes * 2 / 3 / (kAmxNr * elem_bytes)) / kt * kt);
   b.mc = std::max(kAmxMr, std::min<int64_t>(1020, f.l2_bytes / 8 / (b.kc * elem_bytes)) / kAmxMr * kAmxMr);
+  // Where K runs inside each B panel (amx_run_units_k_inside), an A block's chunk fills half of L2: K
+  // 2048 bf16 in one chunk on that Xeon (2048^3 bf16 8.4 -> 6.2-6.9 ms); at K 4096 two chunks of the
+  // same 256 rows ran 10-15% faster than one chunk of 128 rows (B's panels reloaded half as often),
+  // one chunk of 256 rows (the whole of L2) 1.5x slower.
+  b.kchunk = std::max(b.kc, f.l2_bytes / 2 / (b.mc * elem_bytes) / b.kc * b.kc);
   return b;
+}
+
+// Whether the final tiles' epilogues stream the output rows past the caches (non-temporal stores): the
+// output is more bytes than the threads' L2 together, so its lines would not stay there, and streaming
+// saves each line's read for ownership (2048^3 bf16 8.4 -> 7.9 ms, 4096^3 68 -> 63 ms on the 2-core
+// Xeon; a 1 MiB output rewritten in a loop ran 3x slower streamed, bench/notes_gemm.md session 12);
+// and every row starts 64-byte aligned. The plain int8 GEMM's int32 sums are stored by the tiles.
+static inline bool amx_writes_epilogue(const GemmFloatArgs&) { return true; }
+static inline bool amx_writes_epilogue(const GemmInt8Args& g) { return g.scale_a != nullptr; }
+template <class Args>
+bool amx_stream_output(const Args& g, int n_threads) {
+  const int64_t elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
+  return amx_writes_epilogue(g) && g.n_batch * g.m * g.n * elem >= cpu_features().l2_bytes * n_threads &&
+         reinterpret_cast<uintptr_t>(g.out) % 64 == 0 && g.n * elem % 64 == 0;
+}
+
+// The packed GEMM on the tiles: amx_run_units_k_inside where a unit has several K blocks and several A
+// blocks (or B comes pre-packed), gemm_run_units otherwise (one A block: each B panel packed right
+// before its tiles, from L1).
+template <class Traits, class Args>
+void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
+  using Packed = typename Traits::Packed;
+  const bool sums_in_out = gemm_sums_in_out(g), b_pre = gemm_b_packed(g) != nullptr;
+  if (g.k > blk.kc) {
+    // A unit's packed B (all of K) within kAmxPackedBMaxBytes.
+    GemmBlocking blk_k = blk;
+    blk_k.nc = std::max(Traits::kNr * 4, std::min(blk.nc, kAmxPackedBMaxBytes / (gemm_round_up(g.k, blk.kc) * int64_t(sizeof(Packed))) / Traits::kNr * Traits::kNr));
+    const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk_k, false, b_pre);
+    if (plan.mu > blk.mc || b_pre) {
+      const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
+      return amx_run_units_k_inside(tr, plan, blk, g.m, g.n, g.k, !sums_in_out && g.k > blk.kchunk);
+    }
+  }
+  const bool need_ws = !sums_in_out && g.k > blk.kc;
+  const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws, b_pre);
+  const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
+  gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
 // The AMX paths of a table: bf16 (and fp16 when has_fp16) float GEMMs, returning false for the
@@ -290,11 +461,11 @@ static inline GemmBlocking gemm_amx_blocking(int64_t elem_bytes) {
 template <class Tiles, class S>
 bool gemm_float_amx_tiles(const GemmFloatArgs& g, bool has_fp16) {
   if (g.a.dtype == LP_DTYPE_BF16) {
-    gemm_packed_with<AmxTraits<Tiles, S, AmxBf16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    amx_gemm_packed<AmxTraits<Tiles, S, AmxBf16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
     return true;
   }
   if (g.a.dtype == LP_DTYPE_F16 && has_fp16) {
-    gemm_packed_with<AmxTraits<Tiles, S, AmxFp16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    amx_gemm_packed<AmxTraits<Tiles, S, AmxFp16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
     return true;
   }
   return false;
@@ -302,13 +473,13 @@ bool gemm_float_amx_tiles(const GemmFloatArgs& g, bool has_fp16) {
 
 template <class Tiles, class S>
 void gemm_int8_amx_tiles(const GemmInt8Args& g) {
-  gemm_packed_with<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args>>(g, gemm_amx_blocking(1));
+  amx_gemm_packed<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args>>(g, gemm_amx_blocking(1));
 }
 
 // The int8 GEMM with B pre-packed as above, in K blocks of gemm_amx_blocking(1).kc.
 template <class Tiles, class S>
 void gemm_int8_amx_prepacked_tiles(const GemmInt8Args& g) {
-  gemm_packed_with<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args, true>>(g, gemm_amx_blocking(1));
+  amx_gemm_packed<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args, true>>(g, gemm_amx_blocking(1));
 }
 
 static inline GemmBlocking gemm_packed_blocking_amx(bool is_int8, int64_t /* rows */) {
