@@ -205,7 +205,9 @@ struct AmxTraits {
   // next_c: the 32-bit sums of the tile this thread runs next (32 rows, next_ld elements apart), or
   // null; its lines are prefetched while this tile's products run, since the tile loads that read
   // them stall on L3 otherwise (a quarter of a 2048^3 bf16 product).
-  // pf_b: pf_b_bytes of B (the panel this thread multiplies next) brought to L1 over the steps.
+  // pf_b: pf_b_bytes of B (the panel this thread multiplies next) brought to L2 over the steps (to L1
+  // it evicted the panel in use, and ran no faster than no prefetch: 2048^3 / 4096^3 bf16 5-9% slower
+  // than to L2 on the 2-core Xeon).
   template <class Tile>
   static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t, const void* next_c = nullptr,
                       int64_t next_ld = 0, const char* pf_b = nullptr, int64_t pf_b_bytes = 0, bool stream = false) {
@@ -235,7 +237,7 @@ struct AmxTraits {
         __builtin_prefetch(pf + pf_row * next_ld * 4, 1, 3);
         __builtin_prefetch(pf + pf_row * next_ld * 4 + 64, 1, 3);
       }
-      for (int64_t l = 0; l < pf_b_step && pf_b < pf_b_end; l += 64, pf_b += 64) __builtin_prefetch(pf_b, 0, 3);
+      for (int64_t l = 0; l < pf_b_step && pf_b < pf_b_end; l += 64, pf_b += 64) __builtin_prefetch(pf_b, 0, 2);
       const Packed* a = ap + k * kMr;
       const Packed* b = bp + k * kNr;
       Tiles::template load_t1<4>(a, kARow);
@@ -321,7 +323,7 @@ struct AmxTraits {
 //       A of the chunk packed, K block after K block
 //       for each 32-column panel:  for each K block of the chunk:  for each 32-row tile: products
 // Across chunks (K beyond one) the sums go through an mc x nu workspace (or the float32 / int32 output).
-// While a panel's K block runs, the B panel multiplied next is prefetched to L1 a slice per tile: the
+// While a panel's K block runs, the B panel multiplied next is prefetched to L2 a slice per tile: the
 // packed B is beyond L2.
 // The packed B of one unit (all of K) is capped at this many bytes per thread: wider units are cut
 // narrower (amx_gemm_packed).
