@@ -237,7 +237,7 @@ def test_amx_k_chunks(isa, rng):
     """Where K runs inside each B panel (the AMX tables, for units of several A blocks and K blocks), K past one
     chunk of an A block with a K block tail in the second chunk: the sums cross the chunks through the
     output (float32, int32) or the A block's workspace (bf16, scaled int8 into bf16), beside an edge A block
-    and an edge panel."""
+    and an edge panel; and a batched product in one chunk."""
     blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
     if not blk["kchunk"]:
         pytest.skip("this kernel table has no K-inside loop")
@@ -249,6 +249,10 @@ def test_amx_k_chunks(isa, rng):
     a, b, bias = small((m, k)).bfloat16(), small((k, n)).bfloat16(), small((n,))
     for out_dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), (ref(a, b, bias)).to(out_dtype))
+    # Batched, A a permuted view (batches do not stack as rows): each batch its own units.
+    a3 = small((m, 2, blk["kc"] + 9)).bfloat16().permute(1, 0, 2)
+    b3 = small((2, blk["kc"] + 9, n)).bfloat16()
+    assert torch.equal(lc.gemm(a3, b3, out_dtype=torch.bfloat16), (t64(a3) @ t64(b3)).to(torch.bfloat16))
     bias = rand(rng, (n,), torch.float32)
     k8 = blk8["kchunk"] + blk8["kc"] + 7
     a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
