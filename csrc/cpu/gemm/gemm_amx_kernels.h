@@ -39,9 +39,11 @@
 //            float32, fp16 subnormal inputs are kept; the sums and the flushing are as for bf16.
 //   int8     (tdpbssd): signed x signed bytes, int32 sums wrapping mod 2^32, hence exact for K <=
 //            131071 (the final sum fits int32, so intermediate wrap-around is harmless).
-// Partial sums across K blocks stay in memory as for the AVX kernels (gemm_driver.h): C tiles are
-// loaded from them (tileloadd) and stored back (tilestored); the last K block goes through a local
-// 32 x 32 buffer to the shared epilogue (bias, rounding once, scaled_gemm's epilogue) in S vectors.
+// Partial sums across K blocks stay in memory: C tiles are loaded from them (tileloadd) and stored
+// back (tilestored), in the driver's unit workspace (gemm_run_units, as for the AVX kernels) or, where
+// K runs inside each B panel (amx_run_units_k_inside below), in a small per-thread buffer; the last
+// K block goes through a local 32 x 32 buffer to the shared epilogue (bias, rounding once,
+// scaled_gemm's epilogue) in S vectors, whose rows large outputs get with non-temporal stores.
 // Each thread loads the tile configuration before its first tile of a GEMM call and releases the
 // tiles after its last (the driver's thread hooks), so no tile state outlives a call (another
 // library's AMX code may run on the same threads between calls).
