@@ -263,6 +263,15 @@ def test_amx_k_chunks(isa, rng):
     assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, torch.bfloat16))
 
 
+def test_very_deep_k(isa, rng):
+    """K so deep that one unit's packed B of all K would not keep 32 columns under the AMX tables' cap (the
+    K-blocks-outer loop runs it there); small integers, so every float32 sum is exact (|sum| <= K < 2^24)."""
+    m, k, n = 40, 270_000, 3
+    a = torch.from_numpy(rng.integers(-1, 2, size=(m, k)).astype(np.float32)).bfloat16()
+    b = torch.from_numpy(rng.integers(-1, 2, size=(k, n)).astype(np.float32)).bfloat16()
+    assert torch.equal(lc.gemm(a, b, out_dtype=torch.float32), ref(a, b).float())
+
+
 def test_amx_streamed_output(isa, rng):
     """An output of more bytes than the cores' L2 together with 64-byte aligned rows: the AMX tables' full tiles
     write it with non-temporal stores (each output dtype, a bias, scaled int8), the edge rows in place."""

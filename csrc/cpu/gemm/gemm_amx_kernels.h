@@ -48,8 +48,9 @@
 // tiles after its last (the driver's thread hooks), so no tile state outlives a call (another
 // library's AMX code may run on the same threads between calls).
 #pragma once
-#include <cstdint>
 #include <immintrin.h>
+
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -316,6 +317,12 @@ struct AmxTraits {
   }
 };
 
+// The packed B of one unit (all of K) is capped at this many bytes per thread: wider units are cut
+// narrower (amx_gemm_packed).
+constexpr int64_t kAmxPackedBMaxBytes = int64_t(16) << 20;
+// ... but not below this many columns (amx_gemm_packed: the loop of the driver then).
+constexpr int64_t kAmxKInsideMinCols = 1024;
+
 // The macro-loop of a unit with several A blocks and several K blocks (gemm_run_units otherwise): K runs
 // inside each B panel, so that a tile's partial sums between K blocks stay in a small per-thread buffer
 // (mc x 32 32-bit sums, in L2) instead of a unit-wide workspace beyond L2 (whose round trips, and the
@@ -327,11 +334,6 @@ struct AmxTraits {
 // Across chunks (K beyond one) the sums go through an mc x nu workspace (or the float32 / int32 output).
 // While a panel's K block runs, the B panel multiplied next is prefetched to L2 a slice per tile: the
 // packed B is beyond L2.
-// The packed B of one unit (all of K) is capped at this many bytes per thread: wider units are cut
-// narrower (amx_gemm_packed).
-constexpr int64_t kAmxPackedBMaxBytes = int64_t(16) << 20;
-constexpr int64_t kAmxKInsideMinCols = 1024;
-
 template <class Traits>
 void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n,
                             int64_t k, bool need_ws) {
@@ -450,12 +452,16 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
     // A unit's packed B (all of K) within kAmxPackedBMaxBytes: units cut narrower, down to
     // kAmxKInsideMinCols (each unit packs its rows of A again: at K 16384, 512-column units ran
     // 1024 x 16384 x 2048 bf16 0.9x as fast as the K-blocks-outer loop; K 8192 with 1024 columns 1.09x).
-    GemmBlocking blk_k = blk;
-    blk_k.nc = std::min(blk.nc, kAmxPackedBMaxBytes / (gemm_round_up(g.k, blk.kc) * int64_t(sizeof(Packed))) / Traits::kNr * Traits::kNr);
-    const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk_k, false, b_pre);
-    if (plan.mu > blk.mc && blk_k.nc >= std::min(gemm_round_up(g.n, Traits::kNr), kAmxKInsideMinCols)) {
-      const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
-      return amx_run_units_k_inside(tr, plan, blk, g.m, g.n, g.k, !sums_in_out && g.k > blk.kchunk);
+    const int64_t nc = std::min(blk.nc, kAmxPackedBMaxBytes / (gemm_round_up(g.k, blk.kc) * int64_t(sizeof(Packed))) /
+                                            Traits::kNr * Traits::kNr);
+    if (nc >= std::min(gemm_round_up(g.n, Traits::kNr), kAmxKInsideMinCols)) {
+      GemmBlocking blk_k = blk;
+      blk_k.nc = nc;
+      const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk_k, false, b_pre);
+      if (plan.mu > blk.mc) {
+        const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
+        return amx_run_units_k_inside(tr, plan, blk, g.m, g.n, g.k, !sums_in_out && g.k > blk.kchunk);
+      }
     }
   }
   const bool need_ws = !sums_in_out && g.k > blk.kc;
