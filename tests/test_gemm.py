@@ -273,16 +273,48 @@ def test_very_deep_k(isa, rng):
 
 
 def test_amx_streamed_output(isa, rng):
-    """An output of more bytes than the cores' L2 together with 64-byte aligned rows: the AMX tables' full tiles
-    write it with non-temporal stores (each output dtype, a bias, scaled int8), the edge rows in place."""
-    if not _C.gemm_blocking(False)["kchunk"]:
+    """An output of more bytes than the cores' L2 together with 64-byte aligned rows, over two K blocks (K
+    inside each B panel): the AMX tables' full tiles write it with non-temporal stores (float32 and bf16
+    outputs with a bias, scaled int8 into float32), the edge rows in place. One thread, so the output
+    need pass only one L2."""
+    blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
+    if not blk["kchunk"]:
         pytest.skip("the streamed epilogue is the AMX tables'")
-    m, k, n = 4096 + 5, 40, 1024  # 16 MiB of float32
-    a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
-    bias = rand(rng, (n,), torch.float32)
-    for out_dtype in FLOAT_DTYPES:
-        assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
-    a8, b8 = rand_i8(rng, (m, k)), rand_i8(rng, (k, n))
+    l2 = lc.info()["cache_bytes"]["l2"]
+    n = 512
+    before = lc.get_num_threads()
+    lc.set_num_threads(1)
+    try:
+        k = blk["kc"] + 16
+        for out_dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
+            m = l2 // (n * size) + 5
+            a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
+            bias = rand(rng, (n,), torch.float32)
+            assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
+        m, k8 = l2 // (n * 4) + 5, blk8["kc"] + 64
+        a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
+        sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
+        sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
+        out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=torch.float32)
+        assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, torch.float32))
+    finally:
+        lc.set_num_threads(before)
+
+
+def test_amx_one_k_block_along_rows(isa, rng):
+    """One K block, several A blocks, B block within half of L2: the AMX tables run each 32-row tile along all
+    the panels (A in L1, B with the T1 hint), edge rows and an edge panel included; bf16 into each output
+    dtype with a bias, int8 exact and scaled."""
+    blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
+    m, n = 2 * blk["mc"] + 37, 5 * blk["nr"] + 7
+    for k in (1, 33, blk["kc"]):
+        a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
+        bias = rand(rng, (n,), torch.float32)
+        for out_dtype in FLOAT_DTYPES:
+            assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
+    k8 = blk8["kc"] - 3
+    a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
+    assert_int_exact(lc.gemm(a8, b8), a8, b8)
     sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
     sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
     out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=torch.bfloat16)

@@ -211,7 +211,8 @@ struct AmxTraits {
   // pf_b: pf_b_bytes of B (the panel this thread multiplies next) brought to L2 over the steps (to L1
   // it evicted the panel in use, and ran no faster than no prefetch: 2048^3 / 4096^3 bf16 5-9% slower
   // than to L2 on the 2-core Xeon).
-  template <class Tile>
+  // kBFromL2: B's tiles take the T1 hint and A's stay in L1 (amx_run_units_rows), not the other way.
+  template <class Tile, bool kBFromL2 = false>
   static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t, const void* next_c = nullptr,
                       int64_t next_ld = 0, const char* pf_b = nullptr, int64_t pf_b_bytes = 0, bool stream = false) {
     using Elem = typename std::remove_pointer<decltype(t.c32)>::type;  // float or int32_t
@@ -243,10 +244,17 @@ struct AmxTraits {
       for (int64_t l = 0; l < pf_b_step && pf_b < pf_b_end; l += 64, pf_b += 64) __builtin_prefetch(pf_b, 0, 2);
       const Packed* a = ap + k * kMr;
       const Packed* b = bp + k * kNr;
-      Tiles::template load_t1<4>(a, kARow);
-      Tiles::template load_t1<5>(a + kAElems, kARow);
-      Tiles::template load<6>(b, kBRow);
-      Tiles::template load<7>(b + kBHalf, kBRow);
+      if constexpr (kBFromL2) {
+        Tiles::template load<4>(a, kARow);
+        Tiles::template load<5>(a + kAElems, kARow);
+        Tiles::template load_t1<6>(b, kBRow);
+        Tiles::template load_t1<7>(b + kBHalf, kBRow);
+      } else {
+        Tiles::template load_t1<4>(a, kARow);
+        Tiles::template load_t1<5>(a + kAElems, kARow);
+        Tiles::template load<6>(b, kBRow);
+        Tiles::template load<7>(b + kBHalf, kBRow);
+      }
       Kind::template dp<Tiles, 0, 4, 6>();
       Kind::template dp<Tiles, 1, 4, 7>();
       Kind::template dp<Tiles, 2, 5, 6>();
@@ -300,6 +308,17 @@ struct AmxTraits {
     if (dst && !last) t.c32 = dst, t.c32_ld = kNr;
     if (rows == kMr && cols == kNr)
       ukernel(kc_panel, ap, bp, t, next_c, next_ld, pf_b, pf_b_bytes, stream_out);
+    else
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
+  }
+
+  // A tile of amx_run_units_rows (one K block): B from L2, A from L1, regular stores (the L2 streamer
+  // fetches the next lines of the rows ahead of them; streamed rows lost that).
+  void tile_rows(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
+                 int64_t rows, int64_t cols) const {
+    const auto t = gemm_tile_at(g, c32_is_out, ws_ld, nullptr, w, row, col, true, true);
+    if (rows == kMr && cols == kNr)
+      ukernel<std::remove_const_t<decltype(t)>, true>(kc_panel, ap, bp, t);
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
   }
@@ -406,6 +425,46 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
   });
 }
 
+// The macro-loop of a unit with one K block and several A blocks, whose packed B block fits half of
+// L2: each 32-row tile runs along all of the unit's panels (B from L2, A from L1), so consecutive tiles
+// write the next line of the same 32 output rows, which the L2 streamer then fetches ahead of the
+// stores; down the panels (gemm_run_units) every tile's 32 lines are in 32 new places. 1.06-1.35x
+// from 4096 x 256 x 1024 to 2048 x 64 x 2048 bf16 (int8 4096 x 512 x 1024 1.25x) on the 2-core Xeon.
+//   for each unit:  B block packed (k x nu), unless pre-packed
+//     for each A block of mc rows:  A block packed;  for each 32-row tile:  for each panel: products
+template <class Traits>
+void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n, int64_t k) {
+  using Packed = typename Traits::Packed;
+  constexpr int64_t MR = Traits::kMr, NR = Traits::kNr, KG = Traits::kKGroup;
+  const int64_t kc_panel = gemm_round_up(k, KG);
+  const int64_t a_bytes = gemm_round_up(gemm_round_up(std::min(blk.mc, plan.mu), MR) * kc_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
+  const int64_t b_panel = tr.b_panel_elems(kc_panel);
+  const int64_t b_bytes = gemm_round_up(gemm_ceil_div(plan.nu, NR) * b_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
+  const int64_t per_thread = a_bytes + b_bytes;
+  char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
+  parallel_region(plan.n_threads, [&](int t, int n_threads) {
+    Packed* a_pack = reinterpret_cast<Packed*>(scratch + int64_t(t) * per_thread);
+    Packed* b_pack = reinterpret_cast<Packed*>(scratch + int64_t(t) * per_thread + a_bytes);
+    const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
+    Traits::thread_begin();
+    for (int64_t u = u_begin; u < u_end; ++u) {
+      const GemmUnit w = gemm_unit_at(plan, u, m, n);
+      const int64_t ncur = w.n1 - w.n0;
+      const bool b_pre = tr.prepacked_b(0, w.n0, blk, n) != nullptr;
+      if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, ncur, b_pack);
+      for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
+        const int64_t mcur = std::min(blk.mc, w.m1 - i0);
+        tr.pack_a(w.batch, i0, mcur, 0, k, a_pack);
+        for (int64_t ir = 0; ir < mcur; ir += MR)
+          for (int64_t jr = 0; jr < ncur; jr += NR)
+            tr.tile_rows(kc_panel, a_pack + ir * kc_panel, b_pre ? tr.prepacked_b(0, w.n0 + jr, blk, n) : b_pack + jr / NR * b_panel,
+                         w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir), std::min(NR, ncur - jr));
+      }
+    }
+    Traits::thread_end();
+  });
+}
+
 // Cache blocking (measured on a 2-core Xeon with AMX, L1d 48 KiB, L2 2 MiB: bench/notes_gemm.md session
 // 12). A kc x 32 B panel takes two thirds of L1d: the A tiles are loaded with the T1 hint (tileloaddt1)
 // so that they do not evict it, which made kc = 512 bf16 the best depth (fewer passes of the partial
@@ -441,7 +500,8 @@ bool amx_stream_output(const Args& g, int n_threads) {
 }
 
 // The packed GEMM on the tiles: amx_run_units_k_inside where a unit has several K blocks and several A
-// blocks, gemm_run_units otherwise (one A block: each B panel packed right before its tiles, from L1;
+// blocks, amx_run_units_rows where it has one K block and several A blocks (and its B block fits half
+// of L2), gemm_run_units otherwise (one A block: each B panel packed right before its tiles, from L1;
 // a pre-packed B then streams K block by K block, in memory order: QuantLinear w8a8 at 32 / 128 rows ran
 // 8-10% slower with K inside).
 template <class Traits, class Args>
@@ -466,6 +526,12 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
   }
   const bool need_ws = !sums_in_out && g.k > blk.kc;
   const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws, b_pre);
+  if (g.k <= blk.kc && plan.mu > blk.mc &&
+      gemm_round_up(plan.nu, Traits::kNr) * gemm_round_up(g.k, Traits::kKGroup) * int64_t(sizeof(Packed)) <=
+          cpu_features().l2_bytes / 2) {
+    const Traits tr{g, sums_in_out, gemm_ws_ld(plan)};
+    return amx_run_units_rows(tr, plan, blk, g.m, g.n, g.k);
+  }
   const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
