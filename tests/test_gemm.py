@@ -201,11 +201,7 @@ def test_int8_deep_k_blocks(isa, threads, rng):
     m, k, n = ROWS_DEEP, 2 * BLK8_DEEP["kc"] + 5, 37
     a, b = rand_i8(rng, (m, k)), rand_i8(rng, (k, n))
     assert_int_exact(lc.gemm(a, b), a, b)
-    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
-    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
-    bias = rand(rng, (n,), torch.float32)
-    out = lc.scaled_gemm(qt(a, sa, 0), qt(b, sb, 1), bias=bias, out_dtype=torch.bfloat16)
-    assert torch.equal(out, scaled_reference(a, b, sa, sb, bias, torch.bfloat16))
+    assert_scaled_exact(rng, a, b, rand(rng, (n,), torch.float32), torch.bfloat16)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
@@ -257,10 +253,7 @@ def test_amx_k_chunks(isa, rng):
     k8 = blk8["kchunk"] + blk8["kc"] + 7
     a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
     assert_int_exact(lc.gemm(a8, b8), a8, b8)
-    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
-    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
-    out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=torch.bfloat16)
-    assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, torch.bfloat16))
+    assert_scaled_exact(rng, a8, b8, bias, torch.bfloat16)
 
 
 def test_very_deep_k(isa, rng):
@@ -293,10 +286,7 @@ def test_amx_streamed_output(isa, rng):
             assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
         m, k8 = l2 // (n * 4) + 5, blk8["kc"] + 64
         a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
-        sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
-        sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
-        out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=torch.float32)
-        assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, torch.float32))
+        assert_scaled_exact(rng, a8, b8, bias, torch.float32)
     finally:
         lc.set_num_threads(before)
 
@@ -315,10 +305,7 @@ def test_amx_one_k_block_along_rows(isa, rng):
     k8 = blk8["kc"] - 3
     a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
     assert_int_exact(lc.gemm(a8, b8), a8, b8)
-    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=m).astype(np.float32))
-    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=n).astype(np.float32))
-    out = lc.scaled_gemm(qt(a8, sa, 0), qt(b8, sb, 1), bias=bias, out_dtype=torch.bfloat16)
-    assert torch.equal(out, scaled_reference(a8, b8, sa, sb, bias, torch.bfloat16))
+    assert_scaled_exact(rng, a8, b8, bias, torch.bfloat16)
 
 
 @pytest.mark.parametrize("rows_last", range(1, 12))
@@ -538,6 +525,15 @@ def scaled_reference(a, b, sa, sb, bias, out_dtype):
     if bias is not None:
         v = v + bias.float().numpy()
     return torch.from_numpy(v).to(out_dtype)
+
+
+def assert_scaled_exact(rng, a, b, bias, out_dtype):
+    """scaled_gemm of int8 a, b with random per-row / per-column scales equals the contract's epilogue bit
+    for bit."""
+    sa = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=a.shape[0]).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(1e-3, 1e-1, size=b.shape[1]).astype(np.float32))
+    out = lc.scaled_gemm(qt(a, sa, 0), qt(b, sb, 1), bias=bias, out_dtype=out_dtype)
+    assert torch.equal(out, scaled_reference(a, b, sa, sb, bias, out_dtype))
 
 
 @pytest.mark.parametrize("granularity", ["tensor-tensor", "row-column", "row-tensor", "tensor-column"])

@@ -402,6 +402,7 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
           for (int64_t jr = 0; jr < ncur; jr += NR) {
             for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) {
               const int64_t kc_panel = gemm_round_up(kc_at(p0), KG);
+              const Packed* bp = b_at(p0, jr);
               // The B panel multiplied next: this panel's next K block, else the next panel's first.
               const int64_t next_p0 = p0 + blk.kc < c1 ? p0 + blk.kc : c0;
               const Packed* next_b = next_p0 != c0 || jr + NR < ncur ? b_at(next_p0, next_p0 != c0 ? jr : jr + NR) : nullptr;
@@ -410,7 +411,7 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
               for (int64_t ir = 0; ir < mcur; ir += MR) {
                 const int64_t off = ir / MR * slice;
                 // Sums within the chunk in `sums` (row ir of the A block), at its edges the block's own.
-                tr.tile_k_inside(kc_panel, a_pack + (p0 - c0) / blk.kc * a_block + ir * kc_panel, b_at(p0, jr), wb, i0 + ir,
+                tr.tile_k_inside(kc_panel, a_pack + (p0 - c0) / blk.kc * a_block + ir * kc_panel, bp, wb, i0 + ir,
                                  w.n0 + jr, std::min(MR, mcur - ir), std::min(NR, ncur - jr), p0 == 0, p0 + blk.kc >= k, ws,
                                  p0 == c0 ? nullptr : sums + ir * NR, p0 + blk.kc >= c1 ? nullptr : sums + ir * NR,
                                  off < next_b_bytes ? reinterpret_cast<const char*>(next_b) + off : nullptr,
@@ -439,7 +440,9 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
   const int64_t kc_panel = gemm_round_up(k, KG);
   const int64_t a_bytes = gemm_round_up(gemm_round_up(std::min(blk.mc, plan.mu), MR) * kc_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
   const int64_t b_panel = tr.b_panel_elems(kc_panel);
-  const int64_t b_bytes = gemm_round_up(gemm_ceil_div(plan.nu, NR) * b_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
+  const bool b_pre = tr.prepacked_b(0, 0, blk, n) != nullptr;
+  const int64_t b_bytes =
+      b_pre ? 0 : gemm_round_up(gemm_ceil_div(plan.nu, NR) * b_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
   const int64_t per_thread = a_bytes + b_bytes;
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
   parallel_region(plan.n_threads, [&](int t, int n_threads) {
@@ -450,7 +453,6 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
     for (int64_t u = u_begin; u < u_end; ++u) {
       const GemmUnit w = gemm_unit_at(plan, u, m, n);
       const int64_t ncur = w.n1 - w.n0;
-      const bool b_pre = tr.prepacked_b(0, w.n0, blk, n) != nullptr;
       if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, ncur, b_pack);
       for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
         const int64_t mcur = std::min(blk.mc, w.m1 - i0);
