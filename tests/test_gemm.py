@@ -406,6 +406,31 @@ def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16], ids=NAME.get)
+def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
+    """x @ W^T up to 32 rows (the AMX tables: the product transposed, W's tiles loaded from W in place,
+    x^T packed; groups of 64 W rows up to 16 rows of x, of 32 beyond): rows around the 16-row B tile
+    and the 32-row limit, W rows with a group tail, K with a 32-element step tail, W a column slice of a
+    wider matrix (rows further apart than K), x strided along k, batches with a broadcast W; every output
+    dtype with a bias. On the AMX tables the bits are the packed path's (W^T copied row-major: the same
+    products in the same k order)."""
+    amx_table = isa in ("amx", "amx-model")
+    for m, k, n in [(2, 64, 64), (16, 33, 130), (17, 96, 31), (32, 1, 64), (32, 513, 97), (33, 64, 40)]:
+        x, w = rand(rng, (m, k), in_dtype), rand(rng, (n, k + 5), in_dtype)[:, :k]
+        bias = rand(rng, (n,), torch.float32)
+        for out_dtype in FLOAT_DTYPES:
+            out = lc.gemm(x, w.t(), bias=bias, out_dtype=out_dtype)
+            assert_close(out, x, w.t(), bias, out_dtype)
+            if amx_table:
+                assert torch.equal(out, lc.gemm(x, w.t().contiguous(), bias=bias, out_dtype=out_dtype))
+    xt = rand(rng, (200, 12), in_dtype).t()   # x strided along k
+    w = rand(rng, (70, 200), in_dtype)
+    assert_close(lc.gemm(xt, w.t()), xt, w.t())
+    xb, wb = rand(rng, (3, 20, 160), in_dtype), rand(rng, (3, 67, 160), in_dtype).transpose(1, 2)
+    assert_close(lc.gemm(xb, wb), xb, wb)
+    assert_close(lc.gemm(xb, wb[0]), xb, wb[0])   # W broadcast over the batch
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
 def test_batched_and_broadcast(isa, threads, rng, dtype):
     def mk(shape):

@@ -44,6 +44,7 @@
 // K runs inside each B panel (amx_run_units_k_inside below), in a small per-thread buffer; the last
 // K block goes through a local 32 x 32 buffer to the shared epilogue (bias, rounding once,
 // scaled_gemm's epilogue) in S vectors, whose rows large outputs get with non-temporal stores.
+// A few rows times W^T (amx_gemm_w_rows) run transposed instead, W's tiles loaded in place: see there.
 // Each thread loads the tile configuration before its first tile of a GEMM call and releases the
 // tiles after its last (the driver's thread hooks), so no tile state outlives a call (another
 // library's AMX code may run on the same threads between calls).
@@ -467,6 +468,169 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
   });
 }
 
+// A few rows times W^T, W read in place (x @ W^T for up to kAmxWRowsMaxM rows: nn.Linear's forward at
+// a small batch, decode). The packed path packs all of W on every call, which reads and writes it once
+// more than the product needs. Here the product runs transposed, out^T = W @ x^T: W is the A operand,
+// whose tiles (16 rows of W x one 64-byte step of k) load straight from W with its row stride, so W
+// streams from memory once, untouched; x^T is the B operand, packed once per call into the VNNI layout
+// (a step: 16 k pairs x XR = 16 or 32 rows of x, one B tile per 16 rows, read from L2 by every group).
+// Register tile per group of W rows: with up to 16 rows of x, 64 W rows (four C tiles of 16 W rows x 16
+// x rows; the A tile alternates between tmm4 and tmm5, B in tmm6); with 17-32 rows, 32 W rows x 32 x
+// rows (the packed kernel's 2 x 2). Each group runs along all of K, then its C tiles are transposed into
+// the output's rows by the shared epilogue. An output's k order is the packed kernel's (one tdp* per 64
+// bytes of k, in order; the two factors of each product swap, which is exact), so its bits are those of
+// the packed path. Tails: a K tail's last step reads a zero-padded copy of the group's row ends (a tile
+// load past a row's end could leave W's allocation, and 0 x Inf garbage would be NaN); the last W rows,
+// fewer than a group, are copied zero-padded and run as one more group.
+constexpr int64_t kAmxWRowsMaxM = 32;
+
+static inline bool amx_w_rows_applies(const GemmFloatArgs& g) {
+  return g.m <= kAmxWRowsMaxM && g.b.stride_row_elems == 1;
+}
+
+// Steps [0, n_steps) of one group: w at the group's first row and step, rows w_ld bytes apart; xs at
+// the same step of packed x^T. The C tiles accumulate (the caller zeroes them).
+template <class Tiles, class Kind, int MB>
+static inline void amx_w_rows_steps(const char* w, int64_t w_ld, const typename Kind::Packed* xs, int64_t n_steps) {
+  constexpr int64_t XR = 16 * MB, step_elems = Kind::kKTile * XR;
+  for (int64_t s = 0; s < n_steps; ++s, w += 64, xs += step_elems) {
+    if constexpr (MB == 1) {
+      Tiles::template load<6>(xs, XR * 4);
+      Tiles::template load<4>(w, w_ld);
+      Kind::template dp<Tiles, 0, 4, 6>();
+      Tiles::template load<5>(w + 16 * w_ld, w_ld);
+      Kind::template dp<Tiles, 1, 5, 6>();
+      Tiles::template load<4>(w + 32 * w_ld, w_ld);
+      Kind::template dp<Tiles, 2, 4, 6>();
+      Tiles::template load<5>(w + 48 * w_ld, w_ld);
+      Kind::template dp<Tiles, 3, 5, 6>();
+    } else {
+      Tiles::template load<4>(w, w_ld);
+      Tiles::template load<5>(w + 16 * w_ld, w_ld);
+      Tiles::template load<6>(xs, XR * 4);
+      Tiles::template load<7>(xs + 32, XR * 4);
+      Kind::template dp<Tiles, 0, 4, 6>();
+      Kind::template dp<Tiles, 1, 4, 7>();
+      Kind::template dp<Tiles, 2, 5, 6>();
+      Kind::template dp<Tiles, 3, 5, 7>();
+    }
+  }
+}
+
+template <class Tiles, class S, class Kind, int MB>
+void amx_gemm_w_rows_mb(const GemmFloatArgs& g) {
+  using Packed = typename Kind::Packed;
+  static_assert(sizeof(Packed) == 2 && Kind::kKTile == 32, "16-bit inputs");
+  constexpr int64_t XR = 16 * MB, GW = 64 / MB, KT = Kind::kKTile;
+  const int64_t m = g.m, n = g.n, k = g.k;
+  const int64_t steps = gemm_ceil_div(k, KT), kp = steps * KT, full_steps = k / KT, k_tail = k - full_steps * KT;
+  const int64_t full_groups = n / GW, n_tail = n - full_groups * GW, groups = full_groups + (n_tail ? 1 : 0);
+  const int64_t xp_elems = kp * XR, wt_elems = n_tail ? GW * kp : 0;
+  // Per call, by the calling thread (gemm_scratch slot 1: the few-row paths', which never run in the
+  // same call): each batch's x zero-padded (XR rows x kp), then transposed into x^T's pairs; each
+  // batch's last W rows zero-padded.
+  Packed* xpad = static_cast<Packed*>(gemm_scratch(1, size_t(xp_elems + (xp_elems + wt_elems) * g.n_batch) * 2));
+  Packed* xp = xpad + xp_elems;
+  Packed* wt = xp + xp_elems * g.n_batch;
+  const Packed* a = static_cast<const Packed*>(g.a.ptr);
+  const Packed* b = static_cast<const Packed*>(g.b.ptr);
+  for (int64_t bt = 0; bt < g.n_batch; ++bt) {
+    Packed* xb = xpad;
+    std::memset(xb, 0, size_t(xp_elems) * 2);
+    for (int64_t i = 0; i < m; ++i) {
+      const Packed* row = a + bt * g.a.stride_batch_elems + i * g.a.stride_row_elems;
+      if (g.a.stride_col_elems == 1)
+        std::memcpy(xb + i * kp, row, size_t(k) * 2);
+      else
+        for (int64_t q = 0; q < k; ++q) xb[i * kp + q] = row[q * g.a.stride_col_elems];
+    }
+    for (int64_t st = 0; st < steps; ++st)
+      for (int64_t j = 0; j < MB; ++j)
+        Tiles::transpose_dwords_16x16(xb + 16 * j * kp + st * KT, kp * 2, xp + bt * xp_elems + st * KT * XR + 32 * j, XR * 4);
+    if (n_tail) {
+      Packed* wb = wt + bt * wt_elems;
+      std::memset(wb, 0, size_t(wt_elems) * 2);
+      for (int64_t r = 0; r < n_tail; ++r)
+        std::memcpy(wb + r * kp, b + bt * g.b.stride_batch_elems + (full_groups * GW + r) * g.b.stride_col_elems, size_t(k) * 2);
+    }
+  }
+  const int64_t items = g.n_batch * groups;
+  const int nt = threads_for(items, 2.0 * double(XR * GW) * double(k), kGemmMinFlopsPerThread);
+  const int64_t elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
+  parallel_region(nt, [&](int t, int n_threads) {
+    Tiles::configure(&kAmxFullTiles);
+    alignas(64) float sums_t[GW * XR], sums[XR * GW];
+    alignas(64) Packed tail[GW * KT];
+    for (int64_t it = items * t / n_threads; it < items * (t + 1) / n_threads; ++it) {
+      const int64_t bt = it / groups, grp = it % groups, n0 = grp * GW;
+      const bool last_rows = grp == full_groups;
+      const Packed* xs = xp + bt * xp_elems;
+      Tiles::template zero<0>();
+      Tiles::template zero<1>();
+      Tiles::template zero<2>();
+      Tiles::template zero<3>();
+      if (last_rows) {
+        amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(wt + bt * wt_elems), kp * 2, xs, steps);
+      } else {
+        const Packed* w = b + bt * g.b.stride_batch_elems + n0 * g.b.stride_col_elems;
+        const int64_t w_ld = g.b.stride_col_elems * 2;
+        amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(w), w_ld, xs, full_steps);
+        if (k_tail) {
+          std::memset(tail, 0, sizeof(tail));
+          for (int64_t r = 0; r < GW; ++r) std::memcpy(tail + r * KT, w + r * g.b.stride_col_elems + full_steps * KT, size_t(k_tail) * 2);
+          amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(tail), 64, xs + full_steps * KT * XR, 1);
+        }
+      }
+      // C^T (W rows x x rows) to sums (x rows x W rows).
+      if constexpr (MB == 1) {
+        Tiles::template store<0>(sums_t, 64);
+        Tiles::template store<1>(sums_t + 256, 64);
+        Tiles::template store<2>(sums_t + 512, 64);
+        Tiles::template store<3>(sums_t + 768, 64);
+        for (int64_t q = 0; q < 4; ++q) Tiles::transpose_dwords_16x16(sums_t + 256 * q, 64, sums + 16 * q, GW * 4);
+      } else {
+        Tiles::template store<0>(sums_t, 128);
+        Tiles::template store<1>(sums_t + 16, 128);
+        Tiles::template store<2>(sums_t + 16 * 32, 128);
+        Tiles::template store<3>(sums_t + 16 * 32 + 16, 128);
+        for (int64_t nb = 0; nb < 32; nb += 16)
+          for (int64_t mb = 0; mb < 32; mb += 16) Tiles::transpose_dwords_16x16(sums_t + nb * 32 + mb, 128, sums + mb * 32 + nb, 128);
+      }
+      const int64_t out0 = bt * m * n + n0;
+      if (!last_rows) {
+        constexpr int NV = int(32 / S::kLanes);
+        for (int64_t h = 0; h < GW; h += 32) {
+          typename S::F c[XR][NV];
+          for (int64_t i = 0; i < XR; ++i)
+            for (int v = 0; v < NV; ++v) c[i][v] = S::loadu(sums + i * GW + h + v * S::kLanes);
+          GemmFloatTile ft;
+          ft.final = true;
+          ft.out = static_cast<char*>(g.out) + (out0 + h) * elem;
+          ft.out_ld = n;
+          ft.out_dtype = g.out_dtype;
+          ft.bias = g.bias ? g.bias + n0 + h : nullptr;
+          gemm_tile_store<S, XR>(ft, c, m);
+        }
+      } else {
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < n_tail; ++j) {
+            const float v = sums[i * GW + j];
+            gemm_store_float(g.out, g.out_dtype, out0 + i * n + j, g.bias ? v + g.bias[n0 + j] : v);
+          }
+      }
+    }
+    Tiles::release();
+  });
+}
+
+template <class Tiles, class S, class Kind>
+void amx_gemm_w_rows(const GemmFloatArgs& g) {
+  if (g.m > 16)
+    amx_gemm_w_rows_mb<Tiles, S, Kind, 2>(g);
+  else
+    amx_gemm_w_rows_mb<Tiles, S, Kind, 1>(g);
+}
+
 // Cache blocking (measured on a 2-core Xeon with AMX, L1d 48 KiB, L2 2 MiB: bench/notes_gemm.md session
 // 12). A kc x 32 B panel takes two thirds of L1d: the A tiles are loaded with the T1 hint (tileloaddt1)
 // so that they do not evict it, which made kc = 512 bf16 the best depth (fewer passes of the partial
@@ -543,11 +707,17 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
 template <class Tiles, class S>
 bool gemm_float_amx_tiles(const GemmFloatArgs& g, bool has_fp16) {
   if (g.a.dtype == LP_DTYPE_BF16) {
-    amx_gemm_packed<AmxTraits<Tiles, S, AmxBf16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    if (amx_w_rows_applies(g))
+      amx_gemm_w_rows<Tiles, S, AmxBf16>(g);
+    else
+      amx_gemm_packed<AmxTraits<Tiles, S, AmxBf16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
     return true;
   }
   if (g.a.dtype == LP_DTYPE_F16 && has_fp16) {
-    amx_gemm_packed<AmxTraits<Tiles, S, AmxFp16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    if (amx_w_rows_applies(g))
+      amx_gemm_w_rows<Tiles, S, AmxFp16>(g);
+    else
+      amx_gemm_packed<AmxTraits<Tiles, S, AmxFp16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
     return true;
   }
   return false;
