@@ -408,14 +408,15 @@ def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype
 
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16], ids=NAME.get)
 def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
-    """x @ W^T up to 32 rows (the AMX tables: the product transposed, W's tiles loaded from W in place,
-    x^T packed; groups of 64 W rows up to 16 rows of x, of 32 beyond): rows around the 16-row B tile
-    and the 32-row limit, W rows with a group tail, K with a 32-element step tail, W a column slice of a
+    """x @ W^T up to 64 rows, or 128 with a large W (the AMX tables: the product transposed, W's tiles
+    loaded from W in place, x^T packed; groups of 64 W rows up to 16 rows of x, of 32 beyond, in blocks
+    of 32 rows of x): rows around the 16-row B tile, the 32-row blocks and the 64-row limit, W rows with a group tail, K with a 32-element step tail, W a column slice of a
     wider matrix (rows further apart than K), x strided along k, batches with a broadcast W; every output
     dtype with a bias. On the AMX tables the bits are the packed path's (W^T copied row-major: the same
     products in the same k order)."""
     amx_table = isa in ("amx", "amx-model")
-    for m, k, n in [(2, 64, 64), (16, 33, 130), (17, 96, 31), (32, 1, 64), (32, 513, 97), (33, 64, 40)]:
+    for m, k, n in [(2, 64, 64), (16, 33, 130), (17, 96, 31), (32, 1, 64), (32, 513, 97), (33, 64, 40), (64, 65, 33),
+                    (65, 64, 40)]:
         x, w = rand(rng, (m, k), in_dtype), rand(rng, (n, k + 5), in_dtype)[:, :k]
         bias = rand(rng, (n,), torch.float32)
         for out_dtype in FLOAT_DTYPES:
@@ -423,6 +424,15 @@ def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
             assert_close(out, x, w.t(), bias, out_dtype)
             if amx_table:
                 assert torch.equal(out, lc.gemm(x, w.t().contiguous(), bias=bias, out_dtype=out_dtype))
+    if in_dtype == torch.bfloat16:   # 65-128 rows where W is at least 4 L2 and x^T within half of L2
+        l2 = lc.info()["cache_bytes"]["l2"]
+        k = max(64, l2 // (4 * 128) // 32 * 32)
+        n = 4 * l2 // (2 * k) + 31
+        x, w = rand(rng, (100, k), in_dtype), rand(rng, (n, k), in_dtype)
+        out = lc.gemm(x, w.t())
+        assert_close(out, x, w.t())
+        if amx_table:
+            assert torch.equal(out, lc.gemm(x, w.t().contiguous()))
     xt = rand(rng, (200, 12), in_dtype).t()   # x strided along k
     w = rand(rng, (70, 200), in_dtype)
     assert_close(lc.gemm(xt, w.t()), xt, w.t())

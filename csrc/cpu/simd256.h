@@ -37,6 +37,13 @@
 
 #include "common/dtypes.h"
 
+// The roundings and stores of an epilogue are forced inline: they take the output dtype as a constant
+// at their call sites, and out of line (LTO's choice once more kernels shared them: store_bf16_pair
+// was, in the AMX tile epilogue) each tile row pays a call and a dtype switch.
+#ifndef LP_SIMD_INLINE
+#define LP_SIMD_INLINE __attribute__((always_inline))
+#endif
+
 namespace lp {
 namespace {
 
@@ -45,7 +52,7 @@ struct Simd256 {
 #include "cpu/simd_common.inc"  // F, I, kLanes and the members every width shares
 
   // Round to nearest even, NaNs kept quiet (bit for bit the scalar f32_to_bf16).
-  static inline H to_bf16(F v) {
+  static inline LP_SIMD_INLINE H to_bf16(F v) {
     const I nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     const I bits = _mm256_blendv_epi8(bf16_rounded_lanes(v), bf16_nan_lanes(v), nan);
     // Every lane holds 16 bits, so the saturating pack of the two halves is exact.
@@ -53,7 +60,7 @@ struct Simd256 {
   }
   // F16C's round to nearest even, NaN lanes rewritten to the scalar f32_to_f16's canonical NaN (F16C
   // would keep the payload's top bits).
-  static inline H to_f16(F v) {
+  static inline LP_SIMD_INLINE H to_f16(F v) {
     const H h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const F nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
     if (_mm256_testz_ps(nan, nan)) return h;  // the common case: no NaN
@@ -62,13 +69,13 @@ struct Simd256 {
     const H mask16 = _mm_packs_epi32(_mm256_castsi256_si128(nan_i), _mm256_extracti128_si256(nan_i, 1));
     return _mm_blendv_epi8(h, canon16, mask16);
   }
-  static inline void store_half(void* out, H h) { _mm_storeu_si128(static_cast<H*>(out), h); }
+  static inline LP_SIMD_INLINE void store_half(void* out, H h) { _mm_storeu_si128(static_cast<H*>(out), h); }
   static inline void stream_line(void* dst, const void* src) {
     const __m256i* s = static_cast<const __m256i*>(src);
     _mm256_stream_si256(static_cast<__m256i*>(dst), _mm256_load_si256(s));
     _mm256_stream_si256(static_cast<__m256i*>(dst) + 1, _mm256_load_si256(s + 1));
   }
-  static inline void store_bf16_pair(void* out, F v0, F v1) {
+  static inline LP_SIMD_INLINE void store_bf16_pair(void* out, F v0, F v1) {
     store_half(out, to_bf16(v0));
     store_half(static_cast<char*>(out) + 16, to_bf16(v1));
   }

@@ -468,24 +468,33 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
   });
 }
 
-// A few rows times W^T, W read in place (x @ W^T for up to kAmxWRowsMaxM rows: nn.Linear's forward at
-// a small batch, decode). The packed path packs all of W on every call, which reads and writes it once
+// A few rows times W^T, W read in place (x @ W^T for up to 64 or 128 rows: nn.Linear's forward at a
+// small batch, decode). The packed path packs all of W on every call, which reads and writes it once
 // more than the product needs. Here the product runs transposed, out^T = W @ x^T: W is the A operand,
 // whose tiles (16 rows of W x one 64-byte step of k) load straight from W with its row stride, so W
 // streams from memory once, untouched; x^T is the B operand, packed once per call into the VNNI layout
 // (a step: 16 k pairs x XR = 16 or 32 rows of x, one B tile per 16 rows, read from L2 by every group).
 // Register tile per group of W rows: with up to 16 rows of x, 64 W rows (four C tiles of 16 W rows x 16
 // x rows; the A tile alternates between tmm4 and tmm5, B in tmm6); with 17-32 rows, 32 W rows x 32 x
-// rows (the packed kernel's 2 x 2). Each group runs along all of K, then its C tiles are transposed into
+// rows (the packed kernel's 2 x 2), block after block of 32 rows of x, W's group read from memory in
+// the first and from L2 after. Each block runs along all of K, then its C tiles are transposed into
 // the output's rows by the shared epilogue. An output's k order is the packed kernel's (one tdp* per 64
 // bytes of k, in order; the two factors of each product swap, which is exact), so its bits are those of
 // the packed path. Tails: a K tail's last step reads a zero-padded copy of the group's row ends (a tile
 // load past a row's end could leave W's allocation, and 0 x Inf garbage would be NaN); the last W rows,
 // fewer than a group, are copied zero-padded and run as one more group.
-constexpr int64_t kAmxWRowsMaxM = 32;
+// Which products: up to kAmxWRowsMaxM rows always; up to kAmxWRowsMaxMLargeW where W is at least 4 L2
+// (its packing then costs more than the blocks after the first read W from L2) and the packed x^T at
+// most half of L2. bf16, 4096 x 4096, 2 threads, 2-core Xeon, ratio to oneDNN, packed / in place: 48
+// rows 0.80 / 1.57x, 64 1.00 / 1.65, 96 0.98 / 1.48, 128 1.02 / 1.30, 192 1.01 / 1.03, 256 1.14 / 0.91;
+// 128 x 1024 -> 1024 (W 2 MiB) 1.05 / 0.82, 128 x 11008 -> 4096 (x^T 2.8 MiB) 0.86 / 0.85; 64 x 11008 ->
+// 4096 0.89 / 1.45, 64 x 1024 -> 1024 1.29 / 1.28.
+constexpr int64_t kAmxWRowsMaxM = 64, kAmxWRowsMaxMLargeW = 128;
 
 static inline bool amx_w_rows_applies(const GemmFloatArgs& g) {
-  return g.m <= kAmxWRowsMaxM && g.b.stride_row_elems == 1;
+  if (g.b.stride_row_elems != 1 || g.m > kAmxWRowsMaxMLargeW) return false;
+  const int64_t l2 = cpu_features().l2_bytes;
+  return g.m <= kAmxWRowsMaxM || (gemm_round_up(g.m, 32) * g.k * 2 <= l2 / 2 && g.n * g.k * 2 >= 4 * l2);
 }
 
 // Steps [0, n_steps) of one group: w at the group's first row and step, rows w_ld bytes apart; xs at
@@ -525,28 +534,30 @@ void amx_gemm_w_rows_mb(const GemmFloatArgs& g) {
   const int64_t m = g.m, n = g.n, k = g.k;
   const int64_t steps = gemm_ceil_div(k, KT), kp = steps * KT, full_steps = k / KT, k_tail = k - full_steps * KT;
   const int64_t full_groups = n / GW, n_tail = n - full_groups * GW, groups = full_groups + (n_tail ? 1 : 0);
-  const int64_t xp_elems = kp * XR, wt_elems = n_tail ? GW * kp : 0;
+  const int64_t x_blocks = gemm_ceil_div(m, XR), xblock_elems = kp * XR, xp_elems = x_blocks * xblock_elems;
+  const int64_t wt_elems = n_tail ? GW * kp : 0;
   // Per call, by the calling thread (gemm_scratch slot 1: the few-row paths', which never run in the
-  // same call): each batch's x zero-padded (XR rows x kp), then transposed into x^T's pairs; each
-  // batch's last W rows zero-padded.
+  // same call): each batch's x zero-padded (x_blocks x XR rows x kp), then transposed into x^T's pairs,
+  // block by block; each batch's last W rows zero-padded.
   Packed* xpad = static_cast<Packed*>(gemm_scratch(1, size_t(xp_elems + (xp_elems + wt_elems) * g.n_batch) * 2));
   Packed* xp = xpad + xp_elems;
   Packed* wt = xp + xp_elems * g.n_batch;
   const Packed* a = static_cast<const Packed*>(g.a.ptr);
   const Packed* b = static_cast<const Packed*>(g.b.ptr);
   for (int64_t bt = 0; bt < g.n_batch; ++bt) {
-    Packed* xb = xpad;
-    std::memset(xb, 0, size_t(xp_elems) * 2);
+    std::memset(xpad, 0, size_t(xp_elems) * 2);
     for (int64_t i = 0; i < m; ++i) {
       const Packed* row = a + bt * g.a.stride_batch_elems + i * g.a.stride_row_elems;
       if (g.a.stride_col_elems == 1)
-        std::memcpy(xb + i * kp, row, size_t(k) * 2);
+        std::memcpy(xpad + i * kp, row, size_t(k) * 2);
       else
-        for (int64_t q = 0; q < k; ++q) xb[i * kp + q] = row[q * g.a.stride_col_elems];
+        for (int64_t q = 0; q < k; ++q) xpad[i * kp + q] = row[q * g.a.stride_col_elems];
     }
-    for (int64_t st = 0; st < steps; ++st)
-      for (int64_t j = 0; j < MB; ++j)
-        Tiles::transpose_dwords_16x16(xb + 16 * j * kp + st * KT, kp * 2, xp + bt * xp_elems + st * KT * XR + 32 * j, XR * 4);
+    for (int64_t xb = 0; xb < x_blocks; ++xb)
+      for (int64_t st = 0; st < steps; ++st)
+        for (int64_t j = 0; j < MB; ++j)
+          Tiles::transpose_dwords_16x16(xpad + (xb * XR + 16 * j) * kp + st * KT, kp * 2,
+                                        xp + bt * xp_elems + xb * xblock_elems + st * KT * XR + 32 * j, XR * 4);
     if (n_tail) {
       Packed* wb = wt + bt * wt_elems;
       std::memset(wb, 0, size_t(wt_elems) * 2);
@@ -555,7 +566,7 @@ void amx_gemm_w_rows_mb(const GemmFloatArgs& g) {
     }
   }
   const int64_t items = g.n_batch * groups;
-  const int nt = threads_for(items, 2.0 * double(XR * GW) * double(k), kGemmMinFlopsPerThread);
+  const int nt = threads_for(items, 2.0 * double(x_blocks * XR * GW) * double(k), kGemmMinFlopsPerThread);
   const int64_t elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
   parallel_region(nt, [&](int t, int n_threads) {
     Tiles::configure(&kAmxFullTiles);
@@ -564,59 +575,59 @@ void amx_gemm_w_rows_mb(const GemmFloatArgs& g) {
     for (int64_t it = items * t / n_threads; it < items * (t + 1) / n_threads; ++it) {
       const int64_t bt = it / groups, grp = it % groups, n0 = grp * GW;
       const bool last_rows = grp == full_groups;
-      const Packed* xs = xp + bt * xp_elems;
-      Tiles::template zero<0>();
-      Tiles::template zero<1>();
-      Tiles::template zero<2>();
-      Tiles::template zero<3>();
-      if (last_rows) {
-        amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(wt + bt * wt_elems), kp * 2, xs, steps);
-      } else {
-        const Packed* w = b + bt * g.b.stride_batch_elems + n0 * g.b.stride_col_elems;
-        const int64_t w_ld = g.b.stride_col_elems * 2;
-        amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(w), w_ld, xs, full_steps);
-        if (k_tail) {
-          std::memset(tail, 0, sizeof(tail));
-          for (int64_t r = 0; r < GW; ++r) std::memcpy(tail + r * KT, w + r * g.b.stride_col_elems + full_steps * KT, size_t(k_tail) * 2);
-          amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(tail), 64, xs + full_steps * KT * XR, 1);
-        }
+      // The group's W: in place, or the zero-padded copy of the last rows; a K tail's row ends.
+      const Packed* w = last_rows ? wt + bt * wt_elems : b + bt * g.b.stride_batch_elems + n0 * g.b.stride_col_elems;
+      const int64_t w_ld = last_rows ? kp * 2 : g.b.stride_col_elems * 2, w_steps = last_rows ? steps : full_steps;
+      if (w_steps < steps) {
+        std::memset(tail, 0, sizeof(tail));
+        for (int64_t r = 0; r < GW; ++r) std::memcpy(tail + r * KT, w + r * g.b.stride_col_elems + full_steps * KT, size_t(k_tail) * 2);
       }
-      // C^T (W rows x x rows) to sums (x rows x W rows).
-      if constexpr (MB == 1) {
-        Tiles::template store<0>(sums_t, 64);
-        Tiles::template store<1>(sums_t + 256, 64);
-        Tiles::template store<2>(sums_t + 512, 64);
-        Tiles::template store<3>(sums_t + 768, 64);
-        for (int64_t q = 0; q < 4; ++q) Tiles::transpose_dwords_16x16(sums_t + 256 * q, 64, sums + 16 * q, GW * 4);
-      } else {
-        Tiles::template store<0>(sums_t, 128);
-        Tiles::template store<1>(sums_t + 16, 128);
-        Tiles::template store<2>(sums_t + 16 * 32, 128);
-        Tiles::template store<3>(sums_t + 16 * 32 + 16, 128);
-        for (int64_t nb = 0; nb < 32; nb += 16)
-          for (int64_t mb = 0; mb < 32; mb += 16) Tiles::transpose_dwords_16x16(sums_t + nb * 32 + mb, 128, sums + mb * 32 + nb, 128);
-      }
-      const int64_t out0 = bt * m * n + n0;
-      if (!last_rows) {
-        constexpr int NV = int(32 / S::kLanes);
-        for (int64_t h = 0; h < GW; h += 32) {
-          typename S::F c[XR][NV];
-          for (int64_t i = 0; i < XR; ++i)
-            for (int v = 0; v < NV; ++v) c[i][v] = S::loadu(sums + i * GW + h + v * S::kLanes);
-          GemmFloatTile ft;
-          ft.final = true;
-          ft.out = static_cast<char*>(g.out) + (out0 + h) * elem;
-          ft.out_ld = n;
-          ft.out_dtype = g.out_dtype;
-          ft.bias = g.bias ? g.bias + n0 + h : nullptr;
-          gemm_tile_store<S, XR>(ft, c, m);
+      // Block after block of x: the group's W from memory in the first, from L2 in the next.
+      for (int64_t xb = 0; xb < x_blocks; ++xb) {
+        const Packed* xs = xp + bt * xp_elems + xb * xblock_elems;
+        Tiles::template zero<0>();
+        Tiles::template zero<1>();
+        Tiles::template zero<2>();
+        Tiles::template zero<3>();
+        amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(w), w_ld, xs, w_steps);
+        if (w_steps < steps) amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(tail), 64, xs + full_steps * KT * XR, 1);
+        // C^T (W rows x x rows) to sums (x rows x W rows).
+        if constexpr (MB == 1) {
+          Tiles::template store<0>(sums_t, 64);
+          Tiles::template store<1>(sums_t + 256, 64);
+          Tiles::template store<2>(sums_t + 512, 64);
+          Tiles::template store<3>(sums_t + 768, 64);
+          for (int64_t q = 0; q < 4; ++q) Tiles::transpose_dwords_16x16(sums_t + 256 * q, 64, sums + 16 * q, GW * 4);
+        } else {
+          Tiles::template store<0>(sums_t, 128);
+          Tiles::template store<1>(sums_t + 16, 128);
+          Tiles::template store<2>(sums_t + 16 * 32, 128);
+          Tiles::template store<3>(sums_t + 16 * 32 + 16, 128);
+          for (int64_t nb = 0; nb < 32; nb += 16)
+            for (int64_t mb = 0; mb < 32; mb += 16) Tiles::transpose_dwords_16x16(sums_t + nb * 32 + mb, 128, sums + mb * 32 + nb, 128);
         }
-      } else {
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < n_tail; ++j) {
-            const float v = sums[i * GW + j];
-            gemm_store_float(g.out, g.out_dtype, out0 + i * n + j, g.bias ? v + g.bias[n0 + j] : v);
+        const int64_t rows = std::min(XR, m - xb * XR), out0 = (bt * m + xb * XR) * n + n0;
+        if (!last_rows) {
+          constexpr int NV = int(32 / S::kLanes);
+          for (int64_t h = 0; h < GW; h += 32) {
+            typename S::F c[XR][NV];
+            for (int64_t i = 0; i < XR; ++i)
+              for (int v = 0; v < NV; ++v) c[i][v] = S::loadu(sums + i * GW + h + v * S::kLanes);
+            GemmFloatTile ft;
+            ft.final = true;
+            ft.out = static_cast<char*>(g.out) + (out0 + h) * elem;
+            ft.out_ld = n;
+            ft.out_dtype = g.out_dtype;
+            ft.bias = g.bias ? g.bias + n0 + h : nullptr;
+            gemm_tile_store<S, XR>(ft, c, rows);
           }
+        } else {
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < n_tail; ++j) {
+              const float v = sums[i * GW + j];
+              gemm_store_float(g.out, g.out_dtype, out0 + i * n + j, g.bias ? v + g.bias[n0 + j] : v);
+            }
+        }
       }
     }
     Tiles::release();
