@@ -415,8 +415,8 @@ def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
     dtype with a bias. On the AMX tables the bits are the packed path's (W^T copied row-major: the same
     products in the same k order)."""
     amx_table = isa in ("amx", "amx-model")
-    for m, k, n in [(2, 64, 64), (16, 33, 130), (17, 96, 31), (32, 1, 64), (32, 513, 97), (33, 64, 40), (64, 65, 33),
-                    (65, 64, 40)]:
+    for m, k, n in [(2, 64, 64), (16, 33, 130), (16, 33, 517), (17, 96, 31), (32, 1, 64), (32, 513, 97), (33, 64, 40),
+                    (40, 70, 263), (64, 65, 33), (65, 64, 40)]:
         x, w = rand(rng, (m, k), in_dtype), rand(rng, (n, k + 5), in_dtype)[:, :k]
         bias = rand(rng, (n,), torch.float32)
         for out_dtype in FLOAT_DTYPES:

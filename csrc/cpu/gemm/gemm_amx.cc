@@ -1,7 +1,7 @@
 // GEMM, AMX (AMX-TILE + AMX-BF16 + AMX-INT8, AMX-FP16 where CPUID has it): the kernels of
 // gemm_amx_kernels.h on the real tile instructions, and the table. bf16 runs tdpbf16ps, int8
 // (plain and scaled_gemm) tdpbssd, fp16 tdpfp16ps on CPUs with AMX-FP16; float32 (and fp16
-// without AMX-FP16), matrix-vector products and float32 few rows times W^T borrow the
+// without AMX-FP16), matrix-vector products and few rows times W^T (bf16: only where W is narrow) borrow the
 // AVX-512 table's kernels, and so do int8 products with a pre-packed B and float products with a
 // quantized B (gemm_int8_amx below). What each instruction computes exactly, and how that meets the
 // contract: the top of gemm_amx_kernels.h and amx_tile_model.h. Also the level's peak probe
@@ -24,13 +24,16 @@ void gemm_float_amx(const GemmFloatArgs& g) {
   if (!gemm_float_amx_tiles<AmxTiles, Simd512>(g, cpu_features().amx_fp16)) gemm_kernels_avx512()->gemm_float(g);
 }
 
-// The AVX-512 few-rows kernel (x @ W^T, up to 48 rows) for float32 only: bf16 x @ W^T up to 32 rows
-// runs on the tiles with W read in place (amx_gemm_w_rows), which reads W at the memory rate where the
-// AVX-512 kernel was bound by its vdpbf16ps and the packed tiles by packing W on every call (4096 x 4096,
-// 2 threads, 2-core Xeon: 2 / 4 / 8 / 16 / 32 rows 1.55 / 1.42 / 1.23 / 1.89 / 1.92x oneDNN, where the
-// AVX-512 kernel (up to 8 rows) or the packed tiles ran 0.67-1.0x).
+// The AVX-512 few-rows kernel (x @ W^T, up to 48 rows): float32, and bf16 up to 8 rows where the tiles
+// with W read in place (amx_gemm_w_rows) do not take the product (a W of too few row groups for the
+// threads: 8 x 65536 -> 64 ran 0.38 ms there, 0.46 on the packed tiles). The tiles with W in place read
+// W at the memory rate where this kernel was bound by its vdpbf16ps and the packed tiles by packing W on
+// every call (4096 x 4096, 2 threads, 2-core Xeon: 2 / 4 / 8 / 16 / 32 rows 1.55 / 1.42 / 1.23 / 1.89 /
+// 1.92x oneDNN, where this kernel (up to 8 rows) or the packed tiles ran 0.67-1.0x).
+constexpr int64_t kAmxSmallMMaxRowsBf16 = 8;
+
 bool gemm_small_m_float_amx(const GemmFloatArgs& g) {
-  if (g.a.dtype == LP_DTYPE_BF16) return false;
+  if (g.a.dtype == LP_DTYPE_BF16 && (g.m > kAmxSmallMMaxRowsBf16 || amx_w_rows_applies(g))) return false;
   return gemm_kernels_avx512()->small_m_float(g);
 }
 

@@ -491,9 +491,16 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
 // 4096 0.89 / 1.45, 64 x 1024 -> 1024 1.29 / 1.28.
 constexpr int64_t kAmxWRowsMaxM = 64, kAmxWRowsMaxMLargeW = 128;
 
+// Threads take whole groups of W rows, so a W of few groups (a narrow output, long rows) leaves threads
+// idle: there the packed path, which splits the rows of x too, unless one thread runs the call anyway
+// (64 x 8192 -> 32 at 2 threads: 0.36x the packed path, 8 x 65536 -> 64 0.59x, 64 x 2048 -> 96 0.74x).
+constexpr int64_t kAmxWRowsMinGroupsPerThread = 4;
+
 static inline bool amx_w_rows_applies(const GemmFloatArgs& g) {
   if (g.b.stride_row_elems != 1 || g.m > kAmxWRowsMaxMLargeW) return false;
-  const int64_t l2 = cpu_features().l2_bytes;
+  const int64_t l2 = cpu_features().l2_bytes, group_rows = g.m > 16 ? 32 : 64;
+  const int nt = runtime_num_threads();
+  if (nt > 1 && g.n_batch * gemm_ceil_div(g.n, group_rows) < kAmxWRowsMinGroupsPerThread * nt) return false;
   return g.m <= kAmxWRowsMaxM || (gemm_round_up(g.m, 32) * g.k * 2 <= l2 / 2 && g.n * g.k * 2 >= 4 * l2);
 }
 
