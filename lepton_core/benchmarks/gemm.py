@@ -160,7 +160,7 @@ def run(quick: bool = False) -> List[dict]:
             prev = (s, est if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
         # Skinny shapes of a linear layer's forward at a small batch: x (M, 4096) @ W^T.
         for dtype in (torch.float32, torch.bfloat16):
-            for m in [1, 8, 32]:
+            for m in [1, 8, 32, 128]:
                 rows.append(_bench_one(m, 4096, 4096, dtype, "torch.matmul", None, n_threads, layout="W^T"))
         # Training shapes (issue 14): the three bf16 GEMMs of lc.nn.Linear's step for x (T, f_in), W
         # (f_out, f_in), g (T, f_out): forward x @ W^T, input gradient g @ W, weight gradient g^T @ x,
