@@ -441,6 +441,21 @@ def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
     assert_close(lc.gemm(xb, wb[0]), xb, wb[0])   # W broadcast over the batch
 
 
+def test_few_rows_int8_w_read_in_place(isa, threads, rng):
+    """The int8 GEMM and scaled_gemm with x @ W^T up to 64 rows (the AMX tables: W's tiles in place, x^T
+    packed as k quads): exact int32 sums and the scaled epilogue bit for bit, with row / K / W-row tails
+    and a W column slice; on the AMX tables the int32 sums equal the packed path's."""
+    amx_table = isa in ("amx", "amx-model")
+    for m, k, n in [(1, 64, 64), (5, 65, 517), (16, 130, 64), (17, 64, 263), (40, 200, 300), (64, 1, 257)]:
+        a, w = rand_i8(rng, (m, k)), rand_i8(rng, (n, k + 3))[:, :k]
+        out = lc.gemm(a, w.t())
+        assert_int_exact(out, a, w.t())
+        if amx_table:
+            assert torch.equal(out, lc.gemm(a, w.t().contiguous()))
+        bias = rand(rng, (n,), torch.float32)
+        assert_scaled_exact(rng, a, w.t(), bias, torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
 def test_batched_and_broadcast(isa, threads, rng, dtype):
     def mk(shape):

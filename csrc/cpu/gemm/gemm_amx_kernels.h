@@ -469,7 +469,8 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
 }
 
 // A few rows times W^T, W read in place (x @ W^T for up to 64 or 128 rows: nn.Linear's forward at a
-// small batch, decode). The packed path packs all of W on every call, which reads and writes it once
+// small batch, decode; bf16 / fp16, and int8 for scaled_gemm and the plain int8 GEMM, whose x^T is
+// packed as k quads instead of pairs). The packed path packs all of W on every call, which reads and writes it once
 // more than the product needs. Here the product runs transposed, out^T = W @ x^T: W is the A operand,
 // whose tiles (16 rows of W x one 64-byte step of k) load straight from W with its row stride, so W
 // streams from memory once, untouched; x^T is the B operand, packed once per call into the VNNI layout
@@ -496,20 +497,23 @@ constexpr int64_t kAmxWRowsMaxM = 64, kAmxWRowsMaxMLargeW = 128;
 // (64 x 8192 -> 32 at 2 threads: 0.36x the packed path, 8 x 65536 -> 64 0.59x, 64 x 2048 -> 96 0.74x).
 constexpr int64_t kAmxWRowsMinGroupsPerThread = 4;
 
-static inline bool amx_w_rows_applies(const GemmFloatArgs& g) {
-  if (g.b.stride_row_elems != 1 || g.m > kAmxWRowsMaxMLargeW) return false;
-  const int64_t l2 = cpu_features().l2_bytes, group_rows = g.m > 16 ? 32 : 64;
+// int8 (W8A8 by scaled_gemm, or the plain int8 GEMM) likewise, unless B is pre-packed (QuantLinear w8a8).
+template <class Args>
+static inline bool amx_w_rows_applies(const Args& g) {
+  if (g.b.stride_row_elems != 1 || gemm_b_packed(g) != nullptr || g.m > kAmxWRowsMaxMLargeW) return false;
+  const int64_t elem = g.a.dtype == LP_DTYPE_I8 ? 1 : 2, l2 = cpu_features().l2_bytes, group_rows = g.m > 16 ? 32 : 64;
   const int nt = runtime_num_threads();
   if (nt > 1 && g.n_batch * gemm_ceil_div(g.n, group_rows) < kAmxWRowsMinGroupsPerThread * nt) return false;
-  return g.m <= kAmxWRowsMaxM || (gemm_round_up(g.m, 32) * g.k * 2 <= l2 / 2 && g.n * g.k * 2 >= 4 * l2);
+  return g.m <= kAmxWRowsMaxM || (gemm_round_up(g.m, 32) * g.k * elem <= l2 / 2 && g.n * g.k * elem >= 4 * l2);
 }
 
 // Steps [0, n_steps) of one group: w at the group's first row and step, rows w_ld bytes apart; xs at
-// the same step of packed x^T. The C tiles accumulate (the caller zeroes them).
+// the same step of packed x^T (a step: 64 bytes of k of XR rows). The C tiles accumulate (the caller
+// zeroes them).
 template <class Tiles, class Kind, int MB>
-static inline void amx_w_rows_steps(const char* w, int64_t w_ld, const typename Kind::Packed* xs, int64_t n_steps) {
-  constexpr int64_t XR = 16 * MB, step_elems = Kind::kKTile * XR;
-  for (int64_t s = 0; s < n_steps; ++s, w += 64, xs += step_elems) {
+static inline void amx_w_rows_steps(const char* w, int64_t w_ld, const char* xs, int64_t n_steps) {
+  constexpr int64_t XR = 16 * MB, step_bytes = 64 * XR;
+  for (int64_t s = 0; s < n_steps; ++s, w += 64, xs += step_bytes) {
     if constexpr (MB == 1) {
       Tiles::template load<6>(xs, XR * 4);
       Tiles::template load<4>(w, w_ld);
@@ -524,7 +528,7 @@ static inline void amx_w_rows_steps(const char* w, int64_t w_ld, const typename 
       Tiles::template load<4>(w, w_ld);
       Tiles::template load<5>(w + 16 * w_ld, w_ld);
       Tiles::template load<6>(xs, XR * 4);
-      Tiles::template load<7>(xs + 32, XR * 4);
+      Tiles::template load<7>(xs + 64, XR * 4);
       Kind::template dp<Tiles, 0, 4, 6>();
       Kind::template dp<Tiles, 1, 4, 7>();
       Kind::template dp<Tiles, 2, 5, 6>();
@@ -533,71 +537,72 @@ static inline void amx_w_rows_steps(const char* w, int64_t w_ld, const typename 
   }
 }
 
-template <class Tiles, class S, class Kind, int MB>
-void amx_gemm_w_rows_mb(const GemmFloatArgs& g) {
+template <class Tiles, class S, class Kind, int MB, class Args>
+void amx_gemm_w_rows_mb(const Args& g) {
   using Packed = typename Kind::Packed;
-  static_assert(sizeof(Packed) == 2 && Kind::kKTile == 32, "16-bit inputs");
-  constexpr int64_t XR = 16 * MB, GW = 64 / MB, KT = Kind::kKTile;
+  using Sum = typename std::conditional<std::is_same<Args, GemmInt8Args>::value, int32_t, float>::type;
+  constexpr int64_t XR = 16 * MB, GW = 64 / MB, KT = Kind::kKTile, EB = int64_t(sizeof(Packed));
+  static_assert(KT * EB == 64, "a step is 64 bytes of k");
   const int64_t m = g.m, n = g.n, k = g.k;
   const int64_t steps = gemm_ceil_div(k, KT), kp = steps * KT, full_steps = k / KT, k_tail = k - full_steps * KT;
   const int64_t full_groups = n / GW, n_tail = n - full_groups * GW, groups = full_groups + (n_tail ? 1 : 0);
-  const int64_t x_blocks = gemm_ceil_div(m, XR), xblock_elems = kp * XR, xp_elems = x_blocks * xblock_elems;
-  const int64_t wt_elems = n_tail ? GW * kp : 0;
+  const int64_t x_blocks = gemm_ceil_div(m, XR), xblock_bytes = kp * XR * EB, xp_bytes = x_blocks * xblock_bytes;
+  const int64_t wt_bytes = n_tail ? GW * kp * EB : 0;
   // Per call, by the calling thread (gemm_scratch slot 1: the few-row paths', which never run in the
-  // same call): each batch's x zero-padded (x_blocks x XR rows x kp), then transposed into x^T's pairs,
-  // block by block; each batch's last W rows zero-padded.
-  Packed* xpad = static_cast<Packed*>(gemm_scratch(1, size_t(xp_elems + (xp_elems + wt_elems) * g.n_batch) * 2));
-  Packed* xp = xpad + xp_elems;
-  Packed* wt = xp + xp_elems * g.n_batch;
-  const Packed* a = static_cast<const Packed*>(g.a.ptr);
-  const Packed* b = static_cast<const Packed*>(g.b.ptr);
+  // same call): each batch's x zero-padded (x_blocks x XR rows x kp), then transposed into x^T's pairs
+  // (quads for int8), block by block; each batch's last W rows zero-padded.
+  char* xpad = static_cast<char*>(gemm_scratch(1, size_t(xp_bytes + (xp_bytes + wt_bytes) * g.n_batch)));
+  char* xp = xpad + xp_bytes;
+  char* wt = xp + xp_bytes * g.n_batch;
+  const char* a = static_cast<const char*>(g.a.ptr);
+  const char* b = static_cast<const char*>(g.b.ptr);
   for (int64_t bt = 0; bt < g.n_batch; ++bt) {
-    std::memset(xpad, 0, size_t(xp_elems) * 2);
+    std::memset(xpad, 0, size_t(xp_bytes));
     for (int64_t i = 0; i < m; ++i) {
-      const Packed* row = a + bt * g.a.stride_batch_elems + i * g.a.stride_row_elems;
+      const char* row = a + (bt * g.a.stride_batch_elems + i * g.a.stride_row_elems) * EB;
       if (g.a.stride_col_elems == 1)
-        std::memcpy(xpad + i * kp, row, size_t(k) * 2);
+        std::memcpy(xpad + i * kp * EB, row, size_t(k * EB));
       else
-        for (int64_t q = 0; q < k; ++q) xpad[i * kp + q] = row[q * g.a.stride_col_elems];
+        for (int64_t q = 0; q < k; ++q) std::memcpy(xpad + (i * kp + q) * EB, row + q * g.a.stride_col_elems * EB, size_t(EB));
     }
     for (int64_t xb = 0; xb < x_blocks; ++xb)
       for (int64_t st = 0; st < steps; ++st)
         for (int64_t j = 0; j < MB; ++j)
-          Tiles::transpose_dwords_16x16(xpad + (xb * XR + 16 * j) * kp + st * KT, kp * 2,
-                                        xp + bt * xp_elems + xb * xblock_elems + st * KT * XR + 32 * j, XR * 4);
+          Tiles::transpose_dwords_16x16(xpad + ((xb * XR + 16 * j) * kp + st * KT) * EB, kp * EB,
+                                        xp + bt * xp_bytes + xb * xblock_bytes + st * 64 * XR + 64 * j, XR * 4);
     if (n_tail) {
-      Packed* wb = wt + bt * wt_elems;
-      std::memset(wb, 0, size_t(wt_elems) * 2);
+      char* wb = wt + bt * wt_bytes;
+      std::memset(wb, 0, size_t(wt_bytes));
       for (int64_t r = 0; r < n_tail; ++r)
-        std::memcpy(wb + r * kp, b + bt * g.b.stride_batch_elems + (full_groups * GW + r) * g.b.stride_col_elems, size_t(k) * 2);
+        std::memcpy(wb + r * kp * EB, b + (bt * g.b.stride_batch_elems + (full_groups * GW + r) * g.b.stride_col_elems) * EB,
+                    size_t(k * EB));
     }
   }
   const int64_t items = g.n_batch * groups;
   const int nt = threads_for(items, 2.0 * double(x_blocks * XR * GW) * double(k), kGemmMinFlopsPerThread);
-  const int64_t elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
   parallel_region(nt, [&](int t, int n_threads) {
     Tiles::configure(&kAmxFullTiles);
-    alignas(64) float sums_t[GW * XR], sums[XR * GW];
-    alignas(64) Packed tail[GW * KT];
+    alignas(64) Sum sums_t[GW * XR], sums[XR * GW];
+    alignas(64) char tail[GW * 64];
     for (int64_t it = items * t / n_threads; it < items * (t + 1) / n_threads; ++it) {
       const int64_t bt = it / groups, grp = it % groups, n0 = grp * GW;
       const bool last_rows = grp == full_groups;
       // The group's W: in place, or the zero-padded copy of the last rows; a K tail's row ends.
-      const Packed* w = last_rows ? wt + bt * wt_elems : b + bt * g.b.stride_batch_elems + n0 * g.b.stride_col_elems;
-      const int64_t w_ld = last_rows ? kp * 2 : g.b.stride_col_elems * 2, w_steps = last_rows ? steps : full_steps;
+      const char* w = last_rows ? wt + bt * wt_bytes : b + (bt * g.b.stride_batch_elems + n0 * g.b.stride_col_elems) * EB;
+      const int64_t w_ld = last_rows ? kp * EB : g.b.stride_col_elems * EB, w_steps = last_rows ? steps : full_steps;
       if (w_steps < steps) {
         std::memset(tail, 0, sizeof(tail));
-        for (int64_t r = 0; r < GW; ++r) std::memcpy(tail + r * KT, w + r * g.b.stride_col_elems + full_steps * KT, size_t(k_tail) * 2);
+        for (int64_t r = 0; r < GW; ++r) std::memcpy(tail + r * 64, w + r * w_ld + full_steps * 64, size_t(k_tail * EB));
       }
       // Block after block of x: the group's W from memory in the first, from L2 in the next.
       for (int64_t xb = 0; xb < x_blocks; ++xb) {
-        const Packed* xs = xp + bt * xp_elems + xb * xblock_elems;
+        const char* xs = xp + bt * xp_bytes + xb * xblock_bytes;
         Tiles::template zero<0>();
         Tiles::template zero<1>();
         Tiles::template zero<2>();
         Tiles::template zero<3>();
-        amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(w), w_ld, xs, w_steps);
-        if (w_steps < steps) amx_w_rows_steps<Tiles, Kind, MB>(reinterpret_cast<const char*>(tail), 64, xs + full_steps * KT * XR, 1);
+        amx_w_rows_steps<Tiles, Kind, MB>(w, w_ld, xs, w_steps);
+        if (w_steps < steps) amx_w_rows_steps<Tiles, Kind, MB>(tail, 64, xs + full_steps * 64 * XR, 1);
         // C^T (W rows x x rows) to sums (x rows x W rows).
         if constexpr (MB == 1) {
           Tiles::template store<0>(sums_t, 64);
@@ -613,27 +618,25 @@ void amx_gemm_w_rows_mb(const GemmFloatArgs& g) {
           for (int64_t nb = 0; nb < 32; nb += 16)
             for (int64_t mb = 0; mb < 32; mb += 16) Tiles::transpose_dwords_16x16(sums_t + nb * 32 + mb, 128, sums + mb * 32 + nb, 128);
         }
-        const int64_t rows = std::min(XR, m - xb * XR), out0 = (bt * m + xb * XR) * n + n0;
-        if (!last_rows) {
-          constexpr int NV = int(32 / S::kLanes);
-          for (int64_t h = 0; h < GW; h += 32) {
-            typename S::F c[XR][NV];
+        // The shared epilogue, 32 columns at a time: the vector one, or the scalar one of edge tiles.
+        const int64_t rows = std::min(XR, m - xb * XR);
+        const GemmUnit unit{bt, 0, m, 0, n};
+        for (int64_t h = 0; h < GW && n0 + h < n; h += 32) {
+          const auto ft = gemm_tile_at(g, true, 0, nullptr, unit, xb * XR, n0 + h, true, true);
+          const int64_t cols = std::min<int64_t>(32, n - n0 - h);
+          if (cols == 32) {
+            constexpr int NV = int(32 / S::kLanes);
+            using V = decltype(S::loadu(sums));
+            V c[XR][NV];
             for (int64_t i = 0; i < XR; ++i)
               for (int v = 0; v < NV; ++v) c[i][v] = S::loadu(sums + i * GW + h + v * S::kLanes);
-            GemmFloatTile ft;
-            ft.final = true;
-            ft.out = static_cast<char*>(g.out) + (out0 + h) * elem;
-            ft.out_ld = n;
-            ft.out_dtype = g.out_dtype;
-            ft.bias = g.bias ? g.bias + n0 + h : nullptr;
             gemm_tile_store<S, XR>(ft, c, rows);
+          } else {
+            gemm_edge_tile<XR, 32>(ft, rows, cols, [&](const decltype(ft)& lt) {
+              for (int64_t i = 0; i < XR; ++i)
+                for (int64_t j = 0; j < 32; ++j) lt.c32[i * lt.c32_ld + j] = sums[i * GW + h + j];
+            });
           }
-        } else {
-          for (int64_t i = 0; i < rows; ++i)
-            for (int64_t j = 0; j < n_tail; ++j) {
-              const float v = sums[i * GW + j];
-              gemm_store_float(g.out, g.out_dtype, out0 + i * n + j, g.bias ? v + g.bias[n0 + j] : v);
-            }
         }
       }
     }
@@ -641,8 +644,8 @@ void amx_gemm_w_rows_mb(const GemmFloatArgs& g) {
   });
 }
 
-template <class Tiles, class S, class Kind>
-void amx_gemm_w_rows(const GemmFloatArgs& g) {
+template <class Tiles, class S, class Kind, class Args>
+void amx_gemm_w_rows(const Args& g) {
   if (g.m > 16)
     amx_gemm_w_rows_mb<Tiles, S, Kind, 2>(g);
   else
@@ -743,6 +746,7 @@ bool gemm_float_amx_tiles(const GemmFloatArgs& g, bool has_fp16) {
 
 template <class Tiles, class S>
 void gemm_int8_amx_tiles(const GemmInt8Args& g) {
+  if (amx_w_rows_applies(g)) return amx_gemm_w_rows<Tiles, S, AmxInt8>(g);
   amx_gemm_packed<AmxTraits<Tiles, S, AmxInt8, GemmInt8Args>>(g, gemm_amx_blocking(1));
 }
 
