@@ -158,10 +158,12 @@ def run(quick: bool = False) -> List[dict]:
             row = _bench_one(s, s, s, torch.int8, "torch._int_mm", est, n_threads)
             rows.append(row)
             prev = (s, est if row["torch_ms"] == _MISSING else row["torch_ms"] / 1e3)
-        # Skinny shapes of a linear layer's forward at a small batch: x (M, 4096) @ W^T.
-        for dtype in (torch.float32, torch.bfloat16):
+        # Skinny shapes of a linear layer's forward at a small batch: x (M, 4096) @ W^T (int8: W8A8's
+        # product before its scales).
+        for dtype in (torch.float32, torch.bfloat16, torch.int8):
             for m in [1, 8, 32, 128]:
-                rows.append(_bench_one(m, 4096, 4096, dtype, "torch.matmul", None, n_threads, layout="W^T"))
+                baseline = "torch._int_mm" if dtype == torch.int8 else "torch.matmul"
+                rows.append(_bench_one(m, 4096, 4096, dtype, baseline, None, n_threads, layout="W^T"))
         # Training shapes (issue 14): the three bf16 GEMMs of lc.nn.Linear's step for x (T, f_in), W
         # (f_out, f_in), g (T, f_out): forward x @ W^T, input gradient g @ W, weight gradient g^T @ x,
         # in the layouts lc.nn.Linear hands to lc.gemm (see _ops._linear_backward).
