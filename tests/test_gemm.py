@@ -406,14 +406,21 @@ def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def packed_path(x, b, **kw):
+    """lc.gemm(x, b) on the AMX tables' packed path: b copied row-major, x given at least 17 rows (up to 16
+    rows a row-major B is read in place, in another k order); an output row does not depend on the others."""
+    xp = torch.cat([x, x[:1].expand(17 - x.shape[0], -1)]) if x.shape[0] < 17 else x
+    return lc.gemm(xp, b.contiguous(), **kw)[: x.shape[0]]
+
+
 @pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16], ids=NAME.get)
 def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
     """x @ W^T up to 64 rows, or 128 with a large W (the AMX tables: the product transposed, W's tiles
     loaded from W in place, x^T packed; groups of 64 W rows up to 16 rows of x, of 32 beyond, in blocks
     of 32 rows of x): rows around the 16-row B tile, the 32-row blocks and the 64-row limit, W rows with a group tail, K with a 32-element step tail, W a column slice of a
     wider matrix (rows further apart than K), x strided along k, batches with a broadcast W; every output
-    dtype with a bias. On the AMX tables the bits are the packed path's (W^T copied row-major: the same
-    products in the same k order)."""
+    dtype with a bias. On the AMX tables the bits are the packed path's (packed_path: the same products in
+    the same k order)."""
     amx_table = isa in ("amx", "amx-model")
     for m, k, n in [(2, 64, 64), (16, 33, 130), (16, 33, 517), (17, 96, 31), (32, 1, 64), (32, 513, 97), (33, 64, 40),
                     (40, 70, 263), (64, 65, 33), (65, 64, 40)]:
@@ -423,7 +430,7 @@ def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
             out = lc.gemm(x, w.t(), bias=bias, out_dtype=out_dtype)
             assert_close(out, x, w.t(), bias, out_dtype)
             if amx_table:
-                assert torch.equal(out, lc.gemm(x, w.t().contiguous(), bias=bias, out_dtype=out_dtype))
+                assert torch.equal(out, packed_path(x, w.t(), bias=bias, out_dtype=out_dtype))
     if in_dtype == torch.bfloat16:   # 65-128 rows where W is at least 4 L2 and x^T within half of L2
         l2 = lc.info()["cache_bytes"]["l2"]
         k = max(64, l2 // (4 * 128) // 32 * 32)
@@ -432,13 +439,38 @@ def test_few_rows_w_read_in_place(isa, threads, rng, in_dtype):
         out = lc.gemm(x, w.t())
         assert_close(out, x, w.t())
         if amx_table:
-            assert torch.equal(out, lc.gemm(x, w.t().contiguous()))
+            assert torch.equal(out, packed_path(x, w.t()))
     xt = rand(rng, (200, 12), in_dtype).t()   # x strided along k
     w = rand(rng, (70, 200), in_dtype)
     assert_close(lc.gemm(xt, w.t()), xt, w.t())
     xb, wb = rand(rng, (3, 20, 160), in_dtype), rand(rng, (3, 67, 160), in_dtype).transpose(1, 2)
     assert_close(lc.gemm(xb, wb), xb, wb)
     assert_close(lc.gemm(xb, wb[0]), xb, wb[0])   # W broadcast over the batch
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float16], ids=NAME.get)
+def test_few_rows_row_major_b_read_in_place(isa, threads, rng, in_dtype):
+    """x @ W with W row-major (in, out) up to 16 rows (the AMX tables: B's rows loaded as the B tiles, x as
+    even / odd zero-interleaved pairs, K in chunks of 64 rows of B): column groups with a tail, K with a
+    16-row step tail, B a column slice (rows further apart than N), x strided along k, batches and a
+    broadcast B, every output dtype with a bias; the narrow B of the last shape does not take it. A
+    non-finite B value must not spill into its neighbour column (the path re-runs such a call)."""
+    for m, k, n in [(2, 64, 600), (8, 33, 517), (16, 130, 640), (16, 1, 515), (5, 300, 70)]:
+        x, w = rand(rng, (m, k), in_dtype), rand(rng, (k, n + 3), in_dtype)[:, :n]
+        bias = rand(rng, (n,), torch.float32)
+        for out_dtype in FLOAT_DTYPES:
+            assert_close(lc.gemm(x, w, bias=bias, out_dtype=out_dtype), x, w, bias, out_dtype)
+    xt, w = rand(rng, (200, 12), in_dtype).t(), rand(rng, (200, 520), in_dtype)   # x strided along k
+    assert_close(lc.gemm(xt, w), xt, w)
+    xb, wb = rand(rng, (3, 10, 96), in_dtype), rand(rng, (3, 96, 520), in_dtype)
+    assert_close(lc.gemm(xb, wb), xb, wb)
+    assert_close(lc.gemm(xb, wb[0]), xb, wb[0])   # B broadcast over the batch
+    x, w = rand(rng, (8, 64), in_dtype), rand(rng, (64, 600), in_dtype)
+    w[3, 5], w[7, 100] = float("inf"), float("nan")
+    out, want = lc.gemm(x, w, out_dtype=torch.float32), t64(x) @ t64(w)
+    assert torch.equal(torch.isnan(out), torch.isnan(want)) and torch.equal(torch.isinf(out), torch.isinf(want))
+    finite = torch.isfinite(want)
+    assert torch.allclose(out[finite].double(), want[finite], rtol=1e-2, atol=1e-2)
 
 
 def test_few_rows_int8_w_read_in_place(isa, threads, rng):

@@ -723,22 +723,200 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
+// Up to 16 rows times a row-major B, B read in place (x @ W with W stored (in, out): the input gradient
+// g @ W of nn.Linear at a small batch, GPT-2-style Conv1D weights). The tiles want B as k pairs of a
+// column, which a row-major B only gives after packing, and the packing reads B in short runs of many
+// rows (8 x 4096 x 4096 bf16 1.7-1.9 ms, ~1.0x oneDNN). Here B's tiles are its rows as they are: 16 rows
+// of k x 32 columns, 64 bytes a row, loaded with B's row stride, so a tile's dword n is the pair of
+// columns (2n, 2n + 1) at one k. tdp* multiplies each dword of A by one of B lane by lane (C[m][n] +=
+// A.lo * B.lo + A.hi * B.hi), so with A's dword p = (x[m][k0 + p], 0) it sums x * B[k][2n] only (the
+// even columns), and with (0, x[m][k0 + p]) the odd ones: two tdp* per tile of B, each half a packed
+// step's depth, twice the packed path's products, which 16 rows have to spare (B streams from memory).
+// Per group of 64 columns: A even / odd in tmm4 / tmm5 (x packed once per call), B's two 32-column
+// tiles in tmm6 / tmm7, C even / odd x B0 / B1 in tmm0-3. A thread runs its groups chunk by chunk of
+// 64 rows of B (each of its rows' runs read across all its groups while the chunk is in L2; the running
+// sums between chunks in its own buffer), and the epilogue interleaves the even and odd sums into the
+// output's rows. Each output's k order: 16 k per tdp*, in order (not the packed path's bits, which
+// take 32 k per tdp*). The zero halves multiply B's other column, so a non-finite B value would turn
+// its even neighbour into NaN (0 x Inf): a call whose result has any non-finite value is run again by
+// the packed path, whose outputs are then the contract's. Tails: K's last rows and the last columns
+// (fewer than 64) come from zero-padded copies. 2 threads, 2-core Xeon, before / after: 2 / 8 / 16 x 4096
+// x 4096 1.44 / 1.71 / 1.86 -> 0.87 / 0.89 / 0.88 ms (oneDNN 1.5-1.9), 16 x 4096 -> 11008 6.6 -> 4.6,
+// 16 x 1024 x 1024 0.114 -> 0.072; at 32 rows 0.69-1.28x (the doubled products catch up), not taken.
+// Taken where B has at least kAmxBInPlaceMinGroups groups of 64 columns (threads take whole groups), a
+// bound that does not depend on the thread count: this path's bits differ from the packed path's, and a
+// product's bits must not depend on the thread count.
+constexpr int64_t kAmxBInPlaceMaxM = 16, kAmxBInPlaceChunkSteps = 4, kAmxBInPlaceMinGroups = 8;
+
+static inline bool amx_b_in_place_applies(const GemmFloatArgs& g) {
+  return g.m <= kAmxBInPlaceMaxM && g.b.stride_col_elems == 1 && g.b.stride_row_elems != 1 &&
+         gemm_ceil_div(g.n, 64) >= kAmxBInPlaceMinGroups;
+}
+
+// Returns false (outputs partly written) when a result was not finite: the caller runs the packed path.
+template <class Tiles, class S, class Kind>
+bool amx_gemm_b_in_place(const GemmFloatArgs& g) {
+  using Packed = typename Kind::Packed;
+  static_assert(sizeof(Packed) == 2, "16-bit inputs");
+  constexpr int64_t XR = 16, GN = 64, KS = 16, CS = kAmxBInPlaceChunkSteps;  // rows of x, columns, k per step
+  const int64_t m = g.m, n = g.n, k = g.k;
+  const int64_t steps = gemm_ceil_div(k, KS), full_steps = k / KS, k_tail = k - full_steps * KS;
+  const int64_t full_groups = n / GN, n_tail = n - full_groups * GN, groups = full_groups + (n_tail ? 1 : 0);
+  // Per batch: x packed step by step (the even tile: 16 rows of 16 dwords (x, 0), then the odd); the
+  // last columns (fewer than 64), zero-padded to steps * 16 rows of 64; K's last rows (fewer than 16) of
+  // the other columns, zero-padded to 16 rows.
+  const int64_t step_dwords = 2 * XR * KS, xp_dwords = steps * step_dwords;
+  const int64_t cols_pad_elems = n_tail ? steps * KS * GN : 0, tail_ld = full_groups * GN;
+  const int64_t rows_pad_elems = k_tail ? KS * tail_ld : 0;
+  const int64_t batch_bytes = gemm_round_up(xp_dwords * 4 + (cols_pad_elems + rows_pad_elems) * 2, 64);
+  char* per_batch = static_cast<char*>(gemm_scratch(1, size_t(batch_bytes * g.n_batch)));
+  const Packed* a = static_cast<const Packed*>(g.a.ptr);
+  const Packed* b = static_cast<const Packed*>(g.b.ptr);
+  const int64_t b_ld = g.b.stride_row_elems;
+  for (int64_t bt = 0; bt < g.n_batch; ++bt) {
+    uint32_t* xb = reinterpret_cast<uint32_t*>(per_batch + bt * batch_bytes);
+    std::memset(xb, 0, size_t(xp_dwords) * 4);
+    for (int64_t i = 0; i < m; ++i) {
+      const Packed* row = a + bt * g.a.stride_batch_elems + i * g.a.stride_row_elems;
+      uint32_t* d = xb + i * KS;
+      for (int64_t st = 0; st < steps; ++st, d += step_dwords) {
+        const int64_t kn = std::min(KS, k - st * KS);
+        for (int64_t q = 0; q < kn; ++q) {
+          const uint32_t v = row[(st * KS + q) * g.a.stride_col_elems];
+          d[q] = v;                  // (x, 0): the even columns
+          d[XR * KS + q] = v << 16;  // (0, x): the odd ones
+        }
+      }
+    }
+    const Packed* bb = b + bt * g.b.stride_batch_elems;
+    Packed* cols_pad = reinterpret_cast<Packed*>(xb + xp_dwords);
+    if (n_tail) {
+      std::memset(cols_pad, 0, size_t(cols_pad_elems) * 2);
+      for (int64_t q = 0; q < k; ++q) std::memcpy(cols_pad + q * GN, bb + q * b_ld + full_groups * GN, size_t(n_tail) * 2);
+    }
+    if (k_tail) {
+      Packed* rows_pad = cols_pad + cols_pad_elems;
+      std::memset(rows_pad, 0, size_t(rows_pad_elems) * 2);
+      for (int64_t q = 0; q < k_tail; ++q) std::memcpy(rows_pad + q * tail_ld, bb + (full_steps * KS + q) * b_ld, size_t(tail_ld) * 2);
+    }
+  }
+  // Threads take contiguous ranges of the column groups, their running sums (the C tiles between
+  // chunks) in their own buffer.
+  const int nt = threads_for(groups, 2.0 * double(XR * GN) * double(k) * double(g.n_batch), kGemmMinFlopsPerThread);
+  const int64_t c_tile = 16 * 16, groups_per_thread = gemm_ceil_div(groups, nt);
+  float* sums_all = static_cast<float*>(gemm_scratch(2, size_t(nt * groups_per_thread * 4 * c_tile) * 4));
+  bool finite = true;
+  parallel_region(nt, [&](int t, int n_threads) {
+    Tiles::configure(&kAmxFullTiles);
+    alignas(64) float c[4][16 * 16], sums[XR * GN];
+    bool mine_finite = true;
+    const int64_t g0 = groups * t / n_threads, g1 = groups * (t + 1) / n_threads;
+    float* csum = sums_all + t * groups_per_thread * 4 * c_tile;
+    for (int64_t bt = 0; bt < g.n_batch; ++bt) {
+      const uint32_t* xpb = reinterpret_cast<const uint32_t*>(per_batch + bt * batch_bytes);
+      const Packed* cols_pad = reinterpret_cast<const Packed*>(xpb + xp_dwords);
+      const Packed* rows_pad = cols_pad + cols_pad_elems;
+      const Packed* bb = b + bt * g.b.stride_batch_elems;
+      for (int64_t c0 = 0; c0 < steps; c0 += CS) {
+        const int64_t c1 = std::min(steps, c0 + CS);
+        for (int64_t grp = g0; grp < g1; ++grp) {
+          const bool last_cols = grp == full_groups;
+          const Packed* w = last_cols ? cols_pad : bb + grp * GN;
+          const int64_t w_ld = last_cols ? GN : b_ld;
+          float* cs = csum + (grp - g0) * 4 * c_tile;
+          if (c0 == 0) {
+            Tiles::template zero<0>();
+            Tiles::template zero<1>();
+            Tiles::template zero<2>();
+            Tiles::template zero<3>();
+          } else {
+            Tiles::template load<0>(cs, 64);
+            Tiles::template load<1>(cs + c_tile, 64);
+            Tiles::template load<2>(cs + 2 * c_tile, 64);
+            Tiles::template load<3>(cs + 3 * c_tile, 64);
+          }
+          const uint32_t* x = xpb + c0 * step_dwords;
+          for (int64_t st = c0; st < c1; ++st, x += step_dwords) {
+            const bool pad_rows = !last_cols && st >= full_steps;
+            const Packed* wp = pad_rows ? rows_pad + grp * GN : w + st * KS * w_ld;
+            const int64_t ld = pad_rows ? tail_ld : w_ld;
+            Tiles::template load<4>(x, KS * 4);
+            Tiles::template load<5>(x + XR * KS, KS * 4);
+            Tiles::template load<6>(wp, ld * 2);
+            Tiles::template load<7>(wp + 32, ld * 2);
+            Kind::template dp<Tiles, 0, 4, 6>();
+            Kind::template dp<Tiles, 1, 5, 6>();
+            Kind::template dp<Tiles, 2, 4, 7>();
+            Kind::template dp<Tiles, 3, 5, 7>();
+          }
+          if (c1 < steps) {
+            Tiles::template store<0>(cs, 64);
+            Tiles::template store<1>(cs + c_tile, 64);
+            Tiles::template store<2>(cs + 2 * c_tile, 64);
+            Tiles::template store<3>(cs + 3 * c_tile, 64);
+            continue;
+          }
+          Tiles::template store<0>(c[0], 64);
+          Tiles::template store<1>(c[1], 64);
+          Tiles::template store<2>(c[2], 64);
+          Tiles::template store<3>(c[3], 64);
+          // Even / odd columns interleaved: C tile 2h + o holds columns 32 h + 2 j + o.
+          float bad = 0.0f;  // 0 * (every sum): NaN where a sum is Inf or NaN
+          for (int64_t i = 0; i < XR; ++i)
+            for (int64_t h = 0; h < 2; ++h)
+              for (int64_t j = 0; j < 16; ++j) {
+                const float e = c[2 * h][i * 16 + j], o = c[2 * h + 1][i * 16 + j];
+                sums[i * GN + 32 * h + 2 * j] = e;
+                sums[i * GN + 32 * h + 2 * j + 1] = o;
+                bad += 0.0f * e + 0.0f * o;
+              }
+          if (bad != 0.0f) mine_finite = false;  // NaN != 0
+          // The shared epilogue, 32 columns at a time: the vector one, or the scalar one of edge tiles.
+          const GemmUnit unit{bt, 0, m, 0, n};
+          for (int64_t h = 0; h < GN && grp * GN + h < n; h += 32) {
+            const GemmFloatTile ft = gemm_tile_at(g, true, 0, nullptr, unit, 0, grp * GN + h, true, true);
+            const int64_t cols = std::min<int64_t>(32, n - grp * GN - h);
+            if (cols == 32) {
+              constexpr int NV = int(32 / S::kLanes);
+              typename S::F cv[XR][NV];
+              for (int64_t i = 0; i < XR; ++i)
+                for (int v = 0; v < NV; ++v) cv[i][v] = S::loadu(sums + i * GN + h + v * S::kLanes);
+              gemm_tile_store<S, XR>(ft, cv, m);
+            } else {
+              gemm_edge_tile<XR, 32>(ft, m, cols, [&](const GemmFloatTile& lt) {
+                for (int64_t i = 0; i < XR; ++i)
+                  for (int64_t j = 0; j < 32; ++j) lt.c32[i * lt.c32_ld + j] = sums[i * GN + h + j];
+              });
+            }
+          }
+        }
+      }
+    }
+    Tiles::release();
+    if (!mine_finite) {
+#pragma omp atomic write
+      finite = false;
+    }
+  });
+  return finite;
+}
+
 // The AMX paths of a table: bf16 (and fp16 when has_fp16) float GEMMs, returning false for the
 // other dtypes (the table's float32 kernels run them); every int8 GEMM.
 template <class Tiles, class S>
 bool gemm_float_amx_tiles(const GemmFloatArgs& g, bool has_fp16) {
+  auto run = [&](auto kind) {
+    using Kind = decltype(kind);
+    if (amx_w_rows_applies(g)) return amx_gemm_w_rows<Tiles, S, Kind>(g);
+    if (amx_b_in_place_applies(g) && amx_gemm_b_in_place<Tiles, S, Kind>(g)) return;
+    amx_gemm_packed<AmxTraits<Tiles, S, Kind, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+  };
   if (g.a.dtype == LP_DTYPE_BF16) {
-    if (amx_w_rows_applies(g))
-      amx_gemm_w_rows<Tiles, S, AmxBf16>(g);
-    else
-      amx_gemm_packed<AmxTraits<Tiles, S, AmxBf16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    run(AmxBf16{});
     return true;
   }
   if (g.a.dtype == LP_DTYPE_F16 && has_fp16) {
-    if (amx_w_rows_applies(g))
-      amx_gemm_w_rows<Tiles, S, AmxFp16>(g);
-    else
-      amx_gemm_packed<AmxTraits<Tiles, S, AmxFp16, GemmFloatArgs>>(g, gemm_amx_blocking(2));
+    run(AmxFp16{});
     return true;
   }
   return false;
