@@ -164,6 +164,9 @@ def run(quick: bool = False) -> List[dict]:
             for m in [1, 8, 32, 128]:
                 baseline = "torch._int_mm" if dtype == torch.int8 else "torch.matmul"
                 rows.append(_bench_one(m, 4096, 4096, dtype, baseline, None, n_threads, layout="W^T"))
+        # ... and times a row-major W (in, out): the input gradient g @ W at a small batch, Conv1D weights.
+        for m in [8, 16]:
+            rows.append(_bench_one(m, 4096, 4096, torch.bfloat16, "torch.matmul", None, n_threads, label="x@W"))
         # Training shapes (issue 14): the three bf16 GEMMs of lc.nn.Linear's step for x (T, f_in), W
         # (f_out, f_in), g (T, f_out): forward x @ W^T, input gradient g @ W, weight gradient g^T @ x,
         # in the layouts lc.nn.Linear hands to lc.gemm (see _ops._linear_backward).
