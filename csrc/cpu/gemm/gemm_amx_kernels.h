@@ -800,18 +800,17 @@ bool amx_gemm_b_in_place(const GemmFloatArgs& g) {
       for (int64_t q = 0; q < k_tail; ++q) std::memcpy(rows_pad + q * tail_ld, bb + (full_steps * KS + q) * b_ld, size_t(tail_ld) * 2);
     }
   }
-  // Threads take contiguous ranges of the column groups, their running sums (the C tiles between
-  // chunks) in their own buffer.
+  // Threads take contiguous ranges of the column groups; each group's running sums (its four C tiles
+  // between chunks) have their own place, whatever thread runs it.
   const int nt = threads_for(groups, 2.0 * double(XR * GN) * double(k) * double(g.n_batch), kGemmMinFlopsPerThread);
-  const int64_t c_tile = 16 * 16, groups_per_thread = gemm_ceil_div(groups, nt);
-  float* sums_all = static_cast<float*>(gemm_scratch(2, size_t(nt * groups_per_thread * 4 * c_tile) * 4));
+  const int64_t c_tile = 16 * 16;
+  float* sums_all = static_cast<float*>(gemm_scratch(2, size_t(groups * 4 * c_tile) * 4));
   bool finite = true;
   parallel_region(nt, [&](int t, int n_threads) {
     Tiles::configure(&kAmxFullTiles);
     alignas(64) float c[4][16 * 16], sums[XR * GN];
     bool mine_finite = true;
     const int64_t g0 = groups * t / n_threads, g1 = groups * (t + 1) / n_threads;
-    float* csum = sums_all + t * groups_per_thread * 4 * c_tile;
     for (int64_t bt = 0; bt < g.n_batch; ++bt) {
       const uint32_t* xpb = reinterpret_cast<const uint32_t*>(per_batch + bt * batch_bytes);
       const Packed* cols_pad = reinterpret_cast<const Packed*>(xpb + xp_dwords);
@@ -823,7 +822,7 @@ bool amx_gemm_b_in_place(const GemmFloatArgs& g) {
           const bool last_cols = grp == full_groups;
           const Packed* w = last_cols ? cols_pad : bb + grp * GN;
           const int64_t w_ld = last_cols ? GN : b_ld;
-          float* cs = csum + (grp - g0) * 4 * c_tile;
+          float* cs = sums_all + grp * 4 * c_tile;
           if (c0 == 0) {
             Tiles::template zero<0>();
             Tiles::template zero<1>();
