@@ -394,16 +394,19 @@ def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype
     for rows in (5, 13):   # batches of one row group, and of two (A packed in row groups from 9 rows)
         xb, wb = rand(rng, (3, rows, 256), in_dtype), rand(rng, (3, 20, 256), in_dtype).transpose(1, 2)
         assert_close(lc.gemm(xb, wb, out_dtype=out_dtype), xb, wb, out_dtype=out_dtype)
-    x, w = rand(rng, (11, 700), in_dtype), rand(rng, (301, 700), in_dtype)
-    before = lc.get_num_threads()
-    try:
-        outs = []
-        for nt in (1, 2, 3):
-            lc.set_num_threads(nt)
-            outs.append(lc.gemm(x, w.t(), out_dtype=out_dtype))
-    finally:
-        lc.set_num_threads(before)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # W of 5 and of 9 groups of 64 rows (the AMX in-place path takes W from 8), 11 rows and 6 (the AVX-512
+    # few-rows kernel's, up to 8 rows)
+    for m, n in [(11, 301), (6, 301), (6, 520)]:
+        x, w = rand(rng, (m, 700), in_dtype), rand(rng, (n, 700), in_dtype)
+        before = lc.get_num_threads()
+        try:
+            outs = []
+            for nt in (1, 2, 3):
+                lc.set_num_threads(nt)
+                outs.append(lc.gemm(x, w.t(), out_dtype=out_dtype))
+        finally:
+            lc.set_num_threads(before)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def packed_path(x, b, **kw):

@@ -493,17 +493,18 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
 constexpr int64_t kAmxWRowsMaxM = 64, kAmxWRowsMaxMLargeW = 128;
 
 // Threads take whole groups of W rows, so a W of few groups (a narrow output, long rows) leaves threads
-// idle: there the packed path, which splits the rows of x too, unless one thread runs the call anyway
-// (64 x 8192 -> 32 at 2 threads: 0.36x the packed path, 8 x 65536 -> 64 0.59x, 64 x 2048 -> 96 0.74x).
-constexpr int64_t kAmxWRowsMinGroupsPerThread = 4;
+// idle: there the packed path, which splits the rows of x too (64 x 8192 -> 32 at 2 threads: 0.36x the
+// packed path, 8 x 65536 -> 64 0.59x, 64 x 2048 -> 96 0.74x). The bound does not depend on the thread
+// count: up to 8 rows the other path is the AVX-512 kernel, whose bits differ, and a product's bits must
+// not depend on the thread count.
+constexpr int64_t kAmxWRowsMinGroups = 8;
 
 // int8 (W8A8 by scaled_gemm, or the plain int8 GEMM) likewise, unless B is pre-packed (QuantLinear w8a8).
 template <class Args>
 static inline bool amx_w_rows_applies(const Args& g) {
   if (g.b.stride_row_elems != 1 || gemm_b_packed(g) != nullptr || g.m > kAmxWRowsMaxMLargeW) return false;
   const int64_t elem = g.a.dtype == LP_DTYPE_I8 ? 1 : 2, l2 = cpu_features().l2_bytes, group_rows = g.m > 16 ? 32 : 64;
-  const int nt = runtime_num_threads();
-  if (nt > 1 && g.n_batch * gemm_ceil_div(g.n, group_rows) < kAmxWRowsMinGroupsPerThread * nt) return false;
+  if (g.n_batch * gemm_ceil_div(g.n, group_rows) < kAmxWRowsMinGroups) return false;
   return g.m <= kAmxWRowsMaxM || (gemm_round_up(g.m, 32) * g.k * elem <= l2 / 2 && g.n * g.k * elem >= 4 * l2);
 }
 
@@ -744,8 +745,8 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
 // x 4096 1.44 / 1.71 / 1.86 -> 0.87 / 0.89 / 0.88 ms (oneDNN 1.5-1.9), 16 x 4096 -> 11008 6.6 -> 4.6,
 // 16 x 1024 x 1024 0.114 -> 0.072; at 32 rows 0.69-1.28x (the doubled products catch up), not taken.
 // Taken where B has at least kAmxBInPlaceMinGroups groups of 64 columns (threads take whole groups), a
-// bound that does not depend on the thread count: this path's bits differ from the packed path's, and a
-// product's bits must not depend on the thread count.
+// bound that does not depend on the thread count, as kAmxWRowsMinGroups: this path's bits differ from
+// the packed path's.
 constexpr int64_t kAmxBInPlaceMaxM = 16, kAmxBInPlaceChunkSteps = 4, kAmxBInPlaceMinGroups = 8;
 
 static inline bool amx_b_in_place_applies(const GemmFloatArgs& g) {
