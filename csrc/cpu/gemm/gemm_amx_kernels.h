@@ -508,6 +508,32 @@ static inline bool amx_w_rows_applies(const Args& g) {
   return g.m <= kAmxWRowsMaxM || (gemm_round_up(g.m, 32) * g.k * elem <= l2 / 2 && g.n * g.k * elem >= 4 * l2);
 }
 
+// The final sums of rows [row0, row0 + rows) x columns [col0, col0 + width) of batch bt (sums: XR rows,
+// ld elements apart) through the shared epilogue (bias, rounding once, scaled_gemm's), 32 columns at a
+// time: the vector one, or the scalar one of edge tiles past n.
+template <class S, int64_t XR, class Args, class Sum>
+static void amx_store_sums(const Args& g, const Sum* sums, int64_t ld, int64_t bt, int64_t row0, int64_t rows, int64_t col0,
+                           int64_t width) {
+  const GemmUnit unit{bt, 0, g.m, 0, g.n};
+  for (int64_t h = 0; h < width && col0 + h < g.n; h += 32) {
+    const auto t = gemm_tile_at(g, true, 0, nullptr, unit, row0, col0 + h, true, true);
+    const int64_t cols = std::min<int64_t>(32, g.n - col0 - h);
+    if (cols == 32) {
+      constexpr int NV = int(32 / S::kLanes);
+      using V = decltype(S::loadu(sums));
+      V c[XR][NV];
+      for (int64_t i = 0; i < XR; ++i)
+        for (int v = 0; v < NV; ++v) c[i][v] = S::loadu(sums + i * ld + h + v * S::kLanes);
+      gemm_tile_store<S, XR>(t, c, rows);
+    } else {
+      gemm_edge_tile<XR, 32>(t, rows, cols, [&](const decltype(t)& lt) {
+        for (int64_t i = 0; i < XR; ++i)
+          for (int64_t j = 0; j < 32; ++j) lt.c32[i * lt.c32_ld + j] = sums[i * ld + h + j];
+      });
+    }
+  }
+}
+
 // Steps [0, n_steps) of one group: w at the group's first row and step, rows w_ld bytes apart; xs at
 // the same step of packed x^T (a step: 64 bytes of k of XR rows). The C tiles accumulate (the caller
 // zeroes them).
@@ -619,26 +645,7 @@ void amx_gemm_w_rows_mb(const Args& g) {
           for (int64_t nb = 0; nb < 32; nb += 16)
             for (int64_t mb = 0; mb < 32; mb += 16) Tiles::transpose_dwords_16x16(sums_t + nb * 32 + mb, 128, sums + mb * 32 + nb, 128);
         }
-        // The shared epilogue, 32 columns at a time: the vector one, or the scalar one of edge tiles.
-        const int64_t rows = std::min(XR, m - xb * XR);
-        const GemmUnit unit{bt, 0, m, 0, n};
-        for (int64_t h = 0; h < GW && n0 + h < n; h += 32) {
-          const auto ft = gemm_tile_at(g, true, 0, nullptr, unit, xb * XR, n0 + h, true, true);
-          const int64_t cols = std::min<int64_t>(32, n - n0 - h);
-          if (cols == 32) {
-            constexpr int NV = int(32 / S::kLanes);
-            using V = decltype(S::loadu(sums));
-            V c[XR][NV];
-            for (int64_t i = 0; i < XR; ++i)
-              for (int v = 0; v < NV; ++v) c[i][v] = S::loadu(sums + i * GW + h + v * S::kLanes);
-            gemm_tile_store<S, XR>(ft, c, rows);
-          } else {
-            gemm_edge_tile<XR, 32>(ft, rows, cols, [&](const decltype(ft)& lt) {
-              for (int64_t i = 0; i < XR; ++i)
-                for (int64_t j = 0; j < 32; ++j) lt.c32[i * lt.c32_ld + j] = sums[i * GW + h + j];
-            });
-          }
-        }
+        amx_store_sums<S, XR>(g, sums, GW, bt, xb * XR, std::min(XR, m - xb * XR), n0, GW);
       }
     }
     Tiles::release();
@@ -871,24 +878,7 @@ bool amx_gemm_b_in_place(const GemmFloatArgs& g) {
                 bad += 0.0f * e + 0.0f * o;
               }
           if (bad != 0.0f) mine_finite = false;  // NaN != 0
-          // The shared epilogue, 32 columns at a time: the vector one, or the scalar one of edge tiles.
-          const GemmUnit unit{bt, 0, m, 0, n};
-          for (int64_t h = 0; h < GN && grp * GN + h < n; h += 32) {
-            const GemmFloatTile ft = gemm_tile_at(g, true, 0, nullptr, unit, 0, grp * GN + h, true, true);
-            const int64_t cols = std::min<int64_t>(32, n - grp * GN - h);
-            if (cols == 32) {
-              constexpr int NV = int(32 / S::kLanes);
-              typename S::F cv[XR][NV];
-              for (int64_t i = 0; i < XR; ++i)
-                for (int v = 0; v < NV; ++v) cv[i][v] = S::loadu(sums + i * GN + h + v * S::kLanes);
-              gemm_tile_store<S, XR>(ft, cv, m);
-            } else {
-              gemm_edge_tile<XR, 32>(ft, m, cols, [&](const GemmFloatTile& lt) {
-                for (int64_t i = 0; i < XR; ++i)
-                  for (int64_t j = 0; j < 32; ++j) lt.c32[i * lt.c32_ld + j] = sums[i * GN + h + j];
-              });
-            }
-          }
+          amx_store_sums<S, XR>(g, sums, GN, bt, 0, m, grp * GN, GN);
         }
       }
     }
