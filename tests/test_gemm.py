@@ -268,7 +268,8 @@ def test_very_deep_k(isa, rng):
 def test_amx_streamed_output(isa, rng):
     """An output of more bytes than the cores' L2 together with 64-byte aligned rows, over two K blocks (K
     inside each B panel): the AMX tables' full tiles write it with non-temporal stores (float32 and bf16
-    outputs with a bias, scaled int8 into float32), the edge rows in place. One thread, so the output
+    outputs with a bias, scaled int8 into float32), the edge rows in place; the last K block deep enough
+    (5 tile steps) that each tile's epilogue runs during the next tile's steps. One thread, so the output
     need pass only one L2."""
     blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
     if not blk["kchunk"]:
@@ -278,13 +279,13 @@ def test_amx_streamed_output(isa, rng):
     before = lc.get_num_threads()
     lc.set_num_threads(1)
     try:
-        k = blk["kc"] + 16
+        k = blk["kc"] + 4 * 32 + 16
         for out_dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
             m = l2 // (n * size) + 5
             a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
             bias = rand(rng, (n,), torch.float32)
             assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
-        m, k8 = l2 // (n * 4) + 5, blk8["kc"] + 64
+        m, k8 = l2 // (n * 4) + 5, blk8["kc"] + 4 * 64 + 8
         a8, b8 = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
         assert_scaled_exact(rng, a8, b8, bias, torch.float32)
     finally:

@@ -42,8 +42,9 @@
 // Partial sums across K blocks stay in memory: C tiles are loaded from them (tileloadd) and stored
 // back (tilestored), in the driver's unit workspace (gemm_run_units, as for the AVX kernels) or, where
 // K runs inside each B panel (amx_run_units_k_inside below), in a small per-thread buffer; the last
-// K block goes through a local 32 x 32 buffer to the shared epilogue (bias, rounding once,
-// scaled_gemm's epilogue) in S vectors, whose rows large outputs get with non-temporal stores.
+// K block's sums go to a per-thread 32 x 32 buffer, and the shared epilogue (bias, rounding once,
+// scaled_gemm's epilogue, in S vectors; rows of large outputs with non-temporal stores) writes them a
+// few rows at a time between the steps of the thread's next tile (AmxTraits::Deferred).
 // A few rows times W^T (amx_gemm_w_rows) run transposed instead, W's tiles loaded in place: see there.
 // Each thread loads the tile configuration before its first tile of a GEMM call and releases the
 // tiles after its last (the driver's thread hooks), so no tile state outlives a call (another
@@ -112,9 +113,14 @@ struct AmxTraits {
   int64_t ws_ld;
   bool stream_out = false;  // full tiles' epilogues stream their rows (amx_stream_output)
 
-  static void thread_begin() { Tiles::configure(&kAmxFullTiles); }
-  // The fence orders the streamed output lines before the thread reports its work done.
+  static void thread_begin() {
+    Tiles::configure(&kAmxFullTiles);
+    deferred().row = kMr;
+  }
+  // The last tile's deferred epilogue; the fence orders the streamed output lines before the thread
+  // reports its work done.
   static void thread_end() {
+    deferred_finish(deferred());
     Tiles::release();
     _mm_sfence();
   }
@@ -205,6 +211,70 @@ struct AmxTraits {
     });
   }
 
+  using Tile = typename std::conditional<std::is_same<Args, GemmInt8Args>::value, GemmInt8Tile, GemmFloatTile>::type;
+  // A full tile's final sums waiting for their epilogue, which runs a few rows at a time between the
+  // steps of the thread's next full tile (whatever its K block), so that the output's stores overlap
+  // the tile unit's products instead of following them (see ukernel).
+  struct Deferred {
+    alignas(64) Sum sums[kMr * kNr];
+    Tile t;
+    int64_t row = kMr;  // the next row to write; kMr: nothing pending
+    bool stream = false;  // rows streamed (as ukernel's `stream`)
+  };
+  // The thread's deferred tile: from thread_begin to thread_end, within one call.
+  static Deferred& deferred() {
+    thread_local Deferred d;
+    return d;
+  }
+  static constexpr int64_t kDeferredRows = 4, kDeferredMinSteps = 4;
+  // The rows per step of a tile of n_steps: all 32 within the steps (1 - 8 rows a step).
+  static int64_t deferred_rows_per_step(int64_t n_steps) {
+    return n_steps >= 32 ? 1 : n_steps >= 16 ? 2 : n_steps >= 8 ? 4 : 8;
+  }
+  // Out of line (as deferred_finish): inlined, its 24 epilogues made the tile loop 30 KB of code, and
+  // 4096 x 256 x 1024 bf16 ran 0.97x where out of line ran 1.11x.
+  static __attribute__((noinline)) void deferred_step(Deferred& d, int64_t rows_per_step) {
+    switch (rows_per_step) {
+      case 1: return deferred_rows<1>(d);
+      case 2: return deferred_rows<2>(d);
+      case 4: return deferred_rows<4>(d);
+      default: return deferred_rows<8>(d);
+    }
+  }
+  // The final epilogue of rows [0, R) of 32 x 32 sums (rows kNr apart) into t's output; streamed: into
+  // a local buffer, then its rows (1 or 2 lines each) to the output with non-temporal stores (aligned
+  // rows: amx_stream_output).
+  template <int64_t R>
+  static inline __attribute__((always_inline)) void epilogue_rows(const Tile& t, const Sum* sums, bool stream) {
+    constexpr int NV = int(kNr / S::kLanes);
+    using V = decltype(S::loadu(sums));  // S::F or S::I
+    V c[R][NV];
+    for (int64_t i = 0; i < R; ++i)
+      for (int h = 0; h < NV; ++h) c[i][h] = S::loadu(sums + i * kNr + h * S::kLanes);
+    if (!stream) return gemm_tile_store<S, R>(t, c, R);
+    alignas(64) float local[R * kNr];  // 4 bytes an element: room for every output dtype
+    Tile lt = t;
+    lt.out = local;
+    lt.out_ld = kNr;
+    gemm_tile_store<S, R>(lt, c, R);
+    const int64_t elem = t.out_dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = kNr * elem;
+    for (int64_t i = 0; i < R; ++i)
+      for (int64_t l = 0; l < row_bytes; l += 64)
+        S::stream_line(static_cast<char*>(t.out) + i * t.out_ld * elem + l, reinterpret_cast<const char*>(local) + i * row_bytes + l);
+  }
+  template <int64_t R>
+  static inline __attribute__((always_inline)) void deferred_rows(Deferred& d) {
+    epilogue_rows<R>(gemm_tile_rows_from(d.t, d.row), d.sums + d.row * kNr, d.stream);
+    d.row += R;
+  }
+  static __attribute__((noinline)) void deferred_finish(Deferred& d) {
+    while (d.row < kMr) deferred_rows<kDeferredRows>(d);
+  }
+  // The thread's deferred tile for a full tile of kc_panel, or null: with fewer than kDeferredMinSteps
+  // steps the next tile's are too few to hide an epilogue behind (4096 x 32 x 1024 bf16 0.87-0.94x,
+  // the thread-local access and the rows in chunks), so such a tile writes its own at once.
+  static Deferred* deferred_for(int64_t kc_panel) { return kc_panel >= kDeferredMinSteps * kKGroup ? &deferred() : nullptr; }
+
   // One full 32 x 32 tile (see the top of the file); t is a GemmFloatTile or GemmInt8Tile.
   // next_c: the 32-bit sums of the tile this thread runs next (32 rows, next_ld elements apart), or
   // null; its lines are prefetched while this tile's products run, since the tile loads that read
@@ -213,10 +283,15 @@ struct AmxTraits {
   // it evicted the panel in use, and ran no faster than no prefetch: 2048^3 / 4096^3 bf16 5-9% slower
   // than to L2 on the 2-core Xeon).
   // kBFromL2: B's tiles take the T1 hint and A's stay in L1 (amx_run_units_rows), not the other way.
+  // deferred: the thread's deferred tile (full tiles; null: edge tiles, whose epilogue runs here). Its
+  // rows are written between this tile's steps, and a final tile of this call is deferred in turn, its
+  // rows streamed (non-temporal stores) where `stream`. A 32 x 32 epilogue costs as much as ~12 steps of
+  // products when the output lines are new to the caches (8 MiB of bf16, rows 2 KiB apart): 4096 x 256 x
+  // 1024 bf16 1.02 -> 0.87 ms, 2048^3 6.7 -> 6.2-6.4, 4096 x 1024 x 1024 3.6 -> 3.1 on the 2-core Xeon.
   template <class Tile, bool kBFromL2 = false>
   static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t, const void* next_c = nullptr,
-                      int64_t next_ld = 0, const char* pf_b = nullptr, int64_t pf_b_bytes = 0, bool stream = false) {
-    using Elem = typename std::remove_pointer<decltype(t.c32)>::type;  // float or int32_t
+                      int64_t next_ld = 0, const char* pf_b = nullptr, int64_t pf_b_bytes = 0, bool stream = false,
+                      Deferred* deferred = nullptr) {
     constexpr int64_t kAElems = 16 * kKGroup, kBHalf = 16 * kKUnit;  // one A tile; 16 columns of B
     constexpr int64_t kARow = kKGroup * sizeof(Packed), kBRow = kNr * kKUnit * sizeof(Packed);
     if (t.prev) {
@@ -236,6 +311,7 @@ struct AmxTraits {
     const char* pf = static_cast<const char*>(next_c);
     int64_t pf_row = next_c ? 0 : kMr;
     const int64_t pf_b_step = gemm_ceil_div(pf_b_bytes, n_steps * 64) * 64;
+    const int64_t d_rows = deferred_rows_per_step(n_steps);
     const char* pf_b_end = pf_b + pf_b_bytes;
     for (int64_t k = 0; k < kc_panel; k += kKGroup) {
       for (int64_t r = 0; r < rows_per_step && pf_row < kMr; ++r, ++pf_row) {
@@ -260,6 +336,20 @@ struct AmxTraits {
       Kind::template dp<Tiles, 1, 4, 7>();
       Kind::template dp<Tiles, 2, 5, 6>();
       Kind::template dp<Tiles, 3, 5, 7>();
+      if (deferred && deferred->row < kMr) deferred_step(*deferred, d_rows);
+    }
+    if (deferred) {
+      if (deferred->row < kMr) deferred_finish(*deferred);
+      if (amx_needs_epilogue(t)) {
+        Tiles::template store<0>(deferred->sums, kNr * 4);
+        Tiles::template store<1>(deferred->sums + 16, kNr * 4);
+        Tiles::template store<2>(deferred->sums + 16 * kNr, kNr * 4);
+        Tiles::template store<3>(deferred->sums + 16 * kNr + 16, kNr * 4);
+        deferred->t = t;
+        deferred->row = 0;
+        deferred->stream = stream;
+        return;
+      }
     }
     if (!amx_needs_epilogue(t)) {
       const int64_t ld = t.c32_ld;
@@ -269,28 +359,12 @@ struct AmxTraits {
       Tiles::template store<3>(t.c32 + 16 * ld + 16, ld * 4);
       return;
     }
-    alignas(64) Elem sums[kMr * kNr];
+    alignas(64) Sum sums[kMr * kNr];
     Tiles::template store<0>(sums, kNr * 4);
     Tiles::template store<1>(sums + 16, kNr * 4);
     Tiles::template store<2>(sums + 16 * kNr, kNr * 4);
     Tiles::template store<3>(sums + 16 * kNr + 16, kNr * 4);
-    constexpr int NV = int(kNr / S::kLanes);
-    using V = decltype(S::loadu(sums));  // S::F or S::I
-    V c[kMr][NV];
-    for (int64_t i = 0; i < kMr; ++i)
-      for (int h = 0; h < NV; ++h) c[i][h] = S::loadu(sums + i * kNr + h * S::kLanes);
-    if (!stream) return gemm_tile_store<S>(t, c);
-    // Streamed: the epilogue into a local tile, then its rows (1 or 2 lines each) to the output with
-    // non-temporal stores (aligned rows: amx_stream_output).
-    alignas(64) float local[kMr * kNr];  // 4 bytes an element: room for every output dtype
-    Tile lt = t;
-    lt.out = local;
-    lt.out_ld = kNr;
-    gemm_tile_store<S>(lt, c);
-    const int64_t elem = t.out_dtype == LP_DTYPE_F32 ? 4 : 2, row_bytes = kNr * elem;
-    for (int64_t i = 0; i < kMr; ++i)
-      for (int64_t l = 0; l < row_bytes; l += 64)
-        S::stream_line(static_cast<char*>(t.out) + i * t.out_ld * elem + l, reinterpret_cast<const char*>(local) + i * row_bytes + l);
+    epilogue_rows<kMr>(t, sums, stream);
   }
 
   // A tile of amx_run_units_k_inside: as tile(), with the partial sums read from `prev` (null: the
@@ -308,7 +382,7 @@ struct AmxTraits {
     if (prev && !first) t.prev = prev, t.prev_ld = kNr;
     if (dst && !last) t.c32 = dst, t.c32_ld = kNr;
     if (rows == kMr && cols == kNr)
-      ukernel(kc_panel, ap, bp, t, next_c, next_ld, pf_b, pf_b_bytes, stream_out);
+      ukernel(kc_panel, ap, bp, t, next_c, next_ld, pf_b, pf_b_bytes, stream_out, deferred_for(kc_panel));
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
   }
@@ -319,7 +393,7 @@ struct AmxTraits {
                  int64_t rows, int64_t cols) const {
     const auto t = gemm_tile_at(g, c32_is_out, ws_ld, nullptr, w, row, col, true, true);
     if (rows == kMr && cols == kNr)
-      ukernel<std::remove_const_t<decltype(t)>, true>(kc_panel, ap, bp, t);
+      ukernel<Tile, true>(kc_panel, ap, bp, t, nullptr, 0, nullptr, 0, false, deferred_for(kc_panel));
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
   }
@@ -331,7 +405,7 @@ struct AmxTraits {
     // epilogue of a single K block.
     const bool next_sums = row + kMr < w.m1 && (!last || !first);
     if (rows == kMr && cols == kNr)
-      ukernel(kc_panel, ap, bp, t, next_sums ? t.c32 + kMr * t.c32_ld : nullptr, t.c32_ld, nullptr, 0, stream_out);
+      ukernel(kc_panel, ap, bp, t, next_sums ? t.c32 + kMr * t.c32_ld : nullptr, t.c32_ld, nullptr, 0, stream_out, deferred_for(kc_panel));
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
   }
