@@ -309,6 +309,28 @@ def test_amx_one_k_block_along_rows(isa, rng):
     assert_scaled_exact(rng, a8, b8, bias, torch.bfloat16)
 
 
+def test_amx_a_read_in_place(isa, rng):
+    """A whose rows run along k, K whole tile steps and an A block of whole 32-row tiles: the AMX tables load
+    A's tiles from A itself (in the one-K-block row loop; in the K-inside loop where a unit has few panels),
+    the last A block (rows past whole tiles) packed beside them. A a column slice of a wider matrix (its
+    rows further apart than K), an edge panel, batched; bf16 into every output dtype with a bias, int8
+    exact and scaled."""
+    blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
+    m, n = 2 * blk["mc"] + 37, 3 * blk["nr"] + 5
+    bias = rand(rng, (n,), torch.float32)
+    for k in (blk["kc"], 2 * blk["kc"] + 64):  # one K block (row loop); three (K inside each panel)
+        a = rand(rng, (m, k + 96), torch.bfloat16)[:, 32 : 32 + k]
+        b = rand(rng, (k, n), torch.bfloat16)
+        for out_dtype in FLOAT_DTYPES:
+            assert_close(lc.gemm(a, b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
+    k = 2 * blk["kc"]
+    a3, b3 = rand(rng, (2, m, k), torch.bfloat16), rand(rng, (2, k, n), torch.bfloat16)
+    assert_close(lc.gemm(a3, b3, out_dtype=torch.float32), a3, b3, None, torch.float32)
+    a8, b8 = rand_i8(rng, (m, blk8["kc"] + 64))[:, 64:], rand_i8(rng, (blk8["kc"], n))
+    assert_int_exact(lc.gemm(a8, b8), a8, b8)
+    assert_scaled_exact(rng, a8, b8, bias, torch.bfloat16)
+
+
 @pytest.mark.parametrize("rows_last", range(1, 12))
 def test_last_row_tile_every_height(isa, rng, rows_last):
     """A last row tile of every height below the register tile's 12 rows (the AVX-512 kernels compute

@@ -169,6 +169,16 @@ struct AmxTraits {
     });
   }
 
+  // A read in place instead of packed (its tiles loaded with A's row stride, a_ld_bytes): where A's
+  // rows run along k (a tile row is 64 contiguous bytes), K is whole steps (nothing past a row's end)
+  // and the block's rows whole tiles (no rows past the matrix). A at (batch, row i0, k 0), or null.
+  const Packed* a_in_place(int64_t batch, int64_t i0, int64_t mc, int64_t k) const {
+    if (!Kind::takes(g.a.dtype) || g.a.stride_col_elems != 1 || g.a.stride_row_elems <= 0 || k % kKGroup != 0 || mc % kMr != 0)
+      return nullptr;
+    return static_cast<const Packed*>(g.a.ptr) + batch * g.a.stride_batch_elems + i0 * g.a.stride_row_elems;
+  }
+  int64_t a_ld_bytes() const { return g.a.stride_row_elems * int64_t(sizeof(Packed)); }
+
   void pack_b(int64_t batch, int64_t p0, int64_t kc, int64_t j0, int64_t nc, Packed* dst) const {
     const int64_t rs = g.b.stride_row_elems, cs = g.b.stride_col_elems;
     const int64_t kc_panel = gemm_round_up(kc, kKGroup);
@@ -291,8 +301,8 @@ struct AmxTraits {
   template <class Tile, bool kBFromL2 = false>
   static void ukernel(int64_t kc_panel, const Packed* ap, const Packed* bp, const Tile& t, const void* next_c = nullptr,
                       int64_t next_ld = 0, const char* pf_b = nullptr, int64_t pf_b_bytes = 0, bool stream = false,
-                      Deferred* deferred = nullptr) {
-    constexpr int64_t kAElems = 16 * kKGroup, kBHalf = 16 * kKUnit;  // one A tile; 16 columns of B
+                      Deferred* deferred = nullptr, int64_t a_ld_bytes = 0) {
+    constexpr int64_t kBHalf = 16 * kKUnit;  // 16 columns of B
     constexpr int64_t kARow = kKGroup * sizeof(Packed), kBRow = kNr * kKUnit * sizeof(Packed);
     if (t.prev) {
       const int64_t ld = t.prev_ld;
@@ -312,6 +322,7 @@ struct AmxTraits {
     int64_t pf_row = next_c ? 0 : kMr;
     const int64_t pf_b_step = gemm_ceil_div(pf_b_bytes, n_steps * 64) * 64;
     const int64_t d_rows = deferred_rows_per_step(n_steps);
+    const int64_t a_row = a_ld_bytes ? a_ld_bytes : kARow, a_half = 16 * a_row;
     const char* pf_b_end = pf_b + pf_b_bytes;
     for (int64_t k = 0; k < kc_panel; k += kKGroup) {
       for (int64_t r = 0; r < rows_per_step && pf_row < kMr; ++r, ++pf_row) {
@@ -319,16 +330,16 @@ struct AmxTraits {
         __builtin_prefetch(pf + pf_row * next_ld * 4 + 64, 1, 3);
       }
       for (int64_t l = 0; l < pf_b_step && pf_b < pf_b_end; l += 64, pf_b += 64) __builtin_prefetch(pf_b, 0, 2);
-      const Packed* a = ap + k * kMr;
+      const Packed* a = a_ld_bytes ? ap + k : ap + k * kMr;
       const Packed* b = bp + k * kNr;
       if constexpr (kBFromL2) {
-        Tiles::template load<4>(a, kARow);
-        Tiles::template load<5>(a + kAElems, kARow);
+        Tiles::template load<4>(a, a_row);
+        Tiles::template load<5>(reinterpret_cast<const char*>(a) + a_half, a_row);
         Tiles::template load_t1<6>(b, kBRow);
         Tiles::template load_t1<7>(b + kBHalf, kBRow);
       } else {
-        Tiles::template load_t1<4>(a, kARow);
-        Tiles::template load_t1<5>(a + kAElems, kARow);
+        Tiles::template load_t1<4>(a, a_row);
+        Tiles::template load_t1<5>(reinterpret_cast<const char*>(a) + a_half, a_row);
         Tiles::template load<6>(b, kBRow);
         Tiles::template load<7>(b + kBHalf, kBRow);
       }
@@ -372,7 +383,7 @@ struct AmxTraits {
   // epilogue in the last K block), 32 rows of NR sums; pf_b: B lines to prefetch (ukernel).
   void tile_k_inside(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
                      int64_t rows, int64_t cols, bool first, bool last, void* ws, const Sum* prev, Sum* dst,
-                     const char* pf_b, int64_t pf_b_bytes, bool next_in_block) const {
+                     const char* pf_b, int64_t pf_b_bytes, bool next_in_block, int64_t a_ld_bytes) const {
     auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
     // The unit's own sums of the next tile down, where this K block reads or writes its own (the
     // chunk's edges): prefetched while the products run, as in tile().
@@ -382,20 +393,24 @@ struct AmxTraits {
     if (prev && !first) t.prev = prev, t.prev_ld = kNr;
     if (dst && !last) t.c32 = dst, t.c32_ld = kNr;
     if (rows == kMr && cols == kNr)
-      ukernel(kc_panel, ap, bp, t, next_c, next_ld, pf_b, pf_b_bytes, stream_out, deferred_for(kc_panel));
+      ukernel(kc_panel, ap, bp, t, next_c, next_ld, pf_b, pf_b_bytes, stream_out, deferred_for(kc_panel), a_ld_bytes);
     else
-      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) {
+        ukernel(kc_panel, ap, bp, lt, nullptr, 0, nullptr, 0, false, nullptr, a_ld_bytes);
+      });
   }
 
   // A tile of amx_run_units_rows (one K block): B from L2, A from L1, regular stores (the L2 streamer
   // fetches the next lines of the rows ahead of them; streamed rows lost that).
   void tile_rows(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
-                 int64_t rows, int64_t cols) const {
+                 int64_t rows, int64_t cols, int64_t a_ld_bytes) const {
     const auto t = gemm_tile_at(g, c32_is_out, ws_ld, nullptr, w, row, col, true, true);
     if (rows == kMr && cols == kNr)
-      ukernel<Tile, true>(kc_panel, ap, bp, t, nullptr, 0, nullptr, 0, false, deferred_for(kc_panel));
+      ukernel<Tile, true>(kc_panel, ap, bp, t, nullptr, 0, nullptr, 0, false, deferred_for(kc_panel), a_ld_bytes);
     else
-      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) { ukernel(kc_panel, ap, bp, lt); });
+      gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) {
+        ukernel(kc_panel, ap, bp, lt, nullptr, 0, nullptr, 0, false, nullptr, a_ld_bytes);
+      });
   }
 
   void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
@@ -411,6 +426,13 @@ struct AmxTraits {
   }
 };
 
+// K inside each B panel reads A in place (AmxTraits::a_in_place) for 16-bit A where a unit has at most
+// this many columns (8 panels, each reading A's block again; packing it is a quarter of 4096 x 1024 x
+// 256) and A's rows at most this far apart (16 rows 8 KiB apart share an L1 set): 4096 x 1024 x 128 /
+// 256 / 384 bf16 1.22 / 1.16 / 1.08x, 4096 x 2048 x 256 1.05x, but 4096 x 1024 x 512 0.95x, 4096 x 4096 x 256
+// 0.96x, 2048^3 0.90x, int8 4096 x 1024 x 256 0.96x on the 2-core Xeon.
+constexpr int64_t kAmxAInPlaceMaxCols = 256, kAmxAInPlaceMaxLdBytes = 4096;
+
 // The packed B of one unit (all of K) is capped at this many bytes per thread: wider units are cut
 // narrower (amx_gemm_packed).
 constexpr int64_t kAmxPackedBMaxBytes = int64_t(16) << 20;
@@ -423,7 +445,7 @@ constexpr int64_t kAmxKInsideMinCols = 1024;
 // output lines, cost a 2048^3 bf16 product as much as its tdp* did: bench/notes_gemm.md session 14):
 //   for each unit:  B packed for all of K (its K blocks' panels), unless pre-packed
 //     for each A block of mc rows, for each K chunk (the A block's chunk fills half of L2):
-//       A of the chunk packed, K block after K block
+//       A of the chunk packed, K block after K block (or read in place: kAmxAInPlaceMaxCols)
 //       for each 32-column panel:  for each K block of the chunk:  for each 32-row tile: products
 // Across chunks (K beyond one) the sums go through an mc x nu workspace (or the float32 / int32 output).
 // While a panel's K block runs, the B panel multiplied next is prefetched to L2 a slice per tile: the
@@ -471,9 +493,13 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
         wb.m0 = i0;
         wb.m1 = std::min(w.m1, i0 + blk.mc);
         const int64_t mcur = wb.m1 - i0;
+        // A read in place where a unit has few panels to share its packing (below).
+        const Packed* a_src = ncur <= kAmxAInPlaceMaxCols && sizeof(Packed) == 2 ? tr.a_in_place(w.batch, i0, mcur, k) : nullptr;
+        const int64_t a_ld = a_src && tr.a_ld_bytes() <= kAmxAInPlaceMaxLdBytes ? tr.a_ld_bytes() : 0;
         for (int64_t c0 = 0; c0 < k; c0 += kchunk) {
           const int64_t c1 = std::min(k, c0 + kchunk);
-          for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) tr.pack_a(w.batch, i0, mcur, p0, kc_at(p0), a_pack + (p0 - c0) / blk.kc * a_block);
+          if (!a_ld)
+            for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) tr.pack_a(w.batch, i0, mcur, p0, kc_at(p0), a_pack + (p0 - c0) / blk.kc * a_block);
           for (int64_t jr = 0; jr < ncur; jr += NR) {
             for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) {
               const int64_t kc_panel = gemm_round_up(kc_at(p0), KG);
@@ -486,11 +512,12 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
               for (int64_t ir = 0; ir < mcur; ir += MR) {
                 const int64_t off = ir / MR * slice;
                 // Sums within the chunk in `sums` (row ir of the A block), at its edges the block's own.
-                tr.tile_k_inside(kc_panel, a_pack + (p0 - c0) / blk.kc * a_block + ir * kc_panel, bp, wb, i0 + ir,
+                const Packed* ap = a_ld ? a_src + ir * tr.g.a.stride_row_elems + p0 : a_pack + (p0 - c0) / blk.kc * a_block + ir * kc_panel;
+                tr.tile_k_inside(kc_panel, ap, bp, wb, i0 + ir,
                                  w.n0 + jr, std::min(MR, mcur - ir), std::min(NR, ncur - jr), p0 == 0, p0 + blk.kc >= k, ws,
                                  p0 == c0 ? nullptr : sums + ir * NR, p0 + blk.kc >= c1 ? nullptr : sums + ir * NR,
                                  off < next_b_bytes ? reinterpret_cast<const char*>(next_b) + off : nullptr,
-                                 off < next_b_bytes ? std::min(slice, next_b_bytes - off) : 0, ir + MR < mcur);
+                                 off < next_b_bytes ? std::min(slice, next_b_bytes - off) : 0, ir + MR < mcur, a_ld);
               }
             }
           }
@@ -506,8 +533,10 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
 // write the next line of the same 32 output rows, which the L2 streamer then fetches ahead of the
 // stores; down the panels (gemm_run_units) every tile's 32 lines are in 32 new places. 1.06-1.35x
 // from 4096 x 256 x 1024 to 2048 x 64 x 2048 bf16 (int8 4096 x 512 x 1024 1.25x) on the 2-core Xeon.
+// A is read in place where it can be (AmxTraits::a_in_place: a tile's 32 rows of A, each read along
+// all of k once, then from L1 for every panel): 1.02-1.10x from 4096 x 64 x 1024 to 2048 x 384 x 1024.
 //   for each unit:  B block packed (k x nu), unless pre-packed
-//     for each A block of mc rows:  A block packed;  for each 32-row tile:  for each panel: products
+//     for each A block of mc rows:  A block packed (or not);  for each 32-row tile:  for each panel: products
 template <class Traits>
 void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n, int64_t k) {
   using Packed = typename Traits::Packed;
@@ -531,11 +560,14 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
       if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, ncur, b_pack);
       for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
         const int64_t mcur = std::min(blk.mc, w.m1 - i0);
-        tr.pack_a(w.batch, i0, mcur, 0, k, a_pack);
+        const Packed* a_src = tr.a_in_place(w.batch, i0, mcur, k);
+        const int64_t a_ld = a_src ? tr.a_ld_bytes() : 0;
+        if (!a_src) tr.pack_a(w.batch, i0, mcur, 0, k, a_pack);
         for (int64_t ir = 0; ir < mcur; ir += MR)
           for (int64_t jr = 0; jr < ncur; jr += NR)
-            tr.tile_rows(kc_panel, a_pack + ir * kc_panel, b_pre ? tr.prepacked_b(0, w.n0 + jr, blk, n) : b_pack + jr / NR * b_panel,
-                         w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir), std::min(NR, ncur - jr));
+            tr.tile_rows(kc_panel, a_src ? a_src + ir * tr.g.a.stride_row_elems : a_pack + ir * kc_panel,
+                         b_pre ? tr.prepacked_b(0, w.n0 + jr, blk, n) : b_pack + jr / NR * b_panel, w, i0 + ir, w.n0 + jr,
+                         std::min(MR, mcur - ir), std::min(NR, ncur - jr), a_ld);
       }
     }
     Traits::thread_end();
