@@ -44,7 +44,8 @@
 // K runs inside each B panel (amx_run_units_k_inside below), in a small per-thread buffer; the last
 // K block's sums go to a per-thread 32 x 32 buffer, and the shared epilogue (bias, rounding once,
 // scaled_gemm's epilogue, in S vectors; rows of large outputs with non-temporal stores) writes them a
-// few rows at a time between the steps of the thread's next tile (AmxTraits::Deferred).
+// few rows at a time between the steps of the thread's next tile (AmxTraits::Deferred; 16-bit inputs,
+// int8 at once).
 // A few rows times W^T (amx_gemm_w_rows) run transposed instead, W's tiles loaded in place: see there.
 // Each thread loads the tile configuration before its first tile of a GEMM call and releases the
 // tiles after its last (the driver's thread hooks), so no tile state outlives a call (another
@@ -115,12 +116,12 @@ struct AmxTraits {
 
   static void thread_begin() {
     Tiles::configure(&kAmxFullTiles);
-    deferred().row = kMr;
+    if constexpr (kDefers) deferred().row = kMr;
   }
   // The last tile's deferred epilogue; the fence orders the streamed output lines before the thread
   // reports its work done.
   static void thread_end() {
-    deferred_finish(deferred());
+    if constexpr (kDefers) deferred_finish(deferred());
     Tiles::release();
     _mm_sfence();
   }
@@ -237,6 +238,9 @@ struct AmxTraits {
     return d;
   }
   static constexpr int64_t kDeferredRows = 4, kDeferredMinSteps = 4;
+  // int8 writes its sums (plain GEMM) or the scaled epilogue at once: deferred, w8a8 QuantLinear 4096
+  // rows 256 / 512 / 768 -> 1024 ran 0.77 / 0.77 / 0.93x (1024 x 4096 -> 4096 1.22x) on the 2-core Xeon.
+  static constexpr bool kDefers = sizeof(Packed) == 2;
   // The rows per step of a tile of n_steps: all 32 within the steps (1 - 8 rows a step).
   static int64_t deferred_rows_per_step(int64_t n_steps) {
     return n_steps >= 32 ? 1 : n_steps >= 16 ? 2 : n_steps >= 8 ? 4 : 8;
@@ -283,7 +287,10 @@ struct AmxTraits {
   // The thread's deferred tile for a full tile of kc_panel, or null: with fewer than kDeferredMinSteps
   // steps the next tile's are too few to hide an epilogue behind (4096 x 32 x 1024 bf16 0.87-0.94x,
   // the thread-local access and the rows in chunks), so such a tile writes its own at once.
-  static Deferred* deferred_for(int64_t kc_panel) { return kc_panel >= kDeferredMinSteps * kKGroup ? &deferred() : nullptr; }
+  static Deferred* deferred_for(int64_t kc_panel) {
+    if constexpr (kDefers) return kc_panel >= kDeferredMinSteps * kKGroup ? &deferred() : nullptr;
+    return nullptr;
+  }
 
   // One full 32 x 32 tile (see the top of the file); t is a GemmFloatTile or GemmInt8Tile.
   // next_c: the 32-bit sums of the tile this thread runs next (32 rows, next_ld elements apart), or
@@ -347,19 +354,22 @@ struct AmxTraits {
       Kind::template dp<Tiles, 1, 4, 7>();
       Kind::template dp<Tiles, 2, 5, 6>();
       Kind::template dp<Tiles, 3, 5, 7>();
-      if (deferred && deferred->row < kMr) deferred_step(*deferred, d_rows);
+      if constexpr (kDefers)
+        if (deferred && deferred->row < kMr) deferred_step(*deferred, d_rows);
     }
-    if (deferred) {
-      if (deferred->row < kMr) deferred_finish(*deferred);
-      if (amx_needs_epilogue(t)) {
-        Tiles::template store<0>(deferred->sums, kNr * 4);
-        Tiles::template store<1>(deferred->sums + 16, kNr * 4);
-        Tiles::template store<2>(deferred->sums + 16 * kNr, kNr * 4);
-        Tiles::template store<3>(deferred->sums + 16 * kNr + 16, kNr * 4);
-        deferred->t = t;
-        deferred->row = 0;
-        deferred->stream = stream;
-        return;
+    if constexpr (kDefers) {
+      if (deferred) {
+        if (deferred->row < kMr) deferred_finish(*deferred);
+        if (amx_needs_epilogue(t)) {
+          Tiles::template store<0>(deferred->sums, kNr * 4);
+          Tiles::template store<1>(deferred->sums + 16, kNr * 4);
+          Tiles::template store<2>(deferred->sums + 16 * kNr, kNr * 4);
+          Tiles::template store<3>(deferred->sums + 16 * kNr + 16, kNr * 4);
+          deferred->t = t;
+          deferred->row = 0;
+          deferred->stream = stream;
+          return;
+        }
       }
     }
     if (!amx_needs_epilogue(t)) {
@@ -560,7 +570,7 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
       if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, ncur, b_pack);
       for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
         const int64_t mcur = std::min(blk.mc, w.m1 - i0);
-        const Packed* a_src = tr.a_in_place(w.batch, i0, mcur, k);
+        const Packed* a_src = sizeof(Packed) == 2 ? tr.a_in_place(w.batch, i0, mcur, k) : nullptr;
         const int64_t a_ld = a_src ? tr.a_ld_bytes() : 0;
         if (!a_src) tr.pack_a(w.batch, i0, mcur, 0, k, a_pack);
         for (int64_t ir = 0; ir < mcur; ir += MR)
