@@ -331,6 +331,20 @@ def test_amx_a_read_in_place(isa, rng):
     assert_scaled_exact(rng, a8, b8, bias, torch.bfloat16)
 
 
+def test_amx_scaled_epilogue_deferred(isa, rng):
+    """scaled_gemm whose last K block is 16 int8 tile steps deep or more, where the AMX tables write a final
+    tile's epilogue between the next tile's steps: one K block with fewer rows than an A block (the driver's
+    loop), and two K blocks over several A blocks (K inside each panel), edge rows and an edge panel, each
+    output dtype with a bias, bit for bit."""
+    blk8 = _C.gemm_blocking(True)
+    n = 3 * blk8["nr"] + 5
+    bias = rand(rng, (n,), torch.float32)
+    for m, k in ((200, blk8["kc"]), (2 * blk8["mc"] + 37, 2 * blk8["kc"])):
+        a8, b8 = rand_i8(rng, (m, k)), rand_i8(rng, (k, n))
+        for out_dtype in FLOAT_DTYPES:
+            assert_scaled_exact(rng, a8, b8, bias, out_dtype)
+
+
 @pytest.mark.parametrize("rows_last", range(1, 12))
 def test_last_row_tile_every_height(isa, rng, rows_last):
     """A last row tile of every height below the register tile's 12 rows (the AVX-512 kernels compute

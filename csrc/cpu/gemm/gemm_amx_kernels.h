@@ -44,8 +44,8 @@
 // K runs inside each B panel (amx_run_units_k_inside below), in a small per-thread buffer; the last
 // K block's sums go to a per-thread 32 x 32 buffer, and the shared epilogue (bias, rounding once,
 // scaled_gemm's epilogue, in S vectors; rows of large outputs with non-temporal stores) writes them a
-// few rows at a time between the steps of the thread's next tile (AmxTraits::Deferred; 16-bit inputs,
-// int8 at once).
+// few rows at a time between the steps of the thread's next tile (AmxTraits::Deferred; int8 only
+// with deep K, outside the row loop).
 // A few rows times W^T (amx_gemm_w_rows) run transposed instead, W's tiles loaded in place: see there.
 // Each thread loads the tile configuration before its first tile of a GEMM call and releases the
 // tiles after its last (the driver's thread hooks), so no tile state outlives a call (another
@@ -116,12 +116,12 @@ struct AmxTraits {
 
   static void thread_begin() {
     Tiles::configure(&kAmxFullTiles);
-    if constexpr (kDefers) deferred().row = kMr;
+    deferred().row = kMr;
   }
   // The last tile's deferred epilogue; the fence orders the streamed output lines before the thread
   // reports its work done.
   static void thread_end() {
-    if constexpr (kDefers) deferred_finish(deferred());
+    deferred_finish(deferred());
     Tiles::release();
     _mm_sfence();
   }
@@ -237,10 +237,12 @@ struct AmxTraits {
     thread_local Deferred d;
     return d;
   }
-  static constexpr int64_t kDeferredRows = 4, kDeferredMinSteps = 4;
-  // int8 writes its sums (plain GEMM) or the scaled epilogue at once: deferred, w8a8 QuantLinear 4096
-  // rows 256 / 512 / 768 -> 1024 ran 0.77 / 0.77 / 0.93x (1024 x 4096 -> 4096 1.22x) on the 2-core Xeon.
-  static constexpr bool kDefers = sizeof(Packed) == 2;
+  // int8 (scaled_gemm's epilogue: the plain GEMM's int32 sums are stored by the tiles) defers only
+  // tiles of 16 steps or more (K 1024) outside the row loop: w8a8 QuantLinear 1024 -> 4096 at 512 /
+  // 4096 rows, 1024 -> 2048 at 4096 rows, 1024 -> 8192 at 2048 rows 1.19-1.21x; with 4-12 steps (K 256
+  // - 768, 4096 rows) 0.77-0.93x, in the row loop at K 1024 0.93x, on the 2-core Xeon.
+  static constexpr int64_t kDeferredRows = 4, kDeferredMinSteps = sizeof(Packed) == 2 ? 4 : 16;
+  static constexpr bool kDefersInRowLoop = sizeof(Packed) == 2;
   // The rows per step of a tile of n_steps: all 32 within the steps (1 - 8 rows a step).
   static int64_t deferred_rows_per_step(int64_t n_steps) {
     return n_steps >= 32 ? 1 : n_steps >= 16 ? 2 : n_steps >= 8 ? 4 : 8;
@@ -287,9 +289,8 @@ struct AmxTraits {
   // The thread's deferred tile for a full tile of kc_panel, or null: with fewer than kDeferredMinSteps
   // steps the next tile's are too few to hide an epilogue behind (4096 x 32 x 1024 bf16 0.87-0.94x,
   // the thread-local access and the rows in chunks), so such a tile writes its own at once.
-  static Deferred* deferred_for(int64_t kc_panel) {
-    if constexpr (kDefers) return kc_panel >= kDeferredMinSteps * kKGroup ? &deferred() : nullptr;
-    return nullptr;
+  static Deferred* deferred_for(int64_t kc_panel, bool row_loop = false) {
+    return (!row_loop || kDefersInRowLoop) && kc_panel >= kDeferredMinSteps * kKGroup ? &deferred() : nullptr;
   }
 
   // One full 32 x 32 tile (see the top of the file); t is a GemmFloatTile or GemmInt8Tile.
@@ -354,22 +355,19 @@ struct AmxTraits {
       Kind::template dp<Tiles, 1, 4, 7>();
       Kind::template dp<Tiles, 2, 5, 6>();
       Kind::template dp<Tiles, 3, 5, 7>();
-      if constexpr (kDefers)
-        if (deferred && deferred->row < kMr) deferred_step(*deferred, d_rows);
+      if (deferred && deferred->row < kMr) deferred_step(*deferred, d_rows);
     }
-    if constexpr (kDefers) {
-      if (deferred) {
-        if (deferred->row < kMr) deferred_finish(*deferred);
-        if (amx_needs_epilogue(t)) {
-          Tiles::template store<0>(deferred->sums, kNr * 4);
-          Tiles::template store<1>(deferred->sums + 16, kNr * 4);
-          Tiles::template store<2>(deferred->sums + 16 * kNr, kNr * 4);
-          Tiles::template store<3>(deferred->sums + 16 * kNr + 16, kNr * 4);
-          deferred->t = t;
-          deferred->row = 0;
-          deferred->stream = stream;
-          return;
-        }
+    if (deferred) {
+      if (deferred->row < kMr) deferred_finish(*deferred);
+      if (amx_needs_epilogue(t)) {
+        Tiles::template store<0>(deferred->sums, kNr * 4);
+        Tiles::template store<1>(deferred->sums + 16, kNr * 4);
+        Tiles::template store<2>(deferred->sums + 16 * kNr, kNr * 4);
+        Tiles::template store<3>(deferred->sums + 16 * kNr + 16, kNr * 4);
+        deferred->t = t;
+        deferred->row = 0;
+        deferred->stream = stream;
+        return;
       }
     }
     if (!amx_needs_epilogue(t)) {
@@ -416,7 +414,7 @@ struct AmxTraits {
                  int64_t rows, int64_t cols, int64_t a_ld_bytes) const {
     const auto t = gemm_tile_at(g, c32_is_out, ws_ld, nullptr, w, row, col, true, true);
     if (rows == kMr && cols == kNr)
-      ukernel<Tile, true>(kc_panel, ap, bp, t, nullptr, 0, nullptr, 0, false, deferred_for(kc_panel), a_ld_bytes);
+      ukernel<Tile, true>(kc_panel, ap, bp, t, nullptr, 0, nullptr, 0, false, deferred_for(kc_panel, true), a_ld_bytes);
     else
       gemm_edge_tile<kMr, kNr>(t, rows, cols, [&](const decltype(t)& lt) {
         ukernel(kc_panel, ap, bp, lt, nullptr, 0, nullptr, 0, false, nullptr, a_ld_bytes);

@@ -300,10 +300,15 @@ static inline GemmInt8Tile gemm_tile_at(const GemmInt8Args& g, bool c32_is_out, 
   return t;
 }
 
-// The float tile's rows from r0 on (its output r0 rows further), for a final tile's epilogue
-// (gemm_tile_store) row range by row range.
+// The tile's rows from r0 on: its output and row scales r0 rows further (the bias and column scales
+// stay); for a final tile's epilogue (gemm_tile_store) row range by row range.
 static inline GemmFloatTile gemm_tile_rows_from(GemmFloatTile t, int64_t r0) {
   t.out = static_cast<char*>(t.out) + r0 * t.out_ld * (t.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+  return t;
+}
+static inline GemmInt8Tile gemm_tile_rows_from(GemmInt8Tile t, int64_t r0) {
+  t.out = static_cast<char*>(t.out) + r0 * t.out_ld * (t.out_dtype == LP_DTYPE_F32 ? 4 : 2);
+  t.scale_a += r0 * t.scale_a_stride;
   return t;
 }
 
