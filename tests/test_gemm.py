@@ -268,9 +268,9 @@ def test_very_deep_k(isa, rng):
 def test_amx_streamed_output(isa, rng):
     """An output of more bytes than the cores' L2 together with 64-byte aligned rows, over two K blocks (K
     inside each B panel): the AMX tables' full tiles write it with non-temporal stores (float32 and bf16
-    outputs with a bias, scaled int8 into float32), the edge rows in place; the last K block deep enough
-    (5 tile steps) that each tile's epilogue runs during the next tile's steps. One thread, so the output
-    need pass only one L2."""
+    outputs with a bias, scaled int8 into float32), the edge rows in place; bf16's last K block deep
+    enough (5 tile steps) that each tile's epilogue runs during the next tile's steps. One thread, so the
+    output need pass only one L2."""
     blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
     if not blk["kchunk"]:
         pytest.skip("the streamed epilogue is the AMX tables'")
@@ -313,8 +313,8 @@ def test_amx_a_read_in_place(isa, rng):
     """A whose rows run along k, K whole tile steps and an A block of whole 32-row tiles: the AMX tables load
     A's tiles from A itself (in the one-K-block row loop; in the K-inside loop where a unit has few panels),
     the last A block (rows past whole tiles) packed beside them. A a column slice of a wider matrix (its
-    rows further apart than K), an edge panel, batched; bf16 into every output dtype with a bias, int8
-    exact and scaled."""
+    rows further apart than K), an edge panel, batched; bf16 into every output dtype with a bias; int8
+    (whose A stays packed) from the same strided view, exact and scaled."""
     blk, blk8 = _C.gemm_blocking(False), _C.gemm_blocking(True)
     m, n = 2 * blk["mc"] + 37, 3 * blk["nr"] + 5
     bias = rand(rng, (n,), torch.float32)
