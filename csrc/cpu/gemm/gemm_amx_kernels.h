@@ -173,8 +173,9 @@ struct AmxTraits {
   // A read in place instead of packed (its tiles loaded with A's row stride, a_ld_bytes): where A's
   // rows run along k (a tile row is 64 contiguous bytes), K is whole steps (nothing past a row's end)
   // and the block's rows whole tiles (no rows past the matrix). A at (batch, row i0, k 0), or null.
+  // 16-bit A only: int8 ran slower in place (1024 x 384 x 1536 W^T 0.87x on the 2-core Xeon).
   const Packed* a_in_place(int64_t batch, int64_t i0, int64_t mc, int64_t k) const {
-    if (!Kind::takes(g.a.dtype) || g.a.stride_col_elems != 1 || g.a.stride_row_elems <= 0 || k % kKGroup != 0 || mc % kMr != 0)
+    if (sizeof(Packed) != 2 || !Kind::takes(g.a.dtype) || g.a.stride_col_elems != 1 || g.a.stride_row_elems <= 0 || k % kKGroup != 0 || mc % kMr != 0)
       return nullptr;
     return static_cast<const Packed*>(g.a.ptr) + batch * g.a.stride_batch_elems + i0 * g.a.stride_row_elems;
   }
@@ -293,6 +294,14 @@ struct AmxTraits {
     return (!row_loop || kDefersInRowLoop) && kc_panel >= kDeferredMinSteps * kKGroup ? &deferred() : nullptr;
   }
 
+  // The four C tiles to 32 x 32 sums at c, rows ld elements apart.
+  static inline __attribute__((always_inline)) void store_c(Sum* c, int64_t ld) {
+    Tiles::template store<0>(c, ld * 4);
+    Tiles::template store<1>(c + 16, ld * 4);
+    Tiles::template store<2>(c + 16 * ld, ld * 4);
+    Tiles::template store<3>(c + 16 * ld + 16, ld * 4);
+  }
+
   // One full 32 x 32 tile (see the top of the file); t is a GemmFloatTile or GemmInt8Tile.
   // next_c: the 32-bit sums of the tile this thread runs next (32 rows, next_ld elements apart), or
   // null; its lines are prefetched while this tile's products run, since the tile loads that read
@@ -360,29 +369,16 @@ struct AmxTraits {
     if (deferred) {
       if (deferred->row < kMr) deferred_finish(*deferred);
       if (amx_needs_epilogue(t)) {
-        Tiles::template store<0>(deferred->sums, kNr * 4);
-        Tiles::template store<1>(deferred->sums + 16, kNr * 4);
-        Tiles::template store<2>(deferred->sums + 16 * kNr, kNr * 4);
-        Tiles::template store<3>(deferred->sums + 16 * kNr + 16, kNr * 4);
+        store_c(deferred->sums, kNr);
         deferred->t = t;
         deferred->row = 0;
         deferred->stream = stream;
         return;
       }
     }
-    if (!amx_needs_epilogue(t)) {
-      const int64_t ld = t.c32_ld;
-      Tiles::template store<0>(t.c32, ld * 4);
-      Tiles::template store<1>(t.c32 + 16, ld * 4);
-      Tiles::template store<2>(t.c32 + 16 * ld, ld * 4);
-      Tiles::template store<3>(t.c32 + 16 * ld + 16, ld * 4);
-      return;
-    }
+    if (!amx_needs_epilogue(t)) return store_c(t.c32, t.c32_ld);
     alignas(64) Sum sums[kMr * kNr];
-    Tiles::template store<0>(sums, kNr * 4);
-    Tiles::template store<1>(sums + 16, kNr * 4);
-    Tiles::template store<2>(sums + 16 * kNr, kNr * 4);
-    Tiles::template store<3>(sums + 16 * kNr + 16, kNr * 4);
+    store_c(sums, kNr);
     epilogue_rows<kMr>(t, sums, stream);
   }
 
@@ -434,11 +430,11 @@ struct AmxTraits {
   }
 };
 
-// K inside each B panel reads A in place (AmxTraits::a_in_place) for 16-bit A where a unit has at most
+// K inside each B panel reads A in place (AmxTraits::a_in_place) where a unit has at most
 // this many columns (8 panels, each reading A's block again; packing it is a quarter of 4096 x 1024 x
 // 256) and A's rows at most this far apart (16 rows 8 KiB apart share an L1 set): 4096 x 1024 x 128 /
 // 256 / 384 bf16 1.22 / 1.16 / 1.08x, 4096 x 2048 x 256 1.05x, but 4096 x 1024 x 512 0.95x, 4096 x 4096 x 256
-// 0.96x, 2048^3 0.90x, int8 4096 x 1024 x 256 0.96x on the 2-core Xeon.
+// 0.96x, 2048^3 0.90x on the 2-core Xeon.
 constexpr int64_t kAmxAInPlaceMaxCols = 256, kAmxAInPlaceMaxLdBytes = 4096;
 
 // The packed B of one unit (all of K) is capped at this many bytes per thread: wider units are cut
@@ -502,7 +498,7 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
         wb.m1 = std::min(w.m1, i0 + blk.mc);
         const int64_t mcur = wb.m1 - i0;
         // A read in place where a unit has few panels to share its packing (below).
-        const Packed* a_src = ncur <= kAmxAInPlaceMaxCols && sizeof(Packed) == 2 ? tr.a_in_place(w.batch, i0, mcur, k) : nullptr;
+        const Packed* a_src = ncur <= kAmxAInPlaceMaxCols ? tr.a_in_place(w.batch, i0, mcur, k) : nullptr;
         const int64_t a_ld = a_src && tr.a_ld_bytes() <= kAmxAInPlaceMaxLdBytes ? tr.a_ld_bytes() : 0;
         for (int64_t c0 = 0; c0 < k; c0 += kchunk) {
           const int64_t c1 = std::min(k, c0 + kchunk);
@@ -568,7 +564,7 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
       if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, ncur, b_pack);
       for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
         const int64_t mcur = std::min(blk.mc, w.m1 - i0);
-        const Packed* a_src = sizeof(Packed) == 2 ? tr.a_in_place(w.batch, i0, mcur, k) : nullptr;
+        const Packed* a_src = tr.a_in_place(w.batch, i0, mcur, k);
         const int64_t a_ld = a_src ? tr.a_ld_bytes() : 0;
         if (!a_src) tr.pack_a(w.batch, i0, mcur, 0, k, a_pack);
         for (int64_t ir = 0; ir < mcur; ir += MR)
