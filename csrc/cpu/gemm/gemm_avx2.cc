@@ -50,6 +50,7 @@ static inline __m256i bcast32(const int32_t* p) {
 // ---------------------------------------------------------------------------------------------
 struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   static constexpr bool takes(int dtype) { return dtype != LP_DTYPE_I8; }
+  static constexpr double kMinFlopsPerThread = kGemmFmaMinFlopsPerThread;
 
   // acc(MR x NR) = prev + A_panel(MR x kc) * B_panel(kc x NR), then the tile's epilogue.
   // ap: [kc][MR] float32, bp: [kc][NR] float32 (32-byte aligned).
@@ -143,6 +144,7 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
 // ---------------------------------------------------------------------------------------------
 struct Int8Kernel : GemmKernelSet<int16_t, MR, NR, 2> {
   static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_I8; }
+  static constexpr double kMinFlopsPerThread = kGemmFmaMinFlopsPerThread;
 
   // acc(MR x NR) = prev + A_panel * B_panel; ap: [kc_even/2][MR][2] int16, bp: [kc_even/2][NR][2].
   static void ukernel(int64_t kc_even, const int16_t* __restrict ap, const int16_t* __restrict bp,

@@ -143,6 +143,7 @@ static inline void ukernel_rows_12x32(int64_t kc_panel, const typename K::Packed
 // ---------------------------------------------------------------------------------------------
 struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_F32 || dtype == LP_DTYPE_F16; }
+  static constexpr double kMinFlopsPerThread = kGemmFmaMinFlopsPerThread;
   // The microkernel prefetches the B row this many k steps ahead (1.5 KiB): the deep kc's B panel
   // streams from L2. On the 2-core AMX Xeon, 2 threads: 1024^3 7.6 -> 7.2 ms, 2048^3 60.6 -> 56.1,
   // 4096^3 472 -> 439; 1 thread 2048^3 123 -> 110 (8, 12 and 24 steps alike, 4 less). Not measured
@@ -223,6 +224,7 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
 struct Bf16Kernel : GemmKernelSet<uint16_t, MR, NR, 2> {
   static constexpr int64_t kPrefetchBSteps = 0;  // see FloatKernel
   static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_BF16; }
+  static constexpr double kMinFlopsPerThread = kGemmFmaMinFlopsPerThread;
 
   // vdpbf16ps: both products of a k-pair added to a float32 lane.
   using Acc = __m512;

@@ -42,8 +42,15 @@ namespace lp {
 namespace {
 
 // A thread gets at least this many flops before we fork: a 64^3 GEMM (0.5 MFLOP, a few us) stays
-// on one thread; fork/join costs a few microseconds.
+// on one thread; fork/join costs a few microseconds. The packed kernel sets may take less (their
+// K::kMinFlopsPerThread: the FMA kernels do a MFLOP in 5-10 us, AMX in 1-2).
 constexpr double kGemmMinFlopsPerThread = 3.0e6;
+// The FMA kernel sets' (AVX2; AVX-512 float32 / bf16): 2 threads from ~1 MFLOP. On the 2-core AMX
+// Xeon, 2 threads over 1 in three runs (session 18): AVX-512 float32 80^3 0.99-1.22x, 96^3 1.11-1.12x,
+// 112^3 1.00-1.36x, 128^3 1.18-1.45x (64^3, which stays on one: 0.94-1.02x), bf16 80^3 1.26x; AVX2
+// float32 / int8 80^3 1.15-1.20x, 96^3-128^3 1.36-1.61x. AVX-512 int8 (VNNI) ran 0.92-1.04x up to
+// 96^3 and AMX 0.95-1.10x up to 128^3, so those keep the default.
+constexpr double kGemmFmaMinFlopsPerThread = 0.5e6;
 // Largest partial-sum workspace per thread (elements) for 16-bit / scaled outputs spanning K blocks.
 constexpr int64_t kGemmWorkspaceElems = int64_t(4) << 20;
 // Rows of a row-major B packed across a block's panels at a time (GemmTraits::pack_b): a multiple of
@@ -62,8 +69,8 @@ struct GemmPlan {
 };
 
 template <int64_t MR, int64_t NR>
-GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk, bool need_ws,
-                        bool b_prepacked = false) {
+GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk, double min_flops_per_thread,
+                        bool need_ws, bool b_prepacked = false) {
   GemmPlan p;
   p.nu = std::min(gemm_round_up(n, NR), blk.nc);
   p.mu = gemm_round_up(m, MR);
@@ -75,9 +82,9 @@ GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const 
   }
   p.units_n = gemm_ceil_div(n, p.nu);
   p.units_m = gemm_ceil_div(m, p.mu);
-  // Threads: at most one per register tile, and each with at least kGemmMinFlopsPerThread of work.
+  // Threads: at most one per register tile, and each with at least min_flops_per_thread of work.
   const int64_t n_tiles = n_batch * gemm_ceil_div(m, MR) * gemm_ceil_div(n, NR);
-  int64_t nt = threads_for(n_tiles, 2.0 * double(MR * NR) * double(k), kGemmMinFlopsPerThread);
+  int64_t nt = threads_for(n_tiles, 2.0 * double(MR * NR) * double(k), min_flops_per_thread);
   int64_t units = n_batch * p.units_m * p.units_n;
   if (nt > 1 && units < 4 * nt && units % nt != 0) {
     // Too few units to share evenly: cut each into nt pieces along the dimension whose other operand
@@ -607,6 +614,8 @@ struct GemmKernelSet {
   static constexpr bool kRowsKernel = false;
   // Whether an m-major A block is packed by chunks of k across its panels (GemmTraits::pack_a).
   static constexpr bool kPackAByKChunks = false;
+  // The least work (flops) that earns a thread (kGemmMinFlopsPerThread, kGemmFmaMinFlopsPerThread).
+  static constexpr double kMinFlopsPerThread = kGemmMinFlopsPerThread;
   // No vector packing: the scalar rest packs the whole panel.
   template <int DT> static int64_t pack_a_kmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
   template <int DT> static int64_t pack_a_mmajor(const GemmElem<DT>*, int64_t, int64_t, Packed*) { return 0; }
@@ -650,6 +659,7 @@ template <class K, class Args>
 struct GemmTraits {
   using Packed = typename K::Packed;
   static constexpr int64_t kMr = K::kMr, kNr = K::kNr, kKGroup = K::kKGroup;
+  static constexpr double kMinFlopsPerThread = K::kMinFlopsPerThread;
   const Args& g;
   bool c32_is_out;  // partial sums in the output (else in the unit's workspace)
   int64_t ws_ld;
@@ -745,7 +755,8 @@ void gemm_packed_with(const Args& g, const GemmBlocking& blk) {
   const bool sums_in_out = gemm_sums_in_out(g);
   const bool need_ws = !sums_in_out && g.k > blk.kc;
   const GemmPlan plan =
-      gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws, gemm_b_packed(g) != nullptr);
+      gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, Traits::kMinFlopsPerThread, need_ws,
+                                               gemm_b_packed(g) != nullptr);
   const Traits tr{g, sums_in_out, gemm_ws_ld(plan)};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
@@ -808,7 +819,7 @@ template <class K>
 void gemm_packed_quant_b(const GemmFloatArgs& g, const GemmQuantB& qb, const GemmBlocking& blk) {
   const bool sums_in_out = gemm_sums_in_out(g);
   const bool need_ws = !sums_in_out && g.k > blk.kc;
-  const GemmPlan plan = gemm_make_plan<K::kMr, K::kNr>(g.n_batch, g.m, g.n, g.k, blk, need_ws);
+  const GemmPlan plan = gemm_make_plan<K::kMr, K::kNr>(g.n_batch, g.m, g.n, g.k, blk, K::kMinFlopsPerThread, need_ws);
   const GemmQuantBTraits<K> tr{{g, sums_in_out, gemm_ws_ld(plan)}, &qb};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
