@@ -890,6 +890,34 @@ def test_autograd_bf16_grad_dtypes(rng):
     assert torch.linalg.vector_norm(b.grad.double() - want_b) <= 1e-2 * torch.linalg.vector_norm(want_b)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=lambda d: NAME[d])
+def test_plain_call_matches_general_path(isa, rng, dtype):
+    """The plain CPU call (lepton_core.gemm._plain_cpu_gemm: 2-D tensors, no bias, default out_dtype)
+    calls the kernel itself: the same bits as the general path (out_dtype given), for contiguous,
+    transposed, sliced and broadcast (stride 0) operands; calls it must not take return None."""
+    gm = __import__("lepton_core.gemm", fromlist=["_plain_cpu_gemm"])
+    base_a, base_b = rand(rng, (40, 70), dtype), rand(rng, (70, 90), dtype)
+    cases = [(base_a[:13, :29], base_b[:29, :35]),                      # row-major slices
+             (base_b[:29, :13].t(), base_a[:29, :35]),                  # transposed a
+             (base_a[:13, :29], base_a[:35, :29].t()),                  # transposed b (W^T)
+             (base_a[::3, ::2][:7, :33], base_b[::2, 1::3][:33, :17]),  # strided both ways
+             (base_a[:1, :29].expand(9, 29), base_b[:29, :1].expand(29, 5))]  # stride 0
+    for a, b in cases:
+        got = lc.gemm(a, b)
+        assert gm._plain_cpu_gemm(a, b) is not None
+        want = lc.gemm(a, b, out_dtype=dtype)
+        assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want)
+        assert torch.allclose(got.double(), ref(a, b).to(dtype).double(), rtol=2e-2, atol=2e-2)
+    # Calls it must leave to the general path: gradients, a 3-D a, a bias, int8, mixed dtypes.
+    a, b = cases[0]
+    assert gm._plain_cpu_gemm(a.clone().requires_grad_(), b) is None
+    assert gm._plain_cpu_gemm(a[None], b) is None
+    assert gm._plain_cpu_gemm(rand_i8(rng, (4, 5)), rand_i8(rng, (5, 6))) is None
+    other = torch.float32 if dtype != torch.float32 else torch.bfloat16
+    assert gm._plain_cpu_gemm(a, b.to(other)) is None
+    assert gm._plain_cpu_gemm(a[:, :0], b[:0]) is None  # K = 0: the general path's zeros
+
+
 def test_torch_compile_fullgraph(rng):
     torch._dynamo.reset()
 
