@@ -46,6 +46,35 @@ def _ref_forward(x, layer, cd):
     return y
 
 
+@pytest.mark.parametrize("cd", [None, torch.bfloat16], ids=["input", "bf16"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_eager_path_matches_the_op(threads, cd, bias):
+    """On CPU, outside tracing, lc.nn.Linear skips the torch.library op (lepton_core._ops.linear): the
+    backend directly when nothing records gradients, else _EagerLinear. Both give the op's bits: the
+    output, and every gradient (x, weight, bias), with a 3-D non-contiguous input."""
+    torch.manual_seed(7)
+    layer = _layer(24, 10, bias=bias, compute_dtype=cd)
+    x = torch.randn(5, 24, 3).transpose(1, 2)  # (5, 3, 24), not contiguous
+    g = torch.randn(5, 3, 10)
+    cd_eff = cd or torch.float32
+
+    def run(fn):
+        layer.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y = fn(xg)
+        y.backward(g)
+        return y.detach(), xg.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
+
+    eager = run(layer)
+    op = run(lambda xg: torch.ops.lepton.nn_linear(xg, layer.weight, layer.bias, cd_eff, torch.float32))
+    for e, o in zip(eager, op):
+        assert (e is None and o is None) or torch.equal(e, o)
+    assert type(layer(x.clone().requires_grad_()).grad_fn).__name__ == "_EagerLinearBackward"
+    with torch.no_grad():
+        y = layer(x)
+        assert y.grad_fn is None and torch.equal(y, op[0])
+
+
 @pytest.mark.parametrize("cd", DTYPES, ids=_name)
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 33, 5), (33, 7, 257), (64, 130, 17)])
 def test_forward_configured_dtype(rng, isa, cd, m, k, n):

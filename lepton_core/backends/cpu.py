@@ -26,12 +26,12 @@ _TORCH_CODES = {TORCH_DTYPE[name]: code for name, code in DTYPE_CODES.items() if
 def gemm(a, b, bias, out_dtype: str):
     """a (M, K) | (B, M, K) @ b (K, N) | (B, K, N) (+ bias), rounded once to out_dtype. Float inputs of
     one dtype accumulate in float32; int8 inputs give exact int32. Any strides (a 2-D b broadcasts)."""
-    if type(a) is np.ndarray or bias is not None:
+    if type(a) is np.ndarray:
         out, (n_batch, m, k, n), bias32, done = _common.gemm_setup(a, b, bias, out_dtype)
         if not done:
             gemm_into(a, b, bias32, out, n_batch, m, k, n)
         return out
-    # torch tensors without bias: the same steps inline (this path sets the fixed cost of small calls)
+    # torch tensors: the same steps inline (this path sets the fixed cost of small calls)
     n = b.shape[-1]
     if a.ndim == 2:
         m, k = a.shape
@@ -41,10 +41,11 @@ def gemm(a, b, bias, out_dtype: str):
         out = new_output(TORCH, (n_batch, m, n), out_dtype, None)
     if not (m and n and n_batch):
         return out
+    bias32 = _common.float32_vector(bias)
     if k == 0:
-        out.zero_()
+        _common.fill_rows(out, bias32)
         return out
-    gemm_into(a, b, None, out, n_batch, m, k, n)
+    gemm_into(a, b, bias32, out, n_batch, m, k, n)
     return out
 
 

@@ -72,7 +72,7 @@ class Linear(nn.Linear):
             raise ValueError(f"{_OP}: input's last dimension must be in_features={self.in_features}, got shape "
                              f"{tuple(input.shape)}")
         cd, od = self._dtypes(input)
-        return torch.ops.lepton.nn_linear(input, self.weight, self.bias, cd, od)
+        return _ops.linear(input, self.weight, self.bias, cd, od)
 
     def extra_repr(self) -> str:
         cd = "autocast/input" if self.compute_dtype is None else dtype_name(self.compute_dtype)
