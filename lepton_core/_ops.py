@@ -14,7 +14,8 @@ The eager-bypass rule (`needs_dispatcher`): a plain eager call on plain tensors 
 function directly (the dispatcher costs microseconds, which is most of a small GEMM); tracing,
 autograd recording, tensor subclasses, meta tensors and dispatch modes go through these ops. One
 exception to the autograd part: lc.nn.Linear on CPU records its gradient with _EagerLinear (`linear`),
-the op's own forward and backward without the dispatcher. Needs torch (lepton_core imports this module only when torch is installed).
+the op's own forward and backward without the dispatcher. Needs torch (lepton_core imports this module
+only when torch is installed).
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ _BACKENDS = {}
 def register_kernels(device_type: str, backend) -> None:
     """Registers `backend`'s functions (backends/__init__.py) as `device_type`'s kernels of every op."""
     _BACKENDS[device_type] = backend
+
     def gemm(a, b, bias, out_dtype):
         return backend.gemm(a, b, bias, name_of(out_dtype))
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _arrays
+from . import _C, _arrays
 from ._arrays import DTYPE_NAME, NUMPY, TORCH, TORCH_DTYPE, fail, name_of, torch
-from . import _C
 from ._codes import DTYPE_CODES, INT8_MAX_K
 from ._devices import backend_for, check_device
 from .qtensor import QTensor

@@ -822,7 +822,8 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
     if (nc >= std::min(gemm_round_up(g.n, Traits::kNr), kAmxKInsideMinCols)) {
       GemmBlocking blk_k = blk;
       blk_k.nc = nc;
-      const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk_k, kGemmMinFlopsPerThread, false, b_pre);
+      const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk_k,
+                                                                     kGemmMinFlopsPerThread, false, b_pre);
       if (plan.mu > blk.mc) {
         const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
         return amx_run_units_k_inside(tr, plan, blk, g.m, g.n, g.k, !sums_in_out && g.k > blk.kchunk);
@@ -830,7 +831,8 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
     }
   }
   const bool need_ws = !sums_in_out && g.k > blk.kc;
-  const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, kGemmMinFlopsPerThread, need_ws, b_pre);
+  const GemmPlan plan =
+      gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, kGemmMinFlopsPerThread, need_ws, b_pre);
   if (g.k <= blk.kc && plan.mu > blk.mc &&
       gemm_round_up(plan.nu, Traits::kNr) * gemm_round_up(g.k, Traits::kKGroup) * int64_t(sizeof(Packed)) <=
           cpu_features().l2_bytes / 2) {

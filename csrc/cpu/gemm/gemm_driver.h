@@ -69,8 +69,8 @@ struct GemmPlan {
 };
 
 template <int64_t MR, int64_t NR>
-GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk, double min_flops_per_thread,
-                        bool need_ws, bool b_prepacked = false) {
+GemmPlan gemm_make_plan(int64_t n_batch, int64_t m, int64_t n, int64_t k, const GemmBlocking& blk,
+                        double min_flops_per_thread, bool need_ws, bool b_prepacked = false) {
   GemmPlan p;
   p.nu = std::min(gemm_round_up(n, NR), blk.nc);
   p.mu = gemm_round_up(m, MR);
