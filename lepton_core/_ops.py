@@ -44,6 +44,21 @@ def needs_dispatcher(*tensors: Optional[torch.Tensor]) -> bool:
     return False
 
 
+def eager_cpu_grad(*tensors: Optional[torch.Tensor]) -> Optional[bool]:
+    """For the eager CPU paths that skip an op (lc.gemm's plain call, lc.nn.Linear): None when the
+    call must take the op (tracing, a dispatch mode, a tensor subclass, a tensor off the CPU), else
+    whether it records a gradient. is_compiling first: dynamo does not trace the other tests."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return None
+    grad = False
+    for t in tensors:
+        if t is not None:
+            if type(t) not in _PLAIN_TENSOR_TYPES or not t.is_cpu:
+                return None
+            grad = grad or t.requires_grad
+    return grad and torch.is_grad_enabled()
+
+
 def seed_to_i64(seed: Optional[int]) -> Optional[int]:
     """A 64-bit seed as the schema's signed int."""
     return None if seed is None else (seed - _U64 if seed >= 1 << 63 else seed)
@@ -235,15 +250,10 @@ def linear(x, weight, bias, compute_dtype: torch.dtype, out_dtype: torch.dtype) 
     eager-bypass rule, plain CPU tensors outside tracing and dispatch modes skip the op: the CPU
     backend directly when nothing needs a gradient (inference; the backward's own products), else
     _EagerLinear, the same forward and backward recorded without the dispatcher."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or "cpu" not in _BACKENDS:
+    grad = eager_cpu_grad(x, weight, bias) if "cpu" in _BACKENDS else None
+    if grad is None:
         return torch.ops.lepton.nn_linear(x, weight, bias, compute_dtype, out_dtype)
-    grad = False
-    for t in (x, weight, bias):
-        if t is not None:
-            if type(t) not in _PLAIN_TENSOR_TYPES or not t.is_cpu:
-                return torch.ops.lepton.nn_linear(x, weight, bias, compute_dtype, out_dtype)
-            grad = grad or t.requires_grad
-    if grad and torch.is_grad_enabled():
+    if grad:
         return _EagerLinear.apply(x, weight, bias, compute_dtype, out_dtype)
     return _BACKENDS["cpu"].linear(x, weight, bias, name_of(compute_dtype), name_of(out_dtype))
 

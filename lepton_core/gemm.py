@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _C, _arrays
+from . import _arrays
 from ._arrays import DTYPE_NAME, NUMPY, TORCH, TORCH_DTYPE, fail, name_of, torch
-from ._codes import DTYPE_CODES, INT8_MAX_K
+from ._codes import INT8_MAX_K
 from ._devices import backend_for, check_device
+from .backends import cpu
 from .qtensor import QTensor
 
 if torch is not None:
@@ -96,37 +97,27 @@ def _check_gemm(a, b, bias, out_dtype, kind: str) -> str:
 
 
 # The plain CPU call: two dense 2-D CPU tensors of one float dtype, no bias, the default out_dtype,
-# nothing to trace or differentiate. There the contract's checks are these few tests, so the kernel is
-# called here, without the general path's steps (checks, dispatcher test, backend, output, strides:
-# 10.4 -> 6.5 us of a 16^3 call on the 2-core Xeon, torch.matmul 2.2). Anything else, every error
-# included, returns None and takes the general path.
-_PLAIN_CODES = ({torch.float32: DTYPE_CODES["float32"], torch.float16: DTYPE_CODES["float16"],
-                 torch.bfloat16: DTYPE_CODES["bfloat16"]} if torch is not None else {})
+# nothing to trace or differentiate. There the contract's checks are these few tests, and the CPU
+# backend's gemm_2d runs it without the general path's steps (checks, dispatcher test, backend,
+# output, strides: 10.4 -> 6.5 us of a 16^3 call on the 2-core Xeon, torch.matmul 2.2). Anything
+# else, every error included, returns None and takes the general path.
+_PLAIN_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16)) if torch is not None else frozenset()
 
 
 def _plain_cpu_gemm(a, b):
-    if not (a.is_cpu and b.is_cpu and a.layout is _STRIDED and b.layout is _STRIDED):
+    if a.layout is not _STRIDED or b.layout is not _STRIDED:
         return None
     dt = a.dtype
-    code = _PLAIN_CODES.get(dt)
-    if code is None or b.dtype is not dt:
+    if dt not in _PLAIN_DTYPES or b.dtype is not dt:
         return None
     a_shape, b_shape = a.shape, b.shape
     if len(a_shape) != 2 or len(b_shape) != 2:
         return None
     m, k = a_shape
     k_b, n = b_shape
-    if k != k_b or not (m and n and k):
+    if k != k_b or not (m and n and k) or _ops.eager_cpu_grad(a, b) is not False:
         return None
-    # is_compiling first: under torch.compile it is True, and dynamo does not trace the others.
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
-        return None
-    out = _arrays.new_output(TORCH, (m, n), DTYPE_NAME[dt])
-    (a_row, a_col), (b_row, b_col) = a.stride(), b.stride()
-    _C.gemm_float(1, m, n, k, a.data_ptr(), code, 0, a_row, a_col, b.data_ptr(), 0, b_row, b_col, 0, out.data_ptr(),
-                  code)
-    return out
+    return cpu.gemm_2d(a, b, m, k, n)
 
 
 def gemm(a, b, *, bias=None, out_dtype=None):

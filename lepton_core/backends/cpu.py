@@ -49,6 +49,17 @@ def gemm(a, b, bias, out_dtype: str):
     return out
 
 
+def gemm_2d(a, b, m: int, k: int, n: int):
+    """a (M, K) @ b (K, N): torch tensors of one float dtype, M, K, N > 0, any strides, no bias; the
+    result in that dtype. lc.gemm's plain call (lepton_core/gemm.py), checked there."""
+    code = _TORCH_CODES[a.dtype]
+    out = new_output(TORCH, (m, n), DTYPE_NAME[a.dtype], None)
+    (a_row, a_col), (b_row, b_col) = a.stride(), b.stride()
+    _C.gemm_float(1, m, n, k, a.data_ptr(), code, 0, a_row, a_col, b.data_ptr(), 0, b_row, b_col, 0, out.data_ptr(),
+                  code)
+    return out
+
+
 def gemm_into(a, b, bias32, out, n_batch: int, m: int, k: int, n: int) -> None:
     """The kernel call itself, sizes known (this path sets the fixed cost of small calls)."""
     if type(a) is np.ndarray:

@@ -175,7 +175,8 @@ struct AmxTraits {
   // and the block's rows whole tiles (no rows past the matrix). A at (batch, row i0, k 0), or null.
   // 16-bit A only: int8 ran slower in place (1024 x 384 x 1536 W^T 0.87x on the 2-core Xeon).
   const Packed* a_in_place(int64_t batch, int64_t i0, int64_t mc, int64_t k) const {
-    if (sizeof(Packed) != 2 || !Kind::takes(g.a.dtype) || g.a.stride_col_elems != 1 || g.a.stride_row_elems <= 0 || k % kKGroup != 0 || mc % kMr != 0)
+    if (sizeof(Packed) != 2 || !Kind::takes(g.a.dtype) || g.a.stride_col_elems != 1 || g.a.stride_row_elems <= 0 ||
+        k % kKGroup != 0 || mc % kMr != 0)
       return nullptr;
     return static_cast<const Packed*>(g.a.ptr) + batch * g.a.stride_batch_elems + i0 * g.a.stride_row_elems;
   }
