@@ -63,6 +63,9 @@ def gemm_kernels_name(isa: typing.SupportsInt | typing.SupportsIndex = -1) -> st
 def gemm_peak_probe(n_iters: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex, kind: str = 'float') -> object:
     """Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps on AVX-512, tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add on AVX2) for n_iters steps on n_threads threads; returns the operations executed (time it to get the peak), or None when the active kernels (scalar) have no probe"""
     ...
+def gemm_share_testing(delay_us: typing.SupportsInt | typing.SupportsIndex) -> int:
+    """Tests only: the thread running a GEMM's first unit sleeps delay_us before the first K block's A blocks (0: never); returns the A blocks run by a thread other than their unit's owner since the last call"""
+    ...
 def gemm_testing_table(name: str) -> None:
     """Testing hook: route every GEMM call through the named table of gemm_testing_tables() ('': back to the active ISA level's table)"""
     ...

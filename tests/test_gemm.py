@@ -394,6 +394,43 @@ def test_thread_count_bitwise(isa, rng, shape):
             assert torch.equal(x, y)
 
 
+def test_threads_share_work(isa, rng):
+    """A thread that falls behind (its core busy) leaves A blocks of its unit to the others
+    (GemmUnitShare in gemm_driver.h), forced here: the first unit's thread sleeps before its first K
+    block's blocks (_C.gemm_share_testing), which the other thread then runs, and the second K block's
+    are run by both. Bits equal to one thread's, with the partial sums of two K blocks in the output
+    (float32), in the owner's workspace (bfloat16 out), int32 sums and scaled_gemm's epilogue; and
+    blocks were taken, wherever the table runs the packed macro-loop."""
+    m = 2 * 1020 + 41  # every blocking's mc is at most 1020 rows: each thread's half is several A blocks
+    blk, blk8 = _C.gemm_blocking(False, rows=m), _C.gemm_blocking(True, rows=m)
+    k, k8, n = blk["kc"] + 9, blk8["kc"] + 5, 3 * blk["nr"] + 7  # two K blocks; rows > columns: rows split
+    a, b = rand(rng, (m, k), torch.float32), rand(rng, (k, n), torch.float32)
+    ai, bi = rand_i8(rng, (m, k8)), rand_i8(rng, (k8, n))
+    bias = rand(rng, (n,), torch.float32)
+    sa = torch.from_numpy(rng.uniform(0.01, 0.1, size=m).astype(np.float32))
+    sb = torch.from_numpy(rng.uniform(0.01, 0.1, size=n).astype(np.float32))
+
+    def products():
+        return (lc.gemm(a, b, bias=bias), lc.gemm(a.bfloat16(), b.bfloat16(), out_dtype=torch.bfloat16),
+                lc.gemm(a.t().contiguous().t(), b.t().contiguous().t()), lc.gemm(ai, bi),
+                lc.scaled_gemm(qt(ai, sa, 0), qt(bi, sb, 1), bias=bias, out_dtype=torch.float16))
+
+    before = lc.get_num_threads()
+    try:
+        lc.set_num_threads(1)
+        alone = products()
+        lc.set_num_threads(2)
+        _C.gemm_share_testing(20000)
+        shared = products()
+        taken = _C.gemm_share_testing(0)
+    finally:
+        _C.gemm_share_testing(0)
+        lc.set_num_threads(before)
+    for x, y in zip(alone, shared):
+        assert torch.equal(x, y)
+    assert taken > 0 or isa == "scalar", f"{isa}: no A block was taken by the other thread"
+
+
 @pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                 (torch.float16, torch.float32)], ids=["f32", "bf16", "f16-f32"])
 def test_matrix_vector(isa, threads, rng, in_dtype, out_dtype):

@@ -133,6 +133,10 @@ void bind_gemm(py::module_& m) {
       py::arg("k"), py::arg("n"), py::arg("b"), py::arg("b_stride_row"), py::arg("b_stride_col"), py::arg("dst"),
       "Packs the int8 (k, n) b once into dst (64-byte aligned, gemm_int8_packed_b_bytes bytes) for scaled_gemm_int8");
   m.def(
+      "gemm_share_testing", [](int64_t delay_us) { return gemm_share_testing(delay_us); }, py::arg("delay_us"),
+      "Tests only: the thread running a GEMM's first unit sleeps delay_us before the first K block's A blocks "
+      "(0: never); returns the A blocks run by a thread other than their unit's owner since the last call");
+  m.def(
       "gemm_peak_probe",
       [](int64_t n_iters, int n_threads, const std::string& kind) -> py::object {
         const int k = kind == "float" ? LP_GEMM_PROBE_FLOAT

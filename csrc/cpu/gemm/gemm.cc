@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <initializer_list>
+#include <thread>
 
 #include "common/cpu_features.h"
 #include "cpu/kernel_table.h"
@@ -40,6 +42,20 @@ std::atomic<const GemmKernels*> g_testing_table{nullptr};
 }  // namespace
 
 void gemm_set_testing_table(const GemmKernels* t) { g_testing_table.store(t, std::memory_order_relaxed); }
+
+namespace {
+std::atomic<int64_t> g_share_delay_us{0}, g_share_taken{0};
+}  // namespace
+
+int64_t gemm_share_testing(int64_t delay_us) {
+  g_share_delay_us.store(delay_us, std::memory_order_relaxed);
+  return g_share_taken.exchange(0, std::memory_order_relaxed);
+}
+void gemm_share_test_delay() {
+  const int64_t us = g_share_delay_us.load(std::memory_order_relaxed);
+  if (us > 0) std::this_thread::sleep_for(std::chrono::microseconds(us));
+}
+void gemm_share_count_taken() { g_share_taken.fetch_add(1, std::memory_order_relaxed); }
 
 const GemmKernels& gemm_kernels() {
   const GemmKernels* t = g_testing_table.load(std::memory_order_relaxed);

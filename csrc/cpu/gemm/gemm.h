@@ -154,6 +154,13 @@ const GemmKernels* gemm_kernels_amx();  // gemm_amx.cc
 const GemmKernels* gemm_kernels_amx_model();
 // Routes every call through `t` instead of the active level's table (null: back to that).
 void gemm_set_testing_table(const GemmKernels* t);
+// Tests of the threads' work sharing (gemm_driver.h, GemmUnitShare): the thread running the first unit
+// sleeps delay_us before it claims the first K block's A blocks (0: never), so that another takes them
+// and the next K block's are run by both; gemm_share_testing sets it and returns the A blocks run by a
+// thread other than their unit's owner since its last call.
+int64_t gemm_share_testing(int64_t delay_us);
+void gemm_share_test_delay();
+void gemm_share_count_taken();
 // Runs one instruction of the tile model on the calling thread (op: its mnemonic; args: tile numbers,
 // addresses, strides in bytes); returns "" or the fault it raises (#GP / #UD and why).
 std::string gemm_amx_model_exec(const std::string& op, const std::vector<int64_t>& args);

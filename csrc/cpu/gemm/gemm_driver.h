@@ -2,7 +2,8 @@
 // its packing, its microkernels and its kernel sets (see "Traits from an ISA's kernel set" below).
 //
 // The macro-loop (gemm_run_units). One "unit" = a batch index, a row range and a column range of the
-// output; threads own disjoint units and never split K:
+// output; threads own disjoint units and never split K (with one unit per thread, a thread that falls
+// behind leaves A blocks of its unit to the others: GemmUnitShare):
 //   for each K block of depth kc:                    B block (kc x nu) packed into NR-column panels
 //     for each A block of mc rows:                   A block (mc x kc) packed into MR-row panels (L2)
 //       for each NR-column panel of B (in L1):
@@ -28,9 +29,14 @@
 // Everything here is in an anonymous namespace on purpose: each ISA file compiles its own copy
 // with its own -m flags, and the linker must never merge them (see common/dtypes.h).
 #pragma once
+#include <immintrin.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <type_traits>
 
 #include "common/codes.h"
@@ -145,8 +151,43 @@ int64_t gemm_b_panel_group(const Traits& tr) {
   return 1;
 }
 
+// Work sharing when one thread falls behind (a vCPU whose core is busy with another guest's or
+// process's work ran 1.5x slower than its neighbour for seconds at a time on the 2-core Xeon): with
+// one unit per thread, a unit's A blocks are claimed one by one from a counter, its owner's first; a
+// thread done with its own unit takes the blocks left in the others' current K block, reading their
+// packed B (and workspace) in place with its own A packing. An owner waits for its blocks taken by
+// others before it packs the next K block's B over the one they read. The blocks and tiles are the
+// same whoever runs them, so the bits do not change. Units of one A block (B packed panel by panel)
+// are not shared. With a busy loop on one of the 2 cores: 2048^3 int8 (avx512 level) 1.26x, float32
+// 1024^3 1.40x, 2048^3 1.25x; without: 1.00-1.12x (bench/notes_gemm.md session 19).
+struct GemmUnitShare {
+  std::atomic<uint64_t> claim{0};  // (K block + 1) << 32 | next A block; 0: not started
+  std::atomic<int64_t> done{0};    // A blocks of the current K block finished
+  std::atomic<bool> finished{false};
+  const void* b = nullptr;         // the K block's packed B (null: pre-packed)
+  void* ws = nullptr;              // the owner's workspace
+};
+
+// A shared unit's A blocks: mc rows at most, and at least kGemmShareBlocks equal blocks so that there
+// is something left to take (4 and 8 alike without a busy core; 8 balanced better with one).
+constexpr int64_t kGemmShareBlocks = 8;
+static inline int64_t gemm_share_block_rows(const GemmUnit& w, const GemmBlocking& blk, int64_t mr) {
+  const int64_t rows = w.m1 - w.m0;
+  return gemm_round_up(gemm_ceil_div(rows, std::max(gemm_ceil_div(rows, blk.mc), kGemmShareBlocks)), mr);
+}
+
+// Spins until ready(), giving the core up every 64 tests (the thread waited for may share it).
+template <class Ready>
+static void gemm_wait_until(const Ready& ready) {
+  for (int spins = 1; !ready(); ++spins) {
+    _mm_pause();
+    if (spins % 64 == 0) std::this_thread::yield();
+  }
+}
+
 // Runs every unit of the plan (see the top of this file). need_ws: each thread gets an mu x nu
-// float32 / int32 workspace for partial sums (passed to tr.tile).
+// float32 / int32 workspace for partial sums (passed to tr.tile). Units are shared (above) where there
+// is one per thread.
 template <class Traits>
 void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n,
                     int64_t k, bool need_ws) {
@@ -164,46 +205,104 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
 
   const int64_t b_group = gemm_b_panel_group(tr);
+  // Shared units (GemmUnitShare): one per thread, each of several A blocks.
+  const bool share = plan.n_threads > 1 && plan.n_units == plan.n_threads && plan.mu > blk.mc;
+  std::unique_ptr<GemmUnitShare[]> shares(share ? new GemmUnitShare[plan.n_units] : nullptr);
+
+  // The tiles of A block [i0, i0 + mcur) of unit w in K block p0 (B of the block at b_src, or null: B
+  // packed panel by panel, or pre-packed).
+  auto run_block = [&](const GemmUnit& w, int64_t p0, int64_t i0, int64_t mcur, const Packed* b_src, bool b_by_panel,
+                       Packed* a_pack, Packed* b_pack, void* ws) {
+    const int64_t kc = std::min(blk.kc, k - p0), kc_panel = gemm_round_up(kc, KG);
+    const int64_t b_panel = tr.b_panel_elems(kc_panel), ncur = w.n1 - w.n0;
+    const bool first = p0 == 0, last = p0 + kc == k;
+    tr.pack_a(w.batch, i0, mcur, p0, kc, a_pack);
+    for (int64_t jr = 0; jr < ncur; jr += NR) {
+      if (b_by_panel && (jr / NR) % b_group == 0)
+        tr.pack_b(w.batch, p0, kc, w.n0 + jr, std::min(NR * b_group, ncur - jr), b_pack);
+      const Packed* bp = b_by_panel ? b_pack + ((jr / NR) % b_group) * b_panel
+                         : b_src    ? b_src + (jr / NR) * b_panel
+                                    : tr.prepacked_b(p0, w.n0 + jr, blk, n);
+      for (int64_t ir = 0; ir < mcur; ir += MR)
+        tr.tile(kc_panel, a_pack + ir * kc_panel, bp, w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir),
+                std::min(NR, ncur - jr), first, last, ws);
+    }
+  };
+
   parallel_region(plan.n_threads, [&](int t, int n_threads) {
     char* mine = scratch + int64_t(t) * per_thread;
     Packed* a_pack = reinterpret_cast<Packed*>(mine);
     Packed* b_pack = reinterpret_cast<Packed*>(mine + a_bytes);
     void* ws = mine + a_bytes + b_bytes;
     const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
+    const bool shared = share && n_threads == plan.n_threads;
     if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_begin();
     for (int64_t u = u_begin; u < u_end; ++u) {
       const GemmUnit w = gemm_unit_at(plan, u, m, n);
-      const int64_t ncur = w.n1 - w.n0;
+      const int64_t ncur = w.n1 - w.n0, mb = shared ? gemm_share_block_rows(w, blk, MR) : blk.mc;
+      const int64_t n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
       for (int64_t p0 = 0; p0 < k; p0 += blk.kc) {
         const int64_t kc = std::min(blk.kc, k - p0);
-        const int64_t kc_panel = gemm_round_up(kc, KG);
-        const int64_t b_panel = tr.b_panel_elems(kc_panel);
-        const bool first = p0 == 0, last = p0 + kc == k;
         // A pre-packed B's panels are found one by one (tr.prepacked_b at each panel's column: its
         // panels need not be b_panel elements apart).
         const bool b_pre = tr.prepacked_b(p0, w.n0, blk, n) != nullptr;
-        const Packed* b_src = nullptr;
         // With one A block, each B panel is packed right before its tiles and used from L1: packed
         // all at once, a kc x nc block (4 MiB of bf16 at 4096 columns) is beyond L2 and comes back
         // from L3 (a 32-token input gradient g @ W, bench/notes_gemm.md). Traits may ask for groups
         // of b_group panels packed together (gemm_b_panel_group).
-        const bool b_by_panel = !b_pre && w.m1 - w.m0 <= blk.mc;
+        // (A shared unit's B is packed whole, for the others to read, even where it has one A block.)
+        const bool b_by_panel = !b_pre && !shared && w.m1 - w.m0 <= blk.mc;
+        const Packed* b_src = nullptr;
         if (!b_pre && !b_by_panel) tr.pack_b(w.batch, p0, kc, w.n0, ncur, b_pack), b_src = b_pack;
-        for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
-          const int64_t mcur = std::min(blk.mc, w.m1 - i0);
-          tr.pack_a(w.batch, i0, mcur, p0, kc, a_pack);
-          for (int64_t jr = 0; jr < ncur; jr += NR) {
-            if (b_by_panel && (jr / NR) % b_group == 0)
-              tr.pack_b(w.batch, p0, kc, w.n0 + jr, std::min(NR * b_group, ncur - jr), b_pack);
-            const Packed* bp = b_by_panel ? b_pack + ((jr / NR) % b_group) * b_panel
-                               : b_pre    ? tr.prepacked_b(p0, w.n0 + jr, blk, n)
-                                          : b_src + (jr / NR) * b_panel;
-            for (int64_t ir = 0; ir < mcur; ir += MR) {
-              tr.tile(kc_panel, a_pack + ir * kc_panel, bp, w, i0 + ir, w.n0 + jr, std::min(MR, mcur - ir),
-                      std::min(NR, ncur - jr), first, last, ws);
-            }
-          }
+        if (!shared) {
+          for (int64_t i0 = w.m0; i0 < w.m1; i0 += mb)
+            run_block(w, p0, i0, std::min(mb, w.m1 - i0), b_src, b_by_panel, a_pack, b_pack, ws);
+          continue;
         }
+        GemmUnitShare& sh = shares[u];
+        sh.b = b_src;
+        sh.ws = ws;
+        sh.done.store(0, std::memory_order_relaxed);
+        sh.claim.store(uint64_t(p0 / blk.kc + 1) << 32, std::memory_order_release);
+        if (t == 0 && p0 == 0) gemm_share_test_delay();
+        for (uint64_t c = sh.claim.load(std::memory_order_relaxed); (c & 0xffffffffu) < uint64_t(n_blocks);) {
+          if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_relaxed)) continue;
+          const int64_t i0 = w.m0 + int64_t(c & 0xffffffffu) * mb;
+          run_block(w, p0, i0, std::min(mb, w.m1 - i0), b_src, false, a_pack, b_pack, ws);
+          sh.done.fetch_add(1, std::memory_order_release);
+          c = sh.claim.load(std::memory_order_relaxed);
+        }
+        // The blocks taken by others read this B (and write this workspace): wait for them before
+        // the next K block or unit packs over it (after the last, the region's end waits).
+        if (p0 + kc < k || u + 1 < u_end)
+          gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
+      }
+      if (shared) shares[u].finished.store(true, std::memory_order_release);
+    }
+    // Done with its own units: take what is left of the others'.
+    for (int64_t d = 1; shared && d < plan.n_units; ++d) {
+      const int64_t v = (u_begin + d) % plan.n_units;
+      GemmUnitShare& sh = shares[v];
+      const GemmUnit w = gemm_unit_at(plan, v, m, n);
+      const int64_t mb = gemm_share_block_rows(w, blk, MR), n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
+      const uint64_t last_stage = uint64_t(gemm_ceil_div(k, blk.kc));
+      for (;;) {
+        uint64_t c = sh.claim.load(std::memory_order_acquire);
+        if (c == 0 || (c & 0xffffffffu) >= uint64_t(n_blocks)) {
+          if (c >> 32 == last_stage) break;  // all taken
+          // Not started, or between K blocks: wait for the next K block or the unit's end.
+          gemm_wait_until([&] {
+            return sh.claim.load(std::memory_order_acquire) != c || sh.finished.load(std::memory_order_acquire);
+          });
+          if (sh.finished.load(std::memory_order_acquire)) break;
+          continue;
+        }
+        if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) continue;
+        const int64_t p0 = int64_t((c >> 32) - 1) * blk.kc, i0 = w.m0 + int64_t(c & 0xffffffffu) * mb;
+        run_block(w, p0, i0, std::min(mb, w.m1 - i0), static_cast<const Packed*>(sh.b), false, a_pack, b_pack,
+                  sh.ws);
+        sh.done.fetch_add(1, std::memory_order_release);
+        gemm_share_count_taken();
       }
     }
     if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_end();
