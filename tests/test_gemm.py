@@ -399,8 +399,8 @@ def test_threads_share_work(isa, rng):
     (GemmUnitShare in gemm_driver.h), forced here: the first unit's thread sleeps before its first K
     block's blocks (_C.gemm_share_testing), which the other thread then runs, and the second K block's
     are run by both. Bits equal to one thread's, with the partial sums of two K blocks in the output
-    (float32), in the owner's workspace (bfloat16 out), int32 sums and scaled_gemm's epilogue; and
-    blocks were taken, wherever the table runs the packed macro-loop."""
+    (float32), in the owner's workspace (bfloat16 out), int32 sums and scaled_gemm's epilogue, and in
+    one K block (the AMX row loop); and blocks were taken, wherever the table runs a packed macro-loop."""
     m = 2 * 1020 + 41  # every blocking's mc is at most 1020 rows: each thread's half is several A blocks
     blk, blk8 = _C.gemm_blocking(False, rows=m), _C.gemm_blocking(True, rows=m)
     k, k8, n = blk["kc"] + 9, blk8["kc"] + 5, 3 * blk["nr"] + 7  # two K blocks; rows > columns: rows split
@@ -410,10 +410,19 @@ def test_threads_share_work(isa, rng):
     sa = torch.from_numpy(rng.uniform(0.01, 0.1, size=m).astype(np.float32))
     sb = torch.from_numpy(rng.uniform(0.01, 0.1, size=n).astype(np.float32))
 
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    k1, k2 = blk["kc"] // 2, blk["kc"] - 7  # one K block (AMX: its row loop, A in place / packed)
+    # No wider than tall, a product is split by rows and every unit holds the same B; split by columns,
+    # the units' B differ, and the others must read the owner's.
+    m3 = max(blk["mc"], 256) + 2 * blk["mr"] + 5
+    a3, b3 = rand(rng, (m3, k), torch.float32), rand(rng, (k, m3 + 2 * blk["nr"] + 3), torch.float32)
+
     def products():
-        return (lc.gemm(a, b, bias=bias), lc.gemm(a.bfloat16(), b.bfloat16(), out_dtype=torch.bfloat16),
+        return (lc.gemm(a, b, bias=bias), lc.gemm(a16, b16, out_dtype=torch.bfloat16),
                 lc.gemm(a.t().contiguous().t(), b.t().contiguous().t()), lc.gemm(ai, bi),
-                lc.scaled_gemm(qt(ai, sa, 0), qt(bi, sb, 1), bias=bias, out_dtype=torch.float16))
+                lc.scaled_gemm(qt(ai, sa, 0), qt(bi, sb, 1), bias=bias, out_dtype=torch.float16),
+                lc.gemm(a16[:, :k1], b16[:k1]), lc.gemm(a16[:, :k2], b16[:k2].t().contiguous().t()),
+                lc.gemm(a3, b3), lc.gemm(a3[:, :k1].bfloat16(), b3[:k1].bfloat16()))
 
     before = lc.get_num_threads()
     try:

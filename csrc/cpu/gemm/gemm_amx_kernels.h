@@ -542,6 +542,7 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
 // all of k once, then from L1 for every panel): 1.02-1.10x from 4096 x 64 x 1024 to 2048 x 384 x 1024.
 //   for each unit:  B block packed (k x nu), unless pre-packed
 //     for each A block of mc rows:  A block packed (or not);  for each 32-row tile:  for each panel: products
+// With one unit per thread, the A blocks are shared between the threads (GemmUnitShare, gemm_driver.h).
 template <class Traits>
 void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n, int64_t k) {
   using Packed = typename Traits::Packed;
@@ -554,26 +555,52 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
       b_pre ? 0 : gemm_round_up(gemm_ceil_div(plan.nu, NR) * b_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
   const int64_t per_thread = a_bytes + b_bytes;
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
+  // Shared units (GemmUnitShare, gemm_driver.h): one per thread, each of several A blocks.
+  const bool share = plan.n_threads > 1 && plan.n_units == plan.n_threads && plan.mu > blk.mc;
+  std::unique_ptr<GemmUnitShare[]> shares(share ? new GemmUnitShare[plan.n_units] : nullptr);
+  // The tiles of A block [i0, i0 + mcur) of unit w, B at b_src (null: pre-packed).
+  auto run_block = [&](const GemmUnit& w, int64_t i0, int64_t mcur, const Packed* b_src, Packed* a_pack) {
+    const int64_t ncur = w.n1 - w.n0;
+    const Packed* a_src = tr.a_in_place(w.batch, i0, mcur, k);
+    const int64_t a_ld = a_src ? tr.a_ld_bytes() : 0;
+    if (!a_src) tr.pack_a(w.batch, i0, mcur, 0, k, a_pack);
+    for (int64_t ir = 0; ir < mcur; ir += MR)
+      for (int64_t jr = 0; jr < ncur; jr += NR)
+        tr.tile_rows(kc_panel, a_src ? a_src + ir * tr.g.a.stride_row_elems : a_pack + ir * kc_panel,
+                     b_src ? b_src + jr / NR * b_panel : tr.prepacked_b(0, w.n0 + jr, blk, n), w, i0 + ir, w.n0 + jr,
+                     std::min(MR, mcur - ir), std::min(NR, ncur - jr), a_ld);
+  };
   parallel_region(plan.n_threads, [&](int t, int n_threads) {
     Packed* a_pack = reinterpret_cast<Packed*>(scratch + int64_t(t) * per_thread);
     Packed* b_pack = reinterpret_cast<Packed*>(scratch + int64_t(t) * per_thread + a_bytes);
     const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
+    const bool shared = share && n_threads == plan.n_threads;
     Traits::thread_begin();
     for (int64_t u = u_begin; u < u_end; ++u) {
       const GemmUnit w = gemm_unit_at(plan, u, m, n);
-      const int64_t ncur = w.n1 - w.n0;
-      if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, ncur, b_pack);
-      for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
-        const int64_t mcur = std::min(blk.mc, w.m1 - i0);
-        const Packed* a_src = tr.a_in_place(w.batch, i0, mcur, k);
-        const int64_t a_ld = a_src ? tr.a_ld_bytes() : 0;
-        if (!a_src) tr.pack_a(w.batch, i0, mcur, 0, k, a_pack);
-        for (int64_t ir = 0; ir < mcur; ir += MR)
-          for (int64_t jr = 0; jr < ncur; jr += NR)
-            tr.tile_rows(kc_panel, a_src ? a_src + ir * tr.g.a.stride_row_elems : a_pack + ir * kc_panel,
-                         b_pre ? tr.prepacked_b(0, w.n0 + jr, blk, n) : b_pack + jr / NR * b_panel, w, i0 + ir, w.n0 + jr,
-                         std::min(MR, mcur - ir), std::min(NR, ncur - jr), a_ld);
+      const int64_t mb = shared ? gemm_share_block_rows(w, blk, MR) : blk.mc;
+      if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, w.n1 - w.n0, b_pack);
+      const Packed* b_src = b_pre ? nullptr : b_pack;
+      if (!shared) {
+        for (int64_t i0 = w.m0; i0 < w.m1; i0 += mb) run_block(w, i0, std::min(mb, w.m1 - i0), b_src, a_pack);
+        continue;
       }
+      const int64_t n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
+      gemm_share_own(shares[u], 0, true, b_src, nullptr, n_blocks, t == 0, [&](int64_t block) {
+        const int64_t i0 = w.m0 + block * mb;
+        run_block(w, i0, std::min(mb, w.m1 - i0), b_src, a_pack);
+      });
+      gemm_share_finish(shares[u], n_blocks, u + 1 < u_end);
+    }
+    // Done with its own units: take what is left of the others'.
+    for (int64_t d = 1; shared && d < plan.n_units; ++d) {
+      const int64_t v = (u_begin + d) % plan.n_units;
+      const GemmUnit w = gemm_unit_at(plan, v, m, n);
+      const int64_t mb = gemm_share_block_rows(w, blk, MR);
+      gemm_share_take(shares[v], 1, gemm_ceil_div(w.m1 - w.m0, mb), [&](int64_t, int64_t block, const void* b, void*) {
+        const int64_t i0 = w.m0 + block * mb;
+        run_block(w, i0, std::min(mb, w.m1 - i0), static_cast<const Packed*>(b), a_pack);
+      });
     }
     Traits::thread_end();
   });

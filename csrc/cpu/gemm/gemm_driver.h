@@ -158,7 +158,8 @@ int64_t gemm_b_panel_group(const Traits& tr) {
 // packed B (and workspace) in place with its own A packing. An owner waits for its blocks taken by
 // others before it packs the next K block's B over the one they read. The blocks and tiles are the
 // same whoever runs them, so the bits do not change. Units of one A block (B packed panel by panel)
-// are not shared. With a busy loop on one of the 2 cores: 2048^3 int8 (avx512 level) 1.26x, float32
+// are not shared. gemm_run_units and the AMX row loop (amx_run_units_rows) share their units; the AMX
+// K-inside loop does not. With a busy loop on one of the 2 cores: 2048^3 int8 (avx512 level) 1.26x, float32
 // 1024^3 1.40x, 2048^3 1.25x; without: 1.00-1.12x (bench/notes_gemm.md session 19).
 struct GemmUnitShare {
   std::atomic<uint64_t> claim{0};  // (K block + 1) << 32 | next A block; 0: not started
@@ -182,6 +183,55 @@ static void gemm_wait_until(const Ready& ready) {
   for (int spins = 1; !ready(); ++spins) {
     _mm_pause();
     if (spins % 64 == 0) std::this_thread::yield();
+  }
+}
+
+// The owner's side, K block kb of its unit (blocks 0 .. n_blocks - 1): publishes the block's packed B
+// and workspace, runs its A blocks as it claims them (run(block)), then, unless it is the unit's last
+// K block, waits for those others took, which read this B. test_delay: the hook of gemm_share_testing.
+template <class Run>
+void gemm_share_own(GemmUnitShare& sh, int64_t kb, bool last_kb, const void* b, void* ws, int64_t n_blocks,
+                    bool test_delay, const Run& run) {
+  sh.b = b;
+  sh.ws = ws;
+  sh.done.store(0, std::memory_order_relaxed);
+  sh.claim.store(uint64_t(kb + 1) << 32, std::memory_order_release);
+  if (test_delay && kb == 0) gemm_share_test_delay();
+  for (uint64_t c = sh.claim.load(std::memory_order_relaxed); (c & 0xffffffffu) < uint64_t(n_blocks);) {
+    if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_relaxed)) continue;
+    run(int64_t(c & 0xffffffffu));
+    sh.done.fetch_add(1, std::memory_order_release);
+    c = sh.claim.load(std::memory_order_relaxed);
+  }
+  if (!last_kb) gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
+}
+
+// The owner's side, after its unit's last K block (before it packs another unit's B over this one:
+// wait_for_others).
+static inline void gemm_share_finish(GemmUnitShare& sh, int64_t n_blocks, bool wait_for_others) {
+  if (wait_for_others) gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
+  sh.finished.store(true, std::memory_order_release);
+}
+
+// The others' side: runs A blocks left in the unit (run(kb, block, b, ws)) until none is left in its
+// last K block (n_kb K blocks), waiting between K blocks for the owner to publish the next.
+template <class Run>
+void gemm_share_take(GemmUnitShare& sh, int64_t n_kb, int64_t n_blocks, const Run& run) {
+  for (;;) {
+    uint64_t c = sh.claim.load(std::memory_order_acquire);
+    if (c == 0 || (c & 0xffffffffu) >= uint64_t(n_blocks)) {
+      if (int64_t(c >> 32) == n_kb) return;  // all taken
+      // Not started, or between K blocks: wait for the next K block or the unit's end.
+      gemm_wait_until([&] {
+        return sh.claim.load(std::memory_order_acquire) != c || sh.finished.load(std::memory_order_acquire);
+      });
+      if (sh.finished.load(std::memory_order_acquire)) return;
+      continue;
+    }
+    if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) continue;
+    run(int64_t(c >> 32) - 1, int64_t(c & 0xffffffffu), sh.b, sh.ws);
+    sh.done.fetch_add(1, std::memory_order_release);
+    gemm_share_count_taken();
   }
 }
 
@@ -259,51 +309,24 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
             run_block(w, p0, i0, std::min(mb, w.m1 - i0), b_src, b_by_panel, a_pack, b_pack, ws);
           continue;
         }
-        GemmUnitShare& sh = shares[u];
-        sh.b = b_src;
-        sh.ws = ws;
-        sh.done.store(0, std::memory_order_relaxed);
-        sh.claim.store(uint64_t(p0 / blk.kc + 1) << 32, std::memory_order_release);
-        if (t == 0 && p0 == 0) gemm_share_test_delay();
-        for (uint64_t c = sh.claim.load(std::memory_order_relaxed); (c & 0xffffffffu) < uint64_t(n_blocks);) {
-          if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_relaxed)) continue;
-          const int64_t i0 = w.m0 + int64_t(c & 0xffffffffu) * mb;
+        gemm_share_own(shares[u], p0 / blk.kc, p0 + kc == k, b_src, ws, n_blocks, t == 0, [&](int64_t block) {
+          const int64_t i0 = w.m0 + block * mb;
           run_block(w, p0, i0, std::min(mb, w.m1 - i0), b_src, false, a_pack, b_pack, ws);
-          sh.done.fetch_add(1, std::memory_order_release);
-          c = sh.claim.load(std::memory_order_relaxed);
-        }
-        // The blocks taken by others read this B (and write this workspace): wait for them before
-        // the next K block or unit packs over it (after the last, the region's end waits).
-        if (p0 + kc < k || u + 1 < u_end)
-          gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
+        });
       }
-      if (shared) shares[u].finished.store(true, std::memory_order_release);
+      if (shared) gemm_share_finish(shares[u], n_blocks, u + 1 < u_end);
     }
     // Done with its own units: take what is left of the others'.
     for (int64_t d = 1; shared && d < plan.n_units; ++d) {
       const int64_t v = (u_begin + d) % plan.n_units;
-      GemmUnitShare& sh = shares[v];
       const GemmUnit w = gemm_unit_at(plan, v, m, n);
-      const int64_t mb = gemm_share_block_rows(w, blk, MR), n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
-      const uint64_t last_stage = uint64_t(gemm_ceil_div(k, blk.kc));
-      for (;;) {
-        uint64_t c = sh.claim.load(std::memory_order_acquire);
-        if (c == 0 || (c & 0xffffffffu) >= uint64_t(n_blocks)) {
-          if (c >> 32 == last_stage) break;  // all taken
-          // Not started, or between K blocks: wait for the next K block or the unit's end.
-          gemm_wait_until([&] {
-            return sh.claim.load(std::memory_order_acquire) != c || sh.finished.load(std::memory_order_acquire);
-          });
-          if (sh.finished.load(std::memory_order_acquire)) break;
-          continue;
-        }
-        if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) continue;
-        const int64_t p0 = int64_t((c >> 32) - 1) * blk.kc, i0 = w.m0 + int64_t(c & 0xffffffffu) * mb;
-        run_block(w, p0, i0, std::min(mb, w.m1 - i0), static_cast<const Packed*>(sh.b), false, a_pack, b_pack,
-                  sh.ws);
-        sh.done.fetch_add(1, std::memory_order_release);
-        gemm_share_count_taken();
-      }
+      const int64_t mb = gemm_share_block_rows(w, blk, MR);
+      gemm_share_take(shares[v], gemm_ceil_div(k, blk.kc), gemm_ceil_div(w.m1 - w.m0, mb),
+                      [&](int64_t kb, int64_t block, const void* b, void* ws_v) {
+                        const int64_t i0 = w.m0 + block * mb;
+                        run_block(w, kb * blk.kc, i0, std::min(mb, w.m1 - i0), static_cast<const Packed*>(b), false,
+                                  a_pack, b_pack, ws_v);
+                      });
     }
     if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_end();
   });
