@@ -159,8 +159,9 @@ int64_t gemm_b_panel_group(const Traits& tr) {
 // others before it packs the next K block's B over the one they read. The blocks and tiles are the
 // same whoever runs them, so the bits do not change. Units of one A block (B packed panel by panel)
 // are not shared. gemm_run_units and the AMX row loop (amx_run_units_rows) share their units; the AMX
-// K-inside loop does not. With a busy loop on one of the 2 cores: 2048^3 int8 (avx512 level) 1.26x, float32
-// 1024^3 1.40x, 2048^3 1.25x; without: 1.00-1.12x (bench/notes_gemm.md session 19).
+// K-inside loop does not. With a busy loop on one of the 2 cores: int8 2048^3 (avx512 level) 1.28x,
+// float32 1024^3 1.59x, 2048^3 1.19x, AMX bf16 4096 x 512 -> 512 1.72x; without: 1.00-1.16x
+// (bench/RESULTS.md session 19).
 struct GemmUnitShare {
   std::atomic<uint64_t> claim{0};  // (K block + 1) << 32 | next A block; 0: not started
   std::atomic<int64_t> done{0};    // A blocks of the current K block finished
