@@ -558,8 +558,10 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
   // Shared units (GemmUnitShare, gemm_driver.h): one per thread, each of several A blocks.
   const bool share = plan.n_threads > 1 && plan.n_units == plan.n_threads && plan.mu > blk.mc;
   std::unique_ptr<GemmUnitShare[]> shares(share ? new GemmUnitShare[plan.n_units] : nullptr);
-  // The tiles of A block [i0, i0 + mcur) of unit w, B at b_src (null: pre-packed).
-  auto run_block = [&](const GemmUnit& w, int64_t i0, int64_t mcur, const Packed* b_src, Packed* a_pack) {
+  // The tiles of A block [i0, i0 + mcur) of unit w, B at b_src (null: pre-packed); inlined, as
+  // gemm_run_units' run_block.
+  auto run_block = [&](const GemmUnit& w, int64_t i0, int64_t mcur, const Packed* b_src, Packed* a_pack)
+                       __attribute__((always_inline)) {
     const int64_t ncur = w.n1 - w.n0;
     const Packed* a_src = tr.a_in_place(w.batch, i0, mcur, k);
     const int64_t a_ld = a_src ? tr.a_ld_bytes() : 0;
