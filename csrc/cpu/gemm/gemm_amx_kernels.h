@@ -555,9 +555,7 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
       b_pre ? 0 : gemm_round_up(gemm_ceil_div(plan.nu, NR) * b_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
   const int64_t per_thread = a_bytes + b_bytes;
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
-  // Shared units (GemmUnitShare, gemm_driver.h): one per thread, each of several A blocks.
-  const bool share = plan.n_threads > 1 && plan.n_units == plan.n_threads && plan.mu > blk.mc;
-  std::unique_ptr<GemmUnitShare[]> shares(share ? new GemmUnitShare[plan.n_units] : nullptr);
+  const GemmShares<MR> shares(plan, blk, m, n, k);  // gemm_driver.h
   // The tiles of A block [i0, i0 + mcur) of unit w, B at b_src (null: pre-packed); inlined, as
   // gemm_run_units' run_block.
   auto run_block = [&](const GemmUnit& w, int64_t i0, int64_t mcur, const Packed* b_src, Packed* a_pack)
@@ -576,34 +574,25 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
     Packed* a_pack = reinterpret_cast<Packed*>(scratch + int64_t(t) * per_thread);
     Packed* b_pack = reinterpret_cast<Packed*>(scratch + int64_t(t) * per_thread + a_bytes);
     const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
-    const bool shared = share && n_threads == plan.n_threads;
+    const bool shared = shares.on(n_threads);
     Traits::thread_begin();
     for (int64_t u = u_begin; u < u_end; ++u) {
       const GemmUnit w = gemm_unit_at(plan, u, m, n);
-      const int64_t mb = shared ? gemm_share_block_rows(w, blk, MR) : blk.mc;
+      const int64_t mb = shares.block_rows(w, shared);
       if (!b_pre) tr.pack_b(w.batch, 0, k, w.n0, w.n1 - w.n0, b_pack);
       const Packed* b_src = b_pre ? nullptr : b_pack;
       if (!shared) {
         for (int64_t i0 = w.m0; i0 < w.m1; i0 += mb) run_block(w, i0, std::min(mb, w.m1 - i0), b_src, a_pack);
         continue;
       }
-      const int64_t n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
-      gemm_share_own(shares[u], 0, true, b_src, nullptr, n_blocks, t == 0, [&](int64_t block) {
-        const int64_t i0 = w.m0 + block * mb;
-        run_block(w, i0, std::min(mb, w.m1 - i0), b_src, a_pack);
-      });
-      gemm_share_finish(shares[u], n_blocks, u + 1 < u_end);
+      shares.own(u, w, 0, b_src, nullptr, t == 0, [&](int64_t i0, int64_t rows) { run_block(w, i0, rows, b_src, a_pack); });
+      shares.finish(u, w, u + 1 < u_end);
     }
     // Done with its own units: take what is left of the others'.
-    for (int64_t d = 1; shared && d < plan.n_units; ++d) {
-      const int64_t v = (u_begin + d) % plan.n_units;
-      const GemmUnit w = gemm_unit_at(plan, v, m, n);
-      const int64_t mb = gemm_share_block_rows(w, blk, MR);
-      gemm_share_take(shares[v], 1, gemm_ceil_div(w.m1 - w.m0, mb), [&](int64_t, int64_t block, const void* b, void*) {
-        const int64_t i0 = w.m0 + block * mb;
-        run_block(w, i0, std::min(mb, w.m1 - i0), static_cast<const Packed*>(b), a_pack);
+    if (shared)
+      shares.take_others(u_begin, [&](const GemmUnit& w, int64_t, int64_t i0, int64_t rows, const void* b, void*) {
+        run_block(w, i0, rows, static_cast<const Packed*>(b), a_pack);
       });
-    }
     Traits::thread_end();
   });
 }

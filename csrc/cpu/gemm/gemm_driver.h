@@ -170,14 +170,6 @@ struct GemmUnitShare {
   void* ws = nullptr;              // the owner's workspace
 };
 
-// A shared unit's A blocks: mc rows at most, and at least kGemmShareBlocks equal blocks so that there
-// is something left to take (4 and 8 alike without a busy core; 8 balanced better with one).
-constexpr int64_t kGemmShareBlocks = 8;
-static inline int64_t gemm_share_block_rows(const GemmUnit& w, const GemmBlocking& blk, int64_t mr) {
-  const int64_t rows = w.m1 - w.m0;
-  return gemm_round_up(gemm_ceil_div(rows, std::max(gemm_ceil_div(rows, blk.mc), kGemmShareBlocks)), mr);
-}
-
 // Spins until ready(), giving the core up every 64 tests (the thread waited for may share it).
 template <class Ready>
 static void gemm_wait_until(const Ready& ready) {
@@ -187,54 +179,92 @@ static void gemm_wait_until(const Ready& ready) {
   }
 }
 
-// The owner's side, K block kb of its unit (blocks 0 .. n_blocks - 1): publishes the block's packed B
-// and workspace, runs its A blocks as it claims them (run(block)), then, unless it is the unit's last
-// K block, waits for those others took, which read this B. test_delay: the hook of gemm_share_testing.
-template <class Run>
-void gemm_share_own(GemmUnitShare& sh, int64_t kb, bool last_kb, const void* b, void* ws, int64_t n_blocks,
-                    bool test_delay, const Run& run) {
-  sh.b = b;
-  sh.ws = ws;
-  sh.done.store(0, std::memory_order_relaxed);
-  sh.claim.store(uint64_t(kb + 1) << 32, std::memory_order_release);
-  if (test_delay && kb == 0) gemm_share_test_delay();
-  for (uint64_t c = sh.claim.load(std::memory_order_relaxed); (c & 0xffffffffu) < uint64_t(n_blocks);) {
-    if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_relaxed)) continue;
-    run(int64_t(c & 0xffffffffu));
-    sh.done.fetch_add(1, std::memory_order_release);
-    c = sh.claim.load(std::memory_order_relaxed);
+// A call's shared units, where its plan has one unit per thread, each of several A blocks (else none,
+// and each thread runs its units alone). A shared unit's A blocks: mc rows at most, and at least
+// kGemmShareBlocks equal blocks so that there is something left to take (4 and 8 alike without a busy
+// core; 8 balanced better with one). MR: the register tile's rows (block edges on the tile grid).
+constexpr int64_t kGemmShareBlocks = 8;
+template <int64_t MR>
+struct GemmShares {
+  const GemmPlan& plan;
+  const GemmBlocking& blk;
+  int64_t m, n, n_kb;  // the product's rows, columns, and K blocks
+  std::unique_ptr<GemmUnitShare[]> units;
+
+  GemmShares(const GemmPlan& p, const GemmBlocking& b, int64_t m_, int64_t n_, int64_t k)
+      : plan(p), blk(b), m(m_), n(n_), n_kb(gemm_ceil_div(k, b.kc)),
+        units(p.n_threads > 1 && p.n_units == p.n_threads && p.mu > b.mc ? new GemmUnitShare[p.n_units] : nullptr) {}
+
+  // Whether the threads of a region of n_threads share (all, or none: OpenMP may give fewer threads).
+  bool on(int n_threads) const { return units && n_threads == plan.n_threads; }
+  // The rows of unit w's A blocks: mc when it is not shared.
+  int64_t block_rows(const GemmUnit& w, bool shared) const {
+    if (!shared) return blk.mc;
+    const int64_t rows = w.m1 - w.m0;
+    return gemm_round_up(gemm_ceil_div(rows, std::max(gemm_ceil_div(rows, blk.mc), kGemmShareBlocks)), MR);
   }
-  if (!last_kb) gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
-}
 
-// The owner's side, after its unit's last K block (before it packs another unit's B over this one:
-// wait_for_others).
-static inline void gemm_share_finish(GemmUnitShare& sh, int64_t n_blocks, bool wait_for_others) {
-  if (wait_for_others) gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
-  sh.finished.store(true, std::memory_order_release);
-}
-
-// The others' side: runs A blocks left in the unit (run(kb, block, b, ws)) until none is left in its
-// last K block (n_kb K blocks), waiting between K blocks for the owner to publish the next.
-template <class Run>
-void gemm_share_take(GemmUnitShare& sh, int64_t n_kb, int64_t n_blocks, const Run& run) {
-  for (;;) {
-    uint64_t c = sh.claim.load(std::memory_order_acquire);
-    if (c == 0 || (c & 0xffffffffu) >= uint64_t(n_blocks)) {
-      if (int64_t(c >> 32) == n_kb) return;  // all taken
-      // Not started, or between K blocks: wait for the next K block or the unit's end.
-      gemm_wait_until([&] {
-        return sh.claim.load(std::memory_order_acquire) != c || sh.finished.load(std::memory_order_acquire);
-      });
-      if (sh.finished.load(std::memory_order_acquire)) return;
-      continue;
+  // The owner's side, K block kb of unit u (w): publishes the block's packed B and workspace, runs its
+  // A blocks as it claims them (run(i0, rows)), then, unless it is the unit's last K block, waits for
+  // those others took, which read this B. test_delay: the hook of gemm_share_testing.
+  template <class Run>
+  void own(int64_t u, const GemmUnit& w, int64_t kb, const void* b, void* ws, bool test_delay, const Run& run) const {
+    GemmUnitShare& sh = units[u];
+    const int64_t mb = block_rows(w, true), n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
+    sh.b = b;
+    sh.ws = ws;
+    sh.done.store(0, std::memory_order_relaxed);
+    sh.claim.store(uint64_t(kb + 1) << 32, std::memory_order_release);
+    if (test_delay && kb == 0) gemm_share_test_delay();
+    for (uint64_t c = sh.claim.load(std::memory_order_relaxed); (c & 0xffffffffu) < uint64_t(n_blocks);) {
+      if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_relaxed)) continue;
+      const int64_t i0 = w.m0 + int64_t(c & 0xffffffffu) * mb;
+      run(i0, std::min(mb, w.m1 - i0));
+      sh.done.fetch_add(1, std::memory_order_release);
+      c = sh.claim.load(std::memory_order_relaxed);
     }
-    if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) continue;
-    run(int64_t(c >> 32) - 1, int64_t(c & 0xffffffffu), sh.b, sh.ws);
-    sh.done.fetch_add(1, std::memory_order_release);
-    gemm_share_count_taken();
+    if (kb + 1 < n_kb) gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
   }
-}
+
+  // The owner's side after unit u's last K block (before it packs another unit's B over this one:
+  // wait_for_others).
+  void finish(int64_t u, const GemmUnit& w, bool wait_for_others) const {
+    GemmUnitShare& sh = units[u];
+    const int64_t n_blocks = gemm_ceil_div(w.m1 - w.m0, block_rows(w, true));
+    if (wait_for_others) gemm_wait_until([&] { return sh.done.load(std::memory_order_acquire) >= n_blocks; });
+    sh.finished.store(true, std::memory_order_release);
+  }
+
+  // The others' side, for a thread done with its units from u_begin: runs the A blocks left in each
+  // other unit (run(w, kb, i0, rows, b, ws)) until none is left in its last K block, waiting between
+  // K blocks for the owner to publish the next.
+  template <class Run>
+  void take_others(int64_t u_begin, const Run& run) const {
+    for (int64_t d = 1; d < plan.n_units; ++d) {
+      const int64_t v = (u_begin + d) % plan.n_units;
+      GemmUnitShare& sh = units[v];
+      const GemmUnit w = gemm_unit_at(plan, v, m, n);
+      const int64_t mb = block_rows(w, true), n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
+      for (;;) {
+        uint64_t c = sh.claim.load(std::memory_order_acquire);
+        if (c == 0 || (c & 0xffffffffu) >= uint64_t(n_blocks)) {
+          if (int64_t(c >> 32) == n_kb) break;  // all taken
+          // Not started, or between K blocks: wait for the next K block or the unit's end.
+          gemm_wait_until([&] {
+            return sh.claim.load(std::memory_order_acquire) != c || sh.finished.load(std::memory_order_acquire);
+          });
+          if (sh.finished.load(std::memory_order_acquire)) break;
+          continue;
+        }
+        if (!sh.claim.compare_exchange_weak(c, c + 1, std::memory_order_acquire)) continue;
+        const int64_t i0 = w.m0 + int64_t(c & 0xffffffffu) * mb;
+        run(w, int64_t(c >> 32) - 1, i0, std::min(mb, w.m1 - i0), sh.b, sh.ws);
+        sh.done.fetch_add(1, std::memory_order_release);
+        gemm_share_count_taken();
+      }
+    }
+  }
+};
 
 // Runs every unit of the plan (see the top of this file). need_ws: each thread gets an mu x nu
 // float32 / int32 workspace for partial sums (passed to tr.tile). Units are shared (above) where there
@@ -256,9 +286,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
 
   const int64_t b_group = gemm_b_panel_group(tr);
-  // Shared units (GemmUnitShare): one per thread, each of several A blocks.
-  const bool share = plan.n_threads > 1 && plan.n_units == plan.n_threads && plan.mu > blk.mc;
-  std::unique_ptr<GemmUnitShare[]> shares(share ? new GemmUnitShare[plan.n_units] : nullptr);
+  const GemmShares<MR> shares(plan, blk, m, n, k);
 
   // The tiles of A block [i0, i0 + mcur) of unit w in K block p0 (B of the block at b_src, or null: B
   // packed panel by panel, or pre-packed). Inlined at its three calls: called, it ran float32 128^3 -
@@ -287,12 +315,11 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
     Packed* b_pack = reinterpret_cast<Packed*>(mine + a_bytes);
     void* ws = mine + a_bytes + b_bytes;
     const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
-    const bool shared = share && n_threads == plan.n_threads;
+    const bool shared = shares.on(n_threads);
     if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_begin();
     for (int64_t u = u_begin; u < u_end; ++u) {
       const GemmUnit w = gemm_unit_at(plan, u, m, n);
-      const int64_t ncur = w.n1 - w.n0, mb = shared ? gemm_share_block_rows(w, blk, MR) : blk.mc;
-      const int64_t n_blocks = gemm_ceil_div(w.m1 - w.m0, mb);
+      const int64_t ncur = w.n1 - w.n0, mb = shares.block_rows(w, shared);
       for (int64_t p0 = 0; p0 < k; p0 += blk.kc) {
         const int64_t kc = std::min(blk.kc, k - p0);
         // A pre-packed B's panels are found one by one (tr.prepacked_b at each panel's column: its
@@ -311,25 +338,18 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
             run_block(w, p0, i0, std::min(mb, w.m1 - i0), b_src, b_by_panel, a_pack, b_pack, ws);
           continue;
         }
-        gemm_share_own(shares[u], p0 / blk.kc, p0 + kc == k, b_src, ws, n_blocks, t == 0, [&](int64_t block) {
-          const int64_t i0 = w.m0 + block * mb;
-          run_block(w, p0, i0, std::min(mb, w.m1 - i0), b_src, false, a_pack, b_pack, ws);
+        shares.own(u, w, p0 / blk.kc, b_src, ws, t == 0, [&](int64_t i0, int64_t rows) {
+          run_block(w, p0, i0, rows, b_src, false, a_pack, b_pack, ws);
         });
       }
-      if (shared) gemm_share_finish(shares[u], n_blocks, u + 1 < u_end);
+      if (shared) shares.finish(u, w, u + 1 < u_end);
     }
     // Done with its own units: take what is left of the others'.
-    for (int64_t d = 1; shared && d < plan.n_units; ++d) {
-      const int64_t v = (u_begin + d) % plan.n_units;
-      const GemmUnit w = gemm_unit_at(plan, v, m, n);
-      const int64_t mb = gemm_share_block_rows(w, blk, MR);
-      gemm_share_take(shares[v], gemm_ceil_div(k, blk.kc), gemm_ceil_div(w.m1 - w.m0, mb),
-                      [&](int64_t kb, int64_t block, const void* b, void* ws_v) {
-                        const int64_t i0 = w.m0 + block * mb;
-                        run_block(w, kb * blk.kc, i0, std::min(mb, w.m1 - i0), static_cast<const Packed*>(b), false,
-                                  a_pack, b_pack, ws_v);
-                      });
-    }
+    if (shared)
+      shares.take_others(u_begin, [&](const GemmUnit& w, int64_t kb, int64_t i0, int64_t rows, const void* b,
+                                      void* ws_v) {
+        run_block(w, kb * blk.kc, i0, rows, static_cast<const Packed*>(b), false, a_pack, b_pack, ws_v);
+      });
     if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_end();
   });
 }
