@@ -400,7 +400,10 @@ def test_threads_share_work(isa, rng):
     block's blocks (_C.gemm_share_testing), which the other thread then runs, and the second K block's
     are run by both. Bits equal to one thread's, with the partial sums of two K blocks in the output
     (float32), in the owner's workspace (bfloat16 out), int32 sums and scaled_gemm's epilogue, and in
-    one K block (the AMX row loop); and blocks were taken, wherever the table runs a packed macro-loop."""
+    one K block (the AMX row loop), with K inside each B panel (the AMX K-inside loop: B packed once,
+    sums across K chunks in the running thread's workspace); products split by rows (every unit the
+    same B) and by columns (each its own, which the others must read); and blocks were taken, wherever
+    the table runs a packed macro-loop."""
     m = 2 * 1020 + 41  # every blocking's mc is at most 1020 rows: each thread's half is several A blocks
     blk, blk8 = _C.gemm_blocking(False, rows=m), _C.gemm_blocking(True, rows=m)
     k, k8, n = blk["kc"] + 9, blk8["kc"] + 5, 3 * blk["nr"] + 7  # two K blocks; rows > columns: rows split
@@ -415,14 +418,21 @@ def test_threads_share_work(isa, rng):
     # No wider than tall, a product is split by rows and every unit holds the same B; split by columns,
     # the units' B differ, and the others must read the owner's.
     m3 = max(blk["mc"], 256) + 2 * blk["mr"] + 5
-    a3, b3 = rand(rng, (m3, k), torch.float32), rand(rng, (k, m3 + 2 * blk["nr"] + 3), torch.float32)
+    n3 = m3 + 2 * blk["nr"] + 3
+    a3, b3 = rand(rng, (m3, k), torch.float32), rand(rng, (k, n3), torch.float32)
+    # Split by columns with K inside each B panel (AMX: B packed for all of K), over two K chunks where
+    # the table has chunks (the sums between them in the running thread's workspace), and int8.
+    kk = max(blk["kchunk"], blk["kc"]) + 9
+    a3k, b3k = rand(rng, (m3, kk), torch.bfloat16), rand(rng, (kk, n3), torch.bfloat16)
+    ai3, bi3 = rand_i8(rng, (m3, k8)), rand_i8(rng, (k8, n3))
 
     def products():
         return (lc.gemm(a, b, bias=bias), lc.gemm(a16, b16, out_dtype=torch.bfloat16),
                 lc.gemm(a.t().contiguous().t(), b.t().contiguous().t()), lc.gemm(ai, bi),
                 lc.scaled_gemm(qt(ai, sa, 0), qt(bi, sb, 1), bias=bias, out_dtype=torch.float16),
                 lc.gemm(a16[:, :k1], b16[:k1]), lc.gemm(a16[:, :k2], b16[:k2].t().contiguous().t()),
-                lc.gemm(a3, b3), lc.gemm(a3[:, :k1].bfloat16(), b3[:k1].bfloat16()))
+                lc.gemm(a3, b3), lc.gemm(a3[:, :k1].bfloat16(), b3[:k1].bfloat16()),
+                lc.gemm(a3k, b3k, out_dtype=torch.bfloat16), lc.gemm(ai3, bi3))
 
     before = lc.get_num_threads()
     try:

@@ -443,6 +443,7 @@ constexpr int64_t kAmxAInPlaceMaxCols = 256, kAmxAInPlaceMaxLdBytes = 4096;
 constexpr int64_t kAmxPackedBMaxBytes = int64_t(16) << 20;
 // ... but not below this many columns (amx_gemm_packed: the loop of the driver then).
 constexpr int64_t kAmxKInsideMinCols = 1024;
+// A shared unit of the K-inside loop: at least this many A blocks (each reads all of the unit's packed B).
 
 // The macro-loop of a unit with several A blocks and several K blocks (gemm_run_units otherwise): K runs
 // inside each B panel, so that a tile's partial sums between K blocks stay in a small per-thread buffer
@@ -454,7 +455,10 @@ constexpr int64_t kAmxKInsideMinCols = 1024;
 //       for each 32-column panel:  for each K block of the chunk:  for each 32-row tile: products
 // Across chunks (K beyond one) the sums go through an mc x nu workspace (or the float32 / int32 output).
 // While a panel's K block runs, the B panel multiplied next is prefetched to L2 a slice per tile: the
-// packed B is beyond L2.
+// packed B is beyond L2. With one unit per thread, the A blocks are shared between the threads
+// (GemmUnitShare, gemm_driver.h): a block runs all of K on one thread, with that thread's A packing,
+// chunk sums and workspace, and the owner's packed B. Busy loop on one of the 2 cores (2-core Xeon):
+// bf16 2048^3 1.26x, 4096^3 1.33x, int8 2048^3 1.58x; without it 1.0-1.8x (the box's own unevenness).
 template <class Traits>
 void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n,
                             int64_t k, bool need_ws) {
@@ -473,6 +477,54 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
   const int64_t per_thread = a_bytes + b_bytes + sums_bytes + ws_bytes;
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
 
+  const GemmShares<MR> shares(plan, blk, m, n, 1);  // gemm_driver.h; B packed once, for all of K
+  auto kc_at = [&](int64_t p0) { return std::min(blk.kc, k - p0); };  // the K block at p0: its depth
+  // A block [i0, i0 + mcur) of unit w, B packed at b_src (null: pre-packed), with the running thread's
+  // A packing, chunk sums and workspace (the block's sums across chunks); inlined, as
+  // gemm_run_units' run_block.
+  auto run_block = [&](const GemmUnit& w, int64_t i0, int64_t mcur, const Packed* b_src, Packed* a_pack, Sum* sums,
+                       void* ws) __attribute__((always_inline)) {
+    const int64_t ncur = w.n1 - w.n0;
+    // B panel jr of the K block at p0.
+    auto b_at = [&](int64_t p0, int64_t jr) -> const Packed* {
+      if (!b_src) return tr.prepacked_b(p0, w.n0 + jr, blk, n);
+      return b_src + p0 / blk.kc * b_block + jr / NR * tr.b_panel_elems(gemm_round_up(kc_at(p0), KG));
+    };
+    // The A block as a unit of its own: the workspace holds its sums across chunks.
+    GemmUnit wb = w;
+    wb.m0 = i0;
+    wb.m1 = i0 + mcur;
+    // A read in place where a unit has few panels to share its packing (above).
+    const Packed* a_src = ncur <= kAmxAInPlaceMaxCols ? tr.a_in_place(w.batch, i0, mcur, k) : nullptr;
+    const int64_t a_ld = a_src && tr.a_ld_bytes() <= kAmxAInPlaceMaxLdBytes ? tr.a_ld_bytes() : 0;
+    for (int64_t c0 = 0; c0 < k; c0 += kchunk) {
+      const int64_t c1 = std::min(k, c0 + kchunk);
+      if (!a_ld)
+        for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) tr.pack_a(w.batch, i0, mcur, p0, kc_at(p0), a_pack + (p0 - c0) / blk.kc * a_block);
+      for (int64_t jr = 0; jr < ncur; jr += NR) {
+        for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) {
+          const int64_t kc_panel = gemm_round_up(kc_at(p0), KG);
+          const Packed* bp = b_at(p0, jr);
+          // The B panel multiplied next: this panel's next K block, else the next panel's first.
+          const int64_t next_p0 = p0 + blk.kc < c1 ? p0 + blk.kc : c0;
+          const Packed* next_b = next_p0 != c0 || jr + NR < ncur ? b_at(next_p0, next_p0 != c0 ? jr : jr + NR) : nullptr;
+          const int64_t next_b_bytes = next_b ? tr.b_panel_elems(gemm_round_up(kc_at(next_p0), KG)) * int64_t(sizeof(Packed)) : 0;
+          const int64_t slice = gemm_ceil_div(next_b_bytes, gemm_ceil_div(mcur, MR) * 64) * 64;
+          for (int64_t ir = 0; ir < mcur; ir += MR) {
+            const int64_t off = ir / MR * slice;
+            // Sums within the chunk in `sums` (row ir of the A block), at its edges the block's own.
+            const Packed* ap = a_ld ? a_src + ir * tr.g.a.stride_row_elems + p0 : a_pack + (p0 - c0) / blk.kc * a_block + ir * kc_panel;
+            tr.tile_k_inside(kc_panel, ap, bp, wb, i0 + ir,
+                             w.n0 + jr, std::min(MR, mcur - ir), std::min(NR, ncur - jr), p0 == 0, p0 + blk.kc >= k, ws,
+                             p0 == c0 ? nullptr : sums + ir * NR, p0 + blk.kc >= c1 ? nullptr : sums + ir * NR,
+                             off < next_b_bytes ? reinterpret_cast<const char*>(next_b) + off : nullptr,
+                             off < next_b_bytes ? std::min(slice, next_b_bytes - off) : 0, ir + MR < mcur, a_ld);
+          }
+        }
+      }
+    }
+  };
+
   parallel_region(plan.n_threads, [&](int t, int n_threads) {
     char* mine = scratch + int64_t(t) * per_thread;
     Packed* a_pack = reinterpret_cast<Packed*>(mine);
@@ -480,55 +532,27 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
     Sum* sums = reinterpret_cast<Sum*>(mine + a_bytes + b_bytes);
     void* ws = mine + a_bytes + b_bytes + sums_bytes;
     const int64_t u_begin = plan.n_units * t / n_threads, u_end = plan.n_units * (t + 1) / n_threads;
+    const bool shared = shares.on(n_threads);
     Traits::thread_begin();
     for (int64_t u = u_begin; u < u_end; ++u) {
       const GemmUnit w = gemm_unit_at(plan, u, m, n);
-      const int64_t ncur = w.n1 - w.n0;
-      // The K block at p0: its depth; B panel jr of it.
-      auto kc_at = [&](int64_t p0) { return std::min(blk.kc, k - p0); };
-      auto b_at = [&](int64_t p0, int64_t jr) -> const Packed* {
-        if (b_pre) return tr.prepacked_b(p0, w.n0 + jr, blk, n);
-        return b_pack + p0 / blk.kc * b_block + jr / NR * tr.b_panel_elems(gemm_round_up(kc_at(p0), KG));
-      };
+      const int64_t mb = shares.block_rows(w, shared);
       if (!b_pre)
-        for (int64_t p0 = 0; p0 < k; p0 += blk.kc) tr.pack_b(w.batch, p0, kc_at(p0), w.n0, ncur, b_pack + p0 / blk.kc * b_block);
-      for (int64_t i0 = w.m0; i0 < w.m1; i0 += blk.mc) {
-        // The A block as a unit of its own: the workspace holds its sums across chunks.
-        GemmUnit wb = w;
-        wb.m0 = i0;
-        wb.m1 = std::min(w.m1, i0 + blk.mc);
-        const int64_t mcur = wb.m1 - i0;
-        // A read in place where a unit has few panels to share its packing (below).
-        const Packed* a_src = ncur <= kAmxAInPlaceMaxCols ? tr.a_in_place(w.batch, i0, mcur, k) : nullptr;
-        const int64_t a_ld = a_src && tr.a_ld_bytes() <= kAmxAInPlaceMaxLdBytes ? tr.a_ld_bytes() : 0;
-        for (int64_t c0 = 0; c0 < k; c0 += kchunk) {
-          const int64_t c1 = std::min(k, c0 + kchunk);
-          if (!a_ld)
-            for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) tr.pack_a(w.batch, i0, mcur, p0, kc_at(p0), a_pack + (p0 - c0) / blk.kc * a_block);
-          for (int64_t jr = 0; jr < ncur; jr += NR) {
-            for (int64_t p0 = c0; p0 < c1; p0 += blk.kc) {
-              const int64_t kc_panel = gemm_round_up(kc_at(p0), KG);
-              const Packed* bp = b_at(p0, jr);
-              // The B panel multiplied next: this panel's next K block, else the next panel's first.
-              const int64_t next_p0 = p0 + blk.kc < c1 ? p0 + blk.kc : c0;
-              const Packed* next_b = next_p0 != c0 || jr + NR < ncur ? b_at(next_p0, next_p0 != c0 ? jr : jr + NR) : nullptr;
-              const int64_t next_b_bytes = next_b ? tr.b_panel_elems(gemm_round_up(kc_at(next_p0), KG)) * int64_t(sizeof(Packed)) : 0;
-              const int64_t slice = gemm_ceil_div(next_b_bytes, gemm_ceil_div(mcur, MR) * 64) * 64;
-              for (int64_t ir = 0; ir < mcur; ir += MR) {
-                const int64_t off = ir / MR * slice;
-                // Sums within the chunk in `sums` (row ir of the A block), at its edges the block's own.
-                const Packed* ap = a_ld ? a_src + ir * tr.g.a.stride_row_elems + p0 : a_pack + (p0 - c0) / blk.kc * a_block + ir * kc_panel;
-                tr.tile_k_inside(kc_panel, ap, bp, wb, i0 + ir,
-                                 w.n0 + jr, std::min(MR, mcur - ir), std::min(NR, ncur - jr), p0 == 0, p0 + blk.kc >= k, ws,
-                                 p0 == c0 ? nullptr : sums + ir * NR, p0 + blk.kc >= c1 ? nullptr : sums + ir * NR,
-                                 off < next_b_bytes ? reinterpret_cast<const char*>(next_b) + off : nullptr,
-                                 off < next_b_bytes ? std::min(slice, next_b_bytes - off) : 0, ir + MR < mcur, a_ld);
-              }
-            }
-          }
-        }
+        for (int64_t p0 = 0; p0 < k; p0 += blk.kc) tr.pack_b(w.batch, p0, kc_at(p0), w.n0, w.n1 - w.n0, b_pack + p0 / blk.kc * b_block);
+      const Packed* b_src = b_pre ? nullptr : b_pack;
+      if (!shared) {
+        for (int64_t i0 = w.m0; i0 < w.m1; i0 += mb) run_block(w, i0, std::min(mb, w.m1 - i0), b_src, a_pack, sums, ws);
+        continue;
       }
+      shares.own(u, w, 0, b_src, nullptr, t == 0,
+                 [&](int64_t i0, int64_t rows) { run_block(w, i0, rows, b_src, a_pack, sums, ws); });
+      shares.finish(u, w, u + 1 < u_end);
     }
+    // Done with its own units: take what is left of the others'.
+    if (shared)
+      shares.take_others(u_begin, [&](const GemmUnit& w, int64_t, int64_t i0, int64_t rows, const void* b, void*) {
+        run_block(w, i0, rows, static_cast<const Packed*>(b), a_pack, sums, ws);
+      });
     Traits::thread_end();
   });
 }
@@ -555,7 +579,7 @@ void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocki
       b_pre ? 0 : gemm_round_up(gemm_ceil_div(plan.nu, NR) * b_panel * int64_t(sizeof(Packed)) + kGemmPackSlackBytes, 64);
   const int64_t per_thread = a_bytes + b_bytes;
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
-  const GemmShares<MR> shares(plan, blk, m, n, k);  // gemm_driver.h
+  const GemmShares<MR> shares(plan, blk, m, n, 1);  // gemm_driver.h; one K block
   // The tiles of A block [i0, i0 + mcur) of unit w, B at b_src (null: pre-packed); inlined, as
   // gemm_run_units' run_block.
   auto run_block = [&](const GemmUnit& w, int64_t i0, int64_t mcur, const Packed* b_src, Packed* a_pack)

@@ -158,10 +158,10 @@ int64_t gemm_b_panel_group(const Traits& tr) {
 // packed B (and workspace) in place with its own A packing. An owner waits for its blocks taken by
 // others before it packs the next K block's B over the one they read. The blocks and tiles are the
 // same whoever runs them, so the bits do not change. Units of one A block (B packed panel by panel)
-// are not shared. gemm_run_units and the AMX row loop (amx_run_units_rows) share their units; the AMX
-// K-inside loop does not. With a busy loop on one of the 2 cores: int8 2048^3 (avx512 level) 1.28x,
-// float32 1024^3 1.59x, 2048^3 1.19x, AMX bf16 4096 x 512 -> 512 1.72x; without: 1.00-1.16x
-// (bench/RESULTS.md session 19).
+// are not shared. gemm_run_units and both AMX loops (amx_run_units_rows, amx_run_units_k_inside) share
+// their units. With a busy loop on one of the 2 cores: int8 2048^3 (avx512 level) 1.28x, float32
+// 1024^3 1.59x, 2048^3 1.19x, AMX bf16 4096 x 512 -> 512 1.72x, 2048^3 1.26x; without: 1.00-1.16x
+// (bench/RESULTS.md sessions 19, 20).
 struct GemmUnitShare {
   std::atomic<uint64_t> claim{0};  // (K block + 1) << 32 | next A block; 0: not started
   std::atomic<int64_t> done{0};    // A blocks of the current K block finished
@@ -183,16 +183,18 @@ static void gemm_wait_until(const Ready& ready) {
 // and each thread runs its units alone). A shared unit's A blocks: mc rows at most, and at least
 // kGemmShareBlocks equal blocks so that there is something left to take (4 and 8 alike without a busy
 // core; 8 balanced better with one). MR: the register tile's rows (block edges on the tile grid).
+// n_kb: the times a unit's B is packed, one K block after another (1 where it is packed for all of K
+// at once).
 constexpr int64_t kGemmShareBlocks = 8;
 template <int64_t MR>
 struct GemmShares {
   const GemmPlan& plan;
   const GemmBlocking& blk;
-  int64_t m, n, n_kb;  // the product's rows, columns, and K blocks
+  int64_t m, n, n_kb;  // the product's rows, columns, and B's K blocks
   std::unique_ptr<GemmUnitShare[]> units;
 
-  GemmShares(const GemmPlan& p, const GemmBlocking& b, int64_t m_, int64_t n_, int64_t k)
-      : plan(p), blk(b), m(m_), n(n_), n_kb(gemm_ceil_div(k, b.kc)),
+  GemmShares(const GemmPlan& p, const GemmBlocking& b, int64_t m_, int64_t n_, int64_t n_kb_)
+      : plan(p), blk(b), m(m_), n(n_), n_kb(n_kb_),
         units(p.n_threads > 1 && p.n_units == p.n_threads && p.mu > b.mc ? new GemmUnitShare[p.n_units] : nullptr) {}
 
   // Whether the threads of a region of n_threads share (all, or none: OpenMP may give fewer threads).
@@ -286,7 +288,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
 
   const int64_t b_group = gemm_b_panel_group(tr);
-  const GemmShares<MR> shares(plan, blk, m, n, k);
+  const GemmShares<MR> shares(plan, blk, m, n, gemm_ceil_div(k, blk.kc));
 
   // The tiles of A block [i0, i0 + mcur) of unit w in K block p0 (B of the block at b_src, or null: B
   // packed panel by panel, or pre-packed). Inlined at its three calls: called, it ran float32 128^3 -
