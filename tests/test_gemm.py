@@ -402,8 +402,8 @@ def test_threads_share_work(isa, rng):
     (float32), in the owner's workspace (bfloat16 out), int32 sums and scaled_gemm's epilogue, and in
     one K block (the AMX row loop), with K inside each B panel (the AMX K-inside loop: B packed once,
     sums across K chunks in the running thread's workspace); products split by rows (every unit the
-    same B) and by columns (each its own, which the others must read); and blocks were taken, wherever
-    the table runs a packed macro-loop."""
+    same B) and by columns (each its own, which the others must read), and batches of two units a
+    thread; and blocks were taken, wherever the table runs a packed macro-loop."""
     m = 2 * 1020 + 41  # every blocking's mc is at most 1020 rows: each thread's half is several A blocks
     blk, blk8 = _C.gemm_blocking(False, rows=m), _C.gemm_blocking(True, rows=m)
     k, k8, n = blk["kc"] + 9, blk8["kc"] + 5, 3 * blk["nr"] + 7  # two K blocks; rows > columns: rows split
@@ -425,6 +425,10 @@ def test_threads_share_work(isa, rng):
     kk = max(blk["kchunk"], blk["kc"]) + 9
     a3k, b3k = rand(rng, (m3, kk), torch.bfloat16), rand(rng, (kk, n3), torch.bfloat16)
     ai3, bi3 = rand_i8(rng, (m3, k8)), rand_i8(rng, (k8, n3))
+    # Two units a thread (batches, each its own B): an owner waits for the blocks others took before
+    # it packs its next unit's B.
+    a4, b4 = rand(rng, (4, m3, k), torch.float32), rand(rng, (4, k, 2 * blk["nr"] + 3), torch.float32)
+    a4k, b4k = rand(rng, (4, m3, kk), torch.bfloat16), rand(rng, (4, kk, blk["nr"] + 5), torch.bfloat16)
 
     def products():
         return (lc.gemm(a, b, bias=bias), lc.gemm(a16, b16, out_dtype=torch.bfloat16),
@@ -432,7 +436,7 @@ def test_threads_share_work(isa, rng):
                 lc.scaled_gemm(qt(ai, sa, 0), qt(bi, sb, 1), bias=bias, out_dtype=torch.float16),
                 lc.gemm(a16[:, :k1], b16[:k1]), lc.gemm(a16[:, :k2], b16[:k2].t().contiguous().t()),
                 lc.gemm(a3, b3), lc.gemm(a3[:, :k1].bfloat16(), b3[:k1].bfloat16()),
-                lc.gemm(a3k, b3k, out_dtype=torch.bfloat16), lc.gemm(ai3, bi3))
+                lc.gemm(a3k, b3k, out_dtype=torch.bfloat16), lc.gemm(ai3, bi3), lc.gemm(a4, b4), lc.gemm(a4k, b4k))
 
     before = lc.get_num_threads()
     try:

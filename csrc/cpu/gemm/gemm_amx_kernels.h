@@ -455,7 +455,7 @@ constexpr int64_t kAmxKInsideMinCols = 1024;
 //       for each 32-column panel:  for each K block of the chunk:  for each 32-row tile: products
 // Across chunks (K beyond one) the sums go through an mc x nu workspace (or the float32 / int32 output).
 // While a panel's K block runs, the B panel multiplied next is prefetched to L2 a slice per tile: the
-// packed B is beyond L2. With one unit per thread, the A blocks are shared between the threads
+// packed B is beyond L2. The units' A blocks are shared between the threads
 // (GemmUnitShare, gemm_driver.h): a block runs all of K on one thread, with that thread's A packing,
 // chunk sums and workspace, and the owner's packed B. Busy loop on one of the 2 cores (2-core Xeon):
 // bf16 2048^3 1.26x, 4096^3 1.33x, int8 2048^3 1.58x; without it 1.0-1.8x (the box's own unevenness).
@@ -566,7 +566,7 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
 // all of k once, then from L1 for every panel): 1.02-1.10x from 4096 x 64 x 1024 to 2048 x 384 x 1024.
 //   for each unit:  B block packed (k x nu), unless pre-packed
 //     for each A block of mc rows:  A block packed (or not);  for each 32-row tile:  for each panel: products
-// With one unit per thread, the A blocks are shared between the threads (GemmUnitShare, gemm_driver.h).
+// The units' A blocks are shared between the threads (GemmUnitShare, gemm_driver.h).
 template <class Traits>
 void amx_run_units_rows(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n, int64_t k) {
   using Packed = typename Traits::Packed;

@@ -2,8 +2,8 @@
 // its packing, its microkernels and its kernel sets (see "Traits from an ISA's kernel set" below).
 //
 // The macro-loop (gemm_run_units). One "unit" = a batch index, a row range and a column range of the
-// output; threads own disjoint units and never split K (with one unit per thread, a thread that falls
-// behind leaves A blocks of its unit to the others: GemmUnitShare):
+// output; threads own disjoint units and never split K (a thread that falls behind leaves A blocks of
+// its units to the others: GemmUnitShare):
 //   for each K block of depth kc:                    B block (kc x nu) packed into NR-column panels
 //     for each A block of mc rows:                   A block (mc x kc) packed into MR-row panels (L2)
 //       for each NR-column panel of B (in L1):
@@ -152,15 +152,16 @@ int64_t gemm_b_panel_group(const Traits& tr) {
 }
 
 // Work sharing when one thread falls behind (a vCPU whose core is busy with another guest's or
-// process's work ran 1.5x slower than its neighbour for seconds at a time on the 2-core Xeon): with
-// one unit per thread, a unit's A blocks are claimed one by one from a counter, its owner's first; a
-// thread done with its own unit takes the blocks left in the others' current K block, reading their
-// packed B (and workspace) in place with its own A packing. An owner waits for its blocks taken by
-// others before it packs the next K block's B over the one they read. The blocks and tiles are the
-// same whoever runs them, so the bits do not change. Units of one A block (B packed panel by panel)
-// are not shared. gemm_run_units and both AMX loops (amx_run_units_rows, amx_run_units_k_inside) share
-// their units. With a busy loop on one of the 2 cores: int8 2048^3 (avx512 level) 1.28x, float32
-// 1024^3 1.59x, 2048^3 1.19x, AMX bf16 4096 x 512 -> 512 1.72x, 2048^3 1.26x; without: 1.00-1.16x
+// process's work ran 1.5x slower than its neighbour for seconds at a time on the 2-core Xeon): each
+// thread owns a range of units, whose A blocks are claimed one by one from a counter, its owner's
+// first; a thread done with its own units takes the blocks left in the others' current unit and K
+// block (waiting for an owner to start its next one), reading their packed B (and workspace) in place
+// with its own A packing. An owner waits for its blocks taken by others before it packs the next K
+// block's or unit's B over the one they read. The blocks and tiles are the same whoever runs them,
+// so the bits do not change. Units of one A block (B packed panel by panel) are not shared.
+// gemm_run_units and both AMX loops (amx_run_units_rows, amx_run_units_k_inside) share their units.
+// With a busy loop on one of the 2 cores: int8 2048^3 (avx512 level) 1.28x, float32 1024^3 1.59x,
+// 2048^3 1.19x, AMX bf16 4096 x 512 -> 512 1.72x, 2048^3 1.26x; without: 1.00-1.16x
 // (bench/RESULTS.md sessions 19, 20).
 struct GemmUnitShare {
   std::atomic<uint64_t> claim{0};  // (K block + 1) << 32 | next A block; 0: not started
@@ -179,7 +180,7 @@ static void gemm_wait_until(const Ready& ready) {
   }
 }
 
-// A call's shared units, where its plan has one unit per thread, each of several A blocks (else none,
+// A call's shared units, where its plan has several threads and units of several A blocks (else none,
 // and each thread runs its units alone). A shared unit's A blocks: mc rows at most, and at least
 // kGemmShareBlocks equal blocks so that there is something left to take (4 and 8 alike without a busy
 // core; 8 balanced better with one). MR: the register tile's rows (block edges on the tile grid).
@@ -195,7 +196,7 @@ struct GemmShares {
 
   GemmShares(const GemmPlan& p, const GemmBlocking& b, int64_t m_, int64_t n_, int64_t n_kb_)
       : plan(p), blk(b), m(m_), n(n_), n_kb(n_kb_),
-        units(p.n_threads > 1 && p.n_units == p.n_threads && p.mu > b.mc ? new GemmUnitShare[p.n_units] : nullptr) {}
+        units(p.n_threads > 1 && p.mu > b.mc ? new GemmUnitShare[p.n_units] : nullptr) {}
 
   // Whether the threads of a region of n_threads share (all, or none: OpenMP may give fewer threads).
   bool on(int n_threads) const { return units && n_threads == plan.n_threads; }
