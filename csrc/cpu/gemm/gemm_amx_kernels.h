@@ -458,7 +458,8 @@ constexpr int64_t kAmxKInsideMinCols = 1024;
 // packed B is beyond L2. The units' A blocks are shared between the threads
 // (GemmUnitShare, gemm_driver.h): a block runs all of K on one thread, with that thread's A packing,
 // chunk sums and workspace, and the owner's packed B. Busy loop on one of the 2 cores (2-core Xeon):
-// bf16 2048^3 1.26x, 4096^3 1.33x, int8 2048^3 1.58x; without it 1.0-1.8x (the box's own unevenness).
+// bf16 2048^3 1.13-1.44x, 4096^3 1.33-1.44x, int8 2048^3 1.52-1.58x; without it 0.97-1.8x (the box's own
+// unevenness; bench/RESULTS.md session 20).
 template <class Traits>
 void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n,
                             int64_t k, bool need_ws) {

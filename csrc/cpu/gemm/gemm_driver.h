@@ -161,7 +161,8 @@ int64_t gemm_b_panel_group(const Traits& tr) {
 // so the bits do not change. Units of one A block (B packed panel by panel) are not shared.
 // gemm_run_units and both AMX loops (amx_run_units_rows, amx_run_units_k_inside) share their units.
 // With a busy loop on one of the 2 cores: int8 2048^3 (avx512 level) 1.28x, float32 1024^3 1.59x,
-// 2048^3 1.19x, AMX bf16 4096 x 512 -> 512 1.72x, 2048^3 1.26x; without: 1.00-1.16x
+// 2048^3 1.19x, AMX bf16 4096 x 512 -> 512 1.72x, 2048^3 1.13-1.44x, 4096^3 1.33-1.44x, several units a
+// thread (N 11008) 1.14-1.22x; without: 1.00-1.16x
 // (bench/RESULTS.md sessions 19, 20).
 struct GemmUnitShare {
   std::atomic<uint64_t> claim{0};  // (K block + 1) << 32 | next A block; 0: not started
