@@ -53,7 +53,6 @@
 #pragma once
 #include <immintrin.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -762,22 +761,15 @@ void amx_gemm_w_rows_mb(const Args& g) {
   }
   const int64_t items = g.n_batch * groups;
   const int nt = threads_for(items, 2.0 * double(x_blocks * XR * GW) * double(k), kGemmMinFlopsPerThread);
-  // Items are claimed in chunks of consecutive ones (about 4 chunks a thread) from a counter, so that
-  // a thread whose core is slower takes fewer: 32 x 4096 -> 4096 bf16 1.27x (the box's slow and fast
-  // phases alike), 8 rows and 64 x 4096 -> 11008 1.00x; one item a claim cost int8 8 rows 0.94x
-  // (bench/RESULTS.md session 20). Each item's outputs are its own: the bits do not depend on who runs it.
-  std::atomic<int64_t> next_item{0};
-  parallel_region(nt, [&](int, int n_threads) {
+  // Items are handed out in chunks from a counter (ClaimedChunks: 32 x 4096 -> 4096 bf16 1.27x, 8 rows and
+  // 64 x 4096 -> 11008 1.00x; one item a claim cost int8 8 rows 0.94x); each item's outputs are its own.
+  ClaimedChunks claims(items, nt);
+  parallel_region(nt, [&](int, int) {
     Tiles::configure(&kAmxFullTiles);
     alignas(64) Sum sums_t[GW * XR], sums[XR * GW];
     alignas(64) char tail[GW * 64];
-    const int64_t chunk = std::max<int64_t>(1, items / (int64_t(n_threads) * 4));
-    for (int64_t it = 0, chunk_end = 0;; ++it) {
-      if (it == chunk_end) {
-        it = next_item.fetch_add(chunk, std::memory_order_relaxed);
-        chunk_end = std::min(items, it + chunk);
-      }
-      if (it >= items) break;
+    for (int64_t i0, i1; claims.next(i0, i1);)
+    for (int64_t it = i0; it < i1; ++it) {
       const int64_t bt = it / groups, grp = it % groups, n0 = grp * GW;
       const bool last_rows = grp == full_groups;
       // The group's W: in place, or the zero-padded copy of the last rows; a K tail's row ends.

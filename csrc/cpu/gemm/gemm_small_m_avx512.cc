@@ -192,11 +192,12 @@ bool gemm_small_m_float_avx512(const GemmFloatArgs& g) {
            static_cast<const char*>(g.b.ptr), g.b.stride_col_elems * eb, g.b.stride_batch_elems * eb,
            g.m, g.n, g.k, g.a.dtype == LP_DTYPE_BF16, g.bias, g.out, g.out_dtype};
   // Work items: (batch, group of 3 W rows); every A row group is done for a W group while its rows
-  // are in L1, so W is read from memory once.
+  // are in L1, so W is read from memory once. Handed out in chunks from a counter (ClaimedChunks): with a
+  // busy loop on one core 32 x 4096 -> 4096 1.56x, without 0.99-1.02x (memory-bound; 2-core Xeon).
   const int64_t n_groups = gemm_ceil_div(g.n, kSmallMCols);
   const int64_t n_items = g.n_batch * n_groups;
   const int nt = threads_for(n_items, 2.0 * double(g.m) * double(kSmallMCols) * double(g.k), kGemmMinFlopsPerThread);
-  parallel_for(n_items, nt, [&](int64_t item) {
+  parallel_for_claimed(n_items, nt, [&](int64_t item) {
     const int64_t batch = item / n_groups, j0 = (item % n_groups) * kSmallMCols;
     for (int64_t i0 = 0; i0 < g.m; i0 += kSmallMRows) {
       if (p.bf16)
