@@ -443,7 +443,6 @@ constexpr int64_t kAmxAInPlaceMaxCols = 256, kAmxAInPlaceMaxLdBytes = 4096;
 constexpr int64_t kAmxPackedBMaxBytes = int64_t(16) << 20;
 // ... but not below this many columns (amx_gemm_packed: the loop of the driver then).
 constexpr int64_t kAmxKInsideMinCols = 1024;
-// A shared unit of the K-inside loop: at least this many A blocks (each reads all of the unit's packed B).
 
 // The macro-loop of a unit with several A blocks and several K blocks (gemm_run_units otherwise): K runs
 // inside each B panel, so that a tile's partial sums between K blocks stay in a small per-thread buffer
@@ -455,10 +454,10 @@ constexpr int64_t kAmxKInsideMinCols = 1024;
 //       for each 32-column panel:  for each K block of the chunk:  for each 32-row tile: products
 // Across chunks (K beyond one) the sums go through an mc x nu workspace (or the float32 / int32 output).
 // While a panel's K block runs, the B panel multiplied next is prefetched to L2 a slice per tile: the
-// packed B is beyond L2. The units' A blocks are shared between the threads
-// (GemmUnitShare, gemm_driver.h): a block runs all of K on one thread, with that thread's A packing,
-// chunk sums and workspace, and the owner's packed B. Busy loop on one of the 2 cores (2-core Xeon):
-// bf16 2048^3 1.13-1.44x, 4096^3 1.33-1.44x, int8 2048^3 1.52-1.58x; without it 0.97-1.8x (the box's own
+// packed B is beyond L2. The units' A blocks are shared between the threads (GemmUnitShare,
+// gemm_driver.h): a block runs all of K on one thread, with that thread's A packing, chunk sums and
+// workspace, and the owner's packed B. Busy loop on one of the 2 cores (2-core Xeon): bf16 2048^3
+// 1.13-1.44x, 4096^3 1.33-1.44x, int8 2048^3 1.52-1.58x; without it 0.97-1.8x (the box's own
 // unevenness; bench/RESULTS.md session 20).
 template <class Traits>
 void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBlocking& blk, int64_t m, int64_t n,
