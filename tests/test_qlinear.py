@@ -13,7 +13,7 @@ from lepton_core._qpack import pack_w4, pack_w8, quantize_w4, unpack
 from lepton_core.backends import cpu
 import lepton_core as lc
 from conftest import isa_fixture_with
-from tolerances import gemm_rel_denominator, gemm_rel_norm_bound
+from tolerances import gemm_rel_norm_bound, rel_err as _rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Kernel tables that are no ISA level: 'amx-model', the AMX bf16 kernels compiled against the software
@@ -44,15 +44,6 @@ def _packed(scheme, w, group_size):
         return pack_w4(*quantize_w4(w, group_size))
     q = lc.quantize(w, "int8", axis=0)
     return (*pack_w8(q.data, q.scale), None)
-
-
-def _rel_err(out, ref, terms=None, k=1):
-    """||out - ref|| / ||ref||; with `terms` (|x| |W|^T (+ |bias|)) the denominator is floored against
-    cancellation (tolerances.gemm_rel_denominator): a 1 x 1 output can cancel to near zero."""
-    den = ref.norm().item()
-    if terms is not None:
-        den = gemm_rel_denominator(den, terms.norm().item(), k)
-    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 @pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32), ("w4", 64)])

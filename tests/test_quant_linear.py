@@ -17,7 +17,7 @@ from torch import nn
 import lepton_core as lc
 import lepton_core.nn as lnn
 from lepton_core import _qpack
-from tolerances import gemm_rel_denominator, gemm_rel_norm_bound
+from tolerances import gemm_rel_norm_bound, rel_err as _rel_err
 
 SCHEMES = [("w8", 128), ("w4", 32), ("w4", 64), ("w8a8", 128)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -25,15 +25,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 def _name(dt):
     return str(dt).replace("torch.", "")
-
-
-def _rel_err(out, ref, terms=None, k=1):
-    """||out - ref|| / ||ref||; with `terms` (|x| |W|^T + |bias|) the denominator is floored against
-    cancellation (tolerances.gemm_rel_denominator): a 1 x 1 output can cancel to near zero."""
-    den = ref.norm().item()
-    if terms is not None:
-        den = gemm_rel_denominator(den, terms.norm().item(), k)
-    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
 
 
 def _terms(x, q):

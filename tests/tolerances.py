@@ -44,6 +44,16 @@ def gemm_rel_denominator(ref_norm: float, terms_norm: float, k: int) -> float:
     return max(ref_norm, 0.5 * terms_norm / math.sqrt(max(k, 1)))
 
 
+def rel_err(out, ref, terms=None, k: int = 1) -> float:
+    """||out - ref|| / ||ref|| (torch tensors, ref in float64); with `terms` (|x| |W|^T (+ |bias|)) the
+    denominator is floored against cancellation (gemm_rel_denominator): a 1 x 1 output can cancel to
+    near zero."""
+    den = ref.norm().item()
+    if terms is not None:
+        den = gemm_rel_denominator(den, terms.norm().item(), k)
+    return (out.double() - ref).norm().item() / (den if den > 0 else 1.0)
+
+
 # Quantization (API.md §2): nearest rounding of integer formats errs by at most scale/2 per element.
 # The quotient x/scale is rounded once in float32 and dequantization multiplies once, so we allow
 # the float32 rounding of those two steps on top: |x - x_hat| <= scale/2 + 2 * u32 * (|x| + scale).
