@@ -155,6 +155,33 @@ def test_one_term_outputs_are_the_activation_exactly(rng, isa, threads, scheme, 
     torch.testing.assert_close(out[fin], ref[fin], rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("scheme,group_size", [("w8", 0), ("w4", 32)])
+def test_thread_count_and_split_do_not_change_bits(rng, isa, scheme, group_size):
+    """Threads take runs of 32-column panels from a counter (the row copy of the split path, runs of
+    rows), so which thread runs a panel varies from call to call: every path's outputs are bitwise
+    those of one thread at 2, 3 and 5 threads (1 and 7 rows: decode; 8 and 40 bf16 rows: the few-rows
+    and many-rows bf16 kernels; 40 and 300 float32 rows: the float kernels, the split bf16 pieces or
+    the float GEMM), on 37 panels, none left out (outputs poisoned)."""
+    k, n = 300, 37 * 32 - 5
+    w, bias = torch.randn(n, k), torch.randn(n)
+    codes, scale, zero = _packed(scheme, w, group_size)
+    before = lc.get_num_threads()
+    try:
+        for m, dt in ((1, torch.bfloat16), (7, torch.float32), (8, torch.bfloat16), (40, torch.bfloat16),
+                      (40, torch.float32), (300, torch.float32)):
+            x = torch.randn(m, k).to(dt)
+            outs = []
+            for nt in (1, 2, 3, 5):
+                lc.set_num_threads(nt)
+                outs.append(cpu.quant_linear(x, codes, scale, zero, bias, scheme, group_size, n))
+            for nt, out in zip((2, 3, 5), outs[1:]):
+                assert torch.equal(out, outs[0]), (m, dt, nt)
+            wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()
+            assert _rel_err(outs[0], x.double() @ wd.t() + bias.double()) <= gemm_rel_norm_bound(_name(dt), k)
+    finally:
+        lc.set_num_threads(before)
+
+
 def test_empty_k_and_empty_rows(rng, isa):
     """K == 0 is an empty sum (bias only); M == 0 an empty result."""
     bias = torch.randn(5)

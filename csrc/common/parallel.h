@@ -24,21 +24,6 @@ static inline int threads_for(int64_t n_tasks, double work_per_task, double min_
   return int(std::max<int64_t>(1, std::min<int64_t>(nt, cap)));
 }
 
-// Runs body(task) for task in [0, n_tasks) on `n_threads` threads, statically partitioned so each
-// thread gets one contiguous range (results must never depend on the partition).
-template <class Body>
-static inline void parallel_for(int64_t n_tasks, int n_threads, const Body& body) {
-#ifdef LP_HAVE_OPENMP
-  if (n_threads > 1 && n_tasks > 1) {
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t t = 0; t < n_tasks; ++t) body(t);
-    return;
-  }
-#endif
-  (void)n_threads;
-  for (int64_t t = 0; t < n_tasks; ++t) body(t);
-}
-
 // Tasks [0, n_tasks) handed out in chunks of consecutive tasks (about 4 chunks a thread) from a
 // counter, so that a thread whose core is slower (a busy neighbour on a shared host) takes fewer of
 // them than a static split would give it (AMX few-row x @ W^T at 32 rows 1.27x on a 2-core Xeon,
@@ -72,17 +57,25 @@ static inline void parallel_region(int n_threads, const Body& body) {
   body(0, 1);
 }
 
+// Runs body(thread, begin, end) over ranges [begin, end) that together cover [0, n_tasks) once, handed
+// out by ClaimedChunks on n_threads threads (thread: the running thread's index, for its own
+// workspace). For kernels that do some work per range (a workspace to clear, a row chunk to walk)
+// and whose results do not depend on the ranges.
+template <class Body>
+static inline void parallel_ranges_claimed(int64_t n_tasks, int n_threads, const Body& body) {
+  if (n_tasks <= 0) return;
+  if (n_threads <= 1 || n_tasks <= 1) return body(0, int64_t(0), n_tasks);
+  ClaimedChunks claims(n_tasks, n_threads);
+  parallel_region(n_threads, [&](int t, int) {
+    for (int64_t t0, t1; claims.next(t0, t1);) body(t, t0, t1);
+  });
+}
+
 // parallel_for with the tasks handed out by ClaimedChunks instead of a static split.
 template <class Body>
 static inline void parallel_for_claimed(int64_t n_tasks, int n_threads, const Body& body) {
-  if (n_threads <= 1 || n_tasks <= 1) {
-    for (int64_t t = 0; t < n_tasks; ++t) body(t);
-    return;
-  }
-  ClaimedChunks claims(n_tasks, n_threads);
-  parallel_region(n_threads, [&](int, int) {
-    for (int64_t t0, t1; claims.next(t0, t1);)
-      for (int64_t t = t0; t < t1; ++t) body(t);
+  parallel_ranges_claimed(n_tasks, n_threads, [&](int, int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body(t);
   });
 }
 

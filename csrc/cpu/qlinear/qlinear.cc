@@ -83,9 +83,9 @@ static void split_row(const float* x, int64_t k, uint16_t* __restrict p1, uint16
 static void copy_split_rows(const QLinearArgs& a, const QLinearCall& c, uint16_t* xb) {
   const bool as_is = a.x_dtype == LP_DTYPE_F32 && a.x_stride_col == 1;
   const int nt = threads_for(a.m, double(a.k) * 8, kQLinearMinWorkPerThread);
-  parallel_for(nt, nt, [&](int64_t t) {
+  parallel_ranges_claimed(a.m, nt, [&](int, int64_t i0, int64_t i1) {
     std::vector<float> row(as_is ? 0 : size_t(a.k));  // a strided or float16 row widened first
-    for (int64_t i = a.m * t / nt; i < a.m * (t + 1) / nt; ++i) {
+    for (int64_t i = i0; i < i1; ++i) {
       const float* xi = static_cast<const float*>(a.x) + i * a.x_stride_row;
       if (!as_is) {
         for (int64_t kk = 0; kk < a.k; ++kk) row[kk] = gemm_load_float(a.x, a.x_dtype, i * a.x_stride_row + kk * a.x_stride_col);
@@ -144,7 +144,7 @@ void qlinear(const QLinearArgs& a) {
     c.x = nullptr, c.xsum = w4 ? xsum : nullptr, c.xb = xb;
     const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
     const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
-    parallel_for(nt, nt, [&](int64_t t) { run_bf16_few(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
+    parallel_ranges_claimed(n_panels, nt, [&](int, int64_t p0, int64_t p1) { run_bf16_few(c, p0, p1); });
     return;
   }
   const int64_t split_min = w4 ? kern.split_min_rows_w4 : kern.split_min_rows_w8;
@@ -168,8 +168,8 @@ void qlinear(const QLinearArgs& a) {
     else
       copy_bf16_rows(a, c, xb);
     c.x = nullptr, c.xsum = nullptr, c.xb = xb;
-    parallel_for(nt, nt, [&](int64_t t) {
-      run_bf16(c, n_panels * t / nt, n_panels * (t + 1) / nt, scratch + x_bytes + t * ws_bytes);
+    parallel_ranges_claimed(n_panels, nt, [&](int t, int64_t p0, int64_t p1) {
+      run_bf16(c, p0, p1, scratch + x_bytes + t * ws_bytes);
     });
     return;
   }
@@ -212,11 +212,11 @@ void qlinear(const QLinearArgs& a) {
     return;
   }
   auto run = a.scheme == LP_QLINEAR_W4 ? kern.w4 : kern.w8;
-  // Threads own contiguous runs of output panels (every row of them): columns never mix, so the
-  // result is the same for any thread count.
+  // Threads take runs of output panels (every row of them) from a counter: columns never mix, so the
+  // result is the same for any thread count and any split.
   const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
   const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
-  parallel_for(nt, nt, [&](int64_t t) { run(c, n_panels * t / nt, n_panels * (t + 1) / nt); });
+  parallel_ranges_claimed(n_panels, nt, [&](int, int64_t p0, int64_t p1) { run(c, p0, p1); });
 }
 
 }  // namespace lp

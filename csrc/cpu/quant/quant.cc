@@ -125,7 +125,7 @@ int64_t quantize_blockwise(const QuantizeArgs& a, const Geometry& g, const Quant
   const int64_t n_chunks = (g.n_elems + kChunkElems - 1) / kChunkElems;
   std::atomic<bool> bad{false};
   int nt = threads_for(n_chunks, double(kChunkElems), kMinElemsPerThread);
-  parallel_for(n_chunks, nt, [&](int64_t c) {
+  parallel_for_claimed(n_chunks, nt, [&](int64_t c) {
     // A chunk holds whole blocks and fits in L1: all its statistics and scales first (independent
     // reductions and divisions overlap instead of each block waiting on its own), then its codes.
     const int64_t begin = c * kChunkElems, end = std::min(g.n_elems, begin + kChunkElems);
@@ -169,7 +169,7 @@ int64_t quantize_rows(const QuantizeArgs& a, const Geometry& g, const QuantKerne
   const uint32_t key = rng_key(a.seed);
   std::atomic<bool> bad{false};
   const int nt = threads_for(g.n_channels, double(g.n_inner), kMinElemsPerThread);
-  parallel_for(g.n_channels, nt, [&](int64_t r) {
+  parallel_for_claimed(g.n_channels, nt, [&](int64_t r) {
     const int64_t i0 = r * g.n_inner;
     SpanStats st = {0, 0.0f, 0.0f};
     stats(a.x, i0, g.n_inner, &st);
@@ -190,13 +190,12 @@ int64_t quantize_two_pass(const QuantizeArgs& a, const Geometry& g, const QuantK
   const int64_t n_groups = g.n_groups;
   int nt = threads_for(n_chunks, double(kChunkElems), kMinElemsPerThread);
 
-  // 1. Statistics: task t reduces a contiguous range of chunks into its own per-group slots.
+  // 1. Statistics: thread t reduces the ranges of chunks it takes into its own per-group slots.
   std::vector<uint32_t> abs_bits(size_t(nt * n_groups), 0u);
   std::vector<float> mins(minmax ? size_t(nt * n_groups) : 0, 0.0f), maxs(mins.size(), 0.0f);
   StatsFn stats = k.stats(a.x_dtype, minmax);
   StatsElemFn stats_elem = k.stats_elem(a.x_dtype, minmax);
-  parallel_for(nt, nt, [&](int64_t t) {
-    int64_t c0 = n_chunks * t / nt, c1 = n_chunks * (t + 1) / nt;
+  parallel_ranges_claimed(n_chunks, nt, [&](int t, int64_t c0, int64_t c1) {
     int64_t begin = std::min(g.n_elems, c0 * kChunkElems), end = std::min(g.n_elems, c1 * kChunkElems);
     uint32_t* ab = &abs_bits[size_t(t * n_groups)];
     float* mn = minmax ? &mins[size_t(t * n_groups)] : nullptr;
@@ -228,7 +227,7 @@ int64_t quantize_two_pass(const QuantizeArgs& a, const Geometry& g, const QuantK
   // 3. Quantize, chunk by chunk.
   QuantSpanFn quant = k.quantize(a.fmt, a.x_dtype, a.stochastic, g.mode == SEG_ELEM);
   const uint32_t key = rng_key(a.seed);
-  parallel_for(n_chunks, nt, [&](int64_t c) {
+  parallel_for_claimed(n_chunks, nt, [&](int64_t c) {
     int64_t begin = c * kChunkElems, end = std::min(g.n_elems, begin + kChunkElems);
     for_each_segment(g, begin, end, [&](int64_t i0, int64_t n, int64_t grp) {
       quant(QuantSpan{a.x, i0, n, &a.scale[grp], minmax ? &a.zero_point[grp] : nullptr, key, a.data});
@@ -269,7 +268,7 @@ void dequantize(const DequantizeArgs& a) {
   const bool has_zp = a.fmt == LP_QFMT_UINT8;
   const int64_t n_chunks = (g.n_elems + kChunkElems - 1) / kChunkElems;
   int nt = threads_for(n_chunks, double(kChunkElems), kMinElemsPerThread);
-  parallel_for(n_chunks, nt, [&](int64_t c) {
+  parallel_for_claimed(n_chunks, nt, [&](int64_t c) {
     int64_t begin = c * kChunkElems, end = std::min(g.n_elems, begin + kChunkElems);
     for_each_segment(g, begin, end, [&](int64_t i0, int64_t n, int64_t grp) {
       deq(DequantSpan{a.data, i0, n, &a.scale[grp], has_zp ? &a.zero_point[grp] : nullptr, a.out});
