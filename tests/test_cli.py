@@ -236,6 +236,32 @@ def test_counts_are_singular_for_one(capsys):
 # ---------------------------------------------------------------------------------------------------
 # lepton bench: tables on stdout, a progress line per row on stderr, --json and --markdown files
 # ---------------------------------------------------------------------------------------------------
+def test_bench_rounds_alternate_and_ratios_pair_rounds(monkeypatch):
+    """interleaved_samples reverses the order every other round (A B C, C B A), so neighbours in the
+    dict stay neighbours and none always follows the same one; paired_ratio is the median of per-round
+    ratios. A fake clock: each call advances it by its function's cost, three times as much in rounds
+    2-4 (a slow phase of the host), which moves the samples but not the per-round ratio."""
+    from lepton_core.benchmarks import common
+
+    clock, order = [0.0], []
+    cost = {"peak": 1.0, "ours": 2.0, "torch": 3.0}
+
+    def timed(name):
+        def call():
+            r = (len(order) - 6) // 3  # two warm-up calls each, then rounds of three calls
+            order.append(name)
+            clock[0] += cost[name] * (3.0 if 2 <= r <= 4 else 1.0)
+        return call
+
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(common, "_calibrate", lambda fn, min_sample_s: 1)
+    samples = common.interleaved_samples({name: timed(name) for name in cost}, rounds=6)
+    rounds = [order[6 + 3 * r:9 + 3 * r] for r in range(6)]
+    assert rounds[0::2] == [["peak", "ours", "torch"]] * 3 and rounds[1::2] == [["torch", "ours", "peak"]] * 3
+    assert samples["ours"] == [2.0, 2.0, 6.0, 6.0, 6.0, 2.0]
+    assert common.paired_ratio(samples, "torch", "ours") == 1.5
+
+
 def test_bench_output_plumbing(tmp_path, capsys, monkeypatch):
     """A smoke run of `lepton bench quant --quick` with the timer replaced (every call "takes" 1 ms):
     the kernels and their checks run once each, nothing is timed."""

@@ -1,8 +1,9 @@
 """Timing helpers for benchmarks on a shared, noisy machine.
 
 Rules (bench/RESULTS.md relies on them): the baseline and our kernel are timed interleaved in one
-process (A B A B ...), each sample long enough to dwarf timer resolution, and we report medians and
-their ratio, never a single absolute time.
+process (A B A B ..., the order reversed every other round), each sample long enough to dwarf timer
+resolution, and we report medians and a ratio (of the medians, or the median of per-round ratios:
+paired_ratio), never a single absolute time.
 """
 from __future__ import annotations
 
@@ -25,22 +26,41 @@ def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
         n = max(n * 2, int(n * min_sample_s / max(dt, 1e-9) * 1.2))
 
 
-def interleaved(fns: Dict[str, Callable[[], object]], *, rounds: int = 7, min_sample_s: float = 0.02,
-                warmup: int = 2) -> Dict[str, float]:
-    """Median seconds per call of each function, sampled round-robin (A B A B ...)."""
+def interleaved_samples(fns: Dict[str, Callable[[], object]], *, rounds: int = 7, min_sample_s: float = 0.02,
+                        warmup: int = 2) -> Dict[str, List[float]]:
+    """Seconds per call of each function in every round, sampled round-robin, the order reversed every
+    other round (A B C, C B A, A B C ...): no function always runs right after the same other one (a
+    peak probe's heat, another's cache footprint), and functions next to each other in `fns` stay next
+    to each other, so that their per-round ratio (paired_ratio) compares samples taken moments apart."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     inner = {name: _calibrate(fn, min_sample_s) for name, fn in fns.items()}
     samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            n = inner[name]
+    names = list(fns)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            fn, n = fns[name], inner[name]
             t0 = time.perf_counter()
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - t0) / n)
+    return samples
+
+
+def interleaved(fns: Dict[str, Callable[[], object]], *, rounds: int = 7, min_sample_s: float = 0.02,
+                warmup: int = 2) -> Dict[str, float]:
+    """Median seconds per call of each function, sampled as interleaved_samples does."""
+    samples = interleaved_samples(fns, rounds=rounds, min_sample_s=min_sample_s, warmup=warmup)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def paired_ratio(samples: Dict[str, List[float]], base: str, ours: str) -> float:
+    """Median over rounds of base's time / ours in the same round (> 1: ours is faster). On a machine
+    whose speed shifts between rounds (a neighbour's load, a phase of the host) this follows the two
+    functions' relative speed, where the ratio of their medians can pair a slow round of one with a
+    fast round of the other."""
+    return statistics.median(b / o for b, o in zip(samples[base], samples[ours]))
 
 
 _copy_gbps = None

@@ -6,7 +6,9 @@ linear layer at a small batch), the training shapes (lc.nn.Linear's forward, inp
 weight-gradient GEMMs in bf16 at 32 .. 4096 tokens and 256 .. 4096 features), and the fixed cost of a
 64 x 64 call. Both sides
 use the same thread count (lc.get_num_threads()). `ratio` is torch's time over ours (> 1: we are
-faster). A roofline against the compute peak: `peak_pct` is our throughput and `torch_peak_pct` the
+faster), the median of 7 rounds' ratios, each of two samples taken one right after the other (the
+box's speed moves between rounds; `ours_ms` and `torch_ms` are each side's median, whose quotient can
+differ from `ratio`). A roofline against the compute peak: `peak_pct` is our throughput and `torch_peak_pct` the
 baseline's over this machine's measured peak for that arithmetic (`peak_gflops`): the peak probe
 (_C.gemm_peak_probe) runs the active ISA's microkernel instructions without loads on every thread
 (AVX-512: vfmadd231ps for float32 / float16, vdpbf16ps for bf16, vpdpbusd for int8; AVX2: FMA for
@@ -22,6 +24,7 @@ its row says so in `note`.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -29,7 +32,7 @@ import torch
 
 import lepton_core as lc
 from lepton_core import _C
-from lepton_core.benchmarks.common import ProgressRows, interleaved, print_table
+from lepton_core.benchmarks.common import ProgressRows, interleaved_samples, paired_ratio, print_table
 
 COLUMNS = ["shape", "dtype", "baseline", "ours_ms", "torch_ms", "ratio", "ours_gflops", "torch_gflops",
            "peak_gflops", "peak_pct", "torch_peak_pct", "note"]
@@ -97,9 +100,12 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
     # a scheduler tick on a busy machine) does not count as lost peak.
     peak_ops = max(ops, 2e10 if dtype == torch.int8 else 1e10)
     peak = _peak_fn(peak_ops, n_threads, _probe_kind(dtype))
-    fns = {"ours": ours}
+    # The probe first, ours next to torch: in rounds of alternating order (interleaved_samples) ours and
+    # torch are always timed one right after the other, and each follows the probe equally often.
+    fns = {}
     if peak is not None:
         fns["peak"] = peak[0]
+    fns["ours"] = ours
     note = ""
     t_theirs = None
     if est_baseline_s is not None and est_baseline_s > _SKIP_BASELINE_S:
@@ -111,9 +117,14 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
             note = f"{baseline} timed once ({single:.1f} s per call)"
         else:
             fns["torch"] = theirs
-    t = interleaved(fns, rounds=5, min_sample_s=0.05)
+    samples = interleaved_samples(fns, rounds=7, min_sample_s=0.05)
+    t = {name: statistics.median(v) for name, v in samples.items()}
     t_ours = t["ours"]
     t_theirs = t.get("torch", t_theirs)
+    # The ratio of times taken moments apart, round by round (paired_ratio): this box's speed moves
+    # between rounds, and a ratio of medians then compares different moments. A baseline timed once
+    # has no rounds: the ratio of the two times.
+    ratio = None if t_theirs is None else paired_ratio(samples, "torch", "ours") if "torch" in samples else t_theirs / t_ours
     ours_g = ops / t_ours / 1e9
     if peak is not None:
         peak_g = peak[1] / t["peak"] / 1e9
@@ -125,7 +136,7 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
         "baseline": baseline,
         "ours_ms": t_ours * 1e3,
         "torch_ms": _MISSING if t_theirs is None else t_theirs * 1e3,
-        "ratio": _MISSING if t_theirs is None else t_theirs / t_ours,
+        "ratio": _MISSING if ratio is None else ratio,
         "ours_gflops": ours_g,
         "torch_gflops": _MISSING if t_theirs is None else ops / t_theirs / 1e9,
         "peak_gflops": peak_g,
