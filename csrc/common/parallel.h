@@ -71,7 +71,7 @@ static inline void parallel_ranges_claimed(int64_t n_tasks, int n_threads, const
   });
 }
 
-// parallel_for with the tasks handed out by ClaimedChunks instead of a static split.
+// body(task) for every task in [0, n_tasks), the tasks handed out as by parallel_ranges_claimed.
 template <class Body>
 static inline void parallel_for_claimed(int64_t n_tasks, int n_threads, const Body& body) {
   parallel_ranges_claimed(n_tasks, n_threads, [&](int, int64_t t0, int64_t t1) {
