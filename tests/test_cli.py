@@ -260,6 +260,12 @@ def test_bench_rounds_alternate_and_ratios_pair_rounds(monkeypatch):
     assert rounds[0::2] == [["peak", "ours", "torch"]] * 3 and rounds[1::2] == [["torch", "ours", "peak"]] * 3
     assert samples["ours"] == [2.0, 2.0, 6.0, 6.0, 6.0, 2.0]
     assert common.paired_ratio(samples, "torch", "ours") == 1.5
+    assert common.paired_ratio_spread(samples, "torch", "ours") == "1.50-1.50"
+    samples["torch"][0] *= 10  # one stray round moves neither the median nor the spread
+    assert common.paired_ratio(samples, "torch", "ours") == 1.5
+    assert common.paired_ratio_spread(samples, "torch", "ours") == "1.50-1.50"
+    samples["torch"][1] *= 2
+    assert common.paired_ratio_spread(samples, "torch", "ours") == "1.50-3.00"
 
 
 def test_bench_output_plumbing(tmp_path, capsys, monkeypatch):

@@ -63,6 +63,15 @@ def paired_ratio(samples: Dict[str, List[float]], base: str, ours: str) -> float
     return statistics.median(b / o for b, o in zip(samples[base], samples[ours]))
 
 
+def paired_ratio_spread(samples: Dict[str, List[float]], base: str, ours: str) -> str:
+    """The per-round ratios' spread, "lo-hi": without the lowest and highest where there are 5 rounds
+    or more (one stray round does not widen it), all of them otherwise."""
+    r = sorted(b / o for b, o in zip(samples[base], samples[ours]))
+    if len(r) >= 5:
+        r = r[1:-1]
+    return f"{r[0]:.2f}-{r[-1]:.2f}"
+
+
 _copy_gbps = None
 
 

@@ -8,7 +8,8 @@ weight-gradient GEMMs in bf16 at 32 .. 4096 tokens and 256 .. 4096 features), an
 use the same thread count (lc.get_num_threads()). `ratio` is torch's time over ours (> 1: we are
 faster), the median of 7 rounds' ratios, each of two samples taken one right after the other (the
 box's speed moves between rounds; `ours_ms` and `torch_ms` are each side's median, whose quotient can
-differ from `ratio`). A roofline against the compute peak: `peak_pct` is our throughput and `torch_peak_pct` the
+differ from `ratio`; `ratio_spread` is the per-round ratios' range without the lowest and highest).
+A roofline against the compute peak: `peak_pct` is our throughput and `torch_peak_pct` the
 baseline's over this machine's measured peak for that arithmetic (`peak_gflops`): the peak probe
 (_C.gemm_peak_probe) runs the active ISA's microkernel instructions without loads on every thread
 (AVX-512: vfmadd231ps for float32 / float16, vdpbf16ps for bf16, vpdpbusd for int8; AVX2: FMA for
@@ -32,9 +33,10 @@ import torch
 
 import lepton_core as lc
 from lepton_core import _C
-from lepton_core.benchmarks.common import ProgressRows, interleaved_samples, paired_ratio, print_table
+from lepton_core.benchmarks.common import (ProgressRows, interleaved_samples, paired_ratio, paired_ratio_spread,
+                                           print_table)
 
-COLUMNS = ["shape", "dtype", "baseline", "ours_ms", "torch_ms", "ratio", "ours_gflops", "torch_gflops",
+COLUMNS = ["shape", "dtype", "baseline", "ours_ms", "torch_ms", "ratio", "ratio_spread", "ours_gflops", "torch_gflops",
            "peak_gflops", "peak_pct", "torch_peak_pct", "note"]
 
 _MAX_BASELINE_S = 4.0     # longer single calls are timed once instead of interleaved
@@ -124,7 +126,8 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
     # The ratio of times taken moments apart, round by round (paired_ratio): this box's speed moves
     # between rounds, and a ratio of medians then compares different moments. A baseline timed once
     # has no rounds: the ratio of the two times.
-    ratio = None if t_theirs is None else paired_ratio(samples, "torch", "ours") if "torch" in samples else t_theirs / t_ours
+    paired = "torch" in samples
+    ratio = None if t_theirs is None else paired_ratio(samples, "torch", "ours") if paired else t_theirs / t_ours
     ours_g = ops / t_ours / 1e9
     if peak is not None:
         peak_g = peak[1] / t["peak"] / 1e9
@@ -137,6 +140,7 @@ def _bench_one(m: int, k: int, n: int, dtype: torch.dtype, baseline: str, est_ba
         "ours_ms": t_ours * 1e3,
         "torch_ms": _MISSING if t_theirs is None else t_theirs * 1e3,
         "ratio": _MISSING if ratio is None else ratio,
+        "ratio_spread": paired_ratio_spread(samples, "torch", "ours") if paired else _MISSING,
         "ours_gflops": ours_g,
         "torch_gflops": _MISSING if t_theirs is None else ops / t_theirs / 1e9,
         "peak_gflops": peak_g,
