@@ -165,6 +165,7 @@ def test_thread_count_and_split_do_not_change_bits(rng, isa, scheme, group_size)
     k, n = 300, 37 * 32 - 5
     w, bias = torch.randn(n, k), torch.randn(n)
     codes, scale, zero = _packed(scheme, w, group_size)
+    wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()
     before = lc.get_num_threads()
     try:
         for m, dt in ((1, torch.bfloat16), (7, torch.float32), (8, torch.bfloat16), (40, torch.bfloat16),
@@ -176,7 +177,6 @@ def test_thread_count_and_split_do_not_change_bits(rng, isa, scheme, group_size)
                 outs.append(cpu.quant_linear(x, codes, scale, zero, bias, scheme, group_size, n))
             for nt, out in zip((2, 3, 5), outs[1:]):
                 assert torch.equal(out, outs[0]), (m, dt, nt)
-            wd = unpack(scheme, codes, scale, zero, n, k, group_size).double()
             assert _rel_err(outs[0], x.double() @ wd.t() + bias.double()) <= gemm_rel_norm_bound(_name(dt), k)
     finally:
         lc.set_num_threads(before)
