@@ -482,9 +482,11 @@ def test_matrix_vector(isa, threads, rng, in_dtype, out_dtype):
                          ids=["f32", "bf16", "bf16-f32", "f32-f16"])
 def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype):
     """x @ W^T with few rows (nn.Linear's forward at a small batch; on AVX-512 the unpacked small-M
-    path): rows around its 8-row and 48-row limits, K with tails of the 16- and 32-element vectors,
-    N not a multiple of its 3-column block, bias, batches; bits independent of the thread count."""
-    for m, k, n in [(2, 128, 3), (7, 129, 40), (9, 161, 37), (31, 300, 5), (48, 1030, 64), (49, 200, 7)]:
+    path): rows around its 8-row and 48-row limits (16 for float32 on the AMX tables), K with tails of the
+    16- and 32-element vectors, N not a multiple of its 3-column block, bias, batches; bits independent of
+    the thread count."""
+    for m, k, n in [(2, 128, 3), (7, 129, 40), (9, 161, 37), (16, 97, 11), (17, 150, 9), (31, 300, 5), (48, 1030, 64),
+                    (49, 200, 7)]:
         x, w = rand(rng, (m, k), in_dtype), rand(rng, (n, k), in_dtype)
         bias = rand(rng, (n,), torch.float32)
         assert_close(lc.gemm(x, w.t(), bias=bias, out_dtype=out_dtype), x, w.t(), bias, out_dtype)
