@@ -21,8 +21,8 @@ struct CpuFeatures {
 const CpuFeatures& cpu_features();   // detected once
 int cpu_isa_detected();              // the best level this CPU and OS support
 int cpu_isa_compiled();              // the best level whose kernels this build contains
-int cpu_isa_active();                // what kernels dispatch on now (automatic: at most avx512)
-void cpu_isa_set_active(int isa);    // capped at min(detected, compiled); amx only this way
+int cpu_isa_active();                // what kernels dispatch on now (automatic: min(detected, compiled))
+void cpu_isa_set_active(int isa);    // capped at min(detected, compiled)
 const char* cpu_isa_name(int isa);
 
 }  // namespace lp
