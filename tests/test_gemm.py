@@ -482,20 +482,20 @@ def test_matrix_vector(isa, threads, rng, in_dtype, out_dtype):
                          ids=["f32", "bf16", "bf16-f32", "f32-f16"])
 def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype):
     """x @ W^T with few rows (nn.Linear's forward at a small batch; on AVX-512 the unpacked small-M
-    path): rows around its 8-row and 48-row limits (16 for float32 on the AMX tables), K with tails of the
-    16- and 32-element vectors, N not a multiple of its 3-column block, bias, batches; bits independent of
-    the thread count."""
-    for m, k, n in [(2, 128, 3), (7, 129, 40), (9, 161, 37), (16, 97, 11), (17, 150, 9), (31, 300, 5), (48, 1030, 64),
-                    (49, 200, 7)]:
+    path): rows around its 8-row and 48-row limits (16 for float32 on the AMX tables) and its blocks of 2
+    and 4 rows, K with tails of the 16- and 32-element vectors, N not a multiple of a block's 12, 6 or 3
+    W rows, bias, batches; bits independent of the thread count."""
+    for m, k, n in [(2, 128, 3), (2, 300, 29), (3, 200, 13), (4, 161, 25), (5, 140, 8), (7, 129, 40), (9, 161, 37),
+                    (16, 97, 11), (17, 150, 9), (31, 300, 5), (48, 1030, 64), (49, 200, 7)]:
         x, w = rand(rng, (m, k), in_dtype), rand(rng, (n, k), in_dtype)
         bias = rand(rng, (n,), torch.float32)
         assert_close(lc.gemm(x, w.t(), bias=bias, out_dtype=out_dtype), x, w.t(), bias, out_dtype)
     for rows in (5, 13):   # batches of one row group, and of two (A packed in row groups from 9 rows)
         xb, wb = rand(rng, (3, rows, 256), in_dtype), rand(rng, (3, 20, 256), in_dtype).transpose(1, 2)
         assert_close(lc.gemm(xb, wb, out_dtype=out_dtype), xb, wb, out_dtype=out_dtype)
-    # W of 5 and of 9 groups of 64 rows (the AMX in-place path takes W from 8), 11 rows and 6 (the AVX-512
-    # few-rows kernel's, up to 8 rows)
-    for m, n in [(11, 301), (6, 301), (6, 520)]:
+    # W of 5 and of 9 groups of 64 rows (the AMX in-place path takes W from 8), 11 rows, 6, 4 and 2 (the
+    # AVX-512 few-rows kernel's 8-, 4- and 2-row blocks)
+    for m, n in [(11, 301), (6, 301), (6, 520), (2, 301), (4, 301)]:
         x, w = rand(rng, (m, 700), in_dtype), rand(rng, (n, 700), in_dtype)
         before = lc.get_num_threads()
         try:

@@ -166,7 +166,8 @@ void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
   const int64_t rs = row ? mo.stride_row_elems : mo.stride_col_elems;
   const int64_t cs = row ? mo.stride_col_elems : mo.stride_row_elems;
   const int64_t out_elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
-  const int64_t nt_want = threads_for(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k), kGemmMinFlopsPerThread);
+  const int64_t nt_want = gemm_threads_for_stream(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k),
+                                                  64.0 * double(k) * (mo.dtype == LP_DTYPE_F32 ? 4 : 2));
   const int64_t chunk_cols = std::min(
       kGemvMaxChunk, gemm_round_up(gemm_ceil_div(n_out, std::max<int64_t>(1, nt_want / g.n_batch)), 64));
   const int64_t n_chunks = gemm_ceil_div(n_out, chunk_cols);

@@ -4,8 +4,8 @@
 // For a handful of output rows (decode, small batches) packing B costs as much as the product. When
 // B's columns are contiguous along k (B = W^T with W row-major, nn.Linear's forward) and A's rows are
 // too, every output is a dot product of an A row and a W row: W streams from memory once, untouched,
-// and the few A rows stay in L1 / L2. Register block: 3 W rows x 8 A rows = 24 accumulators of 16
-// float32 lanes over k (16 k per step for float32 by FMA, 32 for bf16 by vdpbf16ps on the natural
+// and the few A rows stay in L1 / L2. Register block: 3 W rows x 8 A rows (12 x 2 and 6 x 4 for
+// products of 2 and 4 rows at most) = 24 accumulators of 16 float32 lanes over k (16 k per step for float32 by FMA, 32 for bf16 by vdpbf16ps on the natural
 // (k, k+1) pairs), a masked tail, then one fixed lane-sum tree per output (Simd512::sum_lanes's,
 // 16 outputs at a time: sum_lanes16).
 // Leftovers: rows past m in the last A group re-read a valid row and are not stored; columns past n
@@ -69,15 +69,25 @@ static inline __m512 sum_lanes16(const __m512 (&v)[16]) {
   return _mm512_add_ps(_mm512_shuffle_ps(e, f, 0x88), _mm512_shuffle_ps(e, f, 0xDD));  // lanes i + i + 1
 }
 
-template <bool BF16, bool PACKED_A>
+// One block of R A rows x C = 24 / R W rows at (i0, j0). R = 8 (C = 3) from 5 rows of A; 2 or 4 rows
+// take R = 2 (C = 12) or 4 (C = 6), so that no multiply-add is spent on a repeated row: 2 rows of bf16
+// ran the 8-row block bound by its vdpbf16ps, 2.5x the 1-row product's time where both read W once.
+// Accumulator i is row i % R, column i / R (named c<i>: see ukernel_12x32 in gemm_avx512.cc for why);
+// each step loads the smaller side's vectors first and streams the other side's through them one at a
+// time, so 24 + min(R, C) + 1 vector registers are live. The accumulators' arithmetic is the 8-row
+// block's whatever R, so the bits are too.
+template <bool BF16, bool PACKED_A, int R>
 void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
+  static_assert(R == 2 || R == 4 || R == kSmallMRows, "2, 4 or 8 rows a block");
+  static_assert(!PACKED_A || R == kSmallMRows, "A is packed in groups of 8 rows");
+  constexpr int C = 24 / R;
   constexpr int64_t kStep = BF16 ? 32 : 16;  // k per vector
   const char* ap = PACKED_A ? p.a_packed + (batch * p.a_groups + i0 / kSmallMRows) * p.a_group_bytes : nullptr;
-  const char* arow[kSmallMRows];
-  for (int64_t r = 0; r < kSmallMRows; ++r)
+  const char* arow[R];
+  for (int r = 0; r < R; ++r)
     arow[r] = PACKED_A ? nullptr : p.a + batch * p.a_batch_bytes + std::min(i0 + r, p.m - 1) * p.a_row_bytes;
-  const char* wrow[kSmallMCols];
-  for (int64_t c = 0; c < kSmallMCols; ++c)
+  const char* wrow[C];
+  for (int c = 0; c < C; ++c)
     wrow[c] = p.w + batch * p.w_batch_bytes + std::min(j0 + c, p.n - 1) * p.w_row_bytes;
   constexpr int64_t kElemBytes = BF16 ? 2 : 4;
   auto load = [](const char* row, int64_t k, int64_t n_valid) -> __m512 {
@@ -91,52 +101,79 @@ void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
     if (BF16) return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)y);
     return _mm512_fmadd_ps(x, y, acc);
   };
-  auto a_row = [&](int64_t r, int64_t k, int64_t left) -> __m512 {
+  auto a_row = [&](int r, int64_t k, int64_t left) -> __m512 {
     if constexpr (PACKED_A) return _mm512_load_ps(reinterpret_cast<const float*>(ap + r * 64));
     return load(arow[r], k, left);
   };
-#define LP_SM_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
-#define LP_SM_DECL(r) __m512 c##r##_0 = _mm512_setzero_ps(), c##r##_1 = c##r##_0, c##r##_2 = c##r##_0;
-#define LP_SM_STEP(r)                            \
-  {                                              \
-    const __m512 a = a_row(r, k, left);          \
-    c##r##_0 = madd(c##r##_0, a, w0);            \
-    c##r##_1 = madd(c##r##_1, a, w1);            \
-    c##r##_2 = madd(c##r##_2, a, w2);            \
+#define LP_SM_24(X) \
+  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
+// The same list again, for use inside an expansion of LP_SM_24 (a macro does not expand within itself).
+#define LP_SM_24_IN(X) \
+  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
+#define LP_SM_DECL(i) __m512 c##i = _mm512_setzero_ps();
+// Accumulator i in the order the step runs: with W's C vectors loaded (R = 8), row by row, its A
+// vector loaded as the row's first; with A's R vectors loaded, column by column likewise.
+#define LP_SM_CASE(i) \
+  if constexpr (idx == (i)) c##i = madd(c##i, x, y);
+#define LP_SM_MADD_ROWS(j)                                                          \
+  {                                                                                 \
+    constexpr int r = (j) / C, c = (j) % C, idx = r + c * R;                        \
+    if constexpr (c == 0) a = a_row(r, k, left);                                    \
+    const __m512 x = a, y = wv[c];                                                  \
+    LP_SM_24_IN(LP_SM_CASE)                                                         \
   }
-  LP_SM_ROWS(LP_SM_DECL)
-  for (int64_t k = 0; k < p.k; k += kStep, ap += kSmallMRows * 64) {
+#define LP_SM_MADD_COLS(j)                                                          \
+  {                                                                                 \
+    constexpr int c = (j) / R, r = (j) % R, idx = r + c * R;                        \
+    if constexpr (r == 0) w = load(wrow[c], k, left);                               \
+    const __m512 x = av[r], y = w;                                                  \
+    LP_SM_24_IN(LP_SM_CASE)                                                         \
+  }
+  LP_SM_24(LP_SM_DECL)
+  for (int64_t k = 0; k < p.k; k += kStep, ap += PACKED_A ? kSmallMRows * 64 : 0) {
     const int64_t left = p.k - k;
-    const __m512 w0 = load(wrow[0], k, left), w1 = load(wrow[1], k, left), w2 = load(wrow[2], k, left);
-    LP_SM_ROWS(LP_SM_STEP)
+    if constexpr (R >= C) {
+      __m512 wv[C], a;
+      for (int c = 0; c < C; ++c) wv[c] = load(wrow[c], k, left);
+      LP_SM_24(LP_SM_MADD_ROWS)
+    } else {
+      __m512 av[R], w;
+      for (int r = 0; r < R; ++r) av[r] = a_row(r, k, left);
+      LP_SM_24(LP_SM_MADD_COLS)
+    }
   }
-  // The 24 lane sums as two vectors, lane j of the first: row j % 8, column j / 8; of the second
-  // (sum_lanes16<8>): row r, column 2 in lane 4 (r / 2) + r % 2. Bias added after the sum, rounded
-  // once to the output dtype by the vector conversion (the scalar one's bits), then each valid output
-  // copied out.
+  // The 24 lane sums as two vectors: accumulator i < 16 in lane i of the first; i >= 16 in lane
+  // 4 ((i - 16) / 2) + i % 2 of the second (sum_lanes16<8>). Bias added after the sum, rounded once to
+  // the output dtype by the vector conversion (the scalar one's bits), then each valid output copied out.
   const __m512 z = _mm512_setzero_ps();
-  const __m512 first[16] = {c0_0, c1_0, c2_0, c3_0, c4_0, c5_0, c6_0, c7_0, c0_1, c1_1, c2_1, c3_1, c4_1, c5_1, c6_1, c7_1};
-  const __m512 second[16] = {c0_2, c1_2, z, z, c2_2, c3_2, z, z, c4_2, c5_2, z, z, c6_2, c7_2, z, z};
-#undef LP_SM_STEP
+  const __m512 first[16] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15};
+  const __m512 second[16] = {c16, c17, z, z, c18, c19, z, z, c20, c21, z, z, c22, c23, z, z};
+#undef LP_SM_CASE
+#undef LP_SM_MADD_COLS
+#undef LP_SM_MADD_ROWS
 #undef LP_SM_DECL
-#undef LP_SM_ROWS
+#undef LP_SM_24_IN
+#undef LP_SM_24
+  auto lane_of = [](int i) { return i < 16 ? i : 16 + 4 * ((i - 16) / 2) + i % 2; };  // 16 +: the second vector
   __m512 sums[2] = {sum_lanes16<16>(first), sum_lanes16<8>(second)};
   if (p.bias) {
-    auto b = [&](int64_t c) { return _mm512_set1_ps(p.bias[std::min(j0 + c, p.n - 1)]); };
-    sums[0] = _mm512_add_ps(sums[0], _mm512_mask_blend_ps(0xFF00, b(0), b(1)));
-    sums[1] = _mm512_add_ps(sums[1], b(2));
+    alignas(64) float bias_lanes[32] = {};
+    for (int i = 0; i < 24; ++i) bias_lanes[lane_of(i)] = p.bias[std::min<int64_t>(j0 + i / R, p.n - 1)];
+    sums[0] = _mm512_add_ps(sums[0], _mm512_load_ps(bias_lanes));
+    sums[1] = _mm512_add_ps(sums[1], _mm512_load_ps(bias_lanes + 16));
   }
   alignas(64) uint8_t rounded[2][64];
   for (int v = 0; v < 2; ++v) Simd512::store_as(p.out_dtype, rounded[v], sums[v]);
-  const int64_t rows = std::min(kSmallMRows, p.m - i0), cols = std::min(kSmallMCols, p.n - j0);
+  const int64_t rows = std::min<int64_t>(R, p.m - i0), cols = std::min<int64_t>(C, p.n - j0);
   const bool wide = p.out_dtype == LP_DTYPE_F32;
   for (int64_t c = 0; c < cols; ++c) {
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t lane = c < 2 ? c * 8 + r : 4 * (r / 2) + r % 2, at = (batch * p.m + i0 + r) * p.n + j0 + c;
+      const int lane = lane_of(int(r + c * R));
+      const int64_t at = (batch * p.m + i0 + r) * p.n + j0 + c;
       if (wide)
-        std::memcpy(static_cast<float*>(p.out) + at, rounded[c / 2] + lane * 4, 4);
+        std::memcpy(static_cast<float*>(p.out) + at, rounded[lane / 16] + (lane % 16) * 4, 4);
       else
-        std::memcpy(static_cast<uint16_t*>(p.out) + at, rounded[c / 2] + lane * 2, 2);
+        std::memcpy(static_cast<uint16_t*>(p.out) + at, rounded[lane / 16] + (lane % 16) * 2, 2);
     }
   }
 }
@@ -191,19 +228,26 @@ bool gemm_small_m_float_avx512(const GemmFloatArgs& g) {
            a_groups, a_group_bytes,
            static_cast<const char*>(g.b.ptr), g.b.stride_col_elems * eb, g.b.stride_batch_elems * eb,
            g.m, g.n, g.k, g.a.dtype == LP_DTYPE_BF16, g.bias, g.out, g.out_dtype};
-  // Work items: (batch, group of 3 W rows); every A row group is done for a W group while its rows
+  // Blocks of 2 or 4 rows for products of at most that many rows, else of 8 (small_m_block). Work
+  // items: (batch, group of W rows of a block); every A row group is done for a W group while its rows
   // are in L1, so W is read from memory once. Handed out in chunks from a counter (ClaimedChunks): with a
   // busy loop on one core 32 x 4096 -> 4096 1.56x, without 0.99-1.02x (memory-bound; 2-core Xeon).
-  const int64_t n_groups = gemm_ceil_div(g.n, kSmallMCols);
+  const int rows_per_block = g.m <= 2 ? 2 : g.m <= 4 ? 4 : int(kSmallMRows), cols_per_block = 24 / rows_per_block;
+  const int64_t n_groups = gemm_ceil_div(g.n, cols_per_block);
   const int64_t n_items = g.n_batch * n_groups;
-  const int nt = threads_for(n_items, 2.0 * double(g.m) * double(kSmallMCols) * double(g.k), kGemmMinFlopsPerThread);
+  const int nt = gemm_threads_for_stream(n_items, 2.0 * double(g.m) * double(cols_per_block) * double(g.k),
+                                         double(cols_per_block) * double(g.k) * double(eb));
   parallel_for_claimed(n_items, nt, [&](int64_t item) {
-    const int64_t batch = item / n_groups, j0 = (item % n_groups) * kSmallMCols;
+    const int64_t batch = item / n_groups, j0 = (item % n_groups) * cols_per_block;
+    if (rows_per_block == 2)
+      return p.bf16 ? small_m_block<true, false, 2>(p, batch, 0, j0) : small_m_block<false, false, 2>(p, batch, 0, j0);
+    if (rows_per_block == 4)
+      return p.bf16 ? small_m_block<true, false, 4>(p, batch, 0, j0) : small_m_block<false, false, 4>(p, batch, 0, j0);
     for (int64_t i0 = 0; i0 < g.m; i0 += kSmallMRows) {
       if (p.bf16)
-        p.a_packed ? small_m_block<true, true>(p, batch, i0, j0) : small_m_block<true, false>(p, batch, i0, j0);
+        p.a_packed ? small_m_block<true, true, 8>(p, batch, i0, j0) : small_m_block<true, false, 8>(p, batch, i0, j0);
       else
-        p.a_packed ? small_m_block<false, true>(p, batch, i0, j0) : small_m_block<false, false>(p, batch, i0, j0);
+        p.a_packed ? small_m_block<false, true, 8>(p, batch, i0, j0) : small_m_block<false, false, 8>(p, batch, i0, j0);
     }
   });
   return true;
