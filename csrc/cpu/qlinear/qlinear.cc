@@ -40,6 +40,17 @@ void qlinear_store_row(const QLinearCall& c, int64_t row, int64_t col0, int64_t 
 
 // A panel is worth a thread of its own past this many multiply-adds (fork/join costs microseconds).
 constexpr double kQLinearMinWorkPerThread = 1.0e6;
+// Or past this many bytes of codes, as the GEMM's memory-bound paths (kGemmMinBytesPerThread): a few rows
+// stream the weight. 1 row x 1024 -> 1024 on 2 threads instead of 1 (2-core Xeon, session 22): w8 / w4
+// bf16 1.46 / 1.52x, float32 1.49 / 1.51x; w4 2048 -> 512 1.51x; 4-8 rows (already 2 threads) 0.99-1.00x.
+constexpr double kQLinearMinCodeBytesPerThread = 256.0 * 1024;
+
+// Threads for the n_panels output panels of a call.
+static int qlinear_threads(const QLinearArgs& a, int64_t n_panels) {
+  const double code_bytes = double(a.k) * double(kQLinearPanel) * (a.scheme == LP_QLINEAR_W4 ? 0.5 : 1.0);
+  return std::max(threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread),
+                  threads_for(n_panels, code_bytes, kQLinearMinCodeBytesPerThread));
+}
 
 // Rows of the bf16 activations' copy: m rounded up to the AMX kernels' 32-row blocks, whose tiles
 // read whole blocks (the rows past m are zeros).
@@ -143,7 +154,7 @@ void qlinear(const QLinearArgs& a) {
         group_sums(c, xb + i * c.xb_ld, a.k, [](uint16_t h) { return bf16_to_f32(h); }, xsum + i * c.n_groups);
     c.x = nullptr, c.xsum = w4 ? xsum : nullptr, c.xb = xb;
     const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
-    const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
+    const int nt = qlinear_threads(a, n_panels);
     parallel_ranges_claimed(n_panels, nt, [&](int, int64_t p0, int64_t p1) { run_bf16_few(c, p0, p1); });
     return;
   }
@@ -154,7 +165,7 @@ void qlinear(const QLinearArgs& a) {
     // (rows 64 bytes past a multiple of 64 apart: a power-of-two K would put the rows of a 12-row block
     // in one L1 set); each thread gets its own workspace.
     const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
-    const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
+    const int nt = qlinear_threads(a, n_panels);
     if (split) {
       c.xb_pieces = a.x_dtype == LP_DTYPE_F32 ? 3 : 2;
       c.xb_piece_ld = gemm_round_up(c.k_pad, 32);
@@ -215,7 +226,7 @@ void qlinear(const QLinearArgs& a) {
   // Threads take runs of output panels (every row of them) from a counter: columns never mix, so the
   // result is the same for any thread count and any split.
   const int64_t n_panels = gemm_ceil_div(a.n, kQLinearPanel);
-  const int nt = threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread);
+  const int nt = qlinear_threads(a, n_panels);
   parallel_ranges_claimed(n_panels, nt, [&](int, int64_t p0, int64_t p1) { run(c, p0, p1); });
 }
 
