@@ -490,7 +490,7 @@ def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype
         x, w = rand(rng, (m, k), in_dtype), rand(rng, (n, k), in_dtype)
         bias = rand(rng, (n,), torch.float32)
         assert_close(lc.gemm(x, w.t(), bias=bias, out_dtype=out_dtype), x, w.t(), bias, out_dtype)
-    for rows in (5, 13):   # batches of one row group, and of two (A packed in row groups from 9 rows)
+    for rows in (2, 3, 5, 13):   # batches of a 2- and a 4-row block, one row group, two (A packed from 9 rows)
         xb, wb = rand(rng, (3, rows, 256), in_dtype), rand(rng, (3, 20, 256), in_dtype).transpose(1, 2)
         assert_close(lc.gemm(xb, wb, out_dtype=out_dtype), xb, wb, out_dtype=out_dtype)
     # W of 5 and of 9 groups of 64 rows (the AMX in-place path takes W from 8), 11 rows, 6, 4 and 2 (the
