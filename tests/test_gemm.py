@@ -477,6 +477,29 @@ def test_matrix_vector(isa, threads, rng, in_dtype, out_dtype):
     assert_close(lc.gemm(ab, cb, out_dtype=out_dtype), ab, cb, out_dtype=out_dtype)
 
 
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+                         ids=["f32", "f16-f32", "f32-bf16", "bf16"])
+def test_few_rows_times_row_major_b(isa, threads, rng, in_dtype, out_dtype):
+    """2-5 rows of A times a row-major B (the matrix-vector path takes float32 / float16 up to 4 rows,
+    each row as its own matrix-vector product): K with a tail of the 4-row passes, N with tails of the
+    8-column vectors and of the 64-column chunks, B a column slice of a wider matrix, A strided, bias,
+    batches. Where the path takes the product its rows are the one-row products' bits."""
+    taken = in_dtype != torch.bfloat16 and isa != "scalar"
+    for m, k, n in [(2, 1, 9), (2, 7, 300), (3, 130, 65), (4, 37, 3 * 256 + 13), (4, 1030, 40), (5, 64, 70)]:
+        bias = rand(rng, (n,), torch.float32)
+        for a in (rand(rng, (m, k), in_dtype), rand(rng, (m, 2 * k), in_dtype)[:, ::2]):
+            for b in (rand(rng, (k, n), in_dtype), rand(rng, (k, n + 5), in_dtype)[:, 2:n + 2]):
+                out = lc.gemm(a, b, bias=bias, out_dtype=out_dtype)
+                assert_close(out, a, b, bias, out_dtype)
+                if taken and m <= 4:
+                    rows = torch.cat([lc.gemm(a[i:i + 1], b, bias=bias, out_dtype=out_dtype) for i in range(m)])
+                    assert torch.equal(out, rows)
+    ab, bb = rand(rng, (3, 3, 90), in_dtype), rand(rng, (3, 90, 70), in_dtype)
+    assert_close(lc.gemm(ab, bb, out_dtype=out_dtype), ab, bb, out_dtype=out_dtype)
+    assert_close(lc.gemm(ab, bb[0], out_dtype=out_dtype), ab, bb[0], out_dtype=out_dtype)
+
+
 @pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                 (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
                          ids=["f32", "bf16", "bf16-f32", "f32-f16"])

@@ -124,7 +124,7 @@ struct GemmKernels {
   void (*gemm_float)(const GemmFloatArgs& args);
   void (*gemm_int8)(const GemmInt8Args& args);
   // Optional special paths of the float GEMM, tried in this order.
-  void (*gemv_float)(const GemmFloatArgs& args);     // m == 1 or n == 1 (a matrix-vector product)
+  void (*gemv_float)(const GemmFloatArgs& args);     // m == 1 or n == 1, or a few rows (gemm_gemv_takes)
   bool (*small_m_float)(const GemmFloatArgs& args);  // few rows: returns false (nothing done) when it
                                                      // does not take the shape
   GemmBlocking (*blocking)(bool is_int8, int64_t rows);  // of the packed kernels (optional)
@@ -171,6 +171,9 @@ void gemm_int8_scalar(const GemmInt8Args& args);
 #ifdef LP_BUILD_AVX2
 // The matrix-vector product (gemm_gemv_avx2.cc): memory-bound, so the AVX-512 table uses it too.
 void gemm_gemv_float_avx2(const GemmFloatArgs& args);
+// Whether the matrix-vector path takes a product: m == 1, n == 1, or up to 4 rows (float32 / float16)
+// times a row-major B (gemm_gemv_avx2.cc). Asked only where a table has gemv_float.
+bool gemm_gemv_takes(const GemmFloatArgs& args);
 double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx2.cc
 #endif
 #ifdef LP_BUILD_AVX512

@@ -1,6 +1,7 @@
 // GEMM, AVX2 + FMA + F16C: the matrix-vector path of the float GEMM (contract in gemm.h), one output
-// row (m == 1) or column (n == 1). The AVX-512 table uses it too: the product is memory-bound, and
-// 256-bit loads keep up with memory.
+// row (m == 1) or column (n == 1), and up to kGemvMaxRows rows of A times a row-major B, each row as its
+// own matrix-vector product. The AVX-512 table uses it too: the product is memory-bound, and 256-bit
+// loads keep up with memory.
 //
 // A single row of A touches every element of B once, so packing B (a read, a write and a re-read)
 // would triple the memory traffic of a memory-bound product. This path reads B in place:
@@ -27,16 +28,23 @@ namespace lp {
 namespace {
 
 constexpr int64_t kGemvMaxChunk = 4096;  // columns; the float32 row accumulator stays in L1
+// Up to this many rows of A times a row-major B (float32 / float16; bf16 has the AMX tables' x @ W
+// with B in place) run here, row by row through each pass over B's rows: packing B cost these
+// products more than reading it (2-core AMX Xeon, 2 threads (1 thread), over the packed tiles: 4096 x
+// 4096 2 / 3 / 4 rows 1.87-2.02 / 1.24 / 1.37-1.63x (1.96 / 1.90 / 1.43x), 1024 x 1024 1.32 / 1.13 /
+// 1.04x; 8 rows 0.62-1.01x: the rows' passes reload the B pieces, load-bound on 256-bit vectors).
+constexpr int64_t kGemvMaxRows = 4;
 
 struct Gemv {
-  const float* x;               // k float32 values
+  const float* x;               // rows x k float32 values, x_ld apart
+  int64_t rows = 1, x_ld = 0;   // rows of x (and of y): 1, or up to kGemvMaxRows with cs == 1
   const void* b;                // k x n, element strides rs / cs, dtype
   int64_t rs, cs;
   int dtype;
   const float* bias;            // null, or bias[j * bias_stride]
   int64_t bias_stride;
-  void* out;                    // y[j] at out + j * out_stride (elements of out_dtype)
-  int64_t out_stride;
+  void* out;                    // y[i, j] at out + i * out_row_stride + j * out_stride (elements of out_dtype)
+  int64_t out_stride, out_row_stride = 0;
   int out_dtype;
   int64_t k, n;
 };
@@ -47,51 +55,64 @@ static inline float fma1(float a, float b, float c) {
   return _mm_cvtss_f32(_mm_fmadd_ss(_mm_set_ss(a), _mm_set_ss(b), _mm_set_ss(c)));
 }
 
-static inline void gemv_store(const Gemv& p, int64_t j, float acc) {
-  gemm_store_float(p.out, p.out_dtype, j * p.out_stride, p.bias ? acc + p.bias[j * p.bias_stride] : acc);
+static inline void gemv_store(const Gemv& p, int64_t i, int64_t j, float acc) {
+  gemm_store_float(p.out, p.out_dtype, i * p.out_row_stride + j * p.out_stride,
+                   p.bias ? acc + p.bias[j * p.bias_stride] : acc);
 }
+static inline void gemv_store(const Gemv& p, int64_t j, float acc) { gemv_store(p, 0, j, acc); }
 
-// B rows contiguous (cs == 1): y[j0:j1] accumulates x[k] * B[k, j0:j1] for k = 0, 1, ... in order,
-// four rows of B per pass over an L1-resident y.
+// B rows contiguous (cs == 1): y[i, j0:j1] accumulates x[i, k] * B[k, j0:j1] for k = 0, 1, ... in
+// order, four rows of B per pass over an L1-resident y, row of x by row of x (the four B row pieces
+// stay in L1 for the next row of x). Each y[i, j] is the one-row product's chain, so a few rows give
+// the bits of that many matrix-vector products.
 template <int DT>
 void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
   using In = FloatIn<DT>;
   using T = typename In::T;
   const T* b = static_cast<const T*>(p.b);
-  alignas(32) float y[kGemvMaxChunk];
-  const int64_t w = j1 - j0, w8 = w / 8 * 8;
-  for (int64_t j = 0; j < w; ++j) y[j] = 0.0f;
+  alignas(32) float y_all[kGemvMaxChunk];
+  const int64_t w = j1 - j0, w8 = w / 8 * 8, y_ld = gemm_round_up(w, 8);
+  for (int64_t j = 0; j < p.rows * y_ld; ++j) y_all[j] = 0.0f;
   int64_t k = 0;
   for (; k + 4 <= p.k; k += 4) {
     const T* r0 = b + k * p.rs + j0;
     const T *r1 = r0 + p.rs, *r2 = r1 + p.rs, *r3 = r2 + p.rs;
-    const __m256 x0 = _mm256_set1_ps(p.x[k]), x1 = _mm256_set1_ps(p.x[k + 1]);
-    const __m256 x2 = _mm256_set1_ps(p.x[k + 2]), x3 = _mm256_set1_ps(p.x[k + 3]);
-    for (int64_t j = 0; j < w8; j += 8) {
-      __m256 acc = _mm256_load_ps(y + j);
-      acc = _mm256_fmadd_ps(x0, In::eight(r0 + j), acc);
-      acc = _mm256_fmadd_ps(x1, In::eight(r1 + j), acc);
-      acc = _mm256_fmadd_ps(x2, In::eight(r2 + j), acc);
-      acc = _mm256_fmadd_ps(x3, In::eight(r3 + j), acc);
-      _mm256_store_ps(y + j, acc);
-    }
-    for (int64_t j = w8; j < w; ++j) {
-      float acc = y[j];
-      acc = fma1(p.x[k], In::one(r0 + j), acc);
-      acc = fma1(p.x[k + 1], In::one(r1 + j), acc);
-      acc = fma1(p.x[k + 2], In::one(r2 + j), acc);
-      acc = fma1(p.x[k + 3], In::one(r3 + j), acc);
-      y[j] = acc;
+    for (int64_t i = 0; i < p.rows; ++i) {
+      const float* x = p.x + i * p.x_ld;
+      float* y = y_all + i * y_ld;
+      const __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
+      const __m256 x2 = _mm256_set1_ps(x[k + 2]), x3 = _mm256_set1_ps(x[k + 3]);
+      for (int64_t j = 0; j < w8; j += 8) {
+        __m256 acc = _mm256_load_ps(y + j);
+        acc = _mm256_fmadd_ps(x0, In::eight(r0 + j), acc);
+        acc = _mm256_fmadd_ps(x1, In::eight(r1 + j), acc);
+        acc = _mm256_fmadd_ps(x2, In::eight(r2 + j), acc);
+        acc = _mm256_fmadd_ps(x3, In::eight(r3 + j), acc);
+        _mm256_store_ps(y + j, acc);
+      }
+      for (int64_t j = w8; j < w; ++j) {
+        float acc = y[j];
+        acc = fma1(x[k], In::one(r0 + j), acc);
+        acc = fma1(x[k + 1], In::one(r1 + j), acc);
+        acc = fma1(x[k + 2], In::one(r2 + j), acc);
+        acc = fma1(x[k + 3], In::one(r3 + j), acc);
+        y[j] = acc;
+      }
     }
   }
   for (; k < p.k; ++k) {
     const T* r0 = b + k * p.rs + j0;
-    const __m256 x0 = _mm256_set1_ps(p.x[k]);
-    for (int64_t j = 0; j < w8; j += 8)
-      _mm256_store_ps(y + j, _mm256_fmadd_ps(x0, In::eight(r0 + j), _mm256_load_ps(y + j)));
-    for (int64_t j = w8; j < w; ++j) y[j] = fma1(p.x[k], In::one(r0 + j), y[j]);
+    for (int64_t i = 0; i < p.rows; ++i) {
+      const float xk = p.x[i * p.x_ld + k];
+      float* y = y_all + i * y_ld;
+      const __m256 x0 = _mm256_set1_ps(xk);
+      for (int64_t j = 0; j < w8; j += 8)
+        _mm256_store_ps(y + j, _mm256_fmadd_ps(x0, In::eight(r0 + j), _mm256_load_ps(y + j)));
+      for (int64_t j = w8; j < w; ++j) y[j] = fma1(xk, In::one(r0 + j), y[j]);
+    }
   }
-  for (int64_t j = 0; j < w; ++j) gemv_store(p, j0 + j, y[j]);
+  for (int64_t i = 0; i < p.rows; ++i)
+    for (int64_t j = 0; j < w; ++j) gemv_store(p, i, j0 + j, y_all[i * y_ld + j]);
 }
 
 // B columns contiguous (rs == 1, e.g. B = W^T with W row-major): y[j] is a dot product of x with
@@ -155,10 +176,15 @@ void gemv_chunk(const Gemv& p, int64_t j0, int64_t j1) {
 
 }  // namespace
 
+bool gemm_gemv_takes(const GemmFloatArgs& g) {
+  return g.m == 1 || g.n == 1 || (g.m <= kGemvMaxRows && g.b.stride_col_elems == 1 && g.a.dtype != LP_DTYPE_BF16);
+}
+
 void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
-  // Orient as y = x @ B: m == 1 reads x from A's row and B as given; n == 1 reads x from B's
-  // column and uses A^T as the matrix (out's column is contiguous, like a row).
-  const bool row = g.m == 1;
+  // Orient as y = x @ B: m == 1 (or a few rows, B row-major) reads x from A's rows and B as given;
+  // n == 1 reads x from B's column and uses A^T as the matrix (out's column is contiguous, like a row).
+  const bool row = g.m == 1 || g.n != 1;
+  const int64_t rows = row ? g.m : 1;
   const GemmOperand& xo = row ? g.a : g.b;
   const GemmOperand& mo = row ? g.b : g.a;
   const int64_t n_out = row ? g.n : g.m, k = g.k;
@@ -166,37 +192,45 @@ void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
   const int64_t rs = row ? mo.stride_row_elems : mo.stride_col_elems;
   const int64_t cs = row ? mo.stride_col_elems : mo.stride_row_elems;
   const int64_t out_elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
-  const int64_t nt_want = gemm_threads_for_stream(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k),
+  const int64_t nt_want = gemm_threads_for_stream(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k * rows),
                                                   64.0 * double(k) * (mo.dtype == LP_DTYPE_F32 ? 4 : 2));
+  // Columns a chunk: y (rows x chunk float32) in L1, and for a few rows the four B row pieces of a
+  // pass too, for the next row of x.
+  const int64_t max_chunk = rows == 1 ? kGemvMaxChunk : std::max<int64_t>(64, 2048 / rows / 64 * 64);
   const int64_t chunk_cols = std::min(
-      kGemvMaxChunk, gemm_round_up(gemm_ceil_div(n_out, std::max<int64_t>(1, nt_want / g.n_batch)), 64));
+      max_chunk, gemm_round_up(gemm_ceil_div(n_out, std::max<int64_t>(1, nt_want / g.n_batch)), 64));
   const int64_t n_chunks = gemm_ceil_div(n_out, chunk_cols);
   const int64_t n_items = g.n_batch * n_chunks;
   const int nt = int(std::min(n_items, nt_want));
-  // Each thread widens the x of the batches it works on into its own buffer.
+  // Each thread widens the x rows of the batches it works on into its own buffer.
   const int64_t x_ld = gemm_round_up(k, 16);
-  float* x_all = static_cast<float*>(gemm_scratch(1, size_t(nt) * size_t(x_ld) * 4));
+  float* x_all = static_cast<float*>(gemm_scratch(1, size_t(nt) * size_t(rows * x_ld) * 4));
   parallel_region(nt, [&](int t, int n_threads) {
     const int64_t i_begin = n_items * t / n_threads, i_end = n_items * (t + 1) / n_threads;
-    float* x = x_all + int64_t(t) * x_ld;
+    float* x = x_all + int64_t(t) * rows * x_ld;
     int64_t widened = -1;  // the batch whose x is in this thread's buffer
     for (int64_t item = i_begin; item < i_end; ++item) {
       const int64_t bi = item / n_chunks, chunk = item % n_chunks;
       if (widened != bi) {
-        const int64_t base = bi * xo.stride_batch_elems;
-        for (int64_t kk = 0; kk < k; ++kk) x[kk] = gemm_load_float(xo.ptr, xo.dtype, base + kk * x_stride);
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t base = bi * xo.stride_batch_elems + i * xo.stride_row_elems;
+          for (int64_t kk = 0; kk < k; ++kk) x[i * x_ld + kk] = gemm_load_float(xo.ptr, xo.dtype, base + kk * x_stride);
+        }
         widened = bi;
       }
       Gemv p;
       p.x = x;
+      p.rows = rows;
+      p.x_ld = x_ld;
       p.b = static_cast<const char*>(mo.ptr) + bi * mo.stride_batch_elems * (mo.dtype == LP_DTYPE_F32 ? 4 : 2);
       p.rs = rs;
       p.cs = cs;
       p.dtype = mo.dtype;
       p.bias = g.bias;
       p.bias_stride = row ? 1 : 0;
-      p.out = static_cast<char*>(g.out) + bi * n_out * out_elem;
+      p.out = static_cast<char*>(g.out) + bi * rows * n_out * out_elem;
       p.out_stride = 1;
+      p.out_row_stride = n_out;
       p.out_dtype = g.out_dtype;
       p.k = k;
       p.n = n_out;
