@@ -5,9 +5,9 @@
 // B's columns are contiguous along k (B = W^T with W row-major, nn.Linear's forward) and A's rows are
 // too, every output is a dot product of an A row and a W row: W streams from memory once, untouched,
 // and the few A rows stay in L1 / L2. Register block: 3 W rows x 8 A rows (12 x 2 and 6 x 4 for
-// products of 2 and 4 rows at most) = 24 accumulators of 16 float32 lanes over k (16 k per step for float32 by FMA, 32 for bf16 by vdpbf16ps on the natural
-// (k, k+1) pairs), a masked tail, then one fixed lane-sum tree per output (Simd512::sum_lanes's,
-// 16 outputs at a time: sum_lanes16).
+// products of 2 and 4 rows at most) = 24 accumulators of 16 float32 lanes over k (16 k per step for
+// float32 by FMA, 32 for bf16 by vdpbf16ps on the natural (k, k+1) pairs), a masked tail, then one
+// fixed lane-sum tree per output (Simd512::sum_lanes's, 16 outputs at a time: sum_lanes16).
 // Leftovers: rows past m in the last A group re-read a valid row and are not stored; columns past n
 // likewise. Each output's arithmetic is the same whichever group or thread computes it, so its bits
 // do not depend on the thread count.
@@ -106,10 +106,12 @@ void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
     return load(arow[r], k, left);
   };
 #define LP_SM_24(X) \
-  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
+  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)      \
+  X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 // The same list again, for use inside an expansion of LP_SM_24 (a macro does not expand within itself).
 #define LP_SM_24_IN(X) \
-  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
+  X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)      \
+  X(12) X(13) X(14) X(15) X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
 #define LP_SM_DECL(i) __m512 c##i = _mm512_setzero_ps();
 // Accumulator i in the order the step runs: with W's C vectors loaded (R = 8), row by row, its A
 // vector loaded as the row's first; with A's R vectors loaded, column by column likewise.
