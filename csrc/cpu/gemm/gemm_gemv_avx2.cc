@@ -32,7 +32,8 @@ constexpr int64_t kGemvMaxChunk = 4096;  // columns; the float32 row accumulator
 // with B in place) run here, row by row through each pass over B's rows: packing B cost these
 // products more than reading it (2-core AMX Xeon, 2 threads (1 thread), over the packed tiles: 4096 x
 // 4096 2 / 3 / 4 rows 1.87-2.02 / 1.24 / 1.37-1.63x (1.96 / 1.90 / 1.43x), 1024 x 1024 1.32 / 1.13 /
-// 1.04x; 8 rows 0.62-1.01x: the rows' passes reload the B pieces, load-bound on 256-bit vectors).
+// 1.04x; 8 rows 0.62-1.01x: the rows' passes reload the B pieces, load-bound on 256-bit vectors). Two
+// rows of x a pass over the B pieces then gave 1.05-1.20x more at 2-8 rows (8 rows still 1.4x behind MKL).
 constexpr int64_t kGemvMaxRows = 4;
 
 struct Gemv {
@@ -62,8 +63,8 @@ static inline void gemv_store(const Gemv& p, int64_t i, int64_t j, float acc) {
 static inline void gemv_store(const Gemv& p, int64_t j, float acc) { gemv_store(p, 0, j, acc); }
 
 // B rows contiguous (cs == 1): y[i, j0:j1] accumulates x[i, k] * B[k, j0:j1] for k = 0, 1, ... in
-// order, four rows of B per pass over an L1-resident y, row of x by row of x (the four B row pieces
-// stay in L1 for the next row of x). Each y[i, j] is the one-row product's chain, so a few rows give
+// order, four rows of B per pass over an L1-resident y, two rows of x at a time (the four B row pieces
+// stay in L1 for the next two). Each y[i, j] is the one-row product's chain, so a few rows give
 // the bits of that many matrix-vector products.
 template <int DT>
 void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
@@ -77,7 +78,42 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
   for (; k + 4 <= p.k; k += 4) {
     const T* r0 = b + k * p.rs + j0;
     const T *r1 = r0 + p.rs, *r2 = r1 + p.rs, *r3 = r2 + p.rs;
-    for (int64_t i = 0; i < p.rows; ++i) {
+    int64_t i = 0;
+    for (; i + 2 <= p.rows; i += 2) {  // two rows of x share each load of B (1.05-1.20x over one)
+      const float *xa = p.x + i * p.x_ld, *xb = xa + p.x_ld;
+      float *ya = y_all + i * y_ld, *yb = ya + y_ld;
+      const __m256 a0 = _mm256_set1_ps(xa[k]), a1 = _mm256_set1_ps(xa[k + 1]);
+      const __m256 a2 = _mm256_set1_ps(xa[k + 2]), a3 = _mm256_set1_ps(xa[k + 3]);
+      const __m256 b0 = _mm256_set1_ps(xb[k]), b1 = _mm256_set1_ps(xb[k + 1]);
+      const __m256 b2 = _mm256_set1_ps(xb[k + 2]), b3 = _mm256_set1_ps(xb[k + 3]);
+      for (int64_t j = 0; j < w8; j += 8) {
+        const __m256 v0 = In::eight(r0 + j), v1 = In::eight(r1 + j), v2 = In::eight(r2 + j), v3 = In::eight(r3 + j);
+        __m256 acc = _mm256_load_ps(ya + j), acc_b = _mm256_load_ps(yb + j);
+        acc = _mm256_fmadd_ps(a0, v0, acc);
+        acc_b = _mm256_fmadd_ps(b0, v0, acc_b);
+        acc = _mm256_fmadd_ps(a1, v1, acc);
+        acc_b = _mm256_fmadd_ps(b1, v1, acc_b);
+        acc = _mm256_fmadd_ps(a2, v2, acc);
+        acc_b = _mm256_fmadd_ps(b2, v2, acc_b);
+        acc = _mm256_fmadd_ps(a3, v3, acc);
+        acc_b = _mm256_fmadd_ps(b3, v3, acc_b);
+        _mm256_store_ps(ya + j, acc);
+        _mm256_store_ps(yb + j, acc_b);
+      }
+      for (int64_t j = w8; j < w; ++j) {
+        for (int h = 0; h < 2; ++h) {
+          const float* x = h ? xb : xa;
+          float* y = h ? yb : ya;
+          float acc = y[j];
+          acc = fma1(x[k], In::one(r0 + j), acc);
+          acc = fma1(x[k + 1], In::one(r1 + j), acc);
+          acc = fma1(x[k + 2], In::one(r2 + j), acc);
+          acc = fma1(x[k + 3], In::one(r3 + j), acc);
+          y[j] = acc;
+        }
+      }
+    }
+    for (; i < p.rows; ++i) {
       const float* x = p.x + i * p.x_ld;
       float* y = y_all + i * y_ld;
       const __m256 x0 = _mm256_set1_ps(x[k]), x1 = _mm256_set1_ps(x[k + 1]);
