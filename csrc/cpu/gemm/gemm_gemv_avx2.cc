@@ -74,6 +74,17 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
   alignas(32) float y_all[kGemvMaxChunk];
   const int64_t w = j1 - j0, w8 = w / 8 * 8, y_ld = gemm_round_up(w, 8);
   for (int64_t j = 0; j < p.rows * y_ld; ++j) y_all[j] = 0.0f;
+  // Columns past the last whole vector: the same four fused multiply-adds one element at a time.
+  auto tail4 = [&](const float* x, float* y, int64_t k, const T* r0, const T* r1, const T* r2, const T* r3) {
+    for (int64_t j = w8; j < w; ++j) {
+      float acc = y[j];
+      acc = fma1(x[k], In::one(r0 + j), acc);
+      acc = fma1(x[k + 1], In::one(r1 + j), acc);
+      acc = fma1(x[k + 2], In::one(r2 + j), acc);
+      acc = fma1(x[k + 3], In::one(r3 + j), acc);
+      y[j] = acc;
+    }
+  };
   int64_t k = 0;
   for (; k + 4 <= p.k; k += 4) {
     const T* r0 = b + k * p.rs + j0;
@@ -100,18 +111,8 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
         _mm256_store_ps(ya + j, acc);
         _mm256_store_ps(yb + j, acc_b);
       }
-      for (int64_t j = w8; j < w; ++j) {
-        for (int h = 0; h < 2; ++h) {
-          const float* x = h ? xb : xa;
-          float* y = h ? yb : ya;
-          float acc = y[j];
-          acc = fma1(x[k], In::one(r0 + j), acc);
-          acc = fma1(x[k + 1], In::one(r1 + j), acc);
-          acc = fma1(x[k + 2], In::one(r2 + j), acc);
-          acc = fma1(x[k + 3], In::one(r3 + j), acc);
-          y[j] = acc;
-        }
-      }
+      tail4(xa, ya, k, r0, r1, r2, r3);
+      tail4(xb, yb, k, r0, r1, r2, r3);
     }
     for (; i < p.rows; ++i) {
       const float* x = p.x + i * p.x_ld;
@@ -126,14 +127,7 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
         acc = _mm256_fmadd_ps(x3, In::eight(r3 + j), acc);
         _mm256_store_ps(y + j, acc);
       }
-      for (int64_t j = w8; j < w; ++j) {
-        float acc = y[j];
-        acc = fma1(x[k], In::one(r0 + j), acc);
-        acc = fma1(x[k + 1], In::one(r1 + j), acc);
-        acc = fma1(x[k + 2], In::one(r2 + j), acc);
-        acc = fma1(x[k + 3], In::one(r3 + j), acc);
-        y[j] = acc;
-      }
+      tail4(x, y, k, r0, r1, r2, r3);
     }
   }
   for (; k < p.k; ++k) {
