@@ -51,15 +51,6 @@ namespace {
 // on one thread; fork/join costs a few microseconds. The packed kernel sets may take less (their
 // K::kMinFlopsPerThread: the FMA kernels do a MFLOP in 5-10 us, AMX in 1-2).
 constexpr double kGemmMinFlopsPerThread = 3.0e6;
-// The memory-bound paths (matrix-vector, few rows x W^T) do a few flops per byte of B they stream, so a
-// thread is also earned by this many bytes of B: 2 threads over 1 on the 2-core AMX Xeon (session 22),
-// float32 1 x 1024 x 1024 2.03x, 1 x 4096 x 256 2.43x, 1 x 512 x 512 1.23x, 2 x 1024 x 1024 2.08x, bf16
-// 1 x 1024 x 1024 2.05x (64 KiB: 1 x 4096 x 256 2.04x, 1 MiB: 512 x 512 0.94x).
-constexpr double kGemmMinBytesPerThread = 256.0 * 1024;
-static inline int gemm_threads_for_stream(int64_t n_tasks, double flops_per_task, double b_bytes_per_task) {
-  return std::max(threads_for(n_tasks, flops_per_task, kGemmMinFlopsPerThread),
-                  threads_for(n_tasks, b_bytes_per_task, kGemmMinBytesPerThread));
-}
 // The FMA kernel sets' (AVX2; AVX-512 float32 / bf16): 2 threads from ~1 MFLOP. On the 2-core AMX
 // Xeon, 2 threads over 1 in three runs (session 18): AVX-512 float32 80^3 0.99-1.22x, 96^3 1.11-1.12x,
 // 112^3 1.00-1.36x, 128^3 1.18-1.45x (64^3, which stays on one: 0.94-1.02x), bf16 80^3 1.26x; AVX2

@@ -222,8 +222,9 @@ void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
   const int64_t rs = row ? mo.stride_row_elems : mo.stride_col_elems;
   const int64_t cs = row ? mo.stride_col_elems : mo.stride_row_elems;
   const int64_t out_elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
-  const int64_t nt_want = gemm_threads_for_stream(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k * rows),
-                                                  64.0 * double(k) * (mo.dtype == LP_DTYPE_F32 ? 4 : 2));
+  // Memory-bound: a thread per kMinStreamBytesPerThread of B as well as per kGemmMinFlopsPerThread.
+  const int64_t nt_want = threads_for_stream(g.n_batch * gemm_ceil_div(n_out, 64), 2.0 * 64 * double(k * rows),
+                                             kGemmMinFlopsPerThread, 64.0 * double(k) * (mo.dtype == LP_DTYPE_F32 ? 4 : 2));
   // Columns a chunk: y (rows x chunk float32) in L1, and for a few rows the four B row pieces of a
   // pass too, for the next row of x.
   const int64_t max_chunk = rows == 1 ? kGemvMaxChunk : std::max<int64_t>(64, 2048 / rows / 64 * 64);

@@ -237,8 +237,8 @@ bool gemm_small_m_float_avx512(const GemmFloatArgs& g) {
   const int rows_per_block = g.m <= 2 ? 2 : g.m <= 4 ? 4 : int(kSmallMRows), cols_per_block = 24 / rows_per_block;
   const int64_t n_groups = gemm_ceil_div(g.n, cols_per_block);
   const int64_t n_items = g.n_batch * n_groups;
-  const int nt = gemm_threads_for_stream(n_items, 2.0 * double(g.m) * double(cols_per_block) * double(g.k),
-                                         double(cols_per_block) * double(g.k) * double(eb));
+  const int nt = threads_for_stream(n_items, 2.0 * double(g.m) * double(cols_per_block) * double(g.k),
+                                    kGemmMinFlopsPerThread, double(cols_per_block) * double(g.k) * double(eb));
   parallel_for_claimed(n_items, nt, [&](int64_t item) {
     const int64_t batch = item / n_groups, j0 = (item % n_groups) * cols_per_block;
     if (rows_per_block == 2)

@@ -40,16 +40,14 @@ void qlinear_store_row(const QLinearCall& c, int64_t row, int64_t col0, int64_t 
 
 // A panel is worth a thread of its own past this many multiply-adds (fork/join costs microseconds).
 constexpr double kQLinearMinWorkPerThread = 1.0e6;
-// Or past this many bytes of codes, as the GEMM's memory-bound paths (kGemmMinBytesPerThread): a few rows
-// stream the weight. 1 row x 1024 -> 1024 on 2 threads instead of 1 (2-core Xeon, session 22): w8 / w4
-// bf16 1.46 / 1.52x, float32 1.49 / 1.51x; w4 2048 -> 512 1.51x; 4-8 rows (already 2 threads) 0.99-1.00x.
-constexpr double kQLinearMinCodeBytesPerThread = 256.0 * 1024;
 
-// Threads for the n_panels output panels of a call.
+// Threads for the n_panels output panels of a call: by multiply-adds, or by the bytes of codes a few
+// rows stream (threads_for_stream; 1 row x 1024 -> 1024 on 2 threads instead of 1: w8 / w4 bf16 1.46 /
+// 1.52x, float32 1.49 / 1.51x, 2-core Xeon, session 22).
 static int qlinear_threads(const QLinearArgs& a, int64_t n_panels) {
   const double code_bytes = double(a.k) * double(kQLinearPanel) * (a.scheme == LP_QLINEAR_W4 ? 0.5 : 1.0);
-  return std::max(threads_for(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread),
-                  threads_for(n_panels, code_bytes, kQLinearMinCodeBytesPerThread));
+  return threads_for_stream(n_panels, double(a.m) * double(a.k) * double(kQLinearPanel), kQLinearMinWorkPerThread,
+                            code_bytes);
 }
 
 // Rows of the bf16 activations' copy: m rounded up to the AMX kernels' 32-row blocks, whose tiles
