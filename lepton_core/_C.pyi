@@ -61,7 +61,7 @@ def gemm_kernels_name(isa: typing.SupportsInt | typing.SupportsIndex = -1) -> st
     """Name of the GEMM kernel table an lp_isa level runs (-1: the table calls run now), capped at what this build and CPU offer (for tests)"""
     ...
 def gemm_peak_probe(n_iters: typing.SupportsInt | typing.SupportsIndex, n_threads: typing.SupportsInt | typing.SupportsIndex, kind: str = 'float') -> object:
-    """Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps on AVX-512, tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add on AVX2) for n_iters steps on n_threads threads; returns the operations executed (time it to get the peak), or None when the active kernels (scalar) have no probe"""
+    """Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps on AVX-512 (FMA in the 'avx512-bf16fma' table), tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add on AVX2) for n_iters steps on n_threads threads; returns the operations executed (time it to get the peak), or None when the active kernels (scalar) have no probe"""
     ...
 def gemm_share_testing(delay_us: typing.SupportsInt | typing.SupportsIndex) -> int:
     """Tests only: the thread running a GEMM's first unit sleeps delay_us before the first K block's A blocks (0: never); returns the A blocks run by a thread other than their unit's owner since the last call"""
@@ -70,7 +70,7 @@ def gemm_testing_table(name: str) -> None:
     """Testing hook: route every GEMM call through the named table of gemm_testing_tables() ('': back to the active ISA level's table)"""
     ...
 def gemm_testing_tables() -> list[str]:
-    """Kernel tables that are no ISA level and that tests can route calls through on this machine (gemm_testing_table): 'amx-model', the AMX kernels on the software tile model (needs AVX2)"""
+    """Kernel tables that are no ISA level and that tests can route calls through on this machine (gemm_testing_table): 'amx-model', the AMX kernels on the software tile model (needs AVX2), and on an AVX-512 CPU the avx512 level's table it does not pick ('avx512-bf16dot' multiplies bf16 with vdpbf16ps, 'avx512-bf16fma' widens it to float32 and uses FMA)"""
     ...
 def get_num_threads() -> int: ...
 git_revision: typing.Optional[str]

@@ -27,12 +27,15 @@ ROWS_DEEP = 300
 BLK_DEEP = _C.gemm_blocking(False, rows=ROWS_DEEP)
 BLK8_DEEP = _C.gemm_blocking(True, rows=ROWS_DEEP)  # int8 with B packed per call (not pre-packed)
 # Kernel tables that are no ISA level: 'amx-model', the AMX kernels compiled against the software
-# tile model (csrc/cpu/gemm/gemm_amx_model_avx2.cc), on every machine with AVX2.
+# tile model (csrc/cpu/gemm/gemm_amx_model_avx2.cc), on every machine with AVX2; and on an AVX-512 CPU
+# the avx512 level's table it does not pick ('avx512-bf16dot': bf16 by vdpbf16ps, 'avx512-bf16fma':
+# bf16 widened to float32 and FMA; the level runs whichever this CPU runs faster).
 MODEL_TABLES = _C.gemm_testing_tables()
+AVX512_TABLES = ("avx512-bf16dot", "avx512-bf16fma")
 
 
 # conftest's levels plus the testing tables: every GEMM test also runs the AMX kernels' logic, on the
-# tile model.
+# tile model, and both avx512 tables.
 isa = isa_fixture_with(MODEL_TABLES, _C.gemm_testing_table, lambda: _C.gemm_kernels_name())
 
 
@@ -801,9 +804,34 @@ def test_scaled_gemm_numpy_and_default(rng):
 # ---------------------------------------------------------------------------------------------
 
 def _table_for(level):
-    """The table an ISA level should run: capped at this build and CPU (every level has a table)."""
+    """The table an ISA level should run: capped at this build and CPU (every level has a table; the
+    avx512 level's is the one of its two that is not a testing table)."""
     best = _runtime.ISA_NAMES.index(_runtime.available_isas()[-1])
-    return _runtime.ISA_NAMES[min(level, best)]
+    name = _runtime.ISA_NAMES[min(level, best)]
+    if name == "avx512":
+        (name,) = [t for t in AVX512_TABLES if t not in MODEL_TABLES]
+    return name
+
+
+def test_avx512_tables_are_the_level_and_a_testing_table():
+    """Where the CPU has the avx512 level, one of its two tables runs it and the other is a testing
+    table; the bf16 probe of the widening table is the FMA's."""
+    if "avx512" not in _runtime.available_isas():
+        assert not set(AVX512_TABLES) & set(MODEL_TABLES)
+        return
+    assert len(set(AVX512_TABLES) & set(MODEL_TABLES)) == 1
+    assert _C.gemm_kernels_name(_runtime.ISA_NAMES.index("avx512")) in AVX512_TABLES
+    before = _runtime.cpu_isa()
+    if "avx512-bf16fma" in MODEL_TABLES:
+        _C.gemm_testing_table("avx512-bf16fma")
+    else:
+        _runtime._set_cpu_isa("avx512")
+    try:
+        assert _C.gemm_kernels_name() == "avx512-bf16fma"
+        assert _C.gemm_peak_probe(3, 1, "bf16") == _C.gemm_peak_probe(3, 1, "float")
+    finally:
+        _C.gemm_testing_table("")
+        _runtime._set_cpu_isa(before)
 
 
 def test_kernel_table_follows_the_active_isa(isa):
@@ -813,12 +841,13 @@ def test_kernel_table_follows_the_active_isa(isa):
     # blocking reported is the active packed kernels' tile (the scalar kernels do not block and
     # report the AVX2 tile's; the AMX tables their bf16 tiles').
     probe = _C.gemm_peak_probe(1, 1, "int8")
-    if want in ["scalar"] + MODEL_TABLES:
+    if want in ("scalar", "amx-model"):
         assert probe is None
     else:
         assert probe > 0
     blk = _C.gemm_blocking(False)
-    tile = {"avx512": (12, 32), "amx": (32, 32), "amx-model": (32, 32)}.get(want, (6, 16))
+    tile = {"avx512-bf16dot": (12, 32), "avx512-bf16fma": (12, 32), "amx": (32, 32), "amx-model": (32, 32)}
+    tile = tile.get(want, (6, 16))
     assert (blk["mr"], blk["nr"]) == tile
 
 

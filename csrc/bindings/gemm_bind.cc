@@ -155,7 +155,7 @@ void bind_gemm(py::module_& m) {
       },
       py::arg("n_iters"), py::arg("n_threads"), py::arg("kind") = "float",
       "Runs the active kernels' microkernel arithmetic without loads (kind 'float': FMA, 'bf16': vdpbf16ps "
-      "on AVX-512, tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add "
+      "on AVX-512 (FMA in the 'avx512-bf16fma' table), tdpbf16ps on AMX, FMA on AVX2, 'int8': vpdpbusd on AVX-512, tdpbssd on AMX, madd + add "
       "on AVX2) for n_iters steps on "
       "n_threads threads; returns the operations executed (time it to get the peak), or None when the "
       "active kernels (scalar) have no probe");
@@ -179,23 +179,32 @@ void bind_gemm(py::module_& m) {
       py::arg("isa") = -1,
       "Name of the GEMM kernel table an lp_isa level runs (-1: the table calls run now), capped at what "
       "this build and CPU offer (for tests)");
+  // The kernel tables that are no ISA level (tests route calls through them): the AMX kernels on the
+  // software tile model, and the avx512 level's table that this CPU does not pick (gemm.h).
+  auto testing_tables = [] {
+    std::vector<const GemmKernels*> tables;
+    for (const GemmKernels* t : {gemm_kernels_amx_model(), gemm_kernels_avx512_other()})
+      if (t && t->isa <= cpu_isa_detected()) tables.push_back(t);
+    return tables;
+  };
   m.def(
-      "gemm_testing_tables", [] {
+      "gemm_testing_tables",
+      [testing_tables] {
         std::vector<std::string> names;
-        const GemmKernels* model = gemm_kernels_amx_model();
-        if (model && model->isa <= cpu_isa_detected()) names.push_back(model->name);
+        for (const GemmKernels* t : testing_tables()) names.push_back(t->name);
         return names;
       },
       "Kernel tables that are no ISA level and that tests can route calls through on this machine "
-      "(gemm_testing_table): 'amx-model', the AMX kernels on the software tile model (needs AVX2)");
+      "(gemm_testing_table): 'amx-model', the AMX kernels on the software tile model (needs AVX2), and on "
+      "an AVX-512 CPU the avx512 level's table it does not pick ('avx512-bf16dot' multiplies bf16 with vdpbf16ps, "
+      "'avx512-bf16fma' widens it to float32 and uses FMA)");
   m.def(
       "gemm_testing_table",
-      [](const std::string& name) {
-        const GemmKernels* model = gemm_kernels_amx_model();
+      [testing_tables](const std::string& name) {
         if (name.empty()) return gemm_set_testing_table(nullptr);
-        if (!model || name != model->name || model->isa > cpu_isa_detected())
-          throw py::value_error("gemm_testing_table: '" + name + "' is not one of gemm_testing_tables() here");
-        gemm_set_testing_table(model);
+        for (const GemmKernels* t : testing_tables())
+          if (name == t->name) return gemm_set_testing_table(t);
+        throw py::value_error("gemm_testing_table: '" + name + "' is not one of gemm_testing_tables() here");
       },
       py::arg("name"),
       "Testing hook: route every GEMM call through the named table of gemm_testing_tables() ('': back "

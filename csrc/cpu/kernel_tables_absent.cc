@@ -20,6 +20,7 @@ std::string gemm_amx_model_exec(const std::string&, const std::vector<int64_t>&)
 #endif
 #ifndef LP_BUILD_AVX512
 const GemmKernels* gemm_kernels_avx512() { return nullptr; }
+const GemmKernels* gemm_kernels_avx512_other() { return nullptr; }
 const QLinearKernels* qlinear_kernels_avx512() { return nullptr; }
 #endif
 #ifndef LP_BUILD_AMX

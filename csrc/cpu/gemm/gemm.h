@@ -148,6 +148,10 @@ const GemmKernels* gemm_kernels_scalar();
 const GemmKernels* gemm_kernels_avx2();
 const GemmKernels* gemm_kernels_avx512();
 const GemmKernels* gemm_kernels_amx();  // gemm_amx.cc
+// The avx512 level's two tables (gemm_avx512.cc): bf16 by vdpbf16ps ("avx512-bf16dot") or widened to float32
+// and FMA ("avx512-bf16fma"). gemm_kernels_avx512() is the one this CPU runs faster, _other() the
+// other (a testing table: tests run both on every AVX-512 machine).
+const GemmKernels* gemm_kernels_avx512_other();
 
 // Testing hooks. The AMX kernels compiled against the software tile model (gemm_amx_model_avx2.cc,
 // needs AVX2; null when the build lacks it); it is no ISA level and the picker never returns it.
@@ -179,6 +183,9 @@ double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, int kind);  // gemm_
 #ifdef LP_BUILD_AVX512
 bool gemm_small_m_float_avx512(const GemmFloatArgs& args);               // gemm_small_m_avx512.cc
 double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx512.cc
+// Whether this core's vdpbf16ps gives fewer flops than its vfmadd231ps (one thread, timed once per
+// process, best of 3 each; gemm_peak_avx512.cc): the avx512 level then multiplies bf16 in float32.
+bool gemm_bf16_dot_slower_than_fma_avx512();
 // The AVX-512 int8 GEMM's pre-packed B in K blocks of depth kc (a multiple of 64) instead of its deep
 // ones, and the GEMM reading it (gemm_avx512.cc): the AMX table's pre-packed weight, whose panels
 // its tiles read as they are, and its kernels for fewer rows than the tiles take.

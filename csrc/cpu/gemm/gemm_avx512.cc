@@ -139,10 +139,14 @@ static inline void ukernel_rows_12x32(int64_t kc_panel, const typename K::Packed
 }
 
 // ---------------------------------------------------------------------------------------------
-// float32 / float16: widened to float32 panels (A: [k][MR], B: [k][NR]), vfmadd231ps
+// float32 / float16 (and bf16 where the CPU's FMA outruns its vdpbf16ps): widened to float32 panels
+// (A: [k][MR], B: [k][NR]), vfmadd231ps
 // ---------------------------------------------------------------------------------------------
 struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
-  static constexpr bool takes(int dtype) { return dtype == LP_DTYPE_F32 || dtype == LP_DTYPE_F16; }
+  // bf16 only in the table that multiplies bf16 by FMA (kGemmAvx512Bf16Fma below).
+  static constexpr bool takes(int dtype) {
+    return dtype == LP_DTYPE_F32 || dtype == LP_DTYPE_F16 || dtype == LP_DTYPE_BF16;
+  }
   static constexpr double kMinFlopsPerThread = kGemmFmaMinFlopsPerThread;
   // The microkernel prefetches the B row this many k steps ahead (1.5 KiB): the deep kc's B panel
   // streams from L2. On the 2-core AMX Xeon, 2 threads: 1024^3 7.6 -> 7.2 ms, 2048^3 60.6 -> 56.1,
@@ -188,8 +192,14 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   template <int DT>
   static int64_t pack_a_mmajor(const GemmElem<DT>* s, int64_t ld, int64_t kc, float* d) {
     for (int64_t k = 0; k < kc; ++k) {
-      const __m512 v = DT == LP_DTYPE_F32 ? _mm512_maskz_loadu_ps(0x0fff, s + k * ld)
-                                          : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(0x0fff, s + k * ld));
+      __m512 v;
+      if constexpr (DT == LP_DTYPE_F32) {
+        v = _mm512_maskz_loadu_ps(0x0fff, s + k * ld);
+      } else {
+        const __m256i h = _mm256_maskz_loadu_epi16(0x0fff, s + k * ld);
+        v = DT == LP_DTYPE_F16 ? _mm512_cvtph_ps(h)
+                               : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      }
       _mm512_mask_storeu_ps(d + k * MR, 0x0fff, v);
     }
     return kc;
@@ -445,6 +455,23 @@ void gemm_float_avx512(const GemmFloatArgs& g) {
   else
     gemm_packed<FloatKernel>(g, gemm_rows_blocking_avx512(4, g.m, g.k));
 }
+// bf16 widened to float32 when packed (exact) and multiplied by vfmadd231ps, like float16.
+void gemm_float_avx512_bf16_fma(const GemmFloatArgs& g) {
+  gemm_packed<FloatKernel>(g, gemm_rows_blocking_avx512(4, g.m, g.k));
+}
+// Its few-rows path (vdpbf16ps for bf16) keeps bf16 products of at most this many rows; the packed
+// FMA kernels take more. AMX Xeon, 2 threads, x @ W^T, packed / few-rows: 4096 x 4096 at 8 / 16 / 24 /
+// 28 / 32 / 48 rows 0.52 / 0.85 / 0.92 / 1.08 / 1.06 / 1.27x, 1024 x 1024 at 20 / 24 / 32 rows 1.16 /
+// 1.12 / 1.43x, 24 x 4096 -> 11008 0.98x.
+constexpr int64_t kSmallMMaxRowsBf16Fma = 24;
+static bool gemm_small_m_float_avx512_bf16_fma(const GemmFloatArgs& g) {
+  if (g.a.dtype == LP_DTYPE_BF16 && g.m > kSmallMMaxRowsBf16Fma) return false;
+  return gemm_small_m_float_avx512(g);
+}
+// Its probe: the bf16 products are FMAs.
+double gemm_peak_probe_avx512_bf16_fma(int64_t n_iters, int n_threads, int kind) {
+  return gemm_peak_probe_avx512(n_iters, n_threads, kind == LP_GEMM_PROBE_BF16 ? LP_GEMM_PROBE_FLOAT : kind);
+}
 
 // A pre-packed int8 B (QuantLinear's weights) is packed once for every row count, so in deep K
 // blocks whatever the rows: packing it is not in the call, which is what kept few-row products
@@ -468,7 +495,14 @@ void gemm_float_quant_b_avx512(const GemmFloatArgs& g, const GemmQuantB& qb) {
   gemm_packed_quant_b<FloatKernel>(g, qb, gemm_rows_blocking_avx512(4, g.m, g.k));
 }
 
-const GemmKernels kGemmAvx512 = {"avx512",
+// Two tables for the avx512 level, alike but for the packed bf16 kernels: vdpbf16ps on bf16 k-pairs
+// ("avx512-bf16dot"), or bf16 widened to float32 and vfmadd231ps ("avx512-bf16fma"). Which one runs is
+// measured once per process (gemm_bf16_dot_slower_than_fma_avx512): on the Intel Xeon with AMX of
+// sessions 12-23 vdpbf16ps ran at a quarter of vfmadd231ps's instruction rate (half its flops), and
+// the widened kernels were 1.5-1.7x faster there (2 threads, 512-4096 rows, every layout); Zen 4
+// runs vdpbf16ps at twice the FMA's flops. The few-rows bf16 kernel (small_m_float) is vdpbf16ps
+// in both; the FMA table gives it fewer rows (kSmallMMaxRowsBf16Fma).
+const GemmKernels kGemmAvx512 = {"avx512-bf16dot",
                                  LP_ISA_AVX512,
                                  gemm_float_avx512,
                                  gemm_int8_avx512,
@@ -479,10 +513,28 @@ const GemmKernels kGemmAvx512 = {"avx512",
                                  int8_packed_b_bytes_avx512,
                                  int8_pack_b_avx512,
                                  gemm_float_quant_b_avx512};
+const GemmKernels kGemmAvx512Bf16Fma = {"avx512-bf16fma",
+                                        LP_ISA_AVX512,
+                                        gemm_float_avx512_bf16_fma,
+                                        gemm_int8_avx512,
+                                        gemm_gemv_float_avx2,
+                                        gemm_small_m_float_avx512_bf16_fma,
+                                        gemm_packed_blocking_avx512,
+                                        gemm_peak_probe_avx512_bf16_fma,
+                                        int8_packed_b_bytes_avx512,
+                                        int8_pack_b_avx512,
+                                        gemm_float_quant_b_avx512};
+
+const GemmKernels* avx512_table(bool chosen) {
+  // Probed only where the level can run: the picker asks for this table on every CPU.
+  static const bool fma = cpu_isa_detected() >= LP_ISA_AVX512 && gemm_bf16_dot_slower_than_fma_avx512();
+  return fma == chosen ? &kGemmAvx512Bf16Fma : &kGemmAvx512;
+}
 
 }  // namespace
 
-const GemmKernels* gemm_kernels_avx512() { return &kGemmAvx512; }
+const GemmKernels* gemm_kernels_avx512() { return avx512_table(true); }
+const GemmKernels* gemm_kernels_avx512_other() { return avx512_table(false); }
 
 // gemm.h: the AMX table's pre-packed int8 weight (K blocks of depth kc) and the GEMM reading it.
 int64_t int8_packed_b_bytes_avx512_kc(int64_t k, int64_t n, int64_t kc) {

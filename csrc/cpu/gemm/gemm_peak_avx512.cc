@@ -1,8 +1,10 @@
-// GEMM, AVX-512: the peak probes of the AVX-512 microkernels, for benchmarks only (gemm.h,
-// GemmKernels::peak_probe). Each runs n_iters steps of the microkernel's instruction (vfmadd231ps,
+// GEMM, AVX-512: the peak probes of the AVX-512 microkernels (gemm.h, GemmKernels::peak_probe), for
+// benchmarks and for choosing the avx512 level's bf16 kernels. Each runs n_iters steps of the microkernel's instruction (vfmadd231ps,
 // vdpbf16ps or vpdpbusd by kind) on every thread, without loads, timed from Python for "% of peak".
 #include <immintrin.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstdint>
 
 #include "common/parallel.h"
@@ -64,10 +66,15 @@ void peak_probe_thread(int64_t n_iters, int t) {
 #undef LP_ROWS
 }
 
+// Per lane, vfmadd231ps does 2 flops, vdpbf16ps 4, vpdpbusd 8 int8 operations; a step is 24 of them.
+double probe_ops(int64_t n_iters, int kind) {
+  const double ops_per_lane = kind == LP_GEMM_PROBE_FLOAT ? 2 : kind == LP_GEMM_PROBE_BF16 ? 4 : 8;
+  return double(n_iters) * kGemmAvx512Mr * 2 * 16 * ops_per_lane;
+}
+
 }  // namespace
 
-// Returns the operations executed on all threads: per lane, vfmadd231ps does 2 flops, vdpbf16ps 4,
-// vpdpbusd 8 int8 operations.
+// Returns the operations executed on all threads (probe_ops each).
 double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind) {
   parallel_region(n_threads, [&](int t, int) {
     if (kind == LP_GEMM_PROBE_FLOAT)
@@ -77,8 +84,26 @@ double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind) {
     else
       peak_probe_thread<LP_GEMM_PROBE_INT8>(n_iters, t);
   });
-  const double ops_per_lane = kind == LP_GEMM_PROBE_FLOAT ? 2 : kind == LP_GEMM_PROBE_BF16 ? 4 : 8;
-  return double(n_iters) * kGemmAvx512Mr * 2 * 16 * ops_per_lane * n_threads;
+  return probe_ops(n_iters, kind) * n_threads;
+}
+
+// 4096 steps take ~80 us of vdpbf16ps on the AMX Xeon (~20 us of FMA); the best of 3 alternating runs
+// each, so that a preempted run or the first 512-bit instructions' slow start does not decide. The
+// rates differ 2x either way on the CPUs measured (half on that Xeon, twice on Zen 4).
+bool gemm_bf16_dot_slower_than_fma_avx512() {
+  constexpr int64_t kSteps = 4096;
+  auto rate = [](auto probe, int kind) {
+    const auto t0 = std::chrono::steady_clock::now();
+    probe(kSteps, 0);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return probe_ops(kSteps, kind) / std::max(s, 1e-9);
+  };
+  double dot = 0, fma = 0;
+  for (int r = 0; r < 3; ++r) {
+    dot = std::max(dot, rate(peak_probe_thread<LP_GEMM_PROBE_BF16>, LP_GEMM_PROBE_BF16));
+    fma = std::max(fma, rate(peak_probe_thread<LP_GEMM_PROBE_FLOAT>, LP_GEMM_PROBE_FLOAT));
+  }
+  return dot < 0.8 * fma;  // the widened panels are twice the bytes: vdpbf16ps on a tie
 }
 
 }  // namespace lp
