@@ -488,7 +488,7 @@ def test_few_rows_times_row_major_b(isa, threads, rng, in_dtype, out_dtype):
     each row as its own matrix-vector product): K with a tail of the 4-row passes, N with tails of the
     8-column vectors and of the 64-column chunks, B a column slice of a wider matrix, A strided, bias,
     batches. Where the path takes the product its rows are the one-row products' bits."""
-    taken = in_dtype != torch.bfloat16 and isa != "scalar"
+    taken = (in_dtype != torch.bfloat16 and isa != "scalar") or isa == "avx2"
     for m, k, n in [(2, 1, 9), (2, 7, 300), (3, 130, 65), (4, 37, 3 * 256 + 13), (4, 1030, 40), (5, 64, 70)]:
         bias = rand(rng, (n,), torch.float32)
         for a in (rand(rng, (m, k), in_dtype), rand(rng, (m, 2 * k), in_dtype)[:, ::2]):
@@ -501,6 +501,31 @@ def test_few_rows_times_row_major_b(isa, threads, rng, in_dtype, out_dtype):
     ab, bb = rand(rng, (3, 3, 90), in_dtype), rand(rng, (3, 90, 70), in_dtype)
     assert_close(lc.gemm(ab, bb, out_dtype=out_dtype), ab, bb, out_dtype=out_dtype)
     assert_close(lc.gemm(ab, bb[0], out_dtype=out_dtype), ab, bb[0], out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                                (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
+                         ids=["f32", "f16-f32", "f32-bf16", "bf16"])
+def test_few_rows_times_w_t(isa, threads, rng, in_dtype, out_dtype):
+    """2-9 rows of A times B = W^T (x @ W^T: B's columns contiguous). The AVX2 table takes up to 8 rows
+    on the matrix-vector path in blocks of 1-4 rows x 4 / 3 / 2 / 1 columns, each output a dot product:
+    K with a tail of the 8-element vectors, N with tails of every column block, W a slice of a wider
+    matrix (its rows further apart), A strided, bias, batches. Where the path takes the product its
+    rows are the one-row products' bits."""
+    taken = isa == "avx2"
+    for m, k, n in [(2, 1, 9), (2, 7, 6), (3, 130, 65), (4, 37, 3 * 64 + 3), (5, 300, 41), (6, 64, 7),
+                    (7, 8, 33), (8, 1030, 18), (9, 129, 20)]:
+        bias = rand(rng, (n,), torch.float32)
+        for a in (rand(rng, (m, k), in_dtype), rand(rng, (m, 2 * k), in_dtype)[:, ::2]):
+            for w in (rand(rng, (n, k), in_dtype), rand(rng, (n, k + 5), in_dtype)[:, 2:k + 2]):
+                out = lc.gemm(a, w.t(), bias=bias, out_dtype=out_dtype)
+                assert_close(out, a, w.t(), bias, out_dtype)
+                if taken and m <= 8:
+                    rows = torch.cat([lc.gemm(a[i:i + 1], w.t(), bias=bias, out_dtype=out_dtype) for i in range(m)])
+                    assert torch.equal(out, rows)
+    ab, wb = rand(rng, (3, 5, 90), in_dtype), rand(rng, (3, 70, 90), in_dtype)
+    assert_close(lc.gemm(ab, wb.transpose(1, 2), out_dtype=out_dtype), ab, wb.transpose(1, 2), out_dtype=out_dtype)
+    assert_close(lc.gemm(ab, wb[0].t(), out_dtype=out_dtype), ab, wb[0].t(), out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize("in_dtype,out_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),

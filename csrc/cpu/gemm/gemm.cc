@@ -71,7 +71,7 @@ void gemm_float(const GemmFloatArgs& args) {
   if (args.m <= 0 || args.n <= 0 || args.n_batch <= 0) return;
   if (args.k <= 0) return gemm_float_scalar(args);  // an empty sum: zeros plus bias
   const GemmKernels& kern = gemm_kernels();
-  if (kern.gemv_float && gemm_gemv_takes(args)) return kern.gemv_float(args);
+  if (kern.gemv_float && gemm_gemv_takes(args, !kern.small_m_float)) return kern.gemv_float(args);
   if (kern.small_m_float && kern.small_m_float(args)) return;
   kern.gemm_float(args);
 }

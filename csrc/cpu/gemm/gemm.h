@@ -176,8 +176,10 @@ void gemm_int8_scalar(const GemmInt8Args& args);
 // The matrix-vector product (gemm_gemv_avx2.cc): memory-bound, so the AVX-512 table uses it too.
 void gemm_gemv_float_avx2(const GemmFloatArgs& args);
 // Whether the matrix-vector path takes a product: m == 1, n == 1, or up to 4 rows (float32 / float16)
-// times a row-major B (gemm_gemv_avx2.cc). Asked only where a table has gemv_float.
-bool gemm_gemv_takes(const GemmFloatArgs& args);
+// times a row-major B; with all_few_rows (for a table without a few-rows path of its own: AVX2) bf16
+// there too, and up to 8 rows of any float dtype times a column-contiguous B (B = W^T: x @ W^T)
+// (gemm_gemv_avx2.cc). Asked only where a table has gemv_float.
+bool gemm_gemv_takes(const GemmFloatArgs& args, bool all_few_rows);
 double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx2.cc
 #endif
 #ifdef LP_BUILD_AVX512

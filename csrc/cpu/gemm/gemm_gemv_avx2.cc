@@ -1,6 +1,6 @@
 // GEMM, AVX2 + FMA + F16C: the matrix-vector path of the float GEMM (contract in gemm.h), one output
-// row (m == 1) or column (n == 1), and up to kGemvMaxRows rows of A times a row-major B, each row as its
-// own matrix-vector product. The AVX-512 table uses it too: the product is memory-bound, and 256-bit
+// row (m == 1) or column (n == 1), up to kGemvMaxRows rows of A times a row-major B, and in the AVX2
+// table up to kGemvMaxRowsWt rows times B = W^T, each row as its own matrix-vector product. The AVX-512 table uses it too: the product is memory-bound, and 256-bit
 // loads keep up with memory.
 //
 // A single row of A touches every element of B once, so packing B (a read, a write and a re-read)
@@ -28,17 +28,25 @@ namespace lp {
 namespace {
 
 constexpr int64_t kGemvMaxChunk = 4096;  // columns; the float32 row accumulator stays in L1
-// Up to this many rows of A times a row-major B (float32 / float16; bf16 has the AMX tables' x @ W
-// with B in place) run here, row by row through each pass over B's rows: packing B cost these
-// products more than reading it (2-core AMX Xeon, 2 threads (1 thread), over the packed tiles: 4096 x
+// Up to this many rows of A times a row-major B (float32 / float16; bf16 too in the AVX2 table, where
+// packing cost more still: 2 / 3 / 4 x 4096 x 4096 3.33 / 2.04 / 2.06x, 4 x 1024 x 1024 1.47x; the
+// AMX tables have x @ W with B in place) run here, row by row through each pass over B's rows:
+// packing B cost these products more than reading it (2-core AMX Xeon, 2 threads (1 thread), over the packed tiles: 4096 x
 // 4096 2 / 3 / 4 rows 1.87-2.02 / 1.24 / 1.37-1.63x (1.96 / 1.90 / 1.43x), 1024 x 1024 1.32 / 1.13 /
 // 1.04x; 8 rows 0.62-1.01x: the rows' passes reload the B pieces, load-bound on 256-bit vectors). Two
 // rows of x a pass over the B pieces then gave 1.05-1.20x more at 2-8 rows (8 rows still 1.4x behind MKL).
 constexpr int64_t kGemvMaxRows = 4;
+// And up to this many rows times a column-contiguous B (x @ W^T) in a table without a few-rows path
+// of its own (AVX2; the AVX-512 tables have small_m_float): dot products of x's rows and W's rows in
+// register blocks, W read once instead of packed. AVX2 level on the AMX Xeon, 2 threads, over the
+// packed 6 x 16 kernels: float32 4096 x 4096 at 2 / 4 / 5 / 6 / 8 / 12 rows 2.35 / 1.87 / 1.29 / 1.08 /
+// 1.33 / 0.86x, 1024 x 1024 at 4 / 8 rows 1.97 / 1.65x, 8 x 4096 -> 11008 1.21x, bf16 8 x 4096 x 4096
+// 1.33x, 4 x 1024 x 1024 1.82x.
+constexpr int64_t kGemvMaxRowsWt = 8;
 
 struct Gemv {
   const float* x;               // rows x k float32 values, x_ld apart
-  int64_t rows = 1, x_ld = 0;   // rows of x (and of y): 1, or up to kGemvMaxRows with cs == 1
+  int64_t rows = 1, x_ld = 0;   // rows of x (and of y): 1, or a few (gemm_gemv_takes) with cs or rs == 1
   const void* b;                // k x n, element strides rs / cs, dtype
   int64_t rs, cs;
   int dtype;
@@ -145,41 +153,65 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
     for (int64_t j = 0; j < w; ++j) gemv_store(p, i, j0 + j, y_all[i * y_ld + j]);
 }
 
-// B columns contiguous (rs == 1, e.g. B = W^T with W row-major): y[j] is a dot product of x with
-// column j, 8 lanes of partial sums over k, then a fixed horizontal sum and the k tail in order.
-template <int DT>
-void gemv_cols(const Gemv& p, int64_t j0, int64_t j1) {
+// B columns contiguous (rs == 1, e.g. B = W^T with W row-major): y[i, j] is a dot product of row i of
+// x with column j, 8 lanes of partial sums over k, then a fixed horizontal sum and the k tail in order.
+// Blocks of R rows x C columns share each load (1 x 4, 2 x 4, 3 x 3, 4 x 2: at most 13 of the 16
+// vector registers); each output's chain is the same in every block, so a few rows give the bits of
+// that many matrix-vector products.
+template <int DT, int R, int C>
+static inline void gemv_cols_block(const Gemv& p, int64_t i0, int64_t j) {
   using In = FloatIn<DT>;
   using T = typename In::T;
-  const T* b = static_cast<const T*>(p.b);
+  const T* col[C];
+  for (int c = 0; c < C; ++c) col[c] = static_cast<const T*>(p.b) + (j + c) * p.cs;
+  const float* x[R];
+  for (int r = 0; r < R; ++r) x[r] = p.x + (i0 + r) * p.x_ld;
   const int64_t k8 = p.k / 8 * 8;
-  auto tail = [&](const T* col, float acc) {
-    for (int64_t k = k8; k < p.k; ++k) acc = fma1(p.x[k], In::one(col + k), acc);
-    return acc;
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 w[C];
+    for (int c = 0; c < C; ++c) w[c] = In::eight(col[c] + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 xv = _mm256_loadu_ps(x[r] + k);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(xv, w[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < C; ++c) {
+      float sum = Simd256::sum_lanes(acc[r][c]);
+      for (int64_t k = k8; k < p.k; ++k) sum = fma1(x[r][k], In::one(col[c] + k), sum);
+      gemv_store(p, i0 + r, j + c, sum);
+    }
+  }
+}
+
+// Columns [j0, j1) in blocks of C, each for every row of x in blocks of up to 4 (the block's C
+// columns stay in L1 from one row block to the next).
+template <int DT, int C>
+static void gemv_cols_blocks(const Gemv& p, int64_t j0, int64_t j1) {
+  auto rows_of = [&](int64_t j, auto cols) {
+    constexpr int kC = decltype(cols)::value;
+    for (int64_t i0 = 0; i0 < p.rows; i0 += 4) {
+      switch (std::min<int64_t>(4, p.rows - i0)) {
+        case 1: gemv_cols_block<DT, 1, kC>(p, i0, j); break;
+        case 2: gemv_cols_block<DT, 2, kC>(p, i0, j); break;
+        case 3: gemv_cols_block<DT, 3, kC>(p, i0, j); break;
+        default: gemv_cols_block<DT, 4, kC>(p, i0, j); break;
+      }
+    }
   };
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) {  // four columns share each load of x
-    const T* c0 = b + j * p.cs;
-    const T *c1 = c0 + p.cs, *c2 = c1 + p.cs, *c3 = c2 + p.cs;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t k = 0; k < k8; k += 8) {
-      const __m256 xv = _mm256_loadu_ps(p.x + k);
-      a0 = _mm256_fmadd_ps(xv, In::eight(c0 + k), a0);
-      a1 = _mm256_fmadd_ps(xv, In::eight(c1 + k), a1);
-      a2 = _mm256_fmadd_ps(xv, In::eight(c2 + k), a2);
-      a3 = _mm256_fmadd_ps(xv, In::eight(c3 + k), a3);
-    }
-    gemv_store(p, j, tail(c0, Simd256::sum_lanes(a0)));
-    gemv_store(p, j + 1, tail(c1, Simd256::sum_lanes(a1)));
-    gemv_store(p, j + 2, tail(c2, Simd256::sum_lanes(a2)));
-    gemv_store(p, j + 3, tail(c3, Simd256::sum_lanes(a3)));
-  }
-  for (; j < j1; ++j) {
-    const T* c0 = b + j * p.cs;
-    __m256 a0 = _mm256_setzero_ps();
-    for (int64_t k = 0; k < k8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(p.x + k), In::eight(c0 + k), a0);
-    gemv_store(p, j, tail(c0, Simd256::sum_lanes(a0)));
-  }
+  for (; j + C <= j1; j += C) rows_of(j, std::integral_constant<int, C>{});
+  for (; j < j1; ++j) rows_of(j, std::integral_constant<int, 1>{});
+}
+
+template <int DT>
+void gemv_cols(const Gemv& p, int64_t j0, int64_t j1) {
+  if (p.rows <= 2) return gemv_cols_blocks<DT, 4>(p, j0, j1);
+  if (p.rows == 3) return gemv_cols_blocks<DT, 3>(p, j0, j1);
+  gemv_cols_blocks<DT, 2>(p, j0, j1);
 }
 
 // Any other strides: one column at a time, k in order.
@@ -206,8 +238,10 @@ void gemv_chunk(const Gemv& p, int64_t j0, int64_t j1) {
 
 }  // namespace
 
-bool gemm_gemv_takes(const GemmFloatArgs& g) {
-  return g.m == 1 || g.n == 1 || (g.m <= kGemvMaxRows && g.b.stride_col_elems == 1 && g.a.dtype != LP_DTYPE_BF16);
+bool gemm_gemv_takes(const GemmFloatArgs& g, bool all_few_rows) {
+  if (g.m == 1 || g.n == 1) return true;
+  if (g.b.stride_col_elems == 1) return g.m <= kGemvMaxRows && (g.a.dtype != LP_DTYPE_BF16 || all_few_rows);
+  return all_few_rows && g.b.stride_row_elems == 1 && g.m <= kGemvMaxRowsWt;
 }
 
 void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
