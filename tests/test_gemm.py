@@ -627,11 +627,15 @@ def test_few_rows_row_major_b_read_in_place(isa, threads, rng, in_dtype):
 
 
 def test_few_rows_int8_w_read_in_place(isa, threads, rng):
-    """The int8 GEMM and scaled_gemm with x @ W^T up to 64 rows (the AMX tables: W's tiles in place, x^T
-    packed as k quads): exact int32 sums and the scaled epilogue bit for bit, with row / K / W-row tails
-    and a W column slice; on the AMX tables the int32 sums equal the packed path's."""
+    """The int8 GEMM and scaled_gemm with x @ W^T of few rows, W read in place (the AMX tables: W's tiles,
+    x^T packed as k quads, up to 64 rows; the AVX2 / AVX-512 tables: the matrix-vector path's dot
+    products, up to 8 / 4 rows, in blocks of 1-4 rows x 4 / 3 / 2 / 1 W rows), and A times one column:
+    exact int32 sums and the scaled epilogue bit for bit, with row / K (16-element steps) / W-row tails,
+    a W column slice, strided A, batches and the -128 extremes; on the AMX tables the int32 sums equal
+    the packed path's."""
     amx_table = isa in ("amx", "amx-model")
-    for m, k, n in [(1, 64, 64), (5, 65, 517), (16, 130, 64), (17, 64, 263), (40, 200, 300), (64, 1, 257)]:
+    for m, k, n in [(1, 64, 64), (2, 15, 9), (3, 17, 7), (4, 33, 6), (5, 65, 517), (6, 257, 5), (8, 16, 11),
+                    (9, 31, 13), (16, 130, 64), (17, 64, 263), (40, 200, 300), (64, 1, 257)]:
         a, w = rand_i8(rng, (m, k)), rand_i8(rng, (n, k + 3))[:, :k]
         out = lc.gemm(a, w.t())
         assert_int_exact(out, a, w.t())
@@ -639,6 +643,17 @@ def test_few_rows_int8_w_read_in_place(isa, threads, rng):
             assert torch.equal(out, lc.gemm(a, w.t().contiguous()))
         bias = rand(rng, (n,), torch.float32)
         assert_scaled_exact(rng, a, w.t(), bias, torch.bfloat16)
+        a_strided = rand_i8(rng, (m, 2 * k))[:, ::2]
+        assert_int_exact(lc.gemm(a_strided, w.t()), a_strided, w.t())
+        a_min, w_min = torch.full((m, k), -128, dtype=torch.int8), torch.full((n, k), -128, dtype=torch.int8)
+        assert_int_exact(lc.gemm(a_min, w_min.t()), a_min, w_min.t())
+    for m, k in [(1, 1), (7, 16), (70, 33), (300, 1030)]:                 # A times one column
+        a, col = rand_i8(rng, (m, k)), rand_i8(rng, (k, 1))
+        assert_int_exact(lc.gemm(a, col), a, col)
+        assert_scaled_exact(rng, a, col, rand(rng, (1,), torch.float32), torch.float32)
+    a3, w3 = rand_i8(rng, (3, 2, 40)), rand_i8(rng, (3, 21, 40))            # batches of few rows
+    assert_int_exact(lc.gemm(a3, w3.transpose(1, 2)), a3, w3.transpose(1, 2))
+    assert_int_exact(lc.gemm(a3, w3[0].t()), a3, w3[0].t())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=str)
