@@ -1,7 +1,8 @@
 // GEMM, AVX2 + FMA + F16C: the matrix-vector path of the float GEMM (contract in gemm.h), one output
 // row (m == 1) or column (n == 1), up to kGemvMaxRows rows of A times a row-major B, and in the AVX2
-// table up to kGemvMaxRowsWt rows times B = W^T, each row as its own matrix-vector product. The AVX-512 table uses it too: the product is memory-bound, and 256-bit
-// loads keep up with memory.
+// table up to kGemvMaxRowsWt rows times B = W^T, each row as its own matrix-vector product; and the
+// int8 GEMM's few rows (below). The AVX-512 tables use it too: the product is memory-bound, and
+// 256-bit loads keep up with memory.
 //
 // A single row of A touches every element of B once, so packing B (a read, a write and a re-read)
 // would triple the memory traffic of a memory-bound product. This path reads B in place:
@@ -31,10 +32,11 @@ constexpr int64_t kGemvMaxChunk = 4096;  // columns; the float32 row accumulator
 // Up to this many rows of A times a row-major B (float32 / float16; bf16 too in the AVX2 table, where
 // packing cost more still: 2 / 3 / 4 x 4096 x 4096 3.33 / 2.04 / 2.06x, 4 x 1024 x 1024 1.47x; the
 // AMX tables have x @ W with B in place) run here, row by row through each pass over B's rows:
-// packing B cost these products more than reading it (2-core AMX Xeon, 2 threads (1 thread), over the packed tiles: 4096 x
-// 4096 2 / 3 / 4 rows 1.87-2.02 / 1.24 / 1.37-1.63x (1.96 / 1.90 / 1.43x), 1024 x 1024 1.32 / 1.13 /
-// 1.04x; 8 rows 0.62-1.01x: the rows' passes reload the B pieces, load-bound on 256-bit vectors). Two
-// rows of x a pass over the B pieces then gave 1.05-1.20x more at 2-8 rows (8 rows still 1.4x behind MKL).
+// packing B cost these products more than reading it (2-core AMX Xeon, 2 threads (1 thread), over
+// the packed tiles: 4096 x 4096 2 / 3 / 4 rows 1.87-2.02 / 1.24 / 1.37-1.63x (1.96 / 1.90 / 1.43x),
+// 1024 x 1024 1.32 / 1.13 / 1.04x; 8 rows 0.62-1.01x: the rows' passes reload the B pieces,
+// load-bound on 256-bit vectors). Two rows of x a pass over the B pieces then gave 1.05-1.20x more at
+// 2-8 rows (8 rows still 1.4x behind MKL).
 constexpr int64_t kGemvMaxRows = 4;
 // And up to this many rows times a column-contiguous B (x @ W^T) in a table without a few-rows path
 // of its own (AVX2; the AVX-512 tables have small_m_float): dot products of x's rows and W's rows in
@@ -336,14 +338,12 @@ void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
   });
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // int8: a few rows of A times B = W^T (B's columns contiguous along k), or one column b (n == 1, A's
 // rows contiguous): each output a dot product of a row of x (widened to int16 once) with a row of the
 // matrix, 16 k a step by vpmovsxbw + vpmaddwd (exact: pairs of products fit int32, and the K limit of
-// the int8 GEMM keeps every partial sum in range), in blocks of up to 4 x rows x 4 / 3 / 2 matrix
-// rows as the float blocks above. Packing B cost these products more than the products: W is read
-// once here, in place.
+// the int8 GEMM keeps every partial sum in range), in the float path's blocks (gemv_blocks). Packing
+// W cost these products more than their arithmetic: here W is read once, in place.
 // ---------------------------------------------------------------------------------------------
 namespace {
 
@@ -388,20 +388,22 @@ struct Int8Dot {
   using Acc = __m256i;
   static constexpr int64_t kStep = 16;
   static __m256i zero() { return _mm256_setzero_si256(); }
-  static __m256i load_w(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static __m256i load_w(const int8_t* p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
   static __m256i load_x(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static __m256i madd(__m256i acc, __m256i x, __m256i w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
   static int32_t sum(__m256i acc) { return sum_lanes_i32(acc); }
   static int32_t madd1(int32_t acc, const int16_t* x, const int8_t* w) { return acc + int32_t(*x) * int32_t(*w); }
 };
 
-}  // namespace
-
 // x @ W^T of at most max_rows rows (by rows: x = A's rows), or one column b times A with A's rows
 // contiguous (by column: x = b, the matrix rows A's rows).
-static bool gemv_int8_by_rows(const GemmInt8Args& g, int64_t max_rows) {
+bool gemv_int8_by_rows(const GemmInt8Args& g, int64_t max_rows) {
   return g.m <= max_rows && g.b.stride_row_elems == 1;
 }
+
+}  // namespace
 
 bool gemm_gemv_int8_takes(const GemmInt8Args& g, int64_t max_rows) {
   if (g.b_packed || g.k <= 0) return false;
