@@ -13,6 +13,8 @@
 //            a pair to a float32 lane. Each bf16 x bf16 product is exact in float32, so this is a
 //            float32 accumulation as the contract asks; the instruction treats bf16 subnormal
 //            inputs as zero and flushes subnormal results, which moves a result by less than 2^-126.
+//            On a CPU whose vdpbf16ps gives fewer flops than its FMA (the AMX Xeons), the level's
+//            other table widens bf16 to float32 like float16 instead (kGemmAvx512Bf16Fma below).
 //   int8:    packed as k-quads (A: [k/4][MR][4], B: [k/4][NR][4]); vpdpbusd multiplies unsigned by
 //            signed bytes, so A is stored as a + 128 (a ^ 0x80) and sum_k (a + 128) b = sum_k a b +
 //            128 sum_k b: every B panel carries 128 * its column sums over the K block, subtracted

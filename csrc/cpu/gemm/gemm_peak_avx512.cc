@@ -1,6 +1,7 @@
 // GEMM, AVX-512: the peak probes of the AVX-512 microkernels (gemm.h, GemmKernels::peak_probe), for
-// benchmarks and for choosing the avx512 level's bf16 kernels. Each runs n_iters steps of the microkernel's instruction (vfmadd231ps,
-// vdpbf16ps or vpdpbusd by kind) on every thread, without loads, timed from Python for "% of peak".
+// benchmarks and for choosing the avx512 level's bf16 kernels. Each runs n_iters steps of the
+// microkernel's instruction (vfmadd231ps, vdpbf16ps or vpdpbusd by kind) on every thread, without
+// loads, timed from Python for "% of peak" (and here, once, for the bf16 choice).
 #include <immintrin.h>
 
 #include <algorithm>
