@@ -756,6 +756,10 @@ def test_int8_k_limit(isa, threads):
     out = lc.gemm(a, b)
     assert out[0, 0].item() == k * 16384 == 2147467264
     assert_int_exact(out, a, b)
+    # the same sums with B = W^T (the few-rows paths) and one column at a time (A times a column)
+    assert torch.equal(lc.gemm(a, b.t().contiguous().t()), out)
+    for j in range(3):
+        assert torch.equal(lc.gemm(a, b[:, j:j + 1].contiguous())[:, 0], out[:, j])
 
 
 # ---------------------------------------------------------------------------------------------

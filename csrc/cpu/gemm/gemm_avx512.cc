@@ -479,10 +479,11 @@ double gemm_peak_probe_avx512_bf16_fma(int64_t n_iters, int n_threads, int kind)
 // blocks whatever the rows: packing it is not in the call, which is what kept few-row products
 // shallow. MiniLM's 1536 -> 384 at 608 rows +3%, 128 x 4096 x 11008 +5%, few rows neutral (session 9).
 void gemm_int8_avx512(const GemmInt8Args& g) {
-  // Few rows on the (AVX2) matrix-vector path, where the vpdpbusd tiles' packing of W costs more than
-  // they save: over them, 2 threads, AMX Xeon at this level: 4096 x 4096 at 1 / 2 / 4 / 8 rows 2.38 /
-  // 1.88 / 1.05 / 0.58x, 4 x 11008 -> 4096 1.12x, 1 x 1024 x 1024 1.77x.
-  if (gemm_gemv_int8_takes(g, 4)) return gemm_gemv_int8_avx2(g);
+  // Few rows on the matrix-vector path (vpdpbusd dot products, W read in place), where packing W cost
+  // more than the packed tiles saved: over them, 2 threads, AMX Xeon at this level: 4096 x 4096 at 1 /
+  // 2 / 4 / 8 rows 2.58 / 2.35 / 2.23 / 1.78x, 1024 x 1024 at 1 / 8 rows 2.48 / 1.19x (the AVX2 path's
+  // vpmaddwd: 2.29 / 2.09 / 1.12 / 0.97x); a 4096 x 4096 A times a column 1.22x the AVX2 path.
+  if (gemm_gemv_int8_takes(g, 8)) return gemm_gemv_int8_avx512(g);
   gemm_packed<Int8Kernel>(g, g.b_packed ? gemm_deep_blocking_avx512(1, g.k) : gemm_rows_blocking_avx512(1, g.m, g.k));
 }
 int64_t int8_packed_b_bytes_avx512(int64_t k, int64_t n) {

@@ -23,6 +23,7 @@
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
 #include "cpu/gemm/gemm_driver.h"
+#include "cpu/gemm/gemm_gemv.h"
 #include "cpu/simd256.h"
 
 namespace lp {
@@ -155,39 +156,8 @@ void gemv_rows(const Gemv& p, int64_t j0, int64_t j1) {
     for (int64_t j = 0; j < w; ++j) gemv_store(p, i, j0 + j, y_all[i * y_ld + j]);
 }
 
-// B columns contiguous (rs == 1, e.g. B = W^T with W row-major): y[i, j] is a dot product of row i of
-// x with column j, in lanes of partial sums over k, then a fixed horizontal sum and the k tail in
-// order. Blocks of R rows x C columns share each load (1 x 4, 2 x 4, 3 x 3, 4 x 2: at most 13 of the
-// 16 vector registers); each output's chain is the same in every block, so a few rows give the bits
-// of that many matrix-vector products. Ops: the element types and arithmetic (FloatDot, Int8Dot).
-template <class Ops, int R, int C, class Store>
-static inline void gemv_dot_block(const typename Ops::X* x0, int64_t x_ld, const typename Ops::W* w0, int64_t w_ld,
-                                  int64_t k_len, int64_t i0, int64_t j, const Store& store) {
-  const typename Ops::W* w[C];
-  for (int c = 0; c < C; ++c) w[c] = w0 + (j + c) * w_ld;
-  const typename Ops::X* x[R];
-  for (int r = 0; r < R; ++r) x[r] = x0 + (i0 + r) * x_ld;
-  const int64_t k_vec = k_len / Ops::kStep * Ops::kStep;
-  typename Ops::Acc acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = Ops::zero();
-  for (int64_t k = 0; k < k_vec; k += Ops::kStep) {
-    typename Ops::V wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = Ops::load_w(w[c] + k);
-    for (int r = 0; r < R; ++r) {
-      const typename Ops::V xv = Ops::load_x(x[r] + k);
-      for (int c = 0; c < C; ++c) acc[r][c] = Ops::madd(acc[r][c], xv, wv[c]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < C; ++c) {
-      auto sum = Ops::sum(acc[r][c]);
-      for (int64_t k = k_vec; k < k_len; ++k) sum = Ops::madd1(sum, x[r] + k, w[c] + k);
-      store(i0 + r, j + c, sum);
-    }
-  }
-}
-
+// B columns contiguous (rs == 1, e.g. B = W^T with W row-major): dot products (gemv_dot_block of
+// gemm_gemv.h), whose blocks give every output the one-row product's chain.
 // float32 / float16 / bf16 B, float32 x: 8 k a step by FMA.
 template <int DT>
 struct FloatDot {
@@ -203,36 +173,6 @@ struct FloatDot {
   static float sum(__m256 acc) { return Simd256::sum_lanes(acc); }
   static float madd1(float acc, const float* x, const W* w) { return fma1(*x, FloatIn<DT>::one(w), acc); }
 };
-
-// Columns [j0, j1) of `rows` rows of x in register blocks: block(R, C, i0, j) (R, C as
-// std::integral_constant) for each C columns (4 for 1-2 rows, 3 for 3, 2 for more; then single
-// columns), each for every row of x in blocks of up to R = 4 rows, so that the block's columns stay
-// in L1 from one row block to the next.
-template <class Block>
-static void gemv_blocks(int64_t rows, int64_t j0, int64_t j1, const Block& block) {
-  auto rows_of = [&](int64_t j, auto cols) {
-    for (int64_t i0 = 0; i0 < rows; i0 += 4) {
-      switch (std::min<int64_t>(4, rows - i0)) {
-        case 1: block(std::integral_constant<int, 1>{}, cols, i0, j); break;
-        case 2: block(std::integral_constant<int, 2>{}, cols, i0, j); break;
-        case 3: block(std::integral_constant<int, 3>{}, cols, i0, j); break;
-        default: block(std::integral_constant<int, 4>{}, cols, i0, j); break;
-      }
-    }
-  };
-  auto columns = [&](auto cols) {
-    constexpr int C = decltype(cols)::value;
-    int64_t j = j0;
-    for (; j + C <= j1; j += C) rows_of(j, cols);
-    for (; j < j1; ++j) rows_of(j, std::integral_constant<int, 1>{});
-  };
-  if (rows <= 2)
-    columns(std::integral_constant<int, 4>{});
-  else if (rows == 3)
-    columns(std::integral_constant<int, 3>{});
-  else
-    columns(std::integral_constant<int, 2>{});
-}
 
 template <int DT>
 void gemv_cols(const Gemv& p, int64_t j0, int64_t j1) {
@@ -338,70 +278,28 @@ void gemm_gemv_float_avx2(const GemmFloatArgs& g) {
   });
 }
 
-// ---------------------------------------------------------------------------------------------
-// int8: a few rows of A times B = W^T (B's columns contiguous along k), or one column b (n == 1, A's
-// rows contiguous): each output a dot product of a row of x (widened to int16 once) with a row of the
-// matrix, 16 k a step by vpmovsxbw + vpmaddwd (exact: pairs of products fit int32, and the K limit of
-// the int8 GEMM keeps every partial sum in range), in the float path's blocks (gemv_blocks). Packing
-// W cost these products more than their arithmetic: here W is read once, in place.
-// ---------------------------------------------------------------------------------------------
+// int8 (gemm_gemv.h): x widened to int16 once, 16 k a step by vpmovsxbw + vpmaddwd, summed in int32
+// (exact: pairs of products fit int32, and the K limit of the int8 GEMM keeps every partial sum in range).
 namespace {
 
-constexpr int64_t kGemvInt8MaxRows = 8;  // the most any table asks for (the x buffer's rows)
-
-struct GemvInt8 {
-  const int16_t* x;     // rows x k, x_ld apart (k padded with zeros to a multiple of 16)
-  int64_t rows, x_ld;
-  const int8_t* w;      // matrix row j (k-contiguous) at w + j * w_ld
-  int64_t w_ld, k;
-  const GemmInt8Args* g;
-  int64_t batch;
-  bool by_column;       // n == 1: the matrix is A (output j is A's row j), x is b's column
-};
-
-static inline int32_t sum_lanes_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-// Output (x row i, matrix row j): the plain int32, or scaled_gemm's epilogue.
-static inline void gemv_int8_store(const GemvInt8& p, int64_t i, int64_t j, int32_t acc) {
-  const GemmInt8Args& g = *p.g;
-  const int64_t a_row = p.by_column ? j : i, b_col = p.by_column ? 0 : j;
-  const int64_t at = (p.batch * g.m + a_row) * g.n + b_col;
-  if (!g.scale_a) {
-    static_cast<int32_t*>(g.out)[at] = acc;
-    return;
-  }
-  const float sa = g.scale_a[g.scale_a_n_elems == 1 ? 0 : a_row], sb = g.scale_b[g.scale_b_n_elems == 1 ? 0 : b_col];
-  gemm_store_float(g.out, g.out_dtype, at,
-                   gemm_scaled_epilogue<GemmScalarVec>(acc, sa, sb, g.bias != nullptr, g.bias ? g.bias[b_col] : 0.0f));
-}
-
-// int8 B, x widened to int16: 16 k a step by vpmovsxbw + vpmaddwd, summed in int32.
-struct Int8Dot {
-  using X = int16_t;
-  using W = int8_t;
+struct Int8Dot : GemvInt8Ops<int16_t> {
   using V = __m256i;
   using Acc = __m256i;
   static constexpr int64_t kStep = 16;
+  static int32_t correction(const int16_t*, int64_t) { return 0; }
   static __m256i zero() { return _mm256_setzero_si256(); }
   static __m256i load_w(const int8_t* p) {
     return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static __m256i load_x(const int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
   static __m256i madd(__m256i acc, __m256i x, __m256i w) { return _mm256_add_epi32(acc, _mm256_madd_epi16(x, w)); }
-  static int32_t sum(__m256i acc) { return sum_lanes_i32(acc); }
-  static int32_t madd1(int32_t acc, const int16_t* x, const int8_t* w) { return acc + int32_t(*x) * int32_t(*w); }
+  static int32_t sum(__m256i acc) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+  }
 };
-
-// x @ W^T of at most max_rows rows (by rows: x = A's rows), or one column b times A with A's rows
-// contiguous (by column: x = b, the matrix rows A's rows).
-bool gemv_int8_by_rows(const GemmInt8Args& g, int64_t max_rows) {
-  return g.m <= max_rows && g.b.stride_row_elems == 1;
-}
 
 }  // namespace
 
@@ -410,36 +308,6 @@ bool gemm_gemv_int8_takes(const GemmInt8Args& g, int64_t max_rows) {
   return gemv_int8_by_rows(g, max_rows) || (g.n == 1 && g.a.stride_col_elems == 1);
 }
 
-void gemm_gemv_int8_avx2(const GemmInt8Args& g) {
-  const bool by_column = !gemv_int8_by_rows(g, kGemvInt8MaxRows);
-  const GemmOperand& xo = by_column ? g.b : g.a;  // x rows: A's, or b's column
-  const GemmOperand& mo = by_column ? g.a : g.b;  // matrix rows: B's columns (W's rows), or A's rows
-  const int64_t rows = by_column ? 1 : g.m, n_out = by_column ? g.m : g.n, k = g.k;
-  const int64_t x_step = by_column ? g.b.stride_row_elems : g.a.stride_col_elems;
-  const int64_t w_ld = by_column ? g.a.stride_row_elems : g.b.stride_col_elems;
-  const int64_t x_ld = gemm_round_up(k, 16);
-  // Chunks of 64 matrix rows; a thread per kMinStreamBytesPerThread of them as well as per
-  // kGemmMinFlopsPerThread.
-  const int64_t n_chunks = gemm_ceil_div(n_out, 64), n_items = g.n_batch * n_chunks;
-  const int nt = threads_for_stream(n_items, 2.0 * 64 * double(k * rows), kGemmMinFlopsPerThread, 64.0 * double(k));
-  int16_t* x_all = static_cast<int16_t*>(gemm_scratch(1, size_t(g.n_batch) * size_t(rows * x_ld) * 2));
-  for (int64_t bi = 0; bi < g.n_batch; ++bi) {
-    for (int64_t i = 0; i < rows; ++i) {
-      const int8_t* src = static_cast<const int8_t*>(xo.ptr) + bi * xo.stride_batch_elems + i * xo.stride_row_elems;
-      int16_t* dst = x_all + (bi * rows + i) * x_ld;
-      for (int64_t kk = 0; kk < k; ++kk) dst[kk] = src[kk * x_step];
-      for (int64_t kk = k; kk < x_ld; ++kk) dst[kk] = 0;
-    }
-  }
-  parallel_for_claimed(n_items, nt, [&](int64_t item) {
-    const int64_t bi = item / n_chunks, j0 = (item % n_chunks) * 64, j1 = std::min(n_out, j0 + 64);
-    const GemvInt8 p{x_all + bi * rows * x_ld, rows, x_ld,
-                     static_cast<const int8_t*>(mo.ptr) + bi * mo.stride_batch_elems, w_ld, k, &g, bi, by_column};
-    auto store = [&](int64_t i, int64_t j, int32_t v) { gemv_int8_store(p, i, j, v); };
-    gemv_blocks(rows, j0, j1, [&](auto r, auto c, int64_t i0, int64_t j) {
-      gemv_dot_block<Int8Dot, decltype(r)::value, decltype(c)::value>(p.x, p.x_ld, p.w, p.w_ld, p.k, i0, j, store);
-    });
-  });
-}
+void gemm_gemv_int8_avx2(const GemmInt8Args& g) { gemm_gemv_int8_with<Int8Dot>(g); }
 
 }  // namespace lp

@@ -11,6 +11,8 @@
 // Leftovers: rows past m in the last A group re-read a valid row and are not stored; columns past n
 // likewise. Each output's arithmetic is the same whichever group or thread computes it, so its bits
 // do not depend on the thread count.
+// Also here: the int8 GEMM's few rows (x @ W^T, up to 8 rows, or A times one column) on the
+// matrix-vector path of gemm_gemv.h with vpdpbusd (Int8DotVnni, at the end).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -22,6 +24,7 @@
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
 #include "cpu/gemm/gemm_driver.h"
+#include "cpu/gemm/gemm_gemv.h"
 #include "cpu/simd512.h"
 
 namespace lp {
@@ -254,5 +257,31 @@ bool gemm_small_m_float_avx512(const GemmFloatArgs& g) {
   });
   return true;
 }
+
+// The int8 GEMM's few rows on the matrix-vector path (gemm_gemv.h) by vpdpbusd: W's bytes flipped to
+// unsigned (w ^ 0x80 = w + 128) as the instruction's first operand and x as is, so each lane sums
+// (w + 128) x over 4 k; each row's 128 * sum x over the vectorized k comes off at the end (modulo 2^32:
+// the lanes may wrap, the corrected sum fits int32 under the int8 GEMM's K limit).
+namespace {
+struct Int8DotVnni : GemvInt8Ops<int8_t> {
+  using V = __m512i;
+  using Acc = __m512i;
+  static constexpr int64_t kStep = 64;
+  static int32_t correction(const int8_t* x, int64_t k) {
+    int32_t s = 0;
+    for (int64_t kk = 0; kk < k / kStep * kStep; ++kk) s += x[kk];
+    return int32_t(uint32_t(s) * 128u);
+  }
+  static __m512i zero() { return _mm512_setzero_si512(); }
+  static __m512i load_w(const int8_t* p) {
+    return _mm512_xor_si512(_mm512_loadu_si512(p), _mm512_set1_epi8(char(0x80)));
+  }
+  static __m512i load_x(const int8_t* p) { return _mm512_loadu_si512(p); }
+  static __m512i madd(__m512i acc, __m512i x, __m512i w) { return _mm512_dpbusd_epi32(acc, w, x); }
+  static int32_t sum(__m512i acc) { return _mm512_reduce_add_epi32(acc); }
+};
+}  // namespace
+
+void gemm_gemv_int8_avx512(const GemmInt8Args& g) { gemm_gemv_int8_with<Int8DotVnni>(g); }
 
 }  // namespace lp
