@@ -89,7 +89,7 @@ template <class X>
 struct GemvInt8 {
   const X* x;           // rows x k, x_ld apart (k padded with zeros to a multiple of 64)
   const int32_t* corr;  // per row: subtracted from its sums (Ops::correction)
-  int64_t rows, x_ld;
+  int64_t x_ld;
   const int8_t* w;      // matrix row j (k-contiguous) at w + j * w_ld
   int64_t w_ld, k;
   const GemmInt8Args* g;
@@ -160,7 +160,7 @@ void gemm_gemv_int8_with(const GemmInt8Args& g) {
   }
   parallel_for_claimed(n_items, nt, [&](int64_t item) {
     const int64_t bi = item / n_chunks, j0 = (item % n_chunks) * 64, j1 = std::min(n_out, j0 + 64);
-    const GemvInt8<X> p{x_all + bi * rows * x_ld, corr_all + bi * rows, rows, x_ld,
+    const GemvInt8<X> p{x_all + bi * rows * x_ld, corr_all + bi * rows, x_ld,
                         static_cast<const int8_t*>(mo.ptr) + bi * mo.stride_batch_elems, w_ld, k, &g, bi, by_column};
     auto store = [&](int64_t i, int64_t j, int32_t v) { gemv_int8_store(p, i, j, v); };
     gemv_blocks(rows, j0, j1, [&](auto r, auto c, int64_t i0, int64_t j) {
