@@ -188,7 +188,7 @@ void gemm_gemv_int8_avx2(const GemmInt8Args& args);
 double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx2.cc
 #endif
 #ifdef LP_BUILD_AVX512
-bool gemm_small_m_float_avx512(const GemmFloatArgs& args);               // gemm_small_m_avx512.cc
+bool gemm_small_m_float_avx512(const GemmFloatArgs& args, bool bf16_by_fma);  // gemm_small_m_avx512.cc
 void gemm_gemv_int8_avx512(const GemmInt8Args& args);  // the int8 matrix-vector path by vpdpbusd (same file)
 double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx512.cc
 // Whether this core's vdpbf16ps gives fewer flops than its vfmadd231ps (one thread, timed once per

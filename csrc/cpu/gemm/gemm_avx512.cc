@@ -461,15 +461,17 @@ void gemm_float_avx512(const GemmFloatArgs& g) {
 void gemm_float_avx512_bf16_fma(const GemmFloatArgs& g) {
   gemm_packed<FloatKernel>(g, gemm_rows_blocking_avx512(4, g.m, g.k));
 }
-// Its few-rows path (vdpbf16ps for bf16) keeps bf16 products of at most this many rows; the packed
-// FMA kernels take more. AMX Xeon, 2 threads, x @ W^T, packed / few-rows: 4096 x 4096 at 8 / 16 / 24 /
-// 28 / 32 / 48 rows 0.52 / 0.85 / 0.92 / 1.08 / 1.06 / 1.27x, 1024 x 1024 at 20 / 24 / 32 rows 1.16 /
-// 1.12 / 1.43x, 24 x 4096 -> 11008 0.98x.
-constexpr int64_t kSmallMMaxRowsBf16Fma = 24;
+// Its few-rows path multiplies bf16 by FMAs too (split pairs: gemm_small_m_avx512.cc) and keeps bf16
+// products of at most this many rows; the packed FMA kernels take more. AMX Xeon, 2 threads, x @ W^T,
+// few-rows over packed: 4096 x 4096 at 16 / 24 / 32 / 40 / 48 rows 1.72 / 1.35 / 1.19 / 1.08 / 1.05x,
+// 32 x 4096 -> 11008 1.18x, 32 x 11008 -> 4096 1.17x; 1024 x 1024 at 16 / 24 / 32 rows 1.18 / 0.97 /
+// 0.89x (its vdpbf16ps version lost to the packed kernels from 24 rows at 4096 x 4096).
+constexpr int64_t kSmallMMaxRowsBf16Fma = 32;
 static bool gemm_small_m_float_avx512_bf16_fma(const GemmFloatArgs& g) {
   if (g.a.dtype == LP_DTYPE_BF16 && g.m > kSmallMMaxRowsBf16Fma) return false;
-  return gemm_small_m_float_avx512(g);
+  return gemm_small_m_float_avx512(g, true);
 }
+static bool gemm_small_m_float_avx512_bf16_dot(const GemmFloatArgs& g) { return gemm_small_m_float_avx512(g, false); }
 // Its probe: the bf16 products are FMAs.
 double gemm_peak_probe_avx512_bf16_fma(int64_t n_iters, int n_threads, int kind) {
   return gemm_peak_probe_avx512(n_iters, n_threads, kind == LP_GEMM_PROBE_BF16 ? LP_GEMM_PROBE_FLOAT : kind);
@@ -507,14 +509,14 @@ void gemm_float_quant_b_avx512(const GemmFloatArgs& g, const GemmQuantB& qb) {
 // measured once per process (gemm_bf16_dot_slower_than_fma_avx512): on the Intel Xeon with AMX of
 // sessions 12-23 vdpbf16ps ran at a quarter of vfmadd231ps's instruction rate (half its flops), and
 // the widened kernels were 1.5-1.7x faster there (2 threads, 512-4096 rows, every layout); Zen 4
-// runs vdpbf16ps at twice the FMA's flops. The few-rows bf16 kernel (small_m_float) is vdpbf16ps
-// in both; the FMA table gives it fewer rows (kSmallMMaxRowsBf16Fma).
+// runs vdpbf16ps at twice the FMA's flops. The few-rows bf16 kernel (small_m_float) follows: vdpbf16ps
+// in the first, FMAs on the split bf16 pairs in the second (up to kSmallMMaxRowsBf16Fma rows).
 const GemmKernels kGemmAvx512 = {"avx512-bf16dot",
                                  LP_ISA_AVX512,
                                  gemm_float_avx512,
                                  gemm_int8_avx512,
                                  gemm_gemv_float_avx2,
-                                 gemm_small_m_float_avx512,
+                                 gemm_small_m_float_avx512_bf16_dot,
                                  gemm_packed_blocking_avx512,
                                  gemm_peak_probe_avx512,
                                  int8_packed_b_bytes_avx512,
