@@ -477,7 +477,11 @@ void amx_run_units_k_inside(const Traits& tr, const GemmPlan& plan, const GemmBl
   const int64_t per_thread = a_bytes + b_bytes + sums_bytes + ws_bytes;
   char* scratch = static_cast<char*>(gemm_scratch(0, size_t(per_thread) * size_t(plan.n_threads)));
 
-  const GemmShares<MR> shares(plan, blk, m, n, 1);  // gemm_driver.h; B packed once, for all of K
+  // gemm_driver.h; B packed once, for all of K. Shared blocks of mc rows, however few: each block
+  // streams the unit's whole packed B again (beyond L2), so the 8 blocks of 64 rows a 512-row unit
+  // had cost 512 x 1024 -> 1024 bf16 10-20%, 512 x 2048 -> 2048 and 512 x 4096 -> 1024 20-30%
+  // (bf16 and int8, 2-core Xeon; 2048^3 the same).
+  const GemmShares<MR> shares(plan, blk, m, n, 1, blk.mc);
   auto kc_at = [&](int64_t p0) { return std::min(blk.kc, k - p0); };  // the K block at p0: its depth
   // A block [i0, i0 + mcur) of unit w, B packed at b_src (null: pre-packed), with the running thread's
   // A packing, chunk sums and workspace (the block's sums across chunks); inlined, as

@@ -184,7 +184,8 @@ static void gemm_wait_until(const Ready& ready) {
 // A call's shared units, where its plan has several threads and units of several A blocks (else none,
 // and each thread runs its units alone). A shared unit's A blocks: mc rows at most, and at least
 // kGemmShareBlocks equal blocks so that there is something left to take (4 and 8 alike without a busy
-// core; 8 balanced better with one). MR: the register tile's rows (block edges on the tile grid).
+// core; 8 balanced better with one), unless that would make them shorter than min_block_rows (a loop
+// whose every block reads a large B again). MR: the register tile's rows (block edges on the tile grid).
 // n_kb: the times a unit's B is packed, one K block after another (1 where it is packed for all of K
 // at once).
 constexpr int64_t kGemmShareBlocks = 8;
@@ -193,10 +194,11 @@ struct GemmShares {
   const GemmPlan& plan;
   const GemmBlocking& blk;
   int64_t m, n, n_kb;  // the product's rows, columns, and B's K blocks
+  int64_t min_block_rows;  // fewer blocks than kGemmShareBlocks rather than blocks of fewer rows
   std::unique_ptr<GemmUnitShare[]> units;
 
-  GemmShares(const GemmPlan& p, const GemmBlocking& b, int64_t m_, int64_t n_, int64_t n_kb_)
-      : plan(p), blk(b), m(m_), n(n_), n_kb(n_kb_),
+  GemmShares(const GemmPlan& p, const GemmBlocking& b, int64_t m_, int64_t n_, int64_t n_kb_, int64_t min_block_rows_ = 0)
+      : plan(p), blk(b), m(m_), n(n_), n_kb(n_kb_), min_block_rows(min_block_rows_),
         units(p.n_threads > 1 && p.mu > b.mc ? new GemmUnitShare[p.n_units] : nullptr) {}
 
   // Whether the threads of a region of n_threads share (all, or none: OpenMP may give fewer threads).
@@ -205,7 +207,8 @@ struct GemmShares {
   int64_t block_rows(const GemmUnit& w, bool shared) const {
     if (!shared) return blk.mc;
     const int64_t rows = w.m1 - w.m0;
-    return gemm_round_up(gemm_ceil_div(rows, std::max(gemm_ceil_div(rows, blk.mc), kGemmShareBlocks)), MR);
+    const int64_t wanted = min_block_rows ? std::min(kGemmShareBlocks, rows / min_block_rows) : kGemmShareBlocks;
+    return gemm_round_up(gemm_ceil_div(rows, std::max(gemm_ceil_div(rows, blk.mc), wanted)), MR);
   }
 
   // The owner's side, K block kb of unit u (w): publishes the block's packed B and workspace, runs its
