@@ -88,12 +88,14 @@ static inline void qlinear_amx_segment(const uint16_t* x, int64_t x_ld, const ui
   }
 }
 
-// Rows of one chunk: the bf16 rows that fill L2, to the nearest multiple of 32. 4096 x 4096 on a 2 MiB
-// L2 (2 threads, session 13): 256 rows against 96 (half of L2) took w8 from 5.3 to 3.7 ms at 128 rows
-// and 8.5 to 5.9 at 256 (the codes converted once, not twice), and against whole panels converted
-// once per call (the activations then stream from L3 for every panel) 25 against 27-30 ms at 1024.
+// Rows of one chunk: the bf16 rows that fill half of L2, to the nearest multiple of 32. 4096 x 4096 on a
+// 2 MiB L2 (2 threads, session 13): 256 rows against 96 took w8 from 5.3 to 3.7 ms at 128 rows and 8.5
+// to 5.9 at 256 (the codes converted once, not three times), and against whole panels converted once
+// per call (the activations then stream from L3 for every panel) 25 against 27-30 ms at 1024. Half of
+// L2 (128 rows there) against all of it (256), in one process (session 24): 256 / 512 / 1024 rows w8
+// 1.06 / 1.04 / 1.04x, w4 1.09 / 1.08 / 1.09x; a quarter 0.77-0.99x.
 static inline int64_t qlinear_amx_row_chunk(const QLinearCall& c) {
-  const int64_t rows = int64_t(cpu_features().l2_bytes) / (2 * c.xb_ld);
+  const int64_t rows = int64_t(cpu_features().l2_bytes) / 2 / (2 * c.xb_ld);
   return std::max<int64_t>(kQLinearAmxRows, (rows + kQLinearAmxRows / 2) / kQLinearAmxRows * kQLinearAmxRows);
 }
 
