@@ -170,8 +170,13 @@ def info() -> dict:
 
 
 def cpu_kernels() -> str:
-    """Which kernels the active ISA level runs, in words (the amx level: AMX tiles for some GEMMs)."""
+    """Which kernels the active ISA level runs, in words (the amx level: AMX tiles for some GEMMs; the
+    avx512 level: how it multiplies bfloat16, which this CPU's timing of vdpbf16ps against FMA picked)."""
     isa = cpu_isa()
+    if isa == "avx512":
+        if _C.gemm_kernels_name(2) == "avx512-bf16fma":
+            return "avx512 (bfloat16 GEMM widened to float32 and FMA: this CPU's vdpbf16ps gives fewer flops)"
+        return "avx512 (bfloat16 GEMM by vdpbf16ps)"
     if isa == "amx":
         fp16 = ", float16 with AMX-FP16" if _C.cpu_features().get("amx_fp16") else ""
         return (f"amx (AMX tiles for bfloat16{fp16} and int8 GEMM; "

@@ -26,10 +26,8 @@ BENCH_DEFAULT = ("gemm", "quant")
 
 
 def _isa_line(info: dict) -> str:
-    # The amx level runs AMX tiles for some GEMMs only: say which.
-    note = "; amx: AMX tiles for bf16 / int8 GEMM, AVX-512 for the rest" if info["cpu_isa"] == "amx" else ""
     return (f"{info['cpu_isa']} (detected {info['cpu_isa_detected']}; kernels compiled up to "
-            f"{info['cpu_isa_compiled']}{note}; cap with LEPTON_CPU_ISA)")
+            f"{info['cpu_isa_compiled']}; cap with LEPTON_CPU_ISA)")
 
 
 def _bytes(n: int) -> str:
@@ -60,6 +58,10 @@ def _cmd_info(args) -> int:
     rows.append(("backends", ", ".join(info["backends"])))
     rows.append(("cpu", info["cpu"]))
     rows.append(("cpu isa", _isa_line(info)))
+    # What the level runs where that is more than its name (amx: the tiles for some GEMMs only; avx512:
+    # how it multiplies bf16 on this CPU).
+    if info.get("cpu_kernels", info["cpu_isa"]) != info["cpu_isa"]:
+        rows.append(("cpu kernels", info["cpu_kernels"]))
     rows.append(("cpu features", ", ".join(sorted(info["cpu_features"])) or "none beyond x86-64"))
     caches = info["cache_bytes"]
     rows.append(("caches", f"L1d {caches['l1d'] >> 10} KiB, L2 {caches['l2'] >> 10} KiB, L3 {caches['l3'] >> 20} MiB"))

@@ -43,6 +43,22 @@ def test_info_reports_detected_isa_consistently():
         assert feats.get("amx_tile") and feats.get("amx_bf16") and feats.get("amx_int8")
 
 
+def test_info_says_how_the_avx512_level_multiplies_bf16():
+    """cpu_kernels at the avx512 level names the bf16 GEMM table this CPU picked (vdpbf16ps, or widened to
+    float32 where its vdpbf16ps is the slower): the same table the GEMM calls run."""
+    if ISA_NAMES.index(lc.info()["cpu_isa_detected"]) < ISA_NAMES.index("avx512"):
+        pytest.skip("no AVX-512 level on this CPU")
+    code = ("import lepton_core as lc; from lepton_core.backends.cpu import _C; "
+            "print(_C.gemm_kernels_name()); print(lc.info()['cpu_kernels'])")
+    r = run_python(["-c", code], LEPTON_CPU_ISA="avx512")
+    assert r.returncode == 0, r.stderr
+    table, words = r.stdout.splitlines()
+    assert table in ("avx512-bf16dot", "avx512-bf16fma")
+    assert words.startswith("avx512 (bfloat16 GEMM ")
+    assert ("widened to float32" in words) == (table == "avx512-bf16fma")
+    assert ("by vdpbf16ps" in words) == (table == "avx512-bf16dot")
+
+
 @pytest.fixture
 def restore_threads():
     before = lc.get_num_threads()
