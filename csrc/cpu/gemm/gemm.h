@@ -194,6 +194,16 @@ double gemm_peak_probe_avx512(int64_t n_iters, int n_threads, int kind);  // gem
 // Whether this core's vdpbf16ps gives fewer flops than its vfmadd231ps (one thread, timed once per
 // process, best of 3 each; gemm_peak_avx512.cc): the avx512 level then multiplies bf16 in float32.
 bool gemm_bf16_dot_slower_than_fma_avx512();
+// float32 few rows x @ W^T on the Xeons with two 512-bit FMA ports (the AMX table, and the avx512 level's
+// bf16fma table, which those CPUs pick): the few-rows kernel up to this many rows, then the packed
+// AVX-512 tiles, which win there because the few-rows kernel waits on L2 (11 of its loads for 24 FMAs, A
+// and 3 W rows of 4096 float32 beyond L1). Packed / few-rows, 2-core Xeon, 2 threads (1 thread), 4096 x
+// 4096: 12 rows 1.18 (1.10), 16 rows 0.92 (1.02), 20 rows 1.16 (1.25), 24 1.13 (1.10), 28 1.35 (1.20), 32
+// 1.29, 48 1.26; 4-8 rows 0.52-0.58; 32 x 1024 -> 1024 1.19 (bench/notes_gemm.md session 22); at the
+// avx512 level (session 24) 12 / 16 / 20 / 32 / 48 rows 0.97 / 0.85 / 1.12 / 1.19 / 1.43, 32 x 1024 ->
+// 1024 1.41, 24 x 4096 -> 11008 1.13. The bf16dot table (Zen 4: 512-bit FMAs as two 256-bit halves)
+// keeps the kernel's own 48.
+constexpr int64_t kSmallMMaxRowsF32TwoFma = 16;
 // The AVX-512 int8 GEMM's pre-packed B in K blocks of depth kc (a multiple of 64) instead of its deep
 // ones, and the GEMM reading it (gemm_avx512.cc): the AMX table's pre-packed weight, whose panels
 // its tiles read as they are, and its kernels for fewer rows than the tiles take.

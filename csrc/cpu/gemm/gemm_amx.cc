@@ -24,23 +24,18 @@ void gemm_float_amx(const GemmFloatArgs& g) {
   if (!gemm_float_amx_tiles<AmxTiles, Simd512>(g, cpu_features().amx_fp16)) gemm_kernels_avx512()->gemm_float(g);
 }
 
-// The AVX-512 few-rows kernel (x @ W^T): float32 up to 16 rows (below), and bf16 up to 8 rows where the tiles
-// with W read in place (amx_gemm_w_rows) do not take the product (a W of too few row groups for the
-// threads: 8 x 65536 -> 64 ran 0.38 ms there, 0.46 on the packed tiles). The tiles with W in place read
-// W at the memory rate where this kernel was bound by its vdpbf16ps and the packed tiles by packing W on
+// The AVX-512 few-rows kernel (x @ W^T): float32 up to kSmallMMaxRowsF32TwoFma rows (gemm.h), and bf16
+// up to 8 rows where the tiles with W read in place (amx_gemm_w_rows) do not take the product (a W of
+// too few row groups for the threads: 8 x 65536 -> 64 ran 0.38 ms there, 0.46 on the packed tiles).
+// The tiles with W in place read W at the memory rate where this kernel was bound by its vdpbf16ps
+// (session 16; it multiplies by FMAs on this Xeon since session 24) and the packed tiles by packing W on
 // every call (4096 x 4096, 2 threads, 2-core Xeon: 2 / 4 / 8 / 16 / 32 rows 1.55 / 1.42 / 1.23 / 1.89 /
 // 1.92x oneDNN, where this kernel (up to 8 rows) or the packed tiles ran 0.67-1.0x).
 constexpr int64_t kAmxSmallMMaxRowsBf16 = 8;
-// float32 up to 16 rows: past that the packed AVX-512 tiles win on these Xeons, whose two 512-bit FMA
-// ports make the few-rows kernel wait on L2 (11 of its loads for 24 FMAs, A and 3 W rows of 4096 float32
-// beyond L1). Packed / few-rows, 4096 x 4096, 2-core Xeon, 2 threads (1 thread): 12 rows 1.18 (1.10),
-// 16 rows 0.92 (1.02), 20 rows 1.16 (1.25), 24 1.13 (1.10), 28 1.35 (1.20), 32 1.29, 48 1.26; 4-8 rows
-// 0.52-0.58; 32 x 1024 -> 1024 1.19 (bench/notes_gemm.md session 22).
-constexpr int64_t kAmxSmallMMaxRowsF32 = 16;
 
 bool gemm_small_m_float_amx(const GemmFloatArgs& g) {
   if (g.a.dtype == LP_DTYPE_BF16 && (g.m > kAmxSmallMMaxRowsBf16 || amx_w_rows_applies(g))) return false;
-  if (g.a.dtype == LP_DTYPE_F32 && g.m > kAmxSmallMMaxRowsF32) return false;
+  if (g.a.dtype == LP_DTYPE_F32 && g.m > kSmallMMaxRowsF32TwoFma) return false;
   return gemm_kernels_avx512()->small_m_float(g);
 }
 

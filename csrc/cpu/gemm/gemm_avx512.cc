@@ -462,13 +462,15 @@ void gemm_float_avx512_bf16_fma(const GemmFloatArgs& g) {
   gemm_packed<FloatKernel>(g, gemm_rows_blocking_avx512(4, g.m, g.k));
 }
 // Its few-rows path multiplies bf16 by FMAs too (split pairs: gemm_small_m_avx512.cc) and keeps bf16
-// products of at most this many rows; the packed FMA kernels take more. AMX Xeon, 2 threads, x @ W^T,
+// products of at most this many rows (float32: kSmallMMaxRowsF32TwoFma, gemm.h); the packed FMA kernels
+// take more. AMX Xeon, 2 threads, x @ W^T,
 // few-rows over packed: 4096 x 4096 at 16 / 24 / 32 / 40 / 48 rows 1.72 / 1.35 / 1.19 / 1.08 / 1.05x,
 // 32 x 4096 -> 11008 1.18x, 32 x 11008 -> 4096 1.17x; 1024 x 1024 at 16 / 24 / 32 rows 1.18 / 0.97 /
 // 0.89x (its vdpbf16ps version lost to the packed kernels from 24 rows at 4096 x 4096).
 constexpr int64_t kSmallMMaxRowsBf16Fma = 32;
 static bool gemm_small_m_float_avx512_bf16_fma(const GemmFloatArgs& g) {
   if (g.a.dtype == LP_DTYPE_BF16 && g.m > kSmallMMaxRowsBf16Fma) return false;
+  if (g.a.dtype == LP_DTYPE_F32 && g.m > kSmallMMaxRowsF32TwoFma) return false;
   return gemm_small_m_float_avx512(g, true);
 }
 static bool gemm_small_m_float_avx512_bf16_dot(const GemmFloatArgs& g) { return gemm_small_m_float_avx512(g, false); }
