@@ -146,14 +146,22 @@ def test_info_shows_the_newer_keys_when_present(capsys, monkeypatch):
 
 
 def test_info_isa_wording_matches_the_shipped_kernels(capsys, monkeypatch):
-    """The amx level says what it runs (AMX tiles for some GEMMs only); a capped level says nothing of it."""
-    lines = _info_lines(capsys, monkeypatch, cpu_isa="amx", cpu_isa_detected="amx", cpu_isa_compiled="amx")
-    assert ("  cpu isa       : amx (detected amx; kernels compiled up to amx; amx: AMX tiles for bf16 / int8 GEMM, "
-            "AVX-512 for the rest; cap with LEPTON_CPU_ISA)") in lines
-    lines = _info_lines(capsys, monkeypatch, cpu_isa="avx512", cpu_isa_detected="amx", cpu_isa_compiled="amx")
+    """The `cpu isa` row names the level; a `cpu kernels` row says what the level runs where that is more
+    than its name (amx: AMX tiles for some GEMMs only; avx512: how it multiplies bf16 on this CPU), and is
+    left out where it is not."""
+    amx = "amx (AMX tiles for bfloat16 and int8 GEMM; float32 GEMM and the other kernels: AVX-512 / AVX2)"
+    lines = _info_lines(capsys, monkeypatch, cpu_isa="amx", cpu_isa_detected="amx", cpu_isa_compiled="amx",
+                        cpu_kernels=amx)
+    assert "  cpu isa       : amx (detected amx; kernels compiled up to amx; cap with LEPTON_CPU_ISA)" in lines
+    assert f"  cpu kernels   : {amx}" in lines
+    lines = _info_lines(capsys, monkeypatch, cpu_isa="avx512", cpu_isa_detected="amx", cpu_isa_compiled="amx",
+                        cpu_kernels="avx512 (bfloat16 GEMM by vdpbf16ps)")
     assert ("  cpu isa       : avx512 (detected amx; kernels compiled up to amx; cap with LEPTON_CPU_ISA)") in lines
-    lines = _info_lines(capsys, monkeypatch, cpu_isa="avx2", cpu_isa_detected="avx512", cpu_isa_compiled="avx2")
+    assert "  cpu kernels   : avx512 (bfloat16 GEMM by vdpbf16ps)" in lines
+    lines = _info_lines(capsys, monkeypatch, cpu_isa="avx2", cpu_isa_detected="avx512", cpu_isa_compiled="avx2",
+                        cpu_kernels="avx2")
     assert "  cpu isa       : avx2 (detected avx512; kernels compiled up to avx2; cap with LEPTON_CPU_ISA)" in lines
+    assert not any(line.startswith("  cpu kernels") for line in lines)
 
 
 def test_info_says_what_openmp_off_means(capsys, monkeypatch):
