@@ -43,7 +43,8 @@ constexpr int64_t kPackAMinRows = 9;     // A packed in row groups (pack_a_group
 // the even one shifted up 16 bits, the odd one with the low 16 bits cleared, both exact). The split
 // costs two instructions a W vector shared by the block's rows (1 / R of the FMAs), where vdpbf16ps
 // gives half the FMA's flops on the Xeons with AMX measured (bench/notes_gemm.md, session 23). A is
-// split once, when packed (pack_a_groups), and read from there by the FMAs.
+// always packed for it (pack_a_groups): split there for the 2- and 4-row blocks, split as it is loaded
+// by the 8-row block (small_m_block).
 enum class SmallMMul { kF32, kBf16Dot, kBf16Fma };
 
 struct SmallM {
@@ -113,9 +114,9 @@ struct SmallMVec<true, A_REGS> {
 // time, so 24 + min(R, C) + 1 vector registers are live. Split bf16 (kBf16Fma) takes two registers a
 // vector: the 8-row block splits its A rows as it loads them (24 + 2 x 3 for W + 2 for A: 32), the 2- and
 // 4-row blocks read A from its split packing (24 + 2 + 1). A split in the 8-row block's registers
-// instead of read split from memory: 1.18-1.3x (8-24 rows, K 4096: twice the A bytes from L2 for every
-// FMA pair, at 128 bytes a step). The accumulators' arithmetic is the 8-row block's whatever R, so the
-// bits are too.
+// instead of read split from memory: 1.19-1.21x at 6-24 rows of 4096 x 4096, 1.34x at 8 x 11008 -> 4096
+// (the split rows are twice the A bytes, from L2 for every FMA pair), 0.94x at 8 x 1024 -> 1024 (A in
+// L1). The accumulators' arithmetic is the 8-row block's whatever R, so the bits are too.
 template <SmallMMul MUL, bool PACKED_A, int R>
 void small_m_block(const SmallM& p, int64_t batch, int64_t i0, int64_t j0) {
   static_assert(R == 2 || R == 4 || R == kSmallMRows, "2, 4 or 8 rows a block");
@@ -251,10 +252,9 @@ bool small_m_applies(const GemmFloatArgs& g) {
 // A's rows in groups of the block's rows (8; 2 or 4 for the split bf16 FMAs, which read A split from
 // here), each group k-step by k-step: the group's 64 bytes of one step together (zero past K; rows
 // past m repeat the last one); split, each row's 32 bf16 of a step as 128 bytes, its even then its odd
-// elements as float32 (split_bf16). The
-// block's A vectors of a step are then at fixed offsets from one pointer: with 8 row pointers the loop
-// ran out of general registers, spilled them to vector registers and, short of those, loaded every A
-// vector three times. Unsplit, taken from two row groups on (kPackAMinRows): with one, the copies made
+// elements as float32 (split_bf16). The block's A vectors of a step are then at fixed offsets from one
+// pointer: with 8 row pointers the loop ran out of general registers, spilled them to vector registers
+// and, short of those, loaded every A vector three times. Unsplit, taken from two row groups on (kPackAMinRows): with one, the copies made
 // the product slower (2 x 4096 x 4096 bf16: 0.84x, its 8 rows from two distinct ones; 8 rows: 0.92x).
 void pack_a_groups(const GemmFloatArgs& g, int64_t eb, int64_t k_steps, int64_t group_rows, bool split, char* dst) {
   const int64_t step_elems = 64 / eb, groups = gemm_ceil_div(g.m, group_rows), row_step_bytes = split ? 128 : 64;
@@ -316,14 +316,16 @@ bool gemm_small_m_float_avx512(const GemmFloatArgs& g, bool bf16_by_fma) {
                                     kGemmMinFlopsPerThread, double(cols_per_block) * double(g.k) * double(eb));
   auto run = [&](auto mul, int64_t batch, int64_t j0) {
     constexpr SmallMMul M = decltype(mul)::value;
-    constexpr bool kSplit = M == SmallMMul::kBf16Fma;  // always packed
+    constexpr bool kSplit = M == SmallMMul::kBf16Fma;  // A always packed
     if (rows_per_block == 2) return small_m_block<M, kSplit, 2>(p, batch, 0, j0);
     if (rows_per_block == 4) return small_m_block<M, kSplit, 4>(p, batch, 0, j0);
     for (int64_t i0 = 0; i0 < g.m; i0 += kSmallMRows) {
-      if (kSplit || p.a_packed)
+      if constexpr (kSplit)
+        small_m_block<M, true, 8>(p, batch, i0, j0);
+      else if (p.a_packed)
         small_m_block<M, true, 8>(p, batch, i0, j0);
       else
-        small_m_block<M, kSplit, 8>(p, batch, i0, j0);
+        small_m_block<M, false, 8>(p, batch, i0, j0);
     }
   };
   parallel_for_claimed(n_items, nt, [&](int64_t item) {
