@@ -533,10 +533,10 @@ def test_few_rows_times_w_t(isa, threads, rng, in_dtype, out_dtype):
                          ids=["f32", "bf16", "bf16-f32", "f32-f16"])
 def test_few_rows_times_transposed_weight(isa, threads, rng, in_dtype, out_dtype):
     """x @ W^T with few rows (nn.Linear's forward at a small batch; on AVX-512 the unpacked small-M
-    path): rows around its 8-row and 48-row limits (on the AMX and avx512-bf16fma tables 16 for float32,
-    and 32 for bf16 on the latter) and its blocks of 2 and 4 rows, K with tails of the 16- and 32-element vectors, N not
-    a multiple of a block's 12, 6 or 3 W rows, bias, batches; bits independent of the thread count, and
-    on the AVX-512 tables of the block a row is in."""
+    path): rows around its 8-row and 48-row limits (on the AMX and avx512-bf16fma tables 16 for
+    float32, and 32 for bf16 on the latter) and its blocks of 2 and 4 rows, K with tails of the 16- and
+    32-element vectors, N not a multiple of a block's 12, 6 or 3 W rows, bias, batches; bits independent
+    of the thread count, and on the AVX-512 tables of the block a row is in."""
     for m, k, n in [(2, 128, 3), (2, 300, 29), (3, 200, 13), (4, 161, 25), (5, 140, 8), (7, 129, 40), (9, 161, 37),
                     (16, 97, 11), (17, 150, 9), (31, 300, 5), (32, 161, 13), (33, 130, 10), (48, 1030, 64),
                     (49, 200, 7)]:
