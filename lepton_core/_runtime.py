@@ -174,7 +174,7 @@ def cpu_kernels() -> str:
     avx512 level: how it multiplies bfloat16, which this CPU's timing of vdpbf16ps against FMA picked)."""
     isa = cpu_isa()
     if isa == "avx512":
-        if _C.gemm_kernels_name(2) == "avx512-bf16fma":
+        if _C.gemm_kernels_name(ISA_NAMES.index("avx512")) == "avx512-bf16fma":
             return "avx512 (bfloat16 GEMM widened to float32 and FMA: this CPU's vdpbf16ps gives fewer flops)"
         return "avx512 (bfloat16 GEMM by vdpbf16ps)"
     if isa == "amx":

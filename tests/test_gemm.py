@@ -638,7 +638,7 @@ def test_few_rows_row_major_b_read_in_place(isa, threads, rng, in_dtype):
 def test_few_rows_int8_w_read_in_place(isa, threads, rng):
     """The int8 GEMM and scaled_gemm with x @ W^T of few rows, W read in place (the AMX tables: W's tiles,
     x^T packed as k quads, up to 64 rows; the AVX2 / AVX-512 tables: the matrix-vector path's dot
-    products, up to 8 / 4 rows, in blocks of 1-4 rows x 4 / 3 / 2 / 1 W rows), and A times one column:
+    products, up to 8 rows, in blocks of 1-4 rows x 4 / 3 / 2 / 1 W rows), and A times one column:
     exact int32 sums and the scaled epilogue bit for bit, with row / K (16-element steps) / W-row tails,
     a W column slice, strided A, batches and the -128 extremes; on the AMX tables the int32 sums equal
     the packed path's."""

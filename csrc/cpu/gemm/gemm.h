@@ -180,10 +180,10 @@ void gemm_gemv_float_avx2(const GemmFloatArgs& args);
 // there too, and up to 8 rows of any float dtype times a column-contiguous B (B = W^T: x @ W^T)
 // (gemm_gemv_avx2.cc). Asked only where a table has gemv_float.
 bool gemm_gemv_takes(const GemmFloatArgs& args, bool all_few_rows);
-// The int8 GEMM's matrix-vector path (gemm_gemv.h): up to max_rows (<= 8) rows times B = W^T, or A
-// times one column; the weight read in place (the AVX2 and AVX-512 tables' gemm_int8 ask it first;
+// The int8 GEMM's matrix-vector path (gemm_gemv.h): up to kGemvInt8MaxRows (8) rows times B = W^T, or
+// A times one column; the weight read in place (the AVX2 and AVX-512 tables' gemm_int8 ask it first;
 // gemm_gemv_int8_avx512 below is its vpdpbusd version).
-bool gemm_gemv_int8_takes(const GemmInt8Args& args, int64_t max_rows);
+bool gemm_gemv_int8_takes(const GemmInt8Args& args);
 void gemm_gemv_int8_avx2(const GemmInt8Args& args);
 double gemm_peak_probe_avx2(int64_t n_iters, int n_threads, int kind);  // gemm_peak_avx2.cc
 #endif

@@ -237,7 +237,7 @@ void gemm_int8_avx2(const GemmInt8Args& g) {
   // Few rows on the matrix-vector path: over these packed kernels, 2 threads, AMX Xeon at this level:
   // 4096 x 4096 at 1 / 4 / 8 / 12 / 16 rows 5.27 / 2.26 / 1.64 / 1.21 / 1.13x, 1024 x 1024 at 8 / 16
   // rows 1.46 / 0.99x; n == 1 (4096 x 4096) 7.8x.
-  if (gemm_gemv_int8_takes(g, 8)) return gemm_gemv_int8_avx2(g);
+  if (gemm_gemv_int8_takes(g)) return gemm_gemv_int8_avx2(g);
   gemm_packed<Int8Kernel>(g, gemm_blocking_avx2(true));
 }
 int64_t int8_packed_b_bytes_avx2(int64_t k, int64_t n) {

@@ -487,7 +487,7 @@ void gemm_int8_avx512(const GemmInt8Args& g) {
   // more than the packed tiles saved: over them, 2 threads, AMX Xeon at this level: 4096 x 4096 at 1 /
   // 2 / 4 / 8 rows 2.58 / 2.35 / 2.23 / 1.78x, 1024 x 1024 at 1 / 8 rows 2.48 / 1.19x (the AVX2 path's
   // vpmaddwd: 2.29 / 2.09 / 1.12 / 0.97x); a 4096 x 4096 A times a column 1.22x the AVX2 path.
-  if (gemm_gemv_int8_takes(g, 8)) return gemm_gemv_int8_avx512(g);
+  if (gemm_gemv_int8_takes(g)) return gemm_gemv_int8_avx512(g);
   gemm_packed<Int8Kernel>(g, g.b_packed ? gemm_deep_blocking_avx512(1, g.k) : gemm_rows_blocking_avx512(1, g.m, g.k));
 }
 int64_t int8_packed_b_bytes_avx512(int64_t k, int64_t n) {

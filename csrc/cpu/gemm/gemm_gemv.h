@@ -83,7 +83,9 @@ static void gemv_blocks(int64_t rows, int64_t j0, int64_t j1, const Block& block
 
 // The int8 GEMM's few rows: x (A's rows, or b's column) copied once as Ops::X, k padded with zeros to
 // a multiple of 64, and the matrix read in place; outputs through scaled_gemm's epilogue when scaled.
-constexpr int64_t kGemvInt8MaxRows = 8;  // the most any table asks for
+// Up to this many rows of x @ W^T (both tables that have the path: AVX2 and AVX-512; the measurements
+// at gemm_int8_avx2 / gemm_int8_avx512).
+constexpr int64_t kGemvInt8MaxRows = 8;
 
 template <class X>
 struct GemvInt8 {
@@ -125,16 +127,16 @@ struct GemvInt8Ops {
   }
 };
 
-// x @ W^T of at most max_rows rows (by rows: x = A's rows), or one column b times A with A's rows
-// contiguous (by column: x = b, the matrix rows A's rows).
-static inline bool gemv_int8_by_rows(const GemmInt8Args& g, int64_t max_rows) {
-  return g.m <= max_rows && g.b.stride_row_elems == 1;
+// x @ W^T of at most kGemvInt8MaxRows rows (by rows: x = A's rows), or one column b times A with A's
+// rows contiguous (by column: x = b, the matrix rows A's rows).
+static inline bool gemv_int8_by_rows(const GemmInt8Args& g) {
+  return g.m <= kGemvInt8MaxRows && g.b.stride_row_elems == 1;
 }
 
 template <class Ops>
 void gemm_gemv_int8_with(const GemmInt8Args& g) {
   using X = typename Ops::X;
-  const bool by_column = !gemv_int8_by_rows(g, kGemvInt8MaxRows);
+  const bool by_column = !gemv_int8_by_rows(g);
   const GemmOperand& xo = by_column ? g.b : g.a;  // x rows: A's, or b's column
   const GemmOperand& mo = by_column ? g.a : g.b;  // matrix rows: B's columns (W's rows), or A's rows
   const int64_t rows = by_column ? 1 : g.m, n_out = by_column ? g.m : g.n, k = g.k;

@@ -303,9 +303,9 @@ struct Int8Dot : GemvInt8Ops<int16_t> {
 
 }  // namespace
 
-bool gemm_gemv_int8_takes(const GemmInt8Args& g, int64_t max_rows) {
+bool gemm_gemv_int8_takes(const GemmInt8Args& g) {
   if (g.b_packed || g.k <= 0) return false;
-  return gemv_int8_by_rows(g, max_rows) || (g.n == 1 && g.a.stride_col_elems == 1);
+  return gemv_int8_by_rows(g) || (g.n == 1 && g.a.stride_col_elems == 1);
 }
 
 void gemm_gemv_int8_avx2(const GemmInt8Args& g) { gemm_gemv_int8_with<Int8Dot>(g); }
