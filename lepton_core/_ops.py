@@ -197,7 +197,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _linear_setup_context(ctx, inputs, output):
     x, weight, bias, compute_dtype, _ = inputs
     ctx.save_for_backward(x, weight)
+    _linear_save_dtypes(ctx, x, weight, bias, compute_dtype)
+
+
+def _linear_save_dtypes(ctx, x, weight, bias, compute_dtype):
     ctx.compute_dtype = compute_dtype
+    ctx.x_dtype, ctx.weight_dtype = x.dtype, weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
@@ -209,16 +214,18 @@ def _linear_backward(ctx, grad_out):
         grad bias     gb = sum over rows of g, in float32
 
     g_c is the incoming gradient rounded to compute_dtype (as autocast does); every product is
-    accumulated in float32 and rounded once, so float32 master weights get a float32 gradient."""
+    accumulated in float32 and rounded once, so float32 master weights get a float32 gradient. The
+    saved x and weight are the inputs (the op) or already x_c and W_c (_EagerLinear: rounded once in
+    the forward); rounding either again gives the same bits."""
     x, weight = ctx.saved_tensors
     cd = ctx.compute_dtype
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     g2 = _rows(grad_out)
     grad_x = grad_w = grad_b = None
     if need_x:
-        grad_x = linear(grad_out, weight.t(), None, cd, x.dtype)
+        grad_x = linear(grad_out, weight.t(), None, cd, ctx.x_dtype)
     if need_w:
-        grad_w = linear(g2.t(), _rows(x).t(), None, cd, weight.dtype)
+        grad_w = linear(g2.t(), _rows(x).t(), None, cd, ctx.weight_dtype)
     if need_b and ctx.bias_dtype is not None:
         grad_b = g2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return grad_x, grad_w, grad_b, None, None
@@ -233,11 +240,17 @@ class _EagerLinear(torch.autograd.Function):
     64 layer's ~300 us forward and backward)."""
 
     # forward with ctx (not setup_context): apply then binds no signature on each call (inspect,
-    # ~25 us of a small layer's call).
+    # ~25 us of a small layer's call). It saves x and the weight as rounded to compute_dtype, so the
+    # backward's g @ W does not round the weight again: with float32 master weights under bf16 autocast,
+    # that second pass over every weight (read 4 bytes, write 2 a parameter) was a fifth of a training
+    # step of 32-row products (bench/notes_train.md, session 25). A bf16 copy of each weight then lives
+    # from forward to backward, as under torch.autocast.
     @staticmethod
     def forward(ctx, x, weight, bias, compute_dtype, out_dtype):
-        out = _BACKENDS["cpu"].linear(x, weight, bias, name_of(compute_dtype), name_of(out_dtype))
-        _linear_setup_context(ctx, (x, weight, bias, compute_dtype, out_dtype), out)
+        x_c, w_c = x.to(compute_dtype), weight.to(compute_dtype)
+        out = _BACKENDS["cpu"].linear(x_c, w_c, bias, name_of(compute_dtype), name_of(out_dtype))
+        ctx.save_for_backward(x_c, w_c)
+        _linear_save_dtypes(ctx, x, weight, bias, compute_dtype)
         return out
 
     @staticmethod

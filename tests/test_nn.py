@@ -69,7 +69,13 @@ def test_eager_path_matches_the_op(threads, cd, bias):
     op = run(lambda xg: torch.ops.lepton.nn_linear(xg, layer.weight, layer.bias, cd_eff, torch.float32))
     for e, o in zip(eager, op):
         assert (e is None and o is None) or torch.equal(e, o)
-    assert type(layer(x.clone().requires_grad_()).grad_fn).__name__ == "_EagerLinearBackward"
+    grad_fn = layer(x.clone().requires_grad_()).grad_fn
+    assert type(grad_fn).__name__ == "_EagerLinearBackward"
+    # It keeps x and the weight as rounded to the compute dtype, so the backward does not round the
+    # weight again (a second pass over every weight a step).
+    x_c, w_c = grad_fn.saved_tensors
+    assert x_c.dtype == w_c.dtype == cd_eff and torch.equal(w_c, layer.weight.detach().to(cd_eff))
+    assert torch.equal(x_c, x.to(cd_eff))
     with torch.no_grad():
         y = layer(x)
         assert y.grad_fn is None and torch.equal(y, op[0])
