@@ -295,6 +295,26 @@ def test_amx_streamed_output(isa, rng):
         lc.set_num_threads(before)
 
 
+def test_fma_streamed_output(isa, rng):
+    """The FMA kernel sets write an output of at least 16 MiB (kGemmFmaStreamMinBytes) with non-temporal
+    stores where their tile rows are whole lines (the AVX-512 tables): one K block into float32, bf16 and
+    float16 with a bias, the last row tile short (ukernel_rows) and an edge panel of 16 columns; and a bf16
+    output over two K blocks (sums in the workspace, the last block streamed)."""
+    k = 33
+    for out_dtype, size in ((torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)):
+        n = 1040 if size == 4 else 2080  # rows 4160 bytes: 64-byte aligned; 1040 = 32 x 32 + 16
+        m = (16 << 20) // (n * size) + 7
+        a, b = rand(rng, (m, k), torch.float32), rand(rng, (k, n), torch.float32)
+        bias = rand(rng, (n,), torch.float32)
+        assert_close(lc.gemm(a.t().contiguous().t(), b, bias=bias, out_dtype=out_dtype), a, b, bias, out_dtype)
+    blk = _C.gemm_blocking(False, rows=4096)
+    if blk["kchunk"] or blk["mr"] != 12:
+        return  # the two-K-block case is the AVX-512 tables' (AMX's own: test_amx_streamed_output)
+    m, k, n = (16 << 20) // (2048 * 2) + 5, blk["kc"] + 40, 2048
+    a, b = rand(rng, (m, k), torch.bfloat16), rand(rng, (k, n), torch.bfloat16)
+    assert_close(lc.gemm(a, b, out_dtype=torch.bfloat16), a, b, None, torch.bfloat16)
+
+
 def test_amx_one_k_block_along_rows(isa, rng):
     """One K block, several A blocks, B block within half of L2: the AMX tables run each 32-row tile along all
     the panels (A in L1, B with the T1 hint), edge rows and an edge panel included; bf16 into each output

@@ -112,7 +112,7 @@ struct AmxTraits {
   const Args& g;
   bool c32_is_out;
   int64_t ws_ld;
-  bool stream_out = false;  // full tiles' epilogues stream their rows (amx_stream_output)
+  bool stream_out = false;  // full tiles' epilogues stream their rows (gemm_stream_output)
 
   static void thread_begin() {
     Tiles::configure(&kAmxFullTiles);
@@ -261,7 +261,7 @@ struct AmxTraits {
   }
   // The final epilogue of rows [0, R) of 32 x 32 sums (rows kNr apart) into t's output; streamed: into
   // a local buffer, then its rows (1 or 2 lines each) to the output with non-temporal stores (aligned
-  // rows: amx_stream_output).
+  // rows: gemm_stream_output).
   template <int64_t R>
   static inline __attribute__((always_inline)) void epilogue_rows(const Tile& t, const Sum* sums, bool stream) {
     constexpr int NV = int(kNr / S::kLanes);
@@ -841,20 +841,6 @@ static inline GemmBlocking gemm_amx_blocking(int64_t elem_bytes) {
   return b;
 }
 
-// Whether the final tiles' epilogues stream the output rows past the caches (non-temporal stores): the
-// output is more bytes than the threads' L2 together, so its lines would not stay there, and streaming
-// saves each line's read for ownership (2048^3 bf16 8.4 -> 7.9 ms, 4096^3 68 -> 63 ms on the 2-core
-// Xeon; a 1 MiB output rewritten in a loop ran 3x slower streamed, bench/notes_gemm.md session 12);
-// and every row starts 64-byte aligned. The plain int8 GEMM's int32 sums are stored by the tiles.
-static inline bool amx_writes_epilogue(const GemmFloatArgs&) { return true; }
-static inline bool amx_writes_epilogue(const GemmInt8Args& g) { return g.scale_a != nullptr; }
-template <class Args>
-bool amx_stream_output(const Args& g, int n_threads) {
-  const int64_t elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2;
-  return amx_writes_epilogue(g) && g.n_batch * g.m * g.n * elem >= cpu_features().l2_bytes * n_threads &&
-         reinterpret_cast<uintptr_t>(g.out) % 64 == 0 && g.n * elem % 64 == 0;
-}
-
 // The packed GEMM on the tiles: amx_run_units_k_inside where a unit has several K blocks and several A
 // blocks, amx_run_units_rows where it has one K block and several A blocks (and its B block fits half
 // of L2), gemm_run_units otherwise (one A block: each B panel packed right before its tiles, from L1;
@@ -876,7 +862,7 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
       const GemmPlan plan = gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk_k,
                                                                      kGemmMinFlopsPerThread, false, b_pre);
       if (plan.mu > blk.mc) {
-        const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
+        const Traits tr{g, sums_in_out, gemm_ws_ld(plan), gemm_stream_output(g, plan.n_threads)};
         return amx_run_units_k_inside(tr, plan, blk, g.m, g.n, g.k, !sums_in_out && g.k > blk.kchunk);
       }
     }
@@ -890,7 +876,7 @@ void amx_gemm_packed(const Args& g, const GemmBlocking& blk) {
     const Traits tr{g, sums_in_out, gemm_ws_ld(plan)};
     return amx_run_units_rows(tr, plan, blk, g.m, g.n, g.k);
   }
-  const Traits tr{g, sums_in_out, gemm_ws_ld(plan), amx_stream_output(g, plan.n_threads)};
+  const Traits tr{g, sums_in_out, gemm_ws_ld(plan), gemm_stream_output(g, plan.n_threads)};
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 

@@ -169,6 +169,7 @@ struct FloatKernel : GemmKernelSet<float, MR, NR, 1, FloatIn> {
   // Measured on Zen 4 (bf16 / float32 1024 x 4096 x 256 g^T @ x: 3-8%); not on int8's k-quads, nor
   // on AVX2 (its 6-row panels: 10-30% slower).
   static constexpr bool kPackAByKChunks = true;
+  static constexpr bool kStreamOutput = true;
   static void ukernel_rows(int64_t kc, const float* __restrict ap, const float* __restrict bp, const GemmFloatTile& t,
                            int64_t rows) {
     ukernel_rows_12x32<FloatKernel>(kc, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); }, rows);
@@ -249,6 +250,7 @@ struct Bf16Kernel : GemmKernelSet<uint16_t, MR, NR, 2> {
   }
   static constexpr bool kRowsKernel = true;
   static constexpr bool kPackAByKChunks = true;
+  static constexpr bool kStreamOutput = true;
   static void ukernel_rows(int64_t kc2, const uint16_t* __restrict ap, const uint16_t* __restrict bp,
                            const GemmFloatTile& t, int64_t rows) {
     ukernel_rows_12x32<Bf16Kernel>(kc2, ap, bp, t, [&](int64_t i, int h) { return tile_sums(t, i, h); }, rows);

@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "common/codes.h"
+#include "common/cpu_features.h"
 #include "common/parallel.h"
 #include "cpu/gemm/gemm.h"
 #include "cpu/gemm/gemm_common.h"
@@ -358,6 +359,7 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
         run_block(w, kb * blk.kc, i0, rows, static_cast<const Packed*>(b), false, a_pack, b_pack, ws_v);
       });
     if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_end();
+    if (tr.stream_out) _mm_sfence();  // the streamed rows ordered before the caller reads the output
   });
 }
 
@@ -375,6 +377,7 @@ struct GemmFloatTile {
   int64_t out_ld = 0;
   int out_dtype = LP_DTYPE_F32;
   const float* bias = nullptr;  // at the tile's first column, or null
+  bool stream = false;          // final: rows written with non-temporal stores (gemm_stream_output)
 };
 
 struct GemmInt8Tile {
@@ -399,6 +402,29 @@ struct GemmInt8Tile {
 // int8 GEMM's int32 one. Otherwise they go to a per-thread workspace when K spans several blocks.
 static inline bool gemm_sums_in_out(const GemmFloatArgs& g) { return g.out_dtype == LP_DTYPE_F32; }
 static inline bool gemm_sums_in_out(const GemmInt8Args& g) { return g.scale_a == nullptr; }
+
+// The FMA kernel sets stream only outputs of at least this many bytes: beyond the share of L3 a
+// product's output keeps (Zen 3 / Zen 4: 32 MiB). AVX-512 tables, 2-core AMX Xeon, 2 threads, float32
+// g^T @ x at K = 32 (one K block), streamed / regular: 8 / 16 MiB out 1.01x, 32 MiB 1.33x, 48 MiB
+// 2.13x, 64 MiB 2.17x, 128 MiB 2.36x; 4096 x 128 -> 4096 (64 MiB) 1.17x; bf16 out (avx512 level):
+// 4096 x 32 -> 4096 1.53x, 8 MiB outputs 1.01-1.09x (bench/notes_gemm.md session 25).
+constexpr int64_t kGemmFmaStreamMinBytes = int64_t(16) << 20;
+
+// Whether a product's final rows should be streamed past the caches (non-temporal stores): its output
+// is at least min_bytes and more bytes than the threads' L2 together, so its lines would not stay there,
+// and streaming saves each line's read for ownership; and every row starts 64-byte aligned. The plain
+// int8 GEMM's int32 sums are written as sums, never streamed. The AMX tables (min_bytes 0), on the
+// 2-core Xeon: bf16 2048^3 8.4 -> 7.9 ms, 4096^3 68 -> 63 ms, 4096 x 32 x 4096 (32 MiB out) 5.1 -> 1.9
+// ms; a 1 MiB output rewritten in a loop ran 3x slower streamed (bench/notes_gemm.md session 12). The
+// FMA kernel sets: kGemmFmaStreamMinBytes.
+static inline bool gemm_writes_epilogue(const GemmFloatArgs&) { return true; }
+static inline bool gemm_writes_epilogue(const GemmInt8Args& g) { return g.scale_a != nullptr; }
+template <class Args>
+bool gemm_stream_output(const Args& g, int n_threads, int64_t min_bytes = 0) {
+  const int64_t elem = g.out_dtype == LP_DTYPE_F32 ? 4 : 2, bytes = g.n_batch * g.m * g.n * elem;
+  return gemm_writes_epilogue(g) && bytes >= std::max(min_bytes, cpu_features().l2_bytes * n_threads) &&
+         reinterpret_cast<uintptr_t>(g.out) % 64 == 0 && g.n * elem % 64 == 0;
+}
 
 // Where the tile at (row, col) of unit w keeps its 32-bit partial sums: in the output itself
 // (c32_is_out), else in the unit's workspace ws (row length ws_ld); prev points at them after the
@@ -518,10 +544,24 @@ static inline __attribute__((always_inline)) void gemm_tile_store_final(const Ge
   for (int h = 0; h < NV; ++h) bias[h] = kBias ? S::loadu(t.bias + h * L) : S::zero();
   const int64_t row_bytes = t.out_ld * elem_bytes;
   char* o = static_cast<char*>(t.out);
+  // A tile row of whole 64-byte lines can be streamed (t.stream): rounded into a local line, then
+  // copied past the caches.
+  constexpr int64_t tile_row_bytes = NV * L * elem_bytes;
+  const bool stream = t.stream;
 #pragma GCC unroll 16
   for (int64_t i = 0; i < RB; ++i) {
     if (i >= rows) break;
-    gemm_store_row<S, DT, NV>(o + i * row_bytes, [&](int h) { return kBias ? S::add(c[i][h], bias[h]) : c[i][h]; });
+    auto v = [&](int h) { return kBias ? S::add(c[i][h], bias[h]) : c[i][h]; };
+    if constexpr (tile_row_bytes % 64 == 0) {
+      if (stream) {
+        alignas(64) char line[tile_row_bytes];
+        gemm_store_row<S, DT, NV>(line, v);
+#pragma GCC unroll 4
+        for (int64_t l = 0; l < tile_row_bytes; l += 64) S::stream_line(o + i * row_bytes + l, line + l);
+        continue;
+      }
+    }
+    gemm_store_row<S, DT, NV>(o + i * row_bytes, v);
   }
 }
 
@@ -765,6 +805,11 @@ struct GemmKernelSet {
   static constexpr bool kRowsKernel = false;
   // Whether an m-major A block is packed by chunks of k across its panels (GemmTraits::pack_a).
   static constexpr bool kPackAByKChunks = false;
+  // Whether final float tiles stream their rows past the caches where gemm_stream_output says so
+  // (kernel sets whose tile rows are whole 64-byte lines: the AVX-512 ones. AVX2's float32 rows are
+  // whole lines too, 1.95x at a 64 MiB output on the Xeon's avx2 level, but not set: its own CPUs (Zen
+  // 3) were not measured).
+  static constexpr bool kStreamOutput = false;
   // The least work (flops) that earns a thread (kGemmMinFlopsPerThread, kGemmFmaMinFlopsPerThread).
   static constexpr double kMinFlopsPerThread = kGemmMinFlopsPerThread;
   // No vector packing: the scalar rest packs the whole panel.
@@ -811,9 +856,11 @@ struct GemmTraits {
   using Packed = typename K::Packed;
   static constexpr int64_t kMr = K::kMr, kNr = K::kNr, kKGroup = K::kKGroup;
   static constexpr double kMinFlopsPerThread = K::kMinFlopsPerThread;
+  static constexpr bool kStreamOutput = K::kStreamOutput;
   const Args& g;
   bool c32_is_out;  // partial sums in the output (else in the unit's workspace)
   int64_t ws_ld;
+  bool stream_out = false;  // final tiles stream their rows (gemm_packed_with); the threads fence after
 
   int64_t b_panel_elems(int64_t kc_panel) const { return K::b_panel_elems(kc_panel); }
   // The pre-packed B's panels of the K block at p0 from column j0 (a multiple of NR), or null.
@@ -889,7 +936,8 @@ struct GemmTraits {
   }
   void tile(int64_t kc_panel, const Packed* ap, const Packed* bp, const GemmUnit& w, int64_t row, int64_t col,
             int64_t rows, int64_t cols, bool first, bool last, void* ws) const {
-    const auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
+    auto t = gemm_tile_at(g, c32_is_out, ws_ld, ws, w, row, col, first, last);
+    if constexpr (kStreamOutput) t.stream = stream_out && last;
     if (rows == kMr && cols == kNr)
       K::ukernel(kc_panel, ap, bp, t);
     else if (K::kRowsKernel && cols == kNr)
@@ -908,7 +956,11 @@ void gemm_packed_with(const Args& g, const GemmBlocking& blk) {
   const GemmPlan plan =
       gemm_make_plan<Traits::kMr, Traits::kNr>(g.n_batch, g.m, g.n, g.k, blk, Traits::kMinFlopsPerThread, need_ws,
                                                gemm_b_packed(g) != nullptr);
-  const Traits tr{g, sums_in_out, gemm_ws_ld(plan)};
+  Traits tr{g, sums_in_out, gemm_ws_ld(plan)};
+  // Final rows streamed where the kernel set asks for it and no earlier K block left them in the
+  // caches (a float32 output holding the partial sums).
+  tr.stream_out = Traits::kStreamOutput && (g.k <= blk.kc || !sums_in_out) &&
+                  gemm_stream_output(g, plan.n_threads, kGemmFmaStreamMinBytes);
   gemm_run_units(tr, plan, blk, g.m, g.n, g.k, need_ws);
 }
 
