@@ -358,8 +358,11 @@ void gemm_run_units(const Traits& tr, const GemmPlan& plan, const GemmBlocking& 
                                       void* ws_v) {
         run_block(w, kb * blk.kc, i0, rows, static_cast<const Packed*>(b), false, a_pack, b_pack, ws_v);
       });
-    if constexpr (GemmHasThreadHooks<Traits>::value) Traits::thread_end();
-    if (tr.stream_out) _mm_sfence();  // the streamed rows ordered before the caller reads the output
+    // The streamed rows ordered before the caller reads the output (traits with hooks fence in thread_end).
+    if constexpr (GemmHasThreadHooks<Traits>::value)
+      Traits::thread_end();
+    else if (tr.stream_out)
+      _mm_sfence();
   });
 }
 
